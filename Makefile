@@ -1,0 +1,45 @@
+# One-command entry points. Each target creates .venv and installs on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: demo test test-slow lint typecheck proto proto-check bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch from local disk first, so the package's looser range installs nothing more.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,speech]"
+	touch $(STAMP)
+
+## Main job: the federated simulation on built-in data (owners train, coordinator fuses, table printed).
+demo: $(STAMP)
+	$(BIN)/jacfusion-fed simulate --quick
+
+## Tests: lint, types, generated-code freshness, then the default (non-slow) test suite.
+test: $(STAMP) lint typecheck proto-check
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check jacfusion_fed/fusion
+
+typecheck: $(STAMP)
+	$(BIN)/mypy jacfusion_fed/fusion
+
+proto: $(STAMP)
+	$(BIN)/python -m jacfusion_fed.rpc.codegen
+
+proto-check: $(STAMP)
+	$(BIN)/python -m jacfusion_fed.rpc.codegen --check
+
+bench: $(STAMP)
+	$(BIN)/jacfusion-fed bench fusion
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Flower plumbing: launch a federation in simulation or as real processes, exchange
+messages, and keep the coordinator's inbox to an allow-list. No ML in here.
+
+- `run_simulation_app`: Simulation Engine (Ray) in-process, per-node configs, run config.
+- `LocalDeployment`: SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1 (TLS, node auth).
+- `wait_for_nodes`, `send_and_collect`: ServerApp-side messaging.
+- `check_reply_allowed` with `RecordSpec` / `ArraySpec` / `ValueSpec`: reply allow-list.
+- `write_run_results` / `read_run_results`: ServerApp -> caller, through ``run-dir``.
+
+Importing this package sets Flower/Ray's offline, loopback-only environment variables
+(see ``_env``) before ``flwr`` or ``ray`` are imported through it.
+"""
+
+from ._env import OFFLINE_ENV, apply_offline_defaults
+
+apply_offline_defaults()
+
+from .allowlist import (  # noqa: E402
+    ArraySpec,
+    RecordSpec,
+    ReplyNotAllowedError,
+    ValueSpec,
+    check_reply_allowed,
+)
+from .config import format_config_arg, validate_config  # noqa: E402
+from .deployment import (  # noqa: E402
+    CONNECTION_NAME,
+    DeploymentError,
+    FlwrCliError,
+    LocalDeployment,
+    ManagedProcess,
+    NodeKeys,
+    RunFailedError,
+    RunInfo,
+    SuperNodeHandle,
+    TlsFiles,
+    free_port,
+)
+from .messaging import (  # noqa: E402
+    NO_REPLY_CODE,
+    NOT_ALLOWED_CODE,
+    NodeReplyError,
+    ReplyError,
+    error_code_name,
+    send_and_collect,
+    wait_for_nodes,
+)
+from .results import (  # noqa: E402
+    RESULTS_FILE,
+    RUN_DIR_KEY,
+    read_run_results,
+    run_dir_from_context,
+    write_run_results,
+)
+from .simulation import (  # noqa: E402
+    SimulatedNodeClientApp,
+    SimulationResult,
+    WithRunConfigServerApp,
+    run_simulation_app,
+)
+
+__all__ = [
+    "CONNECTION_NAME",
+    "NOT_ALLOWED_CODE",
+    "NO_REPLY_CODE",
+    "OFFLINE_ENV",
+    "RESULTS_FILE",
+    "RUN_DIR_KEY",
+    "ArraySpec",
+    "DeploymentError",
+    "FlwrCliError",
+    "LocalDeployment",
+    "ManagedProcess",
+    "NodeKeys",
+    "NodeReplyError",
+    "RecordSpec",
+    "ReplyError",
+    "ReplyNotAllowedError",
+    "RunFailedError",
+    "RunInfo",
+    "SimulatedNodeClientApp",
+    "SimulationResult",
+    "SuperNodeHandle",
+    "TlsFiles",
+    "ValueSpec",
+    "WithRunConfigServerApp",
+    "apply_offline_defaults",
+    "check_reply_allowed",
+    "error_code_name",
+    "format_config_arg",
+    "free_port",
+    "read_run_results",
+    "run_dir_from_context",
+    "run_simulation_app",
+    "send_and_collect",
+    "validate_config",
+    "wait_for_nodes",
+    "write_run_results",
+]

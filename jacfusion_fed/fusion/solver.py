@@ -1,0 +1,150 @@
+"""Batched solvers for the relaxed Jacobian loss (Eq. 5) via its Sylvester form (S3).
+
+For one sample with fused prediction p in R^K, J = p p^T - Diag(p) (Eq. 4), a Gram matrix
+G = W_A W_A^T and kappa = 1/gamma - 1, the minimiser W_a of Eq. (5) solves (S3) written without
+inverting G:
+
+    kappa J^2 W_a G + W_a = I.                                                     (S3')
+
+With G = V Diag(sigma) V^T (shared by the batch) and x_j = W_a v_j, (S3') splits into K
+independent K x K systems,
+
+    (I + a_j J^2) x_j = v_j,   a_j = kappa sigma_j >= 0,
+
+each symmetric positive definite with eigenvalues >= 1, so the solution exists and is unique for
+every p and every PSD G, singular G included (a_j = 0 gives x_j = v_j).
+
+``exact`` solver (O(K^2) per sample, no per-sample eigendecomposition): J is diagonal plus rank
+one, hence J^2 = P^2 + U C U^T with P = Diag(p), U = [p, p*p] (K x 2) and
+C = [[s, -1], [-1, 0]], s = p^T p. With D_j = I + a_j P^2 (diagonal), Woodbury's identity gives
+
+    x_j = D_j^{-1} v_j - D_j^{-1} U c_j,
+    c_j = (I_2 + a_j C U^T D_j^{-1} U)^{-1} a_j C U^T D_j^{-1} v_j,
+
+so W_a = X V^T with X = R o (V - p c_1^T - (p*p) c_2^T), R_ij = 1 / (1 + a_j p_i^2).
+Applied to a logit vector z, W_a z = X (V^T z) needs only matrix-vector products.
+
+``dense`` solver (reference, O(K^3) per sample): J = Q Diag(lambda) Q^T, then
+W_a = Q [ (Q^T V) / (1 + kappa lambda_i^2 sigma_j) ] V^T.
+
+Both work in float64 whatever the input dtype: J^2 for a nearly one-hot p is a small difference
+of O(1) terms, and float32 loses it (float32 eigh may not even converge there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gram import GramFactor
+
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+"""Samples are processed in chunks of about this many (N x K x K) elements (memory bound)."""
+
+
+_TINY_PROBABILITY = 1e-60
+"""Probabilities below this are set to 0 before the solve: p^4 then stays a normal float64
+(denormals slow CPU arithmetic down a hundredfold) and the change is far below rounding."""
+
+
+def flush_tiny(p: torch.Tensor) -> torch.Tensor:
+    """p with entries below 1e-60 set to 0 (the J it defines changes by < 1e-60)."""
+    return torch.where(p < _TINY_PROBABILITY, torch.zeros_like(p), p)
+
+
+def chunk_rows(elements_per_sample: int, device: torch.device) -> int:
+    """How many samples to process at once when each needs this many scratch elements."""
+    budget = _CHUNK_ELEMENTS.get(device.type, 1 << 22)
+    return max(1, budget // max(1, elements_per_sample))
+
+
+def chunk_size(num_classes: int, device: torch.device) -> int:
+    return chunk_rows(num_classes * num_classes, device)
+
+
+def _structured_parts(
+    p: torch.Tensor, a: torch.Tensor, rhs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Woodbury pieces for the K systems (I + a_j J^2) x_j = rhs[:, j] of a chunk.
+
+    Args:
+        p: (n, K) probabilities; a: (K,) = kappa sigma; rhs: (K, K) shared or (n, K, K).
+
+    Returns:
+        R (n, K, K) with R_ij = 1/(1 + a_j p_i^2), R o rhs, c_1 and c_2 (n, K), so that
+        x_j = (R o rhs)[:, j] - R[:, j] o (p c_1j + p^2 c_2j).
+    """
+    u = p
+    w = p * p
+    s = w.sum(dim=-1, keepdim=True)  # (n, 1)
+    r = torch.reciprocal(1.0 + w.unsqueeze(-1) * a)  # (n, K, K)
+    r_rhs = r * rhs
+    # M_j = U^T D_j^{-1} U (2 x 2, symmetric) and b_j = U^T D_j^{-1} rhs_j, for all j at once.
+    m = torch.bmm(torch.stack((u * u, u * w, w * w), dim=1), r)  # (n, 3, K)
+    b = torch.bmm(torch.stack((u, w), dim=1), r_rhs)  # (n, 2, K)
+    m11, m12, m22 = m.unbind(dim=1)
+    b1, b2 = b.unbind(dim=1)
+    # Capacitance T_j = I + a_j C M_j and right-hand side a_j C b_j; 2 x 2 solve by Cramer.
+    t11 = 1.0 + a * (s * m11 - m12)
+    t12 = a * (s * m12 - m22)
+    t21 = -a * m11
+    t22 = 1.0 - a * m12
+    r1 = a * (s * b1 - b2)
+    r2 = -a * b1
+    det = t11 * t22 - t12 * t21
+    c1 = (t22 * r1 - t12 * r2) / det
+    c2 = (t11 * r2 - t21 * r1) / det
+    return r, r_rhs, c1, c2
+
+
+def structured_solutions(p: torch.Tensor, a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with columns x_j = (I + a_j J^2)^{-1} rhs[:, j], shape (n, K, K), for a chunk."""
+    r, r_rhs, c1, c2 = _structured_parts(p, a, rhs)
+    return r_rhs - r * (p.unsqueeze(-1) * c1.unsqueeze(1) + (p * p).unsqueeze(-1) * c2.unsqueeze(1))
+
+
+def structured_apply(
+    p: torch.Tensor, z: torch.Tensor, factor: GramFactor, kappa: float
+) -> torch.Tensor:
+    """W_a z for every sample: p, z of shape (N, K) float64 -> (N, K) float64. O(N K^2)."""
+    if kappa == 0.0:
+        return z.clone()
+    vectors = factor.eigenvectors
+    a = kappa * factor.eigenvalues
+    out = torch.empty_like(z)
+    step = chunk_size(p.shape[1], p.device)
+    for start in range(0, p.shape[0], step):
+        pc = p[start : start + step]
+        r, rv, c1, c2 = _structured_parts(pc, a, vectors)
+        y = z[start : start + step] @ vectors  # y = V^T z, (n, K)
+        # X y = (R o V) y - p o (R (c_1 o y)) - (p*p) o (R (c_2 o y))
+        first = torch.bmm(rv, y.unsqueeze(-1)).squeeze(-1)
+        corr = torch.bmm(r, torch.stack((c1 * y, c2 * y), dim=-1))  # (n, K, 2)
+        out[start : start + step] = first - pc * corr[..., 0] - pc * pc * corr[..., 1]
+    return out
+
+
+def structured_weights(p: torch.Tensor, factor: GramFactor, kappa: float) -> torch.Tensor:
+    """The full W_a for every sample, (N, K, K) float64, via the Woodbury form."""
+    n, k = p.shape
+    eye = torch.eye(k, dtype=p.dtype, device=p.device)
+    if kappa == 0.0:
+        return eye.expand(n, k, k).clone()
+    vectors = factor.eigenvectors
+    a = kappa * factor.eigenvalues
+    out = torch.empty((n, k, k), dtype=p.dtype, device=p.device)
+    step = chunk_size(k, p.device)
+    for start in range(0, n, step):
+        x = structured_solutions(p[start : start + step], a, vectors)
+        out[start : start + step] = x @ vectors.T
+    return out
+
+
+def dense_weights(p: torch.Tensor, factor: GramFactor, kappa: float) -> torch.Tensor:
+    """Reference closed form via eigendecompositions of J and G, (N, K, K) float64. O(N K^3)."""
+    jac = p.unsqueeze(-1) * p.unsqueeze(-2) - torch.diag_embed(p)
+    lam, q = torch.linalg.eigh(jac)
+    vectors = factor.eigenvectors
+    qv = q.transpose(-1, -2) @ vectors
+    denom = 1.0 + kappa * (lam * lam).unsqueeze(-1) * factor.eigenvalues
+    weights: torch.Tensor = q @ (qv / denom) @ vectors.T
+    return weights

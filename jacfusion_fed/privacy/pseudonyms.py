@@ -1,0 +1,117 @@
+"""Pseudonymous sample ids: HMAC-SHA256 of the local patient id under a shared secret key.
+
+All modality owners of a deployment hold the same key, so the same patient gets the same
+pseudonym in every department; the coordinator and requesters only ever see pseudonyms and
+never hold the key (without it, a pseudonym cannot be linked back to a patient id, not even
+by trying all plausible ids).
+
+``pseudonym = HMAC-SHA256(key, NFC-normalised UTF-8 patient id)``, rendered as 64 lowercase
+hex digits (default) or 52 lowercase unpadded base32 characters.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+from jacfusion_fed.privacy._fileio import PRIVATE_MODE, check_private_file, write_file_atomic
+
+__all__ = [
+    "KEY_BYTES",
+    "MIN_KEY_BYTES",
+    "Encoding",
+    "Pseudonymizer",
+    "generate_key",
+    "load_key",
+    "pseudonymize",
+    "write_key",
+]
+
+Encoding = Literal["hex", "base32"]
+KEY_BYTES = 32
+MIN_KEY_BYTES = 16
+_KEY_HEADER = b"jacfusion-pseudonym-key-v1 "
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"pseudonym key must be bytes, got {type(key).__name__}")
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"pseudonym key must have at least {MIN_KEY_BYTES} bytes, got {len(key)}")
+    return bytes(key)
+
+
+def pseudonymize(patient_id: str, key: bytes, *, encoding: Encoding = "hex") -> str:
+    """HMAC-SHA256 pseudonym of ``patient_id`` under ``key`` (hex or base32, lowercase)."""
+    if not isinstance(patient_id, str) or not patient_id:
+        raise ValueError("patient_id must be a non-empty string")
+    mac = hmac.HMAC(_check_key(key), hashes.SHA256())
+    mac.update(unicodedata.normalize("NFC", patient_id).encode("utf-8"))
+    digest = mac.finalize()
+    if encoding == "hex":
+        return digest.hex()
+    if encoding == "base32":
+        return base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+    raise ValueError(f"unknown encoding {encoding!r}; expected 'hex' or 'base32'")
+
+
+def generate_key(nbytes: int = KEY_BYTES) -> bytes:
+    """A new random key from the OS CSPRNG."""
+    return _check_key(os.urandom(nbytes))
+
+
+def write_key(path: Path, key: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``key`` to ``path`` atomically with mode 0600.
+
+    Refuses to replace an existing key unless ``overwrite`` (replacing it changes every
+    pseudonym of the deployment).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace the pseudonym key")
+    write_file_atomic(path, _KEY_HEADER + _check_key(key).hex().encode() + b"\n", PRIVATE_MODE)
+    return path
+
+
+def load_key(path: Path, *, check_permissions: bool = True) -> bytes:
+    """Load a key written by :func:`write_key`; refuses group/other-accessible files."""
+    path = Path(path)
+    if check_permissions:
+        check_private_file(path)
+    data = path.read_bytes().strip()
+    if not data.startswith(_KEY_HEADER):
+        raise ValueError(f"{path} is not a jacfusion pseudonym key file")
+    try:
+        key = bytes.fromhex(data[len(_KEY_HEADER) :].decode("ascii"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: malformed pseudonym key") from exc
+    return _check_key(key)
+
+
+class Pseudonymizer:
+    """Holds a key and maps local patient ids to pseudonyms (the key never appears in repr)."""
+
+    def __init__(self, key: bytes, *, encoding: Encoding = "hex") -> None:
+        self._key = _check_key(key)
+        self.encoding: Encoding = encoding
+
+    @classmethod
+    def from_file(cls, path: Path, *, encoding: Encoding = "hex") -> Pseudonymizer:
+        """Load the key with :func:`load_key`."""
+        return cls(load_key(path), encoding=encoding)
+
+    def __call__(self, patient_id: str) -> str:
+        return pseudonymize(patient_id, self._key, encoding=self.encoding)
+
+    def many(self, patient_ids: Iterable[str]) -> list[str]:
+        """Pseudonyms of several ids, in order."""
+        return [self(pid) for pid in patient_ids]
+
+    def __repr__(self) -> str:
+        return f"Pseudonymizer(encoding={self.encoding!r}, key=<hidden>)"

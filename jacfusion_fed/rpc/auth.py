@@ -1,0 +1,465 @@
+"""Authorisation from the peer certificate.
+
+The TLS handshake (see :mod:`jacfusion_fed.rpc.tls`) proves that a peer holds a certificate
+issued by the deployment CA; this module turns that certificate into a :class:`Principal`
+(role ``owner``/``coordinator``/``requester``, name, modality) and enforces per-RPC rules:
+
+* servers: :class:`AuthInterceptor` with an :class:`RpcPolicy` (fail-closed: a method not in
+  the policy is denied to everyone), or :func:`require_roles` on individual servicer methods;
+  servicers read the caller with :func:`caller`;
+* clients (the coordinator): :func:`connect_owner` checks that an owner's *server*
+  certificate names the expected modality before use, and pins that on every later
+  handshake through the TLS target name (:func:`jacfusion_fed.privacy.certs.owner_server_name`).
+
+Status codes: ``UNAUTHENTICATED`` when no usable identity is presented (plaintext transport,
+no client certificate, a certificate without a valid ``jacfusion://`` role URI, or one that
+fails verification); ``PERMISSION_DENIED`` when the identity is known but not allowed. Both
+messages name the method, the identity and what was wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import socket
+import ssl
+import threading
+import weakref
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import grpc
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from jacfusion_fed.privacy.certs import (
+    ROLES,
+    Role,
+    certificate_identity,
+    load_certificate,
+    owner_server_name,
+)
+from jacfusion_fed.rpc.tls import TlsFiles, TransportOptions, create_channel
+
+__all__ = [
+    "FUSION_SERVICE",
+    "FUSION_SERVICE_POLICY",
+    "MODALITY_SERVICE",
+    "MODALITY_SERVICE_POLICY",
+    "AuthError",
+    "AuthInterceptor",
+    "Principal",
+    "Role",
+    "RpcPolicy",
+    "caller",
+    "check_own_certificate",
+    "connect_owner",
+    "fetch_server_principal",
+    "principal_from_certificate",
+    "principal_from_context",
+    "require_roles",
+]
+
+MODALITY_SERVICE = "jacfusion.v1.ModalityService"
+FUSION_SERVICE = "jacfusion.v1.FusionService"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated party: its role, name (certificate CN) and, for owners, modality."""
+
+    role: Role
+    name: str
+    modality: str | None = None
+
+    def describe(self) -> str:
+        """``owner 'cardiology' (modality 'ecg')`` etc., for messages."""
+        text = f"{self.role} {self.name!r}"
+        return f"{text} (modality {self.modality!r})" if self.modality else text
+
+
+class AuthError(Exception):
+    """Authentication or authorisation failed; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def principal_from_certificate(cert: x509.Certificate | bytes | str | Path) -> Principal:
+    """The :class:`Principal` a certificate names; ``AuthError(UNAUTHENTICATED)`` if none."""
+    if not isinstance(cert, x509.Certificate):
+        try:
+            cert = load_certificate(cert)
+        except ValueError as exc:
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED, f"unreadable certificate: {exc}"
+            ) from exc
+    try:
+        role, name, modality = certificate_identity(cert)
+    except ValueError as exc:
+        raise AuthError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
+    return Principal(role, name, modality)
+
+
+@functools.lru_cache(maxsize=512)
+def _principal_from_pem(pem: bytes) -> Principal:
+    return principal_from_certificate(pem)
+
+
+def _verify_client(pem: bytes, store: Store) -> None:
+    cert = x509.load_pem_x509_certificate(pem)
+    verifier = (
+        PolicyBuilder().store(store).time(dt.datetime.now(dt.timezone.utc)).build_client_verifier()
+    )
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as exc:
+        raise AuthError(
+            grpc.StatusCode.UNAUTHENTICATED, f"client certificate failed verification: {exc}"
+        ) from exc
+
+
+def _auth_value(auth: Mapping[str, Iterable[bytes]], key: str) -> bytes | None:
+    values = list(auth.get(key, ()))
+    return values[0] if values else None
+
+
+_call_principals: weakref.WeakKeyDictionary[Any, Principal] = weakref.WeakKeyDictionary()
+_call_principals_lock = threading.Lock()
+
+
+def _remember(context: grpc.ServicerContext, principal: Principal) -> None:
+    with _call_principals_lock:
+        _call_principals[context] = principal
+
+
+def caller(context: grpc.ServicerContext) -> Principal:
+    """The principal of the current call, for use inside servicer methods.
+
+    Returns what :class:`AuthInterceptor` established for this call (including its
+    ``insecure_principal``), else derives it from the client certificate; aborts the RPC with
+    ``UNAUTHENTICATED`` when there is none.
+    """
+    with _call_principals_lock:
+        known = _call_principals.get(context)
+    if known is not None:
+        return known
+    try:
+        return principal_from_context(context)
+    except AuthError as exc:
+        context.abort(exc.code, exc.details)
+        raise  # unreachable: abort raises
+
+
+def principal_from_context(
+    context: grpc.ServicerContext, *, ca_store: Store | None = None
+) -> Principal:
+    """The caller's :class:`Principal`, from its TLS-verified client certificate.
+
+    Args:
+        context: the servicer context.
+        ca_store: when given, the certificate is verified again against this store
+            (defence in depth, e.g. for servers whose credentials do not verify clients).
+
+    Raises:
+        AuthError: ``UNAUTHENTICATED`` when the transport is not TLS, no client certificate
+            was presented, or the certificate names no valid role.
+    """
+    auth = context.auth_context()
+    transport = _auth_value(auth, "transport_security_type")
+    if transport != b"ssl":
+        kind = transport.decode(errors="replace") if transport else "plaintext"
+        raise AuthError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"no client certificate: the connection is not TLS-protected (transport {kind!r})",
+        )
+    pem = _auth_value(auth, "x509_pem_cert")
+    if not pem:
+        raise AuthError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no client certificate presented (mutual TLS with a certificate from the "
+            "deployment CA is required)",
+        )
+    if ca_store is not None:
+        _verify_client(pem, ca_store)
+    return _principal_from_pem(bytes(pem))
+
+
+@dataclass(frozen=True)
+class RpcPolicy:
+    """Which roles may call which methods.
+
+    Keys are full method names (``/jacfusion.v1.FusionService/Predict``) or a service
+    wildcard (``/jacfusion.v1.FusionService/*``); an exact entry wins over the wildcard. A
+    method matching neither is denied to everyone (fail-closed).
+    """
+
+    rules: Mapping[str, frozenset[Role]]
+
+    @classmethod
+    def of(cls, rules: Mapping[str, Collection[Role]]) -> RpcPolicy:
+        """Build a policy, validating role names."""
+        checked: dict[str, frozenset[Role]] = {}
+        for method, roles in rules.items():
+            if not method.startswith("/"):
+                raise ValueError(f"method {method!r} must look like /package.Service/Method")
+            unknown = set(roles) - set(ROLES)
+            if unknown:
+                raise ValueError(f"unknown roles {sorted(unknown)} for {method}")
+            checked[method] = frozenset(roles)
+        return cls(checked)
+
+    def allowed_roles(self, method: str) -> frozenset[Role] | None:
+        """Roles allowed for ``method``; ``None`` if the policy does not mention it."""
+        if method in self.rules:
+            return self.rules[method]
+        service = method.rsplit("/", 1)[0]
+        return self.rules.get(f"{service}/*")
+
+    def check(self, method: str, principal: Principal) -> None:
+        """Raise ``AuthError(PERMISSION_DENIED)`` unless ``principal`` may call ``method``."""
+        allowed = self.allowed_roles(method)
+        if allowed is None:
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is not open to any caller (not in the server's policy); "
+                f"caller: {principal.describe()}",
+            )
+        if principal.role not in allowed:
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.describe()} may not call {method}; allowed roles: "
+                f"{', '.join(sorted(allowed)) or 'none'}",
+            )
+
+
+#: Owner servers: only the coordinator may call ModalityService; health checks for any
+#: authenticated principal.
+MODALITY_SERVICE_POLICY = RpcPolicy.of(
+    {
+        f"/{MODALITY_SERVICE}/*": {"coordinator"},
+        "/grpc.health.v1.Health/*": set(ROLES),
+    }
+)
+
+#: The coordinator's FusionService: only requesters predict; GetModelInfo for requesters and
+#: the coordinator's own operators.
+FUSION_SERVICE_POLICY = RpcPolicy.of(
+    {
+        f"/{FUSION_SERVICE}/Predict": {"requester"},
+        f"/{FUSION_SERVICE}/PredictStream": {"requester"},
+        f"/{FUSION_SERVICE}/GetModelInfo": {"requester", "coordinator"},
+        "/grpc.health.v1.Health/*": set(ROLES),
+    }
+)
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]
+) -> grpc.RpcMethodHandler:
+    """Return a handler of the same kind whose behaviour runs ``check`` first."""
+
+    def guard(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def behavior(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            return inner(request_or_iterator, context)
+
+        return behavior
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary), **kwargs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream), **kwargs)
+    raise TypeError(f"unsupported RPC method handler {handler!r}")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Server interceptor enforcing an :class:`RpcPolicy` on every RPC.
+
+    Args:
+        policy: the per-method rules.
+        insecure_principal: the principal assumed for plaintext connections; only for local
+            development with :data:`jacfusion_fed.rpc.tls.INSECURE` (default: refuse them).
+        ca_certificate: when given, client certificates are verified again against it.
+    """
+
+    def __init__(
+        self,
+        policy: RpcPolicy,
+        *,
+        insecure_principal: Principal | None = None,
+        ca_certificate: x509.Certificate | bytes | str | Path | None = None,
+    ) -> None:
+        self.policy = policy
+        self.insecure_principal = insecure_principal
+        self._store = (
+            Store(
+                [
+                    ca_certificate
+                    if isinstance(ca_certificate, x509.Certificate)
+                    else load_certificate(ca_certificate)
+                ]
+            )
+            if ca_certificate is not None
+            else None
+        )
+
+    def authorize(self, method: str, context: grpc.ServicerContext) -> Principal:
+        """The caller's principal if it may call ``method``; raises :class:`AuthError`."""
+        transport = _auth_value(context.auth_context(), "transport_security_type")
+        if transport != b"ssl" and self.insecure_principal is not None:
+            principal = self.insecure_principal
+        else:
+            try:
+                principal = principal_from_context(context, ca_store=self._store)
+            except AuthError as exc:
+                raise AuthError(exc.code, f"{method}: {exc.details}") from exc
+        self.policy.check(method, principal)
+        return principal
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Wrap the method's handler so that authorisation runs before the servicer."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def check(context: grpc.ServicerContext) -> None:
+            try:
+                principal = self.authorize(method, context)
+            except AuthError as exc:
+                context.abort(exc.code, exc.details)
+            _remember(context, principal)
+
+        return _wrap_handler(handler, check)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def require_roles(*roles: Role) -> Callable[[F], F]:
+    """Decorator for servicer methods ``(self, request, context)``: allow only ``roles``.
+
+    Aborts with ``UNAUTHENTICATED`` / ``PERMISSION_DENIED`` before the method runs.
+    """
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}")
+    allowed = frozenset(roles)
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                principal = principal_from_context(context)
+            except AuthError as exc:
+                context.abort(exc.code, f"{fn.__name__}: {exc.details}")
+            if principal.role not in allowed:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal.describe()} may not call {fn.__name__}; allowed roles: "
+                    f"{', '.join(sorted(allowed))}",
+                )
+            return fn(self, request, context)
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def _split_target(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"target {target!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def fetch_server_principal(target: str, tls: TlsFiles, *, timeout: float = 5.0) -> Principal:
+    """Handshake with ``target`` (mTLS, verified against our CA) and return its principal.
+
+    Only the TLS handshake is performed (no RPC), with our own client certificate so that
+    servers requiring client authentication answer.
+
+    Raises:
+        ssl.SSLError / OSError: when the handshake fails (e.g. the certificate is not from our
+            CA or has expired).
+        AuthError: when the certificate names no valid role.
+    """
+    host, port = _split_target(target)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # the identity is checked below, from the role URI
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(tls.ca_cert))
+    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=timeout) as sock,
+        ctx.wrap_socket(sock, server_hostname=host) as tls_sock,
+    ):
+        der = tls_sock.getpeercert(binary_form=True)
+    if not der:
+        raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"{target} presented no certificate")
+    return principal_from_certificate(der)
+
+
+def check_own_certificate(tls: TlsFiles, role: Role, modality: str | None = None) -> Principal:
+    """Check at start-up that our own certificate has ``role`` (and ``modality``).
+
+    An owner server calls this with its configured modality so it never serves under a
+    certificate issued for another one. Raises ``ValueError`` naming the mismatch.
+    """
+    principal = principal_from_certificate(Path(tls.cert))
+    if principal.role != role or (modality is not None and principal.modality != modality):
+        raise ValueError(
+            f"{tls.cert} is the certificate of {principal.describe()}, expected {role}"
+            + (f" for modality {modality!r}" if modality is not None else "")
+        )
+    return principal
+
+
+def connect_owner(
+    target: str,
+    tls: TlsFiles,
+    modality: str,
+    *,
+    options: TransportOptions | None = None,
+    verify_now: bool = True,
+    timeout: float = 5.0,
+) -> grpc.Channel:
+    """Open the coordinator's channel to the owner of ``modality`` at ``target``.
+
+    Every handshake of the returned channel requires the server certificate to carry
+    :func:`owner_server_name(modality) <jacfusion_fed.privacy.certs.owner_server_name>`, which
+    only that modality's owner certificate does. With ``verify_now`` (default), one handshake
+    is made first to fail early with a precise message.
+
+    Raises:
+        AuthError: ``PERMISSION_DENIED`` when the server is not the owner of ``modality``.
+        ssl.SSLError / OSError: when the handshake fails.
+    """
+    if verify_now:
+        principal = fetch_server_principal(target, tls, timeout=timeout)
+        if principal.role != "owner" or principal.modality != modality:
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"server at {target} is {principal.describe()}, expected the owner of "
+                f"modality {modality!r}",
+            )
+    return create_channel(target, tls, server_name=owner_server_name(modality), options=options)

@@ -1,0 +1,298 @@
+"""The coordinator's durable record of each modality's head, with full history.
+
+Layout under ``root``::
+
+    heads/<modality>/<sequence:08d>.head    one verified envelope per registration
+
+The newest sequence number of a modality is its current entry; older ones are kept as history.
+A payload holds the head as float64 little-endian: the Gram matrix (K x K) for
+``head_kind == "gram"``, or W (K x H) followed by b (K) for ``"full"``; the envelope header holds
+owner, model version, K, H, class counts and the registration time. Writes are atomic, reads
+verified: a damaged current entry raises :class:`~jacfusion_fed.store.atomic.CorruptFileError`
+(the registry never silently falls back to an older head).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from jacfusion_fed.store.atomic import (
+    CorruptFileError,
+    read_verified,
+    remove_stale_temp_files,
+    write_verified,
+)
+
+__all__ = ["HeadKind", "HeadRecord", "HeadRegistry"]
+
+HeadKind = Literal["gram", "full"]
+_MODALITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_ENTRY_RE = re.compile(r"^(\d{8})\.head$")
+_F8 = np.dtype("<f8")
+
+
+def _check_modality(modality: str) -> str:
+    if not isinstance(modality, str) or not _MODALITY_RE.match(modality):
+        raise ValueError(f"invalid modality name {modality!r}: must match {_MODALITY_RE.pattern}")
+    return modality
+
+
+def _as_f8(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    arr = np.array(value, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class HeadRecord:
+    """One registration of a modality's head."""
+
+    modality: str
+    owner: str
+    model_version: str
+    num_classes: int
+    class_counts: tuple[int, ...]
+    registered_at: dt.datetime
+    sequence: int
+    gram: np.ndarray | None = field(default=None, repr=False)
+    weight: np.ndarray | None = field(default=None, repr=False)
+    bias: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def head_kind(self) -> HeadKind:
+        """``"gram"`` when only W W^T is held, ``"full"`` when W and b are."""
+        return "full" if self.weight is not None else "gram"
+
+    @property
+    def feature_dim(self) -> int | None:
+        """H, when W is held."""
+        return None if self.weight is None else int(self.weight.shape[1])
+
+    def gram_matrix(self) -> np.ndarray:
+        """W W^T (K x K), whichever form is held."""
+        if self.gram is not None:
+            return self.gram
+        assert self.weight is not None
+        gram: np.ndarray = self.weight @ self.weight.T
+        return gram
+
+
+class HeadRegistry:
+    """Per-modality heads known to the coordinator (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._heads = self.root / "heads"
+        self._heads.mkdir(parents=True, exist_ok=True)
+        for d in self._heads.iterdir():
+            if d.is_dir():
+                remove_stale_temp_files(d)
+
+    def _dir(self, modality: str) -> Path:
+        return self._heads / _check_modality(modality)
+
+    def _entries(self, modality: str) -> list[tuple[int, Path]]:
+        d = self._dir(modality)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            m = _ENTRY_RE.match(p.name)
+            if m:
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def register(
+        self,
+        modality: str,
+        owner: str,
+        model_version: str,
+        *,
+        class_counts: Sequence[int],
+        gram: Any = None,
+        weight: Any = None,
+        bias: Any = None,
+        registered_at: dt.datetime | None = None,
+        allow_owner_change: bool = False,
+    ) -> HeadRecord:
+        """Record a new head for ``modality`` and return it.
+
+        Exactly one of ``gram`` (K x K, symmetric) or ``weight`` (K x H, with ``bias`` of
+        length K) must be given. K must equal that of the other registered modalities.
+        Registering the same owner, version and head again returns the current record
+        without adding history. A different owner for a known modality is refused unless
+        ``allow_owner_change``.
+        """
+        _check_modality(modality)
+        if not owner:
+            raise ValueError("owner must be a non-empty name")
+        if not model_version:
+            raise ValueError("model_version must be non-empty")
+        if (gram is None) == (weight is None):
+            raise ValueError("pass exactly one of gram= or weight= (with bias=)")
+        counts = tuple(int(c) for c in class_counts)
+        if any(c < 0 for c in counts):
+            raise ValueError(f"class counts must be non-negative, got {counts}")
+        g = w = b = None
+        if gram is not None:
+            g = _as_f8(gram, "gram")
+            if g.ndim != 2 or g.shape[0] != g.shape[1]:
+                raise ValueError(f"gram must be square (K x K), got shape {g.shape}")
+            if not np.allclose(g, g.T, rtol=1e-6, atol=1e-9):
+                raise ValueError("gram must be symmetric")
+            k = g.shape[0]
+        else:
+            w = _as_f8(weight, "weight")
+            if w.ndim != 2:
+                raise ValueError(f"weight must be K x H, got shape {w.shape}")
+            k = w.shape[0]
+            if bias is None:
+                raise ValueError("a full head needs bias= as well as weight=")
+            b = _as_f8(bias, "bias").reshape(-1)
+            if b.shape != (k,):
+                raise ValueError(f"bias must have length K={k}, got shape {b.shape}")
+        if k < 2:
+            raise ValueError(f"a head needs K >= 2 classes, got {k}")
+        if len(counts) != k:
+            raise ValueError(f"class_counts must have length K={k}, got {len(counts)}")
+        for other, rec in self.current().items():
+            if other != modality and rec.num_classes != k:
+                raise ValueError(
+                    f"modality {modality!r} has K={k} but {other!r} is registered with "
+                    f"K={rec.num_classes}"
+                )
+        entries = self._entries(modality)
+        if entries:
+            latest = self.get(modality)
+            if latest.owner != owner and not allow_owner_change:
+                raise ValueError(
+                    f"modality {modality!r} is registered to owner {latest.owner!r}, not "
+                    f"{owner!r} (pass allow_owner_change=True to transfer it)"
+                )
+            if (
+                latest.owner == owner
+                and latest.model_version == model_version
+                and latest.class_counts == counts
+                and _same(latest.gram, g)
+                and _same(latest.weight, w)
+                and _same(latest.bias, b)
+            ):
+                return latest
+        sequence = entries[-1][0] + 1 if entries else 1
+        when = (registered_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+        meta = {
+            "kind": "head",
+            "modality": modality,
+            "owner": owner,
+            "model_version": model_version,
+            "num_classes": k,
+            "feature_dim": None if w is None else int(w.shape[1]),
+            "head_kind": "gram" if g is not None else "full",
+            "class_counts": list(counts),
+            "registered_at": when.isoformat(),
+            "sequence": sequence,
+        }
+        arrays = [g] if g is not None else [w, b]
+        payload = b"".join(np.ascontiguousarray(a, dtype=_F8).tobytes() for a in arrays)
+        path = self._dir(modality) / f"{sequence:08d}.head"
+        if path.exists():
+            raise FileExistsError(f"{path} already exists (concurrent registration?)")
+        write_verified(path, payload, meta)
+        return self._load(path, modality, sequence)
+
+    def _load(self, path: Path, modality: str, sequence: int) -> HeadRecord:
+        payload, meta = read_verified(path)
+        try:
+            if meta["kind"] != "head" or meta["modality"] != modality:
+                raise ValueError(f"entry belongs to {meta.get('modality')!r}")
+            if int(meta["sequence"]) != sequence:
+                raise ValueError("sequence number does not match the file name")
+            k = int(meta["num_classes"])
+            values = np.frombuffer(payload, dtype=_F8).astype(np.float64)
+            g = w = b = None
+            if meta["head_kind"] == "gram":
+                if values.size != k * k:
+                    raise ValueError("gram size does not match K")
+                g = values.reshape(k, k)
+            elif meta["head_kind"] == "full":
+                h = int(meta["feature_dim"])
+                if values.size != k * h + k:
+                    raise ValueError("weight/bias size does not match K and H")
+                w, b = values[: k * h].reshape(k, h), values[k * h :].copy()
+            else:
+                raise ValueError(f"unknown head kind {meta['head_kind']!r}")
+            return HeadRecord(
+                modality=modality,
+                owner=str(meta["owner"]),
+                model_version=str(meta["model_version"]),
+                num_classes=k,
+                class_counts=tuple(int(c) for c in meta["class_counts"]),
+                registered_at=dt.datetime.fromisoformat(meta["registered_at"]),
+                sequence=sequence,
+                gram=g,
+                weight=w,
+                bias=b,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(path, f"malformed head entry ({exc})") from exc
+
+    def modalities(self) -> list[str]:
+        """Registered modality names, sorted."""
+        return sorted(
+            d.name
+            for d in self._heads.iterdir()
+            if d.is_dir() and _MODALITY_RE.match(d.name) and self._entries(d.name)
+        )
+
+    def get(self, modality: str) -> HeadRecord:
+        """The current record of ``modality``; ``KeyError`` if unknown."""
+        entries = self._entries(modality)
+        if not entries:
+            raise KeyError(f"modality {modality!r} is not registered")
+        sequence, path = entries[-1]
+        return self._load(path, modality, sequence)
+
+    def history(self, modality: str) -> list[HeadRecord]:
+        """All records of ``modality``, oldest first (each verified)."""
+        return [self._load(p, modality, s) for s, p in self._entries(modality)]
+
+    def current(self) -> dict[str, HeadRecord]:
+        """The current record of every registered modality."""
+        return {m: self.get(m) for m in self.modalities()}
+
+    def num_classes(self) -> int:
+        """K shared by all registered modalities; ``KeyError`` if none is registered."""
+        records = self.current()
+        if not records:
+            raise KeyError("no modality is registered")
+        return next(iter(records.values())).num_classes
+
+    def class_prior(self, modalities: Iterable[str] | None = None) -> np.ndarray:
+        """Class prior (K,) from the class counts summed over (the given) modalities."""
+        names = list(modalities) if modalities is not None else self.modalities()
+        if not names:
+            raise KeyError("no modality is registered")
+        total = np.sum(
+            [np.asarray(self.get(m).class_counts, dtype=np.float64) for m in names], axis=0
+        )
+        s = total.sum()
+        if s <= 0:
+            raise ValueError("class counts sum to zero; the prior is undefined")
+        prior: np.ndarray = total / s
+        return prior
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a, b))
