@@ -86,7 +86,7 @@ def _support_sizes(
     for y, factor, kappa in zip(ys, factors, kappas, strict=True):
         total += _bound(y.abs(), kappa * factor.eigenvalues, eta, q)
     ok = 0.5 * total <= tol
-    sizes = torch.tensor(candidates + [cap + 1], device=p.device)
+    sizes = torch.tensor([*candidates, cap + 1], device=p.device)
     first_ok = torch.where(
         ok.any(dim=-1),
         ok.to(torch.int64).argmax(dim=-1),
@@ -205,27 +205,24 @@ def fast_apply(
     exact_mask = sizes > cap
     outs = [torch.empty_like(z) for z in zs]
     exact_idx = exact_mask.nonzero().squeeze(-1)
-    fast_idx = (~exact_mask).nonzero().squeeze(-1)
     if exact_idx.numel():
         for out, z, factor, kappa in zip(outs, zs, factors, kappas, strict=True):
             out[exact_idx] = structured_apply(p[exact_idx], z[exact_idx], factor, kappa)
     max_seen = 0
-    if fast_idx.numel():
-        order = fast_idx[torch.argsort(sizes[fast_idx])]
-        sorted_sizes = sizes[order].tolist()
-        start = 0
-        while start < len(sorted_sizes):
-            support = int(sorted_sizes[start])
-            rows_per_chunk = chunk_rows(k * (4 * max(support, 1) + 6 * (q + 1)), p.device)
-            stop = min(start + rows_per_chunk, len(sorted_sizes))
-            support = int(sorted_sizes[stop - 1])
-            max_seen = max(max_seen, support)
-            rows = order[start:stop]
+    # Group samples by their support size (a short doubling grid): per group one chunked pass.
+    # Only the group sizes come back to the host; the batch itself stays on its device.
+    for support in _candidate_supports(cap):
+        rows_all = (sizes == support).nonzero().squeeze(-1)
+        if rows_all.numel() == 0:
+            continue
+        max_seen = max(max_seen, support)
+        rows_per_chunk = chunk_rows(k * (4 * max(support, 1) + 6 * (q + 1)), p.device)
+        for start in range(0, rows_all.numel(), rows_per_chunk):
+            rows = rows_all[start : start + rows_per_chunk]
             for out, z, factor, kappa in zip(outs, zs, factors, kappas, strict=True):
                 out[rows] = _fast_apply_chunk(p[rows], z[rows], factor, kappa, support, q)
-            start = stop
     report = FastSolveReport(
-        fast_samples=int(fast_idx.numel()),
+        fast_samples=n - int(exact_idx.numel()),
         exact_samples=int(exact_idx.numel()),
         max_support=max_seen,
         tol=tol,

@@ -16,9 +16,9 @@ from ._validation import (
     result_dtype,
     to_tensor,
 )
+from .fast import fast_apply
 from .gram import GramFactor, factor_gram
 from .implicit import implicit_apply
-from .fast import fast_apply
 from .solver import dense_weights, flush_tiny, structured_weights
 from .statistical import combine_logits
 

@@ -1,0 +1,94 @@
+"""``jacfusion-fed bench ...``: measured throughput, always against a baseline run alongside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(help="Benchmarks: figures as ratios against a baseline in the same run.")
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--ks must be comma-separated integers, got {text!r}") from exc
+    if not ks or any(k < 2 for k in ks):
+        raise typer.BadParameter("--ks needs at least one K >= 2")
+    return ks
+
+
+@bench_app.command("fusion")
+def fusion(
+    ks: Annotated[str, typer.Option(help="Comma-separated class counts K.")] = "10,100,309,1000",
+    samples: Annotated[int, typer.Option(help="N, samples per K.", min=1)] = 10_000,
+    solvers: Annotated[str, typer.Option(help="Solvers to time.")] = "exact,fast",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float64 or float32 inputs.")] = "float64",
+    tol: Annotated[float, typer.Option(help="Bound on max |p - p_exact| for 'fast'.")] = 1e-4,
+    budget: Annotated[float, typer.Option(help="Seconds to spend per measurement.")] = 2.0,
+    forward: Annotated[bool, typer.Option(help="Also time fusion vs the AV-Digits nets.")] = True,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench-fusion.json"
+    ),
+) -> None:
+    """Samples/s of jacobian_fusion per solver against a per-sample scipy Sylvester loop."""
+    import torch
+
+    from jacfusion_fed.bench.fusion import (
+        bench_forward_vs_fusion,
+        bench_fusion,
+        environment,
+        rows_to_json,
+    )
+
+    if dtype not in ("float64", "float32"):
+        raise typer.BadParameter(f"--dtype must be float64 or float32, got {dtype!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: no CUDA device is available here")
+    names = [s for s in solvers.split(",") if s]
+    rows = bench_fusion(
+        _parse_ks(ks), samples, solvers=names, device=device,
+        dtype=getattr(torch, dtype), tol=tol, budget_s=budget,
+        progress=lambda msg: console.log(msg),
+    )  # fmt: skip
+    table = Table(title=f"jacobian_fusion throughput ({device}, {dtype}, gamma=0.5, 1 step)")
+    table.add_column("K", justify="right")
+    table.add_column("method")
+    table.add_column("samples/s", justify="right")
+    table.add_column("x scipy loop", justify="right")
+    table.add_column("max |dp|", justify="right")
+    table.add_column("vs", justify="left")
+    table.add_column("measured on", justify="right")
+    for row in rows:
+        for name, res in row.methods.items():
+            speed = row.speedup(name)
+            diff = res.max_abs_diff_vs_reference
+            table.add_row(
+                str(row.num_classes), name, f"{res.samples_per_s:,.0f}",
+                f"{speed:,.1f}" if speed is not None else "",
+                f"{diff:.1e}" if diff is not None else "", res.reference or "",
+                f"{res.samples} samples",
+            )  # fmt: skip
+    console.print(table)
+    payload = {"environment": environment(), "rows": rows_to_json(rows)}
+    if forward:
+        ratio = bench_forward_vs_fusion(device=device)
+        payload["fusion_vs_forward"] = ratio
+        console.print(
+            f"AV-Digits, {int(ratio['samples'])} samples: unimodal forward passes "
+            f"{ratio['forward_s'] * 1e3:.1f} ms, fusion {ratio['fusion_s'] * 1e3:.2f} ms "
+            f"({100 * ratio['fusion_over_forward']:.1f}% of the forward passes)"
+        )
+    out.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {out}")

@@ -1,0 +1,266 @@
+"""A modality owner's node-local state: its records, its model store, its head and logits.
+
+Both faces of an owner use this one class: the Flower ClientApp (``clients/client_app.py``:
+train, publish the head, answer logit queries) and the long-lived gRPC ModalityService
+(``clients/modality_service.py``). Everything that must outlive a Flower message or a process
+restart lives on disk under ``root``::
+
+    root/store/          ModelStore: content-hashed model versions, CURRENT, logit caches
+
+What leaves the owner (and nothing else): the head (Gram matrix W W^T by default; W and b
+when the owner allows it), class counts, the model version, training metrics, and K logits per
+requested pseudonymous sample id. Raw inputs, features and local patient ids never do.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from jacfusion_fed.data import MultimodalDataset
+from jacfusion_fed.fusion import gram_of
+from jacfusion_fed.models import UnimodalNet, build_from_spec, build_model, default_arch
+from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.store import ModelStore
+from jacfusion_fed.training import predict_logits, train_epochs
+
+from .source import DataSource, load_records
+
+HeadKind = Literal["gram", "full"]
+
+
+class UnknownVersionError(LookupError):
+    """A model version this owner does not have (or no model trained yet)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """What an owner publishes about its last layer for one model version."""
+
+    version: str
+    num_classes: int
+    feature_dim: int
+    gram: np.ndarray  # (K, K) float64, always
+    weight: np.ndarray | None = None  # (K, H), only for kind "full"
+    bias: np.ndarray | None = None  # (K,)
+
+
+@dataclass(frozen=True)
+class LogitAnswer:
+    """Logits for the known ids (in request order), the version used, the ids not found."""
+
+    version: str
+    sample_ids: list[str]
+    logits: np.ndarray  # (len(sample_ids), K) float64
+    unknown_ids: list[str]
+
+
+def choose_arch(dataset: str, modality: str, input_shape: tuple[int, ...]) -> str:
+    """The built-in architecture for a built-in dataset; otherwise by the input's rank."""
+    try:
+        return default_arch(dataset, modality)
+    except ValueError:
+        return "image_cnn" if len(input_shape) == 3 and min(input_shape[1:]) >= 4 else "mlp"
+
+
+class OwnerWorkspace:
+    """One modality owner's records and models (see the module docstring).
+
+    Args:
+        root: node-local directory (created if missing).
+        modality: the modality this owner holds.
+        source: where its local records come from (a :class:`DataSource` or its string).
+        pseudonymizer: HMAC pseudonyms of local patient ids; the key never leaves the owner
+            and its requesters.
+        allow_full_head: whether W and b may be shared (else only the Gram matrix).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        modality: str,
+        source: DataSource | str,
+        pseudonymizer: Pseudonymizer,
+        *,
+        allow_full_head: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.modality = modality
+        self.source = DataSource.parse(source) if isinstance(source, str) else source
+        self.allow_full_head = allow_full_head
+        self.store = ModelStore(self.root / "store")
+        self._pseudonymizer = pseudonymizer
+        self._records: dict[str, MultimodalDataset] | None = None
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._lock = threading.Lock()
+        self._models: dict[str, UnimodalNet] = {}
+        self._logit_cache: dict[str, dict[str, np.ndarray]] = {}
+
+    # --- records -------------------------------------------------------------------------
+
+    @property
+    def records(self) -> dict[str, MultimodalDataset]:
+        if self._records is None:
+            self._records = load_records(self.source, self.modality)
+        return self._records
+
+    def _pseudonym_index(self) -> dict[str, tuple[str, int]]:
+        """pseudonym -> (split, row), built once; the local ids stay inside this object."""
+        if self._index is None:
+            index: dict[str, tuple[str, int]] = {}
+            for split, ds in self.records.items():
+                for row, local_id in enumerate(ds.sample_ids):
+                    index[self._pseudonymizer(local_id)] = (split, row)
+            self._index = index
+        return self._index
+
+    def pseudonyms(self, split: str) -> list[str]:
+        """Pseudonymous ids of one split (what a requester derives with the same key)."""
+        return self._pseudonymizer.many(self.records[split].sample_ids)
+
+    @property
+    def num_classes(self) -> int:
+        return self.records["train"].num_classes
+
+    def class_counts(self) -> np.ndarray:
+        return self.records["train"].class_counts()
+
+    # --- training ------------------------------------------------------------------------
+
+    def new_model(self) -> UnimodalNet:
+        train = self.records["train"]
+        shape = tuple(train.modalities[self.modality].shape[1:])
+        arch = choose_arch(self.source.location, self.modality, shape)
+        return build_model(arch, shape, train.num_classes)
+
+    def train(
+        self,
+        method: str = "regular",
+        epochs: int = 8,
+        *,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        publish: bool = True,
+        progress: bool = False,
+        **method_params: Any,
+    ) -> tuple[UnimodalNet, dict[str, float]]:
+        """Train locally (from ``initial_state`` when given, as in a FedAvg round).
+
+        With ``publish`` the result is saved to the store and becomes the current version.
+        Returns the model and metrics (train loss/accuracy, examples, seconds).
+        """
+        torch.manual_seed(seed)
+        model = self.new_model()
+        if initial_state is not None:
+            model.load_state_dict(initial_state)
+        x, y = self.records["train"].tensors(self.modality)
+        report = train_epochs(
+            model, (x, y), method, epochs, batch_size=batch_size, lr=lr, seed=seed,
+            progress=progress, **method_params,
+        )  # fmt: skip
+        metrics = {
+            "train_loss": float(report.losses[-1]) if report.losses else float("nan"),
+            "train_accuracy": float(report.train_accuracy),
+            "num_examples": float(len(y)),
+            "seconds": float(report.seconds),
+        }
+        if publish:
+            self.publish(model, metrics | {"method": method, "epochs": epochs})
+        return model, metrics
+
+    def publish(self, model: UnimodalNet, metadata: dict[str, Any]) -> str:
+        """Save ``model`` as a new version and make it current; returns the version."""
+        from jacfusion_fed.models import model_spec
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        version = self.store.save(state, model_spec(model), metadata)
+        self.store.set_current(version)
+        return version
+
+    # --- serving -------------------------------------------------------------------------
+
+    def current_version(self) -> str:
+        version = self.store.current_version()
+        if version is None:
+            raise UnknownVersionError(f"owner of {self.modality!r} has no trained model yet")
+        return version
+
+    def load_model(self, version: str | None = None) -> tuple[str, UnimodalNet]:
+        version = version or self.current_version()
+        with self._lock:
+            if version not in self._models:
+                if not self.store.exists(version):
+                    raise UnknownVersionError(
+                        f"model version {version!r} is not in the store of {self.modality!r}"
+                    )
+                state, spec, _meta = self.store.load(version)
+                model = build_from_spec(spec)
+                model.load_state_dict(state)
+                model.eval()
+                self._models[version] = model
+            return version, self._models[version]
+
+    def head(self, version: str | None = None, kind: HeadKind = "gram") -> Head:
+        if kind not in ("gram", "full"):
+            raise ValueError(f"head kind must be 'gram' or 'full', got {kind!r}")
+        if kind == "full" and not self.allow_full_head:
+            raise PermissionError(
+                f"owner of {self.modality!r} shares only the Gram matrix (full head not allowed)"
+            )
+        version, model = self.load_model(version)
+        weight = model.head.weight.detach().to(torch.float64)
+        gram = gram_of(weight).numpy()
+        full = kind == "full"
+        return Head(
+            version=version,
+            num_classes=int(weight.shape[0]),
+            feature_dim=int(weight.shape[1]),
+            gram=gram,
+            weight=weight.numpy() if full else None,
+            bias=model.head.bias.detach().to(torch.float64).numpy() if full else None,
+        )
+
+    def _all_logits(self, version: str) -> dict[str, np.ndarray]:
+        """Logits of every local record under ``version``, keyed by pseudonym; computed once
+        per version and kept in memory and in the store's logit cache (survives restarts)."""
+        with self._lock:
+            cached = self._logit_cache.get(version)
+        if cached is not None:
+            return cached
+        if self.store.has_logits(version):
+            ids, values = self.store.load_logits(version)
+        else:
+            _, model = self.load_model(version)
+            ids, blocks = [], []
+            for split, ds in self.records.items():
+                ids.extend(self.pseudonyms(split))
+                x, _ = ds.tensors(self.modality)
+                blocks.append(predict_logits(model, x).to(torch.float64).numpy())
+            values = np.concatenate(blocks)
+            self.store.save_logits(version, ids, values)
+        table = dict(zip(ids, values, strict=True))
+        with self._lock:
+            self._logit_cache[version] = table
+        return table
+
+    def logits(self, pseudonyms: list[str], version: str | None = None) -> LogitAnswer:
+        """K logits for each known pseudonym, in request order; unknown ones are listed."""
+        version = version or self.current_version()
+        if not self.store.exists(version):
+            raise UnknownVersionError(
+                f"model version {version!r} is not in the store of {self.modality!r}"
+            )
+        table = self._all_logits(version)
+        known = [sid for sid in pseudonyms if sid in table]
+        unknown = [sid for sid in pseudonyms if sid not in table]
+        k = self.num_classes
+        values = np.stack([table[sid] for sid in known]) if known else np.zeros((0, k))
+        return LogitAnswer(version, known, values, unknown)
