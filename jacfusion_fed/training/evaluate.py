@@ -1,0 +1,62 @@
+"""Inference helpers: logits and accuracy in eval mode, batched, without gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["as_tensor", "evaluate_accuracy", "model_device", "predict_logits"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """numpy array / tensor / nested list -> tensor of ``dtype`` (no copy when possible)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.as_tensor(np.asarray(value)).to(dtype)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: Any, batch_size: int = 512, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Logits ``(N, K)`` on the CPU, computed in eval mode (the model's mode is restored)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(device) if device is not None else model_device(model)
+    xt = as_tensor(x, torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [model(xt[i : i + batch_size].to(dev)).cpu() for i in range(0, len(xt), batch_size)]
+    finally:
+        model.train(was_training)
+    if not outs:
+        k = getattr(model, "num_classes", 0)
+        return torch.zeros((0, int(k)), dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> float:
+    """Fraction of samples whose arg-max logit equals the label (``nan`` for no samples)."""
+    yt = as_tensor(y, torch.int64)
+    if len(yt) == 0:
+        return float("nan")
+    logits = predict_logits(model, x, batch_size, device)
+    if len(logits) != len(yt):
+        raise ValueError(f"{len(logits)} inputs but {len(yt)} labels")
+    return float((logits.argmax(dim=1) == yt).float().mean())
