@@ -22,7 +22,7 @@ from .allowlist import (  # noqa: E402
     ValueSpec,
     check_reply_allowed,
 )
-from .config import format_config_arg, validate_config  # noqa: E402
+from .config import format_config_arg, load_app_run_config, validate_config  # noqa: E402
 from .deployment import (  # noqa: E402
     CONNECTION_NAME,
     DeploymentError,
@@ -89,6 +89,7 @@ __all__ = [
     "error_code_name",
     "format_config_arg",
     "free_port",
+    "load_app_run_config",
     "read_run_results",
     "run_dir_from_context",
     "run_simulation_app",

@@ -26,6 +26,7 @@ from jacfusion_fed.data import MultimodalDataset
 from jacfusion_fed.fusion import gram_of
 from jacfusion_fed.models import UnimodalNet, build_from_spec, build_model, default_arch
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.robustness import AttackSpec, Corruption
 from jacfusion_fed.store import ModelStore
 from jacfusion_fed.training import predict_logits, train_epochs
 
@@ -251,16 +252,79 @@ class OwnerWorkspace:
             self._logit_cache[version] = table
         return table
 
-    def logits(self, pseudonyms: list[str], version: str | None = None) -> LogitAnswer:
-        """K logits for each known pseudonym, in request order; unknown ones are listed."""
+    def _fresh_logits(self, pseudonyms: list[str], version: str) -> LogitAnswer:
+        """Forward passes over just the requested records, bypassing every logit cache."""
+        index = self._pseudonym_index()
+        known = [sid for sid in pseudonyms if sid in index]
+        unknown = [sid for sid in pseudonyms if sid not in index]
+        _, model = self.load_model(version)
+        values = np.zeros((len(known), self.num_classes))
+        by_split: dict[str, tuple[list[int], list[int]]] = {}
+        for pos, sid in enumerate(known):
+            split, row = index[sid]
+            positions, rows = by_split.setdefault(split, ([], []))
+            positions.append(pos)
+            rows.append(row)
+        for split, (positions, rows) in by_split.items():
+            x = self.records[split].modalities[self.modality][rows]
+            values[positions] = predict_logits(model, x).to(torch.float64).numpy()
+        return LogitAnswer(version, known, values, unknown)
+
+    def logits(
+        self, pseudonyms: list[str], version: str | None = None, *, cache: bool = True
+    ) -> LogitAnswer:
+        """K logits for each known pseudonym, in request order; unknown ones are listed.
+
+        With ``cache=False`` the model runs on just the requested records every time (no
+        in-memory or on-disk logit cache is read or written); for benchmarks and debugging.
+        """
         version = version or self.current_version()
         if not self.store.exists(version):
             raise UnknownVersionError(
                 f"model version {version!r} is not in the store of {self.modality!r}"
             )
+        if not cache:
+            return self._fresh_logits(pseudonyms, version)
         table = self._all_logits(version)
         known = [sid for sid in pseudonyms if sid in table]
         unknown = [sid for sid in pseudonyms if sid not in table]
         k = self.num_classes
         values = np.stack([table[sid] for sid in known]) if known else np.zeros((0, k))
+        return LogitAnswer(version, known, values, unknown)
+
+    # --- robustness evaluation -----------------------------------------------------------
+
+    def perturbed_logits(
+        self,
+        pseudonyms: list[str],
+        perturbation: Corruption | AttackSpec,
+        version: str | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> LogitAnswer:
+        """K logits of the requested records after perturbing their inputs *here*.
+
+        ``perturbation`` is a random corruption (Gaussian noise, missing entries, bias noise)
+        or an l_inf attack (FGSM / PGD) computed against this owner's own network with its own
+        labels (setting 1 of the paper). Neither the perturbed inputs nor the labels leave the
+        owner: only the logits do. ``generator`` seeds the random draws.
+        """
+        version, model = self.load_model(version)
+        index = self._pseudonym_index()
+        known = [sid for sid in pseudonyms if sid in index]
+        unknown = [sid for sid in pseudonyms if sid not in index]
+        if not known:
+            return LogitAnswer(version, [], np.zeros((0, self.num_classes)), unknown)
+        xs, ys = [], []
+        for sid in known:
+            split, row = index[sid]
+            xs.append(self.records[split].modalities[self.modality][row])
+            ys.append(self.records[split].labels[row])
+        x = torch.from_numpy(np.stack(xs).astype(np.float32, copy=False))
+        y = torch.from_numpy(np.asarray(ys, dtype=np.int64))
+        if isinstance(perturbation, AttackSpec):
+            x = perturbation.build(model)(x, y, generator)
+        else:
+            x = perturbation(x, generator)
+        values = predict_logits(model, x).to(torch.float64).numpy()
         return LogitAnswer(version, known, values, unknown)
