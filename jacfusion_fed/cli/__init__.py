@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_COMMAND_MODULES = ("bench",)
+_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy")
 
 
 def _register() -> None:

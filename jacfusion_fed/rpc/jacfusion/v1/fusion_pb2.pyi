@@ -89,6 +89,7 @@ class FusionOptions(_message.Message):
     REQUIRE_ALL_FIELD_NUMBER: _builtins.int
     MODALITIES_FIELD_NUMBER: _builtins.int
     OWNER_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SKIP_UNKNOWN_IDS_FIELD_NUMBER: _builtins.int
     method: Global___FusionMethod.ValueType
     """Fusion rule."""
     default_gamma: _builtins.float
@@ -98,6 +99,12 @@ class FusionOptions(_message.Message):
     require_all: _builtins.bool
     """When true, a sample is only predicted if every selected modality returned its logits;
     when false, it is fused from the modalities that did.
+    """
+    skip_unknown_ids: _builtins.bool
+    """What happens to requested ids that cannot be predicted because no answering owner holds
+    them (or, with require_all, because a selected owner lacks them). When false (the
+    default) the call fails with NOT_FOUND, listing them; when true the other samples are
+    predicted and those ids are listed in Predictions.unpredicted_sample_ids.
     """
     @_builtins.property
     def gammas(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -128,10 +135,11 @@ class FusionOptions(_message.Message):
         require_all: _builtins.bool = ...,
         modalities: _abc.Iterable[_builtins.str] | None = ...,
         owner_timeout: _duration_pb2.Duration | None = ...,
+        skip_unknown_ids: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma", "default_gamma", b"default_gamma", "owner_timeout", b"owner_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma", "default_gamma", b"default_gamma", "gammas", b"gammas", "iterations", b"iterations", "method", b"method", "modalities", b"modalities", "owner_timeout", b"owner_timeout", "regularize", b"regularize", "require_all", b"require_all"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma", "default_gamma", b"default_gamma", "gammas", b"gammas", "iterations", b"iterations", "method", b"method", "modalities", b"modalities", "owner_timeout", b"owner_timeout", "regularize", b"regularize", "require_all", b"require_all", "skip_unknown_ids", b"skip_unknown_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_gamma: _TypeAlias = _typing.Literal["default_gamma"]  # noqa: Y015
     _WhichOneofArgType__default_gamma: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma"]  # noqa: Y015

@@ -60,6 +60,20 @@ class FusionServiceServicer:
 
     def Predict(self, request, context):
         """Fuses the registered modalities' logits for a batch of pseudonymous sample ids.
+
+        Owners are asked concurrently, each with a deadline (FusionOptions.owner_timeout, capped
+        by this call's deadline). An owner that fails or is late is left out: its
+        ModalityContribution carries the error and no `used` flag; with require_all the call
+        fails with UNAVAILABLE instead. Logits are only fused with the head of the model version
+        that produced them (the coordinator fetches a new version's head first).
+
+        Errors: INVALID_ARGUMENT (empty, oversized or duplicate ids; gamma outside (0, 1];
+        unknown method or modality; options that do not apply to the method), NOT_FOUND (ids no
+        answering owner holds, listed; see skip_unknown_ids), UNAVAILABLE (owners down or late
+        where they were needed), DEADLINE_EXCEEDED, and, when every selected owner failed for the
+        same reason, that reason: DATA_LOSS (non-finite or malformed logits), FAILED_PRECONDITION
+        (K mismatch between owners), PERMISSION_DENIED (an owner certificate of another
+        modality), ABORTED (a model version whose head could not be fetched; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,7 +83,9 @@ class FusionServiceServicer:
         """Same as Predict for large batches: results come back in chunks as they are fused.
         Server-streaming (not bidi): the id list of even a very large request fits one message
         (100k ids are about 7 MB), the call stays idempotent and retryable as a whole, and the
-        server keeps control of chunking and flow control.
+        server keeps control of chunking and flow control. Ids and options are validated before
+        the first chunk; an unknown id fails the stream (NOT_FOUND) at the chunk that holds it
+        unless skip_unknown_ids is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,12 +36,29 @@ class FusionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FusionServiceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_fusion_pb2.PredictRequest, _fusion_pb2.PredictResponse]
-    """Fuses the registered modalities' logits for a batch of pseudonymous sample ids."""
+    """Fuses the registered modalities' logits for a batch of pseudonymous sample ids.
+
+    Owners are asked concurrently, each with a deadline (FusionOptions.owner_timeout, capped
+    by this call's deadline). An owner that fails or is late is left out: its
+    ModalityContribution carries the error and no `used` flag; with require_all the call
+    fails with UNAVAILABLE instead. Logits are only fused with the head of the model version
+    that produced them (the coordinator fetches a new version's head first).
+
+    Errors: INVALID_ARGUMENT (empty, oversized or duplicate ids; gamma outside (0, 1];
+    unknown method or modality; options that do not apply to the method), NOT_FOUND (ids no
+    answering owner holds, listed; see skip_unknown_ids), UNAVAILABLE (owners down or late
+    where they were needed), DEADLINE_EXCEEDED, and, when every selected owner failed for the
+    same reason, that reason: DATA_LOSS (non-finite or malformed logits), FAILED_PRECONDITION
+    (K mismatch between owners), PERMISSION_DENIED (an owner certificate of another
+    modality), ABORTED (a model version whose head could not be fetched; retry).
+    """
     PredictStream: _grpc.UnaryStreamMultiCallable[_fusion_pb2.PredictStreamRequest, _fusion_pb2.PredictStreamResponse]
     """Same as Predict for large batches: results come back in chunks as they are fused.
     Server-streaming (not bidi): the id list of even a very large request fits one message
     (100k ids are about 7 MB), the call stays idempotent and retryable as a whole, and the
-    server keeps control of chunking and flow control.
+    server keeps control of chunking and flow control. Ids and options are validated before
+    the first chunk; an unknown id fails the stream (NOT_FOUND) at the chunk that holds it
+    unless skip_unknown_ids is set.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_fusion_pb2.GetModelInfoRequest, _fusion_pb2.GetModelInfoResponse]
     """Describes the registered owners, their model versions, K and the class prior."""
@@ -54,12 +71,29 @@ class FusionServiceAsyncStub(FusionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_fusion_pb2.PredictRequest, _fusion_pb2.PredictResponse]  # type: ignore[assignment]
-    """Fuses the registered modalities' logits for a batch of pseudonymous sample ids."""
+    """Fuses the registered modalities' logits for a batch of pseudonymous sample ids.
+
+    Owners are asked concurrently, each with a deadline (FusionOptions.owner_timeout, capped
+    by this call's deadline). An owner that fails or is late is left out: its
+    ModalityContribution carries the error and no `used` flag; with require_all the call
+    fails with UNAVAILABLE instead. Logits are only fused with the head of the model version
+    that produced them (the coordinator fetches a new version's head first).
+
+    Errors: INVALID_ARGUMENT (empty, oversized or duplicate ids; gamma outside (0, 1];
+    unknown method or modality; options that do not apply to the method), NOT_FOUND (ids no
+    answering owner holds, listed; see skip_unknown_ids), UNAVAILABLE (owners down or late
+    where they were needed), DEADLINE_EXCEEDED, and, when every selected owner failed for the
+    same reason, that reason: DATA_LOSS (non-finite or malformed logits), FAILED_PRECONDITION
+    (K mismatch between owners), PERMISSION_DENIED (an owner certificate of another
+    modality), ABORTED (a model version whose head could not be fetched; retry).
+    """
     PredictStream: _aio.UnaryStreamMultiCallable[_fusion_pb2.PredictStreamRequest, _fusion_pb2.PredictStreamResponse]  # type: ignore[assignment]
     """Same as Predict for large batches: results come back in chunks as they are fused.
     Server-streaming (not bidi): the id list of even a very large request fits one message
     (100k ids are about 7 MB), the call stays idempotent and retryable as a whole, and the
-    server keeps control of chunking and flow control.
+    server keeps control of chunking and flow control. Ids and options are validated before
+    the first chunk; an unknown id fails the stream (NOT_FOUND) at the chunk that holds it
+    unless skip_unknown_ids is set.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_fusion_pb2.GetModelInfoRequest, _fusion_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the registered owners, their model versions, K and the class prior."""
@@ -75,7 +109,22 @@ class FusionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fusion_pb2.PredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fusion_pb2.PredictResponse, _abc.Awaitable[_fusion_pb2.PredictResponse]]:
-        """Fuses the registered modalities' logits for a batch of pseudonymous sample ids."""
+        """Fuses the registered modalities' logits for a batch of pseudonymous sample ids.
+
+        Owners are asked concurrently, each with a deadline (FusionOptions.owner_timeout, capped
+        by this call's deadline). An owner that fails or is late is left out: its
+        ModalityContribution carries the error and no `used` flag; with require_all the call
+        fails with UNAVAILABLE instead. Logits are only fused with the head of the model version
+        that produced them (the coordinator fetches a new version's head first).
+
+        Errors: INVALID_ARGUMENT (empty, oversized or duplicate ids; gamma outside (0, 1];
+        unknown method or modality; options that do not apply to the method), NOT_FOUND (ids no
+        answering owner holds, listed; see skip_unknown_ids), UNAVAILABLE (owners down or late
+        where they were needed), DEADLINE_EXCEEDED, and, when every selected owner failed for the
+        same reason, that reason: DATA_LOSS (non-finite or malformed logits), FAILED_PRECONDITION
+        (K mismatch between owners), PERMISSION_DENIED (an owner certificate of another
+        modality), ABORTED (a model version whose head could not be fetched; retry).
+        """
 
     @_abc_1.abstractmethod
     def PredictStream(
@@ -86,7 +135,9 @@ class FusionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Same as Predict for large batches: results come back in chunks as they are fused.
         Server-streaming (not bidi): the id list of even a very large request fits one message
         (100k ids are about 7 MB), the call stays idempotent and retryable as a whole, and the
-        server keeps control of chunking and flow control.
+        server keeps control of chunking and flow control. Ids and options are validated before
+        the first chunk; an unknown id fails the stream (NOT_FOUND) at the chunk that holds it
+        unless skip_unknown_ids is set.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,284 @@
+"""The modality owner's ``jacfusion.v1.ModalityService`` (thin: every answer comes from
+:class:`jacfusion_fed.owner.OwnerWorkspace`; no math here).
+
+What crosses this service and nothing else: the modality name, the owner's name, the current
+model version, K and H, class counts (and names), the head (Gram matrix W W^T by default; W and
+b only when the owner allows it) and K logits per requested pseudonymous sample id, always
+tagged with the model version that produced them.
+
+Status codes:
+
+* ``INVALID_ARGUMENT``: empty batch, a batch over the unary limit (use ``StreamLogits``), an
+  unknown head kind, an empty sample id.
+* ``FAILED_PRECONDITION``: no trained model yet, or ``expected_model_version`` is set and is
+  not the current version (the message names both).
+* ``PERMISSION_DENIED``: the full head was asked for and the owner shares only the Gram matrix.
+* ``DATA_LOSS``: the owner's model store failed verification (the store never loads a
+  damaged file).
+* ``INTERNAL``: anything unexpected (details stay in the owner's log).
+
+Who may call (only the coordinator) is enforced by the server's
+:class:`jacfusion_fed.rpc.auth.AuthInterceptor`, see :mod:`jacfusion_fed.clients.serve`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from jacfusion_fed.owner import OwnerWorkspace, UnknownVersionError
+from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
+from jacfusion_fed.rpc.matrix import encode_matrix
+from jacfusion_fed.store import CorruptFileError
+
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_STREAM_BATCH",
+    "DEFAULT_STREAM_CHUNK",
+    "ModalityServicer",
+]
+
+log = logging.getLogger(__name__)
+
+#: Most ids one GetLogits call may carry (64-character ids: about 4.3 MB).
+DEFAULT_MAX_BATCH = 65_536
+#: Most ids one StreamLogits call may carry (about 34 MB of ids, under the 64 MiB limit).
+DEFAULT_MAX_STREAM_BATCH = 524_288
+#: Default samples per StreamLogits message.
+DEFAULT_STREAM_CHUNK = 4_096
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _fail(servicer: ModalityServicer, context: grpc.ServicerContext, exc: Exception) -> None:
+    """Abort the RPC with the status code for ``exc`` (the one place that maps them)."""
+    modality = servicer.modality
+    if isinstance(exc, _Abort):
+        context.abort(exc.code, exc.details)
+    if isinstance(exc, UnknownVersionError):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, PermissionError):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, CorruptFileError):
+        log.error("model store of %r failed verification: %s", modality, exc)
+        context.abort(
+            grpc.StatusCode.DATA_LOSS,
+            f"the model store of modality {modality!r} failed verification",
+        )
+    log.error("ModalityService call failed", exc_info=exc)
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in the owner of {modality!r} (see its log)"
+    )
+
+
+def _rpc(fn: _F) -> _F:
+    """Unary methods: translate the workspace's exceptions into status codes."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ModalityServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            _fail(self, context, exc)
+
+    return cast(_F, wrapper)
+
+
+def _stream_rpc(fn: _F) -> _F:
+    """Server-streaming methods: the same translation, also for errors while iterating."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        self: ModalityServicer, request: Any, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            _fail(self, context, exc)
+
+    return cast(_F, wrapper)
+
+
+class _CurrentVersion:
+    """The workspace's current model version, re-read only when its pointer file changes.
+
+    ``ModelStore`` replaces ``<root>/CURRENT`` by an atomic rename, so a new version always
+    comes with a new inode; (inode, mtime, size) of the file is the cache key. Saves a read
+    and a SHA-256 verification per call on the hot path.
+    """
+
+    def __init__(self, workspace: OwnerWorkspace) -> None:
+        self._workspace = workspace
+        self._path = workspace.store.root / "CURRENT"
+        self._lock = threading.Lock()
+        self._key: tuple[int, int, int, int] | None = None
+        self._version = ""
+
+    def get(self) -> str:
+        try:
+            st = os.stat(self._path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        except FileNotFoundError:
+            key = None
+        with self._lock:
+            if key is not None and key == self._key:
+                return self._version
+        version = self._workspace.current_version()  # verified read; raises if none
+        with self._lock:
+            self._key, self._version = key, version
+        return version
+
+
+class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
+    """``ModalityService`` of one owner.
+
+    Args:
+        workspace: the owner's records and model store.
+        owner_name: the owner's name (its certificate's common name).
+        max_batch: most ids per ``GetLogits`` call.
+        max_stream_batch: most ids per ``StreamLogits`` call.
+        stream_chunk: default samples per ``StreamLogits`` message.
+        use_logit_cache: answer from the workspace's per-version logit cache (default); with
+            ``False`` the model runs on the requested records for every call (benchmarks).
+    """
+
+    def __init__(
+        self,
+        workspace: OwnerWorkspace,
+        owner_name: str,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_stream_batch: int = DEFAULT_MAX_STREAM_BATCH,
+        stream_chunk: int = DEFAULT_STREAM_CHUNK,
+        use_logit_cache: bool = True,
+    ) -> None:
+        if min(max_batch, max_stream_batch, stream_chunk) < 1:
+            raise ValueError("batch limits and the stream chunk must be >= 1")
+        self.workspace = workspace
+        self.modality = workspace.modality
+        self.owner_name = owner_name
+        self.max_batch = max_batch
+        self.max_stream_batch = max_stream_batch
+        self.stream_chunk = stream_chunk
+        self.use_logit_cache = use_logit_cache
+        self._current = _CurrentVersion(workspace)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _version(self, expected: str) -> str:
+        version = self._current.get()
+        if expected and expected != version:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"modality {self.modality!r}: expected model version {expected}, the current "
+                f"version is {version}",
+            )
+        return version
+
+    def _check_ids(self, ids: Any, limit: int, method: str) -> list[str]:
+        n = len(ids)
+        if n == 0:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: empty batch (no sample ids)")
+        if n > limit:
+            hint = " (use StreamLogits for large batches)" if method == "GetLogits" else ""
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{method}: batch of {n} sample ids exceeds the limit of {limit}{hint}",
+            )
+        out = list(ids)
+        if "" in out:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{method}: empty sample id at position {out.index('')}",
+            )
+        return out
+
+    def _batch(self, ids: list[str], version: str) -> modality_pb2.LogitsBatch:
+        answer = self.workspace.logits(ids, version=version, cache=self.use_logit_cache)
+        if answer.version != version:  # the workspace tags what it computed; never mislabel
+            raise RuntimeError(f"asked for version {version}, got logits of {answer.version}")
+        return modality_pb2.LogitsBatch(
+            sample_ids=answer.sample_ids,
+            logits=encode_matrix(answer.logits),
+            unknown_sample_ids=answer.unknown_ids,
+        )
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    @_rpc
+    def GetInfo(
+        self, request: modality_pb2.GetInfoRequest, context: grpc.ServicerContext
+    ) -> modality_pb2.GetInfoResponse:
+        version = self._current.get()
+        head = self.workspace.head(version)
+        train = self.workspace.records["train"]
+        kinds = [modality_pb2.HEAD_KIND_GRAM]
+        if self.workspace.allow_full_head:
+            kinds.append(modality_pb2.HEAD_KIND_FULL)
+        return modality_pb2.GetInfoResponse(
+            modality=self.modality,
+            owner=self.owner_name,
+            model_version=version,
+            num_classes=head.num_classes,
+            feature_dim=head.feature_dim,
+            class_counts=[int(c) for c in self.workspace.class_counts()],
+            shareable_head_kinds=kinds,
+            class_names=list(train.class_names),
+        )
+
+    @_rpc
+    def GetHead(
+        self, request: modality_pb2.GetHeadRequest, context: grpc.ServicerContext
+    ) -> modality_pb2.GetHeadResponse:
+        if request.kind in (modality_pb2.HEAD_KIND_UNSPECIFIED, modality_pb2.HEAD_KIND_GRAM):
+            kind = "gram"
+        elif request.kind == modality_pb2.HEAD_KIND_FULL:
+            kind = "full"
+        else:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown head kind {request.kind}")
+        version = self._version(request.expected_model_version)
+        head = self.workspace.head(version, kind=kind)  # type: ignore[arg-type]
+        response = modality_pb2.GetHeadResponse(
+            model_version=head.version, num_classes=head.num_classes
+        )
+        if kind == "gram":
+            response.gram.gram.CopyFrom(encode_matrix(head.gram))
+        else:
+            response.full.weight.CopyFrom(encode_matrix(head.weight))
+            response.full.bias.CopyFrom(encode_matrix(head.bias))
+        return response
+
+    @_rpc
+    def GetLogits(
+        self, request: modality_pb2.GetLogitsRequest, context: grpc.ServicerContext
+    ) -> modality_pb2.GetLogitsResponse:
+        ids = self._check_ids(request.sample_ids, self.max_batch, "GetLogits")
+        version = self._version(request.expected_model_version)
+        return modality_pb2.GetLogitsResponse(
+            model_version=version, batch=self._batch(ids, version)
+        )
+
+    @_stream_rpc
+    def StreamLogits(
+        self, request: modality_pb2.StreamLogitsRequest, context: grpc.ServicerContext
+    ) -> Iterator[modality_pb2.StreamLogitsResponse]:
+        ids = self._check_ids(request.sample_ids, self.max_stream_batch, "StreamLogits")
+        version = self._version(request.expected_model_version)  # one version for all chunks
+        chunk = int(request.chunk_size) or self.stream_chunk
+        for start in range(0, len(ids), chunk):
+            yield modality_pb2.StreamLogitsResponse(
+                model_version=version, batch=self._batch(ids[start : start + chunk], version)
+            )

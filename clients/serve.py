@@ -1,0 +1,209 @@
+"""Run one modality owner's gRPC server: ``ModalityService``, health and reflection.
+
+Each owner process serves exactly one modality under its owner certificate (checked at start:
+a certificate issued for another modality, or for another role, is refused). Only the
+coordinator may call ``ModalityService`` (:data:`jacfusion_fed.rpc.auth.MODALITY_SERVICE_POLICY`);
+health checks and reflection are open to every authenticated principal of the deployment.
+
+Health (``grpc.health.v1``): the overall status ``""`` and ``jacfusion.v1.ModalityService`` are
+``SERVING`` while the owner has a current model version and ``NOT_SERVING`` before its first
+model (polled every ``health_interval`` seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jacfusion_fed.owner import OwnerWorkspace
+from jacfusion_fed.privacy.certs import ROLES
+from jacfusion_fed.rpc.auth import (
+    MODALITY_SERVICE,
+    MODALITY_SERVICE_POLICY,
+    AuthInterceptor,
+    Principal,
+    RpcPolicy,
+    check_own_certificate,
+)
+from jacfusion_fed.rpc.tls import (
+    DEFAULT_HOST,
+    Insecure,
+    Security,
+    TlsFiles,
+    TransportOptions,
+    create_server,
+)
+
+from .modality_service import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_STREAM_BATCH,
+    DEFAULT_STREAM_CHUNK,
+    ModalityServicer,
+)
+
+__all__ = ["REFLECTION_METHODS", "OwnerServer", "owner_policy", "serve_owner"]
+
+log = logging.getLogger(__name__)
+
+#: Server reflection (grpcio-reflection serves v1alpha).
+REFLECTION_METHODS = f"/{reflection.SERVICE_NAME}/*"
+
+
+def owner_policy() -> RpcPolicy:
+    """:data:`MODALITY_SERVICE_POLICY` plus reflection for any authenticated principal."""
+    return RpcPolicy.of({**MODALITY_SERVICE_POLICY.rules, REFLECTION_METHODS: set(ROLES)})
+
+
+@dataclass
+class OwnerServer:
+    """A started owner server; :meth:`stop` it (also stops the health poller)."""
+
+    server: grpc.Server
+    port: int
+    host: str
+    servicer: ModalityServicer
+    health: health.HealthServicer
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _has_model(workspace: OwnerWorkspace) -> bool:
+    try:
+        return workspace.store.current_version() is not None
+    except Exception as exc:  # a damaged CURRENT pointer: not serving
+        log.error("owner of %r cannot read its current model: %s", workspace.modality, exc)
+        return False
+
+
+def _set_health(servicer: health.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", MODALITY_SERVICE):
+        servicer.set(name, status)
+
+
+def _poll_health(
+    workspace: OwnerWorkspace,
+    servicer: health.HealthServicer,
+    stop: threading.Event,
+    every: float,
+    last: bool,
+) -> None:
+    while not stop.wait(every):
+        serving = _has_model(workspace)
+        if serving != last:
+            _set_health(servicer, serving)
+            last = serving
+
+
+def serve_owner(
+    workspace: OwnerWorkspace,
+    security: Security | str | Path,
+    *,
+    owner_name: str | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    max_workers: int = 8,
+    options: TransportOptions | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_stream_batch: int = DEFAULT_MAX_STREAM_BATCH,
+    stream_chunk: int = DEFAULT_STREAM_CHUNK,
+    use_logit_cache: bool = True,
+    health_interval: float = 1.0,
+) -> OwnerServer:
+    """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
+
+    Args:
+        workspace: the owner's records and model store.
+        security: the owner's :class:`TlsFiles` (or its certificate directory), or
+            :data:`jacfusion_fed.rpc.tls.INSECURE` (loopback only; every caller is then
+            treated as the coordinator).
+        owner_name: the owner's name; with TLS it is taken from the certificate (a different
+            value is refused); with INSECURE it defaults to ``"<modality>-owner"``.
+        host, port: address to bind (port 0 picks a free one: see ``.port``).
+        max_workers: handler threads.
+        options: message-size and keepalive settings.
+        max_batch, max_stream_batch, stream_chunk: see :class:`ModalityServicer`.
+        use_logit_cache: answer from the per-version logit cache (default).
+        health_interval: seconds between checks for a current model.
+
+    Raises:
+        ValueError: the certificate is not an owner certificate for this modality.
+        OSError: the address cannot be bound.
+    """
+    if isinstance(security, Insecure):
+        name = owner_name or f"{workspace.modality}-owner"
+        interceptor = AuthInterceptor(
+            owner_policy(), insecure_principal=Principal("coordinator", "insecure-coordinator")
+        )
+    else:
+        tls = security if isinstance(security, TlsFiles) else TlsFiles.from_dir(security)
+        principal = check_own_certificate(tls, "owner", workspace.modality)
+        if owner_name is not None and owner_name != principal.name:
+            raise ValueError(
+                f"owner name {owner_name!r} differs from the certificate's {principal.name!r}"
+            )
+        name = principal.name
+        interceptor = AuthInterceptor(owner_policy())
+        security = tls
+    servicer = ModalityServicer(
+        workspace,
+        name,
+        max_batch=max_batch,
+        max_stream_batch=max_stream_batch,
+        stream_chunk=stream_chunk,
+        use_logit_cache=use_logit_cache,
+    )
+    server, bound = create_server(
+        security,
+        host=host,
+        port=port,
+        max_workers=max_workers,
+        interceptors=[interceptor],
+        options=options,
+    )
+    from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
+
+    modality_pb2_grpc.add_ModalityServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    serving = _has_model(workspace)
+    _set_health(health_servicer, serving)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            modality_pb2.DESCRIPTOR.services_by_name["ModalityService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    running = OwnerServer(server, bound, host, servicer, health_servicer)
+    server.start()
+    threading.Thread(
+        target=_poll_health,
+        args=(workspace, health_servicer, running._stop, health_interval, serving),
+        name=f"jacfusion-owner-health-{workspace.modality}",
+        daemon=True,
+    ).start()
+    log.info("owner %r serving modality %r on %s", name, workspace.modality, running.target)
+    return running

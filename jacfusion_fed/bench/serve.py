@@ -1,0 +1,507 @@
+"""``jacfusion-fed bench serve``: the online path measured end to end, against a bare gRPC echo.
+
+Everything runs as real processes on 127.0.0.1 with mTLS, started by this benchmark:
+
+* two owners (``jacfusion-fed owner serve``), each with its own modality of a synthetic
+  K-class dataset (Gaussian class means plus noise; an MLP trained for a few epochs), so that
+  batches of ``batch`` distinct ids exist;
+* the coordinator (``jacfusion-fed coordinator serve``);
+* an echo server (``python -m jacfusion_fed.bench.serve echo``) built with the very same
+  :func:`jacfusion_fed.rpc.tls.create_server` settings, certificate, auth interceptor and
+  thread count as the coordinator, answering one generic method with its request bytes.
+
+The requester side (this process) measures, interleaving blocks of the two so that load from
+other jobs on the machine affects both alike:
+
+* latency of single-sample ``Predict`` (p50 / p99) and of the echo round trip (same channel
+  settings: requester certificate, coordinator server name, same payload size as the Predict
+  request); the target is ``p50(Predict) <= 3 x 2 x p50(echo)``;
+* throughput of ``Predict`` with batches of ``batch`` distinct ids from ``clients``
+  concurrent requester threads (samples/s).
+
+Both are measured with the owners answering from their logit cache (logits computed once per
+model version) and, unless ``uncached=False``, again with owners restarted with
+``--no-logit-cache`` (a forward pass over the requested records for every call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ServeBenchConfig", "print_results", "run_serve_bench", "serve_echo"]
+
+ECHO_METHOD = "/jacfusion.bench.Echo/Echo"
+MODALITIES = ("audio", "image")
+_CLI = "from jacfusion_fed.cli import main; main()"
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    samples: int = 4096
+    classes: int = 10
+    features: int = 32
+    batch: int = 1024
+    latency_requests: int = 2000
+    duration_s: float = 8.0
+    clients: int = 2
+    method: str = "jacobian"
+    uncached: bool = True
+    epochs: int = 3
+    seed: int = 0
+    block: int = 100
+
+
+# --- echo server -------------------------------------------------------------------------------
+
+
+def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 16) -> None:
+    """Serve ``/jacfusion.bench.Echo/Echo`` with the coordinator's server settings."""
+    import grpc
+
+    from jacfusion_fed.privacy.certs import ROLES
+    from jacfusion_fed.rpc.auth import AuthInterceptor, RpcPolicy
+    from jacfusion_fed.rpc.tls import TlsFiles, create_server
+
+    policy = RpcPolicy.of({"/jacfusion.bench.Echo/*": set(ROLES)})
+    server, port = create_server(
+        TlsFiles.from_dir(tls_dir), max_workers=max_workers, interceptors=[AuthInterceptor(policy)]
+    )
+    handler = grpc.method_handlers_generic_handler(
+        "jacfusion.bench.Echo",
+        {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.start()
+    if port_file is not None:
+        tmp = port_file.with_name(f".{port_file.name}.tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, port_file)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop(0.5).wait()
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+class _Procs:
+    """Child processes, each in its own session; stopped by PID (TERM, then KILL)."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def start_serving(self, name: str, args: list[str], port_file: Path) -> None:
+        """Start a server that writes its port to ``port_file`` (removed first)."""
+        port_file.unlink(missing_ok=True)
+        self.start(name, args)
+
+    def wait_port(self, name: str, port_file: Path, timeout: float = 180.0) -> int:
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return int(port_file.read_text())
+            if proc.poll() is not None:
+                log = (self.logdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} did not report its port within {timeout} s")
+
+
+def _wait_serving(channel: Any, timeout: float = 180.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = status
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"not SERVING after {timeout} s (last: {last})")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def make_dataset(out_dir: Path, cfg: ServeBenchConfig) -> dict[str, Path]:
+    """One ``.npz`` per modality of a synthetic K-class dataset with shared patient ids."""
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.samples
+    labels = rng.integers(0, cfg.classes, n)
+    ids = np.array([f"patient-{i:07d}" for i in range(n)])
+    n_train = max(n // 2, cfg.classes)
+    splits = {"train": slice(0, n_train), "test": slice(n_train, n)}
+    paths = {}
+    for j, modality in enumerate(MODALITIES):
+        means = rng.normal(0.0, 1.0, (cfg.classes, cfg.features))
+        x = means[labels] + rng.normal(0.0, 1.5 + j, (n, cfg.features))
+        arrays: dict[str, np.ndarray] = {}
+        for split, sl in splits.items():
+            arrays[f"x_{split}"] = x[sl].astype(np.float32)
+            arrays[f"y_{split}"] = labels[sl]
+            arrays[f"ids_{split}"] = ids[sl]
+        path = out_dir / f"{modality}.npz"
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+        paths[modality] = path
+    return paths
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples) * 1e6
+    return {
+        "p50_us": float(np.percentile(arr, 50)),
+        "p99_us": float(np.percentile(arr, 99)),
+        "mean_us": float(arr.mean()),
+        "n": len(samples),
+    }
+
+
+def _latency(
+    predict: Callable[[], Any], echo: Callable[[], Any], total: int, block: int
+) -> tuple[list[float], list[float]]:
+    for _ in range(min(200, total)):  # warm-up: connections, caches, code paths
+        predict()
+        echo()
+    pred: list[float] = []
+    bare: list[float] = []
+    clock = time.perf_counter
+    while len(pred) < total:
+        for fn, out in ((predict, pred), (echo, bare)):
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    return pred[:total], bare[:total]
+
+
+def _throughput(
+    make_call: Callable[[], Callable[[list[str]], Any]],
+    ids: list[str], batch: int, clients: int, duration: float,
+) -> dict[str, float]:  # fmt: skip
+    stop = threading.Event()
+    counts = [0] * clients
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        call = make_call()
+        rng = random.Random(i)
+        try:
+            while not stop.is_set():
+                start = rng.randrange(0, len(ids) - batch + 1)
+                call(ids[start : start + batch])
+                counts[i] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(3):  # warm-up
+        make_call()(ids[:batch])
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(duration)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"throughput run failed: {errors[0]!r}")
+    requests = sum(counts)
+    return {
+        "batch": batch,
+        "clients": clients,
+        "requests": requests,
+        "seconds": elapsed,
+        "samples_per_s": requests * batch / elapsed,
+        "ms_per_request": 1e3 * elapsed * clients / max(requests, 1),
+    }
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def _deployment(
+    procs: _Procs, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
+    *, cached: bool,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Start two owners and a coordinator; yield their targets; stop them."""
+    names = []
+    owner_targets = {}
+    for modality in MODALITIES:
+        name = f"{tag}-owner-{modality}"
+        port_file = root / f"{name}.port"
+        args = [
+            "-c", _CLI, "owner", "serve",
+            "--workspace", str(root / f"ws-{modality}"), "--modality", modality,
+            "--data", f"npz:{data[modality]}", "--pseudonym-key", str(key),
+            "--tls", str(certs.owner_dirs[f"{modality}-co"]), "--port-file", str(port_file),
+            "--train-if-missing", "--epochs", "3", "--log-level", "warning",
+        ]  # fmt: skip
+        if not cached:
+            args.append("--no-logit-cache")
+        procs.start_serving(name, args, port_file)
+        names.append((name, port_file))
+    for (name, port_file), modality in zip(names, MODALITIES, strict=True):
+        owner_targets[modality] = f"127.0.0.1:{procs.wait_port(name, port_file)}"
+    coord = f"{tag}-coordinator"
+    coord_port = root / f"{coord}.port"
+    procs.start_serving(
+        coord,
+        [
+            "-c", _CLI, "coordinator", "serve", "--registry", str(root / f"registry-{tag}"),
+            "--tls", str(certs.coordinator_dir), "--port-file", str(coord_port),
+            "--log-level", "warning",
+            *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
+        ],
+        coord_port,
+    )  # fmt: skip
+    coordinator = f"127.0.0.1:{procs.wait_port(coord, coord_port)}"
+    try:
+        yield {"owners": owner_targets, "coordinator": coordinator}
+    finally:
+        procs.stop(coord)
+        for name, _ in names:
+            procs.stop(name)
+
+
+def _measure(
+    cfg: ServeBenchConfig, targets: dict[str, Any], echo_target: str, requester: Any,
+    ids: list[str], progress: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    import grpc
+
+    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
+    from jacfusion_fed.server.coordinator import PredictOptions
+    from jacfusion_fed.server.fusion_service import options_to_proto
+    from jacfusion_fed.server.serve import connect_coordinator
+
+    coord_channel = connect_coordinator(targets["coordinator"], requester)
+    _wait_serving(coord_channel)
+    stub = fusion_pb2_grpc.FusionServiceStub(coord_channel)
+    options = options_to_proto(PredictOptions(method=cfg.method))
+    # The coordinator is SERVING once one head is known; wait until both are.
+    deadline = time.monotonic() + 120
+    while True:
+        info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=10)
+        if len(info.modalities) == len(MODALITIES) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    echo_channel = connect_coordinator(echo_target, requester)
+    echo_call = echo_channel.unary_unary(ECHO_METHOD)
+    # One random patient per request (pre-built, so that building them is not timed).
+    rng = random.Random(cfg.seed)
+    singles = [
+        fusion_pb2.PredictRequest(sample_ids=[rng.choice(ids)], options=options)
+        for _ in range(512)
+    ]
+    payload = singles[0].SerializeToString()  # the echo carries a request of the same size
+    turn = iter(range(1 << 62))
+
+    def predict_one() -> Any:
+        resp = stub.Predict(singles[next(turn) % len(singles)], timeout=10)
+        if not all(all(m.used) for m in resp.predictions.modalities):
+            raise RuntimeError("a modality was left out during the benchmark")
+        return resp
+
+    def echo_one() -> Any:
+        return echo_call(payload, timeout=10)
+
+    progress(f"latency: {cfg.latency_requests} single-sample Predict vs echo round trips")
+    pred, bare = _latency(predict_one, echo_one, cfg.latency_requests, cfg.block)
+    lat: dict[str, Any] = {"predict": _percentiles(pred), "echo": _percentiles(bare)}
+    lat["p50_ratio_vs_two_echo"] = lat["predict"]["p50_us"] / (2 * lat["echo"]["p50_us"])
+    lat["p99_ratio_vs_two_echo"] = lat["predict"]["p99_us"] / (2 * lat["echo"]["p99_us"])
+
+    def make_call() -> Callable[[list[str]], Any]:
+        channel = connect_coordinator(targets["coordinator"], requester)
+        client = fusion_pb2_grpc.FusionServiceStub(channel)
+
+        def call(batch_ids: list[str]) -> Any:
+            resp = client.Predict(
+                fusion_pb2.PredictRequest(sample_ids=batch_ids, options=options), timeout=30
+            )
+            if len(resp.predictions.sample_ids) != len(batch_ids):
+                raise RuntimeError("incomplete batch")
+            return resp
+
+        return call
+
+    progress(f"throughput: batches of {cfg.batch}, {cfg.clients} clients, {cfg.duration_s} s")
+    thr = _throughput(make_call, ids, cfg.batch, cfg.clients, cfg.duration_s)
+    coord_channel.close()
+    echo_channel.close()
+    del grpc
+    return {"latency": lat, "throughput": thr}
+
+
+def run_serve_bench(
+    cfg: ServeBenchConfig,
+    *,
+    workdir: Path | None = None,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); returns the results as JSON-able dict."""
+    import grpc
+    import torch
+
+    from jacfusion_fed.privacy.certs import generate_deployment_certs
+    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+    from jacfusion_fed.rpc.tls import TlsFiles
+
+    if cfg.samples < cfg.batch:
+        raise ValueError(f"samples ({cfg.samples}) must be >= batch ({cfg.batch})")
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="jacfusion-bench-serve-")
+        root = Path(tmp.name)
+    else:
+        root = Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+    procs = _Procs(root)
+    results: dict[str, Any] = {
+        "config": asdict(cfg),
+        "environment": {
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "fusion_device": "cuda" if torch.cuda.is_available() else "cpu",
+            "load_avg_before": _load(),
+        },
+    }
+    try:
+        progress("certificates, pseudonym key and data")
+        certs = generate_deployment_certs(
+            root / "certs", {f"{m}-co": m for m in MODALITIES}, ["bench-requester"]
+        )
+        key_path = root / "pseudonym.key"
+        if not key_path.exists():
+            write_key(key_path, generate_key())
+        pz = Pseudonymizer.from_file(key_path)
+        data = make_dataset(root, cfg)
+        ids = pz.many([f"patient-{i:07d}" for i in range(cfg.samples)])
+        requester = TlsFiles.from_dir(certs.requester_dirs["bench-requester"])
+        echo_port = root / "echo.port"
+        procs.start_serving(
+            "echo",
+            ["-m", "jacfusion_fed.bench.serve", "echo", str(certs.coordinator_dir), str(echo_port)],
+            echo_port,
+        )
+        echo_target = f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
+        runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
+        for tag, cached in runs:
+            progress(f"{tag}: starting owners (training on first start) and the coordinator")
+            with _deployment(procs, root, certs, data, key_path, tag, cached=cached) as targets:
+                results[tag] = _measure(cfg, targets, echo_target, requester, ids, progress)
+        results["environment"]["load_avg_after"] = _load()
+    finally:
+        procs.stop_all()
+        if tmp is not None:
+            tmp.cleanup()
+    return results
+
+
+def print_results(results: dict[str, Any], console: Any) -> None:
+    """A rich table of :func:`run_serve_bench`'s results (one column per owner mode)."""
+    from rich.table import Table
+
+    cfg = results["config"]
+    env = results["environment"]
+    tags = [t for t in ("cached", "uncached") if t in results]
+    table = Table(
+        title=f"online path: 2 owners, K={cfg['classes']}, {cfg['method']}, mTLS on loopback"
+    )
+    table.add_column("")
+    for tag in tags:
+        table.add_column("logit cache" if tag == "cached" else "no logit cache", justify="right")
+
+    def row(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
+        table.add_row(label, *(fmt(results[t]) for t in tags))
+
+    row("Predict p50 (1 sample)", lambda r: f"{r['latency']['predict']['p50_us'] / 1e3:.2f} ms")
+    row("Predict p99", lambda r: f"{r['latency']['predict']['p99_us'] / 1e3:.2f} ms")
+    row("echo p50 (same settings)", lambda r: f"{r['latency']['echo']['p50_us'] / 1e3:.2f} ms")
+    row("echo p99", lambda r: f"{r['latency']['echo']['p99_us'] / 1e3:.2f} ms")
+    row("p50 / (2 x echo p50)", lambda r: f"{r['latency']['p50_ratio_vs_two_echo']:.2f}x")
+    row("p99 / (2 x echo p99)", lambda r: f"{r['latency']['p99_ratio_vs_two_echo']:.2f}x")
+    row(
+        f"samples/s, batches of {cfg['batch']}",
+        lambda r: f"{r['throughput']['samples_per_s']:,.0f}",
+    )
+    row("ms per batch (per client)", lambda r: f"{r['throughput']['ms_per_request']:.1f}")
+    console.print(table)
+    console.print(
+        f"Targets: p50 <= 3.00x two echo round trips; >= 50,000 samples/s with the logit cache. "
+        f"{env['cpu_count']} CPUs, fusion on {env['fusion_device']}, {cfg['clients']} requester "
+        f"threads; load average before {env['load_avg_before']}, after "
+        f"{env.get('load_avg_after')} (other jobs on the machine inflate both figures)."
+    )
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) >= 2 and argv[0] == "echo":
+        serve_echo(Path(argv[1]), Path(argv[2]) if len(argv) > 2 else None)
+        return
+    raise SystemExit("usage: python -m jacfusion_fed.bench.serve echo TLS_DIR [PORT_FILE]")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
