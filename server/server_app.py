@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
 from jacfusion_fed.server.federated import run_coordinator
 
 app = ServerApp()

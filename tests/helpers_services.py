@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from jacfusion_fed.server.serve import connect_coordinator
 
 from jacfusion_fed.bench.serve import MODALITIES, ServeBenchConfig, make_dataset
 from jacfusion_fed.fusion import (
@@ -32,6 +31,7 @@ from jacfusion_fed.privacy.certs import DeploymentCerts, generate_deployment_cer
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import TlsFiles
+from jacfusion_fed.server.serve import connect_coordinator
 
 __all__ = [
     "MODALITIES", "NUM_CLASSES", "NUM_SAMPLES", "OWNER_NAMES", "TIMEOUT", "Fed", "Procs",

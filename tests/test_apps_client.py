@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from jacfusion_fed.clients.client_app import app as client_app
-from jacfusion_fed.server.federated import parse_columns
 
 from jacfusion_fed.cli.deploy import write_app_manifest
+from jacfusion_fed.clients.client_app import app as client_app
 from jacfusion_fed.federation import check_reply_allowed, load_app_run_config
 from jacfusion_fed.federation.protocol import (
     MSG_DESCRIBE,
@@ -40,6 +39,7 @@ from jacfusion_fed.federation.protocol import (
 from jacfusion_fed.federation.scenario import DEFAULT_RUN_CONFIG, requester_splits
 from jacfusion_fed.owner.perturbation import PerturbationSpec
 from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
+from jacfusion_fed.server.federated import parse_columns
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "builtin:twomoon?quick=1&seed=0"

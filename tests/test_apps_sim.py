@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from jacfusion_fed.server.federated import run_coordinator
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app as cli_app
 from jacfusion_fed.evaluation.results import PAPER_MM_KINDS
 from jacfusion_fed.federation.scenario import Scenario, requester_splits, run_scenario
+from jacfusion_fed.server.federated import run_coordinator
 from jacfusion_fed.store import HeadRegistry, ModelStore
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")

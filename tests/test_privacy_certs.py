@@ -206,9 +206,20 @@ def test_issue_argument_checks(tmp_path: Path) -> None:
         ca.issue("admin", "a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="invalid principal name"):
         ca.issue("requester", "../etc")
-    with pytest.raises(ValueError, match="exactly one owner"):
-        generate_deployment_certs(tmp_path / "d", {"a": "m", "b": "m"})
+    with pytest.raises(ValueError, match="unique"):
+        generate_deployment_certs(tmp_path / "d", {"a": "m"}, requesters=["a"])
     assert not (tmp_path / "d").exists()
+
+
+def test_several_sites_of_one_modality_get_their_own_identities(tmp_path: Path) -> None:
+    out = generate_deployment_certs(tmp_path / "d", {"site-a": "ecg", "site-b": "ecg"})
+    assert out is not None
+    identities = []
+    for site in ("site-a", "site-b"):
+        pem = (tmp_path / "d" / "owners" / site / "cert.pem").read_bytes()
+        identities.append(certificate_identity(x509.load_pem_x509_certificate(pem)))
+        assert (tmp_path / "d" / "owners" / site / "supernode_auth.key").exists()
+    assert identities == [("owner", "site-a", "ecg"), ("owner", "site-b", "ecg")]
 
 
 def test_identity_rejects_ambiguous_certs() -> None:

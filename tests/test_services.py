@@ -32,8 +32,6 @@ from helpers_services import (
     foreign_certs,
     rpc_error,
 )
-from jacfusion_fed.server.coordinator import Coordinator, OwnerEndpoint
-from jacfusion_fed.server.fusion_service import decode_predictions
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
@@ -42,6 +40,8 @@ from jacfusion_fed.rpc.auth import connect_owner
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
+from jacfusion_fed.server.coordinator import Coordinator, OwnerEndpoint
+from jacfusion_fed.server.fusion_service import decode_predictions
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fed_procs

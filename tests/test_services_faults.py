@@ -18,8 +18,18 @@ import torch
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers_services import MODALITIES, OWNER_NAMES, TIMEOUT, Fed, build_fed, rpc_error
+from typer.testing import CliRunner
+
+from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
+from jacfusion_fed.cli import app
 from jacfusion_fed.clients.modality_service import ModalityServicer
 from jacfusion_fed.clients.serve import owner_policy, serve_owner
+from jacfusion_fed.owner import OwnerWorkspace
+from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.rpc.auth import AuthInterceptor
+from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
+from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
+from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
 from jacfusion_fed.server.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -31,16 +41,6 @@ from jacfusion_fed.server.coordinator import (
 )
 from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.serve import connect_coordinator, serve_coordinator
-from typer.testing import CliRunner
-
-from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
-from jacfusion_fed.cli import app
-from jacfusion_fed.owner import OwnerWorkspace
-from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
-from jacfusion_fed.rpc.auth import AuthInterceptor
-from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
-from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
-from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
 
 TOL = 1e-12
 

@@ -456,7 +456,8 @@ def generate_deployment_certs(
 
     Args:
         out_dir: target directory (created).
-        owners: owner name -> modality, e.g. ``{"cardiology": "ecg", "radiology": "xray"}``.
+        owners: owner name -> modality, e.g. ``{"cardiology": "ecg", "radiology": "xray"}``;
+            several sites may share a modality.
         requesters: requester names.
         coordinator: the coordinator's name (CN).
         days: validity of the leaf certificates; ``ca_days`` of the CA.
@@ -464,9 +465,8 @@ def generate_deployment_certs(
         ca: an existing CA to issue from (default: a new one, written to ``ca/``).
     """
     out_dir = Path(out_dir)
-    modalities = list(owners.values())
-    if len(set(modalities)) != len(modalities):
-        raise ValueError(f"each modality needs exactly one owner, got {dict(owners)}")
+    # Several owners may hold one modality (sites with different patients, trained together
+    # with FedAvg); each gets its own certificate and SuperNode key carrying that modality.
     names = [*owners, coordinator, *requesters]
     if len(set(names)) != len(names):
         raise ValueError(f"principal names must be unique, got {names}")
