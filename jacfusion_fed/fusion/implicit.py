@@ -98,6 +98,8 @@ def implicit_apply(
     """
     if kappa == 0.0:
         return z
+    if not (torch.is_grad_enabled() and (p.requires_grad or z.requires_grad)):
+        return structured_apply(p, z, factor, kappa)  # no graph to record: skip autograd
     out: torch.Tensor = _ImplicitApply.apply(  # type: ignore[no-untyped-call]
         p, z, factor.eigenvalues, factor.eigenvectors, kappa
     )

@@ -16,7 +16,9 @@ from ._validation import ArrayLike, check_log_prior, check_logits
 
 def combine_logits(logits: Sequence[torch.Tensor], log_prior: torch.Tensor | None) -> torch.Tensor:
     """sum_m z_m - (M - 1) ln freq, the argument of the softmax in Lemma 1 (no checks)."""
-    total = torch.stack(list(logits)).sum(dim=0) if len(logits) > 1 else logits[0].clone()
+    total = logits[0].clone()
+    for z in logits[1:]:
+        total = total + z
     if log_prior is not None and len(logits) > 1:
         total = total - (len(logits) - 1) * log_prior
     return total
