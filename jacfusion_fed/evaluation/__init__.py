@@ -5,7 +5,14 @@ Entry points for the CLI: :func:`run_evaluation` (``EvaluationConfig -> Evaluati
 :func:`write_reports` (Markdown, CSV, JSON, PNG).
 """
 
-from .config import PRESETS, ColumnSpec, EvaluationConfig, SweepSpec, TablePreset
+from .config import (
+    PRESETS,
+    ColumnSpec,
+    EvaluationConfig,
+    SweepSpec,
+    TablePreset,
+    config_from_options,
+)
 from .gamma import GAMMA_CANDIDATES, gamma_scores, select_gamma
 from .reports import write_reports
 from .results import Column, Curve, EvaluationResult, Row, Table
@@ -25,6 +32,7 @@ __all__ = [
     "Table",
     "TablePreset",
     "arrows",
+    "config_from_options",
     "gamma_scores",
     "run_evaluation",
     "select_gamma",

@@ -1,7 +1,7 @@
 """Perturbations of Supplementary B.1 (w0..w3), l_inf attacks (w4..w6) via torchattacks, and the
 adaptive end-to-end attack through the fused prediction."""
 
-from .adaptive import FUSION_METHODS, FusedLogProbs, FusionRule, attack_fused
+from .adaptive import FUSION_METHODS, FusedLogProbs, FusionRule, attack_fused, worst_case_logits
 from .attacks import FGSM, PGD, Attack, AttackSpec, check_unit_range
 from .perturbations import (
     BiasNoise,
@@ -30,4 +30,5 @@ __all__ = [
     "check_unit_range",
     "gaussian_noise",
     "missing_entries",
+    "worst_case_logits",
 ]
