@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy")
+_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy", "evaluate")
 
 
 def _register() -> None:
