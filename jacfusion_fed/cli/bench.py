@@ -28,6 +28,10 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 @bench_app.command("fusion")
 def fusion(
     ks: Annotated[str, typer.Option(help="Comma-separated class counts K.")] = "10,100,309,1000",
@@ -75,7 +79,7 @@ def fusion(
             speed = row.speedup(name)
             diff = res.max_abs_diff_vs_reference
             table.add_row(
-                str(row.num_classes), name, f"{res.samples_per_s:,.0f}",
+                str(row.num_classes), name, _rate(res.samples_per_s),
                 f"{speed:,.1f}" if speed is not None else "",
                 f"{diff:.1e}" if diff is not None else "", res.reference or "",
                 f"{res.samples} samples",
