@@ -15,14 +15,14 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jacfusion_fed.atomicio import atomic_write_bytes
 
 __all__ = [
     "CacheCorruptError",
@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 _MAGIC = b"JFCACHE1 "
-_log = logging.getLogger(__name__)
 
 
 class CacheCorruptError(ValueError):
@@ -59,20 +58,7 @@ def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> str:
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     payload = buf.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_MAGIC + digest.encode("ascii") + b"\n")
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, _MAGIC + digest.encode("ascii") + b"\n" + payload)
     return digest
 
 
@@ -120,17 +106,3 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()  # releases the lock
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename on POSIX file systems (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        _log.debug("fsync of %s not supported", folder)
-    finally:
-        os.close(fd)

@@ -14,13 +14,13 @@ folder must be one that the ServerApp process can write. The key must also be de
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+
+from jacfusion_fed.atomicio import atomic_write_bytes
 
 __all__ = [
     "RESULTS_FILE",
@@ -57,16 +57,7 @@ def write_run_results(
     if Path(name).name != name:
         raise ValueError(f"results file name must be a plain file name, got {name!r}")
     final = folder / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(dict(payload), fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(final, json.dumps(dict(payload), indent=2, sort_keys=True).encode())
     return final
 
 

@@ -1,11 +1,11 @@
-"""Atomic writes of secret and public files (kept local so privacy depends on nothing else)."""
+"""Owner-only files and folders for keys and certificates."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
+
+from jacfusion_fed.atomicio import atomic_write_bytes
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -13,31 +13,9 @@ PRIVATE_DIR_MODE = 0o700
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
-    """Write ``data`` to ``path`` atomically with exactly ``mode`` permissions.
-
-    The temporary file is created with ``mode`` from the start (``O_EXCL``; the umask can only
-    remove bits, and ``fchmod`` sets them exactly), fsynced, renamed over ``path`` and the
-    directory fsynced, so a secret is never readable by others, even for an instant.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``data`` to ``path`` atomically with exactly ``mode`` permissions (0600 default):
+    the temporary file has ``mode`` from the start, so a secret is never readable by others."""
+    atomic_write_bytes(path, data, mode=mode)
 
 
 def ensure_private_dir(path: Path) -> Path:

@@ -24,10 +24,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from jacfusion_fed.atomicio import TMP_SUFFIX, atomic_write_bytes, fsync_dir
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -44,7 +45,6 @@ __all__ = [
 ENVELOPE_MAGIC = b"JFENV001"
 _LEN = struct.Struct(">Q")
 _DIGEST_BYTES = 32
-_TMP_SUFFIX = ".tmp"
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
@@ -64,39 +64,6 @@ def canonical_json(value: Any) -> bytes:
     ).encode("utf-8")
 
 
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """fsync a directory so that a rename inside it is durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data`` (file permissions exactly ``mode``).
-
-    Steps: temporary file in the same directory (created with ``mode``), write, flush,
-    fsync, rename over ``path``, fsync the directory. On an exception the temporary file is
-    removed and ``path`` is untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
-
-
 def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files left by interrupted :func:`atomic_write_bytes` calls.
 
@@ -107,7 +74,7 @@ def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
     if not d.is_dir():
         return removed
     for p in d.iterdir():
-        if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and p.is_file():
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
