@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint typecheck proto proto-check bench clean
+.PHONY: demo test test-slow lint typecheck proto proto-check proto-lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/jacfusion-fed simulate --quick
 
-## Tests: lint, types, generated-code freshness, then the default (non-slow) test suite.
-test: $(STAMP) lint typecheck proto-check
+## Tests: lint, types, generated-code freshness, buf lint, then the default (non-slow) tests.
+test: $(STAMP) lint typecheck proto-check proto-lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -37,6 +37,14 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python -m jacfusion_fed.rpc.codegen --check
+
+# buf comes from the npm registry (@bufbuild/buf) into .tools/; without npm this says so and
+# continues (tests/test_proto_codegen.py still checks Buf's naming rules without buf).
+proto-lint: $(STAMP)
+	@if command -v npm >/dev/null 2>&1; then \
+		test -x .tools/node_modules/.bin/buf || $(BIN)/python -m jacfusion_fed.rpc.codegen --install-buf; \
+		$(BIN)/python -m jacfusion_fed.rpc.codegen --lint; \
+	else echo "npm not found: buf lint skipped (install Node.js/npm to run it)"; fi
 
 bench: $(STAMP)
 	$(BIN)/jacfusion-fed bench fusion
