@@ -36,13 +36,16 @@ Unknown ids
 
 Status codes of :class:`PredictError`: ``INVALID_ARGUMENT`` (empty, oversized or duplicate
 batch; bad ids; unknown method or modality; gamma outside (0, 1]; options that do not apply to
-the method; iterations out of range), ``NOT_FOUND`` (unknown ids), ``UNAVAILABLE`` (owners
-down or late where they were needed), ``DEADLINE_EXCEEDED`` (the request's own deadline left no
-time to ask the owners), and, when every selected owner failed for the same non-transient
-reason, that reason's code (``DATA_LOSS`` for non-finite or malformed logits,
-``FAILED_PRECONDITION`` for a K mismatch between owners, ``PERMISSION_DENIED`` for an owner
-whose certificate names another modality, ``ABORTED`` for a model version that could not be
-matched with its head).
+the method; iterations out of range; owner_timeout outside (0, 3600] s), ``NOT_FOUND``
+(unknown ids), ``UNAVAILABLE`` (owners down or late where they were needed),
+``DEADLINE_EXCEEDED`` (the request's own deadline left no time to ask the owners), and, when
+every selected owner failed for the same non-transient reason, that reason's code
+(``DATA_LOSS`` for non-finite, malformed or implausibly large (over 1e8) logits or Gram
+matrices, ``FAILED_PRECONDITION`` for a K mismatch between owners, ``PERMISSION_DENIED`` for
+an owner whose certificate names another modality, ``ABORTED`` for a model version that could
+not be matched with its head). A fusion whose
+result would not be finite in float64 (e.g. a tiny gamma with a large Gram matrix) fails with
+``DATA_LOSS`` instead of answering NaN.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from jacfusion_fed.rpc.auth import AuthError, connect_owner, fetch_server_princi
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, TransportOptions, create_channel
-from jacfusion_fed.store import HeadRecord, HeadRegistry
+from jacfusion_fed.store import CorruptFileError, HeadRecord, HeadRegistry
 
 __all__ = [
     "METHODS",
@@ -99,12 +102,32 @@ log = logging.getLogger(__name__)
 METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
 #: Longest accepted sample id (pseudonyms are 64 hex or 52 base32 characters).
 MAX_ID_LENGTH: Final = 256
+#: Longest accepted per-owner timeout (seconds). gRPC turns a timeout into an absolute
+#: deadline in int64 nanoseconds; from about 7.5e9 s on that overflows and every owner call
+#: would fail at once with DEADLINE_EXCEEDED, so longer timeouts are refused outright.
+MAX_OWNER_TIMEOUT_S: Final = 3600.0
+#: Largest accepted magnitude of a logit or of a Gram matrix entry from an owner. Far beyond
+#: anything a trained network produces, and well inside the range where fusion stays finite
+#: in float64 (measured: the Jacobian solver overflows once (1/gamma - 1) * |Gram| nears
+#: 1e15, and from |logit| near 1e300); an owner sending more is left out with DATA_LOSS.
+MAX_ABS_OWNER_VALUE: Final = 1e8
 #: Ids named in an error message (the rest are counted).
 _LISTED_IDS: Final = 20
 #: Time kept back from the request's deadline for fusion and the reply (at most a tenth of
 #: the time left).
 _DEADLINE_MARGIN_S: Final = 0.05
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Owner failures whose code a failed request takes over when every selected owner failed
+#: that way (fusion.proto); any other code of an owner (its own INTERNAL or UNKNOWN, a
+#: RESOURCE_EXHAUSTED, ...) makes the request UNAVAILABLE, with the owner's status named in
+#: the message, so that an owner's fault is never reported as the coordinator's.
+_RELAYED = frozenset(
+    {
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 #: Owner channels retry a lost connection after 0.2 s, backing off to at most 2 s (gRPC's
 #: defaults, 1 s to 120 s, would keep a restarted owner out for minutes).
 OWNER_RECONNECT: Final = (
@@ -184,8 +207,8 @@ class CoordinatorConfig:
         for name in ("max_batch", "max_stream_batch", "stream_chunk", "owner_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not self.owner_timeout_s > 0:
-            raise ValueError("owner_timeout_s must be > 0")
+        if not 0 < self.owner_timeout_s <= MAX_OWNER_TIMEOUT_S:
+            raise ValueError(f"owner_timeout_s must be in (0, {MAX_OWNER_TIMEOUT_S:g}]")
 
 
 @dataclass(frozen=True)
@@ -664,6 +687,11 @@ class Coordinator:
             )
         try:
             gram = decode_matrix(head.gram.gram, shape=(k, k), name=f"Gram matrix of {modality!r}")
+            if gram.size and (largest := float(np.abs(gram).max())) > MAX_ABS_OWNER_VALUE:
+                raise FusionInputError(
+                    f"Gram matrix of {modality!r} has entries of magnitude up to {largest:.3g} "
+                    f"(more than {MAX_ABS_OWNER_VALUE:g})"
+                )
             factor = factor_gram(gram, f"Gram matrix of {modality!r}")
         except (MatrixDecodeError, FusionInputError) as exc:
             raise _OwnerFailure(grpc.StatusCode.DATA_LOSS, str(exc)) from exc
@@ -686,6 +714,16 @@ class Coordinator:
             raise _OwnerFailure(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"cannot register the head of {modality!r}: {exc}",
+            ) from exc
+        except CorruptFileError as exc:  # a damaged registry entry is never used
+            raise _OwnerFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"cannot register the head of {modality!r}: the head registry is damaged: {exc}",
+            ) from exc
+        except OSError as exc:  # e.g. the disk is full: retried by the next request or sync
+            raise _OwnerFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot record the head of {modality!r} in the head registry: {exc}",
             ) from exc
         registered = RegisteredHead(record, factor.to(self.device))
         owner.head = registered
@@ -755,7 +793,11 @@ class Coordinator:
                 )
                 if now - owner.last_sync >= due:
                     previous = owner.last_error
-                    error = self.sync(name).get(name, "")
+                    try:
+                        error = self.sync(name).get(name, "")
+                    except Exception as exc:  # never let the sync thread die
+                        log.exception("sync of owner %r failed", name)
+                        error = owner.last_error = f"INTERNAL: sync failed: {exc!r}"
                     owner.last_sync = time.monotonic()
                     if error and error != previous:
                         log.warning("owner of %r: %s", name, error)
@@ -842,6 +884,10 @@ class Coordinator:
         )
         if not (timeout > 0 and math.isfinite(timeout)):
             raise PredictError(bad, f"owner_timeout must be positive, got {timeout}")
+        if timeout > MAX_OWNER_TIMEOUT_S:
+            raise PredictError(
+                bad, f"owner_timeout must be at most {MAX_OWNER_TIMEOUT_S:g} s, got {timeout:g} s"
+            )
         return _Plan(
             method=method,
             modalities=selected,
@@ -1016,8 +1062,13 @@ class Coordinator:
         n = len(ids)
         if len(responses) == 1:
             batch = responses[0][2].batch
-            if len(batch.sample_ids) == n and list(batch.sample_ids) == ids:
-                # The common case: one call, every id known, in request order.
+            if (
+                len(batch.sample_ids) == n
+                and not batch.unknown_sample_ids
+                and list(batch.sample_ids) == ids
+            ):
+                # The common case: one call, every id known, in request order (a reply that
+                # also lists ids as unknown contradicts itself: checked below).
                 return _Answer(name, head, self._logits_of(name, batch, n, k, version), None)
         logits = np.zeros((n, k))
         known = np.zeros(n, dtype=bool)
@@ -1068,11 +1119,13 @@ class Coordinator:
                 f"registered head (version {version}) has K={k}",
             )
         try:
-            return decode_matrix(matrix, shape=(rows, k), name=f"logits of {name!r}")
+            values = decode_matrix(matrix, shape=(rows, k), name=f"logits of {name!r}")
         except MatrixDecodeError as exc:
-            values = np.frombuffer(matrix.data, dtype="<f8")
-            if values.size != rows * k:
+            # Only a matrix of the right shape and size can be read to name the bad rows
+            # (np.frombuffer itself fails on a size that is not a multiple of 8 bytes).
+            if matrix.rows != rows or len(matrix.data) != rows * k * 8:
                 raise _OwnerFailure(grpc.StatusCode.DATA_LOSS, str(exc)) from exc
+            values = np.frombuffer(matrix.data, dtype="<f8")
             finite = np.isfinite(values.reshape(rows, k)).all(axis=1)
             bad = [batch.sample_ids[i] for i in np.flatnonzero(~finite)]
             raise _OwnerFailure(
@@ -1080,6 +1133,15 @@ class Coordinator:
                 f"owner of {name!r} sent non-finite logits (NaN or Inf) for {len(bad)} "
                 f"sample(s): {_list_ids(bad)}",
             ) from exc
+        if values.size and (largest := float(np.abs(values).max())) > MAX_ABS_OWNER_VALUE:
+            out = np.abs(values).max(axis=1) > MAX_ABS_OWNER_VALUE
+            bad = [batch.sample_ids[i] for i in np.flatnonzero(out)]
+            raise _OwnerFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"owner of {name!r} sent logits of magnitude up to {largest:.3g} (more than "
+                f"{MAX_ABS_OWNER_VALUE:g}) for {len(bad)} sample(s): {_list_ids(bad)}",
+            )
+        return values
 
     def _finish(self, gathered: _Gathered) -> PredictResult:
         plan = gathered.plan
@@ -1094,11 +1156,8 @@ class Coordinator:
                 self._owners[name].last_error = exc.text
         if failures and (plan.require_all or not answers):
             codes = {f.code for f in failures.values()}
-            code = (
-                grpc.StatusCode.UNAVAILABLE
-                if codes & set(_TRANSIENT) or len(codes) > 1
-                else codes.pop()
-            )
+            relayed = len(codes) == 1 and codes <= _RELAYED
+            code = codes.pop() if relayed else grpc.StatusCode.UNAVAILABLE
             what = "require_all is set and" if answers else "no selected owner answered:"
             raise PredictError(
                 code,
@@ -1207,9 +1266,21 @@ class Coordinator:
         )
         factors = [heads[m].factor if j in regularize else None for j, m in enumerate(members)]
         try:
-            return self.batcher.run(key, logits, factors)
+            probs = self.batcher.run(key, logits, factors)
         except FusionInputError as exc:
             raise PredictError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if not np.isfinite(probs).all():
+            # Never answer with NaN: the inputs are beyond float64's range for this fusion
+            # (e.g. a tiny gamma with a large Gram matrix).
+            bad = int((~np.isfinite(probs).all(axis=1)).sum())
+            gammas = ", ".join(f"{m}={plan.gammas[m]:g}" for m in members) if jac else "-"
+            raise PredictError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{plan.method} fusion of {', '.join(members)} is not finite in float64 for "
+                f"{bad} sample(s) (gammas {gammas}): the owners' logits or Gram matrices are "
+                "too large for these settings (a larger gamma may help)",
+            )
+        return probs
 
     def _fuse(self, key: _FusionKey, logits: list[np.ndarray], factors: Any) -> np.ndarray:
         """One fusion call on the fusion device (the batcher's ``compute``)."""

@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy", "evaluate")
+_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy", "evaluate", "reliability")
 
 
 def _register() -> None:

@@ -194,6 +194,7 @@ def coordinator_serve(
     security = _security(tls, insecure)
     from jacfusion_fed.server.coordinator import Coordinator, CoordinatorConfig, OwnerEndpoint
     from jacfusion_fed.server.serve import serve_coordinator
+    from jacfusion_fed.store import CorruptFileError
 
     try:
         endpoints = [OwnerEndpoint.parse(o) for o in owner]
@@ -205,6 +206,13 @@ def coordinator_serve(
         coordinator = Coordinator(registry, endpoints, security, config)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except CorruptFileError as exc:  # refuse to start on a damaged registry, never use it
+        err_console.print(
+            f"error: the head registry is damaged, refusing to start: {exc}\n"
+            "Move the damaged entry away (the previous entry of that modality becomes current "
+            "and the owner's current head is fetched again), then restart."
+        )
+        raise typer.Exit(2) from exc
     try:
         running = serve_coordinator(
             coordinator, security, host=host, port=port, max_workers=max_workers

@@ -261,7 +261,14 @@ FUSION_SERVICE_POLICY = RpcPolicy.of(
 def _wrap_handler(
     handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]
 ) -> grpc.RpcMethodHandler:
-    """Return a handler of the same kind whose behaviour runs ``check`` first."""
+    """Return a handler of the same kind whose behaviour runs ``check`` first.
+
+    For unary requests the request bytes are parsed only *after* ``check`` passed (an
+    unauthorised caller's bytes are never parsed), and bytes that do not parse as the
+    method's request message (truncated, garbage, invalid UTF-8 in a string field) are
+    answered with ``INVALID_ARGUMENT``; gRPC itself would answer ``INTERNAL`` ("Exception
+    deserializing request!") before any check ran.
+    """
 
     def guard(inner: Callable[..., Any]) -> Callable[..., Any]:
         def behavior(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
@@ -270,14 +277,35 @@ def _wrap_handler(
 
         return behavior
 
+    def guard_parse(inner: Callable[..., Any], parse: Callable[[bytes], Any]) -> Callable[..., Any]:
+        def behavior(request: bytes, context: grpc.ServicerContext) -> Any:
+            check(context)
+            try:
+                message = parse(request)
+            except Exception as exc:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed request message ({len(request)} bytes): "
+                    f"{type(exc).__name__}: {exc}"[:500],
+                )
+            return inner(message, context)
+
+        return behavior
+
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+    parse = handler.request_deserializer
+    unary_kwargs = {**kwargs, "request_deserializer": None} if parse is not None else kwargs
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kwargs)
+        fn = handler.unary_unary
+        wrapped = guard_parse(fn, parse) if parse is not None else guard(fn)
+        return grpc.unary_unary_rpc_method_handler(wrapped, **unary_kwargs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kwargs)
+        fn = handler.unary_stream
+        wrapped = guard_parse(fn, parse) if parse is not None else guard(fn)
+        return grpc.unary_stream_rpc_method_handler(wrapped, **unary_kwargs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary), **kwargs)
     if handler.stream_stream is not None:
