@@ -402,3 +402,65 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message: str) -> 
     with pytest.raises(FusionInputError, match=re.escape(message)) as info:
         call()
     assert isinstance(info.value, ValueError)
+
+
+# --- Extreme gamma: accuracy against 60-digit arithmetic ----------------------------------------
+
+
+def _reference_regularized_logits(p: np.ndarray, z: np.ndarray, gram: np.ndarray, kappa: float):  # type: ignore[no-untyped-def]
+    """W_a z from (S3) in vectorised form, solved with 60 significant digits (mpmath)."""
+    import mpmath as mp
+
+    mp.mp.dps = 60
+    k = len(p)
+    pm = [mp.mpf(float(x)) for x in p]
+    jac = mp.matrix(k, k)
+    for i in range(k):
+        for j in range(k):
+            jac[i, j] = pm[i] * pm[j] - (pm[i] if i == j else 0)
+    a = jac * jac * mp.mpf(kappa)
+    g = mp.matrix(gram.tolist())
+    system, rhs = mp.matrix(k * k, k * k), mp.matrix(k * k, 1)
+    for r in range(k):
+        for c in range(k):
+            row = r + c * k
+            rhs[row] = 1 if r == c else 0
+            for i in range(k):
+                for j in range(k):
+                    system[row, i + j * k] = (1 if (r == i and c == j) else 0) + a[r, i] * g[j, c]
+    x = mp.lu_solve(system, rhs)
+    w = mp.matrix(k, k)
+    for r in range(k):
+        for c in range(k):
+            w[r, c] = x[r + c * k]
+    return np.array([float(v) for v in w * mp.matrix(z.tolist())])
+
+
+@pytest.mark.parametrize("gain", [1e2, 1e4, 1e8, 1e12])
+def test_exact_solver_stays_accurate_for_tiny_gamma(gain: float) -> None:
+    """kappa * sigma_max up to 1e12: the Woodbury form's rounding grows with it, so the exact
+    solver switches to the dense form past 1e5; either way within 1e-9 of 60-digit arithmetic."""
+    from jacfusion_fed.fusion.solver import structured_apply
+
+    rng = np.random.default_rng(21)
+    head = rng.normal(size=(6, 8))
+    gram = head @ head.T
+    factor = factor_gram(gram)
+    kappa = gain / float(factor.eigenvalues.max())
+    z = rng.normal(size=6) * 8.0
+    p = torch.softmax(torch.tensor(z), dim=-1)
+    got = structured_apply(p[None], torch.tensor(z)[None], factor, kappa)[0].numpy()
+    expected = _reference_regularized_logits(p.numpy(), z, gram, kappa)
+    np.testing.assert_allclose(got, expected, atol=1e-9, rtol=0)
+
+
+def test_gamma_near_zero_and_huge_gram_give_finite_probabilities() -> None:
+    rng = np.random.default_rng(22)
+    zs = [rng.normal(size=(50, 10)) * 3 for _ in range(2)]
+    gram = _random_gram(rng, 10, 20) * 1e8
+    for gamma in (1e-6, 1e-15, 1e-300):
+        p = jacobian_fusion(zs, [gram, None], gamma=gamma)
+        assert bool(torch.isfinite(p).all())
+        np.testing.assert_allclose(p.sum(-1).numpy(), 1.0, atol=1e-12)
+        dense = jacobian_fusion(zs, [gram, None], gamma=gamma, solver="dense")
+        np.testing.assert_allclose(p.numpy(), dense.numpy(), atol=1e-12)

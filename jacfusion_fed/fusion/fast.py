@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .gram import GramFactor
-from .solver import chunk_rows, structured_apply
+from .solver import chunk_rows, structured_apply, woodbury_is_accurate
 
 SERIES_ORDERS = (1, 2, 3)
 """q: terms t^0..t^q of 1/(1+t) kept on the tail (error O(t^(q+1))); chosen per sample."""
@@ -222,6 +222,13 @@ def fast_apply(
         The regularized logits per modality, and a :class:`FastSolveReport`.
     """
     n, k = p.shape
+    if not all(woodbury_is_accurate(f, kappa) for f, kappa in zip(factors, kappas, strict=True)):
+        # Tiny gamma: the exact solver switches to the dense form; the series has no advantage.
+        outs = [
+            structured_apply(p, z, f, kappa)
+            for z, f, kappa in zip(zs, factors, kappas, strict=True)
+        ]
+        return outs, FastSolveReport(fast_samples=0, exact_samples=n, max_support=0, tol=tol)
     cap = max(1, k // 4) if max_support is None else min(max_support, k)
     ys = [z @ f.eigenvectors for z, f in zip(zs, factors, strict=True)]  # y = V^T z
     plans = _plans(k, cap)
