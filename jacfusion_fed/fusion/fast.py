@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .gram import GramFactor
-from .solver import chunk_rows, structured_apply, woodbury_is_accurate
+from .solver import capacitance_solve, chunk_rows, structured_apply, woodbury_is_accurate
 
 SERIES_ORDERS = (1, 2, 3)
 """q: terms t^0..t^q of 1/(1+t) kept on the tail (error O(t^(q+1))); chosen per sample."""
@@ -175,15 +175,7 @@ def _fast_apply_chunk(
         b_s = torch.bmm(torch.stack((u_s, w_s), dim=1), r_s * v_s)
         m11, m12, m22 = m11 + m_s[:, 0], m12 + m_s[:, 1], m22 + m_s[:, 2]
         b1, b2 = b1 + b_s[:, 0], b2 + b_s[:, 1]
-    t11 = 1.0 + a * (s * m11 - m12)
-    t12 = a * (s * m12 - m22)
-    t21 = -a * m11
-    t22 = 1.0 - a * m12
-    r1 = a * (s * b1 - b2)
-    r2 = -a * b1
-    det = t11 * t22 - t12 * t21
-    c1 = (t22 * r1 - t12 * r2) / det
-    c2 = (t11 * r2 - t21 * r1) / det
+    c1, c2 = capacitance_solve(a, s, (m11, m12, m22), (b1, b2))
     # Every row with the series: x_i = sum_r (-p_i^2)^r [ (V(a^r o y))_i - u_i g1_r - w_i g2_r ].
     g1 = (c1 * y) @ a_pow  # (n, q+1): sum_j a_j^r c1_j y_j
     g2 = (c2 * y) @ a_pow

@@ -83,7 +83,23 @@ def _structured_parts(
     b = torch.bmm(torch.stack((u, w), dim=1), r_rhs)  # (n, 2, K)
     m11, m12, m22 = m.unbind(dim=1)
     b1, b2 = b.unbind(dim=1)
-    # Capacitance T_j = I + a_j C M_j and right-hand side a_j C b_j; 2 x 2 solve by Cramer.
+    c1, c2 = capacitance_solve(a, s, (m11, m12, m22), (b1, b2))
+    return r, r_rhs, c1, c2
+
+
+def capacitance_solve(
+    a: torch.Tensor,
+    s: torch.Tensor,
+    m: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_j = (I_2 + a_j C M_j)^{-1} a_j C b_j for every j, C = [[s, -1], [-1, 0]].
+
+    ``m`` holds the entries (M11, M12, M22) of the symmetric 2 x 2 M_j = U^T D_j^{-1} U and
+    ``b`` the entries of b_j = U^T D_j^{-1} rhs_j, each (n, K); the 2 x 2 solve is Cramer's rule.
+    """
+    m11, m12, m22 = m
+    b1, b2 = b
     t11 = 1.0 + a * (s * m11 - m12)
     t12 = a * (s * m12 - m22)
     t21 = -a * m11
@@ -91,9 +107,7 @@ def _structured_parts(
     r1 = a * (s * b1 - b2)
     r2 = -a * b1
     det = t11 * t22 - t12 * t21
-    c1 = (t22 * r1 - t12 * r2) / det
-    c2 = (t11 * r2 - t21 * r1) / det
-    return r, r_rhs, c1, c2
+    return (t22 * r1 - t12 * r2) / det, (t11 * r2 - t21 * r1) / det
 
 
 def structured_solutions(p: torch.Tensor, a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
