@@ -249,10 +249,12 @@ def test_known_findings_stay_fixed(reply_target: H.ReplyTarget, pems: dict[str, 
         got.modalities[0].error.startswith("DATA_LOSS") and "magnitude" in got.modalities[0].error
     )
     assert np.isfinite(got.probabilities).all()
-    # 5. a tiny gamma with a real Gram matrix: NaN probabilities -> DATA_LOSS, never NaN
+    # 5. a tiny gamma with a real Gram matrix gave NaN probabilities; since the exact solver
+    # switches to the dense form for large kappa * sigma_max it is a finite, correct answer
     got = run(lambda r: good.batch(list(r.sample_ids)), default_gamma=1e-300)
-    assert isinstance(got, PredictError) and got.code == grpc.StatusCode.DATA_LOSS
-    assert "not finite" in got.message
+    assert not isinstance(got, PredictError), got
+    assert np.isfinite(got.probabilities).all()
+    np.testing.assert_allclose(got.probabilities.sum(axis=1), 1.0, atol=1e-9)
 
 
 # --- over real sockets (mTLS on 127.0.0.1) -------------------------------------------------------
