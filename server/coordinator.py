@@ -1,5 +1,6 @@
 """The coordinator's online-inference core: owner connections, registered heads, the
-concurrent fan-out for logits, and fusion (batched across concurrent requests).
+concurrent fan-out for logits, and fusion (batched across concurrent requests by
+:class:`~jacfusion_fed.server.batching.FusionBatcher`).
 
 :class:`Coordinator` is transport-agnostic towards requesters (the gRPC face is
 :mod:`jacfusion_fed.server.fusion_service`); towards owners it is a ``ModalityService`` client
@@ -34,18 +35,8 @@ Unknown ids
     with ``skip_unknown_ids`` the other samples are predicted and those ids are returned in
     ``unpredicted_sample_ids``.
 
-Status codes of :class:`PredictError`: ``INVALID_ARGUMENT`` (empty, oversized or duplicate
-batch; bad ids; unknown method or modality; gamma outside (0, 1]; options that do not apply to
-the method; iterations out of range; owner_timeout outside (0, 3600] s), ``NOT_FOUND``
-(unknown ids), ``UNAVAILABLE`` (owners down or late where they were needed),
-``DEADLINE_EXCEEDED`` (the request's own deadline left no time to ask the owners), and, when
-every selected owner failed for the same non-transient reason, that reason's code
-(``DATA_LOSS`` for non-finite, malformed or implausibly large (over 1e8) logits or Gram
-matrices, ``FAILED_PRECONDITION`` for a K mismatch between owners, ``PERMISSION_DENIED`` for
-an owner whose certificate names another modality, ``ABORTED`` for a model version that could
-not be matched with its head). A fusion whose
-result would not be finite in float64 (e.g. a tiny gamma with a large Gram matrix) fails with
-``DATA_LOSS`` instead of answering NaN.
+Failures raise :class:`~jacfusion_fed.server.predict_types.PredictError`; its status codes
+are listed in :mod:`jacfusion_fed.server.predict_types`.
 """
 
 from __future__ import annotations
@@ -57,7 +48,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,7 +58,6 @@ import torch
 
 from jacfusion_fed.fusion import (
     FusionInputError,
-    GramFactor,
     confidence_mean_fusion,
     factor_gram,
     jacobian_fusion,
@@ -75,15 +65,37 @@ from jacfusion_fed.fusion import (
     statistical_fusion,
 )
 from jacfusion_fed.fusion._validation import check_gamma
-from jacfusion_fed.privacy.certs import validate_modality_name
 from jacfusion_fed.rpc.auth import AuthError, connect_owner, fetch_server_principal
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, TransportOptions, create_channel
-from jacfusion_fed.store import CorruptFileError, HeadRecord, HeadRegistry
+from jacfusion_fed.store import CorruptFileError, HeadRegistry
 
+from .batching import FusionBatcher, _FusionKey
+from .predict_types import (
+    MAX_ABS_OWNER_VALUE,
+    MAX_ID_LENGTH,
+    MAX_OWNER_TIMEOUT_S,
+    METHODS,
+    OWNER_RECONNECT,
+    Contribution,
+    CoordinatorConfig,
+    ModelInfo,
+    OwnerEndpoint,
+    PredictError,
+    PredictOptions,
+    PredictResult,
+    RegisteredHead,
+)
+
+# The value types, limits and the batcher lived here before they moved to predict_types and
+# batching; callers (and tests, for _FusionKey) still import them from this module.
 __all__ = [
+    "MAX_ABS_OWNER_VALUE",
+    "MAX_ID_LENGTH",
+    "MAX_OWNER_TIMEOUT_S",
     "METHODS",
+    "OWNER_RECONNECT",
     "Contribution",
     "Coordinator",
     "CoordinatorConfig",
@@ -94,23 +106,11 @@ __all__ = [
     "PredictOptions",
     "PredictResult",
     "RegisteredHead",
+    "_FusionKey",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Fusion rules, by the names used in options, the CLI and the JSON output.
-METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
-#: Longest accepted sample id (pseudonyms are 64 hex or 52 base32 characters).
-MAX_ID_LENGTH: Final = 256
-#: Longest accepted per-owner timeout (seconds). gRPC turns a timeout into an absolute
-#: deadline in int64 nanoseconds; from about 7.5e9 s on that overflows and every owner call
-#: would fail at once with DEADLINE_EXCEEDED, so longer timeouts are refused outright.
-MAX_OWNER_TIMEOUT_S: Final = 3600.0
-#: Largest accepted magnitude of a logit or of a Gram matrix entry from an owner. Far beyond
-#: anything a trained network produces, and well inside the range where fusion stays finite
-#: in float64 (measured: the Jacobian solver overflows once (1/gamma - 1) * |Gram| nears
-#: 1e15, and from |logit| near 1e300); an owner sending more is left out with DATA_LOSS.
-MAX_ABS_OWNER_VALUE: Final = 1e8
 #: Ids named in an error message (the rest are counted).
 _LISTED_IDS: Final = 20
 #: Time kept back from the request's deadline for fusion and the reply (at most a tenth of
@@ -128,163 +128,6 @@ _RELAYED = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-#: Owner channels retry a lost connection after 0.2 s, backing off to at most 2 s (gRPC's
-#: defaults, 1 s to 120 s, would keep a restarted owner out for minutes).
-OWNER_RECONNECT: Final = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-
-
-# --- configuration and results -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OwnerEndpoint:
-    """Where the owner of ``modality`` serves ``ModalityService``."""
-
-    modality: str
-    target: str
-
-    def __post_init__(self) -> None:
-        validate_modality_name(self.modality)
-        host, sep, port = self.target.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"owner target {self.target!r} must look like host:port")
-
-    @classmethod
-    def parse(cls, text: str) -> OwnerEndpoint:
-        """``"audio=127.0.0.1:50051"``."""
-        modality, sep, target = text.partition("=")
-        if not sep:
-            raise ValueError(f"owner {text!r} must look like MODALITY=HOST:PORT")
-        return cls(modality.strip(), target.strip())
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    """Defaults and limits of a coordinator (requests may override the defaults)."""
-
-    default_method: str = "jacobian"
-    default_gamma: float = 0.5
-    default_iterations: int = 1
-    max_iterations: int = 16
-    #: Per-owner timeout for logit requests (seconds).
-    owner_timeout_s: float = 2.0
-    #: Timeout for head registration calls (seconds).
-    registration_timeout_s: float = 5.0
-    #: Most ids per Predict call.
-    max_batch: int = 65_536
-    #: Most ids per PredictStream call.
-    max_stream_batch: int = 524_288
-    #: Default ids per PredictStream response.
-    stream_chunk: int = 4_096
-    #: Most ids per GetLogits call to one owner (larger batches are split; must not exceed
-    #: the owners' own limit).
-    owner_chunk: int = 65_536
-    #: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
-    device: str | None = None
-    #: Fuse concurrent requests with the same options as one batch.
-    batch_fusion: bool = True
-    #: Threads for concurrent owner calls (each blocks for one call's round trip).
-    fanout_threads: int = 32
-    #: Most rows fused in one call by the batcher.
-    max_fusion_rows: int = 65_536
-    #: Seconds between version checks of registered owners, and between tries to register
-    #: owners that have no head yet.
-    sync_interval_s: float = 30.0
-    retry_interval_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.default_method not in METHODS:
-            raise ValueError(
-                f"default_method must be one of {METHODS}, got {self.default_method!r}"
-            )
-        check_gamma(self.default_gamma, "default_gamma")
-        if not 1 <= self.default_iterations <= self.max_iterations:
-            raise ValueError("need 1 <= default_iterations <= max_iterations")
-        for name in ("max_batch", "max_stream_batch", "stream_chunk", "owner_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not 0 < self.owner_timeout_s <= MAX_OWNER_TIMEOUT_S:
-            raise ValueError(f"owner_timeout_s must be in (0, {MAX_OWNER_TIMEOUT_S:g}]")
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """Options of one request; ``None`` / empty means the coordinator's default."""
-
-    method: str | None = None
-    default_gamma: float | None = None
-    gammas: Mapping[str, float] = field(default_factory=dict)
-    regularize: tuple[str, ...] = ()
-    iterations: int | None = None
-    require_all: bool = False
-    modalities: tuple[str, ...] = ()
-    owner_timeout_s: float | None = None
-    skip_unknown_ids: bool = False
-
-
-class PredictError(Exception):
-    """A request that cannot be answered; ``code`` is the gRPC status to return."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Contribution:
-    """How one selected modality took part in a batch (see ``ModalityContribution``)."""
-
-    modality: str
-    owner: str
-    model_version: str
-    used: np.ndarray  # bool, aligned with PredictResult.sample_ids
-    gamma: float = 0.0
-    regularized: bool = False
-    error: str = ""
-
-
-@dataclass
-class PredictResult:
-    """Fused predictions of a batch; rows follow ``sample_ids`` (the predicted ids)."""
-
-    sample_ids: list[str]
-    probabilities: np.ndarray  # (n, K) float64
-    labels: np.ndarray  # (n,) int64
-    modalities: list[Contribution]
-    unpredicted_sample_ids: list[str]
-    method: str
-
-
-@dataclass(frozen=True)
-class RegisteredHead:
-    """A registry record and its Gram factor on the fusion device."""
-
-    record: HeadRecord
-    factor: GramFactor
-
-    @property
-    def version(self) -> str:
-        return self.record.model_version
-
-    @property
-    def num_classes(self) -> int:
-        return self.record.num_classes
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What ``GetModelInfo`` reports."""
-
-    num_classes: int
-    class_prior: np.ndarray
-    class_names: list[str]
-    heads: list[HeadRecord]
-    default_method: str
 
 
 # --- errors of one owner -----------------------------------------------------------------------
@@ -311,137 +154,6 @@ def _list_ids(ids: Sequence[str]) -> str:
     shown = ", ".join(ids[:_LISTED_IDS])
     more = len(ids) - _LISTED_IDS
     return shown + (f" ... and {more} more" if more > 0 else "")
-
-
-# --- fusion ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _FusionKey:
-    """Everything that must agree for two jobs to be fused in one call."""
-
-    method: str
-    modalities: tuple[str, ...]
-    versions: tuple[str, ...]
-    gammas: tuple[float, ...]
-    regularize: tuple[int, ...]
-    iterations: int
-
-
-class _Job:
-    __slots__ = ("error", "event", "key", "lead", "logits", "result", "rows", "spec")
-
-    def __init__(self, key: _FusionKey, logits: list[np.ndarray], spec: Any) -> None:
-        self.key = key
-        self.logits = logits
-        self.spec = spec
-        self.rows = logits[0].shape[0]
-        self.result: np.ndarray | None = None
-        self.error: BaseException | None = None
-        self.event = threading.Event()
-        self.lead = False
-
-    def outcome(self) -> np.ndarray:
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-
-class FusionBatcher:
-    """Fuses concurrent jobs with equal keys in one call (leader/follower, no extra thread).
-
-    The first caller computes at once (no waiting window, so a lone request pays nothing);
-    requests arriving while it computes queue up, and when it is done the oldest waiting
-    caller takes over and fuses everything queued by then, grouped by key, in one call per
-    group of at most ``max_rows`` rows. This helps where a fusion call has a fixed cost
-    (CUDA launches and transfers; validation and small-tensor overhead on CPU).
-
-    Args:
-        compute: ``compute(key, logits, spec) -> probs (n, K)`` for concatenated inputs.
-        enabled: with False every job is computed on its own, by its caller.
-        max_rows: largest concatenated batch.
-    """
-
-    def __init__(
-        self,
-        compute: Callable[[_FusionKey, list[np.ndarray], Any], np.ndarray],
-        *,
-        enabled: bool = True,
-        max_rows: int = 65_536,
-    ) -> None:
-        self._compute = compute
-        self.enabled = enabled
-        self.max_rows = max_rows
-        self._lock = threading.Lock()
-        self._queue: list[_Job] = []
-        self._busy = False
-        self.calls = 0  # fusion calls made (for tests and benchmarks)
-        self.jobs = 0
-
-    def run(self, key: _FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
-        job = _Job(key, logits, spec)
-        if not self.enabled:
-            self._process([job])
-            return job.outcome()
-        with self._lock:
-            self._queue.append(job)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            job.event.wait()
-            if not job.lead:
-                return job.outcome()
-        with self._lock:
-            jobs, self._queue = self._queue, []
-        try:
-            self._process(jobs)
-        finally:
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.event.set()
-                else:
-                    self._busy = False
-        return job.outcome()
-
-    def _process(self, jobs: list[_Job]) -> None:
-        groups: dict[_FusionKey, list[_Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.key, []).append(job)
-        for key, members in groups.items():
-            start = 0
-            while start < len(members):
-                batch, rows = [members[start]], members[start].rows
-                start += 1
-                while start < len(members) and rows + members[start].rows <= self.max_rows:
-                    batch.append(members[start])
-                    rows += members[start].rows
-                    start += 1
-                self._run_batch(key, batch)
-        for job in jobs:
-            job.event.set()
-
-    def _run_batch(self, key: _FusionKey, batch: list[_Job]) -> None:
-        try:
-            if len(batch) == 1:
-                logits = batch[0].logits
-            else:
-                logits = [
-                    np.concatenate([job.logits[m] for job in batch])
-                    for m in range(len(batch[0].logits))
-                ]
-            probs = self._compute(key, logits, batch[0].spec)
-            self.calls += 1
-            self.jobs += len(batch)
-            offset = 0
-            for job in batch:
-                job.result = probs[offset : offset + job.rows]
-                offset += job.rows
-        except BaseException as exc:  # delivered to every caller of the batch
-            for job in batch:
-                job.error = exc
 
 
 # --- owners -------------------------------------------------------------------------------------

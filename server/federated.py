@@ -12,19 +12,19 @@
 3. **Register** the heads in the persisted, versioned :class:`HeadRegistry` and derive the
    class frequencies from the class counts.
 4. **Evaluate** (when the requester's ``labels-file`` is given): gather the logits of the
-   validation and test pseudonyms (one ``query`` per owner and batch of ids; the perturbed
-   modality's owner applies every perturbation of the table to its own inputs and returns
-   one logit matrix per setting), choose gamma on the validation split, fuse, and build the
-   paper-style robustness table (rows: unimodal nets, then Mean-w/o, Mean-w/, Stat-w/o,
-   Stat-w/ (ours) = Jacobian fusion regularizing the perturbed modality).
+   validation and test pseudonyms, choose gamma, fuse, and build the paper-style robustness
+   table (:mod:`jacfusion_fed.server.federated_eval`).
 5. **Write** ``<run-dir>/results.json`` and the Markdown/CSV/JSON reports.
 
-Privacy, enforced here: every reply is checked by `check_reply_allowed` against the allow-list
-of its message (:mod:`jacfusion_fed.federation.protocol`) before anything reads it; a reply
-with any other record, field, dtype or shape is rejected and the run fails naming it. The
-coordinator never holds the pseudonym key: ids arrive as pseudonyms in the requester's labels
-file and are only passed on. Labels: accuracy needs ground truth, which the coordinator does not
-have; the requester (the hospital) provides ``pseudonym -> label`` for the evaluation ids only.
+Privacy, enforced here and in the modules named: every reply is checked by
+`check_reply_allowed` against the allow-list of its message
+(:mod:`jacfusion_fed.federation.protocol`) before anything reads it
+(:mod:`jacfusion_fed.server.federated_exchange`); a reply with any other record, field, dtype or
+shape is rejected and the run fails naming it. The coordinator never holds the pseudonym key:
+ids arrive as pseudonyms in the requester's labels file and are only passed on
+(:mod:`jacfusion_fed.server.federated_eval`). Labels: accuracy needs ground truth, which the
+coordinator does not have; the requester (the hospital) provides ``pseudonym -> label`` for the
+evaluation ids only.
 """
 
 from __future__ import annotations
@@ -33,127 +33,65 @@ import json
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from jacfusion_fed.evaluation import (
-    GAMMA_CANDIDATES,
-    Column,
-    EvaluationResult,
-    Row,
-    Table,
-    select_gamma,
-    table_to_markdown,
-    write_reports,
-)
-from jacfusion_fed.evaluation.config import METHOD_ABBREV, PRESETS
-from jacfusion_fed.evaluation.results import PAPER_MM_KINDS, ROW_NAMES
-from jacfusion_fed.federation import (
-    NOT_ALLOWED_CODE,
-    RUN_DIR_KEY,
-    RecordSpec,
-    ReplyError,
-    ReplyNotAllowedError,
-    check_reply_allowed,
-    error_code_name,
-    send_and_collect,
-    wait_for_nodes,
-    write_run_results,
-)
+from jacfusion_fed.evaluation import GAMMA_CANDIDATES, EvaluationResult, write_reports
+from jacfusion_fed.federation import RUN_DIR_KEY, wait_for_nodes, write_run_results
 from jacfusion_fed.federation.protocol import (
     CLEAN,
     EVAL_LABELS_FORMAT,
     MSG_DESCRIBE,
     MSG_HEAD,
-    MSG_QUERY,
     MSG_TRAIN,
-    app_error_name,
     describe_reply_spec,
     head_reply_spec,
     head_request,
-    is_pseudonym,
     model_template,
-    query_reply_spec,
-    query_request,
     round_reply_spec,
-    setting_field,
     train_request,
 )
-from jacfusion_fed.fusion import (
-    confidence_mean_fusion,
-    factor_gram,
-    jacobian_fusion,
-    mean_fusion,
-    statistical_fusion,
-)
 from jacfusion_fed.models import build_from_spec
-from jacfusion_fed.owner.perturbation import PerturbationSpec
 from jacfusion_fed.store import HeadRecord, HeadRegistry
 
+from .federated_eval import (
+    EvalColumn,
+    EvalLabels,
+    build_table,
+    evaluate,
+    gather_logits,
+    parse_columns,
+)
+from .federated_exchange import CoordinatorError, OwnerInfo, _Exchange, _message
+
+# The exchange with the owners and the evaluation lived here before they moved to
+# federated_exchange and federated_eval; callers and tests still import them from this module.
 __all__ = [
     "EVAL_LABELS_FORMAT",
     "CoordinatorError",
     "EvalColumn",
+    "EvalLabels",
     "FlowConfig",
+    "OwnerInfo",
+    "build_table",
+    "evaluate",
+    "gather_logits",
     "parse_columns",
     "run_coordinator",
 ]
 
-_COLUMN_KEYS = {"gaussian": "w0", "missing": "w1", "bias": "w23", "fgsm": "fgsm", "pgd": "pgd"}
-
-
-class CoordinatorError(RuntimeError):
-    """The run cannot go on (an owner failed or sent something not allowed, bad config)."""
-
 
 # ------------------------------------------------------------------------ configuration
-@dataclass(frozen=True)
-class EvalColumn:
-    """A table column: clean, or a perturbation of the perturbed modality."""
-
-    key: str
-    spec: PerturbationSpec | None
-
-    @property
-    def label(self) -> str:
-        return "Clean" if self.spec is None else self.spec.label
-
-    @property
-    def kind(self) -> str:
-        if self.spec is None:
-            return "clean"
-        return "attack" if self.spec.is_attack else "corruption"
-
-
-def parse_columns(text: str) -> list[EvalColumn]:
-    """``"clean; gaussian w0=1; fgsm w4=0.03"`` -> columns (keys as in the paper presets)."""
-    out: list[EvalColumn] = []
-    seen: set[str] = set()
-    for part in (p.strip() for p in text.split(";")):
-        if not part:
-            continue
-        spec = None if part.lower() == CLEAN else PerturbationSpec.parse(part)
-        key = CLEAN if spec is None else _COLUMN_KEYS[spec.kind]
-        base, i = key, 2
-        while key in seen:
-            key, i = f"{base}_{i}", i + 1
-        seen.add(key)
-        out.append(EvalColumn(key, spec))
-    if not out:
-        raise ValueError("columns lists no column")
-    return out
-
-
 def _as_bool(value: Any) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
 
@@ -230,73 +168,6 @@ class FlowConfig:
             seed=int(cfg.get("seed", 0)),
             query_batch=max(1, int(cfg.get("query-batch-size", 10_000))),
         )
-
-
-# ------------------------------------------------------------------------ messaging
-@dataclass(frozen=True)
-class OwnerInfo:
-    node_id: int
-    modality: str
-    owner: str
-    num_classes: int
-    version: str
-    model_spec: dict[str, Any]
-
-
-@dataclass
-class _Exchange:
-    """Sends one message per node and checks every reply against that node's allow-list."""
-
-    grid: Grid
-    timeout: float
-    owners: dict[int, OwnerInfo] = field(default_factory=dict)
-    replies_checked: int = 0
-    record_names: set[str] = field(default_factory=set)
-    round_trips: int = 0
-
-    def who(self, node_id: int) -> str:
-        info = self.owners.get(node_id)
-        return f"node {node_id}" + (f" ({info.owner}, {info.modality})" if info else "")
-
-    def __call__(
-        self,
-        what: str,
-        outgoing: Mapping[int, tuple[Message, Mapping[str, RecordSpec], Mapping[str, int]]],
-    ) -> dict[int, RecordDict]:
-        if not outgoing:
-            return {}
-        self.round_trips += 1
-        raw = send_and_collect(
-            self.grid, [m for m, _, _ in outgoing.values()], self.timeout, on_error="return"
-        )
-        good: dict[int, RecordDict] = {}
-        errors: dict[int, ReplyError] = {}
-        for node_id, reply in raw.items():
-            if isinstance(reply, ReplyError):
-                errors[node_id] = reply
-                continue
-            _, allowed, dims = outgoing[node_id]
-            try:  # nothing reads a reply before this check
-                check_reply_allowed(reply, allowed, dims)
-            except ReplyNotAllowedError as exc:
-                errors[node_id] = ReplyError(node_id, what, NOT_ALLOWED_CODE, str(exc))
-                continue
-            self.replies_checked += 1
-            self.record_names.update(reply.keys())
-            good[node_id] = reply
-        if errors:
-            lines = []
-            for node_id, err in sorted(errors.items()):
-                name = app_error_name(err.code) if err.code >= 100 else error_code_name(err.code)
-                lines.append(f"  - {self.who(node_id)}: {name} [{err.code}]: {err.reason}")
-            raise CoordinatorError(
-                f"{what}: {len(errors)} of {len(outgoing)} owners failed:\n" + "\n".join(lines)
-            )
-        return good
-
-
-def _message(node_id: int, message_type: str, content: RecordDict) -> Message:
-    return Message(content, dst_node_id=node_id, message_type=message_type)
 
 
 # ------------------------------------------------------------------------ steps
@@ -486,286 +357,6 @@ def register_heads(
             **arrays,
         )
     return out
-
-
-# ------------------------------------------------------------------------ evaluation
-@dataclass(frozen=True)
-class EvalLabels:
-    """The requester's evaluation ids (pseudonyms) and labels, per split."""
-
-    ids: dict[str, list[str]]
-    labels: dict[str, np.ndarray]
-
-    @classmethod
-    def read(cls, path: Path, num_classes: int) -> EvalLabels:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CoordinatorError(
-                f"cannot read the requester's labels file {path}: {exc}"
-            ) from None
-        if not isinstance(data, dict) or data.get("format") != EVAL_LABELS_FORMAT:
-            raise CoordinatorError(f"{path} is not a {EVAL_LABELS_FORMAT} labels file")
-        ids: dict[str, list[str]] = {}
-        labels: dict[str, np.ndarray] = {}
-        for split in ("val", "test"):
-            entry = data.get("splits", {}).get(split)
-            if not isinstance(entry, dict):
-                raise CoordinatorError(f"{path}: split {split!r} missing")
-            split_ids, split_labels = entry.get("ids"), entry.get("labels")
-            if not isinstance(split_ids, list) or not isinstance(split_labels, list):
-                raise CoordinatorError(f"{path}: split {split!r} needs 'ids' and 'labels' lists")
-            if len(split_ids) != len(split_labels) or not split_ids:
-                raise CoordinatorError(f"{path}: split {split!r} has mismatched or no entries")
-            if not all(is_pseudonym(s) for s in split_ids):
-                raise CoordinatorError(
-                    f"{path}: split {split!r} holds ids that are not pseudonyms; the requester "
-                    "must derive them with the deployment's pseudonym key"
-                )
-            y = np.asarray(split_labels, dtype=np.int64)
-            if y.min() < 0 or y.max() >= num_classes:
-                raise CoordinatorError(f"{path}: labels of {split!r} outside [0, {num_classes})")
-            ids[split], labels[split] = [str(s) for s in split_ids], y
-        all_ids = ids["val"] + ids["test"]
-        if len(set(all_ids)) != len(all_ids):
-            raise CoordinatorError(f"{path}: duplicate ids (val and test must be disjoint)")
-        return cls(ids, labels)
-
-
-def _settings_plan(cfg: FlowConfig) -> tuple[list[str], dict[str, list[int]]]:
-    """Settings of the perturbed modality's query and, per column, its setting indices."""
-    settings = [CLEAN]
-    index: dict[str, list[int]] = {}
-    for col in cfg.columns:
-        if col.spec is None:
-            index[col.key] = [0]
-            continue
-        draws = 1 if col.spec.deterministic else cfg.repeats
-        index[col.key] = []
-        for d in range(draws):
-            index[col.key].append(len(settings))
-            settings.append(col.spec.with_draw(d).to_json())
-    return settings, index
-
-
-def gather_logits(
-    ex: _Exchange,
-    cfg: FlowConfig,
-    groups: Mapping[str, list[int]],
-    records: Mapping[str, HeadRecord],
-    ids: list[str],
-    perturbed: str,
-    settings: list[str],
-    k: int,
-) -> dict[str, list[np.ndarray]]:
-    """Logits (N, K) per modality and setting (other modalities: clean only), in ``ids``
-    order; for a multi-site modality each id must be held by exactly one site."""
-    n_total = len(ids)
-    out = {
-        m: [np.zeros((n_total, k)) for _ in (settings if m == perturbed else [CLEAN])]
-        for m in groups
-    }
-    covered = {m: np.zeros(n_total, dtype=np.int64) for m in groups}
-    for start in range(0, n_total, cfg.query_batch):
-        chunk = ids[start : start + cfg.query_batch]
-        outgoing = {}
-        for modality, nodes in groups.items():
-            mod_settings = settings if modality == perturbed else [CLEAN]
-            spec = query_reply_spec(len(mod_settings))
-            for n in nodes:
-                content = query_request(
-                    chunk,
-                    records[modality].model_version,
-                    mod_settings,
-                    seed=cfg.seed,
-                    allow_partial=len(nodes) > 1,
-                )
-                outgoing[n] = (
-                    _message(n, MSG_QUERY, content),
-                    spec,
-                    {"N": len(chunk), "K": k},
-                )
-        replies = ex(f"query logits ({len(chunk)} ids)", outgoing)
-        for modality, nodes in groups.items():
-            for n in nodes:
-                reply = replies[n]
-                served = str(reply["info"]["version"])
-                if served != records[modality].model_version:
-                    raise CoordinatorError(
-                        f"{ex.who(n)} answered with model version {served}, registered "
-                        f"{records[modality].model_version}"
-                    )
-                arrays = reply["logits"]
-                known = arrays["known"].numpy()
-                sl = slice(start, start + len(chunk))
-                covered[modality][sl] += known
-                for i, target in enumerate(out[modality]):
-                    values = arrays[setting_field(i)].numpy()
-                    target[sl][known] = values[known]
-    for modality, count in covered.items():
-        if (count != 1).any():
-            missing, doubled = int((count == 0).sum()), int((count > 1).sum())
-            raise CoordinatorError(
-                f"modality {modality!r}: {missing} evaluation ids held by no site, "
-                f"{doubled} held by more than one"
-            )
-    return out
-
-
-def _accuracy(probs: torch.Tensor | np.ndarray, y: np.ndarray) -> float:
-    pred = np.asarray(torch.as_tensor(probs).argmax(dim=1).cpu())
-    return float((pred == y).mean())
-
-
-def _row_name(i: int, modality: str, dataset: str, training: str, sites: int) -> str:
-    preset = PRESETS.get(dataset)
-    abbrev = preset.abbrev.get(modality, modality) if preset else modality
-    name = f"{i}: {abbrev}-{METHOD_ABBREV.get(training, training)}"
-    return name + (f" (FedAvg, {sites} sites)" if sites > 1 else "")
-
-
-def build_table(
-    cfg: FlowConfig,
-    order: list[str],
-    logits: Mapping[str, list[np.ndarray]],
-    plan: Mapping[str, list[int]],
-    records: Mapping[str, HeadRecord],
-    labels: EvalLabels,
-    log_prior: np.ndarray,
-    sites: Mapping[str, int],
-) -> tuple[Table, dict[str, float]]:
-    """The robustness table from gathered logits (perturbed modality last in ``order``)."""
-    p = len(order) - 1
-    perturbed = order[p]
-    n_val = len(labels.ids["val"])
-    y_val, y_test = labels.labels["val"], labels.labels["test"]
-    factors = [factor_gram(records[m].gram_matrix()) for m in order]
-
-    def view(split: str, setting: int) -> list[np.ndarray]:
-        sl = slice(0, n_val) if split == "val" else slice(n_val, None)
-        return [logits[m][0][sl] for m in order[:p]] + [logits[perturbed][setting][sl]]
-
-    rows = [
-        Row("UM", _row_name(i, m, cfg.dataset, cfg.training, sites[m]), "unimodal")
-        for i, m in enumerate(order)
-    ]
-    group = f"MM ({', '.join(str(i) for i in range(len(order)))})"
-    mm = {kind: Row(group, ROW_NAMES[kind], kind) for kind in PAPER_MM_KINDS}
-    clean_acc = {m: _accuracy(logits[m][0][n_val:], y_test) for m in order}
-    for col in cfg.columns:
-        settings = plan[col.key]
-        for i, m in enumerate(order[:p]):
-            rows[i].acc[col.key] = [clean_acc[m]]
-        if cfg.gamma is not None:
-            gamma = cfg.gamma
-        else:
-            gamma = select_gamma(
-                view("val", settings[0]),
-                factors,
-                y_val,
-                lambda d, s=settings: view("val", s[d]),  # type: ignore[misc]
-                cfg.gamma_candidates,
-                log_prior=log_prior,
-                regularize=[p],
-                draws=len(settings),
-            )
-        mm["jacobian"].gamma[col.key] = float(gamma)
-        for s in settings:
-            z = view("test", s)
-            rows[p].acc.setdefault(col.key, []).append(_accuracy(z[p], y_test))
-            fused = {
-                "mean": mean_fusion(z),
-                "confidence_mean": confidence_mean_fusion(z),
-                "statistical": statistical_fusion(z, log_prior),
-                "jacobian": jacobian_fusion(z, factors, log_prior, gamma=gamma, regularize=[p]),
-            }
-            for kind, probs in fused.items():
-                mm[kind].acc.setdefault(col.key, []).append(_accuracy(probs, y_test))
-    table = Table(
-        title=(
-            f"{cfg.dataset}, {perturbed} perturbed (federated: {len(order)} modalities, "
-            f"{sum(sites.values())} owners)"
-        ),
-        dataset=cfg.dataset,
-        perturbed=perturbed,
-        clean=",".join(order[:p]),
-        columns=[Column(c.key, c.label, c.kind) for c in cfg.columns],  # type: ignore[arg-type]
-        rows=rows + [mm[k] for k in PAPER_MM_KINDS],
-        repeats=cfg.repeats,
-        notes=[
-            "Federated run: each owner trained its own unimodal net on its own data; the "
-            "coordinator saw only heads (Gram matrices), class counts and logits of "
-            "pseudonymous ids.",
-            f"The owner of {perturbed!r} applied every perturbation to its own inputs (attacks: "
-            "setting 1, against its own net) and sent back only logits.",
-            "Accuracy in % on the requester's test ids; mean ± std over "
-            f"{cfg.repeats} draw(s) of the random perturbations; FGSM is computed once.",
-            (
-                f"gamma fixed at {cfg.gamma:g}"
-                if cfg.gamma is not None
-                else "gamma selected per column from {"
-                + ", ".join(f"{g:g}" for g in cfg.gamma_candidates)
-                + "} by validation accuracy under the same perturbation (ties: larger gamma)"
-            )
-            + ".",
-        ],
-    )
-    return table, clean_acc
-
-
-def _modality_order(modalities: Iterable[str], perturbed: str) -> list[str]:
-    rest = sorted(m for m in modalities if m != perturbed)
-    return [*rest, perturbed]
-
-
-def evaluate(
-    ex: _Exchange,
-    cfg: FlowConfig,
-    groups: Mapping[str, list[int]],
-    registry: HeadRegistry,
-    records: Mapping[str, HeadRecord],
-    k: int,
-    timings: dict[str, float],
-) -> tuple[dict[str, Any], Table]:
-    assert cfg.labels_file is not None
-    labels = EvalLabels.read(cfg.labels_file, k)
-    perturbed = cfg.perturbed or sorted(groups)[-1]
-    if perturbed not in groups:
-        raise CoordinatorError(
-            f"perturbed modality {perturbed!r} has no owner; modalities: {sorted(groups)}"
-        )
-    if len(groups) < 2:
-        raise CoordinatorError("fusion needs at least two modalities")
-    order = _modality_order(groups, perturbed)
-    settings, plan = _settings_plan(cfg)
-    ids = labels.ids["val"] + labels.ids["test"]
-    t0 = time.perf_counter()
-    logits = gather_logits(ex, cfg, groups, records, ids, perturbed, settings, k)
-    timings["gather_logits_s"] = time.perf_counter() - t0
-    log(
-        INFO,
-        "Gathered logits of %d pseudonymous ids from %d owners (%d settings for %r) in %.1f s",
-        len(ids), sum(len(v) for v in groups.values()), len(settings), perturbed,
-        timings["gather_logits_s"],
-    )  # fmt: skip
-    prior = registry.class_prior(order)
-    log_prior = np.log(np.clip(prior, 1e-6, None))
-    t0 = time.perf_counter()
-    table, clean_acc = build_table(
-        cfg, order, logits, plan, records, labels, log_prior, {m: len(groups[m]) for m in order}
-    )
-    timings["fusion_s"] = time.perf_counter() - t0
-    return {
-        "table": asdict(table),
-        "markdown": table_to_markdown(table),
-        "perturbed": perturbed,
-        "order": order,
-        "settings": settings,
-        "num_val": len(labels.ids["val"]),
-        "num_test": len(labels.ids["test"]),
-        "clean_test_accuracy": clean_acc,
-        "class_prior": prior.tolist(),
-    }, table
 
 
 # ------------------------------------------------------------------------ the flow

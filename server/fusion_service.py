@@ -20,7 +20,8 @@ import numpy as np
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 
-from .coordinator import Coordinator, PredictError, PredictOptions, PredictResult
+from .coordinator import Coordinator
+from .predict_types import PredictError, PredictOptions, PredictResult
 
 __all__ = [
     "METHOD_FROM_PROTO",

@@ -192,7 +192,8 @@ def coordinator_serve(
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     _logging(log_level)
     security = _security(tls, insecure)
-    from jacfusion_fed.server.coordinator import Coordinator, CoordinatorConfig, OwnerEndpoint
+    from jacfusion_fed.server.coordinator import Coordinator
+    from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
     from jacfusion_fed.server.serve import serve_coordinator
     from jacfusion_fed.store import CorruptFileError
 
@@ -346,8 +347,8 @@ def predict(
     import numpy as np
 
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
-    from jacfusion_fed.server.coordinator import PredictOptions
     from jacfusion_fed.server.fusion_service import decode_predictions, options_to_proto
+    from jacfusion_fed.server.predict_types import PredictOptions
 
     given = list(ids or [])
     if ids_file is not None:

@@ -66,8 +66,8 @@ def run_load_bench(
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles
-    from jacfusion_fed.server.coordinator import PredictOptions
     from jacfusion_fed.server.fusion_service import options_to_proto
+    from jacfusion_fed.server.predict_types import PredictOptions
     from jacfusion_fed.server.serve import connect_coordinator
 
     tmp = None
