@@ -22,7 +22,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jacfusion_fed.owner import OwnerWorkspace
-from jacfusion_fed.privacy.certs import ROLES
 from jacfusion_fed.rpc.auth import (
     MODALITY_SERVICE,
     MODALITY_SERVICE_POLICY,
@@ -47,17 +46,15 @@ from .modality_service import (
     ModalityServicer,
 )
 
-__all__ = ["REFLECTION_METHODS", "OwnerServer", "owner_policy", "serve_owner"]
+__all__ = ["OwnerServer", "owner_policy", "serve_owner"]
 
 log = logging.getLogger(__name__)
 
-#: Server reflection (grpcio-reflection serves v1alpha).
-REFLECTION_METHODS = f"/{reflection.SERVICE_NAME}/*"
-
 
 def owner_policy() -> RpcPolicy:
-    """:data:`MODALITY_SERVICE_POLICY` plus reflection for any authenticated principal."""
-    return RpcPolicy.of({**MODALITY_SERVICE_POLICY.rules, REFLECTION_METHODS: set(ROLES)})
+    """The access rules of this server (:data:`MODALITY_SERVICE_POLICY`; health and reflection
+    open to every authenticated principal)."""
+    return MODALITY_SERVICE_POLICY
 
 
 @dataclass

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME, ROLES
+from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
 from jacfusion_fed.rpc.auth import (
     FUSION_SERVICE,
     FUSION_SERVICE_POLICY,
@@ -41,7 +41,6 @@ from .coordinator import Coordinator
 from .fusion_service import FusionServicer
 
 __all__ = [
-    "REFLECTION_METHODS",
     "CoordinatorServer",
     "connect_coordinator",
     "fusion_policy",
@@ -50,12 +49,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFLECTION_METHODS = f"/{reflection.SERVICE_NAME}/*"
-
 
 def fusion_policy() -> RpcPolicy:
-    """:data:`FUSION_SERVICE_POLICY` plus reflection for any authenticated principal."""
-    return RpcPolicy.of({**FUSION_SERVICE_POLICY.rules, REFLECTION_METHODS: set(ROLES)})
+    """The access rules of this server (:data:`FUSION_SERVICE_POLICY`; health and reflection
+    open to every authenticated principal)."""
+    return FUSION_SERVICE_POLICY
 
 
 @dataclass

@@ -46,8 +46,10 @@ from jacfusion_fed.rpc.tls import TlsFiles, TransportOptions, create_channel
 __all__ = [
     "FUSION_SERVICE",
     "FUSION_SERVICE_POLICY",
+    "HEALTH_METHODS",
     "MODALITY_SERVICE",
     "MODALITY_SERVICE_POLICY",
+    "REFLECTION_METHODS",
     "AuthError",
     "AuthInterceptor",
     "Principal",
@@ -237,12 +239,17 @@ class RpcPolicy:
             )
 
 
-#: Owner servers: only the coordinator may call ModalityService; health checks for any
-#: authenticated principal.
+#: Health checks and server reflection (grpcio-reflection serves v1alpha): open to every
+#: authenticated principal of the deployment, on every server.
+HEALTH_METHODS = "/grpc.health.v1.Health/*"
+REFLECTION_METHODS = "/grpc.reflection.v1alpha.ServerReflection/*"
+
+#: Owner servers: only the coordinator may call ModalityService.
 MODALITY_SERVICE_POLICY = RpcPolicy.of(
     {
         f"/{MODALITY_SERVICE}/*": {"coordinator"},
-        "/grpc.health.v1.Health/*": set(ROLES),
+        HEALTH_METHODS: set(ROLES),
+        REFLECTION_METHODS: set(ROLES),
     }
 )
 
@@ -253,7 +260,8 @@ FUSION_SERVICE_POLICY = RpcPolicy.of(
         f"/{FUSION_SERVICE}/Predict": {"requester"},
         f"/{FUSION_SERVICE}/PredictStream": {"requester"},
         f"/{FUSION_SERVICE}/GetModelInfo": {"requester", "coordinator"},
-        "/grpc.health.v1.Health/*": set(ROLES),
+        HEALTH_METHODS: set(ROLES),
+        REFLECTION_METHODS: set(ROLES),
     }
 )
 
