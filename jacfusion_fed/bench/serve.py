@@ -270,11 +270,59 @@ def _throughput(
     }
 
 
-def _load() -> list[float]:
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages (benchmarks record them: the machine may be shared)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+@dataclass
+class BenchSetup:
+    """What every loopback benchmark deployment needs before its processes start."""
+
+    root: Path
+    certs: Any  # jacfusion_fed.privacy.certs.DeploymentCerts
+    key_path: Path
+    data: dict[str, Path]
+    ids: list[str]
+    requester: Any  # jacfusion_fed.rpc.tls.TlsFiles
+
+
+@contextlib.contextmanager
+def bench_setup(
+    workdir: Path | None,
+    data_cfg: ServeBenchConfig,
+    requester: str,
+    progress: Callable[[str], None],
+) -> Iterator[BenchSetup]:
+    """Certificates (two owners, the coordinator, ``requester``), a pseudonym key, the synthetic
+    owners' data and the requester's pseudonymous ids, in ``workdir`` (a temporary folder,
+    removed afterwards, when None)."""
+    from jacfusion_fed.privacy.certs import generate_deployment_certs
+    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+    from jacfusion_fed.rpc.tls import TlsFiles
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacfusion-bench-")))
+        else:
+            root = Path(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+        progress("certificates, pseudonym key and data")
+        certs = generate_deployment_certs(
+            root / "certs", {f"{m}-co": m for m in MODALITIES}, [requester]
+        )
+        key_path = root / "pseudonym.key"
+        if not key_path.exists():
+            write_key(key_path, generate_key())
+        data = make_dataset(root, data_cfg)
+        ids = Pseudonymizer.from_file(key_path).many(
+            [f"patient-{i:07d}" for i in range(data_cfg.samples)]
+        )
+        requester_tls = TlsFiles.from_dir(certs.requester_dirs[requester])
+        yield BenchSetup(root, certs, key_path, data, ids, requester_tls)
 
 
 @contextlib.contextmanager
@@ -402,20 +450,8 @@ def run_serve_bench(
     import grpc
     import torch
 
-    from jacfusion_fed.privacy.certs import generate_deployment_certs
-    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
-    from jacfusion_fed.rpc.tls import TlsFiles
-
     if cfg.samples < cfg.batch:
         raise ValueError(f"samples ({cfg.samples}) must be >= batch ({cfg.batch})")
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jacfusion-bench-serve-")
-        root = Path(tmp.name)
-    else:
-        root = Path(workdir)
-        root.mkdir(parents=True, exist_ok=True)
-    procs = _Procs(root)
     results: dict[str, Any] = {
         "config": asdict(cfg),
         "environment": {
@@ -424,38 +460,33 @@ def run_serve_bench(
             "torch": torch.__version__,
             "cpu_count": os.cpu_count(),
             "fusion_device": "cuda" if torch.cuda.is_available() else "cpu",
-            "load_avg_before": _load(),
+            "load_avg_before": load_average(),
         },
     }
-    try:
-        progress("certificates, pseudonym key and data")
-        certs = generate_deployment_certs(
-            root / "certs", {f"{m}-co": m for m in MODALITIES}, ["bench-requester"]
-        )
-        key_path = root / "pseudonym.key"
-        if not key_path.exists():
-            write_key(key_path, generate_key())
-        pz = Pseudonymizer.from_file(key_path)
-        data = make_dataset(root, cfg)
-        ids = pz.many([f"patient-{i:07d}" for i in range(cfg.samples)])
-        requester = TlsFiles.from_dir(certs.requester_dirs["bench-requester"])
-        echo_port = root / "echo.port"
-        procs.start_serving(
-            "echo",
-            ["-m", "jacfusion_fed.bench.serve", "echo", str(certs.coordinator_dir), str(echo_port)],
-            echo_port,
-        )
-        echo_target = f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
-        runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
-        for tag, cached in runs:
-            progress(f"{tag}: starting owners (training on first start) and the coordinator")
-            with _deployment(procs, root, certs, data, key_path, tag, cached=cached) as targets:
-                results[tag] = _measure(cfg, targets, echo_target, requester, ids, progress)
-        results["environment"]["load_avg_after"] = _load()
-    finally:
-        procs.stop_all()
-        if tmp is not None:
-            tmp.cleanup()
+    with bench_setup(workdir, cfg, "bench-requester", progress) as setup:
+        root, certs = setup.root, setup.certs
+        procs = _Procs(root)
+        try:
+            echo_port = root / "echo.port"
+            procs.start_serving(
+                "echo",
+                ["-m", "jacfusion_fed.bench.serve", "echo", str(certs.coordinator_dir),
+                 str(echo_port)],
+                echo_port,
+            )  # fmt: skip
+            echo_target = f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
+            runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
+            for tag, cached in runs:
+                progress(f"{tag}: starting owners (training on first start) and the coordinator")
+                with _deployment(
+                    procs, root, certs, setup.data, setup.key_path, tag, cached=cached
+                ) as targets:
+                    results[tag] = _measure(
+                        cfg, targets, echo_target, setup.requester, setup.ids, progress
+                    )
+            results["environment"]["load_avg_after"] = load_average()
+        finally:
+            procs.stop_all()
     return results
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,24 +59,15 @@ def run_load_bench(
         _deployment,
         _Procs,
         _wait_serving,
-        make_dataset,
+        bench_setup,
+        load_average,
     )
-    from jacfusion_fed.privacy.certs import generate_deployment_certs
-    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles
     from jacfusion_fed.server.fusion_service import options_to_proto
     from jacfusion_fed.server.predict_types import PredictOptions
     from jacfusion_fed.server.serve import connect_coordinator
 
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jacfusion-bench-load-")
-        root = Path(tmp.name)
-    else:
-        root = Path(workdir)
-        root.mkdir(parents=True, exist_ok=True)
-    procs = _Procs(root)
     data_cfg = ServeBenchConfig(
         samples=cfg.samples, classes=cfg.classes, features=cfg.features, seed=cfg.seed
     )
@@ -87,76 +77,59 @@ def run_load_bench(
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
             "cpu_count": os.cpu_count(),
-            "load_avg_before": _loadavg(),
+            "load_avg_before": load_average(),
         },
     }
-    try:
-        progress("certificates, pseudonym key and data")
-        certs = generate_deployment_certs(
-            root / "certs", {f"{m}-co": m for m in MODALITIES}, ["load-requester"]
-        )
-        key_path = root / "pseudonym.key"
-        if not key_path.exists():
-            write_key(key_path, generate_key())
-        data = make_dataset(root, data_cfg)
-        ids = Pseudonymizer.from_file(key_path).many(
-            [f"patient-{i:07d}" for i in range(cfg.samples)]
-        )
-        requester = TlsFiles.from_dir(certs.requester_dirs["load-requester"])
-        coordinator_tls = TlsFiles.from_dir(certs.coordinator_dir)
-        progress("starting two owners (training on first start) and the coordinator")
-        with _deployment(procs, root, certs, data, key_path, "load", cached=True) as targets:
-            channel = connect_coordinator(targets["coordinator"], requester)
-            _wait_serving(channel)
-            stub = fusion_pb2_grpc.FusionServiceStub(channel)
-            deadline = time.monotonic() + 180
-            while True:
-                info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=10)
-                if len(info.modalities) == len(MODALITIES) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            channel.close()
-            progress("oracle: reading every owner's logits through ModalityService")
-            reference = Reference(
-                [snapshot_owner(targets["owners"][m], coordinator_tls, m, ids) for m in MODALITIES]
-            )
-            pid = procs.procs["load-coordinator"].pid
+    with bench_setup(workdir, data_cfg, "load-requester", progress) as setup:
+        procs = _Procs(setup.root)
+        try:
+            requester, ids = setup.requester, setup.ids
+            coordinator_tls = TlsFiles.from_dir(setup.certs.coordinator_dir)
+            progress("starting two owners (training on first start) and the coordinator")
+            with _deployment(
+                procs, setup.root, setup.certs, setup.data, setup.key_path, "load", cached=True
+            ) as targets:
+                channel = connect_coordinator(targets["coordinator"], requester)
+                _wait_serving(channel)
+                stub = fusion_pb2_grpc.FusionServiceStub(channel)
+                deadline = time.monotonic() + 180
+                while True:
+                    info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=10)
+                    if len(info.modalities) == len(MODALITIES) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                channel.close()
+                progress("oracle: reading every owner's logits through ModalityService")
+                reference = Reference(
+                    [snapshot_owner(targets["owners"][m], coordinator_tls, m, ids)
+                     for m in MODALITIES]
+                )  # fmt: skip
+                pid = procs.procs["load-coordinator"].pid
 
-            def make_stub() -> Any:
-                ch = connect_coordinator(targets["coordinator"], requester)
-                return fusion_pb2_grpc.FusionServiceStub(ch)
+                def make_stub() -> Any:
+                    ch = connect_coordinator(targets["coordinator"], requester)
+                    return fusion_pb2_grpc.FusionServiceStub(ch)
 
-            load_cfg = LoadConfig(
-                requests=cfg.requests, clients=cfg.clients, batch=cfg.batch, warmup=cfg.warmup,
-                timeout_s=cfg.timeout_s, seed=cfg.seed,
-                options=options_to_proto(PredictOptions(method=cfg.method)),
-            )  # fmt: skip
-            result = run_load(make_stub, ids, load_cfg, reference, pid=pid, progress=progress)
-        results["load"] = result.to_json()
-        results["environment"]["load_avg_after"] = _loadavg()
-        errors = sum(v for k, v in result.outcomes.items() if k != "correct")
-        growth = result.rss_growth_mb or 0.0
-        results["verdict"] = {
-            "all_correct": errors == 0 and result.neither == 0,
-            "rss_growth_mb": growth,
-            "rss_bound_mb": cfg.rss_bound_mb,
-            "rss_within_bound": growth <= cfg.rss_bound_mb,
-        }
-        results["passed"] = (
-            results["verdict"]["all_correct"] and results["verdict"]["rss_within_bound"]
-        )
-    finally:
-        procs.stop_all()
-        if tmp is not None:
-            tmp.cleanup()
+                load_cfg = LoadConfig(
+                    requests=cfg.requests, clients=cfg.clients, batch=cfg.batch,
+                    warmup=cfg.warmup, timeout_s=cfg.timeout_s, seed=cfg.seed,
+                    options=options_to_proto(PredictOptions(method=cfg.method)),
+                )  # fmt: skip
+                result = run_load(make_stub, ids, load_cfg, reference, pid=pid, progress=progress)
+        finally:
+            procs.stop_all()
+    results["load"] = result.to_json()
+    results["environment"]["load_avg_after"] = load_average()
+    errors = sum(v for k, v in result.outcomes.items() if k != "correct")
+    growth = result.rss_growth_mb or 0.0
+    results["verdict"] = {
+        "all_correct": errors == 0 and result.neither == 0,
+        "rss_growth_mb": growth,
+        "rss_bound_mb": cfg.rss_bound_mb,
+        "rss_within_bound": growth <= cfg.rss_bound_mb,
+    }
+    results["passed"] = results["verdict"]["all_correct"] and results["verdict"]["rss_within_bound"]
     return results
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def print_load_results(results: dict[str, Any], console: Any) -> None:
