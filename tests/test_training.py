@@ -109,7 +109,11 @@ def test_train_epochs_with_loader_over_rounds() -> None:
 def test_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
     x, y = _blobs(32)
     train_model(build_model("mlp", (2,), 2), x, y, epochs=2, progress=True)
+    shown = capsys.readouterr()
+    assert "epoch 2/2" in shown.out + shown.err  # rich's bar, with the epoch and loss
     train_model(build_model("mlp", (2,), 2), x, y, epochs=2, progress=False)
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err == ""
 
 
 def test_predict_and_evaluate_restore_mode() -> None:
