@@ -2,22 +2,44 @@
 
 Equation numbers refer to Gao et al., "Training-Free Robust Multimodal Learning via Sample-Wise
 Jacobian Regularization" (``shared/paper/jacobian-fusion-paper.md``).
+
+Pick a rule by name through the registry (:mod:`jacfusion_fed.fusion.methods`): :func:`fuse`,
+:data:`METHODS`, :func:`get_method`; class priors come from :func:`log_prior_from_counts`.
 """
 
-from ._validation import FusionInputError
+from ._validation import FusionInputError, check_gamma
 from .gram import GramFactor, factor_gram, gram_of
 from .jacobian import SOLVERS, jacobian_fusion, solve_jacobian_weights
+from .methods import (
+    METHODS,
+    FusionMethod,
+    fuse,
+    get_method,
+    log_prior_from_counts,
+    methods,
+    prior_from_counts,
+    register,
+)
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
+    "METHODS",
     "SOLVERS",
     "FusionInputError",
+    "FusionMethod",
     "GramFactor",
+    "check_gamma",
     "confidence_mean_fusion",
     "factor_gram",
+    "fuse",
+    "get_method",
     "gram_of",
     "jacobian_fusion",
+    "log_prior_from_counts",
     "mean_fusion",
+    "methods",
+    "prior_from_counts",
+    "register",
     "solve_jacobian_weights",
     "statistical_fusion",
 ]
