@@ -1,5 +1,5 @@
 """Fusion batched across concurrent requests: :class:`FusionBatcher` fuses the jobs of
-concurrent requests with the same options (:class:`_FusionKey`) in one call."""
+concurrent requests with the same options (:class:`FusionKey`) in one call."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FusionBatcher"]
+__all__ = ["FusionBatcher", "FusionKey"]
 
 
 @dataclass(frozen=True)
-class _FusionKey:
-    """Everything that must agree for two jobs to be fused in one call."""
+class FusionKey:
+    """Everything that must agree for two jobs to be fused in one call: the registry method,
+    the modalities (in fusion order) with their head versions, and the method's options as
+    sorted ``(name, value)`` pairs (hashable values: tuples, not lists)."""
 
     method: str
     modalities: tuple[str, ...]
     versions: tuple[str, ...]
-    gammas: tuple[float, ...]
-    regularize: tuple[int, ...]
-    iterations: int
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 class _Job:
     __slots__ = ("error", "event", "key", "lead", "logits", "result", "rows", "spec")
 
-    def __init__(self, key: _FusionKey, logits: list[np.ndarray], spec: Any) -> None:
+    def __init__(self, key: FusionKey, logits: list[np.ndarray], spec: Any) -> None:
         self.key = key
         self.logits = logits
         self.spec = spec
@@ -62,7 +62,7 @@ class FusionBatcher:
 
     def __init__(
         self,
-        compute: Callable[[_FusionKey, list[np.ndarray], Any], np.ndarray],
+        compute: Callable[[FusionKey, list[np.ndarray], Any], np.ndarray],
         *,
         enabled: bool = True,
         max_rows: int = 65_536,
@@ -76,7 +76,7 @@ class FusionBatcher:
         self.calls = 0  # fusion calls made (for tests and benchmarks)
         self.jobs = 0
 
-    def run(self, key: _FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
+    def run(self, key: FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
         job = _Job(key, logits, spec)
         if not self.enabled:
             self._process([job])
@@ -104,7 +104,7 @@ class FusionBatcher:
         return job.outcome()
 
     def _process(self, jobs: list[_Job]) -> None:
-        groups: dict[_FusionKey, list[_Job]] = {}
+        groups: dict[FusionKey, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(job.key, []).append(job)
         for key, members in groups.items():
@@ -120,7 +120,7 @@ class FusionBatcher:
         for job in jobs:
             job.event.set()
 
-    def _run_batch(self, key: _FusionKey, batch: list[_Job]) -> None:
+    def _run_batch(self, key: FusionKey, batch: list[_Job]) -> None:
         try:
             if len(batch) == 1:
                 logits = batch[0].logits

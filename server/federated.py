@@ -50,7 +50,6 @@ from jacfusion_fed.evaluation import GAMMA_CANDIDATES, EvaluationResult, write_r
 from jacfusion_fed.federation import RUN_DIR_KEY, wait_for_nodes, write_run_results
 from jacfusion_fed.federation.protocol import (
     CLEAN,
-    EVAL_LABELS_FORMAT,
     MSG_DESCRIBE,
     MSG_HEAD,
     MSG_TRAIN,
@@ -64,31 +63,10 @@ from jacfusion_fed.federation.protocol import (
 from jacfusion_fed.models import build_from_spec
 from jacfusion_fed.store import HeadRecord, HeadRegistry
 
-from .federated_eval import (
-    EvalColumn,
-    EvalLabels,
-    build_table,
-    evaluate,
-    gather_logits,
-    parse_columns,
-)
+from .federated_eval import EvalColumn, evaluate, parse_columns
 from .federated_exchange import CoordinatorError, OwnerInfo, _Exchange, _message
 
-# The exchange with the owners and the evaluation lived here before they moved to
-# federated_exchange and federated_eval; callers and tests still import them from this module.
-__all__ = [
-    "EVAL_LABELS_FORMAT",
-    "CoordinatorError",
-    "EvalColumn",
-    "EvalLabels",
-    "FlowConfig",
-    "OwnerInfo",
-    "build_table",
-    "evaluate",
-    "gather_logits",
-    "parse_columns",
-    "run_coordinator",
-]
+__all__ = ["FlowConfig", "run_coordinator"]
 
 
 # ------------------------------------------------------------------------ configuration
@@ -455,7 +433,7 @@ def _flow(
     if cfg.labels_file is None:
         log(INFO, "No labels-file in the run config: heads registered, no evaluation")
         return
-    evaluation, table = evaluate(ex, cfg, groups, registry, records, k, timings)
+    evaluation, table = evaluate(ex, cfg, groups, records, k, timings)
     results["evaluation"] = evaluation
     models = {}
     for row, modality in zip(table.rows, evaluation["order"], strict=False):

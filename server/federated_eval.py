@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from logging import INFO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,24 +37,16 @@ from jacfusion_fed.federation.protocol import (
     query_request,
     setting_field,
 )
-from jacfusion_fed.fusion import (
-    confidence_mean_fusion,
-    factor_gram,
-    jacobian_fusion,
-    mean_fusion,
-    statistical_fusion,
-)
+from jacfusion_fed.fusion import factor_gram, fuse, log_prior_from_counts, prior_from_counts
 from jacfusion_fed.owner.perturbation import PerturbationSpec
-from jacfusion_fed.store import HeadRecord, HeadRegistry
+from jacfusion_fed.store import HeadRecord
 
 from .federated_exchange import CoordinatorError, _Exchange, _message
-
-if TYPE_CHECKING:
-    from .federated import FlowConfig
 
 __all__ = [
     "EvalColumn",
     "EvalLabels",
+    "EvalSettings",
     "build_table",
     "evaluate",
     "gather_logits",
@@ -102,6 +94,32 @@ def parse_columns(text: str) -> list[EvalColumn]:
     return out
 
 
+class EvalSettings(Protocol):
+    """What the evaluation reads of the flow's run config
+    (:class:`jacfusion_fed.server.federated.FlowConfig` has these, and more)."""
+
+    @property
+    def labels_file(self) -> Path | None: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def training(self) -> str: ...
+    @property
+    def perturbed(self) -> str: ...
+    @property
+    def columns(self) -> list[EvalColumn]: ...
+    @property
+    def repeats(self) -> int: ...
+    @property
+    def gamma(self) -> float | None: ...
+    @property
+    def gamma_candidates(self) -> tuple[float, ...]: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def query_batch(self) -> int: ...
+
+
 # ------------------------------------------------------------------------ evaluation
 @dataclass(frozen=True)
 class EvalLabels:
@@ -146,7 +164,7 @@ class EvalLabels:
         return cls(ids, labels)
 
 
-def _settings_plan(cfg: FlowConfig) -> tuple[list[str], dict[str, list[int]]]:
+def _settings_plan(cfg: EvalSettings) -> tuple[list[str], dict[str, list[int]]]:
     """Settings of the perturbed modality's query and, per column, its setting indices."""
     settings = [CLEAN]
     index: dict[str, list[int]] = {}
@@ -164,7 +182,7 @@ def _settings_plan(cfg: FlowConfig) -> tuple[list[str], dict[str, list[int]]]:
 
 def gather_logits(
     ex: _Exchange,
-    cfg: FlowConfig,
+    cfg: EvalSettings,
     groups: Mapping[str, list[int]],
     records: Mapping[str, HeadRecord],
     ids: list[str],
@@ -239,7 +257,7 @@ def _row_name(i: int, modality: str, dataset: str, training: str, sites: int) ->
 
 
 def build_table(
-    cfg: FlowConfig,
+    cfg: EvalSettings,
     order: list[str],
     logits: Mapping[str, list[np.ndarray]],
     plan: Mapping[str, list[int]],
@@ -287,13 +305,9 @@ def build_table(
         for s in settings:
             z = view("test", s)
             rows[p].acc.setdefault(col.key, []).append(_accuracy(z[p], y_test))
-            fused = {
-                "mean": mean_fusion(z),
-                "confidence_mean": confidence_mean_fusion(z),
-                "statistical": statistical_fusion(z, log_prior),
-                "jacobian": jacobian_fusion(z, factors, log_prior, gamma=gamma, regularize=[p]),
-            }
-            for kind, probs in fused.items():
+            options = {"jacobian": {"gamma": gamma, "regularize": [p]}}
+            for kind in PAPER_MM_KINDS:
+                probs = fuse(kind, z, factors, log_prior, options.get(kind))
                 mm[kind].acc.setdefault(col.key, []).append(_accuracy(probs, y_test))
     table = Table(
         title=(
@@ -334,9 +348,8 @@ def _modality_order(modalities: Iterable[str], perturbed: str) -> list[str]:
 
 def evaluate(
     ex: _Exchange,
-    cfg: FlowConfig,
+    cfg: EvalSettings,
     groups: Mapping[str, list[int]],
-    registry: HeadRegistry,
     records: Mapping[str, HeadRecord],
     k: int,
     timings: dict[str, float],
@@ -362,8 +375,10 @@ def evaluate(
         len(ids), sum(len(v) for v in groups.values()), len(settings), perturbed,
         timings["gather_logits_s"],
     )  # fmt: skip
-    prior = registry.class_prior(order)
-    log_prior = np.log(np.clip(prior, 1e-6, None))
+    # The registry's one prior rule (add-one smoothing), as in the coordinator's Predict.
+    counts = np.sum([np.asarray(records[m].class_counts, dtype=np.float64) for m in order], 0)
+    prior = prior_from_counts(counts)
+    log_prior = log_prior_from_counts(counts)
     t0 = time.perf_counter()
     table, clean_acc = build_table(
         cfg, order, logits, plan, records, labels, log_prior, {m: len(groups[m]) for m in order}

@@ -25,8 +25,7 @@ from typing import Final
 import grpc
 import numpy as np
 
-from jacfusion_fed.fusion import GramFactor
-from jacfusion_fed.fusion._validation import check_gamma
+from jacfusion_fed.fusion import METHODS, GramFactor, check_gamma
 from jacfusion_fed.privacy.certs import validate_modality_name
 from jacfusion_fed.store import HeadRecord
 
@@ -46,8 +45,8 @@ __all__ = [
     "RegisteredHead",
 ]
 
-#: Fusion rules, by the names used in options, the CLI and the JSON output.
-METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
+# METHODS (the fusion rules, by the names used in options, the CLI and the JSON output) is
+# the fusion registry's (jacfusion_fed.fusion.METHODS), re-exported as part of this API.
 #: Longest accepted sample id (pseudonyms are 64 hex or 52 base32 characters).
 MAX_ID_LENGTH: Final = 256
 #: Longest accepted per-owner timeout (seconds). gRPC turns a timeout into an absolute

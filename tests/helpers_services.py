@@ -23,6 +23,7 @@ from jacfusion_fed.bench.serve import MODALITIES, ServeBenchConfig, make_dataset
 from jacfusion_fed.fusion import (
     confidence_mean_fusion,
     jacobian_fusion,
+    log_prior_from_counts,
     mean_fusion,
     statistical_fusion,
 )
@@ -192,8 +193,7 @@ class Fed:
 
     def log_prior(self) -> np.ndarray:
         counts = np.sum([ws.class_counts() for ws in self.workspaces.values()], axis=0)
-        prior: np.ndarray = np.log(counts / counts.sum())
-        return prior
+        return log_prior_from_counts(counts)  # the one prior rule (add-one smoothing)
 
     def reference(
         self,

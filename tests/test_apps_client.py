@@ -39,7 +39,7 @@ from jacfusion_fed.federation.protocol import (
 from jacfusion_fed.federation.scenario import DEFAULT_RUN_CONFIG, requester_splits
 from jacfusion_fed.owner.perturbation import PerturbationSpec
 from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
-from jacfusion_fed.server.federated import parse_columns
+from jacfusion_fed.server.federated_eval import parse_columns
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "builtin:twomoon?quick=1&seed=0"

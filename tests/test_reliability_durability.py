@@ -41,12 +41,8 @@ from jacfusion_fed.reliability import Reference, snapshot_workspace
 from jacfusion_fed.rpc.auth import connect_owner
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.tls import create_channel
-from jacfusion_fed.server.coordinator import (
-    Coordinator,
-    CoordinatorConfig,
-    OwnerEndpoint,
-    PredictError,
-)
+from jacfusion_fed.server.coordinator import Coordinator
+from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictError
 from jacfusion_fed.store import CorruptFileError, HeadRegistry, ModelStore
 
 
@@ -236,7 +232,7 @@ def test_registry_write_failure_is_clear_and_heals(
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         c.start_sync()
         time.sleep(0.5)
-        assert c._sync_thread is not None and c._sync_thread.is_alive()
+        assert c.sync_running
         monkeypatch.setattr(HeadRegistry, "register", real)
         deadline = time.monotonic() + 20
         while not all(c.head(m) is not None for m in MODALITIES):

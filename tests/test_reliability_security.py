@@ -51,12 +51,8 @@ from jacfusion_fed.rpc.tls import (
     create_channel,
     create_server,
 )
-from jacfusion_fed.server.coordinator import (
-    Coordinator,
-    CoordinatorConfig,
-    OwnerEndpoint,
-    PredictError,
-)
+from jacfusion_fed.server.coordinator import Coordinator
+from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictError
 from jacfusion_fed.server.serve import connect_coordinator
 
 

@@ -30,16 +30,15 @@ from jacfusion_fed.rpc.auth import AuthInterceptor
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
-from jacfusion_fed.server.coordinator import (
-    Coordinator,
+from jacfusion_fed.server.batching import FusionBatcher, FusionKey
+from jacfusion_fed.server.coordinator import Coordinator
+from jacfusion_fed.server.fusion_service import decode_predictions
+from jacfusion_fed.server.predict_types import (
     CoordinatorConfig,
-    FusionBatcher,
     OwnerEndpoint,
     PredictError,
     PredictOptions,
-    _FusionKey,
 )
-from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.serve import connect_coordinator, serve_coordinator
 
 TOL = 1e-12
@@ -230,8 +229,9 @@ def test_owner_holding_some_patients(fed: Fed, tmp_path: Path) -> None:
         np.testing.assert_array_equal(audio.used, held)
         assert image.used.all() and audio.error == ""
         counts = half.class_counts() + fed.workspaces["image"].class_counts()
-        log_prior = np.log(counts / counts.sum())
-        from jacfusion_fed.fusion import statistical_fusion
+        from jacfusion_fed.fusion import log_prior_from_counts, statistical_fusion
+
+        log_prior = log_prior_from_counts(counts)
 
         for row, sid in enumerate(ids):
             logits = [fed.workspaces["image"].logits([sid]).logits]
@@ -279,11 +279,11 @@ def test_fusion_batcher_merges_concurrent_jobs() -> None:
         return logits[0] * 2.0
 
     batcher = FusionBatcher(compute)
-    key = _FusionKey("mean", ("a",), ("v",), (), (), 0)
-    other = _FusionKey("statistical", ("a",), ("v",), (), (), 0)
+    key = FusionKey("mean", ("a",), ("v",))
+    other = FusionKey("statistical", ("a",), ("v",))
     results: dict[int, np.ndarray] = {}
 
-    def run(i: int, k: _FusionKey) -> None:
+    def run(i: int, k: FusionKey) -> None:
         results[i] = batcher.run(k, [np.full((i + 1, 3), float(i))], None)
 
     first = threading.Thread(target=run, args=(0, key))

@@ -11,11 +11,10 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from jacfusion_fed.data import MultimodalDataset
-from jacfusion_fed.fusion import GramFactor, factor_gram, gram_of
+from jacfusion_fed.fusion import GramFactor, factor_gram, gram_of, log_prior_from_counts
 from jacfusion_fed.models import UnimodalNet
 from jacfusion_fed.robustness import (
     AttackSpec,
@@ -97,8 +96,7 @@ class TableRun:
             )
             for split in ("val", "test")
         }
-        counts = np.maximum(data["train"].class_counts().astype(np.float64), 1.0)
-        self.log_prior = torch.from_numpy(np.log(counts / counts.sum()))
+        self.log_prior = torch.from_numpy(log_prior_from_counts(data["train"].class_counts()))
         self.factor_clean = _factor(clean_net)
         self.factors = [_factor(n) for n in nets]
         self.clean_test_acc = _accuracy(self.splits["test"].z_clean, self.splits["test"].y)

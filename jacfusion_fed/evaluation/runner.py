@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from jacfusion_fed.data import MultimodalDataset, load_builtin
+from jacfusion_fed.fusion import log_prior_from_counts
 from jacfusion_fed.robustness import GaussianNoise
 from jacfusion_fed.training import evaluate_accuracy
 
@@ -178,8 +179,7 @@ def _twomoon_heatmaps(
     uni = zoo.get("xy", "regular")
     zoo.info["XY-regT"]["test_accuracy"] = evaluate_accuracy(uni, xy_test, test.labels)
     nets = (zoo.get("x", "regular"), zoo.get("y", "regular"))
-    counts = np.maximum(train.class_counts().astype(np.float64), 1.0)
-    log_prior = torch.from_numpy(np.log(counts / counts.sum()))
+    log_prior = torch.from_numpy(log_prior_from_counts(train.class_counts()))
     out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(config.seed)
     for name, panel in unimodal_heatmaps(

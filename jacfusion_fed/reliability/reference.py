@@ -25,12 +25,7 @@ from typing import Any, Final
 import grpc
 import numpy as np
 
-from jacfusion_fed.fusion import (
-    confidence_mean_fusion,
-    jacobian_fusion,
-    mean_fusion,
-    statistical_fusion,
-)
+from jacfusion_fed.fusion import fuse, get_method, log_prior_from_counts
 
 __all__ = [
     "CLEAR_ERROR_CODES",
@@ -224,16 +219,13 @@ class Reference:
         return FAST_SOLVER_TOLERANCE if self.num_classes >= 48 else TOLERANCE
 
     def log_prior(self) -> np.ndarray:
-        """Log of the class prior from all owners' summed class counts (add-one smoothing
-        when a class has no sample, as the coordinator does)."""
+        """Log of the class prior from all owners' summed class counts, by the fusion
+        registry's one rule (:func:`jacfusion_fed.fusion.log_prior_from_counts`)."""
         names = self.modalities if self.prior_modalities is None else self.prior_modalities
         counts = np.sum(
             [np.asarray(self._by_name[m].class_counts, dtype=np.float64) for m in names], axis=0
         )
-        if (counts <= 0).any():
-            counts = counts + 1.0
-        prior: np.ndarray = np.log(counts / counts.sum())
-        return prior
+        return log_prior_from_counts(counts)
 
     def plan(self, options: Any = None) -> Plan:
         """Resolve ``options`` (a ``PredictOptions``, a ``FusionOptions`` message or
@@ -263,18 +255,17 @@ class Reference:
         """Fused probabilities (len(ids), K) of ``ids`` from the modalities ``members`` (in
         plan order), every id held by every member."""
         logits = [np.stack([self._by_name[m].logits[i] for i in ids]) for m in members]
-        if plan.method == "statistical":
-            return statistical_fusion(logits, self.log_prior()).numpy()
-        if plan.method == "mean":
-            return mean_fusion(logits).numpy()
-        if plan.method == "confidence_mean":
-            return confidence_mean_fusion(logits).numpy()
+        rule = get_method(plan.method)
         reg = [j for j, m in enumerate(members) if m in plan.regularize]
+        options: dict[str, Any] = {}
+        if rule.takes("gamma"):
+            options["gamma"] = [plan.gammas[m] for m in members]
+        if rule.takes("regularize"):
+            options["regularize"] = reg
+        if rule.takes("iterations"):
+            options["iterations"] = plan.iterations
         grams = [self._by_name[m].gram if j in reg else None for j, m in enumerate(members)]
-        return jacobian_fusion(
-            logits, grams, self.log_prior(), gamma=[plan.gammas[m] for m in members],
-            regularize=reg, iterations=plan.iterations,
-        ).numpy()  # fmt: skip
+        return fuse(rule, logits, grams, self.log_prior(), options).numpy()
 
     def prepare(self, ids: Sequence[str], options: Any = None) -> None:
         """Precompute the reference of every id under ``options`` for every subset of the

@@ -20,25 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from jacfusion_fed.fusion import (
-    GramFactor,
-    confidence_mean_fusion,
-    jacobian_fusion,
-    mean_fusion,
-    statistical_fusion,
-)
+from jacfusion_fed.fusion import METHODS, GramFactor, fuse, get_method
 
 from .attacks import Attack
 
 __all__ = ["FUSION_METHODS", "FusedLogProbs", "FusionRule", "attack_fused", "worst_case_logits"]
 
-FusionMethod = Literal["mean", "confidence_mean", "statistical", "jacobian"]
-FUSION_METHODS: tuple[str, ...] = ("mean", "confidence_mean", "statistical", "jacobian")
+#: The fusion registry's method names (:data:`jacfusion_fed.fusion.METHODS`).
+FUSION_METHODS: tuple[str, ...] = METHODS
 _LOG_FLOOR = 1e-300
 
 
@@ -47,7 +41,8 @@ class FusionRule:
     """One fusion rule with fixed parameters: ``rule(logits) -> probabilities (N, K)``.
 
     Attributes:
-        method: ``"mean"`` (Mean-w/o), ``"confidence_mean"`` (Mean-w/), ``"statistical"``
+        method: a registered fusion method (:data:`jacfusion_fed.fusion.METHODS`):
+            ``"mean"`` (Mean-w/o), ``"confidence_mean"`` (Mean-w/), ``"statistical"``
             (Stat-w/o) or ``"jacobian"`` (Stat-w/).
         factors: per modality a :class:`GramFactor` (or None); used by ``"jacobian"`` only.
         log_prior: ln freq (K,) or None; used by the statistical rules only.
@@ -55,7 +50,7 @@ class FusionRule:
         regularize: modality indices given a W_m (``"jacobian"`` only).
     """
 
-    method: FusionMethod
+    method: str
     factors: tuple[GramFactor | None, ...] = ()
     log_prior: torch.Tensor | None = None
     gamma: float = 0.5
@@ -68,19 +63,14 @@ class FusionRule:
             raise ValueError("a 'jacobian' rule needs regularize (the modalities given a W_m)")
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.method == "mean":
-            return mean_fusion(logits)
-        if self.method == "confidence_mean":
-            return confidence_mean_fusion(logits)
-        if self.method == "statistical":
-            return statistical_fusion(logits, self.log_prior)
-        return jacobian_fusion(
-            logits,
-            list(self.factors),
-            self.log_prior,
-            gamma=self.gamma,
-            regularize=list(self.regularize),
-        )
+        rule = get_method(self.method)
+        options: dict[str, Any] = {}
+        if rule.takes("gamma"):
+            options["gamma"] = self.gamma
+        if rule.takes("regularize"):
+            options["regularize"] = list(self.regularize)
+        grams = list(self.factors) if self.factors else None
+        return fuse(rule, logits, grams, self.log_prior, options)
 
 
 class FusedLogProbs(nn.Module):

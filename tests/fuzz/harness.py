@@ -48,15 +48,15 @@ from jacfusion_fed.rpc.jacfusion.v1 import (
 )
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE
-from jacfusion_fed.server.coordinator import (
+from jacfusion_fed.server.coordinator import Coordinator
+from jacfusion_fed.server.fusion_service import FusionServicer, decode_predictions
+from jacfusion_fed.server.predict_types import (
     MAX_ABS_OWNER_VALUE,
-    Coordinator,
     CoordinatorConfig,
     OwnerEndpoint,
     PredictError,
     PredictOptions,
 )
-from jacfusion_fed.server.fusion_service import FusionServicer, decode_predictions
 from jacfusion_fed.server.serve import fusion_policy
 
 K = 4

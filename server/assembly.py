@@ -1,0 +1,175 @@
+"""Assembly (pure numpy): the owners' checked answers of one batch become a
+:class:`PredictResult`.
+
+Partial answers (never silent)
+    A modality that failed is left out and its contribution says so (``error``, all ``used``
+    flags false); per sample, ``used`` says which modalities' logits went into it. With
+    ``require_all`` any failed modality fails the call (``UNAVAILABLE``, or the owners' own
+    code when every selected owner failed the same non-transient way, see :data:`RELAYED`).
+
+Unknown ids
+    An id is unknown when no answering selected owner holds it (with ``require_all``: when
+    any selected owner lacks it). By default the call fails with ``NOT_FOUND`` naming them
+    (``UNAVAILABLE`` when some owner did not answer, since it might hold them); with
+    ``skip_unknown_ids`` the other samples are predicted and those ids are listed in
+    ``unpredicted_sample_ids``. Samples held by different sets of modalities are fused group
+    by group (fusion is sample-wise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import grpc
+import numpy as np
+
+from .fanout import Answer
+from .owner_channel import OwnerFailure
+from .predict_types import Contribution, PredictError, PredictResult, RegisteredHead
+from .request_plan import Plan, list_ids
+
+__all__ = ["RELAYED", "FuseGroup", "assemble"]
+
+#: Owner failures whose code a failed request takes over when every selected owner failed
+#: that way (fusion.proto); any other code of an owner (its own INTERNAL or UNKNOWN, a
+#: RESOURCE_EXHAUSTED, ...) makes the request UNAVAILABLE, with the owner's status named in
+#: the message, so that an owner's fault is never reported as the coordinator's.
+RELAYED: Final = frozenset(
+    {
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+#: ``fuse_group(members, heads, logits) -> probs (n, K)`` for samples held by ``members``.
+FuseGroup = Callable[[list[str], Mapping[str, RegisteredHead], list[np.ndarray]], np.ndarray]
+
+
+def _fail_if_needed(
+    plan: Plan, answers: Mapping[str, Answer], failures: Mapping[str, OwnerFailure]
+) -> None:
+    if failures and (plan.require_all or not answers):
+        codes = {f.code for f in failures.values()}
+        relayed = len(codes) == 1 and codes <= RELAYED
+        code = codes.pop() if relayed else grpc.StatusCode.UNAVAILABLE
+        what = "require_all is set and" if answers else "no selected owner answered:"
+        raise PredictError(
+            code,
+            f"{what} {len(failures)} of {len(plan.modalities)} selected modalities failed: "
+            + "; ".join(f.text for f in failures.values()),
+        )
+
+
+def _unknown(
+    plan: Plan, unpredicted: list[str], failures: Mapping[str, OwnerFailure]
+) -> PredictError:
+    held = "held by every selected owner" if plan.require_all else "held by any owner"
+    if failures:
+        return PredictError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{len(unpredicted)} sample id(s) not {held} that answered, and "
+            f"{', '.join(failures)} did not answer ("
+            + "; ".join(f.text for f in failures.values())
+            + f"): {list_ids(unpredicted)}",
+        )
+    return PredictError(
+        grpc.StatusCode.NOT_FOUND,
+        f"{len(unpredicted)} unknown sample id(s), not {held}: {list_ids(unpredicted)}",
+    )
+
+
+def assemble(
+    plan: Plan,
+    ids: list[str],
+    answers: Mapping[str, Answer],
+    failures: Mapping[str, OwnerFailure],
+    known_heads: Mapping[str, RegisteredHead | None],
+    fuse_group: FuseGroup,
+) -> PredictResult:
+    """The result of one batch (see the module docstring).
+
+    Args:
+        plan: the request's plan.
+        ids: the batch's ids, in request order.
+        answers: checked answers of the modalities that answered.
+        failures: why each other selected modality failed.
+        known_heads: the registered head of every failed modality (for its contribution).
+        fuse_group: fuses the samples held by one set of modalities.
+    """
+    _fail_if_needed(plan, answers, failures)
+    ok = [m for m in plan.modalities if m in answers]
+    heads = {m: answers[m].head for m in ok}
+    ks = {h.num_classes for h in heads.values()}
+    if len(ks) > 1:
+        raise PredictError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "K mismatch between owners: "
+            + ", ".join(f"{m!r} has K={heads[m].num_classes}" for m in ok),
+        )
+    k = ks.pop()
+    n = len(ids)
+    unpredicted: list[str] = []
+    everywhere = np.ones(n, dtype=bool)
+    if all(answers[m].known is None for m in ok):
+        # The common case: every answering modality holds every sample.
+        probs = fuse_group(ok, heads, [answers[m].logits for m in ok])
+        used = {m: everywhere for m in ok}
+        sample_ids = ids
+    else:
+        masks = np.stack(
+            [known if (known := answers[m].known) is not None else everywhere for m in ok]
+        )  # (M_ok, n)
+        predicted = masks.all(axis=0) if plan.require_all else masks.any(axis=0)
+        if not predicted.all():
+            unpredicted = [ids[i] for i in np.flatnonzero(~predicted)]
+            if not plan.skip_unknown_ids:
+                raise _unknown(plan, unpredicted, failures)
+        rows = np.flatnonzero(predicted)
+        masks = masks[:, rows]
+        probs = np.empty((rows.size, k))
+        # Fuse each group of samples with the same set of modalities on its own.
+        patterns = np.zeros(rows.size, dtype=np.int64)
+        for j in range(len(ok)):
+            patterns |= masks[j].astype(np.int64) << j
+        for pattern in np.unique(patterns):
+            members = [m for j, m in enumerate(ok) if pattern >> j & 1]
+            sel = np.flatnonzero(patterns == pattern)
+            src = rows[sel]
+            probs[sel] = fuse_group(members, heads, [answers[m].logits[src] for m in members])
+        used = {m: masks[j] for j, m in enumerate(ok)}
+        sample_ids = [ids[i] for i in rows]
+    labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    takes_gamma = plan.rule.takes("gamma")
+    takes_regularize = plan.rule.takes("regularize")
+    contributions = []
+    for m in plan.modalities:
+        gamma = plan.gammas[m] if takes_gamma else 0.0
+        if m in answers:
+            head = answers[m].head
+            regularized = takes_regularize and m in plan.regularize and bool(used[m].any())
+            contributions.append(
+                Contribution(
+                    m,
+                    head.record.owner,
+                    head.version,
+                    used[m],
+                    gamma=gamma,
+                    regularized=regularized,
+                )
+            )
+        else:
+            known = known_heads.get(m)
+            contributions.append(
+                Contribution(
+                    m,
+                    known.record.owner if known else "",
+                    known.version if known else "",
+                    np.zeros(len(probs), dtype=bool),
+                    gamma=gamma,
+                    error=failures[m].text,
+                )
+            )
+    return PredictResult(sample_ids, probs, labels, contributions, unpredicted, plan.method)

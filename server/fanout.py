@@ -1,0 +1,219 @@
+"""Fan-out: ask every selected owner for the logits of a batch, concurrently, and check each
+answer (:class:`FanOut`).
+
+Owners are called with a deadline (the per-owner timeout, capped by the request's own
+deadline). An owner's answer is checked before anything reads it: one model version across
+its calls (its head is registered first when that version is new), K as registered, finite
+logits of plausible magnitude (at most :data:`MAX_ABS_OWNER_VALUE`), only requested ids, each
+once. A failing owner becomes an :class:`OwnerFailure`, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
+from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
+
+from .owner_channel import OwnerFailure, rpc_failure
+from .owner_links import OwnerLinks
+from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead
+from .request_plan import Plan, list_ids, owner_timeout
+
+__all__ = ["Answer", "FanOut", "Gathered"]
+
+
+@dataclass
+class Gathered:
+    """Owner calls in flight for one batch."""
+
+    ids: list[str]
+    plan: Plan
+    calls: dict[str, list[tuple[int, int, Any]]]  # modality -> [(start, stop, future)]
+    deadline: float
+    index: dict[str, int] | None = None
+
+
+@dataclass
+class Answer:
+    """One modality's checked answer for a batch."""
+
+    modality: str
+    head: RegisteredHead
+    logits: np.ndarray  # (n, K), zero rows where not known
+    known: np.ndarray | None  # (n,) bool; None when every id is known
+
+
+class FanOut:
+    """Concurrent ``GetLogits`` calls to the owners of :class:`OwnerLinks`."""
+
+    def __init__(self, links: OwnerLinks, config: CoordinatorConfig) -> None:
+        self.links = links
+        self.config = config
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            config.fanout_threads, thread_name_prefix="jacfusion-fanout"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def gather(
+        self, ids: list[str], plan: Plan, deadline: float | None, *, inline: bool = True
+    ) -> Gathered:
+        """Ask every selected owner for the logits of ``ids``, concurrently.
+
+        The calls run on the fan-out pool as blocking unary calls (grpc's ``.future()``
+        starts a channel thread per call when none is in flight, which costs more than a pool
+        hand-off). With ``inline`` the last call runs on the caller's thread meanwhile, so a
+        lone owner costs one round trip and no hand-off at all.
+        """
+        timeout, until = owner_timeout(plan, deadline)
+        step = self.config.owner_chunk
+        requests = [
+            (
+                s,
+                min(s + step, len(ids)),
+                modality_pb2.GetLogitsRequest(sample_ids=ids[s : s + step]),
+            )
+            for s in range(0, len(ids), step)
+        ]
+        jobs = [
+            (name, start, stop, self.links[name].channel.stub.GetLogits, req)
+            for name in plan.modalities
+            for start, stop, req in requests
+        ]
+        calls: dict[str, list[tuple[int, int, Any]]] = {name: [] for name in plan.modalities}
+        last = jobs.pop() if inline else None
+        for name, start, stop, method, req in jobs:
+            calls[name].append((start, stop, self._pool.submit(method, req, timeout=timeout)))
+        if last is not None:
+            name, start, stop, method, req = last
+            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            try:
+                done.set_result(method(req, timeout=timeout))
+            except Exception as exc:
+                done.set_exception(exc)
+            calls[name].append((start, stop, done))
+        return Gathered(ids, plan, calls, until)
+
+    def collect(self, gathered: Gathered, name: str) -> Answer:
+        """Wait for one modality's answers and check them; raises :class:`OwnerFailure`."""
+        link = self.links[name]
+        target = link.endpoint.target
+        ids = gathered.ids
+        responses = []
+        for start, stop, future in gathered.calls[name]:
+            try:
+                responses.append((start, stop, future.result()))
+            except grpc.RpcError as exc:
+                for _s, _e, other in gathered.calls[name]:
+                    other.cancel()  # not started yet: no need to ask any more
+                raise rpc_failure(name, target, exc) from exc
+            except Exception as exc:  # e.g. the pool or channel shut down
+                raise OwnerFailure(
+                    grpc.StatusCode.UNAVAILABLE, f"owner of {name!r} at {target}: {exc!r}"
+                ) from exc
+        version = responses[0][2].model_version
+        if any(resp.model_version != version for _s, _e, resp in responses):
+            versions = sorted({resp.model_version for _s, _e, resp in responses})
+            raise OwnerFailure(
+                grpc.StatusCode.ABORTED,
+                f"owner of {name!r} changed its model version during the request "
+                f"({', '.join(versions)}); retry",
+            )
+        head = link.head
+        if head is None or head.version != version:
+            timeout = max(gathered.deadline - time.monotonic(), 0.0) or 0.001
+            head = self.links.refresh(
+                name, version, min(timeout, self.config.registration_timeout_s)
+            )
+        k = head.num_classes
+        n = len(ids)
+        if len(responses) == 1:
+            batch = responses[0][2].batch
+            if (
+                len(batch.sample_ids) == n
+                and not batch.unknown_sample_ids
+                and list(batch.sample_ids) == ids
+            ):
+                # The common case: one call, every id known, in request order (a reply that
+                # also lists ids as unknown contradicts itself: checked below).
+                return Answer(name, head, logits_of(name, batch, n, k, version), None)
+        logits = np.zeros((n, k))
+        known = np.zeros(n, dtype=bool)
+        for start, stop, resp in responses:
+            batch = resp.batch
+            rows_known = len(batch.sample_ids)
+            if rows_known + len(batch.unknown_sample_ids) != stop - start:
+                raise OwnerFailure(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"owner of {name!r} accounted for {rows_known + len(batch.unknown_sample_ids)}"
+                    f" sample ids, {stop - start} were requested",
+                )
+            if not rows_known:
+                continue
+            values = logits_of(name, batch, rows_known, k, version)
+            if rows_known == stop - start and list(batch.sample_ids) == ids[start:stop]:
+                logits[start:stop] = values
+                known[start:stop] = True
+                continue
+            if gathered.index is None:
+                gathered.index = dict(zip(ids, range(n), strict=True))
+            index = gathered.index
+            try:
+                rows = np.fromiter((index[s] for s in batch.sample_ids), np.int64, rows_known)
+            except KeyError as exc:
+                raise OwnerFailure(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"owner of {name!r} sent logits for sample id {exc.args[0]!r}, which was "
+                    "not requested",
+                ) from exc
+            if rows.min() < start or rows.max() >= stop or np.unique(rows).size != rows_known:
+                raise OwnerFailure(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"owner of {name!r} sent logits for ids outside its request or twice",
+                )
+            logits[rows] = values
+            known[rows] = True
+        return Answer(name, head, logits, None if known.all() else known)
+
+
+def logits_of(name: str, batch: Any, rows: int, k: int, version: str) -> np.ndarray:
+    """The (rows, K) logits of a ``LogitsBatch``: right shape, all finite, plausible size."""
+    matrix = batch.logits
+    if matrix.cols != k:
+        raise OwnerFailure(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"K mismatch: owner of {name!r} sent {matrix.cols} logits per sample, but its "
+            f"registered head (version {version}) has K={k}",
+        )
+    try:
+        values = decode_matrix(matrix, shape=(rows, k), name=f"logits of {name!r}")
+    except MatrixDecodeError as exc:
+        # Only a matrix of the right shape and size can be read to name the bad rows
+        # (np.frombuffer itself fails on a size that is not a multiple of 8 bytes).
+        if matrix.rows != rows or len(matrix.data) != rows * k * 8:
+            raise OwnerFailure(grpc.StatusCode.DATA_LOSS, str(exc)) from exc
+        values = np.frombuffer(matrix.data, dtype="<f8")
+        finite = np.isfinite(values.reshape(rows, k)).all(axis=1)
+        bad = [batch.sample_ids[i] for i in np.flatnonzero(~finite)]
+        raise OwnerFailure(
+            grpc.StatusCode.DATA_LOSS,
+            f"owner of {name!r} sent non-finite logits (NaN or Inf) for {len(bad)} "
+            f"sample(s): {list_ids(bad)}",
+        ) from exc
+    if values.size and (largest := float(np.abs(values).max())) > MAX_ABS_OWNER_VALUE:
+        out = np.abs(values).max(axis=1) > MAX_ABS_OWNER_VALUE
+        bad = [batch.sample_ids[i] for i in np.flatnonzero(out)]
+        raise OwnerFailure(
+            grpc.StatusCode.DATA_LOSS,
+            f"owner of {name!r} sent logits of magnitude up to {largest:.3g} (more than "
+            f"{MAX_ABS_OWNER_VALUE:g}) for {len(bad)} sample(s): {list_ids(bad)}",
+        )
+    return values

@@ -1,0 +1,330 @@
+"""The coordinator's owners: one :class:`OwnerLink` per configured modality (connection and
+registered head), head registration and the background sync (:class:`OwnerLinks`).
+
+Heads
+    What the coordinator knows per modality (owner name, model version, K, the Gram matrix
+    W W^T, class counts) lives in a :class:`~jacfusion_fed.store.HeadRegistry` and reloads on
+    restart without retraining or even reaching the owners. Each registered Gram matrix is
+    factored once (:func:`jacfusion_fed.fusion.factor_gram`) and kept on the fusion device.
+    The class prior is the registry rule :func:`jacfusion_fed.fusion.prior_from_counts` over
+    the summed class counts of the registered heads.
+
+Model versions
+    Logits are only ever fused with the head of the version that produced them: an answer
+    with another version makes :meth:`OwnerLinks.refresh` fetch and register that version's
+    head (``GetHead`` with ``expected_model_version``); when this fails (the owner moved on
+    once more) the modality fails with ``ABORTED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from jacfusion_fed.fusion import FusionInputError, factor_gram, prior_from_counts
+from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
+from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
+from jacfusion_fed.store import CorruptFileError, HeadRegistry
+
+from .owner_channel import ConnectOwner, OwnerChannel, OwnerFailure, rpc_failure
+from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, OwnerEndpoint, RegisteredHead
+
+__all__ = ["OwnerLink", "OwnerLinks"]
+
+log = logging.getLogger(__name__)
+
+
+class OwnerLink:
+    """Connection and head of one configured modality."""
+
+    def __init__(self, endpoint: OwnerEndpoint, channel: OwnerChannel) -> None:
+        self.endpoint = endpoint
+        self.modality = endpoint.modality
+        self.channel = channel
+        self.head: RegisteredHead | None = None
+        self.class_names: list[str] = []
+        self.lock = threading.Lock()  # serialises registrations of this modality
+        self.last_error = ""
+        self.last_sync = 0.0
+
+    @property
+    def stub(self) -> object:
+        return self.channel.stub
+
+
+class OwnerLinks:
+    """The owners of a coordinator, their registered heads and the class prior.
+
+    Args:
+        registry: where heads persist.
+        endpoints: one per modality, in configuration order.
+        connect: opens the connection to one owner (the injection point).
+        config: timeouts and sync intervals.
+        device: the fusion device (Gram factors live there).
+    """
+
+    def __init__(
+        self,
+        registry: HeadRegistry,
+        endpoints: Sequence[OwnerEndpoint],
+        connect: ConnectOwner,
+        config: CoordinatorConfig,
+        device: torch.device,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.device = device
+        self._links = {e.modality: OwnerLink(e, connect(e)) for e in endpoints}
+        self._state_lock = threading.Lock()
+        self._log_prior: torch.Tensor | None = None
+        self._prior = np.zeros(0)
+        self._listeners: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self._load_registered()
+
+    # --- access ----------------------------------------------------------------------------
+
+    def __getitem__(self, modality: str) -> OwnerLink:
+        return self._links[modality]
+
+    def __contains__(self, modality: object) -> bool:
+        return modality in self._links
+
+    def __iter__(self) -> Iterator[OwnerLink]:
+        return iter(self._links.values())
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self._links)
+
+    def prior(self) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(class prior (K,) or empty, ln prior on the fusion device or None)."""
+        with self._state_lock:
+            return self._prior.copy(), self._log_prior
+
+    def log_prior(self) -> torch.Tensor | None:
+        """ln prior on the fusion device (None before any head is registered)."""
+        with self._state_lock:
+            return self._log_prior
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start_sync(self) -> None:
+        """Background thread: register owners without a head, notice new model versions."""
+        if self._sync_thread is None:
+            self._sync_thread = threading.Thread(
+                target=self._sync_loop, name="jacfusion-coordinator-sync", daemon=True
+            )
+            self._sync_thread.start()
+
+    @property
+    def sync_running(self) -> bool:
+        return self._sync_thread is not None and self._sync_thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        for link in self._links.values():
+            link.channel.close()
+
+    def _load_registered(self) -> None:
+        for modality, link in self._links.items():
+            try:
+                record = self.registry.get(modality)
+            except KeyError:
+                continue
+            try:
+                factor = factor_gram(record.gram_matrix(), f"Gram matrix of {modality!r}")
+            except FusionInputError as exc:
+                log.error("registered head of %r is unusable: %s", modality, exc)
+                continue
+            link.head = RegisteredHead(record, factor.to(self.device))
+            log.info("loaded head of %r, version %s", modality, record.model_version)
+        self._update_prior()
+
+    def _update_prior(self) -> None:
+        heads = [link.head for link in self._links.values() if link.head is not None]
+        if not heads:
+            with self._state_lock:
+                self._prior, self._log_prior = np.zeros(0), None
+            return
+        counts = np.sum([np.asarray(h.record.class_counts, dtype=np.float64) for h in heads], 0)
+        if (counts <= 0).any():
+            log.warning("a class has no training samples; the prior's add-one smoothing keeps it")
+        prior = prior_from_counts(counts)
+        with self._state_lock:
+            self._prior = prior
+            self._log_prior = torch.from_numpy(np.log(prior)).to(self.device)
+
+    def _changed(self) -> None:
+        self._update_prior()
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("head-change listener failed")
+
+    # --- registration ----------------------------------------------------------------------
+
+    def _register(self, link: OwnerLink, version: str | None, timeout: float) -> RegisteredHead:
+        """Fetch the owner's current head (of ``version`` when given) and register it."""
+        modality, target = link.modality, link.endpoint.target
+        name = link.channel.identity(timeout)
+        stub = link.channel.stub
+        try:
+            info = stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+            if info.modality != modality:
+                raise OwnerFailure(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"server at {target} serves modality {info.modality!r}, expected {modality!r}",
+                )
+            wanted, version = version, info.model_version
+            head = stub.GetHead(
+                modality_pb2.GetHeadRequest(
+                    kind=modality_pb2.HEAD_KIND_GRAM, expected_model_version=version
+                ),
+                timeout=timeout,
+            )
+        except grpc.RpcError as exc:
+            failure = rpc_failure(modality, target, exc)
+            if failure.code == grpc.StatusCode.FAILED_PRECONDITION:
+                failure.code = grpc.StatusCode.ABORTED  # the version moved on: retryable
+            raise failure from exc
+        k = int(info.num_classes)
+        if head.model_version != version or head.WhichOneof("head") != "gram":
+            raise OwnerFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"owner of {modality!r} answered GetHead with version {head.model_version} / "
+                f"kind {head.WhichOneof('head')}, expected the Gram matrix of {version}",
+            )
+        try:
+            gram = decode_matrix(head.gram.gram, shape=(k, k), name=f"Gram matrix of {modality!r}")
+            if gram.size and (largest := float(np.abs(gram).max())) > MAX_ABS_OWNER_VALUE:
+                raise FusionInputError(
+                    f"Gram matrix of {modality!r} has entries of magnitude up to {largest:.3g} "
+                    f"(more than {MAX_ABS_OWNER_VALUE:g})"
+                )
+            factor = factor_gram(gram, f"Gram matrix of {modality!r}")
+        except (MatrixDecodeError, FusionInputError) as exc:
+            raise OwnerFailure(grpc.StatusCode.DATA_LOSS, str(exc)) from exc
+        for other in self._links.values():
+            if other is not link and other.head is not None and other.head.num_classes != k:
+                raise OwnerFailure(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"K mismatch between owners: modality {modality!r} has K={k} classes but "
+                    f"{other.modality!r} has K={other.head.num_classes}",
+                )
+        try:
+            record = self.registry.register(
+                modality,
+                name or info.owner or f"{modality}-owner",
+                version,
+                class_counts=list(info.class_counts),
+                gram=gram,
+            )
+        except ValueError as exc:
+            raise OwnerFailure(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot register the head of {modality!r}: {exc}",
+            ) from exc
+        except CorruptFileError as exc:  # a damaged registry entry is never used
+            raise OwnerFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"cannot register the head of {modality!r}: the head registry is damaged: {exc}",
+            ) from exc
+        except OSError as exc:  # e.g. the disk is full: retried by the next request or sync
+            raise OwnerFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot record the head of {modality!r} in the head registry: {exc}",
+            ) from exc
+        registered = RegisteredHead(record, factor.to(self.device))
+        link.head = registered
+        link.class_names = list(info.class_names)
+        link.last_error = ""
+        link.last_sync = time.monotonic()
+        log.info("registered head of %r: owner %r, version %s", modality, record.owner, version)
+        self._changed()
+        if wanted is not None and wanted != version:
+            # The logits at hand came from a version the owner no longer serves; its current
+            # head is registered now (for the next request), these logits are not fused.
+            raise OwnerFailure(
+                grpc.StatusCode.ABORTED,
+                f"owner of {modality!r} answered with model version {wanted} but its current "
+                f"version is {version}; retry",
+            )
+        return registered
+
+    def refresh(self, modality: str, version: str, timeout: float) -> RegisteredHead:
+        """The head of ``version`` of ``modality``, registered now unless known already."""
+        link = self._links[modality]
+        with link.lock:
+            head = link.head
+            if head is not None and head.version == version:
+                return head  # registered meanwhile by another request
+            return self._register(link, version, timeout)
+
+    def sync(self, modality: str | None = None, timeout: float | None = None) -> dict[str, str]:
+        """Register the current head of every (or one) owner whose version changed.
+
+        Returns modality -> error text (empty when in sync).
+        """
+        timeout = timeout or self.config.registration_timeout_s
+        out: dict[str, str] = {}
+        for name, link in self._links.items():
+            if modality is not None and name != modality:
+                continue
+            try:
+                with link.lock:
+                    info = link.channel.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+                    if link.head is None or link.head.version != info.model_version:
+                        self._register(link, None, timeout)
+                    link.last_sync = time.monotonic()
+                    link.last_error = ""
+                out[name] = ""
+            except grpc.RpcError as exc:
+                failure = rpc_failure(name, link.endpoint.target, exc)
+                if failure.code == grpc.StatusCode.UNAVAILABLE:
+                    try:  # say so when the address is served by someone else
+                        link.channel.identity(timeout)
+                    except OwnerFailure as found:
+                        if found.code == grpc.StatusCode.PERMISSION_DENIED:
+                            failure = found
+                link.last_error = failure.text
+                out[name] = link.last_error
+            except OwnerFailure as exc:
+                link.last_error = exc.text
+                out[name] = exc.text
+        return out
+
+    def _sync_loop(self) -> None:
+        cfg = self.config
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for name, link in self._links.items():
+                due = (
+                    cfg.retry_interval_s
+                    if link.head is None or link.last_error
+                    else cfg.sync_interval_s
+                )
+                if now - link.last_sync >= due:
+                    previous = link.last_error
+                    try:
+                        error = self.sync(name).get(name, "")
+                    except Exception as exc:  # never let the sync thread die
+                        log.exception("sync of owner %r failed", name)
+                        error = link.last_error = f"INTERNAL: sync failed: {exc!r}"
+                    link.last_sync = time.monotonic()
+                    if error and error != previous:
+                        log.warning("owner of %r: %s", name, error)
+                    elif previous and not error:
+                        log.info("owner of %r answers again", name)
+            self._stop.wait(min(cfg.retry_interval_s, cfg.sync_interval_s, 1.0))

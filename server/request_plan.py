@@ -1,0 +1,220 @@
+"""Request planning (pure functions): a request's options checked against the coordinator's
+configuration and turned into a :class:`Plan`; sample ids checked; the owner timeout derived
+from the request's deadline. Every problem is a :class:`PredictError` with
+``INVALID_ARGUMENT`` (``DEADLINE_EXCEEDED`` for a deadline that leaves no time).
+
+Which options apply to which method comes from the fusion registry
+(:class:`jacfusion_fed.fusion.FusionMethod.options`), not from a list of names here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+
+from jacfusion_fed.fusion import FusionInputError, FusionMethod, check_gamma, get_method
+
+from .predict_types import (
+    MAX_ID_LENGTH,
+    MAX_OWNER_TIMEOUT_S,
+    METHODS,
+    CoordinatorConfig,
+    PredictError,
+    PredictOptions,
+)
+
+__all__ = ["Plan", "check_ids", "list_ids", "owner_timeout", "plan_request"]
+
+#: Ids named in an error message (the rest are counted).
+LISTED_IDS: Final = 20
+#: Time kept back from the request's deadline for fusion and the reply (at most a tenth of
+#: the time left).
+DEADLINE_MARGIN_S: Final = 0.05
+_BAD = grpc.StatusCode.INVALID_ARGUMENT
+#: Request options and the method option each one sets.
+_METHOD_OPTIONS: Final = {
+    "gammas": "gamma",
+    "default_gamma": "gamma",
+    "regularize": "regularize",
+    "iterations": "iterations",
+}
+
+
+@dataclass
+class Plan:
+    """A request's validated options."""
+
+    method: str
+    modalities: list[str]
+    gammas: dict[str, float]
+    regularize: set[str]
+    iterations: int
+    require_all: bool
+    owner_timeout_s: float
+    skip_unknown_ids: bool
+    rule: FusionMethod = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.rule is None:
+            self.rule = get_method(self.method)
+
+    def fusion_options(self, members: Sequence[str]) -> dict[str, Any]:
+        """The registry options of fusing ``members`` (in this order) under this plan."""
+        out: dict[str, Any] = {}
+        if self.rule.takes("gamma"):
+            out["gamma"] = [self.gammas[m] for m in members]
+        if self.rule.takes("regularize"):
+            out["regularize"] = [j for j, m in enumerate(members) if m in self.regularize]
+        if self.rule.takes("iterations"):
+            out["iterations"] = self.iterations
+        return out
+
+
+def list_ids(ids: Sequence[str]) -> str:
+    """The first :data:`LISTED_IDS` ids, then how many more."""
+    shown = ", ".join(ids[:LISTED_IDS])
+    more = len(ids) - LISTED_IDS
+    return shown + (f" ... and {more} more" if more > 0 else "")
+
+
+def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
+    method = options.method or cfg.default_method
+    if method not in METHODS:
+        raise PredictError(
+            _BAD, f"unknown fusion method {method!r}; expected one of {', '.join(METHODS)}"
+        )
+    rule = get_method(method)
+    given = {
+        "gammas": bool(options.gammas),
+        "default_gamma": options.default_gamma is not None,
+        "regularize": bool(options.regularize),
+        "iterations": options.iterations is not None,
+    }
+    unused = [k for k, v in given.items() if v and not rule.takes(_METHOD_OPTIONS[k])]
+    if unused:
+        takers = [m for m in METHODS if get_method(m).takes(_METHOD_OPTIONS[unused[0]])]
+        raise PredictError(
+            _BAD,
+            f"{', '.join(unused)} only apply to the {' and '.join(takers)} method, not {method!r}",
+        )
+    if rule.needs - {"grams", "log_prior"}:
+        raise PredictError(
+            _BAD,
+            f"the {method} method needs {' and '.join(sorted(rule.needs))}, which the "
+            "coordinator does not have",
+        )
+    return rule
+
+
+def plan_request(
+    options: PredictOptions, cfg: CoordinatorConfig, configured: Sequence[str]
+) -> Plan:
+    """Check ``options`` against ``cfg`` and the ``configured`` modalities."""
+    known = ", ".join(configured)
+    selected = list(options.modalities) or list(configured)
+    for name in selected:
+        if name not in configured:
+            raise PredictError(_BAD, f"unknown modality {name!r}; registered: {known}")
+    if len(set(selected)) != len(selected):
+        raise PredictError(_BAD, f"modalities lists a modality twice: {selected}")
+    rule = _method(options, cfg)
+
+    def where(name: str) -> str:
+        return "unselected" if name in configured else "unknown"
+
+    try:
+        default_gamma = check_gamma(
+            cfg.default_gamma if options.default_gamma is None else options.default_gamma,
+            "default_gamma",
+        )
+        gammas = {}
+        for name, value in options.gammas.items():
+            if name not in selected:
+                raise PredictError(
+                    _BAD,
+                    f"gamma given for {where(name)} modality {name!r}; "
+                    f"selected: {', '.join(selected)}",
+                )
+            gammas[name] = check_gamma(value, f"gamma of modality {name!r}")
+    except FusionInputError as exc:
+        raise PredictError(_BAD, str(exc)) from exc
+    for name in selected:
+        gammas.setdefault(name, default_gamma)
+    regularize = list(options.regularize) or selected
+    for name in regularize:
+        if name not in selected:
+            raise PredictError(
+                _BAD,
+                f"regularize names {where(name)} modality {name!r}; "
+                f"selected: {', '.join(selected)}",
+            )
+    if len(set(regularize)) != len(regularize):
+        raise PredictError(_BAD, f"regularize lists a modality twice: {regularize}")
+    iterations = cfg.default_iterations if options.iterations is None else options.iterations
+    if not 1 <= iterations <= cfg.max_iterations:
+        raise PredictError(_BAD, f"iterations must be in 1..{cfg.max_iterations}, got {iterations}")
+    timeout = cfg.owner_timeout_s if options.owner_timeout_s is None else options.owner_timeout_s
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise PredictError(_BAD, f"owner_timeout must be positive, got {timeout}")
+    if timeout > MAX_OWNER_TIMEOUT_S:
+        raise PredictError(
+            _BAD, f"owner_timeout must be at most {MAX_OWNER_TIMEOUT_S:g} s, got {timeout:g} s"
+        )
+    return Plan(
+        method=rule.name,
+        modalities=selected,
+        gammas=gammas,
+        regularize=set(regularize),
+        iterations=iterations,
+        require_all=options.require_all,
+        owner_timeout_s=timeout,
+        skip_unknown_ids=options.skip_unknown_ids,
+        rule=rule,
+    )
+
+
+def check_ids(ids: list[str], limit: int, what: str) -> dict[str, int]:
+    """Check a batch of ids (non-empty, within ``limit``, no duplicates, no empty or overlong
+    id); returns id -> position."""
+    n = len(ids)
+    if n == 0:
+        raise PredictError(_BAD, "empty batch: no sample ids")
+    if n > limit:
+        hint = " (use PredictStream for large batches)" if what == "Predict" else ""
+        raise PredictError(_BAD, f"batch of {n} sample ids exceeds the limit of {limit}{hint}")
+    index = dict(zip(ids, range(n), strict=True))
+    if len(index) != n:
+        seen: set[str] = set()
+        dups = [s for s in ids if s in seen or seen.add(s)]  # type: ignore[func-returns-value]
+        raise PredictError(_BAD, f"duplicate sample ids: {list_ids(sorted(set(dups)))}")
+    if "" in index:
+        raise PredictError(_BAD, f"empty sample id at position {index['']}")
+    longest = max(map(len, ids))
+    if longest > MAX_ID_LENGTH:
+        raise PredictError(
+            _BAD,
+            f"sample ids must be pseudonyms of at most {MAX_ID_LENGTH} characters; "
+            f"got one of {longest}",
+        )
+    return index
+
+
+def owner_timeout(plan: Plan, deadline: float | None) -> tuple[float, float]:
+    """(seconds for the owner calls, absolute ``time.monotonic()`` deadline)."""
+    now = time.monotonic()
+    timeout = plan.owner_timeout_s
+    if deadline is not None:
+        left = deadline - now
+        left -= min(DEADLINE_MARGIN_S, 0.1 * left)
+        if left <= 0:
+            raise PredictError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the request's deadline leaves no time to ask the owners",
+            )
+        timeout = min(timeout, left)
+    return timeout, now + timeout
