@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from logging import INFO
 from pathlib import Path
@@ -37,7 +37,13 @@ from jacfusion_fed.federation.protocol import (
     query_request,
     setting_field,
 )
-from jacfusion_fed.fusion import factor_gram, fuse, log_prior_from_counts, prior_from_counts
+from jacfusion_fed.fusion import (
+    factor_gram,
+    fuse,
+    get_method,
+    log_prior_from_counts,
+    prior_from_counts,
+)
 from jacfusion_fed.owner.perturbation import PerturbationSpec
 from jacfusion_fed.store import HeadRecord
 
@@ -48,7 +54,9 @@ __all__ = [
     "EvalLabels",
     "EvalSettings",
     "build_table",
+    "eval_prior",
     "evaluate",
+    "fused_probabilities",
     "gather_logits",
     "parse_columns",
 ]
@@ -256,6 +264,34 @@ def _row_name(i: int, modality: str, dataset: str, training: str, sites: int) ->
     return name + (f" (FedAvg, {sites} sites)" if sites > 1 else "")
 
 
+def eval_prior(
+    records: Mapping[str, HeadRecord], order: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prior, ln prior) (K,) from the summed class counts of the registered heads, by the
+    fusion registry's one rule (add-one smoothing), as in the coordinator's Predict."""
+    counts = np.sum([np.asarray(records[m].class_counts, dtype=np.float64) for m in order], 0)
+    return prior_from_counts(counts), log_prior_from_counts(counts)
+
+
+def fused_probabilities(
+    kind: str,
+    logits: Sequence[np.ndarray],
+    factors: Sequence[Any],
+    log_prior: np.ndarray,
+    gamma: float,
+    regularize: Sequence[int],
+) -> torch.Tensor:
+    """One table cell's fusion: the registry's ``kind`` on logits in table order (gamma and
+    the regularized modalities apply to methods that take them)."""
+    rule = get_method(kind)
+    options: dict[str, Any] = {}
+    if rule.takes("gamma"):
+        options["gamma"] = gamma
+    if rule.takes("regularize"):
+        options["regularize"] = list(regularize)
+    return fuse(rule, logits, factors, log_prior, options)
+
+
 def build_table(
     cfg: EvalSettings,
     order: list[str],
@@ -305,9 +341,8 @@ def build_table(
         for s in settings:
             z = view("test", s)
             rows[p].acc.setdefault(col.key, []).append(_accuracy(z[p], y_test))
-            options = {"jacobian": {"gamma": gamma, "regularize": [p]}}
             for kind in PAPER_MM_KINDS:
-                probs = fuse(kind, z, factors, log_prior, options.get(kind))
+                probs = fused_probabilities(kind, z, factors, log_prior, gamma, [p])
                 mm[kind].acc.setdefault(col.key, []).append(_accuracy(probs, y_test))
     table = Table(
         title=(
@@ -375,10 +410,7 @@ def evaluate(
         len(ids), sum(len(v) for v in groups.values()), len(settings), perturbed,
         timings["gather_logits_s"],
     )  # fmt: skip
-    # The registry's one prior rule (add-one smoothing), as in the coordinator's Predict.
-    counts = np.sum([np.asarray(records[m].class_counts, dtype=np.float64) for m in order], 0)
-    prior = prior_from_counts(counts)
-    log_prior = log_prior_from_counts(counts)
+    prior, log_prior = eval_prior(records, order)
     t0 = time.perf_counter()
     table, clean_acc = build_table(
         cfg, order, logits, plan, records, labels, log_prior, {m: len(groups[m]) for m in order}

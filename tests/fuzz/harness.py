@@ -50,6 +50,7 @@ from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.fusion_service import FusionServicer, decode_predictions
+from jacfusion_fed.server.owner_channel import OwnerChannel
 from jacfusion_fed.server.predict_types import (
     MAX_ABS_OWNER_VALUE,
     CoordinatorConfig,
@@ -398,12 +399,8 @@ class CoordinatorHarness:
             [OwnerEndpoint(m, f"127.0.0.1:{9 + j}") for j, m in enumerate(stubs)],
             INSECURE,
             config or CoordinatorConfig(owner_timeout_s=0.25, registration_timeout_s=0.5),
+            connect=lambda endpoint: OwnerChannel(stubs[endpoint.modality]),
         )
-        for m, stub in stubs.items():
-            owner = self.coordinator._owners[m]
-            if owner.channel is not None:
-                owner.channel.close()
-            owner.stub = stub
 
     def close(self) -> None:
         self.coordinator.close()
