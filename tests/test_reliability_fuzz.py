@@ -5,7 +5,7 @@ answer equal to the fusion library on what the owners served.
 Two layers:
 
 * in-process (fast, many inputs): raw or structured request bytes through the real
-  interceptor and servicers (``tests/fuzz/harness.py``); owner replies from fake owner stubs
+  interceptor and servicers (``tests/fuzz/harness/``); owner replies from fake owner stubs
   inside a real :class:`Coordinator`;
 * over real sockets: owners and coordinator as gRPC servers with mTLS on 127.0.0.1, fed raw
   and structured request bytes through a generic channel.
@@ -34,8 +34,10 @@ from hypothesis import strategies as st
 
 from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.reliability import Reference, snapshot_workspace
+from jacfusion_fed.reliability.reference import CLEAR_ERROR_CODES
 from jacfusion_fed.rpc.auth import connect_owner
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
+from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
@@ -239,7 +241,7 @@ def test_known_findings_stay_fixed(reply_target: H.ReplyTarget, pems: dict[str, 
     # 4. finite but huge logits fused into NaN probabilities, answered as if fine
     def huge(r: Any) -> Any:
         resp = good.batch(list(r.sample_ids))
-        values = H.decode_matrix(resp.batch.logits)
+        values = decode_matrix(resp.batch.logits)
         values[0, 3] = 1e308
         resp.batch.logits.CopyFrom(encode_matrix(values))
         return resp
@@ -331,7 +333,7 @@ def _socket_fuzz(s: Sockets, data: Any) -> None:
             code, out = _call(s.owner[method], payload)
         _record("hypothesis owner requests (sockets)")
         if code != grpc.StatusCode.OK:
-            assert code in H.CLEAR_ERROR_CODES and out, (method, code, out)
+            assert code in CLEAR_ERROR_CODES and out, (method, code, out)
         return
     # FusionService of a real coordinator, as a requester
     ids = [H.draw_id(ch, s.pool) for _ in range(ch.int(0, 10))]
@@ -353,7 +355,7 @@ def _socket_fuzz(s: Sockets, data: Any) -> None:
     else:
         code, out = _call(s.fusion[method], payload)
     if code != grpc.StatusCode.OK:
-        assert code in H.CLEAR_ERROR_CODES and out, (method, code, out)
+        assert code in CLEAR_ERROR_CODES and out, (method, code, out)
         return
     if method == "Predict":
         request = fusion_pb2.PredictRequest.FromString(payload)
