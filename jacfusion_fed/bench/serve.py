@@ -43,7 +43,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ServeBenchConfig", "print_results", "run_serve_bench", "serve_echo"]
+__all__ = [
+    "Procs",
+    "ServeBenchConfig",
+    "print_results",
+    "run_serve_bench",
+    "serve_echo",
+    "start_deployment",
+    "wait_serving",
+]
 
 ECHO_METHOD = "/jacfusion.bench.Echo/Echo"
 MODALITIES = ("audio", "image")
@@ -101,7 +109,7 @@ def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 
 # --- processes ---------------------------------------------------------------------------------
 
 
-class _Procs:
+class Procs:
     """Child processes, each in its own session; stopped by PID (TERM, then KILL)."""
 
     def __init__(self, logdir: Path) -> None:
@@ -152,7 +160,7 @@ class _Procs:
         raise TimeoutError(f"{name} did not report its port within {timeout} s")
 
 
-def _wait_serving(channel: Any, timeout: float = 180.0) -> None:
+def wait_serving(channel: Any, timeout: float = 180.0) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     stub = health_pb2_grpc.HealthStub(channel)
@@ -326,8 +334,8 @@ def bench_setup(
 
 
 @contextlib.contextmanager
-def _deployment(
-    procs: _Procs, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
+def start_deployment(
+    procs: Procs, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
     *, cached: bool,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Start two owners and a coordinator; yield their targets; stop them."""
@@ -382,7 +390,7 @@ def _measure(
     from jacfusion_fed.server.serve import connect_coordinator
 
     coord_channel = connect_coordinator(targets["coordinator"], requester)
-    _wait_serving(coord_channel)
+    wait_serving(coord_channel)
     stub = fusion_pb2_grpc.FusionServiceStub(coord_channel)
     options = options_to_proto(PredictOptions(method=cfg.method))
     # The coordinator is SERVING once one head is known; wait until both are.
@@ -465,7 +473,7 @@ def run_serve_bench(
     }
     with bench_setup(workdir, cfg, "bench-requester", progress) as setup:
         root, certs = setup.root, setup.certs
-        procs = _Procs(root)
+        procs = Procs(root)
         try:
             echo_port = root / "echo.port"
             procs.start_serving(
@@ -478,7 +486,7 @@ def run_serve_bench(
             runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
             for tag, cached in runs:
                 progress(f"{tag}: starting owners (training on first start) and the coordinator")
-                with _deployment(
+                with start_deployment(
                     procs, root, certs, setup.data, setup.key_path, tag, cached=cached
                 ) as targets:
                     results[tag] = _measure(

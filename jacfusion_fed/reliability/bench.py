@@ -55,12 +55,12 @@ def run_load_bench(
 
     from jacfusion_fed.bench.serve import (
         MODALITIES,
+        Procs,
         ServeBenchConfig,
-        _deployment,
-        _Procs,
-        _wait_serving,
         bench_setup,
         load_average,
+        start_deployment,
+        wait_serving,
     )
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles
@@ -81,16 +81,16 @@ def run_load_bench(
         },
     }
     with bench_setup(workdir, data_cfg, "load-requester", progress) as setup:
-        procs = _Procs(setup.root)
+        procs = Procs(setup.root)
         try:
             requester, ids = setup.requester, setup.ids
             coordinator_tls = TlsFiles.from_dir(setup.certs.coordinator_dir)
             progress("starting two owners (training on first start) and the coordinator")
-            with _deployment(
+            with start_deployment(
                 procs, setup.root, setup.certs, setup.data, setup.key_path, "load", cached=True
             ) as targets:
                 channel = connect_coordinator(targets["coordinator"], requester)
-                _wait_serving(channel)
+                wait_serving(channel)
                 stub = fusion_pb2_grpc.FusionServiceStub(channel)
                 deadline = time.monotonic() + 180
                 while True:
