@@ -161,12 +161,12 @@ def assemble(
                 )
             )
         else:
-            known = known_heads.get(m)
+            last = known_heads.get(m)
             contributions.append(
                 Contribution(
                     m,
-                    known.record.owner if known else "",
-                    known.version if known else "",
+                    last.record.owner if last else "",
+                    last.version if last else "",
                     np.zeros(len(probs), dtype=bool),
                     gamma=gamma,
                     error=failures[m].text,

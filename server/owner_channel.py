@@ -106,13 +106,13 @@ def grpc_connector(security: Security, transport: TransportOptions) -> ConnectOw
             channel = connect_owner(
                 target, security, endpoint.modality, options=transport, verify_now=False
             )
+        identity: Callable[[float], str | None] = _no_identity
         if isinstance(security, TlsFiles):
             tls = security
 
             def identity(timeout: float) -> str | None:
                 return _identity(endpoint, tls, timeout)
-        else:
-            identity = _no_identity
+
         return OwnerChannel(modality_pb2_grpc.ModalityServiceStub(channel), identity, channel.close)
 
     return connect

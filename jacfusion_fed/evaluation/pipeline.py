@@ -113,7 +113,7 @@ class TableRun:
     def rule(self, i: int, kind: str, gamma: float = 1.0) -> FusionRule:
         """The fusion rule of row ``kind`` for pair ``MM (0, i + 1)``."""
         if kind in ("mean", "confidence_mean"):
-            return FusionRule(kind)  # type: ignore[arg-type]
+            return FusionRule(kind)
         if kind == "statistical":
             return FusionRule("statistical", log_prior=self.log_prior)
         return FusionRule(
