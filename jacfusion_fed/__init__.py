@@ -1,8 +1,6 @@
 """jacfusion-fed: privacy-oriented federated late fusion with sample-wise Jacobian regularization.
 
-The layers, lowest first: ``fusion`` (pure tensor math) <- ``data``/``models``/``training``/
-``robustness``/``evaluation`` (plain PyTorch) <- ``store``/``privacy``/``rpc``/``federation``
-(I/O, Flower, gRPC) <- ``cli``.
+The layers (one diagram, checked by ``make lint``) are in ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"
