@@ -21,7 +21,7 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 
 from .coordinator import Coordinator
-from .predict_types import PredictError, PredictOptions, PredictResult
+from .predict_types import METHODS, PredictError, PredictOptions, PredictResult
 
 __all__ = [
     "METHOD_FROM_PROTO",
@@ -37,11 +37,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Registry method name -> ``FusionMethod`` enum value (``FUSION_METHOD_<NAME>``); a registered
+#: method is served once fusion.proto has its enum value.
 METHOD_TO_PROTO = {
-    "statistical": fusion_pb2.FUSION_METHOD_STATISTICAL,
-    "jacobian": fusion_pb2.FUSION_METHOD_JACOBIAN,
-    "mean": fusion_pb2.FUSION_METHOD_MEAN,
-    "confidence_mean": fusion_pb2.FUSION_METHOD_CONFIDENCE_MEAN,
+    m: fusion_pb2.FusionMethod.Value(f"FUSION_METHOD_{m.upper()}")
+    for m in METHODS
+    if f"FUSION_METHOD_{m.upper()}" in fusion_pb2.FusionMethod.DESCRIPTOR.values_by_name
 }
 METHOD_FROM_PROTO = {v: k for k, v in METHOD_TO_PROTO.items()}
 
