@@ -1,0 +1,81 @@
+"""The fusion-method registry: names, declared inputs and options, one entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from jacfusion_fed.fusion import (
+    METHODS,
+    FusionInputError,
+    FusionMethod,
+    confidence_mean_fusion,
+    fuse,
+    get_method,
+    jacobian_fusion,
+    mean_fusion,
+    register,
+    statistical_fusion,
+)
+
+
+@pytest.fixture
+def problem() -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(size=(5, 3)) for _ in range(2)]
+    w = rng.normal(size=(3, 4))
+    return {"logits": logits, "grams": [w @ w.T, w @ w.T], "log_prior": np.log([0.2, 0.3, 0.5])}
+
+
+def test_names_are_the_four_rules_of_the_paper() -> None:
+    assert set(METHODS) == {"statistical", "jacobian", "mean", "confidence_mean"}
+
+
+def test_fuse_is_each_rule(problem: dict[str, Any]) -> None:
+    z, grams, prior = problem["logits"], problem["grams"], problem["log_prior"]
+    want = {
+        "statistical": statistical_fusion(z, prior),
+        "mean": mean_fusion(z),
+        "confidence_mean": confidence_mean_fusion(z),
+        "jacobian": jacobian_fusion(z, grams, prior, gamma=0.3, regularize=[1]),
+    }
+    options = {"jacobian": {"gamma": 0.3, "regularize": [1]}}
+    for name in METHODS:
+        got = fuse(name, z, grams, prior, options.get(name))
+        torch.testing.assert_close(got, want[name], rtol=0, atol=0)
+
+
+def test_bad_calls_name_the_problem(problem: dict[str, Any]) -> None:
+    z = problem["logits"]
+    with pytest.raises(FusionInputError, match="unknown fusion method 'median'"):
+        fuse("median", z)
+    with pytest.raises(FusionInputError, match="jacobian method needs grams"):
+        fuse("jacobian", z)
+    with pytest.raises(FusionInputError, match="gamma do not apply to the mean method"):
+        fuse("mean", z, options={"gamma": 0.5})
+    with pytest.raises(ValueError, match="registered already"):
+        register(get_method("mean"))
+
+
+def test_a_method_declares_what_it_needs(problem: dict[str, Any]) -> None:
+    """A new rule (e.g. one needing calibration data) plugs in through its declaration."""
+    seen: dict[str, Any] = {}
+
+    def scaled(logits: Any, calibrations: Any, log_prior: Any = None, alpha: float = 0.1) -> Any:
+        seen.update(calibrations=calibrations, log_prior=log_prior, alpha=alpha)
+        return mean_fusion(logits)
+
+    rule = FusionMethod(
+        "scaled", scaled, needs=frozenset({"calibrations"}), uses=frozenset({"log_prior"}),
+        options=("alpha",),
+    )  # fmt: skip
+    with pytest.raises(FusionInputError, match="scaled method needs calibrations"):
+        fuse(rule, problem["logits"])
+    fuse(rule, problem["logits"], problem["grams"], None, {"alpha": 0.2}, calibrations=[1, 2])
+    assert seen == {"calibrations": [1, 2], "log_prior": None, "alpha": 0.2}
+    assert rule.takes("alpha") and not rule.takes("gamma")
+    with pytest.raises(ValueError, match="unknown inputs"):
+        FusionMethod("odd", scaled, needs=frozenset({"features"}))
