@@ -284,11 +284,7 @@ def fused_probabilities(
     """One table cell's fusion: the registry's ``kind`` on logits in table order (gamma and
     the regularized modalities apply to methods that take them)."""
     rule = get_method(kind)
-    options: dict[str, Any] = {}
-    if rule.takes("gamma"):
-        options["gamma"] = gamma
-    if rule.takes("regularize"):
-        options["regularize"] = list(regularize)
+    options = rule.pick(gamma=gamma, regularize=list(regularize))
     return fuse(rule, logits, factors, log_prior, options)
 
 

@@ -65,14 +65,11 @@ class Plan:
 
     def fusion_options(self, members: Sequence[str]) -> dict[str, Any]:
         """The registry options of fusing ``members`` (in this order) under this plan."""
-        out: dict[str, Any] = {}
-        if self.rule.takes("gamma"):
-            out["gamma"] = [self.gammas[m] for m in members]
-        if self.rule.takes("regularize"):
-            out["regularize"] = [j for j, m in enumerate(members) if m in self.regularize]
-        if self.rule.takes("iterations"):
-            out["iterations"] = self.iterations
-        return out
+        return self.rule.pick(
+            gamma=[self.gammas[m] for m in members],
+            regularize=[j for j, m in enumerate(members) if m in self.regularize],
+            iterations=self.iterations,
+        )
 
 
 def list_ids(ids: Sequence[str]) -> str:

@@ -77,5 +77,7 @@ def test_a_method_declares_what_it_needs(problem: dict[str, Any]) -> None:
     fuse(rule, problem["logits"], problem["grams"], None, {"alpha": 0.2}, calibrations=[1, 2])
     assert seen == {"calibrations": [1, 2], "log_prior": None, "alpha": 0.2}
     assert rule.takes("alpha") and not rule.takes("gamma")
+    assert rule.pick(alpha=0.3, gamma=0.5) == {"alpha": 0.3}
+    assert get_method("jacobian").pick(gamma=0.5, alpha=1) == {"gamma": 0.5}
     with pytest.raises(ValueError, match="unknown inputs"):
         FusionMethod("odd", scaled, needs=frozenset({"features"}))

@@ -70,6 +70,11 @@ class FusionMethod:
         """Whether ``option`` applies to this method."""
         return option in self.options
 
+    def pick(self, **settings: Any) -> dict[str, Any]:
+        """The ``settings`` this method takes, for a caller that holds one set of settings
+        (gamma, regularize, ...) for whichever method it runs; the others are left out."""
+        return {name: value for name, value in settings.items() if name in self.options}
+
 
 _REGISTRY: dict[str, FusionMethod] = {}
 

@@ -257,13 +257,9 @@ class Reference:
         logits = [np.stack([self._by_name[m].logits[i] for i in ids]) for m in members]
         rule = get_method(plan.method)
         reg = [j for j, m in enumerate(members) if m in plan.regularize]
-        options: dict[str, Any] = {}
-        if rule.takes("gamma"):
-            options["gamma"] = [plan.gammas[m] for m in members]
-        if rule.takes("regularize"):
-            options["regularize"] = reg
-        if rule.takes("iterations"):
-            options["iterations"] = plan.iterations
+        options = rule.pick(
+            gamma=[plan.gammas[m] for m in members], regularize=reg, iterations=plan.iterations
+        )
         grams = [self._by_name[m].gram if j in reg else None for j, m in enumerate(members)]
         return fuse(rule, logits, grams, self.log_prior(), options).numpy()
 

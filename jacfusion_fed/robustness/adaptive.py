@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -64,11 +63,7 @@ class FusionRule:
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         rule = get_method(self.method)
-        options: dict[str, Any] = {}
-        if rule.takes("gamma"):
-            options["gamma"] = self.gamma
-        if rule.takes("regularize"):
-            options["regularize"] = list(self.regularize)
+        options = rule.pick(gamma=self.gamma, regularize=list(self.regularize))
         grams = list(self.factors) if self.factors else None
         return fuse(rule, logits, grams, self.log_prior, options)
 
