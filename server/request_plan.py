@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -57,11 +57,11 @@ class Plan:
     require_all: bool
     owner_timeout_s: float
     skip_unknown_ids: bool
-    rule: FusionMethod = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
 
-    def __post_init__(self) -> None:
-        if self.rule is None:
-            self.rule = get_method(self.method)
+    @property
+    def rule(self) -> FusionMethod:
+        """The method's registry entry."""
+        return get_method(self.method)
 
     def fusion_options(self, members: Sequence[str]) -> dict[str, Any]:
         """The registry options of fusing ``members`` (in this order) under this plan."""
@@ -171,7 +171,6 @@ def plan_request(
         require_all=options.require_all,
         owner_timeout_s=timeout,
         skip_unknown_ids=options.skip_unknown_ids,
-        rule=rule,
     )
 
 
