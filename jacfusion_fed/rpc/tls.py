@@ -47,11 +47,24 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files of one principal: the CA certificate, its own certificate and private key."""
+    """PEM files of one principal: the CA certificate, its own certificate and private key.
+
+    The one TLS-files type of the project: gRPC servers and channels, and the Flower
+    SuperLink of :class:`jacfusion_fed.federation.LocalDeployment` (where ``cert`` must carry
+    the SANs 127.0.0.1 / localhost and ``key`` is unencrypted). Paths are made absolute and
+    must name existing files (``FileNotFoundError`` naming the missing one otherwise).
+    """
 
     ca_cert: Path
     cert: Path
     key: Path
+
+    def __post_init__(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = Path(getattr(self, name)).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"TLS file not found: {path} ({name})")
+            object.__setattr__(self, name, path)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> TlsFiles:
