@@ -320,7 +320,7 @@ class ProcessSet:
     def log(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")
 
-    def wait_port(self, name: str, port_file: Path, timeout: float = 120.0) -> int:
+    def wait_port(self, name: str, port_file: Path, timeout: float = 180.0) -> int:
         """The port a server wrote to ``port_file`` once serving (written atomically).
 
         Raises:

@@ -50,6 +50,10 @@ _PATH_KEYS: Final = ("run_dir", "registry_dir", "labels_file")
 class RunConfigError(ValueError):
     """A run config key or value is not valid; the message names both, in one line."""
 
+    def __init__(self, message: str, key: str | None = None, why: str = "") -> None:
+        super().__init__(message)
+        self.key, self.why = key, why
+
 
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
@@ -59,7 +63,7 @@ def _fail(key: str, value: object, why: str) -> RunConfigError:
     shown = repr(value)
     if len(shown) > 120:
         shown = shown[:117] + "..."
-    return RunConfigError(f"run config {key!r} = {shown}: {why}")
+    return RunConfigError(f"run config {key!r} = {shown}: {why}", key, why)
 
 
 # ------------------------------------------------------------------------ coercion
@@ -259,7 +263,12 @@ class RunConfig:
         for key, value in mapping.items():
             name = names[key]
             values[name] = _PARSERS.get(name, _as_str)(key, value)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except RunConfigError as exc:  # name the value as it was given, not as parsed
+            if exc.key in mapping:
+                raise _fail(exc.key, mapping[exc.key], exc.why) from None
+            raise
 
     def to_mapping(self) -> dict[str, ConfigValue]:
         """The Flower run config form: dashed keys, ``gamma`` as ``"auto"`` or its value
