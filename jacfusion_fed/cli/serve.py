@@ -68,10 +68,11 @@ def _logging(level: str) -> None:
     )
 
 
-def _serve_until_signal(stop_server: Any, what: str) -> None:
+def _serve_until_signal(stop_server: Any, what: str, port_file: Path | None, port: int) -> None:
+    """Write the port file once SIGTERM is handled; "<what> stopped" on stderr, exit in < 1 s."""
     from jacfusion_fed.rpc.server import serve_until_signal
 
-    serve_until_signal(stop_server, what)  # "<what> stopped" on stderr, exits within 1 s
+    serve_until_signal(stop_server, what, ready=lambda: _write_port_file(port_file, port))
 
 
 TlsOpt = Annotated[
@@ -144,11 +145,10 @@ def owner_serve(
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
         raise typer.Exit(2) from exc
-    _write_port_file(port_file, running.port)
     err_console.print(
         f"owner {running.servicer.owner_name!r} serving {modality!r} on {running.target}"
     )
-    _serve_until_signal(running.stop, "owner")
+    _serve_until_signal(running.stop, "owner", port_file, running.port)
 
 
 # --- coordinator ------------------------------------------------------------------------------
@@ -210,12 +210,11 @@ def coordinator_serve(
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
         raise typer.Exit(2) from exc
-    _write_port_file(port_file, running.port)
     err_console.print(
         f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
         + ", ".join(f"{e.modality}={e.target}" for e in endpoints)
     )
-    _serve_until_signal(running.stop, "coordinator")
+    _serve_until_signal(running.stop, "coordinator", port_file, running.port)
 
 
 CoordOpt = Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")]

@@ -188,10 +188,18 @@ def write_port_file(path: Path | None, port: int) -> None:
 
 
 def serve_until_signal(
-    stop: Callable[[float], Any], what: str, *, grace: float = 0.5, exit_process: bool = True
+    stop: Callable[[float], Any],
+    what: str,
+    *,
+    ready: Callable[[], Any] | None = None,
+    grace: float = 0.5,
+    exit_process: bool = True,
 ) -> None:
     """Block until SIGTERM or SIGINT, then ``stop(grace)`` and print ``<what> stopped`` on
     stderr in one line.
+
+    ``ready`` runs once the signals are handled (e.g. write the port file that tells a parent
+    the service is up): a SIGTERM sent right after it is a clean stop, never a kill.
 
     With ``exit_process`` (a service's main), the process then ends at once with status 0
     (logs flushed first) instead of tearing the interpreter down, which takes seconds with
@@ -207,6 +215,8 @@ def serve_until_signal(
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if ready is not None:
+            ready()
         done.wait()
         t0 = time.monotonic()
         stop(grace)
