@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.federation.protocol import (
     CLEAN,
     AppError,
@@ -39,6 +38,7 @@ from jacfusion_fed.federation.protocol import (
     parse_train_request,
     setting_field,
 )
+from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.models import model_spec
 from jacfusion_fed.owner import Head, OwnerWorkspace, UnknownVersionError
 from jacfusion_fed.owner.perturbation import PerturbationSpec
@@ -132,7 +132,7 @@ def _head_records(
 
 
 def _metric_record(metrics: Mapping[str, Any]) -> MetricRecord:
-    out: dict[str, int | float] = {
+    out: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": int(metrics.get("num_examples", metrics.get("num-examples", 0)))
     }
     for src, dst in (

@@ -46,11 +46,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from jacfusion_fed.evaluation import GAMMA_CANDIDATES, EvaluationResult, write_reports
-from jacfusion_fed.federation import RUN_DIR_KEY, wait_for_nodes, write_run_results
-from jacfusion_fed.federation.run_config import RunConfig
+from jacfusion_fed.evaluation import EvaluationResult, write_reports
+from jacfusion_fed.federation import wait_for_nodes, write_run_results
 from jacfusion_fed.federation.protocol import (
-    CLEAN,
     EVAL_LABELS_FORMAT,
     MSG_DESCRIBE,
     MSG_HEAD,
@@ -62,6 +60,7 @@ from jacfusion_fed.federation.protocol import (
     round_reply_spec,
     train_request,
 )
+from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.models import build_from_spec
 from jacfusion_fed.store import HeadRecord, HeadRegistry
 

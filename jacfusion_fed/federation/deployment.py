@@ -67,6 +67,7 @@ from .flwr_cli import (
 __all__ = [
     "CONNECTION_NAME",
     "DeploymentError",
+    "FlwrCli",
     "FlwrCliError",
     "LocalDeployment",
     "ManagedProcess",

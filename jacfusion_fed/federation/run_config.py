@@ -266,7 +266,7 @@ class RunConfig:
         try:
             return cls(**values)
         except RunConfigError as exc:  # name the value as it was given, not as parsed
-            if exc.key in mapping:
+            if exc.key is not None and exc.key in mapping:
                 raise _fail(exc.key, mapping[exc.key], exc.why) from None
             raise
 
