@@ -24,7 +24,13 @@ from jacfusion_fed.privacy.certs import (
 from jacfusion_fed.processes import ProcessSet
 from jacfusion_fed.rpc.auth import FUSION_SERVICE, FUSION_SERVICE_POLICY, Principal
 from jacfusion_fed.rpc.server import start_server, write_port_file
-from jacfusion_fed.rpc.tls import INSECURE, PortInUseError, TlsFiles, create_channel
+from jacfusion_fed.rpc.tls import (
+    INSECURE,
+    PortInUseError,
+    TlsFiles,
+    check_port_free,
+    create_channel,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = "from jacfusion_fed.cli import main; main()"
@@ -65,6 +71,8 @@ def test_port_in_use_is_said_in_one_line_before_grpc_tries(
         taken.listen()
         port = taken.getsockname()[1]
         capfd.readouterr()
+        with pytest.raises(PortInUseError, match="already in use"):
+            check_port_free("127.0.0.1", port)  # what a command checks before training
         with pytest.raises(PortInUseError) as info:
             _start(INSECURE, port=port)
     message = str(info.value)
@@ -72,6 +80,8 @@ def test_port_in_use_is_said_in_one_line_before_grpc_tries(
     assert f"port {port} is already in use" in message and "could not bind" in message
     assert isinstance(info.value, OSError)
     assert capfd.readouterr().err == ""  # no gRPC C-core line
+    check_port_free("127.0.0.1", port)  # closed: free again
+    check_port_free("127.0.0.1", 0)
 
 
 def test_health_follows_the_service_and_stop_is_graceful() -> None:

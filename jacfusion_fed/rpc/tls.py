@@ -36,6 +36,7 @@ __all__ = [
     "TransportOptions",
     "channel_credentials",
     "channel_options",
+    "check_port_free",
     "create_channel",
     "create_server",
     "is_loopback",
@@ -247,6 +248,13 @@ def _port_taken(host: str, port: int) -> bool:
             return False
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`PortInUseError` when a listening socket holds ``host:port`` (port 0:
+    nothing to check). Lets a command refuse at once, before slow work such as training."""
+    if port and _port_taken(host, port):
+        raise _in_use(_address(host, port), port)
 
 
 def _in_use(address: str, port: int) -> PortInUseError:
