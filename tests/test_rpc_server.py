@@ -166,21 +166,21 @@ def test_services_stop_within_a_second_of_sigterm(
     measured: dict[str, float] = {}
     with ProcessSet(tmp_path / "logs", prefix=(sys.executable, "-c", CLI)) as procs:
         owner_port = tmp_path / "owner.port"
-        procs.start_serving(
-            "owner",
-            ["owner", "serve", "--insecure", "--workspace", str(tmp_path / "ws"),
-             "--modality", "audio", "--data", f"npz:{data['audio']}",
-             "--pseudonym-key", str(key), "--port-file", str(owner_port)],
-            owner_port,
-        )  # fmt: skip
+        owner = ["owner", "serve", "--insecure", "--workspace", str(tmp_path / "ws")]
+        owner += ["--modality", "audio", "--data", f"npz:{data['audio']}"]
+        owner += ["--pseudonym-key", str(key), "--port-file", str(owner_port)]
+        procs.start_serving("owner", owner, owner_port)
         port = procs.wait_port("owner", owner_port)
         coord_port = tmp_path / "coordinator.port"
-        procs.start_serving(
-            "coordinator",
-            ["coordinator", "serve", "--insecure", "--registry", str(tmp_path / "registry"),
-             "--owner", f"audio=127.0.0.1:{port}", "--port-file", str(coord_port)],
-            coord_port,
-        )  # fmt: skip
+        coordinator = ["coordinator", "serve", "--insecure"]
+        coordinator += [
+            "--registry",
+            str(tmp_path / "registry"),
+            "--owner",
+            f"audio=127.0.0.1:{port}",
+        ]
+        coordinator += ["--port-file", str(coord_port)]
+        procs.start_serving("coordinator", coordinator, coord_port)
         procs.wait_port("coordinator", coord_port)
         for name in ("coordinator", "owner"):
             measured[name] = _sigterm_seconds(procs, name)

@@ -45,6 +45,16 @@ _GAMMA_AUTO_WORDS = frozenset({"auto", "", "select"})
 TRAINING_METHODS: Final = ("regular", "adversarial", "free", "stability", "mixup")
 HEAD_KINDS: Final = ("gram", "full")
 _PATH_KEYS: Final = ("run_dir", "registry_dir", "labels_file")
+_AT_LEAST_ONE: Final = (
+    "expected_nodes",
+    "epochs",
+    "batch_size",
+    "fedavg_rounds",
+    "repeats",
+    "query_batch_size",
+)
+#: The paper's gamma grid (``jacfusion_fed.evaluation.GAMMA_CANDIDATES``; a test keeps them equal).
+_PAPER_GAMMAS: Final = (0.1, 0.5, 0.9)
 
 
 class RunConfigError(ValueError):
@@ -191,7 +201,7 @@ class RunConfig:
     """Draws of the random perturbations."""
     gamma: float | None = None
     """None ("auto") = chosen on the validation split, or a value in (0, 1]."""
-    gamma_candidates: tuple[float, ...] = (0.1, 0.5, 0.9)
+    gamma_candidates: tuple[float, ...] = _PAPER_GAMMAS
     query_batch_size: int = 10_000
 
     def __post_init__(self) -> None:
@@ -199,8 +209,7 @@ class RunConfig:
             value = getattr(self, name)
             if value and not Path(value).expanduser().is_absolute():
                 raise _fail(_key(name), value, "must be an absolute path (or empty)")
-        for name in ("expected_nodes", "epochs", "batch_size", "fedavg_rounds", "repeats",
-                     "query_batch_size"):  # fmt: skip
+        for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise _fail(_key(name), getattr(self, name), "must be >= 1")
         if self.local_epochs < 0:
@@ -215,12 +224,12 @@ class RunConfig:
             raise _fail("head-kind", self.head_kind, "must be 'gram' or 'full'")
         if self.gamma is not None and not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
             raise _fail("gamma", self.gamma, "must be 'auto' or a number in (0, 1]")
-        candidates = self.gamma_candidates or (0.1, 0.5, 0.9)  # empty: the paper's grid
+        candidates = self.gamma_candidates or _PAPER_GAMMAS  # empty: the paper's grid
         object.__setattr__(self, "gamma_candidates", tuple(float(g) for g in candidates))
         for g in self.gamma_candidates:
             if not (math.isfinite(g) and 0 < g <= 1):
-                raise _fail("gamma-candidates", _candidates_text(self.gamma_candidates),
-                            f"{g} is not in (0, 1]")  # fmt: skip
+                text = _candidates_text(self.gamma_candidates)
+                raise _fail("gamma-candidates", text, f"{g} is not in (0, 1]")
         self._check_columns()
 
     def _check_columns(self) -> None:
