@@ -17,9 +17,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health
-
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.rpc.auth import (
     MODALITY_SERVICE,
@@ -27,7 +24,7 @@ from jacfusion_fed.rpc.auth import (
     Principal,
     RpcPolicy,
 )
-from jacfusion_fed.rpc.server import RunningServer, own_identity, start_server
+from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
 from .modality_service import (
@@ -49,39 +46,15 @@ def owner_policy() -> RpcPolicy:
 
 
 @dataclass
-class OwnerServer:
+class OwnerServer(ServiceHandle):
     """A started owner server; :meth:`stop` it (also stops the health poller)."""
 
-    rpc: RunningServer
     servicer: ModalityServicer
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    @property
-    def server(self) -> grpc.Server:
-        return self.rpc.server
-
-    @property
-    def port(self) -> int:
-        return self.rpc.port
-
-    @property
-    def host(self) -> str:
-        return self.rpc.host
-
-    @property
-    def health(self) -> health.HealthServicer:
-        return self.rpc.health
-
-    @property
-    def target(self) -> str:
-        return self.rpc.target
-
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop.set()
-        self.rpc.stop(grace)
-
-    def wait(self) -> None:
-        self.rpc.wait()
+        super().stop(grace)
 
 
 def _has_model(workspace: OwnerWorkspace) -> bool:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
 
 from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
 from jacfusion_fed.rpc.auth import (
@@ -24,7 +23,7 @@ from jacfusion_fed.rpc.auth import (
     RpcPolicy,
 )
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
-from jacfusion_fed.rpc.server import RunningServer, own_identity, start_server
+from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Insecure,
@@ -53,38 +52,14 @@ def fusion_policy() -> RpcPolicy:
 
 
 @dataclass
-class CoordinatorServer:
+class CoordinatorServer(ServiceHandle):
     """A started coordinator server; :meth:`stop` also closes the owner channels."""
 
-    rpc: RunningServer
     coordinator: Coordinator
 
-    @property
-    def server(self) -> grpc.Server:
-        return self.rpc.server
-
-    @property
-    def port(self) -> int:
-        return self.rpc.port
-
-    @property
-    def host(self) -> str:
-        return self.rpc.host
-
-    @property
-    def health(self) -> health.HealthServicer:
-        return self.rpc.health
-
-    @property
-    def target(self) -> str:
-        return self.rpc.target
-
     def stop(self, grace: float | None = 1.0) -> None:
-        self.rpc.stop(grace)
+        super().stop(grace)
         self.coordinator.close()
-
-    def wait(self) -> None:
-        self.rpc.wait()
 
 
 def serve_coordinator(

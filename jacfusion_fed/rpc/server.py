@@ -53,6 +53,7 @@ from .tls import (
 
 __all__ = [
     "RunningServer",
+    "ServiceHandle",
     "own_identity",
     "serve_until_signal",
     "start_server",
@@ -114,6 +115,39 @@ class RunningServer:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+@dataclass
+class ServiceHandle:
+    """Base of a started service (owner, coordinator): the server's address and stop."""
+
+    rpc: RunningServer
+
+    @property
+    def server(self) -> grpc.Server:
+        return self.rpc.server
+
+    @property
+    def port(self) -> int:
+        return self.rpc.port
+
+    @property
+    def host(self) -> str:
+        return self.rpc.host
+
+    @property
+    def health(self) -> health.HealthServicer:
+        return self.rpc.health
+
+    @property
+    def target(self) -> str:
+        return self.rpc.target
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.rpc.stop(grace)
+
+    def wait(self) -> None:
+        self.rpc.wait()
 
 
 def _warn_if_not_loopback(host: str) -> None:
