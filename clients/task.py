@@ -10,6 +10,9 @@ Node config of an owner (``flower-supernode --node-config`` or the simulation's 
 configs): ``modality``, ``data`` (a data source string, see :mod:`jacfusion_fed.owner.source`),
 ``workdir`` (its workspace folder), ``key-file`` (the pseudonym key, 0600), and optionally
 ``owner`` (its name) and ``allow-full-head`` (share W and b on request; default false).
+The run config (training method, epochs, learning rate, ...) is read as one typed, validated
+:class:`~jacfusion_fed.federation.run_config.RunConfig` (`run_config`), whose defaults are
+those of ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
