@@ -143,6 +143,46 @@ def test_one_tls_files_type() -> None:
 
 # --- service processes: stop within 1 s of SIGTERM and say so ------------------------------------
 
+# A minimal service main: the shared start-up, then the shared signal loop.
+SERVICE_MAIN = """
+import sys
+from pathlib import Path
+from jacfusion_fed.rpc.auth import FUSION_SERVICE, FUSION_SERVICE_POLICY, Principal
+from jacfusion_fed.rpc.server import serve_until_signal, start_server, write_port_file
+from jacfusion_fed.rpc.tls import INSECURE
+running = start_server(
+    INSECURE, policy=FUSION_SERVICE_POLICY,
+    insecure_principal=Principal("requester", "insecure-requester"),
+    services=(FUSION_SERVICE,), add_servicers=lambda server: None, serving=True,
+)
+serve_until_signal(
+    running.stop, "test-service", ready=lambda: write_port_file(Path(sys.argv[1]), running.port)
+)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_until_signal_stops_at_once_and_says_so(tmp_path: Path, sig: int) -> None:
+    port_file = tmp_path / "service.port"
+    with ProcessSet(tmp_path, prefix=(sys.executable, "-c", SERVICE_MAIN)) as procs:
+        procs.start_serving("service", [str(port_file)], port_file)
+        port = procs.wait_port("service", port_file, timeout=60)
+        channel = create_channel(f"127.0.0.1:{port}", INSECURE)
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+        proc = procs.procs["service"]
+        t0 = time.monotonic()
+        os.kill(proc.pid, sig)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 2.0
+        name = signal.Signals(sig).name
+        lines = procs.log("service").splitlines()
+        assert (
+            [ln for ln in lines if "stopped" in ln]
+            == [ln for ln in lines if ln.startswith(f"test-service stopped ({name}, ")]
+            != []
+        )
+
 
 def _sigterm_seconds(procs: ProcessSet, name: str) -> float:
     proc = procs.procs[name]
