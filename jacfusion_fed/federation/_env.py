@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from jacfusion_fed.processes import LOOPBACK  # the address every local socket binds
+from jacfusion_fed.processes import LOOPBACK as LOOPBACK  # the address local sockets bind
 
 OFFLINE_ENV: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",

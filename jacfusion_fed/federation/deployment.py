@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import subprocess
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -224,7 +225,7 @@ class LocalDeployment:
 
     def flwr_cli(
         self, args: Sequence[str], *, timeout: float = 120.0, check: bool = True
-    ) -> Any:
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``flwr ARGS`` with this deployment's CLI ``FLWR_HOME`` (cwd: ``cli/``)."""
         return self.cli(args, timeout=timeout, check=check)
 
