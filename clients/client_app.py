@@ -20,7 +20,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from jacfusion_fed.clients import task
+from . import task
 
 app = ClientApp()
 

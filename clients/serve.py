@@ -17,27 +17,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.rpc.auth import (
     MODALITY_SERVICE,
     MODALITY_SERVICE_POLICY,
-    AuthInterceptor,
     Principal,
     RpcPolicy,
-    check_own_certificate,
 )
-from jacfusion_fed.rpc.tls import (
-    DEFAULT_HOST,
-    Insecure,
-    Security,
-    TlsFiles,
-    TransportOptions,
-    create_server,
-)
+from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
+from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
 from .modality_service import (
     DEFAULT_MAX_BATCH,
@@ -58,27 +46,15 @@ def owner_policy() -> RpcPolicy:
 
 
 @dataclass
-class OwnerServer:
+class OwnerServer(ServiceHandle):
     """A started owner server; :meth:`stop` it (also stops the health poller)."""
 
-    server: grpc.Server
-    port: int
-    host: str
     servicer: ModalityServicer
-    health: health.HealthServicer
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-
-    def wait(self) -> None:
-        self.server.wait_for_termination()
+        super().stop(grace)
 
 
 def _has_model(workspace: OwnerWorkspace) -> bool:
@@ -89,27 +65,13 @@ def _has_model(workspace: OwnerWorkspace) -> bool:
         return False
 
 
-def _set_health(servicer: health.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", MODALITY_SERVICE):
-        servicer.set(name, status)
-
-
 def _poll_health(
-    workspace: OwnerWorkspace,
-    servicer: health.HealthServicer,
-    stop: threading.Event,
-    every: float,
-    last: bool,
+    workspace: OwnerWorkspace, rpc: RunningServer, stop: threading.Event, every: float, last: bool
 ) -> None:
     while not stop.wait(every):
         serving = _has_model(workspace)
         if serving != last:
-            _set_health(servicer, serving)
+            rpc.set_serving(serving)
             last = serving
 
 
@@ -137,7 +99,8 @@ def serve_owner(
             treated as the coordinator).
         owner_name: the owner's name; with TLS it is taken from the certificate (a different
             value is refused); with INSECURE it defaults to ``"<modality>-owner"``.
-        host, port: address to bind (port 0 picks a free one: see ``.port``).
+        host, port: address to bind (port 0 picks a free one: see ``.port``); a
+            non-loopback host (e.g. ``0.0.0.0``) is bound with a one-line warning.
         max_workers: handler threads.
         options: message-size and keepalive settings.
         max_batch, max_stream_batch, stream_chunk: see :class:`ModalityServicer`.
@@ -146,23 +109,18 @@ def serve_owner(
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
+        PortInUseError: the port is taken (an ``OSError``).
         OSError: the address cannot be bound.
     """
-    if isinstance(security, Insecure):
+    security, principal = own_identity(security, "owner", workspace.modality)
+    if principal is None:
         name = owner_name or f"{workspace.modality}-owner"
-        interceptor = AuthInterceptor(
-            owner_policy(), insecure_principal=Principal("coordinator", "insecure-coordinator")
-        )
     else:
-        tls = security if isinstance(security, TlsFiles) else TlsFiles.from_dir(security)
-        principal = check_own_certificate(tls, "owner", workspace.modality)
         if owner_name is not None and owner_name != principal.name:
             raise ValueError(
                 f"owner name {owner_name!r} differs from the certificate's {principal.name!r}"
             )
         name = principal.name
-        interceptor = AuthInterceptor(owner_policy())
-        security = tls
     servicer = ModalityServicer(
         workspace,
         name,
@@ -171,34 +129,27 @@ def serve_owner(
         stream_chunk=stream_chunk,
         use_logit_cache=use_logit_cache,
     )
-    server, bound = create_server(
+    from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc
+
+    serving = _has_model(workspace)
+    rpc = start_server(
         security,
+        policy=owner_policy(),
+        insecure_principal=Principal("coordinator", "insecure-coordinator"),
+        services=(MODALITY_SERVICE,),
+        add_servicers=lambda server: modality_pb2_grpc.add_ModalityServiceServicer_to_server(
+            servicer, server
+        ),
+        serving=serving,
         host=host,
         port=port,
         max_workers=max_workers,
-        interceptors=[interceptor],
         options=options,
     )
-    from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
-
-    modality_pb2_grpc.add_ModalityServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    serving = _has_model(workspace)
-    _set_health(health_servicer, serving)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            modality_pb2.DESCRIPTOR.services_by_name["ModalityService"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    running = OwnerServer(server, bound, host, servicer, health_servicer)
-    server.start()
+    running = OwnerServer(rpc, servicer)
     threading.Thread(
         target=_poll_health,
-        args=(workspace, health_servicer, running._stop, health_interval, serving),
+        args=(workspace, rpc, running._stop, health_interval, serving),
         name=f"jacfusion-owner-health-{workspace.modality}",
         daemon=True,
     ).start()

@@ -10,6 +10,9 @@ Node config of an owner (``flower-supernode --node-config`` or the simulation's 
 configs): ``modality``, ``data`` (a data source string, see :mod:`jacfusion_fed.owner.source`),
 ``workdir`` (its workspace folder), ``key-file`` (the pseudonym key, 0600), and optionally
 ``owner`` (its name) and ``allow-full-head`` (share W and b on request; default false).
+The run config (training method, epochs, learning rate, ...) is read as one typed, validated
+:class:`~jacfusion_fed.federation.run_config.RunConfig` (`run_config`), whose defaults are
+those of ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jacfusion_fed.federation.protocol import (
     parse_train_request,
     setting_field,
 )
+from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.models import model_spec
 from jacfusion_fed.owner import Head, OwnerWorkspace, UnknownVersionError
 from jacfusion_fed.owner.perturbation import PerturbationSpec
@@ -48,6 +52,7 @@ __all__ = [
     "head_reply",
     "query_logits",
     "respond",
+    "run_config",
     "train",
     "workspace_from_context",
 ]
@@ -88,8 +93,9 @@ def owner_name(context: Context) -> str:
     return f"{context.node_config.get('modality', 'owner')}-owner"
 
 
-def _run(context: Context, key: str, default: Any) -> Any:
-    return context.run_config.get(key, default)
+def run_config(context: Context) -> RunConfig:
+    """The run config (defaults in :class:`RunConfig`; `RunConfigError` on a bad value)."""
+    return RunConfig.from_mapping(context.run_config)
 
 
 # ------------------------------------------------------------------------ handlers
@@ -129,7 +135,7 @@ def _head_records(
 
 
 def _metric_record(metrics: Mapping[str, Any]) -> MetricRecord:
-    out: dict[str, int | float] = {
+    out: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": int(metrics.get("num_examples", metrics.get("num-examples", 0)))
     }
     for src, dst in (
@@ -164,13 +170,8 @@ def _version_error(ws: OwnerWorkspace, version: str | None, exc: Exception) -> A
     )
 
 
-def _train_params(context: Context) -> dict[str, Any]:
-    return {
-        "method": str(_run(context, "training", "regular")),
-        "lr": float(_run(context, "lr", 3e-3)),
-        "batch_size": int(_run(context, "batch-size", 32)),
-        "seed": int(_run(context, "seed", 0)),
-    }
+def _train_params(cfg: RunConfig) -> dict[str, Any]:
+    return {"method": cfg.training, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
 
 
 def _state_from(ws: OwnerWorkspace, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -189,16 +190,17 @@ def _state_from(ws: OwnerWorkspace, arrays: ArrayRecord) -> dict[str, torch.Tens
 
 def train(content: RecordDict, ws: OwnerWorkspace, context: Context) -> RecordDict:
     req = parse_train_request(content)
-    params = _train_params(context)
-    epochs = int(_run(context, "epochs", 15))
+    cfg = run_config(context)
+    params = _train_params(cfg)
+    epochs = cfg.epochs
     if req.stage == "local":
         _, metrics = ws.train(params.pop("method"), epochs, publish=True, **params)
         return _head_records(ws, context, _head(ws, None, req.head_kind), metrics)
     assert req.global_arrays is not None or req.stage == "round"
     initial = _state_from(ws, req.global_arrays) if req.global_arrays is not None else None
     if req.stage == "round":
-        rounds = max(1, int(_run(context, "fedavg-rounds", 3)))
-        local_epochs = int(_run(context, "local-epochs", 0)) or max(1, round(epochs / rounds))
+        rounds = cfg.fedavg_rounds
+        local_epochs = cfg.local_epochs or max(1, round(epochs / rounds))
         params["seed"] = params["seed"] + 1000 * req.round
         model, metrics = ws.train(
             params.pop("method"), local_epochs, initial_state=initial, publish=False, **params

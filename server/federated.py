@@ -46,10 +46,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from jacfusion_fed.evaluation import GAMMA_CANDIDATES, EvaluationResult, write_reports
-from jacfusion_fed.federation import RUN_DIR_KEY, wait_for_nodes, write_run_results
+from jacfusion_fed.evaluation import EvaluationResult, write_reports
+from jacfusion_fed.federation import wait_for_nodes, write_run_results
 from jacfusion_fed.federation.protocol import (
-    CLEAN,
     MSG_DESCRIBE,
     MSG_HEAD,
     MSG_TRAIN,
@@ -60,6 +59,7 @@ from jacfusion_fed.federation.protocol import (
     round_reply_spec,
     train_request,
 )
+from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.models import build_from_spec
 from jacfusion_fed.store import HeadRecord, HeadRegistry
 
@@ -70,10 +70,6 @@ __all__ = ["FlowConfig", "run_coordinator"]
 
 
 # ------------------------------------------------------------------------ configuration
-def _as_bool(value: Any) -> bool:
-    return value is True or str(value).lower() in ("true", "1", "yes")
-
-
 @dataclass(frozen=True)
 class FlowConfig:
     """The run config as the coordinator reads it (keys of ``[tool.flwr.app.config]``)."""
@@ -99,52 +95,32 @@ class FlowConfig:
 
     @classmethod
     def from_context(cls, context: Context) -> FlowConfig:
-        cfg = context.run_config
+        """Read and check the run config (`RunConfigError` on a bad key or value)."""
+        rc = RunConfig.from_mapping(context.run_config)
 
-        def path(key: str) -> Path | None:
-            value = str(cfg.get(key, "") or "")
-            if not value:
-                return None
-            p = Path(value).expanduser()
-            if not p.is_absolute():
-                raise CoordinatorError(f"run config {key!r} must be an absolute path: {value!r}")
-            return p
+        def path(value: str) -> Path | None:
+            return Path(value).expanduser() if value else None
 
-        run_dir = path(RUN_DIR_KEY) or Path.cwd() / "runs" / f"flwr-run-{context.run_id}"
-        gamma_text = str(cfg.get("gamma", "auto")).strip().lower()
-        gamma = None if gamma_text in ("auto", "", "select") else float(gamma_text)
-        if gamma is not None and not 0 < gamma <= 1:
-            raise CoordinatorError(f"gamma must lie in (0, 1] or be 'auto', got {gamma}")
-        candidates = (
-            tuple(float(g) for g in str(cfg.get("gamma-candidates", "0.1,0.5,0.9")).split(",") if g)
-            or GAMMA_CANDIDATES
-        )
-        head_kind = str(cfg.get("head-kind", "gram"))
-        if head_kind not in ("gram", "full"):
-            raise CoordinatorError(f"head-kind must be 'gram' or 'full', got {head_kind!r}")
-        try:
-            columns = parse_columns(str(cfg.get("columns", CLEAN)))
-        except (ValueError, KeyError) as exc:
-            raise CoordinatorError(f"run config 'columns': {exc}") from None
+        run_dir = path(rc.run_dir) or Path.cwd() / "runs" / f"flwr-run-{context.run_id}"
         return cls(
             run_dir=run_dir,
-            registry_dir=path("registry-dir") or run_dir / "registry",
-            labels_file=path("labels-file"),
-            dataset=str(cfg.get("dataset", "") or "federated"),
-            expected_nodes=int(cfg.get("expected-nodes", 2)),
-            node_timeout=float(cfg.get("node-timeout", 300.0)),
-            reply_timeout=float(cfg.get("reply-timeout", 1800.0)),
-            train=_as_bool(cfg.get("train", True)),
-            training=str(cfg.get("training", "regular")),
-            fedavg_rounds=max(1, int(cfg.get("fedavg-rounds", 3))),
-            head_kind=head_kind,
-            perturbed=str(cfg.get("perturbed", "") or ""),
-            columns=columns,
-            repeats=max(1, int(cfg.get("repeats", 1))),
-            gamma=gamma,
-            gamma_candidates=candidates,
-            seed=int(cfg.get("seed", 0)),
-            query_batch=max(1, int(cfg.get("query-batch-size", 10_000))),
+            registry_dir=path(rc.registry_dir) or run_dir / "registry",
+            labels_file=path(rc.labels_file),
+            dataset=rc.dataset or "federated",
+            expected_nodes=rc.expected_nodes,
+            node_timeout=rc.node_timeout,
+            reply_timeout=rc.reply_timeout,
+            train=rc.train,
+            training=rc.training,
+            fedavg_rounds=rc.fedavg_rounds,
+            head_kind=rc.head_kind,
+            perturbed=rc.perturbed,
+            columns=parse_columns(rc.columns),
+            repeats=rc.repeats,
+            gamma=rc.gamma,
+            gamma_candidates=rc.gamma_candidates,
+            seed=rc.seed,
+            query_batch=rc.query_batch_size,
         )
 
 

@@ -14,27 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
 from jacfusion_fed.rpc.auth import (
     FUSION_SERVICE,
     FUSION_SERVICE_POLICY,
-    AuthInterceptor,
     Principal,
     RpcPolicy,
-    check_own_certificate,
 )
-from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
+from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
+from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Insecure,
     Security,
-    TlsFiles,
     TransportOptions,
     create_channel,
-    create_server,
 )
 
 from .coordinator import Coordinator
@@ -57,26 +52,14 @@ def fusion_policy() -> RpcPolicy:
 
 
 @dataclass
-class CoordinatorServer:
+class CoordinatorServer(ServiceHandle):
     """A started coordinator server; :meth:`stop` also closes the owner channels."""
 
-    server: grpc.Server
-    port: int
-    host: str
     coordinator: Coordinator
-    health: health.HealthServicer
-
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def stop(self, grace: float | None = 1.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        super().stop(grace)
         self.coordinator.close()
-
-    def wait(self) -> None:
-        self.server.wait_for_termination()
 
 
 def serve_coordinator(
@@ -96,58 +79,41 @@ def serve_coordinator(
         security: the coordinator's :class:`TlsFiles` (or certificate directory), or
             :data:`jacfusion_fed.rpc.tls.INSECURE` (loopback only; every caller is then
             treated as a requester).
-        host, port: address to bind (port 0 picks a free one).
+        host, port: address to bind (port 0 picks a free one); a non-loopback host (e.g.
+            ``0.0.0.0``) is bound with a one-line warning.
         max_workers: handler threads (each Predict holds one while the owners answer).
         options: message-size and keepalive settings.
         sync: start the coordinator's background owner sync.
 
     Raises:
         ValueError: the certificate is not a coordinator certificate.
+        PortInUseError: the port is taken (an ``OSError``).
         OSError: the address cannot be bound.
     """
-    if isinstance(security, Insecure):
-        interceptor = AuthInterceptor(
-            fusion_policy(), insecure_principal=Principal("requester", "insecure-requester")
-        )
-    else:
-        security = security if isinstance(security, TlsFiles) else TlsFiles.from_dir(security)
-        check_own_certificate(security, "coordinator")
-        interceptor = AuthInterceptor(fusion_policy())
-    server, bound = create_server(
-        security, host=host, port=port, max_workers=max_workers,
-        interceptors=[interceptor], options=options,
-    )  # fmt: skip
-    fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(coordinator), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-
-    def update_health() -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if coordinator.has_heads()
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", FUSION_SERVICE):
-            health_servicer.set(name, status)
-
-    update_health()
-    coordinator.on_change(update_health)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
+    security, _ = own_identity(security, "coordinator")
+    rpc = start_server(
+        security,
+        policy=fusion_policy(),
+        insecure_principal=Principal("requester", "insecure-requester"),
+        services=(FUSION_SERVICE,),
+        add_servicers=lambda server: fusion_pb2_grpc.add_FusionServiceServicer_to_server(
+            FusionServicer(coordinator), server
         ),
-        server,
+        serving=coordinator.has_heads(),
+        host=host,
+        port=port,
+        max_workers=max_workers,
+        options=options,
     )
-    server.start()
+    coordinator.on_change(lambda: rpc.set_serving(coordinator.has_heads()))
     if sync:
         coordinator.start_sync()
     log.info(
-        "coordinator serving FusionService on %s:%d for modalities %s",
-        host, bound, ", ".join(coordinator.modalities),
-    )  # fmt: skip
-    return CoordinatorServer(server, bound, host, coordinator, health_servicer)
+        "coordinator serving FusionService on %s for modalities %s",
+        rpc.target,
+        ", ".join(coordinator.modalities),
+    )
+    return CoordinatorServer(rpc, coordinator)
 
 
 def connect_coordinator(

@@ -3,8 +3,9 @@
 register heads, gather logits, fuse, evaluate, write results).
 
 Run it the Flower way (``flwr run .``, ``[tool.flwr.app.components]`` of ``pyproject.toml``)
-or through ``jacfusion-fed simulate``. It reads only the run config: never a node config and
-never the pseudonym key.
+or through ``jacfusion-fed simulate``. It reads only the run config (as one typed
+:class:`~jacfusion_fed.federation.run_config.RunConfig`, checked once at the start): never a
+node config and never the pseudonym key.
 """
 
 from __future__ import annotations

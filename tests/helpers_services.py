@@ -7,9 +7,6 @@ then SIGKILL) by whoever started them, also when a test fails.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +27,7 @@ from jacfusion_fed.fusion import (
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.certs import DeploymentCerts, generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+from jacfusion_fed.processes import ProcessSet
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.server.serve import connect_coordinator
@@ -46,63 +44,12 @@ NUM_CLASSES = 4
 NUM_SAMPLES = 240
 
 
-class Procs:
-    """Child processes started by a test module; stopped by PID."""
+class Procs(ProcessSet):
+    """``jacfusion-fed`` CLI processes of a test module (:class:`ProcessSet`: own sessions,
+    logs in ``<logdir>/<name>.log``, stopped by PID)."""
 
     def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, *args],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )  # fmt: skip
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")
-
-    def wait_port(self, name: str, port_file: Path, timeout: float = 120.0) -> int:
-        deadline = time.monotonic() + timeout
-        proc = self.procs[name]
-        while time.monotonic() < deadline:
-            if port_file.exists() and port_file.read_text().strip():
-                return int(port_file.read_text())
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} did not start within {timeout} s:\n{self.log(name)}")
-
-    def kill(self, name: str) -> None:
-        """SIGKILL, as in a crash."""
-        proc = self.procs.pop(name)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-    def stop(self, name: str, timeout: float = 10.0) -> int | None:
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-    @property
-    def pids(self) -> set[int]:
-        return {p.pid for p in self.procs.values()}
+        super().__init__(logdir, prefix=(sys.executable, "-c", CLI))
 
 
 @dataclass

@@ -31,7 +31,6 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,10 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from jacfusion_fed.processes import ProcessSet
+
 __all__ = [
-    "Procs",
     "ServeBenchConfig",
     "print_results",
+    "python_procs",
     "run_serve_bench",
     "serve_echo",
     "start_deployment",
@@ -95,10 +96,9 @@ def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 
     )
     server.add_generic_rpc_handlers((handler,))
     server.start()
-    if port_file is not None:
-        tmp = port_file.with_name(f".{port_file.name}.tmp")
-        tmp.write_text(f"{port}\n")
-        os.replace(tmp, port_file)
+    from jacfusion_fed.rpc.server import write_port_file
+
+    write_port_file(port_file, port)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -109,55 +109,9 @@ def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Procs:
-    """Child processes, each in its own session; stopped by PID (TERM, then KILL)."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str, timeout: float = 10.0) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-    def start_serving(self, name: str, args: list[str], port_file: Path) -> None:
-        """Start a server that writes its port to ``port_file`` (removed first)."""
-        port_file.unlink(missing_ok=True)
-        self.start(name, args)
-
-    def wait_port(self, name: str, port_file: Path, timeout: float = 180.0) -> int:
-        deadline = time.monotonic() + timeout
-        proc = self.procs[name]
-        while time.monotonic() < deadline:
-            if port_file.exists():
-                return int(port_file.read_text())
-            if proc.poll() is not None:
-                log = (self.logdir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} did not report its port within {timeout} s")
+def python_procs(logdir: Path) -> ProcessSet:
+    """Python child processes (``python ARGS``) of the benchmarks, stopped by PID."""
+    return ProcessSet(logdir, prefix=(sys.executable,))
 
 
 def wait_serving(channel: Any, timeout: float = 180.0) -> None:
@@ -335,7 +289,7 @@ def bench_setup(
 
 @contextlib.contextmanager
 def start_deployment(
-    procs: Procs, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
+    procs: ProcessSet, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
     *, cached: bool,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Start two owners and a coordinator; yield their targets; stop them."""
@@ -473,7 +427,7 @@ def run_serve_bench(
     }
     with bench_setup(workdir, cfg, "bench-requester", progress) as setup:
         root, certs = setup.root, setup.certs
-        procs = Procs(root)
+        procs = python_procs(root)
         try:
             echo_port = root / "echo.port"
             procs.start_serving(

@@ -65,7 +65,9 @@ def write_app_manifest(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"{k} = {toml(v)}" for k, v in DEFAULT_RUN_CONFIG.items()]
     path = folder / "pyproject.toml"
-    path.write_text(APP_MANIFEST + "\n".join(lines) + "\n", encoding="utf-8")
+    from jacfusion_fed.atomicio import atomic_write_bytes
+
+    atomic_write_bytes(path, (APP_MANIFEST + "\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 

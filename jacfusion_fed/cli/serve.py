@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,8 +46,8 @@ def _security(tls: Path | None, insecure: bool) -> Any:
             "pass --tls DIR (a directory with ca.pem, cert.pem, key.pem from "
             "`jacfusion-fed certs`) or, for local experiments only, --insecure"
         )
-    files = TlsFiles.from_dir(tls)
     try:
+        files = TlsFiles.from_dir(tls)
         files.read()
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -58,11 +55,9 @@ def _security(tls: Path | None, insecure: bool) -> Any:
 
 
 def _write_port_file(path: Path | None, port: int) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
+    from jacfusion_fed.rpc.server import write_port_file
+
+    write_port_file(path, port)
 
 
 def _logging(level: str) -> None:
@@ -73,16 +68,11 @@ def _logging(level: str) -> None:
     )
 
 
-def _serve_until_signal(stop_server: Any) -> None:
-    done = threading.Event()
+def _serve_until_signal(stop_server: Any, what: str, port_file: Path | None, port: int) -> None:
+    """Write the port file once SIGTERM is handled; "<what> stopped" on stderr, exit in < 1 s."""
+    from jacfusion_fed.rpc.server import serve_until_signal
 
-    def handle(signum: int, _frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    done.wait()
-    stop_server()
+    serve_until_signal(stop_server, what, ready=lambda: _write_port_file(port_file, port))
 
 
 TlsOpt = Annotated[
@@ -155,11 +145,10 @@ def owner_serve(
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
         raise typer.Exit(2) from exc
-    _write_port_file(port_file, running.port)
     err_console.print(
         f"owner {running.servicer.owner_name!r} serving {modality!r} on {running.target}"
     )
-    _serve_until_signal(running.stop)
+    _serve_until_signal(running.stop, "owner", port_file, running.port)
 
 
 # --- coordinator ------------------------------------------------------------------------------
@@ -221,12 +210,11 @@ def coordinator_serve(
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
         raise typer.Exit(2) from exc
-    _write_port_file(port_file, running.port)
     err_console.print(
         f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
         + ", ".join(f"{e.modality}={e.target}" for e in endpoints)
     )
-    _serve_until_signal(running.stop)
+    _serve_until_signal(running.stop, "coordinator", port_file, running.port)
 
 
 CoordOpt = Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")]

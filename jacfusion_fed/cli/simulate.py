@@ -118,12 +118,6 @@ def simulate(
         raise typer.BadParameter(f"--dataset must be one of {', '.join(_DATASETS)}")
     if training not in _METHODS:
         raise typer.BadParameter(f"--training must be one of {', '.join(_METHODS)}")
-    if gamma != "auto":
-        try:
-            if not 0 < float(gamma) <= 1:
-                raise ValueError
-        except ValueError:
-            raise typer.BadParameter("--gamma must be 'auto' or a value in (0, 1]") from None
     overrides: dict[str, Any] = {"training": training, "fedavg_rounds": fedavg_rounds}
     overrides["head_kind"] = "full" if full_head else "gram"
     overrides["gamma"] = gamma
@@ -137,9 +131,12 @@ def simulate(
     ):
         if value is not None:
             overrides[key] = value
-    scenario = Scenario.builtin(
-        dataset, quick=quick, sites_per_modality=sites_per_modality, seed=seed, **overrides
-    )
+    try:  # every run config value is checked here, once (RunConfigError)
+        scenario = Scenario.builtin(
+            dataset, quick=quick, sites_per_modality=sites_per_modality, seed=seed, **overrides
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if full_head:
         scenario.owners = [
             type(o)(o.name, o.modality, o.data, allow_full_head=True) for o in scenario.owners

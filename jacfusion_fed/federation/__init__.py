@@ -2,7 +2,9 @@
 messages, and keep the coordinator's inbox to an allow-list. No ML in here.
 
 - `run_simulation_app`: Simulation Engine (Ray) in-process, per-node configs, run config.
-- `LocalDeployment`: SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1 (TLS, node auth).
+- `RunConfig`: the app's run config, typed; defaults once, validated once (`RunConfigError`).
+- `LocalDeployment`: SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1 (TLS, node auth);
+  its processes are :mod:`jacfusion_fed.processes`, its ``flwr`` CLI is `FlwrCli`.
 - `wait_for_nodes`, `send_and_collect`: ServerApp-side messaging.
 - `check_reply_allowed` with `RecordSpec` / `ArraySpec` / `ValueSpec`: reply allow-list.
 - `write_run_results` / `read_run_results`: ServerApp -> caller, through ``run-dir``.
@@ -26,6 +28,7 @@ from .config import format_config_arg, load_app_run_config, validate_config  # n
 from .deployment import (  # noqa: E402
     CONNECTION_NAME,
     DeploymentError,
+    FlwrCli,
     FlwrCliError,
     LocalDeployment,
     ManagedProcess,
@@ -52,6 +55,7 @@ from .results import (  # noqa: E402
     run_dir_from_context,
     write_run_results,
 )
+from .run_config import RunConfig, RunConfigError  # noqa: E402
 from .simulation import (  # noqa: E402
     SimulatedNodeClientApp,
     SimulationResult,
@@ -68,6 +72,7 @@ __all__ = [
     "RUN_DIR_KEY",
     "ArraySpec",
     "DeploymentError",
+    "FlwrCli",
     "FlwrCliError",
     "LocalDeployment",
     "ManagedProcess",
@@ -76,6 +81,8 @@ __all__ = [
     "RecordSpec",
     "ReplyError",
     "ReplyNotAllowedError",
+    "RunConfig",
+    "RunConfigError",
     "RunFailedError",
     "RunInfo",
     "SimulatedNodeClientApp",

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from jacfusion_fed.processes import LOOPBACK as LOOPBACK  # the address local sockets bind
+
 OFFLINE_ENV: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -35,8 +37,6 @@ OFFLINE_ENV: dict[str, str] = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
 }
-
-LOOPBACK = "127.0.0.1"
 
 
 def patch_imported_modules() -> None:

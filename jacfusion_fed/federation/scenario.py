@@ -20,16 +20,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jacfusion_fed.atomicio import atomic_write_bytes
+
 from .config import ConfigValue, validate_config
 from .protocol import EVAL_LABELS_FORMAT
 from .results import RUN_DIR_KEY, read_run_results
+from .run_config import DEFAULT_COLUMNS, RunConfig
 from .simulation import SimulationResult, run_simulation_app
 
 __all__ = [
@@ -48,32 +50,10 @@ __all__ = [
 SERVER_APP_REF = "jacfusion_fed.server.server_app:app"
 CLIENT_APP_REF = "jacfusion_fed.clients.client_app:app"
 
-#: The app's run config defaults; the same keys and values as ``[tool.flwr.app.config]`` of
-#: ``pyproject.toml`` (a test keeps them equal), so a simulation sees what ``flwr run`` sees.
-DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {
-    "run-dir": "",
-    "registry-dir": "",
-    "labels-file": "",
-    "dataset": "avdigits",
-    "expected-nodes": 2,
-    "node-timeout": 300.0,
-    "reply-timeout": 1800.0,
-    "train": True,
-    "training": "regular",
-    "epochs": 15,
-    "lr": 0.003,
-    "batch-size": 32,
-    "seed": 0,
-    "fedavg-rounds": 3,
-    "local-epochs": 0,
-    "head-kind": "gram",
-    "perturbed": "",
-    "columns": "clean; gaussian w0=1; missing w1=8; fgsm w4=0.03; pgd w4=0.03 w5=0.001 w6=20",
-    "repeats": 1,
-    "gamma": "auto",
-    "gamma-candidates": "0.1,0.5,0.9",
-    "query-batch-size": 10000,
-}
+#: The app's run config defaults in Flower's mapping form (``RunConfig().to_mapping()``: the
+#: same keys and values as ``[tool.flwr.app.config]`` of ``pyproject.toml``, a test keeps them
+#: equal), so a simulation sees what ``flwr run`` sees.
+DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = RunConfig().to_mapping()
 
 
 @dataclass(frozen=True)
@@ -97,7 +77,7 @@ BUILTIN_PRESETS: dict[str, BuiltinPreset] = {
         modalities=("image", "audio"),
         owners=("vision-co", "audio-co"),
         perturbed="audio",
-        columns=str(DEFAULT_RUN_CONFIG["columns"]),
+        columns=DEFAULT_COLUMNS,
         epochs=15,
         quick_epochs=20,
         lr=0.003,
@@ -149,6 +129,7 @@ class Scenario:
         unknown = set(self.run_config) - set(DEFAULT_RUN_CONFIG)
         if unknown:
             raise KeyError(f"unknown run config keys {sorted(unknown)}")
+        RunConfig.from_mapping(self.run_config)  # RunConfigError on a bad value, before any run
 
     @classmethod
     def builtin(
@@ -225,10 +206,7 @@ def write_eval_labels(path: Path, pseudonymizer: Any, splits: Mapping[str, Any])
             if split in ("val", "test")
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data).encode("utf-8"))
     return path
 
 
@@ -278,17 +256,16 @@ def prepare_run(scenario: Scenario, run_dir: Path | str) -> PreparedRun:
         )
         for o in scenario.owners
     ]
-    run_config = {
-        **DEFAULT_RUN_CONFIG,
-        **scenario.run_config,
-        RUN_DIR_KEY: str(coordinator),
-        "registry-dir": str(coordinator / "registry"),
-        "labels-file": str(labels_file),
-        "expected-nodes": len(scenario.owners),
-    }
-    return PreparedRun(
-        run_dir, key_file, labels_file, coordinator, node_configs, validate_config(run_config)
-    )
+    run_config = RunConfig.from_mapping(
+        {
+            **scenario.run_config,
+            RUN_DIR_KEY: str(coordinator),
+            "registry-dir": str(coordinator / "registry"),
+            "labels-file": str(labels_file),
+            "expected-nodes": len(scenario.owners),
+        }
+    ).to_mapping()
+    return PreparedRun(run_dir, key_file, labels_file, coordinator, node_configs, run_config)
 
 
 @dataclass

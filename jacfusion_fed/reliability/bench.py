@@ -55,10 +55,10 @@ def run_load_bench(
 
     from jacfusion_fed.bench.serve import (
         MODALITIES,
-        Procs,
         ServeBenchConfig,
         bench_setup,
         load_average,
+        python_procs,
         start_deployment,
         wait_serving,
     )
@@ -81,7 +81,7 @@ def run_load_bench(
         },
     }
     with bench_setup(workdir, data_cfg, "load-requester", progress) as setup:
-        procs = Procs(setup.root)
+        procs = python_procs(setup.root)
         try:
             requester, ids = setup.requester, setup.ids
             coordinator_tls = TlsFiles.from_dir(setup.certs.coordinator_dir)

@@ -14,7 +14,9 @@ deployment CA; what a verified client may call is decided by :mod:`jacfusion_fed
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -28,14 +30,17 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "INSECURE",
     "Insecure",
+    "PortInUseError",
     "Security",
     "TlsFiles",
     "TransportOptions",
     "channel_credentials",
     "channel_options",
+    "check_port_free",
     "create_channel",
     "create_server",
     "is_loopback",
+    "is_wildcard",
     "server_credentials",
     "server_options",
 ]
@@ -47,11 +52,24 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files of one principal: the CA certificate, its own certificate and private key."""
+    """PEM files of one principal: the CA certificate, its own certificate and private key.
+
+    The one TLS-files type of the project: gRPC servers and channels, and the Flower
+    SuperLink of :class:`jacfusion_fed.federation.LocalDeployment` (where ``cert`` must carry
+    the SANs 127.0.0.1 / localhost and ``key`` is unencrypted). Paths are made absolute and
+    must name existing files (``FileNotFoundError`` naming the missing one otherwise).
+    """
 
     ca_cert: Path
     cert: Path
     key: Path
+
+    def __post_init__(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = Path(getattr(self, name)).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"TLS file not found: {path} ({name})")
+            object.__setattr__(self, name, path)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> TlsFiles:
@@ -189,7 +207,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _is_wildcard(host: str) -> bool:
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` means every interface (``""``, ``*``, ``0.0.0.0``, ``::``)."""
     if host in ("", "*"):
         return True
     try:
@@ -206,6 +225,44 @@ def _address(host: str, port: int) -> str:
     except ValueError:
         pass
     return f"{h}:{port}"
+
+
+class PortInUseError(OSError):
+    """The port is taken by another socket that listens there."""
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether a listening socket holds ``host:port`` (a lingering TIME_WAIT does not count:
+    the probe sets ``SO_REUSEADDR`` as gRPC does)."""
+    h = host.strip("[]")
+    h = "0.0.0.0" if h in ("", "*") else h
+    try:
+        infos = socket.getaddrinfo(h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+            return False
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`PortInUseError` when a listening socket holds ``host:port`` (port 0:
+    nothing to check). Lets a command refuse at once, before slow work such as training."""
+    if port and _port_taken(host, port):
+        raise _in_use(_address(host, port), port)
+
+
+def _in_use(address: str, port: int) -> PortInUseError:
+    return PortInUseError(
+        errno.EADDRINUSE,
+        f"could not bind {address}: port {port} is already in use by another process "
+        "(choose another port, or 0 for a free one)",
+    )
 
 
 def create_server(
@@ -237,9 +294,10 @@ def create_server(
 
     Raises:
         ValueError: on a refused address / security combination.
-        OSError: when the address cannot be bound.
+        PortInUseError: ``port`` is taken by a listening socket (an ``OSError``).
+        OSError: when the address cannot be bound otherwise.
     """
-    if _is_wildcard(host) and not allow_all_interfaces:
+    if is_wildcard(host) and not allow_all_interfaces:
         raise ValueError(
             f"refusing to bind wildcard address {host!r}: pass allow_all_interfaces=True "
             "or bind a specific address (default 127.0.0.1)"
@@ -253,6 +311,8 @@ def create_server(
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
     address = _address(host, port)
+    if port and _port_taken(host, port):  # before gRPC, which would log a C-core error line
+        raise _in_use(address, port)
     try:
         if isinstance(security, Insecure):
             bound = server.add_insecure_port(address)
@@ -260,8 +320,12 @@ def create_server(
             creds = server_credentials(_as_tls(security), require_client_auth=require_client_auth)
             bound = server.add_secure_port(address, creds)
     except RuntimeError as exc:
+        if port and _port_taken(host, port):
+            raise _in_use(address, port) from exc
         raise OSError(f"could not bind {address}: {exc}") from exc
     if not bound:
+        if port and _port_taken(host, port):
+            raise _in_use(address, port)
         raise OSError(f"could not bind {address}")
     return server, bound
 
