@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from jacfusion_fed.cli.bench import bench_app
-
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import FUSION_METHODS, check_choice
+from jacfusion_fed.cli.render import err, out
 
 
 @bench_app.command("load")
@@ -32,30 +31,34 @@ def bench_load(
     ] = 32.0,
     timeout: Annotated[float, typer.Option(help="Deadline of every call (s).")] = 10.0,
     workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
-    out: Annotated[Path, typer.Option(help="JSON results.")] = Path("bench-load.json"),
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
+        "bench-load.json"
+    ),
 ) -> None:
     """Coordinator + two owners on loopback (mTLS): a fixed number of Predict calls from many
-    clients, each answer checked against the fusion library; throughput, p50/p99 latency,
-    errors, and the coordinator's memory after warm-up and at the end. Exit code 1 unless
-    every answer was correct and RSS grew by at most --rss-bound-mb."""
+    clients, each answer checked against the fusion library.
+
+    Reports throughput, p50/p99 latency, errors, and the coordinator's memory after warm-up and
+    at the end. Exit code 1 unless every answer was correct and RSS grew by at most
+    --rss-bound-mb.
+    """
     from jacfusion_fed.reliability.bench import (
         LoadBenchConfig,
         print_load_results,
         run_load_bench,
     )
 
-    if method not in ("statistical", "jacobian", "mean", "confidence_mean"):
-        raise typer.BadParameter(f"unknown --method {method!r}")
+    check_choice("--method", method, FUSION_METHODS)
     if batch > samples:
-        raise typer.BadParameter("--batch must not exceed --samples")
+        raise CliError("--batch must not exceed --samples")
     cfg = LoadBenchConfig(
         samples=samples, classes=classes, requests=requests, clients=clients, batch=batch,
         warmup=warmup, method=method, timeout_s=timeout, rss_bound_mb=rss_bound_mb,
     )  # fmt: skip
-    results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err_console.log(m))
-    print_load_results(results, console)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
+    print_load_results(results, out())
+    out_file.write_text(json.dumps(results, indent=2))
+    err().print(f"wrote {out_file}")
     if not results["passed"]:
         raise typer.Exit(1)
 
@@ -72,13 +75,13 @@ def proxy(
     ] = 0.0,
     stall_for: Annotated[float, typer.Option(help="... for this many seconds.")] = 2.0,
 ) -> None:
-    """A fault-injecting TCP proxy on 127.0.0.1 (point the coordinator's --owner at it);
-    runs until SIGTERM/SIGINT."""
+    """A fault-injecting TCP proxy on 127.0.0.1 (point the coordinator's --owner at it), until
+    SIGTERM/SIGINT."""
     from jacfusion_fed.reliability.proxy import FaultProxy
 
     running = FaultProxy(upstream, port=port).start()
     running.set(delay_s=delay, drop_rate=drop_rate)
-    console.print(f"proxy 127.0.0.1:{running.port} -> {upstream}")
+    err().print(f"proxy 127.0.0.1:{running.port} -> {upstream}")
     done = threading.Event()
 
     def stop(*_: Any) -> None:
@@ -94,7 +97,7 @@ def proxy(
         else:
             done.wait(1.0)
     running.stop()
-    console.print(f"stopped; {vars(running.stats)}")
+    err().print(f"proxy stopped; {vars(running.stats)}")
 
 
 def register(app: typer.Typer) -> None:

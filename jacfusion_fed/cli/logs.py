@@ -1,0 +1,82 @@
+"""Logging of every command: one ``--log-level``, quiet gRPC core, Flower without colour codes
+when stderr is not a terminal.
+
+gRPC's C core reads ``GRPC_VERBOSITY`` once, when ``grpc`` is first imported, so
+:func:`configure_environment` runs in :func:`jacfusion_fed.cli.main` before any command module
+imports it: below ``debug`` the core prints nothing (``NONE``; errors reach the user as the
+command's one ``error:`` line instead), at ``debug`` it prints its own debug lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["configure_environment", "current_level", "peek_level", "quiet_flower", "setup"]
+
+LEVELS = ("debug", "info", "warning", "error")
+_state = {"level": "info"}
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def peek_level(argv: Sequence[str]) -> str:
+    """The ``--log-level`` value in ``argv`` (before parsing), ``info`` if none is given."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-level" and i + 1 < len(argv):
+            return argv[i + 1].lower()
+        if arg.startswith("--log-level="):
+            return arg.partition("=")[2].lower()
+    return "info"
+
+
+def configure_environment(level: str) -> None:
+    """Environment for libraries that read it at import: gRPC core logs (unless set by the
+    user) and Python warnings from dependencies below ``debug``."""
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "NONE")
+    if level != "debug":
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def setup(level: str) -> None:
+    """Log records of ``level`` and above to stderr, one line each."""
+    name = level.lower()
+    if name not in LEVELS:
+        from jacfusion_fed.cli.errors import CliError
+
+        raise CliError(f"--log-level must be one of {', '.join(LEVELS)}, got {level!r}")
+    _state["level"] = name
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, name.upper()))
+
+
+def current_level() -> str:
+    """The ``--log-level`` of the running command."""
+    return _state["level"]
+
+
+def quiet_flower() -> None:
+    """Flower's console handler: INFO lines only at ``debug`` (they are progress noise for a
+    CLI user), and no ANSI colour codes unless stderr is a terminal."""
+    from flwr.common.logger import update_console_handler
+
+    debug = current_level() == "debug"
+    update_console_handler(
+        level=logging.DEBUG if debug else max(logging.WARNING, logging.getLogger().level),
+        colored=sys.stderr.isatty(),
+    )
