@@ -46,11 +46,12 @@ def coordinator_serve(
     ] = DEFAULT_COORDINATOR_PORT,
     port_file: PortFileOpt = None,
     method: Annotated[
-        str, typer.Option(help=f"Fusion method unless a request names one: {', '.join(FUSION_METHODS)}.")
+        str,
+        typer.Option(
+            help=f"Fusion method unless a request names one: {', '.join(FUSION_METHODS)}."
+        ),
     ] = "jacobian",
-    gamma: Annotated[
-        str, typer.Option(help="Gamma in (0, 1] unless a request names one.")
-    ] = "0.5",
+    gamma: Annotated[str, typer.Option(help="Gamma in (0, 1] unless a request names one.")] = "0.5",
     iterations: Annotated[int, typer.Option(help="Default solver iterations.", min=1)] = 1,
     owner_timeout: Annotated[float, typer.Option(help="Default per-owner timeout (s).")] = 2.0,
     max_batch: Annotated[int, typer.Option(help="Most ids per Predict.", min=1)] = 65_536,

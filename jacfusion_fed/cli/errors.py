@@ -51,15 +51,19 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _is_rpc_error(exc: BaseException) -> bool:
+    grpc = sys.modules.get("grpc")  # never import grpc just to check
+    return grpc is not None and isinstance(exc, grpc.RpcError) and hasattr(exc, "code")
+
+
 def describe(exc: BaseException) -> tuple[str, int]:
     """``(one-line message, exit code)`` for an exception escaping a command."""
     if isinstance(exc, CliError):
         return _one_line(exc.message), exc.exit_code
     if isinstance(exc, click.ClickException):
         return _one_line(exc.format_message()), EXIT_USAGE
-    grpc = sys.modules.get("grpc")
-    if grpc is not None and isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return _one_line(f"{exc.code().name}: {exc.details()}"), EXIT_FAILED
+    if _is_rpc_error(exc):
+        return _one_line(f"{exc.code().name}: {exc.details()}"), EXIT_FAILED  # type: ignore[attr-defined]
     if isinstance(exc, FileNotFoundError):
         name = exc.filename if exc.filename is not None else None
         return (f"file not found: {name}" if name else _one_line(str(exc))), EXIT_USAGE
@@ -88,9 +92,7 @@ def fail(exc: BaseException) -> typer.Exit:
     message, code = describe(exc)
     if logs.current_level() == "debug":
         traceback.print_exception(exc, file=sys.stderr)
-    elif code == EXIT_FAILED and not isinstance(exc, CliError) and "RpcError" not in repr(
-        type(exc).__mro__
-    ):
+    elif code == EXIT_FAILED and not isinstance(exc, CliError) and not _is_rpc_error(exc):
         message += " (--log-level debug shows the traceback)"
     print_error(message)
     return typer.Exit(code)

@@ -3,8 +3,9 @@ when stderr is not a terminal.
 
 gRPC's C core reads ``GRPC_VERBOSITY`` once, when ``grpc`` is first imported, so
 :func:`configure_environment` runs in :func:`jacfusion_fed.cli.main` before any command module
-imports it: below ``debug`` the core prints nothing (``NONE``; errors reach the user as the
-command's one ``error:`` line instead), at ``debug`` it prints its own debug lines.
+imports it: below ``debug`` the core prints its errors only (``ERROR``: no ``I1130 ...`` lines,
+no "No match found for server name" floods; a failed call reaches the user as the command's
+one ``error:`` line), at ``debug`` it prints its own debug lines.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def peek_level(argv: Sequence[str]) -> str:
 def configure_environment(level: str) -> None:
     """Environment for libraries that read it at import: gRPC core logs (unless set by the
     user) and Python warnings from dependencies below ``debug``."""
-    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "NONE")
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
     if level != "debug":
         import warnings
 

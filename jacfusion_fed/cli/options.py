@@ -71,7 +71,9 @@ T = TypeVar("T")
 
 TlsOpt = Annotated[
     Path | None,
-    typer.Option("--tls", help="Certificate directory (ca.pem, cert.pem, key.pem).", show_default=False),
+    typer.Option(
+        "--tls", help="Certificate directory (ca.pem, cert.pem, key.pem).", show_default=False
+    ),
 ]
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="Plain text on loopback, no authentication.")

@@ -55,9 +55,7 @@ def owner_serve(
     from jacfusion_fed.clients.serve import serve_owner
     from jacfusion_fed.owner import OwnerWorkspace
 
-    ws = OwnerWorkspace(
-        workspace, modality, data, pseudonymizer, allow_full_head=allow_full_head
-    )
+    ws = OwnerWorkspace(workspace, modality, data, pseudonymizer, allow_full_head=allow_full_head)
     if train_if_missing and ws.store.current_version() is None:
         err().print(f"training a {modality!r} model ({epochs} epochs) ...")
         ws.train(epochs=epochs)

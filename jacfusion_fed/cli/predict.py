@@ -145,10 +145,10 @@ def predict(
     answer = Answer()
     try:
         if stream:
-            request = fusion_pb2.PredictStreamRequest(
+            streamed = fusion_pb2.PredictStreamRequest(
                 sample_ids=sent, options=opts, chunk_size=chunk_size
             )
-            for response in stub.PredictStream(request, timeout=timeout):
+            for response in stub.PredictStream(streamed, timeout=timeout):
                 answer.add(response.predictions)
         else:
             request = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)

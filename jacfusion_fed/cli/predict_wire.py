@@ -122,12 +122,16 @@ class Answer:
             "class_names": names,
             "modalities": [
                 {
-                    "modality": c.modality, "owner": c.owner, "model_version": c.model_version,
-                    "samples_used": int(c.used.sum()), "gamma": c.gamma,
-                    "regularized": c.regularized, "error": c.error,
+                    "modality": c.modality,
+                    "owner": c.owner,
+                    "model_version": c.model_version,
+                    "samples_used": int(c.used.sum()),
+                    "gamma": c.gamma,
+                    "regularized": c.regularized,
+                    "error": c.error,
                 }
                 for c in self.contributions
-            ],  # fmt: skip
+            ],
             "samples": samples,
             "unpredicted_sample_ids": [local.get(s, s) for s in self.unpredicted],
         }

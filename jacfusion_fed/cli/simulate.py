@@ -140,9 +140,13 @@ def simulate(
     heads = result.results.get("heads", {})
     console.print(
         "Heads registered: "
-        + ", ".join(f"{m} {h['version']} ({h['owner']}, {h['head_kind']})" for m, h in heads.items()),
+        + ", ".join(
+            f"{m} {h['version']} ({h['owner']}, {h['head_kind']})" for m, h in heads.items()
+        ),
         highlight=False,
     )
     coord = result.prepared.coordinator_dir
-    console.print(f"Results: {coord / 'results.json'}; reports: {coord / 'reports'}", highlight=False)
+    console.print(
+        f"Results: {coord / 'results.json'}; reports: {coord / 'reports'}", highlight=False
+    )
     console.print(f"Wall time: {wall:.1f} s", highlight=False)

@@ -9,6 +9,7 @@ a foreign CA on either side, our certificate refused, or the address of another 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from pathlib import Path
@@ -70,7 +71,7 @@ def _local_certificate_problem(tls: Any, role: str) -> str | None:
         return f"{tls.cert}: {exc}"
     if got != role:
         mod = f" (modality {modality!r})" if modality else ""
-        return f"{tls.cert} is the certificate of {got} {name!r}{mod}; this command needs a {role} certificate"
+        return f"{tls.cert} belongs to {got} {name!r}{mod}; this command needs a {role} certificate"
     return None
 
 
@@ -87,10 +88,8 @@ def _tls_probe(sock: socket.socket, target: str, tls: Any, expected: str) -> str
         with ctx.wrap_socket(sock, server_hostname=host) as tls_sock:
             der = tls_sock.getpeercert(binary_form=True)
             tls_sock.settimeout(2.0)
-            try:  # TLS 1.3: a refused client certificate shows up as an alert on the first read
-                tls_sock.recv(1)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):  # TLS 1.3: a refused client certificate
+                tls_sock.recv(1)  # shows up as an alert on the first read
     except ssl.SSLCertVerificationError:
         return f"the server at {target} has a certificate from another CA than {tls.ca_cert}"
     except ssl.SSLError as exc:
