@@ -50,7 +50,11 @@ def plain_help(doc: str | None) -> str | None:
     """A docstring as help text: paragraphs joined into lines, RST roles and literals plain."""
     if not doc:
         return doc
-    text = re.sub(r":[a-z]+:`~?([^`<]+?)(?: <[^>]+>)?`", r"\1", doc)
+    text = re.sub(
+        r":[a-z]+:`(~?)([^`<]+?)(?: <[^>]+>)?`",
+        lambda m: m.group(2).rpartition(".")[2] if m.group(1) else m.group(2),
+        doc,
+    )
     text = text.replace("``", "`")
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
     return "\n\n".join(p for p in paragraphs if p)
