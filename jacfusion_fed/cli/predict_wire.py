@@ -18,6 +18,9 @@ from jacfusion_fed.rpc.matrix import decode_matrix
 
 __all__ = ["Answer", "Contribution", "fusion_options"]
 
+#: Per-modality fields of the JSON output, in the order the table shows them.
+_SHOWN = ("modality", "owner", "model_version", "gamma", "regularized", "error")
+
 
 def fusion_options(
     *,
@@ -121,15 +124,7 @@ class Answer:
             "method": self.method,
             "class_names": names,
             "modalities": [
-                {
-                    "modality": c.modality,
-                    "owner": c.owner,
-                    "model_version": c.model_version,
-                    "samples_used": int(c.used.sum()),
-                    "gamma": c.gamma,
-                    "regularized": c.regularized,
-                    "error": c.error,
-                }
+                {**{k: getattr(c, k) for k in _SHOWN}, "samples_used": int(c.used.sum())}
                 for c in self.contributions
             ],
             "samples": samples,
