@@ -1,4 +1,8 @@
-"""``jacfusion-fed bench ...``: measured throughput, always against a baseline run alongside."""
+"""``jacfusion-fed bench ...``: measured figures, always against a baseline run alongside.
+
+``bench fusion`` (the solver against a scipy loop), ``bench serve`` (Predict against a bare
+gRPC echo) and ``bench load`` (a bounded load test with the correctness oracle).
+"""
 
 from __future__ import annotations
 
@@ -133,3 +137,49 @@ def bench_serve(
     print_results(results, out())
     out_file.write_text(json.dumps(results, indent=2))
     err().print(f"wrote {out_file}")
+
+
+@bench_app.command("load")
+def bench_load(
+    requests: Annotated[int, typer.Option(help="Predict calls (timed, checked).", min=1)] = 20_000,
+    clients: Annotated[int, typer.Option(help="Concurrent requester threads.", min=1)] = 32,
+    batch: Annotated[int, typer.Option(help="Ids per request.", min=1)] = 16,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.", min=0)] = 1000,
+    samples: Annotated[int, typer.Option(help="Records per owner.", min=64)] = 4096,
+    classes: Annotated[int, typer.Option(help="K.", min=2)] = 10,
+    method: Annotated[str, typer.Option(help="Fusion method.")] = "jacobian",
+    rss_bound_mb: Annotated[
+        float, typer.Option(help="Largest accepted RSS growth of the coordinator (MB).")
+    ] = 32.0,
+    timeout: Annotated[float, typer.Option(help="Deadline of every call (s).")] = 10.0,
+    workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
+        "bench-load.json"
+    ),
+) -> None:
+    """Coordinator + two owners on loopback (mTLS): a fixed number of Predict calls from many
+    clients, each answer checked against the fusion library.
+
+    Reports throughput, p50/p99 latency, errors, and the coordinator's memory after warm-up and
+    at the end. Exit code 1 unless every answer was correct and RSS grew by at most
+    --rss-bound-mb.
+    """
+    from jacfusion_fed.reliability.bench import (
+        LoadBenchConfig,
+        print_load_results,
+        run_load_bench,
+    )
+
+    check_choice("--method", method, FUSION_METHODS)
+    if batch > samples:
+        raise CliError("--batch must not exceed --samples")
+    cfg = LoadBenchConfig(
+        samples=samples, classes=classes, requests=requests, clients=clients, batch=batch,
+        warmup=warmup, method=method, timeout_s=timeout, rss_bound_mb=rss_bound_mb,
+    )  # fmt: skip
+    results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
+    print_load_results(results, out())
+    out_file.write_text(json.dumps(results, indent=2))
+    err().print(f"wrote {out_file}")
+    if not results["passed"]:
+        raise typer.Exit(1)
