@@ -51,7 +51,8 @@ def configure_environment(level: str) -> None:
 
 
 def setup(level: str) -> None:
-    """Log records of ``level`` and above to stderr, one line each."""
+    """Log records of ``level`` and above to stderr, one line each (other libraries' records
+    from WARNING up, unless ``debug``)."""
     name = level.lower()
     if name not in LEVELS:
         from jacfusion_fed.cli.errors import CliError
@@ -63,7 +64,11 @@ def setup(level: str) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    root.setLevel(getattr(logging, name.upper()))
+    level = getattr(logging, name.upper())
+    # Our own INFO lines are the service's status; other libraries' (alembic, Ray, ...) are
+    # noise to a CLI user: they start at WARNING unless --log-level debug.
+    root.setLevel(level if name == "debug" else max(level, logging.WARNING))
+    logging.getLogger("jacfusion_fed").setLevel(level)
 
 
 def current_level() -> str:
@@ -76,8 +81,8 @@ def quiet_flower() -> None:
     CLI user), and no ANSI colour codes unless stderr is a terminal."""
     from flwr.common.logger import update_console_handler
 
-    debug = current_level() == "debug"
-    update_console_handler(
-        level=logging.DEBUG if debug else max(logging.WARNING, logging.getLogger().level),
-        colored=sys.stderr.isatty(),
-    )
+    level = logging.getLogger().level  # WARNING or above unless --log-level debug
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(level)
+    flwr.propagate = False  # Flower prints through its own handler: no second copy of a line
+    update_console_handler(level=level, colored=sys.stderr.isatty())
