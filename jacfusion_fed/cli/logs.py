@@ -64,7 +64,7 @@ def setup(level: str) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    level = getattr(logging, name.upper())
+    level: int = logging.getLevelNamesMapping()[name.upper()]
     # Our own INFO lines are the service's status; other libraries' (alembic, Ray, ...) are
     # noise to a CLI user: they start at WARNING unless --log-level debug.
     root.setLevel(level if name == "debug" else max(level, logging.WARNING))
