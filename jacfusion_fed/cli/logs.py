@@ -64,11 +64,11 @@ def setup(level: str) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    level: int = logging.getLevelNamesMapping()[name.upper()]
+    threshold = logging.getLevelNamesMapping()[name.upper()]
     # Our own INFO lines are the service's status; other libraries' (alembic, Ray, ...) are
     # noise to a CLI user: they start at WARNING unless --log-level debug.
-    root.setLevel(level if name == "debug" else max(level, logging.WARNING))
-    logging.getLogger("jacfusion_fed").setLevel(level)
+    root.setLevel(threshold if name == "debug" else max(threshold, logging.WARNING))
+    logging.getLogger("jacfusion_fed").setLevel(threshold)
 
 
 def current_level() -> str:
