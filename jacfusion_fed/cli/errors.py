@@ -65,7 +65,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if _is_rpc_error(exc):
         return _one_line(f"{exc.code().name}: {exc.details()}"), EXIT_FAILED  # type: ignore[attr-defined]
     if isinstance(exc, FileNotFoundError):
-        name = exc.filename if exc.filename is not None else None
+        name = exc.filename
         return (f"file not found: {name}" if name else _one_line(str(exc))), EXIT_USAGE
     if isinstance(exc, IsADirectoryError):
         return f"{exc.filename} is a directory, expected a file", EXIT_USAGE
@@ -75,6 +75,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return _one_line(str(exc)), EXIT_USAGE  # our own checks (e.g. chmod 600 advice)
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return _one_line(f"address in use: {exc.strerror or exc}"), EXIT_USAGE
+    atomic = sys.modules.get("jacfusion_fed.store.atomic")
+    if atomic is not None and isinstance(exc, atomic.CorruptFileError):
+        return _one_line(f"damaged file, not used: {exc}"), EXIT_USAGE
     if isinstance(exc, (ValueError, KeyError)):  # the project's validation errors
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return _one_line(str(text)), EXIT_USAGE
