@@ -217,3 +217,16 @@ def test_predict_imports_no_torch_flower_or_coordinator() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"predict imports {proc.stdout.strip()}"
+
+
+def test_model_versions_are_never_cut_in_a_narrow_terminal() -> None:
+    from rich.console import Console
+
+    from jacfusion_fed.cli.render import new_table
+
+    table = new_table("m", ["modality", "owner", "model version", "samples", "error"])
+    table.add_row("audio", "audio-company-name", "eb4f0123456789ab", "1", "a long error text")
+    with open(os.devnull, "w") as sink:
+        console = Console(width=50, record=True, file=sink)
+        console.print(table)
+    assert "eb4f0123456789ab" in console.export_text()

@@ -35,11 +35,22 @@ def err() -> Console:
     return Console(stderr=True, soft_wrap=True, highlight=False)
 
 
+#: Model versions are 16 hex digits; a column of them is never narrower (never cut to "eb4f…").
+VERSION_WIDTH = 16
+
+
 def new_table(title: str, columns: list[str], *, right: tuple[str, ...] = ()) -> Table:
-    """A table whose cells never wrap mid-word (ids, versions, numbers)."""
+    """A table for :func:`out`: piped, it is never wrapped; in a narrow terminal its cells wrap,
+    except model versions, which are always shown whole."""
     table = Table(title=title, title_justify="left")
     for name in columns:
-        table.add_column(name, justify="right" if name in right else "left", no_wrap=True)
+        version = name == "model version"
+        table.add_column(
+            name,
+            justify="right" if name in right else "left",
+            no_wrap=version,
+            min_width=VERSION_WIDTH if version else None,
+        )
     return table
 
 
@@ -61,10 +72,10 @@ def rich_table(table: Any) -> Table:
     arrow = arrows(table)
     bold = best_cells(table)
     rendered = Table(title=table.title, title_justify="left", show_lines=False)
-    rendered.add_column("UM / MM", no_wrap=True)
-    rendered.add_column("Model", no_wrap=True)
+    rendered.add_column("UM / MM")
+    rendered.add_column("Model")
     for col in table.columns:
-        rendered.add_column(col.label, justify="right", no_wrap=True)
+        rendered.add_column(col.label, justify="right")
     last_group = None
     for i, row in enumerate(table.rows):
         if row.group != last_group and last_group is not None:
