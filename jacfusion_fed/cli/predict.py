@@ -25,6 +25,8 @@ from jacfusion_fed.cli.options import (
     deprecated,
     parse_gamma,
 )
+from jacfusion_fed.cli.render import new_table, out, print_json
+from jacfusion_fed.cli.transport import coordinator_stub, rpc_failure, security
 
 __all__ = ["predict", "register"]
 
@@ -59,6 +61,8 @@ def _unknown_ids(exc: Any, local: dict[str, str], sent: list[str], keyed: bool) 
     """``NOT_FOUND`` with the ids as the user typed them (never their HMAC) and what to do."""
     details = exc.details() or ""
     typed = [local.get(s, s) for s in sent if s in details]
+    if not typed:  # not the coordinator's unknown-ids answer: say what it said
+        return CliError(f"NOT_FOUND: {details}", exit_code=1)
     match = re.match(r"\s*(\d+) unknown", details)
     count = int(match.group(1)) if match else len(typed)
     shown = ", ".join(typed[:_SHOWN_IDS]) + (" ..." if len(typed) > _SHOWN_IDS else "")
@@ -120,7 +124,7 @@ def predict(
     if default_gamma is not None:
         items.append(str(deprecated("--default-gamma", "--gamma", default_gamma, 0.0)))
     common, per_modality = _gammas(items, list(modality_gamma or []))
-    sec = _security(tls, insecure)
+    sec = security(tls, insecure)
     local: dict[str, str] = {}
     sent = given
     if pseudonym_key is not None:
@@ -132,7 +136,6 @@ def predict(
     import grpc
 
     from jacfusion_fed.cli.predict_wire import Answer, fusion_options
-    from jacfusion_fed.cli.transport import coordinator_stub, rpc_failure
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 
     opts = fusion_options(
@@ -160,22 +163,12 @@ def predict(
         raise rpc_failure(exc, coordinator, sec) from exc
     names = list(info.class_names) or [str(k) for k in range(answer.probabilities.shape[1])]
     if as_json:
-        from jacfusion_fed.cli.render import print_json
-
         print_json(answer.to_json(names, local))
         return
     _print_tables(answer, names, local)
 
 
-def _security(tls: Path | None, insecure: bool) -> Any:
-    from jacfusion_fed.cli.transport import security
-
-    return security(tls, insecure)
-
-
 def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
-    from jacfusion_fed.cli.render import new_table, out
-
     console = out()
     table = new_table(
         f"fused predictions ({answer.method})",
