@@ -230,3 +230,8 @@ def test_model_versions_are_never_cut_in_a_narrow_terminal() -> None:
         console = Console(width=50, record=True, file=sink)
         console.print(table)
     assert "eb4f0123456789ab" in console.export_text()
+
+
+def test_readme_says_how_to_reach_the_installed_cli() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert ". .venv/bin/activate" in readme and ".venv/bin/jacfusion-fed --help" in readme
