@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import FUSION_METHODS, check_choice
@@ -71,6 +70,8 @@ def fusion(
         dtype=getattr(torch, dtype), tol=tol, budget_s=budget,
         progress=lambda msg: err().log(msg),
     )  # fmt: skip
+    from rich.table import Table
+
     table = Table(title=f"jacobian_fusion throughput ({device}, {dtype}, gamma=0.5, 1 step)")
     table.add_column("K", justify="right")
     table.add_column("method")

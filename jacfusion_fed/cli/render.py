@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich loads when something is rendered: `predict --json` never needs it
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = ["err", "method_name", "new_table", "out", "print_json", "rich_table"]
 
@@ -24,6 +25,8 @@ _UNLIMITED_WIDTH = 10_000
 
 def out() -> Console:
     """The console for stdout (built per call: test runners and pipes swap ``sys.stdout``)."""
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal:
         console = Console(width=_UNLIMITED_WIDTH, no_color=True)
@@ -32,6 +35,8 @@ def out() -> Console:
 
 def err() -> Console:
     """The console for status lines on stderr (soft wrap: never split a path)."""
+    from rich.console import Console
+
     return Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -42,6 +47,8 @@ VERSION_WIDTH = 16
 def new_table(title: str, columns: list[str], *, right: tuple[str, ...] = ()) -> Table:
     """A table for :func:`out`: piped, it is never wrapped; in a narrow terminal its cells wrap,
     except model versions, which are always shown whole."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in columns:
         version = name == "model version"
@@ -67,6 +74,8 @@ def method_name(proto_name: str) -> str:
 def rich_table(table: Any) -> Table:
     """A :class:`jacfusion_fed.evaluation.Table` as a rich table (same bold/arrow rules as
     the Markdown reports)."""
+    from rich.table import Table
+
     from jacfusion_fed.evaluation.tables import arrows, best_cells
 
     arrow = arrows(table)
