@@ -92,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure_environment(logs.peek_level(args))  # before anything imports grpc
     try:
         code = app(args=args, prog_name="jacfusion-fed", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a group without a command: its help
+        text = exc.ctx.get_help() if exc.ctx else ""  # (rich prints it and returns "")
+        if text:
+            click.echo(text)
         code = EXIT_USAGE
     except click.UsageError as exc:  # bad or missing option values, unknown commands
         where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
