@@ -235,3 +235,25 @@ def test_model_versions_are_never_cut_in_a_narrow_terminal() -> None:
 def test_readme_says_how_to_reach_the_installed_cli() -> None:
     readme = (ROOT / "README.md").read_text()
     assert ". .venv/bin/activate" in readme and ".venv/bin/jacfusion-fed --help" in readme
+
+
+def test_log_level_shows_our_info_lines_and_other_libraries_warnings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    root_level = logging.getLogger().level
+    try:
+        logs.setup("info")
+        logging.getLogger("alembic.runtime").info("third-party info")
+        logging.getLogger("alembic.runtime").warning("third-party warning")
+        logging.getLogger("jacfusion_fed.server.serve").info("our info")
+        logs.setup("warning")
+        logging.getLogger("jacfusion_fed.server.serve").info("our hidden info")
+    finally:
+        logs.setup("info")
+        logging.getLogger().setLevel(root_level)
+    err = capsys.readouterr().err
+    assert "third-party warning" in err and "our info" in err
+    assert "third-party info" not in err and "our hidden info" not in err
+    assert len(err.splitlines()) == 2

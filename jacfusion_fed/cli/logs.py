@@ -22,7 +22,17 @@ _state = {"level": "info"}
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it).
+
+    Our own INFO lines are a service's status; other libraries' (alembic, Ray, ...) are noise
+    to a CLI user, so they pass from WARNING up unless ``--log-level debug``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "jacfusion_fed" or record.name.startswith("jacfusion_fed.")
+        if not (ours or record.levelno >= logging.WARNING or _state["level"] == "debug"):
+            return False
+        return bool(super().filter(record))
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
@@ -52,7 +62,7 @@ def configure_environment(level: str) -> None:
 
 def setup(level: str) -> None:
     """Log records of ``level`` and above to stderr, one line each (other libraries' records
-    from WARNING up, unless ``debug``)."""
+    from WARNING up, unless ``debug``: see :class:`_StderrHandler`)."""
     name = level.lower()
     if name not in LEVELS:
         from jacfusion_fed.cli.errors import CliError
@@ -64,11 +74,7 @@ def setup(level: str) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    threshold = logging.getLevelNamesMapping()[name.upper()]
-    # Our own INFO lines are the service's status; other libraries' (alembic, Ray, ...) are
-    # noise to a CLI user: they start at WARNING unless --log-level debug.
-    root.setLevel(threshold if name == "debug" else max(threshold, logging.WARNING))
-    logging.getLogger("jacfusion_fed").setLevel(threshold)
+    root.setLevel(logging.getLevelNamesMapping()[name.upper()])
 
 
 def current_level() -> str:
@@ -81,7 +87,8 @@ def quiet_flower() -> None:
     CLI user), and no ANSI colour codes unless stderr is a terminal."""
     from flwr.common.logger import update_console_handler
 
-    level = logging.getLogger().level  # WARNING or above unless --log-level debug
+    root = logging.getLogger().level
+    level = root if current_level() == "debug" else max(root, logging.WARNING)
     flwr = logging.getLogger("flwr")
     flwr.setLevel(level)
     flwr.propagate = False  # Flower prints through its own handler: no second copy of a line
