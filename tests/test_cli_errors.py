@@ -210,6 +210,14 @@ def test_address_of_another_service(world: World) -> None:
         server.stop(0)
 
 
+def test_no_client_certificate(world: World, tmp_path: Path) -> None:
+    only_ca = tmp_path / "only-ca"
+    only_ca.mkdir()
+    (only_ca / "ca.pem").write_bytes((world.certs.coordinator_dir / "ca.pem").read_bytes())
+    run = cli("predict", "p-1", "--pseudonyms", "--tls", str(only_ca))
+    one_error(run, 2, "TLS file not found", str(only_ca / "cert.pem"))
+
+
 def test_nothing_listening(world: World) -> None:
     target = f"127.0.0.1:{_free_port()}"
     run = cli("predict", "p-1", "--pseudonyms", "--insecure", "--coordinator", target)
