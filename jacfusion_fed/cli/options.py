@@ -25,6 +25,10 @@ Glossary (an option name means the same thing in every command that has it):
 - ``--log-level LEVEL``: ``debug``, ``info``, ``warning`` or ``error`` (every command).
   ``debug`` also shows tracebacks, gRPC core logs and Flower's logs.
 
+Not yet in line (their modules are maintained separately): ``certs --coordinator`` names the
+coordinator's certificate (to become ``--coordinator-name``), ``deploy local --run-dir`` is its
+run folder (to become ``--out``).
+
 Model versions are shown everywhere as the store's 16-hex-digit id, never prefixed or cut
 (version columns do not wrap). A renamed option keeps working for one release:
 :func:`deprecated` prints a one-line notice on stderr and returns the value.
