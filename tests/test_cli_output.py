@@ -204,13 +204,14 @@ def test_flower_colour_off_when_stderr_is_not_a_terminal() -> None:
 
 
 def test_predict_imports_no_torch_flower_or_coordinator() -> None:
-    """``predict`` starts fast: the CLI and everything predict imports stay light."""
+    """``predict`` starts fast: the CLI and everything predict imports stay light (not even
+    numpy, the largest of the rest)."""
     code = (
         "import sys; from jacfusion_fed.cli import main; "
         "import jacfusion_fed.cli.predict, jacfusion_fed.cli.predict_wire, "
         "jacfusion_fed.cli.transport, jacfusion_fed.cli.tlshints, jacfusion_fed.rpc.tls; "
         "from jacfusion_fed.privacy.pseudonyms import Pseudonymizer; "
-        "heavy = ('torch', 'flwr', 'scipy', 'ray', 'jacfusion_fed.server', "
+        "heavy = ('torch', 'flwr', 'scipy', 'ray', 'numpy', 'jacfusion_fed.server', "
         "'jacfusion_fed.fusion', 'jacfusion_fed.store'); "
         "print(' '.join(m for m in heavy if m in sys.modules))"
     )
@@ -257,3 +258,27 @@ def test_log_level_shows_our_info_lines_and_other_libraries_warnings(
     assert "third-party warning" in err and "our info" in err
     assert "third-party info" not in err and "our hidden info" not in err
     assert len(err.splitlines()) == 2
+
+
+def test_malformed_answers_are_refused() -> None:
+    msg = _predictions()
+    msg.probabilities.data = msg.probabilities.data[:-8]
+    with pytest.raises(ValueError, match="malformed answer: probabilities 2 x 2"):
+        Answer().add(msg)
+    msg = _predictions()
+    msg.probabilities.CopyFrom(encode_matrix(np.array([[0.1, np.nan], [0.8, 0.2]])))
+    with pytest.raises(ValueError, match="NaN"):
+        Answer().add(msg)
+    msg = _predictions()
+    msg.predicted_labels[:] = [1, 2]  # K = 2: label 2 does not exist
+    with pytest.raises(ValueError, match="labels"):
+        Answer().add(msg)
+
+
+def test_streamed_chunks_are_appended() -> None:
+    answer = Answer()
+    answer.add(_predictions())
+    answer.add(_predictions())
+    assert answer.labels == [1, 0, 1, 0]
+    assert answer.probabilities[2] == [0.1, 0.9]
+    assert answer.contributions[0].used == [True] * 4

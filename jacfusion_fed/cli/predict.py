@@ -161,7 +161,8 @@ def predict(
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             raise _unknown_ids(exc, local, sent, pseudonym_key is not None) from exc
         raise rpc_failure(exc, coordinator, sec) from exc
-    names = list(info.class_names) or [str(k) for k in range(answer.probabilities.shape[1])]
+    width = len(answer.probabilities[0]) if answer.probabilities else 0
+    names = list(info.class_names) or [str(k) for k in range(width)]
     if as_json:
         print_json(answer.to_json(names, local))
         return
@@ -176,11 +177,11 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
         right=("p(label)",),
     )
     for i, sid in enumerate(answer.sample_ids):
-        label = int(answer.labels[i])
+        label = answer.labels[i]
         table.add_row(
             local.get(sid, sid),
             names[label] if label < len(names) else str(label),
-            f"{answer.probabilities[i, label]:.4f}",
+            f"{answer.probabilities[i][label]:.4f}",
             ", ".join(c.modality for c in answer.contributions if c.used[i]),
         )
     console.print(table)
@@ -191,7 +192,7 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
     for c in answer.contributions:
         shown_gamma = f"{c.gamma:g}{' (reg.)' if c.regularized else ''}"
         mods.add_row(
-            c.modality, c.owner, c.model_version, str(int(c.used.sum())),
+            c.modality, c.owner, c.model_version, str(sum(c.used)),
             shown_gamma if answer.method == "jacobian" else "", c.error,
         )  # fmt: skip
     console.print(mods)
