@@ -60,6 +60,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """``(one-line message, exit code)`` for an exception escaping a command."""
     if isinstance(exc, CliError):
         return _one_line(exc.message), exc.exit_code
+    if isinstance(exc, click.BadParameter) and exc.param is None and exc.param_hint is None:
+        return _one_line(exc.message), EXIT_USAGE  # raised by a command: its message says it all
     if isinstance(exc, click.ClickException):
         return _one_line(exc.format_message()), EXIT_USAGE
     if _is_rpc_error(exc):
