@@ -109,8 +109,8 @@ class Fed:
             name,
             [
                 "coordinator", "serve", "--registry", str(self.root / "registry"),
-                "--tls", str(self.certs.coordinator_dir), "--port-file", str(port_file),
-                "--log-level", "warning", *owners, *extra,
+                "--tls", str(self.certs.coordinator_dir), "--port", "0",
+                "--port-file", str(port_file), "--log-level", "warning", *owners, *extra,
             ],
         )  # fmt: skip
         self.coordinator = f"127.0.0.1:{self.procs.wait_port(name, port_file)}"

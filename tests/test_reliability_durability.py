@@ -173,7 +173,7 @@ def test_coordinator_refuses_to_start_on_a_damaged_registry(fed: Fed, tmp_path: 
     result = CliRunner().invoke(
         app,
         ["coordinator", "serve", "--registry", str(tmp_path / "registry"),
-         "--tls", str(fed.certs.coordinator_dir), "--owner", "audio=127.0.0.1:9",
+         "--tls", str(fed.certs.coordinator_dir), "--port", "0", "--owner", "audio=127.0.0.1:9",
          "--owner", "image=127.0.0.1:10"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output

@@ -317,7 +317,7 @@ def start_deployment(
         coord,
         [
             "-c", _CLI, "coordinator", "serve", "--registry", str(root / f"registry-{tag}"),
-            "--tls", str(certs.coordinator_dir), "--port-file", str(coord_port),
+            "--tls", str(certs.coordinator_dir), "--port", "0", "--port-file", str(coord_port),
             "--log-level", "warning",
             *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
         ],

@@ -1,4 +1,8 @@
-"""``jacfusion-fed bench ...``: measured throughput, always against a baseline run alongside."""
+"""``jacfusion-fed bench ...``: measured figures, always against a baseline run alongside.
+
+``bench fusion`` (the solver against a scipy loop), ``bench serve`` (Predict against a bare
+gRPC echo) and ``bench load`` (a bounded load test with the correctness oracle).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import FUSION_METHODS, check_choice
+from jacfusion_fed.cli.render import err, out
 
 bench_app = typer.Typer(help="Benchmarks: figures as ratios against a baseline in the same run.")
-console = Console()
 
 
 def register(app: typer.Typer) -> None:
@@ -22,9 +27,9 @@ def _parse_ks(text: str) -> list[int]:
     try:
         ks = [int(k) for k in text.split(",") if k.strip()]
     except ValueError as exc:
-        raise typer.BadParameter(f"--ks must be comma-separated integers, got {text!r}") from exc
+        raise CliError(f"--ks must be comma-separated integers, got {text!r}") from exc
     if not ks or any(k < 2 for k in ks):
-        raise typer.BadParameter("--ks needs at least one K >= 2")
+        raise CliError("--ks needs at least one K >= 2")
     return ks
 
 
@@ -42,7 +47,7 @@ def fusion(
     tol: Annotated[float, typer.Option(help="Bound on max |p - p_exact| for 'fast'.")] = 1e-4,
     budget: Annotated[float, typer.Option(help="Seconds to spend per measurement.")] = 2.0,
     forward: Annotated[bool, typer.Option(help="Also time fusion vs the AV-Digits nets.")] = True,
-    out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
         "bench-fusion.json"
     ),
 ) -> None:
@@ -56,16 +61,17 @@ def fusion(
         rows_to_json,
     )
 
-    if dtype not in ("float64", "float32"):
-        raise typer.BadParameter(f"--dtype must be float64 or float32, got {dtype!r}")
+    check_choice("--dtype", dtype, ("float64", "float32"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("--device cuda: no CUDA device is available here")
+        raise CliError("--device cuda: no CUDA device is available here")
     names = [s for s in solvers.split(",") if s]
     rows = bench_fusion(
         _parse_ks(ks), samples, solvers=names, device=device,
         dtype=getattr(torch, dtype), tol=tol, budget_s=budget,
-        progress=lambda msg: console.log(msg),
+        progress=lambda msg: err().log(msg),
     )  # fmt: skip
+    from rich.table import Table
+
     table = Table(title=f"jacobian_fusion throughput ({device}, {dtype}, gamma=0.5, 1 step)")
     table.add_column("K", justify="right")
     table.add_column("method")
@@ -84,6 +90,7 @@ def fusion(
                 f"{diff:.1e}" if diff is not None else "", res.reference or "",
                 f"{res.samples} samples",
             )  # fmt: skip
+    console = out()
     console.print(table)
     payload = {"environment": environment(), "rows": rows_to_json(rows)}
     if forward:
@@ -94,5 +101,86 @@ def fusion(
             f"{ratio['forward_s'] * 1e3:.1f} ms, fusion {ratio['fusion_s'] * 1e3:.2f} ms "
             f"({100 * ratio['fusion_over_forward']:.1f}% of the forward passes)"
         )
-    out.write_text(json.dumps(payload, indent=2))
-    console.print(f"wrote {out}")
+    out_file.write_text(json.dumps(payload, indent=2))
+    err().print(f"wrote {out_file}")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    samples: Annotated[
+        int, typer.Option(help="Records per owner (distinct ids).", min=1024)
+    ] = 4096,
+    classes: Annotated[int, typer.Option(help="K.", min=2)] = 10,
+    batch: Annotated[int, typer.Option(help="Batch size for the throughput run.", min=1)] = 1024,
+    latency_requests: Annotated[
+        int, typer.Option(help="Single-sample requests timed.", min=10)
+    ] = 2000,
+    duration: Annotated[float, typer.Option(help="Seconds per throughput run.")] = 8.0,
+    clients: Annotated[int, typer.Option(help="Concurrent requester threads.", min=1)] = 2,
+    method: Annotated[str, typer.Option(help="Fusion method timed.")] = "jacobian",
+    uncached: Annotated[
+        bool, typer.Option(help="Also run with the owners' logit cache off.")
+    ] = True,
+    workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
+        "bench-serve.json"
+    ),
+) -> None:
+    """Predict latency against a bare gRPC echo (same run, same TLS settings) and throughput."""
+    check_choice("--method", method, FUSION_METHODS)
+    from jacfusion_fed.bench.serve import ServeBenchConfig, print_results, run_serve_bench
+
+    config = ServeBenchConfig(
+        samples=samples, classes=classes, batch=batch, latency_requests=latency_requests,
+        duration_s=duration, clients=clients, method=method, uncached=uncached,
+    )  # fmt: skip
+    results = run_serve_bench(config, workdir=workdir, progress=lambda m: err().log(m))
+    print_results(results, out())
+    out_file.write_text(json.dumps(results, indent=2))
+    err().print(f"wrote {out_file}")
+
+
+@bench_app.command("load")
+def bench_load(
+    requests: Annotated[int, typer.Option(help="Predict calls (timed, checked).", min=1)] = 20_000,
+    clients: Annotated[int, typer.Option(help="Concurrent requester threads.", min=1)] = 32,
+    batch: Annotated[int, typer.Option(help="Ids per request.", min=1)] = 16,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.", min=0)] = 1000,
+    samples: Annotated[int, typer.Option(help="Records per owner.", min=64)] = 4096,
+    classes: Annotated[int, typer.Option(help="K.", min=2)] = 10,
+    method: Annotated[str, typer.Option(help="Fusion method.")] = "jacobian",
+    rss_bound_mb: Annotated[
+        float, typer.Option(help="Largest accepted RSS growth of the coordinator (MB).")
+    ] = 32.0,
+    timeout: Annotated[float, typer.Option(help="Deadline of every call (s).")] = 10.0,
+    workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
+        "bench-load.json"
+    ),
+) -> None:
+    """Coordinator + two owners on loopback (mTLS): a fixed number of Predict calls from many
+    clients, each answer checked against the fusion library.
+
+    Reports throughput, p50/p99 latency, errors, and the coordinator's memory after warm-up and
+    at the end. Exit code 1 unless every answer was correct and RSS grew by at most
+    --rss-bound-mb.
+    """
+    from jacfusion_fed.reliability.bench import (
+        LoadBenchConfig,
+        print_load_results,
+        run_load_bench,
+    )
+
+    check_choice("--method", method, FUSION_METHODS)
+    if batch > samples:
+        raise CliError("--batch must not exceed --samples")
+    cfg = LoadBenchConfig(
+        samples=samples, classes=classes, requests=requests, clients=clients, batch=batch,
+        warmup=warmup, method=method, timeout_s=timeout, rss_bound_mb=rss_bound_mb,
+    )  # fmt: skip
+    results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
+    print_load_results(results, out())
+    out_file.write_text(json.dumps(results, indent=2))
+    err().print(f"wrote {out_file}")
+    if not results["passed"]:
+        raise typer.Exit(1)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import deprecated, parse_gamma, parse_gamma_or_auto
+from jacfusion_fed.cli.render import err, out, rich_table
 
 
 def register(app: typer.Typer) -> None:
@@ -19,15 +20,18 @@ def register(app: typer.Typer) -> None:
 def evaluate(
     dataset: Annotated[str, typer.Option(help="avdigits or twomoon.")] = "avdigits",
     quick: Annotated[bool, typer.Option("--quick", help="Small data and sweeps (tests).")] = False,
-    out: Annotated[Path, typer.Option(help="Folder for Markdown, CSV, JSON and PNG.")] = Path(
-        "runs/evaluate"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for Markdown, CSV, JSON and PNG.")
+    ] = Path("runs/evaluate"),
     repeats: Annotated[
         int | None, typer.Option(help="Redraws of the random corruptions.", min=1)
     ] = None,
     gamma: Annotated[
-        list[float] | None,
-        typer.Option(help="One value fixes gamma; several replace the grid chosen from."),
+        list[str] | None,
+        typer.Option(help="'auto' (chosen on validation; default) or a value in (0, 1]."),
+    ] = None,
+    gamma_grid: Annotated[
+        str | None, typer.Option(help="Comma-separated candidates 'auto' chooses from.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, training and perturbations.")] = 0,
     perturbed: Annotated[
@@ -39,21 +43,35 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="Processes that train nets.", min=1)] = 2,
 ) -> None:
     """Paper-style tables (Tables 1-2 layout), Figure 4 curves, TwoMoon heatmaps."""
-    from jacfusion_fed.cli.simulate import rich_table
     from jacfusion_fed.evaluation import config_from_options, run_evaluation, write_reports
 
-    try:
-        config = config_from_options(
-            dataset, quick=quick, repeats=repeats, gamma=gamma or None, seed=seed,
-            perturbed=tuple(perturbed) if perturbed else None, adaptive=adaptive,
-            curves=curves, retrain=retrain, workers=workers,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    chosen = _gamma_choice(list(gamma or []), gamma_grid)
+    config = config_from_options(
+        dataset, quick=quick, repeats=repeats, gamma=chosen, seed=seed,
+        perturbed=tuple(perturbed) if perturbed else None, adaptive=adaptive,
+        curves=curves, retrain=retrain, workers=workers,
+    )  # fmt: skip
     start = time.perf_counter()
     result = run_evaluation(config)
     elapsed = time.perf_counter() - start
+    console = out()
     for table in result.tables:
         console.print(rich_table(table))
-    paths = write_reports(result, out)
-    console.print(f"{dataset}: {elapsed:.0f} s; wrote {len(paths)} files to {out}")
+    paths = write_reports(result, out_dir)
+    err().print(f"{dataset}: {elapsed:.0f} s; wrote {len(paths)} files to {out_dir}")
+
+
+def _gamma_choice(gamma: list[str], grid: str | None) -> float | tuple[float, ...] | None:
+    """A fixed gamma, the candidate grid for 'auto', or ``None`` (the paper's grid)."""
+    if len(gamma) > 1:  # the old repeated form: several values were the grid
+        grid = deprecated("--gamma V --gamma V", "--gamma-grid V,V", ",".join(gamma), grid)
+        gamma = []
+    fixed = parse_gamma_or_auto(gamma[0]) if gamma else None
+    if grid is None:
+        return fixed
+    if fixed is not None:
+        raise CliError("pass either --gamma VALUE or --gamma-grid, not both")
+    values = [v.strip() for v in grid.split(",") if v.strip()]
+    if not values:
+        raise CliError("--gamma-grid needs at least one value")
+    return tuple(parse_gamma(v, option="--gamma-grid") for v in values)

@@ -1,0 +1,170 @@
+"""``jacfusion-fed coordinator serve`` and ``coordinator info``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import (
+    DEFAULT_COORDINATOR,
+    DEFAULT_COORDINATOR_PORT,
+    FUSION_METHODS,
+    CoordinatorOpt,
+    HostOpt,
+    InsecureOpt,
+    JsonOpt,
+    PortFileOpt,
+    TimeoutOpt,
+    TlsOpt,
+    check_choice,
+    parse_gamma,
+)
+from jacfusion_fed.cli.render import err, method_name, new_table, out, print_json
+from jacfusion_fed.cli.transport import (
+    check_port_free,
+    coordinator_stub,
+    rpc_failure,
+    security,
+    serve_until_signal,
+)
+
+__all__ = ["coordinator_info", "coordinator_serve", "register"]
+
+
+def coordinator_serve(
+    registry: Annotated[Path, typer.Option(help="Head registry directory (persists heads).")],
+    owner: Annotated[list[str], typer.Option(help="MODALITY=HOST:PORT of an owner (repeat).")],
+    tls: TlsOpt = None,
+    insecure: InsecureOpt = False,
+    host: HostOpt = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to bind; 0 picks a free one.", min=0)
+    ] = DEFAULT_COORDINATOR_PORT,
+    port_file: PortFileOpt = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help=f"Fusion method unless a request names one: {', '.join(FUSION_METHODS)}."
+        ),
+    ] = "jacobian",
+    gamma: Annotated[str, typer.Option(help="Gamma in (0, 1] unless a request names one.")] = "0.5",
+    iterations: Annotated[int, typer.Option(help="Default solver iterations.", min=1)] = 1,
+    owner_timeout: Annotated[float, typer.Option(help="Default per-owner timeout (s).")] = 2.0,
+    max_batch: Annotated[int, typer.Option(help="Most ids per Predict.", min=1)] = 65_536,
+    device: Annotated[
+        str | None, typer.Option(help="Fusion device (default: cuda if any).")
+    ] = None,
+    fusion_batching: Annotated[
+        bool, typer.Option(help="Fuse concurrent requests with equal options together.")
+    ] = True,
+    max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 16,
+) -> None:
+    """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
+    check_choice("--method", method, FUSION_METHODS)
+    default_gamma = parse_gamma(gamma)
+    sec = security(tls, insecure)
+    check_port_free(host, port)
+    from jacfusion_fed.server.coordinator import Coordinator
+    from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
+    from jacfusion_fed.server.serve import serve_coordinator
+    from jacfusion_fed.store import CorruptFileError
+
+    endpoints = [OwnerEndpoint.parse(o) for o in owner]
+    config = CoordinatorConfig(
+        default_method=method, default_gamma=default_gamma, default_iterations=iterations,
+        max_iterations=max(16, iterations), owner_timeout_s=owner_timeout,
+        max_batch=max_batch, device=device, batch_fusion=fusion_batching,
+    )  # fmt: skip
+    try:
+        coordinator = Coordinator(registry, endpoints, sec, config)
+    except CorruptFileError as exc:  # refuse to start on a damaged registry, never use it
+        raise CliError(
+            f"the head registry is damaged, refusing to start: {exc}; move the damaged entry "
+            "away (the previous entry of that modality becomes current and the owner's "
+            "current head is fetched again), then restart"
+        ) from exc
+    try:
+        running = serve_coordinator(coordinator, sec, host=host, port=port, max_workers=max_workers)
+    except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
+        raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
+    err().print(
+        f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
+        + ", ".join(f"{e.modality}={e.target}" for e in endpoints)
+    )
+    serve_until_signal(running, "coordinator", port_file)
+
+
+def info_payload(info: Any) -> dict[str, Any]:
+    """``GetModelInfoResponse`` as JSON, with the names the tables show."""
+    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
+
+    return {
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "class_prior": list(info.class_prior),
+        "default_method": method_name(fusion_pb2.FusionMethod.Name(info.default_method)),
+        "modalities": [
+            {
+                "modality": m.modality,
+                "owner": m.owner,
+                "model_version": m.model_version,
+                "num_classes": m.num_classes,
+                "class_counts": list(m.class_counts),
+                "head_kind": modality_pb2.HeadKind.Name(m.head_kind)
+                .removeprefix("HEAD_KIND_")
+                .lower(),
+                "registered_at": m.registered_at.ToDatetime().isoformat() + "Z",
+            }
+            for m in info.modalities
+        ],
+    }
+
+
+def coordinator_info(
+    coordinator: CoordinatorOpt = DEFAULT_COORDINATOR,
+    tls: TlsOpt = None,
+    insecure: InsecureOpt = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Registered owners, model versions, K and the class prior."""
+    sec = security(tls, insecure)
+    import grpc
+
+    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
+
+    stub = coordinator_stub(coordinator, sec)
+    try:
+        info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        raise rpc_failure(exc, coordinator, sec) from exc
+    payload = info_payload(info)
+    if as_json:
+        print_json(payload)
+        return
+    table = new_table(
+        f"coordinator {coordinator}: K={payload['num_classes']}, "
+        f"default method {payload['default_method']}",
+        ["modality", "owner", "model version", "head", "class counts", "registered"],
+    )
+    for m in payload["modalities"]:
+        table.add_row(
+            m["modality"], m["owner"], m["model_version"], m["head_kind"],
+            " ".join(map(str, m["class_counts"])), m["registered_at"][:19],
+        )  # fmt: skip
+    console = out()
+    console.print(table)
+    names = payload["class_names"] or [str(k) for k in range(payload["num_classes"])]
+    prior = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, payload["class_prior"], strict=False))
+    console.print(f"class prior: {prior}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    from jacfusion_fed.cli import group
+
+    coord = group(app, "coordinator", "The coordinator: fuse the owners' logits.")
+    coord.command("serve")(coordinator_serve)
+    coord.command("info")(coordinator_info)

@@ -1,0 +1,132 @@
+"""The options every ``jacfusion-fed`` command shares, and the one meaning of each name.
+
+Glossary (an option name means the same thing in every command that has it):
+
+- ``--out PATH``: where the command writes its results: a folder (``simulate``, ``evaluate``,
+  ``certs``) or a file (``bench ...``, ``deploy key``, ``deploy labels``). Never read.
+- ``--workdir DIR``: keep the intermediate files of a run here (default: a temporary folder
+  that is deleted at the end).
+- ``--workspace DIR``: an owner's persistent state (model store, logit cache), read and written
+  across runs. ``--registry DIR``: the coordinator's head registry, the same idea.
+- ``--method NAME``: the fusion method, one of :data:`FUSION_METHODS`, spelled as in the tables
+  and the JSON output. (``simulate --training`` names the owners' training add-on.)
+- ``--gamma VALUE``: gamma of the Jacobian fusion in (0, 1] for every modality, or ``auto``
+  where the command can choose it on validation data (``simulate``, ``evaluate``).
+  ``--modality-gamma MODALITY=VALUE`` overrides it for one modality (``predict``);
+  ``--gamma-grid V,V,...`` lists the candidates ``auto`` chooses from (``evaluate``).
+- ``--coordinator HOST:PORT``: the coordinator's address, default :data:`DEFAULT_COORDINATOR`;
+  ``coordinator serve --port`` binds :data:`DEFAULT_COORDINATOR_PORT` unless told otherwise.
+- ``--port N``: the port a server binds (0: any free port; see ``--port-file``).
+- ``--timeout SECONDS``: the deadline of every call the command makes; ``--owner-timeout
+  SECONDS``: how long the coordinator waits for each owner.
+- ``--tls DIR`` (``ca.pem``, ``cert.pem``, ``key.pem``) or, on loopback only, ``--insecure``.
+- ``--json``: JSON on stdout instead of tables, with the same names (methods, labels, model
+  versions) the tables show.
+- ``--log-level LEVEL``: ``debug``, ``info``, ``warning`` or ``error`` (every command).
+  ``debug`` also shows tracebacks, gRPC core logs and Flower's logs.
+
+Not yet in line (their modules are maintained separately): ``certs --coordinator`` names the
+coordinator's certificate (to become ``--coordinator-name``), ``deploy local --run-dir`` is its
+run folder (to become ``--out``).
+
+Model versions are shown everywhere as the store's 16-hex-digit id, never prefixed or cut
+(version columns do not wrap). A renamed option keeps working for one release:
+:func:`deprecated` prints a one-line notice on stderr and returns the value.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Final, TypeVar
+
+import typer
+
+from jacfusion_fed.cli.errors import CliError
+
+__all__ = [
+    "DEFAULT_COORDINATOR",
+    "DEFAULT_COORDINATOR_PORT",
+    "FUSION_METHODS",
+    "LOG_LEVELS",
+    "CoordinatorOpt",
+    "HostOpt",
+    "InsecureOpt",
+    "JsonOpt",
+    "PortFileOpt",
+    "TimeoutOpt",
+    "TlsOpt",
+    "check_choice",
+    "deprecated",
+    "parse_gamma",
+    "parse_gamma_or_auto",
+]
+
+#: The one default port of the coordinator (``coordinator serve``, ``predict``,
+#: ``coordinator info``, the README). Owners default to any free port (``--port-file``).
+DEFAULT_COORDINATOR_PORT: Final = 50060
+DEFAULT_COORDINATOR: Final = f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}"
+
+#: Fusion methods by the names every table, JSON output and option uses.
+FUSION_METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
+
+TlsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls", help="Certificate directory (ca.pem, cert.pem, key.pem).", show_default=False
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Plain text on loopback, no authentication.")
+]
+HostOpt = Annotated[str, typer.Option(help="Address to bind (default: loopback only).")]
+PortFileOpt = Annotated[
+    Path | None, typer.Option(help="Write the bound port to this file once serving.")
+]
+CoordinatorOpt = Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (same names as the tables) instead of tables.")
+]
+TimeoutOpt = Annotated[float, typer.Option(help="Deadline of every call (s).", min=0.001)]
+
+
+def deprecated(old: str, new: str, value: T | None, current: T) -> T:
+    """``value`` (given under the old name ``old``) with a one-line notice, else ``current``.
+
+    Renamed options keep their old name for one release so existing scripts keep working.
+    """
+    if value is None or value is False or value == []:
+        return current
+    print(f"warning: {old} is deprecated and will be removed; use {new}", file=sys.stderr)
+    return value
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`CliError` naming them."""
+    if value not in choices:
+        raise CliError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_gamma(text: str, *, option: str = "--gamma") -> float:
+    """A gamma in (0, 1]; :class:`CliError` naming ``option`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # also false for nan
+        raise CliError(f"{option} must be a value in (0, 1], got {text!r}")
+    return value
+
+
+def parse_gamma_or_auto(text: str, *, option: str = "--gamma") -> float | None:
+    """``None`` for ``auto`` (chosen on validation data), else :func:`parse_gamma`."""
+    if text == "auto":
+        return None
+    try:
+        return parse_gamma(text, option=option)
+    except CliError:
+        raise CliError(f"{option} must be 'auto' or a value in (0, 1], got {text!r}") from None

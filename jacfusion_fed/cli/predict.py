@@ -1,0 +1,207 @@
+"""``jacfusion-fed predict``: fused predictions for a batch of samples, as a table or JSON.
+
+Start-up matters here (a requester may call it per patient): this module and what it imports
+at start stay free of torch, Flower and the coordinator (``tests/test_cli_output.py`` checks).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import (
+    DEFAULT_COORDINATOR,
+    FUSION_METHODS,
+    CoordinatorOpt,
+    InsecureOpt,
+    JsonOpt,
+    TimeoutOpt,
+    TlsOpt,
+    check_choice,
+    deprecated,
+    parse_gamma,
+)
+from jacfusion_fed.cli.render import new_table, out, print_json
+from jacfusion_fed.cli.transport import coordinator_stub, rpc_failure, security
+
+__all__ = ["predict", "register"]
+
+_SHOWN_IDS = 10
+
+
+def _gammas(items: list[str], deprecated_form: list[str]) -> tuple[float | None, dict[str, float]]:
+    """``--gamma VALUE`` and ``--modality-gamma MODALITY=VALUE`` (``--gamma M=V``: old form)."""
+    plain = [i for i in items if "=" not in i]
+    old = [i for i in items if "=" in i]
+    if len(plain) > 1:
+        raise CliError(f"--gamma takes one value, got {', '.join(plain)}")
+    per_modality: dict[str, float] = {}
+    for item in deprecated("--gamma MODALITY=VALUE", "--modality-gamma", old, []) + deprecated_form:
+        name, _, value = item.partition("=")
+        if not name.strip():
+            raise CliError(f"--modality-gamma must look like MODALITY=VALUE, got {item!r}")
+        per_modality[name.strip()] = parse_gamma(value, option=f"--modality-gamma {name}")
+    return (parse_gamma(plain[0]) if plain else None), per_modality
+
+
+def _read_ids(ids: list[str] | None, ids_file: Path | None) -> list[str]:
+    given = list(ids or [])
+    if ids_file is not None:
+        given += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    if not given:
+        raise CliError("no sample ids given (arguments or --ids-file)")
+    return given
+
+
+def _unknown_ids(exc: Any, local: dict[str, str], sent: list[str], keyed: bool) -> CliError:
+    """``NOT_FOUND`` with the ids as the user typed them (never their HMAC) and what to do."""
+    details = exc.details() or ""
+    typed = [local.get(s, s) for s in sent if s in details]
+    if not typed:  # not the coordinator's unknown-ids answer: say what it said
+        return CliError(f"NOT_FOUND: {details}", exit_code=1)
+    match = re.match(r"\s*(\d+) unknown", details)
+    count = int(match.group(1)) if match else len(typed)
+    shown = ", ".join(typed[:_SHOWN_IDS]) + (" ..." if len(typed) > _SHOWN_IDS else "")
+    hint = "pass --skip-unknown to predict the others"
+    if keyed:
+        hint += ", or check that --pseudonym-key is the deployment's key"
+    return CliError(f"NOT_FOUND: {count} unknown sample id(s): {shown}; {hint}", exit_code=1)
+
+
+def predict(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Sample ids (local ids with --pseudonym-key).")
+    ] = None,
+    coordinator: CoordinatorOpt = DEFAULT_COORDINATOR,
+    tls: TlsOpt = None,
+    insecure: InsecureOpt = False,
+    ids_file: Annotated[Path | None, typer.Option(help="File with one id per line.")] = None,
+    pseudonym_key: Annotated[
+        Path | None, typer.Option(help="Pseudonymize the given local ids with this key first.")
+    ] = None,
+    pseudonyms: Annotated[
+        bool, typer.Option("--pseudonyms", help="The given ids already are pseudonyms.")
+    ] = False,
+    method: Annotated[
+        str | None, typer.Option(help=f"Fusion method: {', '.join(FUSION_METHODS)}.")
+    ] = None,
+    gamma: Annotated[
+        list[str] | None, typer.Option(help="Gamma in (0, 1] for every modality.")
+    ] = None,
+    modality_gamma: Annotated[
+        list[str] | None, typer.Option(help="MODALITY=VALUE: gamma of one modality (repeat).")
+    ] = None,
+    default_gamma: Annotated[float | None, typer.Option(hidden=True)] = None,
+    regularize: Annotated[
+        list[str] | None, typer.Option(help="Modality to regularize (repeat).")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="Solver iterations.", min=1)] = None,
+    modality: Annotated[list[str] | None, typer.Option(help="Use only these (repeat).")] = None,
+    require_all: Annotated[bool, typer.Option(help="Fail unless every owner answers.")] = False,
+    skip_unknown: Annotated[
+        bool, typer.Option(help="Predict the known ids, list the rest.")
+    ] = False,
+    owner_timeout: Annotated[float | None, typer.Option(help="Per-owner timeout (s).")] = None,
+    stream: Annotated[bool, typer.Option(help="Use PredictStream (large batches).")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Ids per streamed response (0: default).")] = 0,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fused predictions for a batch of samples, as a table or JSON."""
+    given = _read_ids(ids, ids_file)
+    if (pseudonym_key is None) == (not pseudonyms):
+        raise CliError(
+            "pass --pseudonym-key KEY to pseudonymize local patient ids before sending them, or "
+            "--pseudonyms if the ids already are pseudonyms (raw patient ids are never sent)"
+        )
+    if method is not None:
+        check_choice("--method", method, FUSION_METHODS)
+    items = list(gamma or [])
+    if default_gamma is not None:
+        items.append(str(deprecated("--default-gamma", "--gamma", default_gamma, 0.0)))
+    common, per_modality = _gammas(items, list(modality_gamma or []))
+    sec = security(tls, insecure)
+    local: dict[str, str] = {}
+    sent = given
+    if pseudonym_key is not None:
+        from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+
+        pz = Pseudonymizer.from_file(pseudonym_key)
+        sent = [pz(i) for i in given]
+        local = dict(zip(sent, given, strict=True))
+    import grpc
+
+    from jacfusion_fed.cli.predict_wire import Answer, fusion_options
+    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
+
+    opts = fusion_options(
+        method=method, gamma=common, modality_gammas=per_modality,
+        regularize=list(regularize or []), iterations=iterations,
+        modalities=list(modality or []), require_all=require_all,
+        skip_unknown=skip_unknown, owner_timeout=owner_timeout,
+    )  # fmt: skip
+    stub = coordinator_stub(coordinator, sec)
+    answer = Answer()
+    try:
+        if stream:
+            streamed = fusion_pb2.PredictStreamRequest(
+                sample_ids=sent, options=opts, chunk_size=chunk_size
+            )
+            for response in stub.PredictStream(streamed, timeout=timeout):
+                answer.add(response.predictions)
+        else:
+            request = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
+            answer.add(stub.Predict(request, timeout=timeout).predictions)
+        info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            raise _unknown_ids(exc, local, sent, pseudonym_key is not None) from exc
+        raise rpc_failure(exc, coordinator, sec) from exc
+    width = len(answer.probabilities[0]) if answer.probabilities else 0
+    names = list(info.class_names) or [str(k) for k in range(width)]
+    if as_json:
+        print_json(answer.to_json(names, local))
+        return
+    _print_tables(answer, names, local)
+
+
+def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
+    console = out()
+    table = new_table(
+        f"fused predictions ({answer.method})",
+        ["local id" if local else "sample id", "label", "p(label)", "modalities used"],
+        right=("p(label)",),
+    )
+    for i, sid in enumerate(answer.sample_ids):
+        label = answer.labels[i]
+        table.add_row(
+            local.get(sid, sid),
+            names[label] if label < len(names) else str(label),
+            f"{answer.probabilities[i][label]:.4f}",
+            ", ".join(c.modality for c in answer.contributions if c.used[i]),
+        )
+    console.print(table)
+    mods = new_table(
+        "modalities", ["modality", "owner", "model version", "samples", "gamma", "error"],
+        right=("samples", "gamma"),
+    )  # fmt: skip
+    for c in answer.contributions:
+        shown_gamma = f"{c.gamma:g}{' (reg.)' if c.regularized else ''}"
+        mods.add_row(
+            c.modality, c.owner, c.model_version, str(sum(c.used)),
+            shown_gamma if answer.method == "jacobian" else "", c.error,
+        )  # fmt: skip
+    console.print(mods)
+    if answer.unpredicted:
+        console.print(
+            "not predicted: " + ", ".join(local.get(s, s) for s in answer.unpredicted),
+            highlight=False,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
