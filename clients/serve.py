@@ -127,6 +127,7 @@ def serve_owner(
     stream_chunk: int = DEFAULT_STREAM_CHUNK,
     use_logit_cache: bool = True,
     health_interval: float = 1.0,
+    allow_all_interfaces: bool = False,
 ) -> OwnerServer:
     """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
 
@@ -143,6 +144,7 @@ def serve_owner(
         max_batch, max_stream_batch, stream_chunk: see :class:`ModalityServicer`.
         use_logit_cache: answer from the per-version logit cache (default).
         health_interval: seconds between checks for a current model.
+        allow_all_interfaces: permit ``0.0.0.0`` / ``::`` (an explicit ``--host``).
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
@@ -178,6 +180,7 @@ def serve_owner(
         max_workers=max_workers,
         interceptors=[interceptor],
         options=options,
+        allow_all_interfaces=allow_all_interfaces,
     )
     from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 

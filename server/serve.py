@@ -10,6 +10,7 @@ registered head (from the registry on disk or from the owner), ``NOT_SERVING`` b
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def serve_coordinator(
     max_workers: int = 16,
     options: TransportOptions | None = None,
     sync: bool = True,
+    allow_all_interfaces: bool = False,
 ) -> CoordinatorServer:
     """Start serving ``FusionService`` for ``coordinator``.
 
@@ -100,6 +102,7 @@ def serve_coordinator(
         max_workers: handler threads (each Predict holds one while the owners answer).
         options: message-size and keepalive settings.
         sync: start the coordinator's background owner sync.
+        allow_all_interfaces: permit ``0.0.0.0`` / ``::`` (an explicit ``--host``).
 
     Raises:
         ValueError: the certificate is not a coordinator certificate.
@@ -115,7 +118,7 @@ def serve_coordinator(
         interceptor = AuthInterceptor(fusion_policy())
     server, bound = create_server(
         security, host=host, port=port, max_workers=max_workers,
-        interceptors=[interceptor], options=options,
+        interceptors=[interceptor], options=options, allow_all_interfaces=allow_all_interfaces,
     )  # fmt: skip
     fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(coordinator), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -151,14 +154,24 @@ def serve_coordinator(
 
 
 def connect_coordinator(
-    target: str, security: Security | str | Path, *, options: TransportOptions | None = None
+    target: str | Sequence[str],
+    security: Security | str | Path,
+    *,
+    options: TransportOptions | None = None,
 ) -> grpc.Channel:
     """A requester's channel to the coordinator at ``target``.
 
-    With TLS the server certificate must name the coordinator
-    (:data:`jacfusion_fed.privacy.certs.COORDINATOR_SERVER_NAME`), so an owner's (or anyone
-    else's) certificate from the same CA is refused.
+    ``target`` may name several replicas (``"10.0.0.1:50050,10.0.0.2:50050"`` or a list):
+    one channel balances over them and retries idempotent calls that fail with UNAVAILABLE
+    (:mod:`jacfusion_fed.rpc.channels`). With TLS the server certificate must name the
+    coordinator (:data:`jacfusion_fed.privacy.certs.COORDINATOR_SERVER_NAME`), so an owner's
+    (or anyone else's) certificate from the same CA is refused.
     """
+    from jacfusion_fed.rpc.channels import FUSION_IDEMPOTENT_METHODS as methods
+    from jacfusion_fed.rpc.channels import replica_target, with_replica_config
+
+    target = replica_target(target)
+    options = with_replica_config(options, FUSION_SERVICE, methods)
     if isinstance(security, Insecure):
         return create_channel(target, security, options=options)
     return create_channel(target, security, server_name=COORDINATOR_SERVER_NAME, options=options)

@@ -62,7 +62,8 @@ def bench_load(
 
 def proxy(
     upstream: Annotated[str, typer.Option(help="HOST:PORT to forward to.")],
-    port: Annotated[int, typer.Option(help="Local port on 127.0.0.1 (0: any).", min=0)] = 0,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Local port (0: any).", min=0)] = 0,
     delay: Annotated[float, typer.Option(help="Added latency per chunk (s).", min=0)] = 0.0,
     drop_rate: Annotated[
         float, typer.Option(help="Probability of dropping a chunk.", min=0, max=1)
@@ -72,13 +73,16 @@ def proxy(
     ] = 0.0,
     stall_for: Annotated[float, typer.Option(help="... for this many seconds.")] = 2.0,
 ) -> None:
-    """A fault-injecting TCP proxy on 127.0.0.1 (point the coordinator's --owner at it);
+    """A fault-injecting TCP proxy on --host (point the coordinator's --owner at it);
     runs until SIGTERM/SIGINT."""
     from jacfusion_fed.reliability.proxy import FaultProxy
 
-    running = FaultProxy(upstream, port=port).start()
+    try:
+        running = FaultProxy(upstream, host=host, port=port).start()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     running.set(delay_s=delay, drop_rate=drop_rate)
-    console.print(f"proxy 127.0.0.1:{running.port} -> {upstream}")
+    console.print(f"proxy {running.host}:{running.port} -> {upstream}")
     done = threading.Event()
 
     def stop(*_: Any) -> None:

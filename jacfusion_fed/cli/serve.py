@@ -57,6 +57,21 @@ def _security(tls: Path | None, insecure: bool) -> Any:
     return files
 
 
+def _bind_host(host: str, what: str) -> str:
+    from jacfusion_fed.rpc.bind import check_bind_host
+
+    try:
+        return check_bind_host(host, what=what)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def is_wildcard(host: str) -> bool:
+    from jacfusion_fed.rpc.bind import is_wildcard as wildcard
+
+    return wildcard(host)
+
+
 def _write_port_file(path: Path | None, port: int) -> None:
     if path is None:
         return
@@ -91,7 +106,10 @@ TlsOpt = Annotated[
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="Plain text on loopback, no authentication.")
 ]
-HostOpt = Annotated[str, typer.Option(help="Address to bind (default loopback only).")]
+HostOpt = Annotated[
+    str,
+    typer.Option(help="Address to bind: an IP, a host name, or 0.0.0.0 for every interface."),
+]
 PortOpt = Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.", min=0)]
 PortFileOpt = Annotated[
     Path | None, typer.Option(help="Write the bound port to this file once serving.")
@@ -127,6 +145,7 @@ def owner_serve(
     """Serve this owner's ModalityService (head, logits) to the coordinator until SIGTERM."""
     _logging(log_level)
     security = _security(tls, insecure)
+    host = _bind_host(host, "owner ModalityService")
     from jacfusion_fed.clients.serve import serve_owner
     from jacfusion_fed.owner import OwnerWorkspace
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
@@ -150,7 +169,7 @@ def owner_serve(
     try:
         running = serve_owner(
             ws, security, owner_name=name, host=host, port=port, max_workers=max_workers,
-            use_logit_cache=logit_cache,
+            use_logit_cache=logit_cache, allow_all_interfaces=is_wildcard(host),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
@@ -192,6 +211,7 @@ def coordinator_serve(
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     _logging(log_level)
     security = _security(tls, insecure)
+    host = _bind_host(host, "coordinator FusionService")
     from jacfusion_fed.server.coordinator import Coordinator
     from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
     from jacfusion_fed.server.serve import serve_coordinator
@@ -216,8 +236,9 @@ def coordinator_serve(
         raise typer.Exit(2) from exc
     try:
         running = serve_coordinator(
-            coordinator, security, host=host, port=port, max_workers=max_workers
-        )
+            coordinator, security, host=host, port=port, max_workers=max_workers,
+            allow_all_interfaces=is_wildcard(host),
+        )  # fmt: skip
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
         raise typer.Exit(2) from exc
@@ -229,14 +250,25 @@ def coordinator_serve(
     _serve_until_signal(running.stop)
 
 
-CoordOpt = Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")]
+CoordOpt = Annotated[
+    str,
+    typer.Option(
+        "--coordinator",
+        help="HOST:PORT of the coordinator, or of its replicas comma-separated (IP addresses; "
+        "gRPC balances over them and retries a call a replica could not answer).",
+    ),
+]
 
 
 def _stub(target: str, security: Any) -> Any:
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
     from jacfusion_fed.server.serve import connect_coordinator
 
-    return fusion_pb2_grpc.FusionServiceStub(connect_coordinator(target, security))
+    try:
+        channel = connect_coordinator(target, security)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--coordinator: {exc}") from exc
+    return fusion_pb2_grpc.FusionServiceStub(channel)
 
 
 def _rpc_error(exc: Any) -> typer.Exit:
@@ -311,10 +343,10 @@ def _parse_gammas(items: list[str] | None) -> dict[str, float]:
 
 
 def predict(
+    coordinator: CoordOpt,
     ids: Annotated[
         list[str] | None, typer.Argument(help="Sample ids (local ids with --pseudonym-key).")
     ] = None,
-    coordinator: CoordOpt = "127.0.0.1:50050",
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     ids_file: Annotated[Path | None, typer.Option(help="File with one id per line.")] = None,

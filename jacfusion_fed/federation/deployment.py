@@ -1,5 +1,6 @@
 """Flower's Deployment Engine on one machine: SuperLink, SuperNodes and ``flwr run`` as
-separate processes on 127.0.0.1, TLS and SuperNode authentication by default.
+separate processes on one machine (``host``, default 127.0.0.1), TLS and SuperNode
+authentication by default.
 
 `LocalDeployment` is a context manager that owns every process it starts and stops them
 all, by PID, on exit or failure (and at interpreter exit as a last resort). Each process
@@ -166,17 +167,19 @@ class NodeKeys:
             object.__setattr__(self, name, path)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (start-up retries cover the race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (start-up retries cover the race)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def _port_open(port: int, host: str = LOOPBACK) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex((LOOPBACK, port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 def flower_executable(name: str) -> str:
@@ -377,7 +380,11 @@ def _parse_json_output(text: str) -> Any:
 
 
 class LocalDeployment:
-    """SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1; a context manager.
+    """SuperLink + SuperNodes + ``flwr run`` on one machine; a context manager.
+
+    ``host`` is the address every server binds (default 127.0.0.1; any address, 0.0.0.0
+    included, with a warning when not loopback): the TLS certificate must name it, or
+    127.0.0.1 for a wildcard (the address the SuperNodes, the CLI and the SuperExec dial).
 
     ``tls`` is required unless ``insecure=True``; ``node_auth`` (default on, needs TLS)
     starts the SuperLink with ``--enable-supernode-auth`` and requires `NodeKeys` for every
@@ -395,6 +402,7 @@ class LocalDeployment:
         task_poll_interval: float | None = 0.25,
         startup_timeout: float = 60.0,
         extra_env: Mapping[str, str] | None = None,
+        host: str = LOOPBACK,
     ) -> None:
         if insecure and tls is not None:
             raise ValueError("pass either tls or insecure=True, not both")
@@ -402,6 +410,12 @@ class LocalDeployment:
             raise ValueError("TLS files are required; pass insecure=True to run without TLS")
         if insecure and node_auth:
             raise ValueError("SuperNode authentication needs TLS; pass node_auth=False too")
+        from jacfusion_fed.rpc.bind import check_bind_host, connect_host
+
+        # Where every server binds (--host of SuperLink and SuperNodes) and the address
+        # they are dialled at (loopback for 0.0.0.0); TLS certificates must name the latter.
+        self.host = check_bind_host(host, what="Flower SuperLink and SuperNodes")
+        self.dial_host = connect_host(self.host)
         apply_offline_defaults()
         self.run_dir = Path(run_dir).expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +485,8 @@ class LocalDeployment:
     def address(self) -> str:
         if self.superlink_port is None:
             raise DeploymentError("the SuperLink is not started")
-        return f"{LOOPBACK}:{self.superlink_port}"
+        host = f"[{self.dial_host}]" if ":" in self.dial_host else self.dial_host
+        return f"{host}:{self.superlink_port}"
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -532,13 +547,13 @@ class LocalDeployment:
         """Start a server process on a free port; retry on a port clash."""
         last_log = ""
         for _attempt in range(3):
-            port = free_port()
+            port = free_port(self.host)
             proc = self._spawn(name, make_argv(port), flwr_home, cwd, log_path)
             deadline = time.monotonic() + self.startup_timeout
             while time.monotonic() < deadline:
                 if proc.exit_code() is not None:
                     break
-                if _port_open(port):
+                if _port_open(port, self.dial_host):
                     return proc, port
                 time.sleep(0.2)
             code = proc.exit_code()
@@ -546,7 +561,7 @@ class LocalDeployment:
             proc.stop()
             if code is None:
                 raise DeploymentError(
-                    f"{name} did not listen on {LOOPBACK}:{port} within "
+                    f"{name} did not listen on {self.dial_host}:{port} within "
                     f"{self.startup_timeout:.0f} s:\n{last_log}"
                 )
             if "address already in use" not in last_log.lower():
@@ -565,7 +580,7 @@ class LocalDeployment:
             args = [
                 flower_executable("flower-superlink"),
                 "--host",
-                LOOPBACK,
+                self.host,
                 "--port",
                 str(port),
                 "--disable-runtime-dependency-installation",
@@ -652,7 +667,7 @@ class LocalDeployment:
                 "--superlink",
                 self.address,
                 "--host",
-                LOOPBACK,
+                self.host,
                 "--port",
                 str(port),
                 *self._tls_client_args(),
@@ -672,7 +687,7 @@ class LocalDeployment:
                 f"supernode {name}", argv, base / "flwr-home", base, base / "supernode.log"
             )
         else:
-            port = free_port()
+            port = free_port(self.host)
             proc = self._spawn(
                 f"supernode {name}", argv(port), base / "flwr-home", base, base / "supernode.log"
             )
