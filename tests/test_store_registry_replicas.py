@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from jacfusion_fed.store import HeadRegistry
 
-root, tag, n, k, modality, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], Path(sys.argv[6])
+root, tag, modality, go = sys.argv[1], sys.argv[2], sys.argv[5], Path(sys.argv[6])
+n, k = int(sys.argv[3]), int(sys.argv[4])
 reg = HeadRegistry(root)
 deadline = time.monotonic() + 30
 while not go.exists():  # bounded wait for the common start signal
