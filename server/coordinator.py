@@ -316,6 +316,7 @@ class Coordinator:
                 log.error("registered head of %r is unusable: %s", modality, exc)
                 continue
             owner.head = RegisteredHead(record, factor.to(self.device))
+            owner.class_names = list(record.class_names)  # labels as the registry names them
             log.info("loaded head of %r, version %s", modality, record.model_version)
         self._update_prior()
 
@@ -421,6 +422,7 @@ class Coordinator:
                 version,
                 class_counts=list(info.class_counts),
                 gram=gram,
+                class_names=list(info.class_names) if len(info.class_names) == k else [],
             )
         except ValueError as exc:
             raise _OwnerFailure(
@@ -474,6 +476,7 @@ class Coordinator:
             try:
                 with owner.lock:
                     info = owner.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+                    owner.class_names = list(info.class_names)  # also for a loaded head
                     if owner.head is None or owner.head.version != info.model_version:
                         self._register(owner, None, timeout)
                     owner.last_sync = time.monotonic()

@@ -79,6 +79,7 @@ class HeadRecord:
     registered_at: dt.datetime
     sequence: int
     gram: np.ndarray | None = field(default=None, repr=False)
+    class_names: tuple[str, ...] = ()
     weight: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
 
@@ -162,6 +163,7 @@ class HeadRegistry:
         bias: Any = None,
         registered_at: dt.datetime | None = None,
         allow_owner_change: bool = False,
+        class_names: Sequence[str] = (),
     ) -> HeadRecord:
         """Record a new head for ``modality`` and return it.
 
@@ -169,7 +171,8 @@ class HeadRegistry:
         length K) must be given. K must equal that of the other registered modalities.
         Registering the same owner, version and head again returns the current record
         without adding history. A different owner for a known modality is refused unless
-        ``allow_owner_change``.
+        ``allow_owner_change``. ``class_names`` (K names, or none) are kept with the head, so
+        every coordinator reading this registry labels classes the same way.
         """
         _check_modality(modality)
         if not owner:
@@ -203,10 +206,13 @@ class HeadRegistry:
             raise ValueError(f"a head needs K >= 2 classes, got {k}")
         if len(counts) != k:
             raise ValueError(f"class_counts must have length K={k}, got {len(counts)}")
+        names = tuple(str(n) for n in class_names)
+        if names and len(names) != k:
+            raise ValueError(f"class_names must have length K={k}, got {len(names)}")
         with self._locked():  # re-read and write as one step across replicas
             return self._register_locked(
                 modality, owner, model_version, counts, k, g, w, b, registered_at,
-                allow_owner_change,
+                allow_owner_change, names,
             )  # fmt: skip
 
     def _register_locked(
@@ -221,6 +227,7 @@ class HeadRegistry:
         b: np.ndarray | None,
         registered_at: dt.datetime | None,
         allow_owner_change: bool,
+        names: tuple[str, ...] = (),
     ) -> HeadRecord:
         for other, rec in self.current().items():
             if other != modality and rec.num_classes != k:
@@ -240,6 +247,7 @@ class HeadRegistry:
                 latest.owner == owner
                 and latest.model_version == model_version
                 and latest.class_counts == counts
+                and (not names or latest.class_names == names)
                 and _same(latest.gram, g)
                 and _same(latest.weight, w)
                 and _same(latest.bias, b)
@@ -256,6 +264,7 @@ class HeadRegistry:
             "feature_dim": None if w is None else int(w.shape[1]),
             "head_kind": "gram" if g is not None else "full",
             "class_counts": list(counts),
+            "class_names": list(names),
             "registered_at": when.isoformat(),
             "sequence": sequence,
         }
@@ -296,6 +305,7 @@ class HeadRegistry:
                 class_counts=tuple(int(c) for c in meta["class_counts"]),
                 registered_at=dt.datetime.fromisoformat(meta["registered_at"]),
                 sequence=sequence,
+                class_names=tuple(str(n) for n in meta.get("class_names", [])),
                 gram=g,
                 weight=w,
                 bias=b,
