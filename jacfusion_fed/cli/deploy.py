@@ -3,6 +3,7 @@
 - ``deploy key``: the pseudonym key (HMAC, 0600) the owners and the requester share; the
   coordinator never gets it.
 - ``deploy labels``: the requester's labels file (pseudonym -> label of the evaluation ids).
+- ``deploy app``: the Flower app folder (``pyproject.toml`` only) for ``flwr run``.
 - ``deploy local``: everything on one machine (``--host``, default 127.0.0.1) in one
   command: certificates, SuperLink (TLS + SuperNode authentication unless ``--insecure``),
   one registered SuperNode per owner, ``flwr run``, the robustness table. Each process is
@@ -68,6 +69,16 @@ def write_app_manifest(folder: Path) -> Path:
     path = folder / "pyproject.toml"
     path.write_text(APP_MANIFEST + "\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@deploy_app.command("app")
+def app_folder(
+    out: Annotated[Path, typer.Option(help="Folder to write pyproject.toml into.")],
+) -> None:
+    """Write the Flower app folder for ``flwr run OUT <connection>`` (only pyproject.toml:
+    the code comes from the installed jacfusion-fed package)."""
+    path = write_app_manifest(out)
+    console.print(f"wrote {path}: `flwr run {out} <connection> --run-config run.toml`")
 
 
 @deploy_app.command("key")
