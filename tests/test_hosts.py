@@ -219,3 +219,31 @@ def test_service_config_retries_only_idempotent_methods_on_unavailable() -> None
         options=[("grpc.service_config", retry_service_config("x.Y", ["Z"]))],
     )
     channel.close()
+
+
+def test_local_deployment_binds_the_host_it_is_given(tmp_path: Path) -> None:
+    from jacfusion_fed.federation.deployment import LocalDeployment
+
+    with LocalDeployment(tmp_path / "a", insecure=True, node_auth=False, host="0.0.0.0") as dep:
+        assert (dep.host, dep.dial_host) == ("0.0.0.0", "127.0.0.1")
+        dep.superlink_port = 9093
+        assert dep.address == "127.0.0.1:9093"  # what SuperNodes and the CLI dial
+    with LocalDeployment(tmp_path / "b", insecure=True, node_auth=False, host="::1") as dep:
+        dep.superlink_port = 9093
+        assert dep.address == "[::1]:9093"
+    with pytest.raises(ValueError, match="cannot bind Flower SuperLink"):
+        LocalDeployment(tmp_path / "c", insecure=True, node_auth=False, host="bad host")
+
+
+def test_deploy_local_refuses_a_bad_host() -> None:
+    result = runner.invoke(app, ["deploy", "local", "--host", "bad host"])
+    assert result.exit_code == 2 and "cannot bind" in result.output
+
+
+def test_fault_proxy_listens_on_its_host() -> None:
+    from jacfusion_fed.reliability.proxy import FaultProxy
+
+    with FaultProxy("127.0.0.1:9", host="0.0.0.0") as proxy:
+        assert proxy.target == f"127.0.0.1:{proxy.port}"
+    with pytest.raises(ValueError, match="cannot bind fault proxy"):
+        FaultProxy("127.0.0.1:9", host="")

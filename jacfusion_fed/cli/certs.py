@@ -50,7 +50,8 @@ def certs(
     owner: Annotated[
         list[str],
         typer.Option(
-            help="Owner NAME=MODALITY[@HOST,...] (repeat): e.g. --owner radiology=xray, or "
+            help="Owner NAME=MODALITY or NAME=MODALITY@HOST,HOST (repeat): e.g. --owner "
+            "radiology=xray, or "
             "--owner vision-co=image@img.example.org,10.0.0.2 with the DNS names / IPs of "
             "the owner's machine."
         ),
@@ -62,7 +63,7 @@ def certs(
     coordinator: Annotated[
         str,
         typer.Option(
-            help="The coordinator NAME[@HOST,...]: list every address the SuperLink is "
+            help="The coordinator NAME or NAME@HOST,HOST: list every address the SuperLink is "
             "dialled at (the owners' --superlink host and the SuperLink's --host; with "
             "--host 0.0.0.0 its SuperExec dials 127.0.0.1, so list that too)."
         ),
@@ -87,7 +88,14 @@ def certs(
 ) -> None:
     """Create a CA, one certificate per owner (carrying its modality), one for the coordinator
     and one per requester, each valid for its own machine's names. Keys are written 0600 in
-    0700 directories; keep ca/ca.key offline."""
+    0700 directories; keep ca/ca.key offline.
+
+    One machine: certs --out pki --owner vision-co=image --owner audio-co=audio
+
+    Several machines: certs --out pki --coordinator coordinator@10.0.0.1
+    --owner vision-co=image@img.example.org,10.0.0.2 --owner audio-co=audio@10.0.0.3
+    --requester hospital
+    """
     from jacfusion_fed.privacy.certs import DEFAULT_HOSTS, generate_deployment_certs
 
     if out.exists() and any(out.iterdir()) and not force:
