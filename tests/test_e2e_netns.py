@@ -169,6 +169,15 @@ def machines(tmp_path: Path) -> Iterator[Machines]:
     assert net.prefix not in leftover.stdout
 
 
+def _cli(args: Sequence[str]) -> None:
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
 def _flwr(m: Machines, args: Sequence[str]) -> dict[str, object]:
     out = m.run("co", [flower_executable("flwr"), *args, "--format", "json"], timeout=60)
     data = json.loads(out[out.index("{") :])
@@ -181,14 +190,15 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     co, hx, hy = HOSTS["co"], HOSTS["x"], HOSTS["y"]
     pki, hosp = root / "pki", root / "hospital"
     # --- the coordinator's operator: certificates for each machine's own address ---------
-    m.run("co", [*CLI, "certs", "--out", str(pki), "--coordinator", f"coordinator@{co}",
-                 "--owner", f"x-owner=x@{hx}", "--owner", f"y-owner=y@{hy}",
-                 "--requester", "hospital"])  # fmt: skip
+    # (no network involved: run in this process, which is quicker than a CLI start-up)
+    _cli(["certs", "--out", str(pki), "--coordinator", f"coordinator@{co}",
+          "--owner", f"x-owner=x@{hx}", "--owner", f"y-owner=y@{hy}",
+          "--requester", "hospital"])  # fmt: skip
     # --- the hospital: pseudonym key (copied to each owner) and evaluation labels -------------
-    m.run("hosp", [*CLI, "deploy", "key", "--out", str(hosp / "pseudonym.key")])
-    m.run("hosp", [*CLI, "deploy", "labels", "--data", DATA, "--modality", "x",
-                   "--pseudonym-key", str(hosp / "pseudonym.key"),
-                   "--out", str(hosp / "eval-labels.json")])  # fmt: skip
+    _cli(["deploy", "key", "--out", str(hosp / "pseudonym.key")])
+    _cli(["deploy", "labels", "--data", DATA, "--modality", "x",
+          "--pseudonym-key", str(hosp / "pseudonym.key"),
+          "--out", str(hosp / "eval-labels.json")])  # fmt: skip
     for owner in ("x-owner", "y-owner"):
         (root / owner).mkdir(mode=0o700)
         shutil.copy2(hosp / "pseudonym.key", root / owner / "pseudonym.key")
@@ -222,11 +232,11 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             "--node-config", node_config,
         ], root / "flwr-homes" / f"supernode-{host}")  # fmt: skip
     # --- coordinator: the app folder, the run config file, flwr run ----------------------------
-    m.run("co", [*CLI, "deploy", "app", "--out", str(root / "app")])
+    _cli(["deploy", "app", "--out", str(root / "app")])
     results = root / "coordinator"
     (root / "run.toml").write_text(
         f'run-dir = "{results}"\nlabels-file = "{hosp / "eval-labels.json"}"\n'
-        'dataset = "twomoon"\nperturbed = "y"\nepochs = 40\nlr = 0.01\nrepeats = 1\n'
+        'dataset = "twomoon"\nperturbed = "y"\nepochs = 10\nlr = 0.01\nrepeats = 1\n'
         'columns = "clean; gaussian w0=0.5; missing w1=1"\n'
     )
     run_id = int(
@@ -255,14 +265,14 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             "--data", DATA, "--pseudonym-key", str(root / owner / "pseudonym.key"),
             "--tls", str(pki / "owners" / owner), "--host", bind, "--port", str(port),
         ], root / "flwr-homes" / f"owner-{host}")  # fmt: skip
-    m.wait_listening("owner-x", "co", hx, 50061, timeout=90)
-    m.wait_listening("owner-y", "co", hy, 50062, timeout=90)
-    assert "reachable from other machines" in m.procs["owner-y"].log_text()
     m.spawn("coordinator", "co", [
         *CLI, "coordinator", "serve", "--registry", str(results / "registry"),
         "--owner", f"x={hx}:50061", "--owner", f"y={hy}:50062",
         "--tls", str(pki / "coordinator"), "--host", co, "--port", "50050",
     ], root / "flwr-homes" / "coordinator")  # fmt: skip
+    m.wait_listening("owner-x", "co", hx, 50061, timeout=90)
+    m.wait_listening("owner-y", "co", hy, 50062, timeout=90)
+    assert "reachable from other machines" in m.procs["owner-y"].log_text()
     m.wait_listening("coordinator", "hosp", co, 50050, timeout=90)
     predict = [
         *CLI, "predict", "twomoon-test-000000", "twomoon-test-000001",
