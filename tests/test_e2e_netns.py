@@ -9,10 +9,11 @@ Four "machines" on a private range this test owns, 10.77.0.0/24 (nothing else ro
 
 Each is a namespace with one veth into a bridge that lives in a fifth namespace, so nothing
 is created in the host's own namespace and no packet can leave: the namespaces have no route
-but 10.77.0.0/24 and their own loopback. The commands are the README's (same flags, TwoMoon
-instead of AV-Digits to keep it short): certificates per host (no loopback names), the
-pseudonym key and labels, the SuperLink with TLS and SuperNode authentication, registered
-SuperNodes, ``flwr run`` with a run config file, then online inference from the hospital.
+but 10.77.0.0/24 and their own loopback. The commands are the README's (same arguments;
+those that need no network run in this process; TwoMoon instead of AV-Digits to keep it
+short): certificates per host (no loopback names), the pseudonym key and labels, the
+SuperLink with TLS and SuperNode authentication, registered SuperNodes, ``flwr run`` with a
+run config file, then online inference from the hospital.
 Every process is stopped by PID and every namespace deleted in ``finally``; every wait is
 bounded. Needs root and ``ip netns``; skipped otherwise.
 """
@@ -187,6 +188,7 @@ def _flwr(m: Machines, args: Sequence[str]) -> dict[str, object]:
 
 def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     m, root = machines, tmp_path
+    t0, phases = time.monotonic(), {}
     co, hx, hy = HOSTS["co"], HOSTS["x"], HOSTS["y"]
     pki, hosp = root / "pki", root / "hospital"
     # --- the coordinator's operator: certificates for each machine's own address ---------
@@ -231,6 +233,7 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             "--auth-supernode-private-key", str(d / "supernode_auth.key"),
             "--node-config", node_config,
         ], root / "flwr-homes" / f"supernode-{host}")  # fmt: skip
+    phases["setup_s"] = time.monotonic() - t0
     # --- coordinator: the app folder, the run config file, flwr run ----------------------------
     _cli(["deploy", "app", "--out", str(root / "app")])
     results = root / "coordinator"
@@ -251,6 +254,7 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
         if status.startswith("finished"):
             break
         time.sleep(1)
+    phases["flwr_run_s"] = time.monotonic() - t0 - phases["setup_s"]
     logs = m.run("co", [flower_executable("flwr"), "log", str(run_id), "hospital-fed", "--show"])
     assert status == "finished:completed", f"{status}\n{logs[-4000:]}"
     written = json.loads((results / "results.json").read_text())
@@ -287,6 +291,8 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             last = str(exc)
             time.sleep(1)
     assert answer is not None, last
+    phases["online_s"] = time.monotonic() - t0 - phases["setup_s"] - phases["flwr_run_s"]
+    print("phases:", {k: round(v, 1) for k, v in phases.items()})
     assert [x["local_id"] for x in answer["samples"]] == [
         "twomoon-test-000000",
         "twomoon-test-000001",
