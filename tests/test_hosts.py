@@ -96,8 +96,7 @@ def test_loopback_is_kept_only_when_asked(tmp_path: Path) -> None:
 def test_host_option_adds_to_loopback_instead_of_replacing(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
-        ["certs", "--out", str(tmp_path / "p"), "--owner", "o=image", "--host", "10.1.2.3",
-         "--loopback"],
+        ["certs", "--out", str(tmp_path / "p"), "--owner", "o=image", "--host", "10.1.2.3"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     for cert in ("coordinator/cert.pem", "owners/o/cert.pem"):

@@ -77,8 +77,8 @@ def certs(
         bool | None,
         typer.Option(
             "--loopback/--no-loopback",
-            help="Add localhost and 127.0.0.1 to every certificate. Default: on when no "
-            "host is given anywhere (single machine), off otherwise.",
+            help="Add localhost and 127.0.0.1 to every certificate. Default: on unless an "
+            "identity names its own hosts (NAME@HOST), i.e. on for the single-machine form.",
             show_default=False,
         ),
     ] = None,
@@ -115,8 +115,8 @@ def certs(
         if hosts:
             host_map[name] = hosts
     shared = list(host or [])
-    if loopback is None:
-        loopback = not shared and not host_map
+    if loopback is None:  # single-machine form (no NAME@HOST): loopback, plus any --host
+        loopback = not host_map
     if loopback:
         shared = [*DEFAULT_HOSTS, *shared]
     try:
