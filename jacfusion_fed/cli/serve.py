@@ -66,10 +66,11 @@ def _bind_host(host: str, what: str) -> str:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def is_wildcard(host: str) -> bool:
-    from jacfusion_fed.rpc.bind import is_wildcard as wildcard
+def _wildcard(host: str) -> bool:
+    """An explicit ``--host 0.0.0.0`` is the operator's opt-in to every interface."""
+    from jacfusion_fed.rpc.bind import is_wildcard
 
-    return wildcard(host)
+    return is_wildcard(host)
 
 
 def _write_port_file(path: Path | None, port: int) -> None:
@@ -169,7 +170,7 @@ def owner_serve(
     try:
         running = serve_owner(
             ws, security, owner_name=name, host=host, port=port, max_workers=max_workers,
-            use_logit_cache=logit_cache, allow_all_interfaces=is_wildcard(host),
+            use_logit_cache=logit_cache, allow_all_interfaces=_wildcard(host),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
@@ -237,7 +238,7 @@ def coordinator_serve(
     try:
         running = serve_coordinator(
             coordinator, security, host=host, port=port, max_workers=max_workers,
-            allow_all_interfaces=is_wildcard(host),
+            allow_all_interfaces=_wildcard(host),
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         err_console.print(f"error: {exc}")
