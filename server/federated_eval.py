@@ -372,6 +372,16 @@ def build_table(
     return table, clean_acc
 
 
+def _default_perturbed(dataset: str, modalities: Iterable[str]) -> str:
+    """The built-in dataset's perturbed modality (what ``simulate`` uses), else the last by
+    name: an empty ``perturbed`` gives the same table on every path."""
+    from jacfusion_fed.federation.scenario import BUILTIN_PRESETS
+
+    names = sorted(modalities)
+    preset = BUILTIN_PRESETS.get(dataset)
+    return preset.perturbed if preset is not None and preset.perturbed in names else names[-1]
+
+
 def _modality_order(modalities: Iterable[str], perturbed: str) -> list[str]:
     rest = sorted(m for m in modalities if m != perturbed)
     return [*rest, perturbed]
@@ -387,7 +397,7 @@ def evaluate(
 ) -> tuple[dict[str, Any], Table]:
     assert cfg.labels_file is not None
     labels = EvalLabels.read(cfg.labels_file, k)
-    perturbed = cfg.perturbed or sorted(groups)[-1]
+    perturbed = cfg.perturbed or _default_perturbed(cfg.dataset, groups)
     if perturbed not in groups:
         raise CoordinatorError(
             f"perturbed modality {perturbed!r} has no owner; modalities: {sorted(groups)}"

@@ -148,6 +148,7 @@ class OwnerLinks:
                 log.error("registered head of %r is unusable: %s", modality, exc)
                 continue
             link.head = RegisteredHead(record, factor.to(self.device))
+            link.class_names = list(record.class_names)  # labels as the registry names them
             log.info("loaded head of %r, version %s", modality, record.model_version)
         self._update_prior()
 
@@ -230,6 +231,7 @@ class OwnerLinks:
                 version,
                 class_counts=list(info.class_counts),
                 gram=gram,
+                class_names=list(info.class_names) if len(info.class_names) == k else [],
             )
         except ValueError as exc:
             raise OwnerFailure(
@@ -285,6 +287,7 @@ class OwnerLinks:
             try:
                 with link.lock:
                     info = link.channel.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+                    link.class_names = list(info.class_names)  # also for a loaded head
                     if link.head is None or link.head.version != info.model_version:
                         self._register(link, None, timeout)
                     link.last_sync = time.monotonic()

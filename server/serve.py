@@ -13,9 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
 from jacfusion_fed.rpc.auth import (
     FUSION_SERVICE,
     FUSION_SERVICE_POLICY,
@@ -26,10 +23,8 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
-    Insecure,
     Security,
     TransportOptions,
-    create_channel,
 )
 
 from .coordinator import Coordinator
@@ -37,7 +32,6 @@ from .fusion_service import FusionServicer
 
 __all__ = [
     "CoordinatorServer",
-    "connect_coordinator",
     "fusion_policy",
     "serve_coordinator",
 ]
@@ -114,17 +108,3 @@ def serve_coordinator(
         ", ".join(coordinator.modalities),
     )
     return CoordinatorServer(rpc, coordinator)
-
-
-def connect_coordinator(
-    target: str, security: Security | str | Path, *, options: TransportOptions | None = None
-) -> grpc.Channel:
-    """A requester's channel to the coordinator at ``target``.
-
-    With TLS the server certificate must name the coordinator
-    (:data:`jacfusion_fed.privacy.certs.COORDINATOR_SERVER_NAME`), so an owner's (or anyone
-    else's) certificate from the same CA is refused.
-    """
-    if isinstance(security, Insecure):
-        return create_channel(target, security, options=options)
-    return create_channel(target, security, server_name=COORDINATOR_SERVER_NAME, options=options)

@@ -28,9 +28,9 @@ from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.certs import DeploymentCerts, generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
 from jacfusion_fed.processes import ProcessSet
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import TlsFiles
-from jacfusion_fed.server.serve import connect_coordinator
 
 __all__ = [
     "MODALITIES", "NUM_CLASSES", "NUM_SAMPLES", "OWNER_NAMES", "TIMEOUT", "Fed", "Procs",

@@ -24,7 +24,7 @@ from jacfusion_fed.cli import app, logs, plain_help
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.evaluate import _gamma_choice
-from jacfusion_fed.cli.options import DEFAULT_COORDINATOR, DEFAULT_COORDINATOR_PORT
+from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT
 from jacfusion_fed.cli.predict import _print_tables
 from jacfusion_fed.cli.predict_wire import Answer
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
@@ -85,8 +85,9 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
             if path == ["coordinator", "serve"] and "--port" in getattr(p, "opts", []):
                 defaults["coordinator serve --port"] = p.default
     assert defaults == {
-        "coordinator info": DEFAULT_COORDINATOR,
-        "predict": DEFAULT_COORDINATOR,
+        # no hidden loopback default: the address is required, its port defaults (issue 15)
+        "coordinator info": None,
+        "predict": None,
         "coordinator serve --port": DEFAULT_COORDINATOR_PORT,
     }
     readme = (ROOT / "README.md").read_text()

@@ -30,9 +30,9 @@ from helpers_reliability import Deployment, load
 from helpers_services import MODALITIES, TIMEOUT
 
 from jacfusion_fed.reliability import FaultProxy, LoadConfig, LoadResult
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.server.fusion_service import decode_predictions
-from jacfusion_fed.server.serve import connect_coordinator
 
 OWNER_TIMEOUT = 0.5
 SUMMARY: dict[str, dict[str, Any]] = {}

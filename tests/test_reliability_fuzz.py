@@ -36,12 +36,13 @@ from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.reliability import Reference, snapshot_workspace
 from jacfusion_fed.reliability.reference import CLEAR_ERROR_CODES
 from jacfusion_fed.rpc.auth import connect_owner
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
-from jacfusion_fed.server.serve import connect_coordinator, serve_coordinator
+from jacfusion_fed.server.serve import serve_coordinator
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import harness as H

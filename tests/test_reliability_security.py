@@ -38,6 +38,7 @@ from jacfusion_fed.clients.serve import owner_policy
 from jacfusion_fed.privacy.certs import CertificateAuthority, write_credentials
 from jacfusion_fed.privacy.pseudonyms import load_key
 from jacfusion_fed.rpc.auth import AuthInterceptor, connect_owner
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -53,7 +54,6 @@ from jacfusion_fed.rpc.tls import (
 )
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictError
-from jacfusion_fed.server.serve import connect_coordinator
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from jacfusion_fed.clients.serve import owner_policy, serve_owner
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.rpc.auth import AuthInterceptor
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
@@ -39,7 +40,7 @@ from jacfusion_fed.server.predict_types import (
     PredictError,
     PredictOptions,
 )
-from jacfusion_fed.server.serve import connect_coordinator, serve_coordinator
+from jacfusion_fed.server.serve import serve_coordinator
 
 TOL = 1e-12
 

@@ -338,10 +338,10 @@ def _measure(
 ) -> dict[str, Any]:  # fmt: skip
     import grpc
 
+    from jacfusion_fed.rpc.channels import connect_coordinator
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.server.fusion_service import options_to_proto
     from jacfusion_fed.server.predict_types import PredictOptions
-    from jacfusion_fed.server.serve import connect_coordinator
 
     coord_channel = connect_coordinator(targets["coordinator"], requester)
     wait_serving(coord_channel)

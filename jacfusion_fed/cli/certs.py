@@ -1,4 +1,17 @@
-"""``jacfusion-fed certs``: the CA and every certificate of a deployment."""
+"""``jacfusion-fed certs``: the CA and every certificate of a deployment.
+
+Single machine (every certificate names ``localhost`` and ``127.0.0.1``)::
+
+    jacfusion-fed certs --out pki --owner vision-co=image --owner audio-co=audio \\
+        --requester hospital
+
+Several machines: each identity names the host names / IPs of its own machine after ``@``
+(loopback only with ``--loopback``)::
+
+    jacfusion-fed certs --out pki --coordinator coordinator@coord.example.org,10.0.0.1 \\
+        --owner vision-co=image@img.example.org,10.0.0.2 \\
+        --owner audio-co=audio@aud.example.org,10.0.0.3 --requester hospital
+"""
 
 from __future__ import annotations
 
@@ -13,28 +26,60 @@ from rich.table import Table
 console = Console()
 
 
-def _parse_owner(text: str) -> tuple[str, str]:
-    name, sep, modality = text.partition("=")
-    if not sep or not name.strip() or not modality.strip():
-        raise typer.BadParameter(f"--owner must look like NAME=MODALITY, got {text!r}")
-    return name.strip(), modality.strip()
+def _split_hosts(text: str, option: str) -> tuple[str, list[str]]:
+    """``"NAME@h1,h2"`` -> ``("NAME", ["h1", "h2"])`` (the last ``@`` starts the hosts)."""
+    head, sep, tail = text.rpartition("@")
+    if not sep:
+        return text.strip(), []
+    hosts = [h.strip() for h in tail.split(",")]
+    if not head.strip() or not all(hosts):
+        raise typer.BadParameter(f"{option} must look like NAME@HOST[,HOST...], got {text!r}")
+    return head.strip(), hosts
+
+
+def _parse_owner(text: str) -> tuple[str, str, list[str]]:
+    name, sep, rest = text.partition("=")
+    modality, hosts = _split_hosts(rest, "--owner") if sep else ("", [])
+    if not sep or not name.strip() or not modality:
+        raise typer.BadParameter(f"--owner must look like NAME=MODALITY[@HOST,...], got {text!r}")
+    return name.strip(), modality, hosts
 
 
 def certs(
     out: Annotated[Path, typer.Option(help="Directory to create (ca/, coordinator/, ...).")],
     owner: Annotated[
         list[str],
-        typer.Option(help="Owner NAME=MODALITY (repeat), e.g. --owner radiology=xray."),
+        typer.Option(
+            help="Owner NAME=MODALITY or NAME=MODALITY@HOST,HOST (repeat): e.g. --owner "
+            "radiology=xray, or "
+            "--owner vision-co=image@img.example.org,10.0.0.2 with the DNS names / IPs of "
+            "the owner's machine."
+        ),
     ],
     requester: Annotated[
-        list[str] | None, typer.Option(help="Requester name (repeat); may call Predict.")
+        list[str] | None,
+        typer.Option(help="Requester NAME (repeat); may call Predict (client certificate)."),
     ] = None,
-    coordinator: Annotated[str, typer.Option(help="The coordinator's name.")] = "coordinator",
+    coordinator: Annotated[
+        str,
+        typer.Option(
+            help="The coordinator NAME or NAME@HOST,HOST: list every address the SuperLink is "
+            "dialled at (the owners' --superlink host and the SuperLink's --host; with "
+            "--host 0.0.0.0 its SuperExec dials 127.0.0.1, so list that too)."
+        ),
+    ] = "coordinator",
     days: Annotated[int, typer.Option(help="Validity of the leaf certificates.", min=1)] = 365,
     host: Annotated[
         list[str] | None,
+        typer.Option(help="DNS name / IP added to EVERY certificate (repeat; rarely needed)."),
+    ] = None,
+    loopback: Annotated[
+        bool | None,
         typer.Option(
-            help="DNS name / IP in every certificate (repeat); default localhost, 127.0.0.1."
+            "--loopback/--no-loopback",
+            help="Add localhost and 127.0.0.1 to every certificate. Default: on unless an "
+            "identity names its own hosts (NAME@HOST), i.e. on for the single-machine form.",
+            show_default=False,
         ),
     ] = None,
     force: Annotated[
@@ -42,29 +87,61 @@ def certs(
     ] = False,
 ) -> None:
     """Create a CA, one certificate per owner (carrying its modality), one for the coordinator
-    and one per requester. Keys are written 0600 in 0700 directories; keep ca/ca.key offline."""
+    and one per requester, each valid for its own machine's names. Keys are written 0600 in
+    0700 directories; keep ca/ca.key offline.
+
+    One machine: certs --out pki --owner vision-co=image --owner audio-co=audio
+
+    Several machines: certs --out pki --coordinator coordinator@10.0.0.1
+    --owner vision-co=image@img.example.org,10.0.0.2 --owner audio-co=audio@10.0.0.3
+    --requester hospital
+    """
     from jacfusion_fed.privacy.certs import DEFAULT_HOSTS, generate_deployment_certs
 
     if out.exists() and any(out.iterdir()) and not force:
         raise typer.BadParameter(f"{out} exists and is not empty (pass --force to write into it)")
-    owners = dict(_parse_owner(o) for o in owner)
+    parsed = [_parse_owner(o) for o in owner]
+    owners = {name: modality for name, modality, _ in parsed}
     if len(owners) != len(owner):
         raise typer.BadParameter("owner names must be unique")
+    host_map = {name: hosts for name, _, hosts in parsed if hosts}
+    coord_name, coord_hosts = _split_hosts(coordinator, "--coordinator")
+    if coord_hosts:
+        host_map[coord_name] = coord_hosts
+    requesters: list[str] = []
+    for text in requester or ["requester"]:
+        name, hosts = _split_hosts(text, "--requester")
+        requesters.append(name)
+        if hosts:
+            host_map[name] = hosts
+    shared = list(host or [])
+    if loopback is None:  # single-machine form (no NAME@HOST): loopback, plus any --host
+        loopback = not host_map
+    if loopback:
+        shared = [*DEFAULT_HOSTS, *shared]
     try:
         written = generate_deployment_certs(
-            out, owners, list(requester or ["requester"]), coordinator=coordinator,
-            days=days, hosts=tuple(host) if host else DEFAULT_HOSTS,
+            out, owners, requesters, coordinator=coord_name, days=days,
+            hosts=tuple(shared), host_map=host_map,
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     manifest = json.loads(written.manifest.read_text())
     table = Table(title=f"certificates under {out}")
-    for col in ("role", "name", "modality", "directory", "expires"):
+    for col in ("role", "name", "modality", "hosts", "directory", "expires"):
         table.add_column(col)
     for p in manifest["principals"]:
-        table.add_row(p["role"], p["name"], p["modality"] or "", p["dir"], p["not_after"][:10])
+        table.add_row(
+            p["role"], p["name"], p["modality"] or "", ", ".join(p["hosts"]) or "-",
+            p["dir"], p["not_after"][:10],
+        )  # fmt: skip
     console.print(table)
     console.print(f"CA: {written.ca_dir / 'ca.pem'} (keep {written.ca_dir / 'ca.key'} offline)")
+    if not loopback:
+        console.print(
+            "no loopback names: a server is reachable only at the names listed "
+            "(pass --loopback to add localhost and 127.0.0.1)"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,6 @@ import typer
 
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
-    DEFAULT_COORDINATOR,
     DEFAULT_COORDINATOR_PORT,
     FUSION_METHODS,
     CoordinatorOpt,
@@ -24,6 +23,7 @@ from jacfusion_fed.cli.options import (
 )
 from jacfusion_fed.cli.render import err, method_name, new_table, out, print_json
 from jacfusion_fed.cli.transport import (
+    bind_host,
     check_port_free,
     coordinator_stub,
     rpc_failure,
@@ -66,6 +66,7 @@ def coordinator_serve(
     check_choice("--method", method, FUSION_METHODS)
     default_gamma = parse_gamma(gamma)
     sec = security(tls, insecure)
+    host = bind_host(host, "coordinator FusionService")
     check_port_free(host, port)
     from jacfusion_fed.server.coordinator import Coordinator
     from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
@@ -124,7 +125,7 @@ def info_payload(info: Any) -> dict[str, Any]:
 
 
 def coordinator_info(
-    coordinator: CoordinatorOpt = DEFAULT_COORDINATOR,
+    coordinator: CoordinatorOpt,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     as_json: JsonOpt = False,

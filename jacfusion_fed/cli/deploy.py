@@ -3,9 +3,11 @@
 - ``deploy key``: the pseudonym key (HMAC, 0600) the owners and the requester share; the
   coordinator never gets it.
 - ``deploy labels``: the requester's labels file (pseudonym -> label of the evaluation ids).
-- ``deploy local``: everything on 127.0.0.1 in one command: certificates, SuperLink (TLS +
-  SuperNode authentication unless ``--insecure``), one registered SuperNode per owner,
-  ``flwr run``, the robustness table. Each process is stopped by PID at the end.
+- ``deploy app``: the Flower app folder (``pyproject.toml`` only) for ``flwr run``.
+- ``deploy local``: everything on one machine (``--host``, default 127.0.0.1) in one
+  command: certificates, SuperLink (TLS + SuperNode authentication unless ``--insecure``),
+  one registered SuperNode per owner, ``flwr run``, the robustness table. Each process is
+  stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ def write_app_manifest(folder: Path) -> Path:
     return path
 
 
+@deploy_app.command("app")
+def app_folder(
+    out: Annotated[Path, typer.Option(help="Folder to write pyproject.toml into.")],
+) -> None:
+    """Write the Flower app folder for ``flwr run OUT <connection>`` (only pyproject.toml:
+    the code comes from the installed jacfusion-fed package)."""
+    path = write_app_manifest(out)
+    console.print(f"wrote {path}: `flwr run {out} <connection> --run-config run.toml`")
+
+
 @deploy_app.command("key")
 def key(
     out: Annotated[Path, typer.Option(help="Where to write the key (mode 0600).")],
@@ -116,11 +128,22 @@ def local(
     columns: Annotated[str | None, typer.Option(help="Table columns.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 1800.0,
+    host: Annotated[
+        str,
+        typer.Option(help="Address the SuperLink and SuperNodes bind (0.0.0.0: every interface)."),
+    ] = "127.0.0.1",
 ) -> None:
-    """SuperLink + one SuperNode per owner on 127.0.0.1, the app via ``flwr run``, the table."""
+    """SuperLink + one SuperNode per owner on --host, the app via ``flwr run``, the table."""
     from jacfusion_fed.cli.simulate import rich_table
     from jacfusion_fed.federation import LocalDeployment, NodeKeys, TlsFiles, read_run_results
     from jacfusion_fed.federation.scenario import Scenario, prepare_run
+    from jacfusion_fed.rpc.bind import check_bind_host, connect_host
+    from jacfusion_fed.rpc.tls import is_loopback
+
+    try:
+        host = check_bind_host(host, what="Flower SuperLink and SuperNodes")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
     overrides: dict[str, Any] = {}
     if epochs is not None:
@@ -136,11 +159,14 @@ def local(
     tls = None
     keys: dict[str, NodeKeys] = {}
     if not insecure:
-        from jacfusion_fed.privacy import generate_deployment_certs
+        from jacfusion_fed.privacy.certs import DEFAULT_HOSTS, generate_deployment_certs
 
+        dial = connect_host(host)  # what the SuperNodes and the SuperExec dial: in the cert
         pki = generate_deployment_certs(
-            folder / "pki", {o.name: o.modality for o in scenario.owners}, ["requester"]
-        )
+            folder / "pki", {o.name: o.modality for o in scenario.owners}, ["requester"],
+            host_map={} if is_loopback(dial) else {"coordinator": [dial]},
+            hosts=DEFAULT_HOSTS,
+        )  # fmt: skip
         c = pki.coordinator_dir
         tls = TlsFiles(c / "ca.pem", c / "cert.pem", c / "key.pem")
         keys = {
@@ -152,7 +178,7 @@ def local(
     run_config = {k: v for k, v in prepared.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     t0 = time.perf_counter()
     with LocalDeployment(
-        folder / "deploy", tls=tls, insecure=insecure, node_auth=not insecure
+        folder / "deploy", tls=tls, insecure=insecure, node_auth=not insecure, host=host
     ) as dep:
         link = dep.start_superlink()
         console.print(

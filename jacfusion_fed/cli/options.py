@@ -14,8 +14,11 @@ Glossary (an option name means the same thing in every command that has it):
   where the command can choose it on validation data (``simulate``, ``evaluate``).
   ``--modality-gamma MODALITY=VALUE`` overrides it for one modality (``predict``);
   ``--gamma-grid V,V,...`` lists the candidates ``auto`` chooses from (``evaluate``).
-- ``--coordinator HOST:PORT``: the coordinator's address, default :data:`DEFAULT_COORDINATOR`;
+- ``--coordinator HOST[:PORT]``: the coordinator's address (no hidden default host; the port
+  defaults to :data:`DEFAULT_COORDINATOR_PORT`), or several replicas comma-separated;
   ``coordinator serve --port`` binds :data:`DEFAULT_COORDINATOR_PORT` unless told otherwise.
+- ``--host ADDRESS``: the address a server binds (loopback by default; ``0.0.0.0`` for every
+  interface, with a one-line warning whenever it is not loopback).
 - ``--port N``: the port a server binds (0: any free port; see ``--port-file``).
 - ``--timeout SECONDS``: the deadline of every call the command makes; ``--owner-timeout
   SECONDS``: how long the coordinator waits for each owner.
@@ -45,7 +48,6 @@ import typer
 from jacfusion_fed.cli.errors import CliError
 
 __all__ = [
-    "DEFAULT_COORDINATOR",
     "DEFAULT_COORDINATOR_PORT",
     "FUSION_METHODS",
     "LOG_LEVELS",
@@ -65,7 +67,6 @@ __all__ = [
 #: The one default port of the coordinator (``coordinator serve``, ``predict``,
 #: ``coordinator info``, the README). Owners default to any free port (``--port-file``).
 DEFAULT_COORDINATOR_PORT: Final = 50060
-DEFAULT_COORDINATOR: Final = f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}"
 
 #: Fusion methods by the names every table, JSON output and option uses.
 FUSION_METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
@@ -82,11 +83,23 @@ TlsOpt = Annotated[
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="Plain text on loopback, no authentication.")
 ]
-HostOpt = Annotated[str, typer.Option(help="Address to bind (default: loopback only).")]
+HostOpt = Annotated[
+    str,
+    typer.Option(help="Address to bind: an IP, a host name, or 0.0.0.0 for every interface."),
+]
 PortFileOpt = Annotated[
     Path | None, typer.Option(help="Write the bound port to this file once serving.")
 ]
-CoordinatorOpt = Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")]
+CoordinatorOpt = Annotated[
+    str,
+    typer.Option(
+        "--coordinator",
+        help=f"HOST[:PORT] of the coordinator (port {DEFAULT_COORDINATOR_PORT} if omitted), or "
+        "its replicas comma-separated (IP addresses; gRPC balances over them and retries a call "
+        "a replica could not answer).",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print JSON (same names as the tables) instead of tables.")
 ]

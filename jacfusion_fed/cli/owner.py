@@ -11,6 +11,7 @@ from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import HostOpt, InsecureOpt, PortFileOpt, TlsOpt
 from jacfusion_fed.cli.render import err
 from jacfusion_fed.cli.transport import (
+    bind_host,
     check_port_free,
     security,
     serve_until_signal,
@@ -49,6 +50,7 @@ def owner_serve(
     if isinstance(sec, TlsFiles):  # never serve under another role's or modality's certificate
         check_own_certificate(sec, "owner", modality)
     pseudonymizer = Pseudonymizer.from_file(pseudonym_key)
+    host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
 
     from jacfusion_fed.clients.serve import serve_owner

@@ -14,7 +14,6 @@ import typer
 
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
-    DEFAULT_COORDINATOR,
     FUSION_METHODS,
     CoordinatorOpt,
     InsecureOpt,
@@ -73,10 +72,10 @@ def _unknown_ids(exc: Any, local: dict[str, str], sent: list[str], keyed: bool) 
 
 
 def predict(
+    coordinator: CoordinatorOpt,
     ids: Annotated[
         list[str] | None, typer.Argument(help="Sample ids (local ids with --pseudonym-key).")
     ] = None,
-    coordinator: CoordinatorOpt = DEFAULT_COORDINATOR,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     ids_file: Annotated[Path | None, typer.Option(help="File with one id per line.")] = None,

@@ -1,4 +1,4 @@
-"""``jacfusion-fed proxy``: a fault-injecting TCP proxy on loopback, for manual fault drills."""
+"""``jacfusion-fed proxy``: a fault-injecting TCP proxy, for manual fault drills."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from jacfusion_fed.cli.errors import CliError
+from jacfusion_fed.cli.options import HostOpt
 from jacfusion_fed.cli.render import err
 
 __all__ = ["proxy", "register"]
@@ -15,7 +17,8 @@ __all__ = ["proxy", "register"]
 
 def proxy(
     upstream: Annotated[str, typer.Option(help="HOST:PORT to forward to.")],
-    port: Annotated[int, typer.Option(help="Local port on 127.0.0.1 (0: any).", min=0)] = 0,
+    host: HostOpt = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Local port (0: any).", min=0)] = 0,
     delay: Annotated[float, typer.Option(help="Added latency per chunk (s).", min=0)] = 0.0,
     drop_rate: Annotated[
         float, typer.Option(help="Probability of dropping a chunk.", min=0, max=1)
@@ -25,13 +28,16 @@ def proxy(
     ] = 0.0,
     stall_for: Annotated[float, typer.Option(help="... for this many seconds.")] = 2.0,
 ) -> None:
-    """A fault-injecting TCP proxy on 127.0.0.1 (point the coordinator's --owner at it), until
+    """A fault-injecting TCP proxy on --host (point the coordinator's --owner at it), until
     SIGTERM/SIGINT."""
     from jacfusion_fed.reliability.proxy import FaultProxy
 
-    running = FaultProxy(upstream, port=port).start()
+    try:
+        running = FaultProxy(upstream, host=host, port=port).start()
+    except ValueError as exc:
+        raise CliError(f"--host: {exc}") from None
     running.set(delay_s=delay, drop_rate=drop_rate)
-    err().print(f"proxy 127.0.0.1:{running.port} -> {upstream}")
+    err().print(f"proxy {running.host}:{running.port} -> {upstream}")
     done = threading.Event()
 
     def stop(*_: Any) -> None:

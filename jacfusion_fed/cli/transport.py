@@ -9,8 +9,10 @@ from typing import Any
 from jacfusion_fed.cli.errors import EXIT_FAILED, CliError
 
 __all__ = [
+    "bind_host",
     "check_port_free",
     "coordinator_stub",
+    "coordinator_targets",
     "rpc_failure",
     "security",
     "serve_until_signal",
@@ -62,20 +64,52 @@ def serve_until_signal(running: Any, what: str, port_file: Path | None) -> None:
     library_serve(running.stop, what, ready=lambda: write_port_file(port_file, running.port))
 
 
+def coordinator_targets(text: str) -> list[str]:
+    """``--coordinator`` as ``HOST:PORT`` items: each ``HOST`` gets the default port."""
+    from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT
+
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise CliError(f"--coordinator {text!r}: an address is empty")
+    out = []
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        bare_v6 = item.count(":") > 1 and not item.startswith("[")
+        if not sep or bare_v6 or (host.startswith("[") and not host.endswith("]")):
+            out.append(f"[{item}]:{DEFAULT_COORDINATOR_PORT}" if bare_v6 else
+                       f"{item}:{DEFAULT_COORDINATOR_PORT}")
+        elif not port.isdigit():
+            raise CliError(f"--coordinator must be HOST[:PORT], got {item!r}")
+        else:
+            out.append(item)
+    return out
+
+
 def coordinator_stub(target: str, sec: Any) -> Any:
-    """A ``FusionService`` stub for a requester (the coordinator's name is checked with TLS).
+    """A ``FusionService`` stub for a requester over one channel to every replica named in
+    ``--coordinator`` (the coordinator's name is checked with TLS).
 
     Imports only gRPC and the generated code: ``predict`` must start fast.
     """
-    from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
+    from jacfusion_fed.rpc.channels import connect_coordinator
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
-    from jacfusion_fed.rpc.tls import Insecure, create_channel
 
-    if ":" not in target or not target.rpartition(":")[2].isdigit():
-        raise CliError(f"--coordinator must be HOST:PORT, got {target!r}")
-    name = None if isinstance(sec, Insecure) else COORDINATOR_SERVER_NAME
-    channel = create_channel(target, sec, server_name=name)
+    try:
+        channel = connect_coordinator(coordinator_targets(target), sec)
+    except ValueError as exc:
+        raise CliError(f"--coordinator: {exc}") from None
     return fusion_pb2_grpc.FusionServiceStub(channel)
+
+
+def bind_host(host: str, what: str) -> str:
+    """``--host`` checked before any work starts (one line if it is not an address); the
+    not-loopback warning comes once, when the server binds."""
+    from jacfusion_fed.rpc.bind import check_bind_host
+
+    try:
+        return check_bind_host(host, what=what, warn=lambda _message: None)
+    except ValueError as exc:
+        raise CliError(f"--host: {exc}") from None
 
 
 def rpc_failure(exc: Any, target: str, sec: Any) -> CliError:

@@ -1,5 +1,6 @@
 """Flower's Deployment Engine on one machine: SuperLink, SuperNodes and ``flwr run`` as
-separate processes on 127.0.0.1, TLS and SuperNode authentication by default.
+separate processes on one machine (``host``, default 127.0.0.1), TLS and SuperNode
+authentication by default.
 
 `LocalDeployment` is a context manager that owns every process it starts and stops them
 all, by PID, on exit or failure (and at interpreter exit as a last resort). Each process
@@ -112,7 +113,11 @@ class SuperNodeHandle:
 
 
 class LocalDeployment:
-    """SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1; a context manager.
+    """SuperLink + SuperNodes + ``flwr run`` on one machine; a context manager.
+
+    ``host`` is the address every server binds (default 127.0.0.1; any address, 0.0.0.0
+    included, with a warning when not loopback): the TLS certificate must name it, or
+    127.0.0.1 for a wildcard (the address the SuperNodes, the CLI and the SuperExec dial).
 
     ``tls`` is required unless ``insecure=True``; ``node_auth`` (default on, needs TLS)
     starts the SuperLink with ``--enable-supernode-auth`` and requires `NodeKeys` for every
@@ -130,6 +135,7 @@ class LocalDeployment:
         task_poll_interval: float | None = 0.25,
         startup_timeout: float = 60.0,
         extra_env: Mapping[str, str] | None = None,
+        host: str = LOOPBACK,
     ) -> None:
         if insecure and tls is not None:
             raise ValueError("pass either tls or insecure=True, not both")
@@ -137,6 +143,12 @@ class LocalDeployment:
             raise ValueError("TLS files are required; pass insecure=True to run without TLS")
         if insecure and node_auth:
             raise ValueError("SuperNode authentication needs TLS; pass node_auth=False too")
+        from jacfusion_fed.rpc.bind import check_bind_host, connect_host
+
+        # Where every server binds (--host of SuperLink and SuperNodes) and the address
+        # they are dialled at (loopback for 0.0.0.0); TLS certificates must name the latter.
+        self.host = check_bind_host(host, what="Flower SuperLink and SuperNodes")
+        self.dial_host = connect_host(self.host)
         apply_offline_defaults()
         self.run_dir = Path(run_dir).expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +219,8 @@ class LocalDeployment:
     def address(self) -> str:
         if self.superlink_port is None:
             raise DeploymentError("the SuperLink is not started")
-        return f"{LOOPBACK}:{self.superlink_port}"
+        host = f"[{self.dial_host}]" if ":" in self.dial_host else self.dial_host
+        return f"{host}:{self.superlink_port}"
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -235,10 +248,10 @@ class LocalDeployment:
         """Start a server process on a free port; retry on a port clash."""
         last_log = ""
         for _attempt in range(3):
-            port = free_port()
+            port = free_port(self.host)
             proc = self._spawn(name, make_argv(port), flwr_home, cwd, log_path)
             try:
-                if wait_for_port(proc, port, self.startup_timeout) is None:
+                if wait_for_port(proc, port, self.startup_timeout, host=self.dial_host) is None:
                     return proc, port
             except TimeoutError:
                 pass
@@ -247,7 +260,7 @@ class LocalDeployment:
             proc.stop()
             if code is None:
                 raise DeploymentError(
-                    f"{name} did not listen on {LOOPBACK}:{port} within "
+                    f"{name} did not listen on {self.dial_host}:{port} within "
                     f"{self.startup_timeout:.0f} s:\n{last_log}"
                 )
             if "address already in use" not in last_log.lower():
@@ -266,7 +279,7 @@ class LocalDeployment:
             args = [
                 flower_executable("flower-superlink"),
                 "--host",
-                LOOPBACK,
+                self.host,
                 "--port",
                 str(port),
                 "--disable-runtime-dependency-installation",
@@ -345,7 +358,7 @@ class LocalDeployment:
                 "--superlink",
                 self.address,
                 "--host",
-                LOOPBACK,
+                self.host,
                 "--port",
                 str(port),
                 *self._tls_client_args(),
@@ -365,7 +378,7 @@ class LocalDeployment:
                 f"supernode {name}", argv, base / "flwr-home", base, base / "supernode.log"
             )
         else:
-            port = free_port()
+            port = free_port(self.host)
             proc = self._spawn(
                 f"supernode {name}", argv(port), base / "flwr-home", base, base / "supernode.log"
             )

@@ -8,10 +8,16 @@ Every certificate is issued by one deployment CA and names exactly one principal
   ``requester`` and ``subject`` is the modality for an owner, the principal's name otherwise
   (this URI is authoritative; :mod:`jacfusion_fed.rpc.auth` reads it);
 * the subject ``CN=<name>, OU=<role>, O=jacfusion`` (human-readable; must agree with the URI);
-* SANs ``DNS:localhost`` and ``IP:127.0.0.1`` (gRPC and Flower's SuperLink verify them), plus a
-  role-specific DNS name, :func:`owner_server_name` (``<modality>.owner.jacfusion.internal``)
-  for owners and ``coordinator.jacfusion.internal`` for the coordinator, so a client can
-  require *which* server it reaches (gRPC option ``grpc.ssl_target_name_override``).
+* host SANs (DNS names, IP addresses) for the machine the principal runs on. Flower checks
+  them: a SuperNode (and the SuperLink's own SuperExec) verifies that the SuperLink's
+  certificate names the address it dials. Each principal gets only its own hosts
+  (``host_map``) plus the ones shared by all (``hosts``; ``localhost`` and ``127.0.0.1`` by
+  default: the single-machine form);
+* a fixed role-specific DNS name, :func:`owner_server_name`
+  (``<modality>.owner.jacfusion.internal``) for owners and ``coordinator.jacfusion.internal``
+  for the coordinator. Our own gRPC clients check *this* name, never the host they dial
+  (gRPC option ``grpc.ssl_target_name_override``), so they work across hosts whatever the
+  host SANs say, and a client can require *which* server it reaches.
 
 Owner and coordinator certificates are valid for TLS server and client authentication
 (owners serve ``ModalityService`` and are Flower SuperNodes; the coordinator serves
@@ -26,11 +32,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +46,21 @@ from jacfusion_fed.privacy._fileio import (
     PUBLIC_MODE,
     ensure_private_dir,
     write_file_atomic,
+)
+from jacfusion_fed.privacy.cert_names import (
+    COORDINATOR_SERVER_NAME,
+    DEFAULT_HOSTS,
+    MODALITY_NAME_RE,
+    ROLES,
+    URI_SCHEME,
+    Role,
+    certificate_identity,
+    load_certificate,
+    owner_server_name,
+    role_uri,
+    validate_host,
+    validate_modality_name,
+    validate_principal_name,
 )
 
 __all__ = [
@@ -61,50 +80,12 @@ __all__ = [
     "load_certificate",
     "owner_server_name",
     "role_uri",
+    "validate_host",
     "validate_modality_name",
     "write_credentials",
 ]
 
-Role = Literal["owner", "coordinator", "requester"]
-ROLES: tuple[Role, ...] = ("owner", "coordinator", "requester")
-URI_SCHEME = "jacfusion"
-DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
-MODALITY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-COORDINATOR_SERVER_NAME = "coordinator.jacfusion.internal"
 _ORG = "jacfusion"
-
-
-def validate_modality_name(modality: str) -> str:
-    """Return ``modality`` if it is a valid modality name, else raise ``ValueError``."""
-    if not isinstance(modality, str) or not MODALITY_NAME_RE.match(modality):
-        raise ValueError(
-            f"invalid modality name {modality!r}: must match {MODALITY_NAME_RE.pattern} "
-            "(lowercase letters, digits, '_' and '-'; it becomes a DNS label)"
-        )
-    return modality
-
-
-def _validate_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"invalid principal name {name!r}: must match {_NAME_RE.pattern}")
-    return name
-
-
-def owner_server_name(modality: str) -> str:
-    """The DNS SAN an owner's certificate carries for its modality.
-
-    A coordinator connecting to the owner of ``modality`` sets this as the TLS target name,
-    so gRPC refuses any server whose certificate was issued for another modality.
-    """
-    return f"{validate_modality_name(modality)}.owner.jacfusion.internal"
-
-
-def role_uri(role: Role, subject: str) -> str:
-    """``jacfusion://<role>/<subject>`` (subject = modality for owners, else the name)."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-    return f"{URI_SCHEME}://{role}/{subject}"
 
 
 def _now() -> dt.datetime:
@@ -249,13 +230,14 @@ class CertificateAuthority:
             name: the principal's name (CN), e.g. ``"cardiology"``.
             modality: required for owners (and only for them).
             days: validity from now (ignored when ``not_after`` is given).
-            hosts: DNS names / IP addresses put in the SAN, besides the role's own names.
+            hosts: DNS names / IP addresses put in the SAN, besides the role's own fixed
+                name (each checked by :func:`validate_host`).
             expired: issue a certificate that expired yesterday (for tests).
             not_before, not_after: explicit validity window.
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-        _validate_name(name)
+        validate_principal_name(name)
         if role == "owner":
             if modality is None:
                 raise ValueError("an owner certificate needs a modality")
@@ -272,7 +254,7 @@ class CertificateAuthority:
             end = not_after or (start + dt.timedelta(days=days))
         key = _new_key()
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(role_uri(role, subject))]
-        extra_hosts = list(hosts)
+        extra_hosts = [validate_host(h) for h in hosts]
         if role == "owner":
             extra_hosts.append(owner_server_name(subject))
         elif role == "coordinator":
@@ -323,52 +305,6 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
         return IssuedCertificate(cert, key)
-
-
-def load_certificate(data: bytes | str | Path) -> x509.Certificate:
-    """Load a certificate from PEM/DER bytes or a file path."""
-    if isinstance(data, (str, Path)):
-        data = Path(data).read_bytes()
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_certificate(data)
-    return x509.load_der_x509_certificate(data)
-
-
-def certificate_identity(cert: x509.Certificate) -> tuple[Role, str, str | None]:
-    """``(role, name, modality)`` named by a certificate; ``ValueError`` if ambiguous/missing.
-
-    The role and modality come from the single ``jacfusion://`` SAN URI; the name from the CN.
-    The subject's OU, when present, must equal the role.
-    """
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    except x509.ExtensionNotFound:
-        uris = []
-    ours = [u for u in uris if u.startswith(f"{URI_SCHEME}://")]
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else ""
-    if len(ours) != 1:
-        raise ValueError(
-            f"certificate CN={cn!r} must carry exactly one {URI_SCHEME}:// SAN URI, "
-            f"found {len(ours)}"
-        )
-    rest = ours[0][len(URI_SCHEME) + 3 :]
-    role, _, subject = rest.partition("/")
-    if role not in ROLES or not subject or "/" in subject:
-        raise ValueError(f"certificate CN={cn!r}: malformed role URI {ours[0]!r}")
-    ous = [
-        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    ]
-    if ous and ous != [role]:
-        raise ValueError(f"certificate CN={cn!r}: OU {ous} disagrees with role URI {ours[0]!r}")
-    if not cn:
-        raise ValueError(f"certificate with role URI {ours[0]!r} has no common name")
-    if role == "owner":
-        return role, cn, validate_modality_name(subject)
-    if subject != cn:
-        raise ValueError(f"certificate CN={cn!r} disagrees with role URI {ours[0]!r}")
-    return role, cn, None
 
 
 @dataclass(frozen=True)
@@ -431,6 +367,7 @@ def generate_deployment_certs(
     days: int = 365,
     ca_days: int = 3650,
     hosts: Sequence[str] = DEFAULT_HOSTS,
+    host_map: Mapping[str, Sequence[str]] | None = None,
     ca: CertificateAuthority | None = None,
 ) -> DeploymentCerts:
     """Create a CA and every certificate and key of a deployment under ``out_dir``.
@@ -461,7 +398,12 @@ def generate_deployment_certs(
         requesters: requester names.
         coordinator: the coordinator's name (CN).
         days: validity of the leaf certificates; ``ca_days`` of the CA.
-        hosts: DNS names / IPs in every certificate's SAN (default localhost, 127.0.0.1).
+        hosts: DNS names / IPs in every certificate's SAN (default localhost, 127.0.0.1: the
+            single-machine form; pass ``()`` for a multi-host deployment).
+        host_map: principal name -> its own DNS names / IPs (the machine it runs on), added
+            to that principal's certificate only. The coordinator's must name every address
+            the SuperLink is dialled at: the one in the owners' ``--superlink`` and the one it
+            binds (its SuperExec dials ``--host``, or 127.0.0.1 when that is 0.0.0.0).
         ca: an existing CA to issue from (default: a new one, written to ``ca/``).
     """
     out_dir = Path(out_dir)
@@ -470,6 +412,15 @@ def generate_deployment_certs(
     names = [*owners, coordinator, *requesters]
     if len(set(names)) != len(names):
         raise ValueError(f"principal names must be unique, got {names}")
+    own_hosts = {k: [validate_host(h) for h in v] for k, v in (host_map or {}).items()}
+    unknown = sorted(set(own_hosts) - set(names))
+    if unknown:
+        raise ValueError(f"hosts given for unknown principals {unknown}; known: {names}")
+    shared = [validate_host(h) for h in hosts]
+
+    def hosts_of(name: str) -> list[str]:
+        return list(dict.fromkeys([*shared, *own_hosts.get(name, [])]))
+
     ensure_private_dir(out_dir)
     ca = ca or CertificateAuthority.create(days=ca_days)
     ca_dir = out_dir / "ca"
@@ -488,13 +439,14 @@ def generate_deployment_certs(
                 "name": name,
                 "modality": modality,
                 "dir": directory.relative_to(out_dir).as_posix(),
+                "hosts": hosts_of(name),
                 "fingerprint_sha256": issued.certificate.fingerprint(hashes.SHA256()).hex(),
                 "not_after": issued.certificate.not_valid_after_utc.isoformat(),
             }
         )
 
     coord_dir = out_dir / "coordinator"
-    issued = ca.issue("coordinator", coordinator, days=days, hosts=hosts)
+    issued = ca.issue("coordinator", coordinator, days=days, hosts=hosts_of(coordinator))
     write_credentials(coord_dir, issued, ca)
     record(issued, coord_dir, "coordinator", coordinator)
 
@@ -502,7 +454,7 @@ def generate_deployment_certs(
     ensure_private_dir(out_dir / "owners")
     for name, modality in owners.items():
         directory = out_dir / "owners" / name
-        issued = ca.issue("owner", name, modality=modality, days=days, hosts=hosts)
+        issued = ca.issue("owner", name, modality=modality, days=days, hosts=hosts_of(name))
         write_credentials(directory, issued, ca)
         keys = generate_supernode_auth_keys()
         write_file_atomic(directory / "supernode_auth.key", keys.private_openssh, PRIVATE_MODE)
@@ -515,7 +467,7 @@ def generate_deployment_certs(
         ensure_private_dir(out_dir / "requesters")
     for name in requesters:
         directory = out_dir / "requesters" / name
-        issued = ca.issue("requester", name, days=days, hosts=hosts)
+        issued = ca.issue("requester", name, days=days, hosts=hosts_of(name))
         write_credentials(directory, issued, ca)
         requester_dirs[name] = directory
         record(issued, directory, "requester", name)

@@ -62,11 +62,11 @@ def run_load_bench(
         start_deployment,
         wait_serving,
     )
+    from jacfusion_fed.rpc.channels import connect_coordinator
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles
     from jacfusion_fed.server.fusion_service import options_to_proto
     from jacfusion_fed.server.predict_types import PredictOptions
-    from jacfusion_fed.server.serve import connect_coordinator
 
     data_cfg = ServeBenchConfig(
         samples=cfg.samples, classes=cfg.classes, features=cfg.features, seed=cfg.seed

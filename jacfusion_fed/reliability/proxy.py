@@ -60,15 +60,22 @@ def _rst(writer: asyncio.StreamWriter) -> None:
 
 
 class FaultProxy:
-    """A TCP proxy from ``127.0.0.1:port`` to ``upstream`` with switchable faults.
+    """A TCP proxy from ``host:port`` to ``upstream`` with switchable faults.
 
     Args:
         upstream: ``host:port`` to forward to.
+        host: address to listen on (checked by :func:`jacfusion_fed.rpc.bind.check_bind_host`).
         port: local port (0 picks a free one; see :attr:`port` / :attr:`target`).
         seed: seed of the chunk-dropping draws.
     """
 
-    def __init__(self, upstream: str, *, port: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, upstream: str, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0
+    ) -> None:
+        from jacfusion_fed.rpc.bind import check_bind_host, connect_host
+
+        self.host = check_bind_host(host, what="fault proxy")
+        self._dial_host = connect_host(self.host)
         host, sep, up_port = upstream.rpartition(":")
         if not sep or not up_port.isdigit():
             raise ValueError(f"upstream {upstream!r} must be host:port")
@@ -92,7 +99,7 @@ class FaultProxy:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self._dial_host}:{self.port}"
 
     def start(self) -> FaultProxy:
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
@@ -117,7 +124,7 @@ class FaultProxy:
         self._flowing.set()
         try:
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", self._want_port)
+                asyncio.start_server(self._handle, self.host, self._want_port)
             )
         except OSError as exc:
             self._error = exc

@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .auth import AuthInterceptor, Principal, Role, RpcPolicy, check_own_certificate
+from .bind import check_bind_host
 from .tls import (
     DEFAULT_HOST,
     Insecure,
@@ -47,7 +48,6 @@ from .tls import (
     TlsFiles,
     TransportOptions,
     create_server,
-    is_loopback,
     is_wildcard,
 )
 
@@ -150,12 +150,6 @@ class ServiceHandle:
         self.rpc.wait()
 
 
-def _warn_if_not_loopback(host: str) -> None:
-    if not is_loopback(host):
-        where = "every interface of this machine" if is_wildcard(host) else host
-        log.warning("binding %s: not loopback, reachable from other machines on %s", host, where)
-
-
 def start_server(
     security: Security,
     *,
@@ -202,7 +196,7 @@ def start_server(
         options=options,
         allow_all_interfaces=wildcard,
     )
-    _warn_if_not_loopback(host)
+    check_bind_host(host, what=services[0] if services else "gRPC server")
     add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     running = RunningServer(server, bound, host, health_servicer, tuple(services))

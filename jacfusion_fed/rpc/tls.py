@@ -199,7 +199,7 @@ def channel_options(
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is ``localhost`` or a loopback IP address."""
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

@@ -10,13 +10,26 @@ A payload holds the head as float64 little-endian: the Gram matrix (K x K) for
 owner, model version, K, H, class counts and the registration time. Writes are atomic, reads
 verified: a damaged current entry raises :class:`~jacfusion_fed.store.atomic.CorruptFileError`
 (the registry never silently falls back to an older head).
+
+Shared by several processes (coordinator replicas on one directory, e.g. a shared volume with
+POSIX locks): a registration holds an exclusive ``flock`` on ``root/.registry.lock`` while it
+re-reads the current entries, checks K and the owner against them, picks the next sequence
+number and renames its verified file into place, so two replicas registering at once get
+sequences N and N+1 (or the second sees the first's identical head and adds nothing), never
+one overwriting the other. Readers take no lock: every entry appears by an atomic rename and
+is never rewritten, and every read lists the directory again, so a replica sees another's
+registration on its next read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import os
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +49,7 @@ HeadKind = Literal["gram", "full"]
 _MODALITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _ENTRY_RE = re.compile(r"^(\d{8})\.head$")
 _F8 = np.dtype("<f8")
+_LOCK_NAME = ".registry.lock"
 
 
 def _check_modality(modality: str) -> str:
@@ -65,6 +79,7 @@ class HeadRecord:
     registered_at: dt.datetime
     sequence: int
     gram: np.ndarray | None = field(default=None, repr=False)
+    class_names: tuple[str, ...] = ()
     weight: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
 
@@ -90,13 +105,37 @@ class HeadRecord:
 class HeadRegistry:
     """Per-modality heads known to the coordinator (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, lock_timeout_s: float = 30.0) -> None:
         self.root = Path(root)
         self._heads = self.root / "heads"
         self._heads.mkdir(parents=True, exist_ok=True)
-        for d in self._heads.iterdir():
-            if d.is_dir():
-                remove_stale_temp_files(d)
+        self.lock_timeout_s = lock_timeout_s
+        # Under the lock: another replica's half-written temp file is never removed.
+        with self._locked():
+            for d in self._heads.iterdir():
+                if d.is_dir():
+                    remove_stale_temp_files(d)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive across processes (``flock``); ``TimeoutError`` after ``lock_timeout_s``."""
+        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"head registry {self.root} stayed locked for "
+                            f"{self.lock_timeout_s:g} s (another coordinator stuck?)"
+                        ) from None
+                    time.sleep(0.005)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def _dir(self, modality: str) -> Path:
         return self._heads / _check_modality(modality)
@@ -124,6 +163,7 @@ class HeadRegistry:
         bias: Any = None,
         registered_at: dt.datetime | None = None,
         allow_owner_change: bool = False,
+        class_names: Sequence[str] = (),
     ) -> HeadRecord:
         """Record a new head for ``modality`` and return it.
 
@@ -131,7 +171,8 @@ class HeadRegistry:
         length K) must be given. K must equal that of the other registered modalities.
         Registering the same owner, version and head again returns the current record
         without adding history. A different owner for a known modality is refused unless
-        ``allow_owner_change``.
+        ``allow_owner_change``. ``class_names`` (K names, or none) are kept with the head, so
+        every coordinator reading this registry labels classes the same way.
         """
         _check_modality(modality)
         if not owner:
@@ -165,6 +206,29 @@ class HeadRegistry:
             raise ValueError(f"a head needs K >= 2 classes, got {k}")
         if len(counts) != k:
             raise ValueError(f"class_counts must have length K={k}, got {len(counts)}")
+        names = tuple(str(n) for n in class_names)
+        if names and len(names) != k:
+            raise ValueError(f"class_names must have length K={k}, got {len(names)}")
+        with self._locked():  # re-read and write as one step across replicas
+            return self._register_locked(
+                modality, owner, model_version, counts, k, g, w, b, registered_at,
+                allow_owner_change, names,
+            )  # fmt: skip
+
+    def _register_locked(
+        self,
+        modality: str,
+        owner: str,
+        model_version: str,
+        counts: tuple[int, ...],
+        k: int,
+        g: np.ndarray | None,
+        w: np.ndarray | None,
+        b: np.ndarray | None,
+        registered_at: dt.datetime | None,
+        allow_owner_change: bool,
+        names: tuple[str, ...] = (),
+    ) -> HeadRecord:
         for other, rec in self.current().items():
             if other != modality and rec.num_classes != k:
                 raise ValueError(
@@ -183,6 +247,7 @@ class HeadRegistry:
                 latest.owner == owner
                 and latest.model_version == model_version
                 and latest.class_counts == counts
+                and (not names or latest.class_names == names)
                 and _same(latest.gram, g)
                 and _same(latest.weight, w)
                 and _same(latest.bias, b)
@@ -199,6 +264,7 @@ class HeadRegistry:
             "feature_dim": None if w is None else int(w.shape[1]),
             "head_kind": "gram" if g is not None else "full",
             "class_counts": list(counts),
+            "class_names": list(names),
             "registered_at": when.isoformat(),
             "sequence": sequence,
         }
@@ -239,6 +305,7 @@ class HeadRegistry:
                 class_counts=tuple(int(c) for c in meta["class_counts"]),
                 registered_at=dt.datetime.fromisoformat(meta["registered_at"]),
                 sequence=sequence,
+                class_names=tuple(str(n) for n in meta.get("class_names", [])),
                 gram=g,
                 weight=w,
                 bias=b,
