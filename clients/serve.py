@@ -30,6 +30,9 @@ from jacfusion_fed.rpc.auth import (
     RpcPolicy,
     check_own_certificate,
 )
+from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.metrics import watch_owner
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Insecure,
@@ -66,6 +69,7 @@ class OwnerServer:
     host: str
     servicer: ModalityServicer
     health: health.HealthServicer
+    guard: ServerGuard | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -76,6 +80,8 @@ class OwnerServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.guard is not None:
+            self.guard.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -127,6 +133,8 @@ def serve_owner(
     stream_chunk: int = DEFAULT_STREAM_CHUNK,
     use_logit_cache: bool = True,
     health_interval: float = 1.0,
+    metrics_port: int | None = None,
+    limits: PeerLimits | None = None,
 ) -> OwnerServer:
     """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
 
@@ -143,6 +151,8 @@ def serve_owner(
         max_batch, max_stream_batch, stream_chunk: see :class:`ModalityServicer`.
         use_logit_cache: answer from the per-version logit cache (default).
         health_interval: seconds between checks for a current model.
+        metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
+        limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
@@ -171,14 +181,17 @@ def serve_owner(
         stream_chunk=stream_chunk,
         use_logit_cache=use_logit_cache,
     )
+    guard = ServerGuard.create("owner", max_workers, options, limits)
     server, bound = create_server(
         security,
         host=host,
         port=port,
-        max_workers=max_workers,
-        interceptors=[interceptor],
-        options=options,
+        max_workers=guard.pool,
+        interceptors=[guard.interceptor, interceptor],
+        options=guard.options,
     )
+    watch_owner(guard.metrics, workspace, name)
+    guard.serve_metrics(metrics_port)
     from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 
     modality_pb2_grpc.add_ModalityServiceServicer_to_server(servicer, server)
@@ -194,7 +207,7 @@ def serve_owner(
         ),
         server,
     )
-    running = OwnerServer(server, bound, host, servicer, health_servicer)
+    running = OwnerServer(server, bound, host, servicer, health_servicer, guard)
     server.start()
     threading.Thread(
         target=_poll_health,

@@ -26,7 +26,10 @@ from jacfusion_fed.rpc.auth import (
     RpcPolicy,
     check_own_certificate,
 )
+from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
+from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.metrics import watch_coordinator
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Insecure,
@@ -65,6 +68,7 @@ class CoordinatorServer:
     host: str
     coordinator: Coordinator
     health: health.HealthServicer
+    guard: ServerGuard | None = None
 
     @property
     def target(self) -> str:
@@ -74,6 +78,8 @@ class CoordinatorServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.coordinator.close()
+        if self.guard is not None:
+            self.guard.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -88,6 +94,8 @@ def serve_coordinator(
     max_workers: int = 16,
     options: TransportOptions | None = None,
     sync: bool = True,
+    metrics_port: int | None = None,
+    limits: PeerLimits | None = None,
 ) -> CoordinatorServer:
     """Start serving ``FusionService`` for ``coordinator``.
 
@@ -100,6 +108,8 @@ def serve_coordinator(
         max_workers: handler threads (each Predict holds one while the owners answer).
         options: message-size and keepalive settings.
         sync: start the coordinator's background owner sync.
+        metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
+        limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
 
     Raises:
         ValueError: the certificate is not a coordinator certificate.
@@ -113,10 +123,13 @@ def serve_coordinator(
         security = security if isinstance(security, TlsFiles) else TlsFiles.from_dir(security)
         check_own_certificate(security, "coordinator")
         interceptor = AuthInterceptor(fusion_policy())
+    guard = ServerGuard.create("coordinator", max_workers, options, limits)
     server, bound = create_server(
-        security, host=host, port=port, max_workers=max_workers,
-        interceptors=[interceptor], options=options,
+        security, host=host, port=port, max_workers=guard.pool,
+        interceptors=[guard.interceptor, interceptor], options=guard.options,
     )  # fmt: skip
+    watch_coordinator(guard.metrics, coordinator)
+    guard.serve_metrics(metrics_port)
     fusion_pb2_grpc.add_FusionServiceServicer_to_server(FusionServicer(coordinator), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
 
@@ -147,7 +160,7 @@ def serve_coordinator(
         "coordinator serving FusionService on %s:%d for modalities %s",
         host, bound, ", ".join(coordinator.modalities),
     )  # fmt: skip
-    return CoordinatorServer(server, bound, host, coordinator, health_servicer)
+    return CoordinatorServer(server, bound, host, coordinator, health_servicer, guard)
 
 
 def connect_coordinator(
