@@ -2,9 +2,11 @@
 
 gRPC's own clients keep reading their socket whatever the application does, so they cannot
 stall a server. :class:`StallingClient` speaks just enough HTTP/2 over mTLS to start calls
-and then stops reading at the TCP level: it advertises the largest flow-control windows, so
-the server pushes replies until the kernel's socket buffers are full and its writes block.
-This is what a crashed-but-connected client, a frozen process, or an attacker looks like.
+and then stops reading at the TCP level. It never sends a WINDOW_UPDATE, so the server can
+write at most the HTTP/2 flow-control window (``window``, 64 KiB by default, per stream and per
+connection) before its writes block; with a large ``window`` the server writes on until the
+kernel's socket buffers are full (a few MB on loopback). This is what a crashed-but-connected
+client, a frozen process, or an attacker looks like.
 
 Only what the tests need is implemented: the client preface, SETTINGS, WINDOW_UPDATE, and per
 call one HEADERS frame (HPACK literals without Huffman coding) plus one DATA frame carrying the
@@ -71,11 +73,20 @@ class StallingClient:
         tls: the client's certificate files (a requester's, to get past authorisation).
         server_name: the TLS name to check in the server certificate.
         recv_buffer: ``SO_RCVBUF`` of the socket; small, so the stall starts early.
+        window: the flow-control window announced for each stream and for the connection.
     """
 
     def __init__(
-        self, target: str, tls: TlsFiles, server_name: str, *, recv_buffer: int = 4096
+        self,
+        target: str,
+        tls: TlsFiles,
+        server_name: str,
+        *,
+        recv_buffer: int = 4096,
+        window: int = 65_535,
     ) -> None:
+        if not 0 <= window <= _MAX_WINDOW:
+            raise ValueError(f"window must be in 0..{_MAX_WINDOW}, got {window}")
         host, _, port = target.rpartition(":")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(cafile=str(tls.ca_cert))
@@ -88,11 +99,16 @@ class StallingClient:
         self.sock = ctx.wrap_socket(raw, server_hostname=server_name)
         self.authority = server_name
         self._next_stream = 1
-        settings = struct.pack(">HI", 0x2, 0) + struct.pack(">HI", 0x4, _MAX_WINDOW)
+        settings = struct.pack(">HI", 0x2, 0) + struct.pack(">HI", 0x4, window)
+        grow = (
+            _frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", window - 65_535))
+            if window > 65_535
+            else b""
+        )
         self.sock.sendall(
             _PREFACE
             + _frame(_SETTINGS, 0, 0, settings)
-            + _frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", _MAX_WINDOW - 65_535))
+            + grow
             # Acknowledge the server's SETTINGS without reading them (it sends them first).
             + _frame(_SETTINGS, _ACK, 0, b"")
         )
