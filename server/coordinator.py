@@ -753,7 +753,19 @@ class Coordinator:
             except grpc.RpcError as exc:
                 for _s, _e, other in gathered.calls[name]:
                     other.cancel()  # not started yet: no need to ask any more
-                raise _rpc_failure(name, target, exc) from exc
+                failure = _rpc_failure(name, target, exc)
+                if (
+                    failure.code == grpc.StatusCode.UNAVAILABLE
+                    and owner.last_error.startswith("PERMISSION_DENIED: ")
+                ):
+                    # The pinned handshake fails (UNAVAILABLE to gRPC) because the server
+                    # holds another certificate, as the sync's identity check found; say so
+                    # (fusion.proto: PERMISSION_DENIED), not only in the log.
+                    failure = _OwnerFailure(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        owner.last_error.removeprefix("PERMISSION_DENIED: "),
+                    )
+                raise failure from exc
             except Exception as exc:  # e.g. the pool or channel shut down
                 raise _OwnerFailure(
                     grpc.StatusCode.UNAVAILABLE, f"owner of {name!r} at {target}: {exc!r}"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from helpers_services import MODALITIES, Fed, build_fed, rpc_error
+from prometheus_client.parser import text_string_to_metric_families
 
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
@@ -98,9 +98,11 @@ def test_request_counters_and_latency_move(servers: Servers) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
     after = scrape(endpoint.url)
     ok = {"method": PREDICT, "code": "OK"}
-    assert sample(after, "jacfusion_rpc_requests_total", **ok) - sample(
-        before, "jacfusion_rpc_requests_total", **ok
-    ) == 3
+    assert (
+        sample(after, "jacfusion_rpc_requests_total", **ok)
+        - sample(before, "jacfusion_rpc_requests_total", **ok)
+        == 3
+    )
     nf = {"method": PREDICT, "code": "NOT_FOUND"}
     assert sample(after, "jacfusion_rpc_requests_total", **nf) == 1 + sample(
         before, "jacfusion_rpc_requests_total", **nf
@@ -108,7 +110,9 @@ def test_request_counters_and_latency_move(servers: Servers) -> None:
     count = "jacfusion_rpc_latency_seconds_count"
     assert sample(after, count, method=PREDICT) - sample(before, count, method=PREDICT) == 4
     fusions = "jacfusion_fusion_seconds_count"
-    assert sample(after, fusions, method="jacobian") >= sample(before, fusions, method="jacobian") + 3
+    assert (
+        sample(after, fusions, method="jacobian") >= sample(before, fusions, method="jacobian") + 3
+    )
     for m in MODALITIES:
         assert sample(after, "jacfusion_owner_up", modality=m) == 1
         version = servers.fed.workspaces[m].current_version()

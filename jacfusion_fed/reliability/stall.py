@@ -33,9 +33,12 @@ _MAX_WINDOW: Final = 2**31 - 1
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(
-        ">I", stream & 0x7FFFFFFF
-    ) + payload
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream & 0x7FFFFFFF)
+        + payload
+    )
 
 
 def _hpack_int(value: int, prefix_bits: int) -> bytes:

@@ -59,7 +59,7 @@ LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 
 
-class _Callback(Collector):  # type: ignore[misc]
+class _Callback(Collector):
     """A collector that asks for its samples at scrape time."""
 
     def __init__(self, produce: Callable[[], Iterable[Metric]]) -> None:
