@@ -186,3 +186,13 @@ def test_metrics_endpoint_is_loopback_only_and_per_instance() -> None:
             MetricsEndpoint(two, endpoint.port)  # port in use
     finally:
         endpoint.close()
+
+
+def test_documented_scrape_matches_the_sample() -> None:
+    """Every line of the excerpt in docs/reliability.md is in the committed sample scrape."""
+    doc = (SAMPLE.parent.parent / "reliability.md").read_text()
+    excerpt = doc.split("`docs/results/metrics-sample.prom`; an excerpt:", 1)[1]
+    lines = excerpt.split("```text\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(lines) >= 10
+    have = set(SAMPLE.read_text().splitlines())
+    assert [line for line in lines if line not in have] == []
