@@ -86,8 +86,10 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_request_counters_and_latency_move(servers: Servers) -> None:
-    endpoint = servers.coordinator.guard.endpoint  # type: ignore[union-attr]
-    assert endpoint is not None and endpoint.host == "127.0.0.1"
+    guard = servers.coordinator.guard
+    assert guard is not None and guard.endpoint is not None
+    endpoint = guard.endpoint
+    assert endpoint.host == "127.0.0.1"
     before = scrape(endpoint.url)
     stub = servers.stub()
     request = fusion_pb2.PredictRequest(sample_ids=servers.fed.ids[:4])

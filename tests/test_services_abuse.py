@@ -94,7 +94,7 @@ def test_stalled_streams_of_one_requester_do_not_lock_out_another(fed: Fed) -> N
         request = fusion_pb2.PredictStreamRequest(sample_ids=fed.ids[:4])
         code, details = rpc_error(lambda: list(alice.PredictStream(request, timeout=TIMEOUT)))
         assert "requester 'alice'" in details, details
-        return code.name
+        return str(code.name)
 
     message = fusion_pb2.PredictStreamRequest(
         sample_ids=_padded(fed), chunk_size=1024,

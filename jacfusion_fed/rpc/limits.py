@@ -59,7 +59,7 @@ EXEMPT_PREFIXES: Final = ("/grpc.health.v1.Health/",)
 class PeerLimits:
     """Per-peer limits of one server (see the module docstring).
 
-    ``None`` limits are derived from the server's ``max_workers`` by :meth:`for_workers`.
+    :meth:`for_workers` derives them from the server's ``max_workers``.
     """
 
     max_calls_per_peer: int
