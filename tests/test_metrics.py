@@ -7,6 +7,7 @@ to ``docs/results/metrics-sample.prom`` (quoted in docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.request
@@ -20,7 +21,9 @@ from helpers_services import MODALITIES, Fed, build_fed, rpc_error
 from prometheus_client.parser import text_string_to_metric_families
 
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
-from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
+from jacfusion_fed.privacy.certs import owner_server_name
+from jacfusion_fed.reliability.stall import StallingClient
+from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import MetricsEndpoint, ServiceMetrics
 from jacfusion_fed.rpc.tls import TransportOptions
@@ -198,3 +201,46 @@ def test_documented_scrape_matches_the_sample() -> None:
     assert len(lines) >= 10
     have = set(SAMPLE.read_text().splitlines())
     assert [line for line in lines if line not in have] == []
+
+
+def test_unanswered_pings_drop_a_peer_that_stopped_reading(servers: Servers) -> None:
+    """A peer that stops reading never acknowledges the server's pings (keepalive, or the
+    BDP probe sent once data flows): ``keepalive_timeout_ms`` after the first unanswered one
+    the connection is closed, which ends its stalled stream, here long before the 600 s
+    stall timeout (with the default 20 s timeout, about 20 s after the first ping)."""
+    owner = serve_owner(
+        servers.fed.workspaces["audio"], servers.fed.owner_tls("audio"),
+        options=TransportOptions(keepalive_time_ms=1000, keepalive_timeout_ms=1000,
+                                 server_min_ping_interval_ms=1000),
+        limits=PeerLimits.for_workers(8, stall_timeout_s=600.0),
+    )  # fmt: skip
+    guard = owner.guard
+    assert guard is not None
+    peer = "coordinator 'coordinator'"
+    ids = servers.fed.ids + [f"{i:064x}" for i in range(2000)]
+    message = modality_pb2.StreamLogitsRequest(sample_ids=ids, chunk_size=64)
+    staller = StallingClient(owner.target, servers.fed.coordinator_tls, owner_server_name("audio"))
+    try:
+        staller.start("/jacfusion.v1.ModalityService/StreamLogits", message.SerializeToString())
+        deadline = time.monotonic() + 10
+        while guard.metrics.value("jacfusion_rpc_in_flight", {"peer": peer}) != 1:
+            assert time.monotonic() < deadline, guard.metrics.scrape()
+            time.sleep(0.02)
+        stalled = time.monotonic()
+        while guard.metrics.value("jacfusion_rpc_in_flight", {"peer": peer}):
+            assert time.monotonic() < deadline, guard.metrics.scrape()
+            time.sleep(0.05)
+        assert time.monotonic() - stalled < 5
+        cancelled = {"method": "/jacfusion.v1.ModalityService/StreamLogits", "code": "CANCELLED"}
+        assert guard.metrics.value("jacfusion_rpc_requests_total", cancelled) == 1
+        reason = {"peer": peer, "reason": "stalled"}
+        assert (
+            guard.metrics.value("jacfusion_rpc_refused_total", reason) is None
+        )  # not the watchdog
+        staller.sock.settimeout(5)
+        with contextlib.suppress(ConnectionError):
+            while staller.sock.recv(1 << 16):
+                pass  # the connection ends: EOF or reset
+    finally:
+        staller.close()
+        owner.stop(None)
