@@ -31,7 +31,12 @@ from jacfusion_fed.privacy.certs import (
     write_credentials,
 )
 from jacfusion_fed.reliability.abuse import StallResult, measure_stall
-from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
+from jacfusion_fed.rpc.jacfusion.v1 import (
+    fusion_pb2,
+    fusion_pb2_grpc,
+    modality_pb2,
+    modality_pb2_grpc,
+)
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
 from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.serve import connect_coordinator
@@ -124,6 +129,15 @@ def test_stalled_streams_against_an_owner(fed: Fed) -> None:
     """The coordinator's certificate stalls StreamLogits on the audio owner; Predict still
     uses both owners and the owner's health answers."""
     target = fed.owner_targets["audio"]
+    channel = create_channel(target, fed.coordinator_tls, server_name=owner_server_name("audio"))
+    coordinator = modality_pb2_grpc.ModalityServiceStub(channel)
+
+    def coordinator_again() -> str:
+        request = modality_pb2.StreamLogitsRequest(sample_ids=fed.ids[:4])
+        code, details = rpc_error(lambda: list(coordinator.StreamLogits(request, timeout=TIMEOUT)))
+        assert "coordinator 'coordinator'" in details, details
+        return str(code.name)
+
     message = modality_pb2.StreamLogitsRequest(
         sample_ids=_padded(fed), chunk_size=256
     ).SerializeToString()
@@ -135,14 +149,14 @@ def test_stalled_streams_against_an_owner(fed: Fed) -> None:
         method="/jacfusion.v1.ModalityService/StreamLogits",
         message=message,
         victim_call=_bob(fed),
-        health_channel=create_channel(
-            target, fed.coordinator_tls, server_name=owner_server_name("audio")
-        ),
+        health_channel=channel,
+        abuser_check=coordinator_again,
         streams=STREAMS,
         connections=CONNECTIONS,
     )
     print(json.dumps(result.to_json()))
     _measured["owner"] = result.to_json()
+    assert result.abuser_refused == "RESOURCE_EXHAUSTED"
     _check(result)
 
 
