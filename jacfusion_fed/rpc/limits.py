@@ -362,8 +362,10 @@ class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
             with self._lock:
                 self._streams[id(entry)] = entry
-            # Runs when the call ends in any way, also if gRPC drops the iterator unread.
-            context.add_callback(release)
+            # Runs when the call ends in any way, also if gRPC drops the iterator unread
+            # (a generator never started runs no ``finally``); False: it has ended already.
+            if not context.add_callback(release):
+                release()
             try:
                 replies = inner(request, context)
             except BaseException:  # e.g. refused by the authorisation interceptor
