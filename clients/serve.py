@@ -24,6 +24,9 @@ from jacfusion_fed.rpc.auth import (
     Principal,
     RpcPolicy,
 )
+from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.metrics import watch_owner
 from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
@@ -89,6 +92,8 @@ def serve_owner(
     stream_chunk: int = DEFAULT_STREAM_CHUNK,
     use_logit_cache: bool = True,
     health_interval: float = 1.0,
+    metrics_port: int | None = None,
+    limits: PeerLimits | None = None,
 ) -> OwnerServer:
     """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
 
@@ -106,6 +111,8 @@ def serve_owner(
         max_batch, max_stream_batch, stream_chunk: see :class:`ModalityServicer`.
         use_logit_cache: answer from the per-version logit cache (default).
         health_interval: seconds between checks for a current model.
+        metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
+        limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
@@ -132,6 +139,8 @@ def serve_owner(
     from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc
 
     serving = _has_model(workspace)
+    guard = ServerGuard.create("owner", max_workers, options, limits)
+    watch_owner(guard.metrics, workspace, name)
     rpc = start_server(
         security,
         policy=owner_policy(),
@@ -145,7 +154,9 @@ def serve_owner(
         port=port,
         max_workers=max_workers,
         options=options,
+        guard=guard,
     )
+    guard.serve_metrics(metrics_port)
     running = OwnerServer(rpc, servicer)
     threading.Thread(
         target=_poll_health,

@@ -114,7 +114,7 @@ class FanOut:
             except grpc.RpcError as exc:
                 for _s, _e, other in gathered.calls[name]:
                     other.cancel()  # not started yet: no need to ask any more
-                raise rpc_failure(name, target, exc) from exc
+                raise _known_cause(rpc_failure(name, target, exc), link.last_error) from exc
             except Exception as exc:  # e.g. the pool or channel shut down
                 raise OwnerFailure(
                     grpc.StatusCode.UNAVAILABLE, f"owner of {name!r} at {target}: {exc!r}"
@@ -182,6 +182,16 @@ class FanOut:
             logits[rows] = values
             known[rows] = True
         return Answer(name, head, logits, None if known.all() else known)
+
+
+def _known_cause(failure: OwnerFailure, last_error: str) -> OwnerFailure:
+    """The pinned handshake fails (UNAVAILABLE to gRPC) when the owner holds another
+    certificate, as the sync's identity check found: say so (fusion.proto documents
+    PERMISSION_DENIED), in the status message and not only in the log."""
+    denied = "PERMISSION_DENIED: "
+    if failure.code == grpc.StatusCode.UNAVAILABLE and last_error.startswith(denied):
+        return OwnerFailure(grpc.StatusCode.PERMISSION_DENIED, last_error.removeprefix(denied))
+    return failure
 
 
 def logits_of(name: str, batch: Any, rows: int, k: int, version: str) -> np.ndarray:

@@ -19,7 +19,10 @@ from jacfusion_fed.rpc.auth import (
     Principal,
     RpcPolicy,
 )
+from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
+from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.metrics import watch_coordinator
 from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
@@ -54,6 +57,8 @@ class CoordinatorServer(ServiceHandle):
     def stop(self, grace: float | None = 1.0) -> None:
         super().stop(grace)
         self.coordinator.close()
+        if self.guard is not None:
+            self.guard.close()
 
 
 def serve_coordinator(
@@ -65,6 +70,8 @@ def serve_coordinator(
     max_workers: int = 16,
     options: TransportOptions | None = None,
     sync: bool = True,
+    metrics_port: int | None = None,
+    limits: PeerLimits | None = None,
 ) -> CoordinatorServer:
     """Start serving ``FusionService`` for ``coordinator``.
 
@@ -78,6 +85,8 @@ def serve_coordinator(
         max_workers: handler threads (each Predict holds one while the owners answer).
         options: message-size and keepalive settings.
         sync: start the coordinator's background owner sync.
+        metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
+        limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
 
     Raises:
         ValueError: the certificate is not a coordinator certificate.
@@ -85,6 +94,8 @@ def serve_coordinator(
         OSError: the address cannot be bound.
     """
     security, _ = own_identity(security, "coordinator")
+    guard = ServerGuard.create("coordinator", max_workers, options, limits)
+    watch_coordinator(guard.metrics, coordinator)
     rpc = start_server(
         security,
         policy=fusion_policy(),
@@ -98,7 +109,9 @@ def serve_coordinator(
         port=port,
         max_workers=max_workers,
         options=options,
+        guard=guard,
     )
+    guard.serve_metrics(metrics_port)
     coordinator.on_change(lambda: rpc.set_serving(coordinator.has_heads()))
     if sync:
         coordinator.start_sync()

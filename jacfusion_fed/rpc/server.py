@@ -41,6 +41,7 @@ from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .auth import AuthInterceptor, Principal, Role, RpcPolicy, check_own_certificate
 from .bind import check_bind_host
+from .guard import ServerGuard
 from .tls import (
     DEFAULT_HOST,
     Insecure,
@@ -86,6 +87,7 @@ class RunningServer:
     host: str
     health: health.HealthServicer
     services: tuple[str, ...]
+    guard: ServerGuard | None = None
     _on_stop: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -140,6 +142,10 @@ class ServiceHandle:
         return self.rpc.health
 
     @property
+    def guard(self) -> ServerGuard | None:
+        return self.rpc.guard
+
+    @property
     def target(self) -> str:
         return self.rpc.target
 
@@ -163,6 +169,7 @@ def start_server(
     max_workers: int = 8,
     options: TransportOptions | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    guard: ServerGuard | None = None,
 ) -> RunningServer:
     """Create, configure and start a server (see the module docstring).
 
@@ -177,6 +184,10 @@ def start_server(
         max_workers: handler threads.
         options: message-size and keepalive settings.
         interceptors: run after the auth interceptor.
+        guard: per-peer limits, stalled-stream cancellation and metrics
+            (:class:`~jacfusion_fed.rpc.guard.ServerGuard`): its interceptor runs first, its
+            pool and transport options replace ``max_workers`` and ``options``, and it is
+            closed when the server stops.
 
     Raises:
         PortInUseError: ``port`` is taken (an ``OSError``).
@@ -186,20 +197,24 @@ def start_server(
     auth = AuthInterceptor(
         policy, insecure_principal=insecure_principal if isinstance(security, Insecure) else None
     )
-    wildcard = is_wildcard(host)
+    first: list[grpc.ServerInterceptor] = []
+    if guard is not None:
+        max_workers, options, first = guard.pool, guard.options, [guard.interceptor]
     server, bound = create_server(
         security,
         host=host,
         port=port,
         max_workers=max_workers,
-        interceptors=[auth, *interceptors],
+        interceptors=[*first, auth, *interceptors],
         options=options,
-        allow_all_interfaces=wildcard,
+        allow_all_interfaces=is_wildcard(host),
     )
     check_bind_host(host, what=services[0] if services else "gRPC server")
     add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    running = RunningServer(server, bound, host, health_servicer, tuple(services))
+    running = RunningServer(server, bound, host, health_servicer, tuple(services), guard)
+    if guard is not None:
+        running.on_stop(guard.close)
     running.set_serving(serving)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
