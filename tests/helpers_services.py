@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from helpers_wait import wait_until
 
 from jacfusion_fed.bench.serve import MODALITIES, ServeBenchConfig, make_dataset
 from jacfusion_fed.fusion import (
@@ -172,21 +173,24 @@ class Fed:
         """Until the coordinator has the current head of every owner."""
         stub = self.stub()
         want = {m: ws.current_version() for m, ws in self.workspaces.items()}
-        deadline = time.monotonic() + timeout
-        while True:
+        last: list[object] = ["no answer"]
+
+        def registered() -> fusion_pb2.GetModelInfoResponse | None:
             try:
                 info: fusion_pb2.GetModelInfoResponse = stub.GetModelInfo(
                     fusion_pb2.GetModelInfoRequest(), timeout=TIMEOUT
                 )
-                have = {m.modality: m.model_version for m in info.modalities}
-                if have == want:
-                    return info
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"coordinator has {have}, want {want}")
-            time.sleep(0.1)
+            except grpc.RpcError as exc:
+                last[0] = exc
+                return None
+            have = {m.modality: m.model_version for m in info.modalities}
+            last[0] = have
+            return info if have == want else None
+
+        return wait_until(
+            registered, lambda: f"the coordinator to register {want} (last: {last[0]})",
+            timeout=timeout, interval=0.1,
+        )  # fmt: skip
 
     # --- the library, called directly on the same logits ------------------------------------
 
