@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers_services import MODALITIES, Fed, build_fed
+from helpers_wait import wait_until
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
@@ -119,10 +120,10 @@ def test_damaged_model_pointer_is_reported_and_never_used(
         # The owner's log names the file and what is wrong with it.
         assert f"failed verification: {current}: " in caplog.text
         # Health follows: NOT_SERVING while the pointer is damaged.
-        deadline = time.monotonic() + 10
-        while _health(fed, running.owners["audio"].target) != 2:  # NOT_SERVING
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(
+            lambda: _health(fed, running.owners["audio"].target) == 2,  # NOT_SERVING
+            "the owner's health to turn NOT_SERVING", timeout=10,
+        )  # fmt: skip
     finally:
         current.write_bytes(original)
     got = running.coordinator.predict(ids)
@@ -224,7 +225,10 @@ def test_registry_write_failure_is_clear_and_heals(
     c = r.coordinator
     real = HeadRegistry.register
 
+    attempts: list[str] = []
+
     def full_disk(self: HeadRegistry, *a: Any, **k: Any) -> Any:
+        attempts.append("register")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(HeadRegistry, "register", full_disk)
@@ -235,13 +239,14 @@ def test_registry_write_failure_is_clear_and_heals(
             c.predict(fed.ids[:2])
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         c.start_sync()
-        time.sleep(0.5)
+        tried = len(attempts)  # the background sync meets the full disk twice: it lives on
+        wait_until(lambda: len(attempts) >= tried + 2, "the sync thread to retry registering")
         assert c._sync_thread is not None and c._sync_thread.is_alive()
         monkeypatch.setattr(HeadRegistry, "register", real)
-        deadline = time.monotonic() + 20
-        while not all(c.head(m) is not None for m in MODALITIES):
-            assert time.monotonic() < deadline, "the sync thread did not recover"
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(c.head(m) is not None for m in MODALITIES),
+            "the sync thread to recover", timeout=20,
+        )  # fmt: skip
         got = c.predict(fed.ids[:4])
         assert _reference(fed).classify(fed.ids[:4], got).kind == "correct"
     finally:
@@ -298,7 +303,7 @@ def _kill_while_writing(tmp_path: Path, rounds: int) -> list[tuple[int, int]]:
         )  # fmt: skip
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-            time.sleep(rng.uniform(0.05, 0.6))
+            time.sleep(rng.uniform(0.05, 0.6))  # under test: a random moment to crash at
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)

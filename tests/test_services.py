@@ -11,7 +11,6 @@ import json
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from helpers_services import (
     foreign_certs,
     rpc_error,
 )
+from helpers_wait import wait_until
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
@@ -406,13 +406,20 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
             except BaseException as exc:  # none expected: image still answers
                 errors.append(exc)
 
+    def answered(full: bool, since: int = 0) -> bool:
+        """Whether an answer in full (or a partial one) came after ``seen[since]``."""
+        return bool(errors) or any(
+            all(c.used.all() for c in got.modalities) == full for got in seen[since:]
+        )
+
     worker = threading.Thread(target=hammer)
     worker.start()
     try:
-        time.sleep(1.0)
+        wait_until(lambda: answered(True), "an answer in full before the owner is killed")
         port = int(fed.owner_targets["audio"].rsplit(":", 1)[1])
         fed.procs.kill("owner-audio")
-        time.sleep(1.0)
+        since = len(seen)
+        wait_until(lambda: answered(False, since), "a partial answer after the owner is killed")
     finally:
         stop.set()
         worker.join(30)
@@ -435,13 +442,12 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
     assert "require_all" in details and "'audio'" in details
 
     fed.start_owner("audio", port=port)  # back on the same address: the coordinator recovers
-    deadline = time.monotonic() + 30
-    while True:
+
+    def recovered() -> Any:
         got = predict(fed, ids)
-        if all(c.used.all() for c in got.modalities):
-            break
-        assert time.monotonic() < deadline, "the coordinator did not recover the owner"
-        time.sleep(0.2)
+        return got if all(c.used.all() for c in got.modalities) else None
+
+    got = wait_until(recovered, "the coordinator to recover the owner", timeout=30, interval=0.2)
     np.testing.assert_allclose(got.probabilities, both, rtol=0, atol=TOL)
 
 
