@@ -110,6 +110,7 @@ def test_rerun_loads_cached_models_and_reproduces_numbers(
     assert [r.acc for r in a.rows] == [r.acc for r in b.rows]
 
 
+@pytest.mark.e2e
 def test_parallel_training_workers_and_corrupt_cache_entry(tmp_path: Path) -> None:
     """Two nets trained by two worker subprocesses; a corrupted entry is retrained, not loaded."""
     config = EvaluationConfig(

@@ -39,6 +39,7 @@ K = 4  # the app's default is 3: width-4 logits prove `flwr run -c` reached the 
 MODALITIES = ("audio", "video")
 
 
+@pytest.mark.e2e
 def test_deployment_tls_node_auth_round_trip(tmp_path: Path) -> None:
     t_start = time.perf_counter()
     pki = tmp_path / "pki"
@@ -155,6 +156,7 @@ def test_deployment_refuses_bad_setups(tmp_path: Path) -> None:
     assert "default = 'x'" in (legacy / "pyproject.toml").read_text()
 
 
+@pytest.mark.e2e
 def test_deployment_close_stops_a_running_serverapp(tmp_path: Path) -> None:
     """Closing mid-run (e.g. a failing test) stops the ServerApp too, although Flower's
     SuperLink runs its SuperExec (and so the ServerApp) in a session of its own."""
@@ -182,6 +184,7 @@ def test_deployment_close_stops_a_running_serverapp(tmp_path: Path) -> None:
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.e2e
 def test_deployment_insecure_only_when_asked(tmp_path: Path) -> None:
     with LocalDeployment(tmp_path / "deploy", insecure=True, node_auth=False) as dep:
         link = dep.start_superlink()

@@ -28,7 +28,10 @@ from jacfusion_fed.federation import (  # noqa: E402
     run_simulation_app,
 )
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
 
 K = 4  # not the ClientApp's default (3): logits of width 4 prove the run config got there
 

@@ -36,6 +36,8 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.serve import connect_coordinator
 
+pytestmark = pytest.mark.e2e  # owners and coordinator as processes
+
 OWNER_TIMEOUT = 0.5
 SUMMARY: dict[str, dict[str, Any]] = {}
 

@@ -46,6 +46,8 @@ from jacfusion_fed.server.fusion_service import decode_predictions
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fed_procs
 
+pytestmark = pytest.mark.e2e  # owners and coordinator as processes
+
 MAX_BATCH = 64
 TOL = 1e-12
 
