@@ -256,22 +256,34 @@ def test_registry_write_failure_is_clear_and_heals(
 # --- SIGKILL while writing -----------------------------------------------------------------------
 
 
+# One process imports torch and the store once; each round is a fork of it that publishes and
+# registers without end until the test kills it (SIGKILL) at a random moment. The parent reaps
+# the writer and says so, then waits for the next round.
 _WRITER = textwrap.dedent(
     """
-    import sys, numpy as np, torch
+    import os, sys, numpy as np, torch
     from jacfusion_fed.store import ModelStore, HeadRegistry
-    store, registry = ModelStore(sys.argv[1]), HeadRegistry(sys.argv[2])
-    rng = np.random.default_rng(int(sys.argv[3]))
-    print("ready", flush=True)
-    i = 0
-    while True:
-        i += 1
-        w = torch.from_numpy(rng.normal(size=(64, 256)))
-        version = store.save({"w": w, "b": torch.zeros(64)}, {"arch": "t", "i": i}, {})
-        store.save_logits(version, [f"id{j}" for j in range(500)], rng.normal(size=(500, 8)))
-        store.set_current(version)
-        g = rng.normal(size=(8, 8))
-        registry.register("audio", "audio-co", version, class_counts=[1] * 8, gram=g @ g.T)
+
+    def write_forever(seed):
+        store, registry = ModelStore(sys.argv[1]), HeadRegistry(sys.argv[2])
+        rng = np.random.default_rng(seed)
+        print("ready", os.getpid(), flush=True)
+        i = 0
+        while True:
+            i += 1
+            w = torch.from_numpy(rng.normal(size=(64, 256)))
+            version = store.save({"w": w, "b": torch.zeros(64)}, {"arch": "t", "i": i}, {})
+            store.save_logits(version, [f"id{j}" for j in range(500)], rng.normal(size=(500, 8)))
+            store.set_current(version)
+            g = rng.normal(size=(8, 8))
+            registry.register("audio", "audio-co", version, class_counts=[1] * 8, gram=g @ g.T)
+
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            write_forever(int(line))
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
     """
 )
 
@@ -296,23 +308,34 @@ def _kill_while_writing(tmp_path: Path, rounds: int) -> list[tuple[int, int]]:
     store_dir, registry_dir = tmp_path / "store", tmp_path / "registry"
     rng = random.Random(0)
     seen = []
-    for i in range(rounds):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(store_dir), str(registry_dir), str(i)],
-            stdout=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+    forks = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(store_dir), str(registry_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, text=True,
+    )  # fmt: skip
+    assert forks.stdin is not None and forks.stdout is not None
+    try:
+        for i in range(rounds):
+            forks.stdin.write(f"{i}\n")
+            forks.stdin.flush()
+            ready = forks.stdout.readline().split()
+            assert ready[:1] == ["ready"], ready
+            try:
+                time.sleep(rng.uniform(0.05, 0.6))  # under test: a random moment to crash at
+            finally:
+                os.kill(int(ready[1]), signal.SIGKILL)
+            assert forks.stdout.readline().strip() == "reaped"  # the writer is gone
+            try:
+                seen.append(_check_after_crash(store_dir, registry_dir))
+            except CorruptFileError as exc:  # pragma: no cover - the failure being tested for
+                pytest.fail(f"round {i}: a file was left damaged by the crash: {exc}")
+    finally:
+        forks.stdin.close()
         try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-            time.sleep(rng.uniform(0.05, 0.6))  # under test: a random moment to crash at
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        try:
-            seen.append(_check_after_crash(store_dir, registry_dir))
-        except CorruptFileError as exc:  # pragma: no cover - the failure being tested for
-            pytest.fail(f"round {i}: a file was left damaged by the crash: {exc}")
+            forks.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(forks.pid, signal.SIGKILL)
+            forks.wait(10)
+        forks.stdout.close()
     return seen
 
 
