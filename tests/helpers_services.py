@@ -144,15 +144,25 @@ class Fed:
         ]  # fmt: skip
 
     def start_owner(self, modality: str, *, port: int = 0, name: str | None = None) -> str:
-        name = name or f"owner-{modality}"
-        port_file = self.root / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        self.procs.start(
-            name, [*self.owner_args(modality), "--port", str(port), "--port-file", str(port_file)]
-        )
-        target = f"127.0.0.1:{self.procs.wait_port(name, port_file)}"
-        self.owner_targets[modality] = target
-        return target
+        return self.start_owners([modality], port=port, name=name)[modality]
+
+    def start_owners(
+        self, modalities: Sequence[str] = MODALITIES, *, port: int = 0, name: str | None = None
+    ) -> dict[str, str]:
+        """Start owner processes together (their start-ups overlap), then wait for each."""
+        if name is not None and len(modalities) != 1:
+            raise ValueError("a process name is for one owner only")
+        started = {}
+        for modality in modalities:
+            proc = name or f"owner-{modality}"
+            port_file = self.root / f"{proc}.port"
+            port_file.unlink(missing_ok=True)
+            args = [*self.owner_args(modality), "--port", str(port), "--port-file", str(port_file)]
+            self.procs.start(proc, args)
+            started[modality] = (proc, port_file)
+        for modality, (proc, port_file) in started.items():
+            self.owner_targets[modality] = f"127.0.0.1:{self.procs.wait_port(proc, port_file)}"
+        return {m: self.owner_targets[m] for m in modalities}
 
     def start_coordinator(self, *extra: str, name: str = "coordinator") -> str:
         port_file = self.root / f"{name}.port"

@@ -63,8 +63,7 @@ METHOD = {
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
     fed = build_fed(tmp_path_factory.mktemp("services"))
     try:
-        for modality in MODALITIES:
-            fed.start_owner(modality)
+        fed.start_owners(MODALITIES)
         fed.start_coordinator("--max-batch", str(MAX_BATCH), "--owner-timeout", "3")
         fed.wait_registered()
         yield fed
