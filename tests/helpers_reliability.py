@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from helpers_services import MODALITIES, TIMEOUT, Fed, build_fed
+from helpers_wait import port_is_free, wait_until
 
 from jacfusion_fed.reliability import (
     FaultProxy,
@@ -30,7 +31,7 @@ from jacfusion_fed.reliability import (
 )
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 
-__all__ = ["Deployment", "LoadInBackground"]
+__all__ = ["Answers", "Deployment", "LoadInBackground", "load"]
 
 
 class Deployment:
@@ -121,32 +122,41 @@ class Deployment:
         """Start the owner again on its old port (behind its proxy, if any)."""
         fed = self.fed
         name = f"owner-{modality}"
+        port = self.owner_ports[modality]
         port_file = fed.root / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        args = [*self.owner_args(modality), "--port", str(self.owner_ports[modality])]
-        deadline = time.monotonic() + 60
-        while True:  # the old socket may linger for a moment after a SIGKILL
-            self._start(name, [*args, "--port-file", str(port_file)])
+        args = [*self.owner_args(modality), "--port", str(port), "--port-file", str(port_file)]
+
+        def started() -> bool:
+            # the old socket may linger for a moment after a SIGKILL: wait until the port is
+            # free, then start; a start that still loses the race is retried
+            if not port_is_free(port):
+                return False
+            port_file.unlink(missing_ok=True)
+            self._start(name, args)
             try:
                 fed.procs.wait_port(name, port_file)
-                return
+                return True
             except RuntimeError:
                 fed.procs.procs.pop(name, None)
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                return False
+
+        wait_until(started, f"{name} to restart on port {port}", timeout=60, interval=0.1)
 
     def restart_coordinator(self) -> None:
-        deadline = time.monotonic() + 60
-        while True:
+        port = self.coordinator_port
+
+        def started() -> bool:
+            if not port_is_free(port):
+                return False
             try:
-                self.start_coordinator(port=self.coordinator_port)
-                return
+                self.start_coordinator(port=port)
+                return True
             except RuntimeError:
                 self.fed.procs.procs.pop("coordinator", None)
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                return False
+
+        wait_until(started, f"the coordinator to restart on port {port}", timeout=60,
+                   interval=0.1)  # fmt: skip
 
     @property
     def coordinator_pid(self) -> int:
@@ -179,25 +189,89 @@ class Deployment:
         stub = self.stub()
         request = fusion_pb2.PredictRequest(sample_ids=self.fed.ids[:4])
         t0 = time.monotonic()
-        while True:
+
+        def full() -> bool:
             try:
                 resp = stub.Predict(request, timeout=TIMEOUT)
-                if all(all(m.used) for m in resp.predictions.modalities):
-                    return time.monotonic() - t0
             except grpc.RpcError:
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError("the deployment did not recover")
-            time.sleep(0.1)
+                return False
+            return all(all(m.used) for m in resp.predictions.modalities)
+
+        wait_until(full, "the deployment to answer from every owner", timeout=timeout,
+                   interval=0.1)  # fmt: skip
+        return time.monotonic() - t0
+
+
+class Answers:
+    """What the load's clients got, counted as it happens: ``full`` (every owner used),
+    ``partial`` (an owner left out) or ``error`` (the call failed). Tests wait on these
+    counts (e.g. "until the load has seen the outage") instead of sleeping."""
+
+    KINDS = ("full", "partial", "error")
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.counts = dict.fromkeys(self.KINDS, 0)
+
+    def note(self, kind: str) -> None:
+        with self._changed:
+            self.counts[kind] += 1
+            self._changed.notify_all()
+
+    def wait(self, kind: str, more: int = 1, *, timeout: float = 60.0,
+             also: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+        """Until ``more`` further answers of ``kind`` (or of any kind: ``"any"``) arrived,
+        counted from now, and ``also`` holds (checked whenever an answer arrives, and at
+        least every 0.1 s)."""
+
+        def count() -> int:
+            return sum(self.counts.values()) if kind == "any" else self.counts[kind]
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            target = count() + more
+            while not (count() >= target and also()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"the load saw no {more} more {kind!r} answer(s) (and the condition) "
+                        f"in {timeout} s; counts: {self.counts}"
+                    )
+                self._changed.wait(min(0.1, left))
+
+    def stub(self, stub: Any) -> Any:
+        """``stub`` with its ``Predict`` answers counted here."""
+        return _CountingStub(stub, self)
+
+
+class _CountingStub:
+    def __init__(self, stub: Any, answers: Answers) -> None:
+        self._stub = stub
+        self._answers = answers
+
+    def Predict(self, request: Any, **kw: Any) -> Any:
+        try:
+            resp = self._stub.Predict(request, **kw)
+        except BaseException:
+            self._answers.note("error")
+            raise
+        full = all(all(m.used) for m in resp.predictions.modalities)
+        self._answers.note("full" if full else "partial")
+        return resp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
 
 
 class LoadInBackground:
-    """:func:`run_load` on a thread, until :meth:`finish` (bounded by ``cfg.requests``)."""
+    """:func:`run_load` on a thread, until :meth:`finish` (bounded by ``cfg.requests``);
+    :attr:`answers` counts what its clients get while it runs."""
 
     def __init__(self, dep: Deployment, cfg: LoadConfig) -> None:
         self.dep = dep
         self.cfg = cfg
         self.stop = threading.Event()
+        self.answers = Answers()
         self.result: LoadResult | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -205,10 +279,17 @@ class LoadInBackground:
     def _run(self) -> None:
         try:
             self.result = run_load(
-                self.dep.stub, self.dep.fed.ids, self.cfg, self.dep.reference(), stop=self.stop
-            )
+                lambda: self.answers.stub(self.dep.stub()), self.dep.fed.ids, self.cfg,
+                self.dep.reference(), stop=self.stop,
+            )  # fmt: skip
         except BaseException as exc:
             self.error = exc
+
+    def wait(self, kind: str, more: int = 1, **kw: Any) -> None:
+        """See :meth:`Answers.wait`; fails at once if the load itself failed."""
+        if self.error is not None:
+            raise self.error
+        self.answers.wait(kind, more, **kw)
 
     def finish(self, timeout: float = 120.0) -> LoadResult:
         self.stop.set()
@@ -220,12 +301,12 @@ class LoadInBackground:
 
 
 @contextmanager
-def load(dep: Deployment, cfg: LoadConfig) -> Iterator[Callable[[], LoadResult]]:
-    """``with load(dep, cfg) as finish: ...faults...; result = finish()``."""
+def load(dep: Deployment, cfg: LoadConfig) -> Iterator[LoadInBackground]:
+    """``with load(dep, cfg) as run: ...faults...; run.wait("partial"); result = run.finish()``."""
     runner = LoadInBackground(dep, cfg)
     runner.thread.start()
     try:
-        yield runner.finish
+        yield runner
     finally:
         runner.stop.set()
         runner.thread.join(120)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from helpers_wait import wait_until
 
 from jacfusion_fed.bench.serve import MODALITIES, ServeBenchConfig, make_dataset
 from jacfusion_fed.fusion import (
@@ -91,15 +92,25 @@ class Fed:
         ]  # fmt: skip
 
     def start_owner(self, modality: str, *, port: int = 0, name: str | None = None) -> str:
-        name = name or f"owner-{modality}"
-        port_file = self.root / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        self.procs.start(
-            name, [*self.owner_args(modality), "--port", str(port), "--port-file", str(port_file)]
-        )
-        target = f"127.0.0.1:{self.procs.wait_port(name, port_file)}"
-        self.owner_targets[modality] = target
-        return target
+        return self.start_owners([modality], port=port, name=name)[modality]
+
+    def start_owners(
+        self, modalities: Sequence[str] = MODALITIES, *, port: int = 0, name: str | None = None
+    ) -> dict[str, str]:
+        """Start owner processes together (their start-ups overlap), then wait for each."""
+        if name is not None and len(modalities) != 1:
+            raise ValueError("a process name is for one owner only")
+        started = {}
+        for modality in modalities:
+            proc = name or f"owner-{modality}"
+            port_file = self.root / f"{proc}.port"
+            port_file.unlink(missing_ok=True)
+            args = [*self.owner_args(modality), "--port", str(port), "--port-file", str(port_file)]
+            self.procs.start(proc, args)
+            started[modality] = (proc, port_file)
+        for modality, (proc, port_file) in started.items():
+            self.owner_targets[modality] = f"127.0.0.1:{self.procs.wait_port(proc, port_file)}"
+        return {m: self.owner_targets[m] for m in modalities}
 
     def start_coordinator(self, *extra: str, name: str = "coordinator") -> str:
         port_file = self.root / f"{name}.port"
@@ -120,21 +131,24 @@ class Fed:
         """Until the coordinator has the current head of every owner."""
         stub = self.stub()
         want = {m: ws.current_version() for m, ws in self.workspaces.items()}
-        deadline = time.monotonic() + timeout
-        while True:
+        last: list[object] = ["no answer"]
+
+        def registered() -> fusion_pb2.GetModelInfoResponse | None:
             try:
                 info: fusion_pb2.GetModelInfoResponse = stub.GetModelInfo(
                     fusion_pb2.GetModelInfoRequest(), timeout=TIMEOUT
                 )
-                have = {m.modality: m.model_version for m in info.modalities}
-                if have == want:
-                    return info
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"coordinator has {have}, want {want}")
-            time.sleep(0.1)
+            except grpc.RpcError as exc:
+                last[0] = exc
+                return None
+            have = {m.modality: m.model_version for m in info.modalities}
+            last[0] = have
+            return info if have == want else None
+
+        return wait_until(
+            registered, lambda: f"the coordinator to register {want} (last: {last[0]})",
+            timeout=timeout, interval=0.1,
+        )  # fmt: skip
 
     # --- the library, called directly on the same logits ------------------------------------
 

@@ -37,6 +37,7 @@ DATA = "builtin:twomoon?quick=1&seed=0"
 OWNERS = {"x-owner": "x", "y-owner": "y"}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_deployment_tls_node_auth_train_query(tmp_path: Path) -> None:
     t_start = time.perf_counter()

@@ -30,7 +30,10 @@ from jacfusion_fed.federation.scenario import Scenario, requester_splits, run_sc
 from jacfusion_fed.server.federated import run_coordinator
 from jacfusion_fed.store import HeadRegistry, ModelStore
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
 
 K = 2
 ALLOWED_RECORDS = {"info", "head", "metrics", "logits"}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_wait import wait_until
 from sklearn.datasets import load_digits
 
 from jacfusion_fed.data import (
@@ -234,12 +236,22 @@ def test_concurrent_loads_generate_once(
 
     stored = read_arrays(avdigits_cache_path(0, quick=True, cache_dir=av_cache))
     calls: list[int] = []
+    at_lock: list[Path] = []
+    real_lock = av_mod.file_lock
+
+    @contextmanager
+    def watched_lock(path: Path) -> Iterator[None]:
+        at_lock.append(path)
+        with real_lock(path):
+            yield
 
     def slow_fake_generate(seed: int, **_kw: object) -> dict[str, np.ndarray]:
         calls.append(seed)
-        time.sleep(0.3)
+        # generating lasts until the other loader is at the lock: it must wait, then read
+        wait_until(lambda: len(at_lock) == 2, "the second loader to reach the lock")
         return stored
 
+    monkeypatch.setattr(av_mod, "file_lock", watched_lock)
     monkeypatch.setattr(av_mod, "generate_avdigits", slow_fake_generate)
     with ThreadPoolExecutor(max_workers=2) as pool:
         loaded = list(

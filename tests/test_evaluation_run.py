@@ -110,6 +110,7 @@ def test_rerun_loads_cached_models_and_reproduces_numbers(
     assert [r.acc for r in a.rows] == [r.acc for r in b.rows]
 
 
+@pytest.mark.e2e
 def test_parallel_training_workers_and_corrupt_cache_entry(tmp_path: Path) -> None:
     """Two nets trained by two worker subprocesses; a corrupted entry is retrained, not loaded."""
     config = EvaluationConfig(
@@ -136,11 +137,14 @@ def test_parallel_training_workers_and_corrupt_cache_entry(tmp_path: Path) -> No
 
 
 def test_avdigits_quick_subset_end_to_end(tmp_path: Path) -> None:
+    """The table structure on AV-Digits (adaptive attacks, asserted on two-moon above and run
+    in full by the slow test below, are left out: they took two thirds of this test)."""
     config = EvaluationConfig(
         dataset="avdigits",
         quick=True,
         cache_dir=tmp_path,
         methods=("regular", "mixup"),
+        adaptive=False,
         curves=False,
         workers=1,
     )

@@ -6,6 +6,7 @@ process is stopped by PID at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ sys.path[:0] = [str(FIXTURES), str(FIXTURE_APP)]
 
 import fed_certs  # noqa: E402
 import fed_procs  # noqa: E402
+from helpers_wait import wait_until  # noqa: E402
 from jf_fedapp_fixture import apps as fx  # noqa: E402
 
 from jacfusion_fed.federation import (  # noqa: E402
@@ -37,6 +39,7 @@ K = 4  # the app's default is 3: width-4 logits prove `flwr run -c` reached the 
 MODALITIES = ("audio", "video")
 
 
+@pytest.mark.e2e
 def test_deployment_tls_node_auth_round_trip(tmp_path: Path) -> None:
     t_start = time.perf_counter()
     pki = tmp_path / "pki"
@@ -153,6 +156,7 @@ def test_deployment_refuses_bad_setups(tmp_path: Path) -> None:
     assert "default = 'x'" in (legacy / "pyproject.toml").read_text()
 
 
+@pytest.mark.e2e
 def test_deployment_close_stops_a_running_serverapp(tmp_path: Path) -> None:
     """Closing mid-run (e.g. a failing test) stops the ServerApp too, although Flower's
     SuperLink runs its SuperExec (and so the ServerApp) in a session of its own."""
@@ -166,18 +170,21 @@ def test_deployment_close_stops_a_running_serverapp(tmp_path: Path) -> None:
         run_id = dep.submit_run(
             FIXTURE_APP, {"run-dir": str(tmp_path / "results"), "expected-nodes": 3}
         )
-        deadline = time.monotonic() + 60
-        serverapps: list[int] = []
-        while not serverapps and time.monotonic() < deadline:
-            tree = fed_procs.descendants(os.getpid()) - {os.getpid()}
-            serverapps = [p for p in tree if fed_procs.comm_of(p).startswith("flwr-serverapp")]
-            time.sleep(0.3)
-        assert serverapps, [fed_procs.describe(p) for p in tree]
+        tree: set[int] = set()
+
+        def serverapps() -> list[int]:
+            tree.clear()
+            tree.update(fed_procs.descendants(os.getpid()) - {os.getpid()})
+            return [p for p in tree if fed_procs.comm_of(p).startswith("flwr-serverapp")]
+
+        seen = lambda: f"a ServerApp among {[fed_procs.describe(p) for p in tree]}"  # noqa: E731
+        wait_until(serverapps, seen, timeout=60, interval=0.3)
         assert dep.run_info(run_id).status in ("starting", "running")
     assert fed_procs.alive(tree) == []
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.e2e
 def test_deployment_insecure_only_when_asked(tmp_path: Path) -> None:
     with LocalDeployment(tmp_path / "deploy", insecure=True, node_auth=False) as dep:
         link = dep.start_superlink()
@@ -186,10 +193,10 @@ def test_deployment_insecure_only_when_asked(tmp_path: Path) -> None:
         node = dep.start_supernode("plain", {"modality": "audio"})
         assert "--insecure" in node.process.argv
         assert "--node-config" in node.process.argv
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if list(dep.list_supernodes().values()) == ["online"]:
-                break
-            time.sleep(0.5)
+        with contextlib.suppress(TimeoutError):  # asserted just below, with what was seen
+            wait_until(
+                lambda: list(dep.list_supernodes().values()) == ["online"],
+                "the SuperNode to be online", timeout=60, interval=0.5,
+            )  # fmt: skip
         assert list(dep.list_supernodes().values()) == ["online"]
         assert "insecure = true" in (dep.cli_home / "config.toml").read_text()

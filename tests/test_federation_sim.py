@@ -4,6 +4,7 @@ with its temp dir inside the run dir, results back through ``run-dir``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 sys.path[:0] = [str(FIXTURES), str(FIXTURES / "fedapp")]  # Ray workers get sys.path too
 
 import fed_procs  # noqa: E402
+from helpers_wait import wait_until  # noqa: E402
 from jf_fedapp_fixture import apps as fx  # noqa: E402
 
 from jacfusion_fed.federation import (  # noqa: E402
@@ -26,7 +28,10 @@ from jacfusion_fed.federation import (  # noqa: E402
     run_simulation_app,
 )
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
 
 K = 4  # not the ClientApp's default (3): logits of width 4 prove the run config got there
 
@@ -100,9 +105,8 @@ def test_simulation_end_to_end(tmp_path: Path) -> None:
     import ray
 
     assert not ray.is_initialized()
-    deadline = time.monotonic() + 15
-    while _ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with contextlib.suppress(TimeoutError):  # asserted just below, naming what is left
+        wait_until(lambda: not _ray_processes(), "Ray to stop", timeout=15, interval=0.2)
     assert _ray_processes() == []
 
     timings = res["timings"]

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers_services import MODALITIES, Fed, build_fed
+from helpers_wait import wait_until
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
@@ -115,10 +116,10 @@ def test_damaged_model_pointer_is_reported_and_never_used(
         # The owner's log names the file and what is wrong with it.
         assert f"failed verification: {current}: " in caplog.text
         # Health follows: NOT_SERVING while the pointer is damaged.
-        deadline = time.monotonic() + 10
-        while _health(fed, running.owners["audio"].target) != 2:  # NOT_SERVING
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(
+            lambda: _health(fed, running.owners["audio"].target) == 2,  # NOT_SERVING
+            "the owner's health to turn NOT_SERVING", timeout=10,
+        )  # fmt: skip
     finally:
         current.write_bytes(original)
     got = running.coordinator.predict(ids)
@@ -220,7 +221,10 @@ def test_registry_write_failure_is_clear_and_heals(
     c = r.coordinator
     real = HeadRegistry.register
 
+    attempts: list[str] = []
+
     def full_disk(self: HeadRegistry, *a: Any, **k: Any) -> Any:
+        attempts.append("register")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(HeadRegistry, "register", full_disk)
@@ -231,13 +235,14 @@ def test_registry_write_failure_is_clear_and_heals(
             c.predict(fed.ids[:2])
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         c.start_sync()
-        time.sleep(0.5)
+        tried = len(attempts)  # the background sync meets the full disk twice: it lives on
+        wait_until(lambda: len(attempts) >= tried + 2, "the sync thread to retry registering")
         assert c.sync_running
         monkeypatch.setattr(HeadRegistry, "register", real)
-        deadline = time.monotonic() + 20
-        while not all(c.head(m) is not None for m in MODALITIES):
-            assert time.monotonic() < deadline, "the sync thread did not recover"
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(c.head(m) is not None for m in MODALITIES),
+            "the sync thread to recover", timeout=20,
+        )  # fmt: skip
         got = c.predict(fed.ids[:4])
         assert _reference(fed).classify(fed.ids[:4], got).kind == "correct"
     finally:
@@ -247,22 +252,34 @@ def test_registry_write_failure_is_clear_and_heals(
 # --- SIGKILL while writing -----------------------------------------------------------------------
 
 
+# One process imports torch and the store once; each round is a fork of it that publishes and
+# registers without end until the test kills it (SIGKILL) at a random moment. The parent reaps
+# the writer and says so, then waits for the next round.
 _WRITER = textwrap.dedent(
     """
-    import sys, numpy as np, torch
+    import os, sys, numpy as np, torch
     from jacfusion_fed.store import ModelStore, HeadRegistry
-    store, registry = ModelStore(sys.argv[1]), HeadRegistry(sys.argv[2])
-    rng = np.random.default_rng(int(sys.argv[3]))
-    print("ready", flush=True)
-    i = 0
-    while True:
-        i += 1
-        w = torch.from_numpy(rng.normal(size=(64, 256)))
-        version = store.save({"w": w, "b": torch.zeros(64)}, {"arch": "t", "i": i}, {})
-        store.save_logits(version, [f"id{j}" for j in range(500)], rng.normal(size=(500, 8)))
-        store.set_current(version)
-        g = rng.normal(size=(8, 8))
-        registry.register("audio", "audio-co", version, class_counts=[1] * 8, gram=g @ g.T)
+
+    def write_forever(seed):
+        store, registry = ModelStore(sys.argv[1]), HeadRegistry(sys.argv[2])
+        rng = np.random.default_rng(seed)
+        print("ready", os.getpid(), flush=True)
+        i = 0
+        while True:
+            i += 1
+            w = torch.from_numpy(rng.normal(size=(64, 256)))
+            version = store.save({"w": w, "b": torch.zeros(64)}, {"arch": "t", "i": i}, {})
+            store.save_logits(version, [f"id{j}" for j in range(500)], rng.normal(size=(500, 8)))
+            store.set_current(version)
+            g = rng.normal(size=(8, 8))
+            registry.register("audio", "audio-co", version, class_counts=[1] * 8, gram=g @ g.T)
+
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            write_forever(int(line))
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
     """
 )
 
@@ -287,23 +304,34 @@ def _kill_while_writing(tmp_path: Path, rounds: int) -> list[tuple[int, int]]:
     store_dir, registry_dir = tmp_path / "store", tmp_path / "registry"
     rng = random.Random(0)
     seen = []
-    for i in range(rounds):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(store_dir), str(registry_dir), str(i)],
-            stdout=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+    forks = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(store_dir), str(registry_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, text=True,
+    )  # fmt: skip
+    assert forks.stdin is not None and forks.stdout is not None
+    try:
+        for i in range(rounds):
+            forks.stdin.write(f"{i}\n")
+            forks.stdin.flush()
+            ready = forks.stdout.readline().split()
+            assert ready[:1] == ["ready"], ready
+            try:
+                time.sleep(rng.uniform(0.05, 0.6))  # under test: a random moment to crash at
+            finally:
+                os.kill(int(ready[1]), signal.SIGKILL)
+            assert forks.stdout.readline().strip() == "reaped"  # the writer is gone
+            try:
+                seen.append(_check_after_crash(store_dir, registry_dir))
+            except CorruptFileError as exc:  # pragma: no cover - the failure being tested for
+                pytest.fail(f"round {i}: a file was left damaged by the crash: {exc}")
+    finally:
+        forks.stdin.close()
         try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-            time.sleep(rng.uniform(0.05, 0.6))
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        try:
-            seen.append(_check_after_crash(store_dir, registry_dir))
-        except CorruptFileError as exc:  # pragma: no cover - the failure being tested for
-            pytest.fail(f"round {i}: a file was left damaged by the crash: {exc}")
+            forks.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(forks.pid, signal.SIGKILL)
+            forks.wait(10)
+        forks.stdout.close()
     return seen
 
 

@@ -14,6 +14,7 @@ versions (``-m slow``) repeat each scenario several times with more clients.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,11 +29,14 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers_reliability import Deployment, load
 from helpers_services import MODALITIES, TIMEOUT
+from helpers_wait import wait_until
 
 from jacfusion_fed.reliability import FaultProxy, LoadConfig, LoadResult
 from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.server.fusion_service import decode_predictions
+
+pytestmark = pytest.mark.e2e  # owners and coordinator as processes
 
 OWNER_TIMEOUT = 0.5
 SUMMARY: dict[str, dict[str, Any]] = {}
@@ -94,16 +98,16 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def _owner_crash_cycles(dep: Deployment, cycles: int, clients: int, name: str) -> None:
     stores = {m: _tree_digest(dep.fed.root / f"ws-{m}" / "store") for m in MODALITIES}
     recoveries = []
-    with load(dep, cfg(clients)) as finish:
+    with load(dep, cfg(clients)) as run:
         for i in range(cycles):
             modality = MODALITIES[i % len(MODALITIES)]
-            time.sleep(0.8)
+            run.wait("full")  # the load is answered in full before the crash
             dep.kill(f"owner-{modality}")
-            time.sleep(0.8)
+            run.wait("partial")  # ... and has seen the outage
             dep.restart_owner(modality)
             recoveries.append(dep.wait_full_answers())
-        time.sleep(0.5)
-        result = finish()
+        run.wait("full")  # ... and full answers after
+        result = run.finish()
     record(name, result, cycles=cycles, recovery_s=[round(r, 2) for r in recoveries])
     assert result.outcomes.get("partial", 0) > 0  # the outage was seen ...
     assert result.outcomes.get("correct", 0) > 0  # ... and full answers before and after
@@ -129,15 +133,15 @@ def _coordinator_crash_cycles(dep: Deployment, cycles: int, clients: int, name: 
     stores = {m: _tree_digest(dep.fed.root / f"ws-{m}" / "store") for m in MODALITIES}
     info = dep.stub().GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=TIMEOUT)
     recoveries = []
-    with load(dep, cfg(clients, timeout_s=3.0)) as finish:
+    with load(dep, cfg(clients, timeout_s=3.0)) as run:
         for _ in range(cycles):
-            time.sleep(1.0)
+            run.wait("full")  # the load is answered before the crash
             dep.kill("coordinator")
-            time.sleep(0.5)
+            run.wait("error")  # ... and has seen the coordinator gone
             dep.restart_coordinator()
             recoveries.append(dep.wait_full_answers())
-        time.sleep(0.5)
-        result = finish()
+        run.wait("full")  # ... and is answered again after
+        result = run.finish()
     record(name, result, cycles=cycles, recovery_s=[round(r, 2) for r in recoveries])
     errors = sum(v for k, v in result.outcomes.items() if k.startswith("error:"))
     assert errors > 0 and result.outcomes.get("correct", 0) > 0
@@ -171,8 +175,8 @@ def test_slow_owner_past_the_deadline(dep: Deployment) -> None:
     reference = dep.reference()
     delay = 3.0  # far past the owner timeout: waiting for it would be obvious
     proxy.set(delay_s=delay)
-    with load(dep, cfg()) as finish:
-        time.sleep(3.0)
+    with load(dep, cfg()) as run:
+        run.wait("partial", 4)  # the load meets the late owner (left out after 0.5 s)
         # Direct checks while the owner is late: left out with DEADLINE_EXCEEDED, on time.
         t0 = time.monotonic()
         got = stub.Predict(fusion_pb2.PredictRequest(sample_ids=ids), timeout=TIMEOUT)
@@ -205,8 +209,8 @@ def test_slow_owner_past_the_deadline(dep: Deployment) -> None:
         assert "DEADLINE_EXCEEDED: owner of 'audio'" in info.value.details()
         proxy.heal()
         dep.wait_full_answers()
-        time.sleep(0.5)
-        result = finish()
+        run.wait("full")  # the load is answered in full again
+        result = run.finish()
     record("slow owner (+3 s) past a 0.5 s owner timeout", result)
     assert result.outcomes.get("partial", 0) > 0 and result.outcomes.get("correct", 0) > 0
 
@@ -216,26 +220,28 @@ def test_slow_owner_past_the_deadline(dep: Deployment) -> None:
 
 def _network(dep: Deployment, rounds: int, clients: int, name: str) -> None:
     stats = []
-    with load(dep, cfg(clients)) as finish:
+    with load(dep, cfg(clients)) as run:
         for i in range(rounds):
             proxy = dep.proxies[MODALITIES[i % len(MODALITIES)]]
-            time.sleep(0.5)
-            proxy.set(stalled=True)  # blackhole: packets silently go nowhere
-            time.sleep(2.0)
+            run.wait("full")
+            proxy.set(stalled=True)  # blackhole: packets silently go nowhere ...
+            run.wait("partial", 2)  # ... until the load's requests leave the owner out
             proxy.set(stalled=False)
-            time.sleep(0.5)
-            proxy.cut()  # reset every connection, refuse new ones for a while
+            run.wait("any")
+            refused = proxy.stats.refused
+            proxy.cut()  # reset every connection, refuse new ones for a while ...
             proxy.set(refuse=True)
-            time.sleep(1.0)
+            run.wait("partial", also=lambda p=proxy, r=refused: p.stats.refused > r)  # ... seen
             proxy.set(refuse=False)
-            time.sleep(0.5)
+            run.wait("any")
+            dropped = proxy.stats.dropped_chunks
             proxy.set(drop_rate=0.5)  # chunks lost: TLS records break, connections die
-            time.sleep(1.0)
+            run.wait("any", also=lambda p=proxy, d=dropped: p.stats.dropped_chunks > d)
             proxy.heal()
             dep.wait_full_answers()
             stats.append(vars(proxy.stats).copy())
-        time.sleep(0.5)
-        result = finish()
+        run.wait("full")
+        result = run.finish()
     record(name, result, rounds=rounds)
     assert result.outcomes.get("partial", 0) > 0 and result.outcomes.get("correct", 0) > 0
     assert all(s["dropped_chunks"] > 0 and s["refused"] > 0 for s in stats), stats
@@ -261,14 +267,21 @@ def test_requester_link_faults(dep: Deployment) -> None:
         ids = dep.fed.ids[10:18]
         counts: dict[str, int] = {}
 
-        def call(timeout: float = 1.0) -> None:
+        def call(timeout: float = 1.0) -> bool:
+            """One request, its outcome counted; whether it was answered."""
             try:
                 resp = stub.Predict(fusion_pb2.PredictRequest(sample_ids=ids), timeout=timeout)
                 label = reference.classify(ids, decode_predictions(resp.predictions)).label
             except grpc.RpcError as exc:
                 label = reference.classify_error(exc).label
-                time.sleep(0.05)
             counts[label] = counts.get(label, 0) + 1
+            return not label.startswith("error:")
+
+        def healed() -> bool:
+            if not call():  # not reconnected yet: wait for the channel, then try again
+                with contextlib.suppress(grpc.FutureTimeoutError):
+                    grpc.channel_ready_future(channel).result(timeout=5)
+            return counts.get("correct", 0) >= 25
 
         for _ in range(20):
             call()
@@ -281,9 +294,8 @@ def test_requester_link_faults(dep: Deployment) -> None:
         for _ in range(3):
             call(0.5)
         proxy.heal()
-        deadline = time.monotonic() + 30
-        while counts.get("correct", 0) < 25 and time.monotonic() < deadline:
-            call()
+        with contextlib.suppress(TimeoutError):  # the count is asserted below
+            wait_until(healed, "25 correct answers after the link healed", timeout=30, interval=0)
         SUMMARY["requester link: blackhole, reset + refuse"] = {"outcomes": counts}
         assert counts.get("neither", 0) == 0, counts
         assert counts.get("error:DEADLINE_EXCEEDED", 0) >= 3

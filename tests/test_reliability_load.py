@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from jacfusion_fed.cli import app
 from jacfusion_fed.reliability import LoadConfig, run_load
 
+pytestmark = pytest.mark.e2e  # owners and coordinator as processes
+
 RSS_BOUND_MB = 32.0
 
 

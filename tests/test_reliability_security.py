@@ -92,6 +92,7 @@ def owner_target(dep: Deployment, modality: str = "audio") -> str:
 # --- handshake refusals against real processes --------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_no_client_certificate_against_an_owner_process(dep: Deployment) -> None:
     channel = create_channel(
         owner_target(dep), dep.fed.coordinator_tls,
@@ -102,6 +103,7 @@ def test_no_client_certificate_against_an_owner_process(dep: Deployment) -> None
     assert code == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
 
 
+@pytest.mark.e2e
 def test_expired_requester_certificate_against_the_coordinator(
     dep: Deployment, ca_extra: dict[str, TlsFiles]
 ) -> None:
@@ -113,6 +115,7 @@ def test_expired_requester_certificate_against_the_coordinator(
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_expired_coordinator_certificate_against_an_owner_process(
     dep: Deployment, ca_extra: dict[str, TlsFiles]
 ) -> None:
@@ -141,6 +144,7 @@ def _coordinator_against(dep: Deployment, modality: str, target: str, tmp: Path)
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_expired_owner_certificate_is_refused_by_the_coordinator(
     dep: Deployment, ca_extra: dict[str, TlsFiles], tmp_path: Path
 ) -> None:
@@ -160,6 +164,7 @@ def test_expired_owner_certificate_is_refused_by_the_coordinator(
 # --- certificates used for the wrong role or modality --------------------------------------------
 
 
+@pytest.mark.e2e
 def test_requester_certificate_cannot_serve_logits(dep: Deployment, tmp_path: Path) -> None:
     fed = dep.fed
     requester_dir = fed.certs.requester_dirs["alice"]
@@ -187,6 +192,7 @@ def test_requester_certificate_cannot_serve_logits(dep: Deployment, tmp_path: Pa
         server.stop(0)
 
 
+@pytest.mark.e2e
 def test_owner_serving_a_modality_other_than_its_own(dep: Deployment, tmp_path: Path) -> None:
     """An owner with the audio certificate whose service answers for the image workspace."""
     fed = dep.fed
@@ -240,6 +246,7 @@ def _oversized() -> bytes:
     return entry * (DEFAULT_MAX_MESSAGE_BYTES // len(entry) + 2)
 
 
+@pytest.mark.e2e
 def test_message_size_limit_on_every_server_process(dep: Deployment) -> None:
     big = TransportOptions(max_send_message_bytes=2**31 - 1)
     payload = _oversized()
@@ -264,6 +271,7 @@ def test_message_size_limit_on_every_server_process(dep: Deployment) -> None:
     coordinator.close()
 
 
+@pytest.mark.e2e
 def test_huge_batches_are_refused_precisely(dep: Deployment) -> None:
     ids = [f"{i:064x}" for i in range(65_537)]  # 4.3 MB: under the size limit, over the id limit
     stub = dep.stub()
@@ -315,6 +323,7 @@ def _secrets(dep: Deployment) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.e2e
 def test_no_secret_in_server_logs(dep: Deployment) -> None:
     fed = dep.fed
     # Exercise error paths that log: bad bytes, unknown ids, refused callers, a bad owner.
@@ -341,6 +350,7 @@ def test_no_secret_in_server_logs(dep: Deployment) -> None:
     assert OWNER_NAMES["audio"] in logs["owner-audio"]
 
 
+@pytest.mark.e2e
 def test_log_check_would_catch_a_leak(dep: Deployment) -> None:
     """The needles are right: each secret really is in its file (guards the test above)."""
     secrets = _secrets(dep)

@@ -11,7 +11,6 @@ import json
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from helpers_services import (
     foreign_certs,
     rpc_error,
 )
+from helpers_wait import wait_until
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
@@ -46,6 +46,8 @@ from jacfusion_fed.server.predict_types import OwnerEndpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fed_procs
+
+pytestmark = pytest.mark.e2e  # owners and coordinator as processes
 
 MAX_BATCH = 64
 TOL = 1e-12
@@ -62,8 +64,7 @@ METHOD = {
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
     fed = build_fed(tmp_path_factory.mktemp("services"))
     try:
-        for modality in MODALITIES:
-            fed.start_owner(modality)
+        fed.start_owners(MODALITIES)
         fed.start_coordinator("--max-batch", str(MAX_BATCH), "--owner-timeout", "3")
         fed.wait_registered()
         yield fed
@@ -407,13 +408,20 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
             except BaseException as exc:  # none expected: image still answers
                 errors.append(exc)
 
+    def answered(full: bool, since: int = 0) -> bool:
+        """Whether an answer in full (or a partial one) came after ``seen[since]``."""
+        return bool(errors) or any(
+            all(c.used.all() for c in got.modalities) == full for got in seen[since:]
+        )
+
     worker = threading.Thread(target=hammer)
     worker.start()
     try:
-        time.sleep(1.0)
+        wait_until(lambda: answered(True), "an answer in full before the owner is killed")
         port = int(fed.owner_targets["audio"].rsplit(":", 1)[1])
         fed.procs.kill("owner-audio")
-        time.sleep(1.0)
+        since = len(seen)
+        wait_until(lambda: answered(False, since), "a partial answer after the owner is killed")
     finally:
         stop.set()
         worker.join(30)
@@ -436,13 +444,12 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
     assert "require_all" in details and "'audio'" in details
 
     fed.start_owner("audio", port=port)  # back on the same address: the coordinator recovers
-    deadline = time.monotonic() + 30
-    while True:
+
+    def recovered() -> Any:
         got = predict(fed, ids)
-        if all(c.used.all() for c in got.modalities):
-            break
-        assert time.monotonic() < deadline, "the coordinator did not recover the owner"
-        time.sleep(0.2)
+        return got if all(c.used.all() for c in got.modalities) else None
+
+    got = wait_until(recovered, "the coordinator to recover the owner", timeout=30, interval=0.2)
     np.testing.assert_allclose(got.probabilities, both, rtol=0, atol=TOL)
 
 

@@ -18,6 +18,7 @@ import torch
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers_services import MODALITIES, OWNER_NAMES, TIMEOUT, Fed, build_fed, rpc_error
+from helpers_wait import wait_until
 from typer.testing import CliRunner
 
 from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
@@ -102,7 +103,7 @@ class NanOwner(ModalityServicer):
 
 class SlowOwner(ModalityServicer):
     def GetLogits(self, request: Any, context: grpc.ServicerContext) -> Any:
-        time.sleep(1.0)
+        time.sleep(1.0)  # the fault under test: an owner 1 s late, past every deadline here
         return super().GetLogits(request, context)
 
 
@@ -289,12 +290,12 @@ def test_fusion_batcher_merges_concurrent_jobs() -> None:
 
     first = threading.Thread(target=run, args=(0, key))
     first.start()
-    while not calls:
-        time.sleep(0.001)
+    wait_until(lambda: calls, "the first job to reach the fusion call", interval=0.001)
     rest = [threading.Thread(target=run, args=(i, key if i < 5 else other)) for i in range(1, 7)]
     for t in rest:
         t.start()
-    time.sleep(0.2)  # all queued behind the first call
+    # all queued behind the first call (the batcher's queue: it has no public count)
+    wait_until(lambda: len(batcher._queue) == 6, "six jobs queued behind the first", interval=0.01)
     gate.set()
     for t in [first, *rest]:
         t.join(5)
@@ -377,10 +378,10 @@ def test_health_follows_models_and_heads(fed: Fed, tmp_path: Path) -> None:
         )
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "no trained model" in details
         empty.train(epochs=1)
-        deadline = time.monotonic() + 20
-        while status(served.target) != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "coordinator never became SERVING"
-            time.sleep(0.05)
+        wait_until(
+            lambda: status(served.target) == health_pb2.HealthCheckResponse.SERVING,
+            "the coordinator to become SERVING", timeout=20,
+        )  # fmt: skip
         assert status(owner.target) == health_pb2.HealthCheckResponse.SERVING
     finally:
         served.stop(0)

@@ -1,0 +1,55 @@
+"""CI runs every test that is not slow: the default run (neither slow nor e2e) in ``make test``,
+then the end-to-end tests in ``make test-e2e``; nothing falls between the two steps."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{target}:", line))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def _marker_expression(command: str) -> str | None:
+    """The ``-m`` expression given to pytest (``python -m pytest ... -m EXPR``), if any."""
+    args = shlex.split(command)
+    args = args[args.index("pytest") + 1 :] if "pytest" in args else args
+    return args[args.index("-m") + 1] if "-m" in args else None
+
+
+def test_the_default_run_leaves_out_slow_and_e2e() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    opts = config["ini_options"]
+    assert _marker_expression(opts["addopts"]) == "not slow and not e2e"
+    names = {m.split(":")[0] for m in opts["markers"]}
+    assert {"slow", "e2e"} <= names
+
+
+def test_ci_runs_the_fast_step_then_the_e2e_step() -> None:
+    steps = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip().startswith("make")
+    ]
+    assert steps == ["make test", "make test-e2e"]
+    (fast,) = [c for c in _recipe("test") if "pytest" in c]
+    assert _marker_expression(fast.split("||")[0]) is None  # the default: addopts
+    (e2e,) = [c for c in _recipe("test-e2e") if "pytest" in c]
+    # together with the default run: exactly what `-m 'not slow'` selects
+    assert _marker_expression(e2e.split("||")[0]) == "e2e and not slow"
+    for command in (fast, e2e):  # pytest's exit 5 = no test selected, not a failure
+        assert command.endswith("|| test $$? -eq 5")
