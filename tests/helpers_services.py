@@ -8,7 +8,6 @@ then SIGKILL) by whoever started them, also when a test fails.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
