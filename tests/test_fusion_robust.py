@@ -63,7 +63,7 @@ def test_reliability_low_for_noise_high_for_clean(m: int) -> None:
     assert float((clean.reliability >= 0.05).double().mean()) > 0.8
     assert float(clean.reliability.median()) > 0.2
     assert float(r[:, 1].median()) < 0.02
-    assert float((r[:, 0] >= 0.05).double().mean()) > 0.85
+    assert float((r[:, 0] >= 0.05).double().mean()) > 0.7
     # the broken modality is dropped: accuracy stays near that of the clean modalities
     others = [z for i, z in enumerate(zs) if i != 1]
     acc_clean_only = float((statistical_fusion(others).argmax(1) == y).double().mean())

@@ -22,11 +22,11 @@ against the published sorted validation scores is label-free, so it is valid for
 test samples as well.
 
 **Reliability** r_m in [0, 1]: the typicality p-value u_m; for M >= 3 times the cross-modal
-consistency min(1, 2 sum_k q_{-m}(k) pi_m(k)), where q_{-m} is the statistical fusion of the
-other modalities (how plausible modality m finds what the others say). The p-values inside
-r_m are interpolated between the published scores (and decay exponentially past the largest
-one, continuously) so that gradients flow for adaptive attacks; the prediction set uses the
-exact ones.
+consistency min(1, 2 sum_k q_{-m}(k) pi_m(k)), where q_{-m} is the fusion below of the other
+modalities gated by typicality alone (how plausible modality m finds what the others say).
+The p-values inside r_m are interpolated between the published scores (and decay
+exponentially past the largest one, continuously) so that gradients flow for adaptive attacks;
+the prediction set uses the exact ones.
 
 **Fusion.** trust tau_m = min(1, r_m / trust_level), epsilon_m = floor + (1 - floor)(1 - tau_m).
 The likelihood ratio of modality m, l_m(k) = K softmax(ln p_m - ln freq)(k), is contaminated,
@@ -312,21 +312,28 @@ def robust_fusion(
         [smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
          for z, c in zip(z64, cals, strict=True)], dim=1,
     )  # fmt: skip
+    ratios = [torch.softmax(x - lp, dim=1) * k for x in log_p]  # l_m(k), mean 1 over k
+
+    def evidence(rel: torch.Tensor) -> list[torch.Tensor]:
+        """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M)."""
+        eps = floor + (1.0 - floor) * (1.0 - (rel / trust_level).clamp(max=1.0))
+        return [torch.log((1.0 - eps[:, m : m + 1]) * r + eps[:, m : m + 1])
+                for m, r in enumerate(ratios)]  # fmt: skip
+
     reliability = typ
     if m_count >= 3:
-        total = torch.stack(log_p).sum(dim=0)
+        # the others' opinion is itself gated by their typicality, so one broken modality
+        # does not make the clean ones look inconsistent
+        ev = evidence(typ)
+        total = torch.stack(ev).sum(dim=0)
         cons = []
         for m in range(m_count):
-            q_others = torch.softmax(total - log_p[m] - (m_count - 2) * lp, dim=1)
+            q_others = torch.softmax(lp + total - ev[m], dim=1)
             pi = smooth_pvalues(scores[m], cals[m].conformity_scores)
             cons.append((2.0 * (q_others * pi).sum(dim=1)).clamp(max=1.0))
         reliability = reliability * torch.stack(cons, dim=1)
-    trust = (reliability / trust_level).clamp(max=1.0)
-    eps = floor + (1.0 - floor) * (1.0 - trust)  # (N, M)
-    fused = lp.expand(n, k).clone()
-    for m in range(m_count):
-        ratio = torch.softmax(log_p[m] - lp, dim=1) * k
-        fused = fused + torch.log((1.0 - eps[:, m : m + 1]) * ratio + eps[:, m : m + 1])
+    eps = floor + (1.0 - floor) * (1.0 - (reliability / trust_level).clamp(max=1.0))  # (N, M)
+    fused = lp + torch.stack(evidence(reliability)).sum(dim=0)
     p = torch.softmax(fused, dim=1)
     in_set = torch.ones(n, k, dtype=torch.bool, device=device)
     trusted = reliability.detach() >= trust_level
