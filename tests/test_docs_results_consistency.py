@@ -95,7 +95,7 @@ def test_readme_simulate_quick_table() -> None:
     `jacfusion-fed simulate --quick`, copied from the run's coordinator/results.json)."""
     res = _json("simulate-quick.json")
     rows = _table_after((ROOT / "README.md").read_text(), "| UM / MM | Model | Clean")
-    table = res["table"]
+    table = res["evaluation"]["table"]
     keys = [c["key"] for c in table["columns"]]
     expected = {}
     for r in table["rows"]:
@@ -117,3 +117,16 @@ def test_unknown_tables_match_their_json(dataset: str) -> None:
         pytest.fail(f"{path.name} is not committed")
     md = (RESULTS / f"{dataset}-unknown.md").read_text()
     assert md == unknown_markdown(json.loads(path.read_text()))
+
+
+def test_readme_unknown_summary_table() -> None:
+    rows = _table_after((ROOT / "README.md").read_text(), "| dataset | Stat-w/o | Stat-w/ (oracle)")
+    assert [r[0] for r in rows] == ["avdigits", "twomoon"]
+    for row in rows:
+        d = _json(f"{row[0]}-unknown.json")
+        m, c = d["mean"], d["pooled"]["clean"]
+        mean, lo, hi = m["robust-stat"]
+        want = [f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
+                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
+                f"{c['set_size']:.2f}"]  # fmt: skip
+        assert row[1:] == want, row[0]
