@@ -91,10 +91,11 @@ def test_order_invariance() -> None:
     assert torch.equal(swapped.abstain, out.abstain)
 
 
-def test_gradients_flow_through_fusion_and_reliability() -> None:
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_gradients_flow_through_fusion_and_reliability(floor: float) -> None:
     cals, zs, y = _problem(2, 200, 30, seed=4)
     z = zs[1].clone().requires_grad_(True)
-    out = robust_fusion([zs[0], z], cals)
+    out = robust_fusion([zs[0], z], cals, floor=floor)
     loss = torch.nn.functional.nll_loss(torch.log(out.p), y) + out.reliability[:, 1].sum()
     loss.backward()
     assert z.grad is not None and bool(torch.isfinite(z.grad).all())

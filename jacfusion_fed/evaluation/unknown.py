@@ -52,7 +52,7 @@ ROW_LABELS = {
 }
 GAMMAS: tuple[float, ...] = (0.1, 0.5, 0.9)
 ROBUST_GRID: dict[str, tuple[float, ...]] = {
-    "floor": (0.01, 0.05, 0.2),
+    "floor": (0.0, 0.01, 0.05),
     "trust_level": (0.005, 0.02, 0.1),
 }
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -267,6 +267,7 @@ def robust_fusion(
     floor: float = 0.05,
     trust_level: float = 0.05,
     confidence: float = 0.5,
+    consistency: bool | None = None,
 ) -> RobustFusion:
     """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
 
@@ -279,6 +280,8 @@ def robust_fusion(
         floor: minimum contamination epsilon of every modality, in [0, 1).
         trust_level: reliability at and above which a modality is fully trusted, in (0, 1).
         confidence: abstain when max_k p(k) is below it, in [0, 1].
+        consistency: multiply reliability by cross-modal consistency (None: for M >= 3 only;
+            with M = 2 each modality is judged by the other alone).
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.
@@ -312,16 +315,20 @@ def robust_fusion(
         [smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
          for z, c in zip(z64, cals, strict=True)], dim=1,
     )  # fmt: skip
-    ratios = [torch.softmax(x - lp, dim=1) * k for x in log_p]  # l_m(k), mean 1 over k
+    log_ratios = [torch.log_softmax(x - lp, dim=1) + math.log(k) for x in log_p]  # ln l_m(k)
 
     def evidence(rel: torch.Tensor) -> list[torch.Tensor]:
-        """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M)."""
+        """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M); computed as
+        logaddexp(ln(1 - eps) + ln l, ln eps) so that eps = 0 or 1 stays finite (and so do
+        the gradients: both clamps are inactive wherever eps moves)."""
         eps = floor + (1.0 - floor) * (1.0 - (rel / trust_level).clamp(max=1.0))
-        return [torch.log((1.0 - eps[:, m : m + 1]) * r + eps[:, m : m + 1])
-                for m, r in enumerate(ratios)]  # fmt: skip
+        keep = torch.log1p(-eps.clamp(max=1.0 - 1e-12))
+        drop = torch.log(eps.clamp(min=1e-300))
+        return [torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1])
+                for m, lr in enumerate(log_ratios)]  # fmt: skip
 
     reliability = typ
-    if m_count >= 3:
+    if consistency if consistency is not None else m_count >= 3:
         # the others' opinion is itself gated by their typicality, so one broken modality
         # does not make the clean ones look inconsistent
         ev = evidence(typ)
