@@ -72,3 +72,17 @@ def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
     before = attack.objective(x, y).mean()
     after = attack.objective(x_adv, y).mean()
     assert float(after) > float(before)
+
+
+def test_provenance_records_versions_and_a_data_hash_that_tracks_the_data() -> None:
+    from jacfusion_fed.data import load_builtin
+    from jacfusion_fed.evaluation.provenance import provenance
+
+    splits = {s: load_builtin("twomoon", s) for s in ("train", "val", "test")}
+    env = provenance(splits)
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["numpy"]
+    assert "espeak_ng_version" in env  # None for TwoMoon, the version for AV-Digits
+    again = provenance({s: load_builtin("twomoon", s) for s in ("train", "val", "test")})
+    assert again["data_sha256"] == env["data_sha256"]
+    splits["test"].modalities["y"][0, 0] += 1e-3
+    assert provenance(splits)["data_sha256"] != env["data_sha256"]
