@@ -136,6 +136,7 @@ class SeedRun:
             fit_calibration(z, self.y["val"]) for z in self.clean["val"]
         ]
         self.params: dict[str, Any] = {}
+        self.attack_log: dict[str, dict[str, list[dict[str, float]]]] = {}
 
     # ------------------------------------------------------------------------- logits
     def _gen(self, *parts: object) -> torch.Generator:
@@ -255,6 +256,7 @@ class SeedRun:
                         rows.setdefault("robust_answered_right", []).append(_acc(res.p, y) * keep)
             out[s.key] = {
                 "label": s.label,
+                "robust_attacks": self.attack_log.get(s.key, {}),
                 "correct": {r: torch.stack(v).mean(0).tolist() for r, v in rows.items()},
                 **{k: float(np.mean(v)) for k, v in extra.items()},
             }
@@ -286,6 +288,15 @@ class SeedRun:
                 lam=self.lam, random_start=spec.kind == "pgd",
             )  # fmt: skip
             candidates.append(predict_logits(net, attack(x, y, self._gen("da", s.key, draw))))
+        if row == "robust":  # each attack alone: accuracy and the attacked modality's reliability
+            for name, z in zip(("setting1", "e2e", "detector_aware"), candidates, strict=True):
+                zs_c = list(clean)
+                zs_c[i] = z
+                res = self.robust(zs_c)
+                self.attack_log.setdefault(s.key, {}).setdefault(name, []).append(
+                    {"acc": float(_acc(res.p, y).mean()),
+                     "reliability": float(res.reliability[:, i].mean())}
+                )  # fmt: skip
         worst = worst_case_logits(rule, clean, i, candidates, y)  # type: ignore[arg-type]
         out = list(clean)
         out[i] = worst

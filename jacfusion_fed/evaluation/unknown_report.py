@@ -66,6 +66,13 @@ def run_unknown(
             ca = np.concatenate([c["correct"][a] for c in cols])
             cb = np.concatenate([c["correct"][b] for c in cols])
             cell[f"{a}-{b}"] = paired_bootstrap(ca, cb)
+        attacks: dict[str, list[float]] = {}
+        for c in cols:
+            for name, entries in c.get("robust_attacks", {}).items():
+                for e in entries:
+                    attacks.setdefault(name, []).append(e["acc"])
+                    attacks.setdefault(name + ":reliability", []).append(e["reliability"])
+        cell["robust_attacks"] = {k: float(np.mean(v)) for k, v in attacks.items()}
         pooled[key] = cell
     mean_cell: dict[str, Any] = {"label": "Mean"}
     for r in rows:
@@ -126,6 +133,14 @@ def unknown_markdown(result: dict[str, Any]) -> str:
                  f"{c[f'{a}-{b}'][2]:+.1f}]" for a, b in (("jac_oracle", "stat"),
                                                          ("robust", "stat"))]  # fmt: skip
         ci_lines.append(f"- {c['label']}: " + "; ".join(parts))
+    att = [(c["label"], c.get("robust_attacks", {})) for c in cols[:-1]]
+    att_lines = [
+        f"- {label}: " + "; ".join(
+            f"{n} {100 * a[n]:.1f} % (attacked modality's reliability {a[n + ':reliability']:.2f})"
+            for n in ("setting1", "e2e", "detector_aware") if n in a
+        )
+        for label, a in att if a
+    ]  # fmt: skip
     env = result["environment"]
     notes = [
         "",
@@ -137,6 +152,10 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         "Marks: ↑ / ↓ when the 95 % paired bootstrap interval of the difference to Stat-w/o "
         "excludes 0, = otherwise (a tie). Intervals (points):",
         *ci_lines,
+        "",
+        "robust under each attack alone (accuracy, mean reliability of the attacked modality; "
+        "the table takes the per-sample worst of the three):",
+        *att_lines,
         "",
         f"eSpeak NG {env.get('espeak_ng_version')}, data sha256 {env['data_sha256'][:16]}…, "
         f"torch {env['packages'].get('torch')}; {result['seconds']:.0f} s.",
