@@ -168,5 +168,6 @@ def write_unknown(result: dict[str, Any], out_dir: Path) -> list[Path]:
     stem = f"{result['dataset']}-unknown"
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     atomic_write_bytes(md, unknown_markdown(result).encode())
-    atomic_write_bytes(js, (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
+    text = json.dumps(result, sort_keys=True, separators=(",", ":"))  # per-sample lists: compact
+    atomic_write_bytes(js, (text + "\n").encode())
     return [md, js]
