@@ -69,8 +69,8 @@ def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
     x_adv = attack(x, y, torch.Generator().manual_seed(1))
     assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-    before = attack.objective(x, y).mean()
-    after = attack.objective(x_adv, y).mean()
+    before = attack.objective(x, y).mean().detach()
+    after = attack.objective(x_adv, y).mean().detach()
     assert float(after) > float(before)
 
 
