@@ -41,8 +41,18 @@ def evaluate(
     curves: Annotated[bool, typer.Option(help="Accuracy vs perturbation size plots.")] = True,
     retrain: Annotated[bool, typer.Option(help="Ignore the trained-model cache.")] = False,
     workers: Annotated[int, typer.Option(help="Processes that train nets.", min=1)] = 2,
+    unknown: Annotated[
+        bool, typer.Option("--unknown", help="Perturbed-modality-unknown table (robust fusion).")
+    ] = False,
+    seeds: Annotated[int, typer.Option(help="Training seeds of --unknown.", min=1)] = 3,
 ) -> None:
     """Paper-style tables (Tables 1-2 layout), Figure 4 curves, TwoMoon heatmaps."""
+    if unknown:  # issue 11: seeds seed..seed+seeds-1, hyperparameters chosen on validation
+        from jacfusion_fed.evaluation.unknown_report import run_unknown, write_unknown
+
+        res = run_unknown(dataset, range(seed, seed + seeds), quick=quick, repeats=repeats or 2)
+        err().print(f"{dataset}: wrote {write_unknown(res, out_dir)}")
+        return
     from jacfusion_fed.evaluation import config_from_options, run_evaluation, write_reports
 
     chosen = _gamma_choice(list(gamma or []), gamma_grid)

@@ -20,6 +20,7 @@ from .config import METHOD_ABBREV, PRESETS, DatasetPreset, EvaluationConfig
 from .heatmaps import multimodal_heatmaps, unimodal_heatmaps
 from .nets import NetZoo
 from .pipeline import TableRun
+from .provenance import provenance
 from .results import EvaluationResult, Table
 
 __all__ = ["run_evaluation"]
@@ -151,6 +152,7 @@ def _run(config: EvaluationConfig, start: float) -> EvaluationResult:
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            **provenance(data),  # package versions, eSpeak NG version, data hash
         },
     )
 

@@ -20,6 +20,7 @@ from .methods import (
     prior_from_counts,
     register,
 )
+from .robust import ModalityCalibration, RobustFusion, fit_calibration, robust_fusion
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
@@ -28,9 +29,12 @@ __all__ = [
     "FusionInputError",
     "FusionMethod",
     "GramFactor",
+    "ModalityCalibration",
+    "RobustFusion",
     "check_gamma",
     "confidence_mean_fusion",
     "factor_gram",
+    "fit_calibration",
     "fuse",
     "get_method",
     "gram_of",
@@ -40,6 +44,7 @@ __all__ = [
     "methods",
     "prior_from_counts",
     "register",
+    "robust_fusion",
     "solve_jacobian_weights",
     "statistical_fusion",
 ]

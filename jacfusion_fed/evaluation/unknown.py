@@ -1,0 +1,307 @@
+"""The "perturbed modality unknown" table (issue 11): one column per setting (clean, then each
+perturbation of each modality), rows for every fusion rule, every hyperparameter chosen once on
+validation over all settings (the user does not know the column).
+
+Per training seed (the data stay those of data seed 0), :class:`SeedRun` computes the logits of
+every modality under every setting, selects hyperparameters on the validation split and then
+measures per-sample correctness on the test split. Attacked columns are adaptive: for every
+fusion row the worst case, per sample, of the setting-1 attack (on the modality's own net) and
+an end-to-end attack through that row's fusion; ``robust`` also faces the detector-aware attack
+(:class:`~jacfusion_fed.robustness.detector_aware.DetectorAwarePGD`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from jacfusion_fed.data import MultimodalDataset, load_builtin
+from jacfusion_fed.fusion import (
+    GramFactor,
+    ModalityCalibration,
+    factor_gram,
+    fit_calibration,
+    gram_of,
+    jacobian_fusion,
+    robust_fusion,
+    statistical_fusion,
+)
+from jacfusion_fed.models import UnimodalNet
+from jacfusion_fed.robustness import AttackSpec, Corruption, attack_fused, worst_case_logits
+from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
+from jacfusion_fed.training import predict_logits
+
+from .config import PRESETS, DatasetPreset, config_from_options
+from .nets import NetZoo
+
+__all__ = ["ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
+
+Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+ROWS: tuple[str, ...] = ("stat", "jac_oracle", "jac_all", "robust")
+ROW_LABELS = {
+    "stat": "Stat-w/o",
+    "jac_oracle": "Stat-w/ (oracle: knows the perturbed modality)",
+    "jac_all": "Stat-w/ on all modalities",
+    "robust": "robust",
+}
+GAMMAS: tuple[float, ...] = (0.1, 0.5, 0.9)
+ROBUST_GRID: dict[str, tuple[float, ...]] = {
+    "floor": (0.0, 0.01, 0.05),
+    "trust_level": (0.005, 0.02, 0.1),
+}
+CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_ANSWERED = 0.85
+"""Abstention threshold: the largest validation accuracy on answered samples among thresholds
+that answer at least this fraction of the validation samples on average over all settings."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One column: ``spec`` applied to modality ``perturbed`` (None: clean)."""
+
+    key: str
+    label: str
+    perturbed: str | None
+    spec: Corruption | AttackSpec | None
+
+
+def settings_for(preset: DatasetPreset) -> list[Setting]:
+    """Clean, then every corruption and attack of every perturbed-modality table."""
+    out = [Setting("clean", "Clean", None, None)]
+    for modality, table in preset.tables.items():
+        for col in table.columns:
+            spec = col.corruption if col.corruption is not None else col.attack
+            if col.kind in ("corruption", "attack") and spec is not None:
+                name = preset.abbrev[modality]
+                out.append(Setting(f"{modality}:{col.key}", f"{name} {spec.label}", modality, spec))
+    return out
+
+
+def _acc(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (probs.argmax(dim=1) == y).to(torch.float64)
+
+
+class SeedRun:
+    """All rows and columns of the table for one training seed.
+
+    Args:
+        dataset: ``"avdigits"`` or ``"twomoon"``.
+        seed: training seed (weights, training order, perturbation draws).
+        quick: the quick data and epochs.
+        repeats: draws of every random corruption on the test split.
+        alpha: miscoverage level of the conformal sets.
+        lam: weight of the reliability term of the detector-aware attack.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        seed: int,
+        *,
+        quick: bool = False,
+        repeats: int = 2,
+        alpha: float = 0.1,
+        lam: float = 1.0,
+    ) -> None:
+        self.preset = PRESETS[dataset]
+        self.seed, self.repeats, self.alpha, self.lam = seed, repeats, alpha, lam
+        self.data: dict[str, MultimodalDataset] = {
+            s: load_builtin(dataset, s, 0, quick=quick) for s in ("train", "val", "test")
+        }
+        config = replace(config_from_options(dataset, quick=quick, seed=seed), workers=1)
+        zoo = NetZoo(self.preset, config, self.data)
+        self.modalities = [m for m in self.preset.abbrev if m not in self.preset.derived]
+        self.nets: list[UnimodalNet] = [zoo.get(m, "regular") for m in self.modalities]
+        self.models = zoo.info
+        self.settings = settings_for(self.preset)
+        counts = np.maximum(self.data["train"].class_counts().astype(np.float64), 1.0)
+        self.log_prior = torch.from_numpy(np.log(counts / counts.sum()))
+        self.factors: list[GramFactor | None] = [
+            factor_gram(gram_of(n.head.weight.detach().to(torch.float64))) for n in self.nets
+        ]
+        self.x = {
+            s: [torch.from_numpy(self.data[s].modalities[m]) for m in self.modalities]
+            for s in ("val", "test")
+        }
+        self.y = {s: torch.from_numpy(self.data[s].labels) for s in ("val", "test")}
+        self.clean = {s: [predict_logits(n, x) for n, x in zip(self.nets, self.x[s], strict=True)]
+                      for s in ("val", "test")}  # fmt: skip
+        self.calibrations: list[ModalityCalibration] = [
+            fit_calibration(z, self.y["val"]) for z in self.clean["val"]
+        ]
+        self.params: dict[str, Any] = {}
+        self.attack_log: dict[str, dict[str, list[dict[str, float]]]] = {}
+
+    # ------------------------------------------------------------------------- logits
+    def _gen(self, *parts: object) -> torch.Generator:
+        key = repr((self.preset.name, *parts)).encode()
+        return torch.Generator().manual_seed((zlib.crc32(key) << 20) ^ self.seed)
+
+    def position(self, setting: Setting) -> int:
+        assert setting.perturbed is not None
+        return self.modalities.index(setting.perturbed)
+
+    def logits(self, setting: Setting, split: str, draw: int) -> list[torch.Tensor]:
+        """Every modality's logits under ``setting`` (setting-1 attack for attacks)."""
+        zs = list(self.clean[split])
+        if setting.spec is None:
+            return zs
+        i = self.position(setting)
+        x, net, gen = self.x[split][i], self.nets[i], self._gen(setting.key, split, draw)
+        if isinstance(setting.spec, AttackSpec):
+            zs[i] = predict_logits(net, setting.spec.build(net)(x, self.y[split], gen))
+        else:
+            zs[i] = predict_logits(net, setting.spec(x, gen))
+        return zs
+
+    def draws(self, setting: Setting) -> int:
+        spec = setting.spec
+        if spec is None or (isinstance(spec, AttackSpec) and spec.deterministic):
+            return 1
+        return 1 if isinstance(spec, AttackSpec) else self.repeats
+
+    # ------------------------------------------------------------------------- rules
+    def rule(self, row: str, setting: Setting | None = None, **hp: float) -> Rule:
+        """The fusion of ``row`` with hyperparameters ``hp`` (selected ones by default)."""
+        hp = {**self.params.get(row, {}), **hp}
+        if row == "stat" or (row == "jac_oracle" and (setting is None or not setting.perturbed)):
+            return lambda zs: statistical_fusion(zs, self.log_prior)
+        if row in ("jac_oracle", "jac_all"):
+            reg = (
+                tuple(range(len(self.nets))) if row == "jac_all" else (self.position(setting),)  # type: ignore[arg-type]
+            )
+            gamma = hp["gamma"]
+            return lambda zs: jacobian_fusion(
+                zs, self.factors, self.log_prior, gamma=gamma, regularize=reg
+            )
+        return lambda zs: self.robust(zs, **hp).p
+
+    def robust(self, zs: Sequence[torch.Tensor], **hp: float) -> Any:
+        hp = {**self.params.get("robust", {}), **hp}
+        return robust_fusion(
+            zs, self.calibrations, self.log_prior, alpha=self.alpha,
+            floor=hp["floor"], trust_level=hp["trust_level"], confidence=hp.get("confidence", 0.5),
+        )  # fmt: skip
+
+    def select(self) -> dict[str, Any]:
+        """Choose every row's hyperparameters once, by mean validation accuracy over all
+        settings (setting-1 attacks on validation; ties: the first in grid order)."""
+        val = {s.key: self.logits(s, "val", 0) for s in self.settings}
+        y = self.y["val"]
+
+        def score(row: str, **hp: float) -> float:
+            return float(np.mean([float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean())
+                                  for s in self.settings]))  # fmt: skip
+
+        for row in ("jac_oracle", "jac_all"):
+            best = max(GAMMAS, key=lambda g, r=row: (score(r, gamma=g), g))  # type: ignore[misc]
+            self.params[row] = {"gamma": best}
+        grid = [dict(zip(ROBUST_GRID, v, strict=True))
+                for v in itertools.product(*ROBUST_GRID.values())]  # fmt: skip
+        scores = [score("robust", **hp) for hp in grid]
+        self.params["robust"] = dict(grid[int(np.argmax(scores))])
+        self.params["robust"]["confidence"] = self._select_confidence(val)
+        return self.params
+
+    def _select_confidence(self, val: dict[str, list[torch.Tensor]]) -> float:
+        best, best_acc = 0.0, -1.0
+        for c in CONFIDENCES:
+            answered, acc = [], []
+            for s in self.settings:
+                out = self.robust(val[s.key], confidence=c)
+                keep = ~out.abstain
+                answered.append(float(keep.double().mean()))
+                right = _acc(out.p, self.y["val"])[keep]
+                acc.append(float(right.mean()) if right.numel() else 0.0)
+            if np.mean(answered) >= MIN_ANSWERED and np.mean(acc) > best_acc:
+                best, best_acc = c, float(np.mean(acc))
+        return best
+
+    # ------------------------------------------------------------------------- test
+    def evaluate(self) -> dict[str, Any]:
+        """Per setting: per-sample correctness (mean over draws) of every row, plus the robust
+        row's coverage, set size, abstention; returned as plain lists (JSON-ready)."""
+        if not self.params:
+            self.select()
+        y = self.y["test"]
+        out: dict[str, Any] = {}
+        for s in self.settings:
+            rows: dict[str, list[torch.Tensor]] = {}
+            extra: dict[str, list[float]] = {"coverage": [], "set_size": [], "answered": [],
+                                             "acc_answered": []}  # fmt: skip
+            for draw in range(self.draws(s)):
+                zs = self.logits(s, "test", draw)
+                for m, name in enumerate(self.modalities):
+                    rows.setdefault(f"alone:{name}", []).append(_acc(zs[m], y))
+                for row in ROWS:
+                    z_row = self._adaptive(row, s, zs, draw) if self._attacked(s) else zs
+                    rows.setdefault(row, []).append(_acc(self.rule(row, s)(z_row), y))
+                    if row == "robust":
+                        res = self.robust(z_row)
+                        keep = ~res.abstain
+                        extra["coverage"].append(
+                            float(res.prediction_set[torch.arange(len(y)), y].double().mean())
+                        )
+                        extra["set_size"].append(float(res.prediction_set.double().sum(1).mean()))
+                        extra["answered"].append(float(keep.double().mean()))
+                        right = _acc(res.p, y)[keep]
+                        extra["acc_answered"].append(float(right.mean()) if right.numel() else 0)
+                        rows.setdefault("robust_answered_mask", []).append(keep.double())
+                        rows.setdefault("robust_answered_right", []).append(_acc(res.p, y) * keep)
+            out[s.key] = {
+                "label": s.label,
+                "robust_attacks": self.attack_log.get(s.key, {}),
+                "correct": {r: torch.stack(v).mean(0).tolist() for r, v in rows.items()},
+                **{k: float(np.mean(v)) for k, v in extra.items()},
+            }
+        return out
+
+    @staticmethod
+    def _attacked(s: Setting) -> bool:
+        return isinstance(s.spec, AttackSpec)
+
+    def _adaptive(
+        self, row: str, s: Setting, zs: list[torch.Tensor], draw: int
+    ) -> list[torch.Tensor]:
+        """Per sample the worst for ``row`` of setting 1, end-to-end PGD/FGSM through the row's
+        fusion and (robust) the detector-aware attack."""
+        spec = s.spec
+        assert isinstance(spec, AttackSpec)
+        i, y = self.position(s), self.y["test"]
+        net, x = self.nets[i], self.x["test"][i]
+        rule = self.rule(row, s)
+        clean = self.clean["test"]
+        gen = self._gen("adaptive", row, s.key, draw)
+        x_e2e = attack_fused(spec.build, net, x, y, clean, i, rule, generator=gen)  # type: ignore[arg-type]
+        candidates = [zs[i], predict_logits(net, x_e2e)]
+        if row == "robust":
+            steps = 1 if spec.kind == "fgsm" else spec.w6
+            step = spec.w4 if spec.kind == "fgsm" else spec.w5
+            attack = DetectorAwarePGD(
+                net, clean, i, lambda z: self._gated(z), eps=spec.w4, alpha=step, steps=steps,
+                lam=self.lam, random_start=spec.kind == "pgd",
+            )  # fmt: skip
+            candidates.append(predict_logits(net, attack(x, y, self._gen("da", s.key, draw))))
+        if row == "robust":  # each attack alone: accuracy and the attacked modality's reliability
+            for name, z in zip(("setting1", "e2e", "detector_aware"), candidates, strict=True):
+                zs_c = list(clean)
+                zs_c[i] = z
+                res = self.robust(zs_c)
+                self.attack_log.setdefault(s.key, {}).setdefault(name, []).append(
+                    {"acc": float(_acc(res.p, y).mean()),
+                     "reliability": float(res.reliability[:, i].mean())}
+                )  # fmt: skip
+        worst = worst_case_logits(rule, clean, i, candidates, y)  # type: ignore[arg-type]
+        out = list(clean)
+        out[i] = worst
+        return out
+
+    def _gated(self, zs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        res = self.robust(zs)
+        return res.p, res.reliability

@@ -1,0 +1,358 @@
+"""Robust late fusion when nobody knows which modality is broken (issue 11).
+
+Each owner publishes clean calibration statistics of its own validation logits
+(:func:`fit_calibration`); :func:`robust_fusion` uses them to score, per sample and modality,
+how much the modality can be trusted, fuses under an epsilon-contamination model whose
+epsilon follows that score, and returns a split-conformal prediction set and an abstain flag.
+
+Notation: z_m in R^K the raw logits of modality m, p_m = softmax(z_m), freq the class prior,
+n the number of validation samples of an owner.
+
+**Nonconformity and conformal p-values.** For class k, s_m(z, k) = -ln p_m(k). The owner
+publishes the sorted true-class scores c_1 <= ... <= c_n of its clean validation split. The
+split-conformal p-value of class k is
+
+    pi_m(k) = (1 + #{i : c_i >= s_m(z, k)}) / (n + 1)
+
+and, for a clean test sample exchangeable with the validation split, P(pi_m(y) <= a) <= a.
+
+**Typicality.** With class means mu_k (K, K) and the shared (pooled within-class) covariance
+Sigma of the validation logits, t_m(z) = min_k (z - mu_k)^T Sigma^-1 (z - mu_k); its p-value
+against the published sorted validation scores is label-free, so it is valid for unlabeled
+test samples as well.
+
+**Reliability** r_m in [0, 1]: the typicality p-value u_m; for M >= 3 times the cross-modal
+consistency min(1, 2 sum_k q_{-m}(k) pi_m(k)), where q_{-m} is the fusion below of the other
+modalities gated by typicality alone (how plausible modality m finds what the others say).
+The p-values inside r_m are interpolated between the published scores (and decay
+exponentially past the largest one, continuously) so that gradients flow for adaptive attacks;
+the prediction set uses the exact ones.
+
+**Fusion.** trust tau_m = min(1, r_m / trust_level), epsilon_m = floor + (1 - floor)(1 - tau_m).
+The likelihood ratio of modality m, l_m(k) = K softmax(ln p_m - ln freq)(k), is contaminated,
+l'_m = (1 - epsilon_m) l_m + epsilon_m (a broken modality carries no class information), and
+
+    p = softmax( ln freq + sum_m ln l'_m )
+
+which is statistical fusion (Lemma 1) when every epsilon_m = 0. The floor bounds how much a
+single modality can veto a class: an attacked modality that looks typical still cannot push
+a class below epsilon_m times its odds.
+
+**Prediction set** (Bonferroni over trusted modalities): k is in the set unless some trusted
+modality has pi_m(k) <= alpha / M. On clean data the set contains the set that uses every
+modality, whose miss probability is at most sum_m alpha / M = alpha, whatever the gating:
+coverage >= 1 - alpha. **Abstain** when the arg-max of p is not in the set or max_k p(k) is
+below ``confidence``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._validation import (
+    ArrayLike,
+    FusionInputError,
+    check_log_prior,
+    check_logits,
+    to_tensor,
+)
+
+__all__ = [
+    "CALIBRATION_FIELDS",
+    "ModalityCalibration",
+    "RobustFusion",
+    "fit_calibration",
+    "robust_fusion",
+]
+
+CALIBRATION_FIELDS: tuple[str, ...] = (
+    "class_means",
+    "precision",
+    "typicality_scores",
+    "conformity_scores",
+)
+"""The arrays an owner publishes (see :meth:`ModalityCalibration.to_arrays`)."""
+
+
+@dataclass(frozen=True)
+class ModalityCalibration:
+    """Clean calibration statistics of one modality (aggregates of its validation logits).
+
+    Attributes:
+        class_means: mu, (K, K) float64; row k is the mean logit vector of class k.
+        precision: Sigma^-1, (K, K) float64, inverse of the ridge-regularised pooled
+            within-class covariance of the logits.
+        typicality_scores: (n,) ascending, t(z_i) = min_k Mahalanobis^2(z_i, mu_k).
+        conformity_scores: (n,) ascending, s(z_i, y_i) = -ln softmax(z_i)_{y_i}.
+    """
+
+    class_means: torch.Tensor
+    precision: torch.Tensor
+    typicality_scores: torch.Tensor
+    conformity_scores: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_means.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.conformity_scores.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The published record: float64 arrays named by :data:`CALIBRATION_FIELDS`."""
+        return {name: getattr(self, name).detach().cpu().numpy() for name in CALIBRATION_FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> ModalityCalibration:
+        """Rebuild (and validate) a calibration from :meth:`to_arrays`' record."""
+        missing = [f for f in CALIBRATION_FIELDS if f not in arrays]
+        extra = sorted(set(arrays) - set(CALIBRATION_FIELDS))
+        if missing or extra:
+            raise FusionInputError(
+                f"calibration record must hold exactly {list(CALIBRATION_FIELDS)}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        t = {
+            f: to_tensor(arrays[f], f"calibration.{f}", device=None, dtype=torch.float64)
+            for f in CALIBRATION_FIELDS
+        }
+        return _checked(cls(**t), "calibration")
+
+
+def _checked(cal: ModalityCalibration, name: str) -> ModalityCalibration:
+    k = cal.class_means.shape[0] if cal.class_means.ndim == 2 else -1
+    if cal.class_means.ndim != 2 or cal.class_means.shape != (k, k) or k < 2:
+        raise FusionInputError(
+            f"{name}.class_means must have shape (K, K) with K >= 2, "
+            f"got {tuple(cal.class_means.shape)}"
+        )
+    if cal.precision.shape != (k, k):
+        raise FusionInputError(
+            f"{name}.precision must have shape ({k}, {k}), got {tuple(cal.precision.shape)}"
+        )
+    for f in ("typicality_scores", "conformity_scores"):
+        s = getattr(cal, f)
+        if s.ndim != 1 or s.shape[0] < 2:
+            raise FusionInputError(f"{name}.{f} must be a 1-D array of at least 2 scores")
+        if bool((s[1:] < s[:-1]).any()):
+            raise FusionInputError(f"{name}.{f} must be sorted ascending")
+    if cal.typicality_scores.shape != cal.conformity_scores.shape:
+        raise FusionInputError(f"{name}: typicality and conformity scores differ in length")
+    for f in CALIBRATION_FIELDS:
+        if not bool(torch.isfinite(getattr(cal, f)).all()):
+            raise FusionInputError(f"{name}.{f} contains non-finite values")
+    return cal
+
+
+def _typicality(z: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """t(z) = min_k (z - mu_k)^T P (z - mu_k); z (N, K) -> (N,)."""
+    d = z.unsqueeze(1) - means.unsqueeze(0)  # (N, K classes, K dims)
+    return torch.einsum("nci,ij,ncj->nc", d, precision, d).min(dim=1).values
+
+
+def fit_calibration(
+    logits_val: ArrayLike, labels_val: ArrayLike, *, ridge: float = 1e-3
+) -> ModalityCalibration:
+    """Clean calibration statistics of one modality from its validation logits.
+
+    Sigma = (1 / (n - K)) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T + ridge * (tr / K) I
+    (pooled within-class covariance; the ridge keeps it invertible, logits being shift-free).
+
+    Args:
+        logits_val: (n, K) clean validation logits; every class must occur, n > K.
+        labels_val: (n,) integer labels in [0, K).
+        ridge: relative ridge added to Sigma, > 0.
+
+    Returns:
+        The :class:`ModalityCalibration` (float64, on the logits' device).
+    """
+    (z,) = check_logits([logits_val])
+    z = z.to(torch.float64)
+    n, k = z.shape
+    y = to_tensor(labels_val, "labels_val", device=z.device, dtype=torch.float64)
+    if y.shape != (n,):
+        raise FusionInputError(f"labels_val must have shape ({n},), got {tuple(y.shape)}")
+    if bool((y != y.round()).any()) or bool((y < 0).any()) or bool((y >= k).any()):
+        raise FusionInputError(f"labels_val must be integers in [0, {k})")
+    if not (math.isfinite(ridge) and ridge > 0):
+        raise FusionInputError(f"ridge must be a positive number, got {ridge}")
+    labels = y.long()
+    counts = torch.bincount(labels, minlength=k)
+    if bool((counts == 0).any()):
+        absent = [int(c) for c in (counts == 0).nonzero().flatten()]
+        raise FusionInputError(f"labels_val has no sample of class(es) {absent}")
+    if n <= k:
+        raise FusionInputError(f"need more validation samples than classes, got n={n}, K={k}")
+    means = torch.zeros(k, k, dtype=torch.float64, device=z.device)
+    means.index_add_(0, labels, z)
+    means = means / counts.unsqueeze(1).to(torch.float64)
+    resid = z - means[labels]
+    cov = resid.T @ resid / (n - k)
+    cov = cov + ridge * max(float(torch.trace(cov)) / k, 1e-12) * torch.eye(k, dtype=cov.dtype)
+    precision = torch.linalg.inv(cov)
+    precision = (precision + precision.T) / 2
+    typ = _typicality(z, means, precision).sort().values
+    conf = (-torch.log_softmax(z, dim=1).gather(1, labels[:, None]).squeeze(1)).sort().values
+    return ModalityCalibration(means, precision, typ, conf)
+
+
+def conformal_pvalues(scores: torch.Tensor, sorted_cal: torch.Tensor) -> torch.Tensor:
+    """Exact split-conformal p-values (1 + #{c_i >= s}) / (n + 1), any shape of ``scores``."""
+    n = sorted_cal.shape[0]
+    below = torch.searchsorted(sorted_cal, scores.detach().contiguous(), right=False)
+    return (1.0 + (n - below).to(torch.float64)) / (n + 1.0)
+
+
+def smooth_pvalues(scores: torch.Tensor, sorted_cal: torch.Tensor) -> torch.Tensor:
+    """Differentiable p-values: the rank of s interpolated linearly between the sorted
+    c_i; past c_n it decays as exp(-(s - c_n) / spread), spread = c_n - c_1 over n (> 0)."""
+    n = sorted_cal.shape[0]
+    s = scores.to(torch.float64)
+    idx = torch.searchsorted(sorted_cal, s.detach().contiguous(), right=False).clamp(1, n - 1)
+    lo, hi = sorted_cal[idx - 1], sorted_cal[idx]
+    frac = ((s - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
+    below = (idx - 1).to(torch.float64) + frac  # #{c_i < s}, interpolated (exact at each c_i)
+    p = (1.0 + n - below) / (n + 1.0)
+    spread = max(float(sorted_cal[-1] - sorted_cal[0]) / n, 1e-6)
+    tail = 2.0 / (n + 1.0) * torch.exp(-(s - sorted_cal[-1]).clamp(min=0.0) / spread)
+    return torch.where(s > sorted_cal[-1], tail, p.clamp(max=1.0))
+
+
+@dataclass(frozen=True)
+class RobustFusion:
+    """Result of :func:`robust_fusion` (N samples, M modalities, K classes).
+
+    Attributes:
+        p: fused probabilities (N, K), differentiable in the logits.
+        reliability: r (N, M) in [0, 1], differentiable.
+        trust: 1 - epsilon (N, M), the weight each modality's evidence got.
+        prediction_set: (N, K) bool, split-conformal, coverage >= 1 - alpha on clean data.
+        abstain: (N,) bool.
+    """
+
+    p: torch.Tensor
+    reliability: torch.Tensor
+    trust: torch.Tensor
+    prediction_set: torch.Tensor
+    abstain: torch.Tensor
+
+
+def _check_options(alpha: float, floor: float, trust_level: float, confidence: float) -> None:
+    for name, v, lo, hi in (
+        ("alpha", alpha, 0.0, 1.0),
+        ("floor", floor, 0.0, 1.0),
+        ("trust_level", trust_level, 0.0, 1.0),
+    ):
+        if not (isinstance(v, (int, float)) and lo < float(v) < hi) and not (
+            name == "floor" and v == 0
+        ):
+            raise FusionInputError(f"{name} must lie in ({lo}, {hi}), got {v!r}")
+    if not (isinstance(confidence, (int, float)) and 0.0 <= confidence <= 1.0):
+        raise FusionInputError(f"confidence must lie in [0, 1], got {confidence!r}")
+
+
+def robust_fusion(
+    logits: Sequence[ArrayLike],
+    calibrations: Sequence[ModalityCalibration],
+    log_prior: ArrayLike | None = None,
+    grams: Sequence[ArrayLike | None] | None = None,
+    alpha: float = 0.1,
+    *,
+    floor: float = 0.05,
+    trust_level: float = 0.05,
+    confidence: float = 0.5,
+    consistency: bool | None = None,
+) -> RobustFusion:
+    """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
+
+    Args:
+        logits: M >= 2 arrays (N, K), one per modality.
+        calibrations: M :class:`ModalityCalibration`, same order as ``logits``.
+        log_prior: ln freq (K,) or None (uniform).
+        grams: must be None (reserved: Jacobian regularisation is not part of this rule).
+        alpha: miscoverage level of the prediction set, in (0, 1).
+        floor: minimum contamination epsilon of every modality, in [0, 1).
+        trust_level: reliability at and above which a modality is fully trusted, in (0, 1).
+        confidence: abstain when max_k p(k) is below it, in [0, 1].
+        consistency: multiply reliability by cross-modal consistency (None: for M >= 3 only;
+            with M = 2 each modality is judged by the other alone).
+
+    Returns:
+        :class:`RobustFusion` on the first array's device, in the logits' result dtype.
+    """
+    zs = check_logits(logits)
+    m_count = len(zs)
+    if m_count < 2:
+        raise FusionInputError(f"robust_fusion needs M >= 2 modalities, got M={m_count}")
+    if grams is not None:
+        raise FusionInputError("robust_fusion does not use grams; pass grams=None")
+    if isinstance(calibrations, ModalityCalibration) or len(calibrations) != m_count:
+        got = 1 if isinstance(calibrations, ModalityCalibration) else len(calibrations)
+        raise FusionInputError(f"need one calibration per modality: M={m_count}, got {got}")
+    _check_options(alpha, floor, trust_level, confidence)
+    n, k = zs[0].shape
+    prior = check_log_prior(log_prior, k, zs[0])
+    dtype, device = zs[0].dtype, zs[0].device
+    cals = []
+    for m, c in enumerate(calibrations):
+        if not isinstance(c, ModalityCalibration):
+            raise FusionInputError(f"calibrations[{m}] must be a ModalityCalibration")
+        if c.num_classes != k:
+            raise FusionInputError(f"calibrations[{m}] has K={c.num_classes}, logits have K={k}")
+        cals.append(ModalityCalibration(*(getattr(c, f).to(device) for f in CALIBRATION_FIELDS)))
+    lp = prior.to(torch.float64) if prior is not None else torch.zeros(k, dtype=torch.float64)
+    lp = lp.to(device)
+    z64 = [z.to(torch.float64) for z in zs]
+    log_p = [torch.log_softmax(z, dim=1) for z in z64]
+    scores = [-x for x in log_p]  # s_m(z, k), (N, K)
+    typ = torch.stack(
+        [smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
+         for z, c in zip(z64, cals, strict=True)], dim=1,
+    )  # fmt: skip
+    log_ratios = [torch.log_softmax(x - lp, dim=1) + math.log(k) for x in log_p]  # ln l_m(k)
+
+    def evidence(rel: torch.Tensor) -> list[torch.Tensor]:
+        """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M); computed as
+        logaddexp(ln(1 - eps) + ln l, ln eps) so that eps = 0 or 1 stays finite (and so do
+        the gradients: both clamps are inactive wherever eps moves)."""
+        eps = floor + (1.0 - floor) * (1.0 - (rel / trust_level).clamp(max=1.0))
+        keep = torch.log1p(-eps.clamp(max=1.0 - 1e-12))
+        drop = torch.log(eps.clamp(min=1e-300))
+        return [torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1])
+                for m, lr in enumerate(log_ratios)]  # fmt: skip
+
+    reliability = typ
+    if consistency if consistency is not None else m_count >= 3:
+        # the others' opinion is itself gated by their typicality, so one broken modality
+        # does not make the clean ones look inconsistent
+        ev = evidence(typ)
+        total = torch.stack(ev).sum(dim=0)
+        cons = []
+        for m in range(m_count):
+            q_others = torch.softmax(lp + total - ev[m], dim=1)
+            pi = smooth_pvalues(scores[m], cals[m].conformity_scores)
+            cons.append((2.0 * (q_others * pi).sum(dim=1)).clamp(max=1.0))
+        reliability = reliability * torch.stack(cons, dim=1)
+    eps = floor + (1.0 - floor) * (1.0 - (reliability / trust_level).clamp(max=1.0))  # (N, M)
+    fused = lp + torch.stack(evidence(reliability)).sum(dim=0)
+    p = torch.softmax(fused, dim=1)
+    in_set = torch.ones(n, k, dtype=torch.bool, device=device)
+    trusted = reliability.detach() >= trust_level
+    for m in range(m_count):
+        keep = conformal_pvalues(scores[m], cals[m].conformity_scores) > alpha / m_count
+        in_set &= keep | ~trusted[:, m : m + 1]
+    top = p.detach().argmax(dim=1, keepdim=True)
+    abstain = ~in_set.gather(1, top).squeeze(1) | (p.detach().max(dim=1).values < confidence)
+    return RobustFusion(
+        p=p.to(dtype),
+        reliability=reliability.to(dtype),
+        trust=(1.0 - eps).to(dtype),
+        prediction_set=in_set,
+        abstain=abstain,
+    )

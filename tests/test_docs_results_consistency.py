@@ -1,0 +1,132 @@
+"""Every figure quoted in the README's and docs' results tables comes from a committed results
+file written by the code: a stale table fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+NUM = re.compile(r"-?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
+
+
+def _table_after(text: str, header_start: str) -> list[list[str]]:
+    """Body rows (cells stripped) of the first Markdown table whose header starts so."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(header_start):
+            rows = []
+            for body in lines[i + 2 :]:
+                if not body.startswith("|"):
+                    break
+                rows.append([c.strip() for c in body.strip().strip("|").split("|")])
+            return rows
+    raise AssertionError(f"no table starting with {header_start!r}")
+
+
+def _json(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _pct(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.1f}"
+
+
+def _avdigits_row(perturbed: str, group: str, name: str) -> dict[str, list[float]]:
+    table = next(t for t in _json("avdigits.json")["tables"] if t["perturbed"] == perturbed)
+    return next(r["acc"] for r in table["rows"] if r["group"] == group and r["name"].endswith(name))
+
+
+AV_COLUMNS = {
+    "audio": ["clean", "w0", "w1", "fgsm", "pgd", "fgsm_adaptive", "pgd_adaptive"],
+    "image": ["clean", "w0", "w23", "fgsm", "pgd", "fgsm_adaptive", "pgd_adaptive"],
+}
+
+
+def test_readme_robustness_lab_table() -> None:
+    rows = _table_after((ROOT / "README.md").read_text(), "| perturbed | Clean")
+    assert [r[0] for r in rows] == ["audio", "image"]
+    for row in rows:
+        stat = _avdigits_row(row[0], "MM (0, 1)", "Stat-w/o")
+        jac = _avdigits_row(row[0], "MM (0, 1)", "Stat-w/ (ours)")
+        want = [f"{_pct(stat[c])} → {_pct(jac[c])}" for c in AV_COLUMNS[row[0]]]
+        assert row[1:] == want
+
+
+@pytest.mark.parametrize("perturbed, header", [("audio", "| Audio perturbed"),
+                                               ("image", "| Image perturbed")])  # fmt: skip
+def test_results_readme_headline_tables(perturbed: str, header: str) -> None:
+    rows = _table_after((RESULTS / "README.md").read_text(), header)
+    for row in rows:
+        name = row[0]
+        if name.endswith(" alone"):
+            acc = _avdigits_row(perturbed, "UM", name.removesuffix(" alone"))
+        else:
+            acc = _avdigits_row(perturbed, "MM (0, 1)", name)
+        assert row[1:] == [_pct(acc[c]) for c in AV_COLUMNS[perturbed]], name
+
+
+def _close(text: str, value: float, rel: float) -> bool:
+    got = float(text.replace(",", ""))
+    return abs(got - value) <= rel * abs(value) + 1e-300
+
+
+def test_readme_fusion_throughput_table() -> None:
+    rows = _table_after((ROOT / "README.md").read_text(), "| K | method | samples/s")
+    bench = {r["num_classes"]: r for r in _json("bench-fusion-cpu.json")["rows"]}
+    assert len(rows) == sum(len(r["methods"]) for r in bench.values())
+    for k, method, rate, speedup, diff, _ref, samples in rows:
+        row = bench[int(k)]
+        m = row["methods"][method]
+        assert _close(rate, m["samples_per_s"], 0.005), (k, method, rate)
+        assert _close(speedup, row["speedup_vs_scipy_loop"][method], 0.005), (k, method)
+        if diff:
+            assert _close(diff, m["max_abs_diff_vs_reference"], 0.05), (k, method, diff)
+        assert int(samples) == m["samples"]
+
+
+def test_readme_simulate_quick_table() -> None:
+    """The `simulate --quick` table equals the committed `simulate-quick.json` (written by
+    `jacfusion-fed simulate --quick`, copied from the run's coordinator/results.json)."""
+    res = _json("simulate-quick.json")
+    rows = _table_after((ROOT / "README.md").read_text(), "| UM / MM | Model | Clean")
+    table = res["evaluation"]["table"]
+    keys = [c["key"] for c in table["columns"]]
+    expected = {}
+    for r in table["rows"]:
+        expected[r["name"]] = [_pct(r["acc"][k]) for k in keys]
+    for row in rows:
+        name = row[1]
+        cells = [NUM.match(c).group(0) for c in row[2:]]  # type: ignore[union-attr]
+        assert cells == expected[name], name
+        assert not any("↑" in c or "↓" in c for c in row[2:]), "marks need an interval"
+
+
+@pytest.mark.parametrize("dataset", ["avdigits", "twomoon"])
+def test_unknown_tables_match_their_json(dataset: str) -> None:
+    """docs/results/<dataset>-unknown.md is the rendering of the committed JSON."""
+    from jacfusion_fed.evaluation.unknown_report import unknown_markdown
+
+    path = RESULTS / f"{dataset}-unknown.json"
+    if not path.exists():
+        pytest.fail(f"{path.name} is not committed")
+    md = (RESULTS / f"{dataset}-unknown.md").read_text()
+    assert md == unknown_markdown(json.loads(path.read_text()))
+
+
+def test_readme_unknown_summary_table() -> None:
+    rows = _table_after((ROOT / "README.md").read_text(), "| dataset | Stat-w/o | Stat-w/ (oracle)")
+    assert [r[0] for r in rows] == ["avdigits", "twomoon"]
+    for row in rows:
+        d = _json(f"{row[0]}-unknown.json")
+        m, c = d["mean"], d["pooled"]["clean"]
+        mean, lo, hi = m["robust-stat"]
+        want = [f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
+                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
+                f"{c['set_size']:.2f}"]  # fmt: skip
+        assert row[1:] == want, row[0]

@@ -1,0 +1,88 @@
+"""The perturbed-modality-unknown table: bootstrap marks, provenance, detector-aware attack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jacfusion_fed.evaluation.unknown_report import paired_bootstrap, run_unknown, write_unknown
+from jacfusion_fed.fusion import fit_calibration, robust_fusion
+from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
+
+
+def test_paired_bootstrap_tie_and_difference() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 400).astype(float)
+    mean, lo, hi = paired_bootstrap(a, a.copy())
+    assert mean == lo == hi == 0.0  # identical rows: a tie, never a mark
+    b = a.copy()
+    b[:40] = 1 - b[:40]  # flip 10 %: some up, some down
+    mean, lo, hi = paired_bootstrap(a, b)
+    assert lo <= mean <= hi
+    better = np.ones(400)
+    worse = np.r_[np.ones(300), np.zeros(100)]
+    mean, lo, hi = paired_bootstrap(better, worse)
+    assert mean == pytest.approx(25.0) and lo > 0
+
+
+@pytest.mark.slow
+def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
+    res = run_unknown("twomoon", [0], quick=True, repeats=1)
+    paths = write_unknown(res, tmp_path)
+    data = json.loads(paths[1].read_text())
+    env = data["environment"]
+    assert env["packages"]["torch"] == torch.__version__
+    assert len(env["data_sha256"]) == 64 and "espeak_ng_version" in env
+    assert data["settings"][0] == "clean" and len(data["settings"]) == 5
+    md = paths[0].read_text()
+    for key in data["settings"] + ["mean"]:
+        cell = data["mean"] if key == "mean" else data["pooled"][key]
+        _, lo, hi = cell["robust-stat"]
+        mark = "↑" if lo > 0 else ("↓" if hi < 0 else "=")
+        assert f"{cell['robust']:.1f} {mark}" in md
+        assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
+    params = data["per_seed"]["0"]["params"]
+    assert set(params["robust"]) == {"floor", "trust_level", "confidence"}
+
+
+def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
+    torch.manual_seed(0)
+    k, n = 3, 60
+    net = torch.nn.Sequential(torch.nn.Linear(4, k))
+    x_val, y_val = torch.rand(200, 4), torch.arange(200) % k
+    z_val = net(x_val).detach()
+    other_val = torch.nn.functional.one_hot(y_val, k).double() * 3
+    cals = [fit_calibration(other_val + torch.randn(200, k), y_val), fit_calibration(z_val, y_val)]
+    x, y = torch.rand(n, 4), torch.arange(n) % k
+    other = torch.nn.functional.one_hot(y, k).double() * 3
+    clean_logits = [other, net(x).detach().double()]
+
+    def fusion(zs):  # type: ignore[no-untyped-def]
+        out = robust_fusion(zs, cals)
+        return out.p, out.reliability
+
+    attack = DetectorAwarePGD(net, clean_logits, 1, fusion, eps=0.2, alpha=0.02, steps=10, lam=1.0)
+    x_adv = attack(x, y, torch.Generator().manual_seed(1))
+    assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    before = attack.objective(x, y).mean().detach()
+    after = attack.objective(x_adv, y).mean().detach()
+    assert float(after) > float(before)
+
+
+def test_provenance_records_versions_and_a_data_hash_that_tracks_the_data() -> None:
+    from jacfusion_fed.data import load_builtin
+    from jacfusion_fed.evaluation.provenance import provenance
+
+    splits = {s: load_builtin("twomoon", s) for s in ("train", "val", "test")}
+    env = provenance(splits)
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["numpy"]
+    assert "espeak_ng_version" in env  # None for TwoMoon, the version for AV-Digits
+    again = provenance({s: load_builtin("twomoon", s) for s in ("train", "val", "test")})
+    assert again["data_sha256"] == env["data_sha256"]
+    splits["test"].modalities["y"][0, 0] += 1e-3
+    assert provenance(splits)["data_sha256"] != env["data_sha256"]
