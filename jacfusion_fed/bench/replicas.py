@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -33,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from jacfusion_fed.bench.serve import (
-    _CLI,
+    CLI_ENTRY,
     MODALITIES,
     ServeBenchConfig,
-    _Procs,
-    _throughput,
-    _wait_serving,
     bench_setup,
     load_average,
+    python_procs,
+    throughput,
+    wait_serving,
 )
+from jacfusion_fed.processes import ProcessSet
 
 __all__ = ["ReplicaBenchConfig", "run_replica_bench"]
 
@@ -59,14 +59,14 @@ class ReplicaBenchConfig:
     seed: int = 0
 
 
-def _start_owners(procs: _Procs, setup: Any) -> dict[str, str]:
+def _start_owners(procs: ProcessSet, setup: Any) -> dict[str, str]:
     root, names = setup.root, []
     for modality in MODALITIES:
         name, port_file = f"owner-{modality}", setup.root / f"owner-{modality}.port"
         procs.start_serving(
             name,
             [
-                "-c", _CLI, "owner", "serve", "--workspace", str(root / f"ws-{modality}"),
+                "-c", CLI_ENTRY, "owner", "serve", "--workspace", str(root / f"ws-{modality}"),
                 "--modality", modality, "--data", f"npz:{setup.data[modality]}",
                 "--pseudonym-key", str(setup.key_path), "--host", "127.0.0.1",
                 "--tls", str(setup.certs.owner_dirs[f"{modality}-co"]),
@@ -79,12 +79,12 @@ def _start_owners(procs: _Procs, setup: Any) -> dict[str, str]:
     return {m: f"127.0.0.1:{procs.wait_port(n, f)}" for n, f, m in names}
 
 
-def _start_coordinator(procs: _Procs, setup: Any, name: str, owners: dict[str, str]) -> str:
+def _start_coordinator(procs: ProcessSet, setup: Any, name: str, owners: dict[str, str]) -> str:
     port_file = setup.root / f"{name}.port"
     procs.start_serving(
         name,
         [
-            "-c", _CLI, "coordinator", "serve", "--registry", str(setup.root / "registry"),
+            "-c", CLI_ENTRY, "coordinator", "serve", "--registry", str(setup.root / "registry"),
             "--tls", str(setup.certs.coordinator_dir), "--host", "127.0.0.1",
             "--port-file", str(port_file), "--log-level", "warning",
             *[a for m, t in owners.items() for a in ("--owner", f"{m}={t}")],
@@ -99,7 +99,7 @@ def _wait_all_heads(target: str, requester: Any, timeout: float = 120.0) -> None
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 
     channel = connect_coordinator(target, requester)
-    _wait_serving(channel)
+    wait_serving(channel)
     stub = fusion_pb2_grpc.FusionServiceStub(channel)
     deadline = time.monotonic() + timeout
     while len(stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=10).modalities) < len(
@@ -143,7 +143,7 @@ def _caller(targets: list[str], requester: Any, retries: bool) -> Callable[[list
 
 
 def _failover(
-    procs: _Procs, victim: str, targets: list[str], requester: Any, ids: list[str],
+    procs: ProcessSet, victim: str, targets: list[str], requester: Any, ids: list[str],
     cfg: ReplicaBenchConfig, retries: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """``cfg.failover_requests`` requests from ``cfg.clients`` threads; SIGKILL ``victim``
@@ -177,9 +177,7 @@ def _failover(
         if time.monotonic() > deadline or not any(t.is_alive() for t in threads):
             break
         time.sleep(0.005)
-    proc = procs.procs.pop(victim)
-    os.kill(proc.pid, signal.SIGKILL)  # a crash: no graceful shutdown
-    proc.wait(10)
+    procs.kill(victim)  # SIGKILL, a crash: no graceful shutdown
     killed_after = sum(done) + sum(failed)
     for t in threads:
         t.join(300)
@@ -203,7 +201,7 @@ def run_replica_bench(
     """Run both measurements; the results as a JSON-ready dict (see the module docstring)."""
     data_cfg = ServeBenchConfig(samples=cfg.samples, classes=cfg.classes, seed=cfg.seed)
     with bench_setup(workdir, data_cfg, "bench", progress) as setup:
-        procs = _Procs(setup.root)
+        procs = python_procs(setup.root)
         try:
             progress("two owners (training if needed) and two coordinator replicas")
             owners = _start_owners(procs, setup)
@@ -217,7 +215,7 @@ def run_replica_bench(
                     progress(f"throughput block {k + 1}/{cfg.blocks}: {label} replica(s)")
                     make = functools.partial(_caller, targets, setup.requester, True)
                     blocks[label].append(
-                        _throughput(make, setup.ids, cfg.batch, cfg.clients, cfg.block_s)
+                        throughput(make, setup.ids, cfg.batch, cfg.clients, cfg.block_s)
                     )
             rate = {k: sum(b["samples_per_s"] for b in v) / len(v) for k, v in blocks.items()}
             failover = []

@@ -45,18 +45,20 @@ import numpy as np
 from jacfusion_fed.processes import ProcessSet
 
 __all__ = [
+    "CLI_ENTRY",
     "ServeBenchConfig",
     "print_results",
     "python_procs",
     "run_serve_bench",
     "serve_echo",
     "start_deployment",
+    "throughput",
     "wait_serving",
 ]
 
 ECHO_METHOD = "/jacfusion.bench.Echo/Echo"
 MODALITIES = ("audio", "image")
-_CLI = "from jacfusion_fed.cli import main; main()"
+CLI_ENTRY = "from jacfusion_fed.cli import main; main()"
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def _latency(
     return pred[:total], bare[:total]
 
 
-def _throughput(
+def throughput(
     make_call: Callable[[], Callable[[list[str]], Any]],
     ids: list[str], batch: int, clients: int, duration: float,
 ) -> dict[str, float]:  # fmt: skip
@@ -299,7 +301,7 @@ def start_deployment(
         name = f"{tag}-owner-{modality}"
         port_file = root / f"{name}.port"
         args = [
-            "-c", _CLI, "owner", "serve",
+            "-c", CLI_ENTRY, "owner", "serve",
             "--workspace", str(root / f"ws-{modality}"), "--modality", modality,
             "--data", f"npz:{data[modality]}", "--pseudonym-key", str(key),
             "--tls", str(certs.owner_dirs[f"{modality}-co"]), "--port-file", str(port_file),
@@ -316,7 +318,7 @@ def start_deployment(
     procs.start_serving(
         coord,
         [
-            "-c", _CLI, "coordinator", "serve", "--registry", str(root / f"registry-{tag}"),
+            "-c", CLI_ENTRY, "coordinator", "serve", "--registry", str(root / f"registry-{tag}"),
             "--tls", str(certs.coordinator_dir), "--port", "0", "--port-file", str(coord_port),
             "--log-level", "warning",
             *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
@@ -395,7 +397,7 @@ def _measure(
         return call
 
     progress(f"throughput: batches of {cfg.batch}, {cfg.clients} clients, {cfg.duration_s} s")
-    thr = _throughput(make_call, ids, cfg.batch, cfg.clients, cfg.duration_s)
+    thr = throughput(make_call, ids, cfg.batch, cfg.clients, cfg.duration_s)
     coord_channel.close()
     echo_channel.close()
     del grpc
