@@ -4,6 +4,7 @@ concurrent requests with the same options (:class:`FusionKey`) in one call."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ class FusionBatcher:
         max_rows: int = 65_536,
     ) -> None:
         self._compute = compute
+        self._observers: list[Callable[[str, float], None]] = []
         self.enabled = enabled
         self.max_rows = max_rows
         self._lock = threading.Lock()
@@ -75,6 +77,18 @@ class FusionBatcher:
         self._busy = False
         self.calls = 0  # fusion calls made (for tests and benchmarks)
         self.jobs = 0
+
+    def on_fused(self, callback: Callable[[str, float], None]) -> None:
+        """Call ``callback(method, seconds)`` after every fusion computation (metrics)."""
+        self._observers.append(callback)
+
+    def _compute_timed(self, key: FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self._compute(key, logits, spec)
+        finally:
+            for callback in self._observers:
+                callback(key.method, time.perf_counter() - start)
 
     def run(self, key: FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
         job = _Job(key, logits, spec)
@@ -129,7 +143,7 @@ class FusionBatcher:
                     np.concatenate([job.logits[m] for job in batch])
                     for m in range(len(batch[0].logits))
                 ]
-            probs = self._compute(key, logits, batch[0].spec)
+            probs = self._compute_timed(key, logits, batch[0].spec)
             self.calls += 1
             self.jobs += len(batch)
             offset = 0

@@ -22,7 +22,6 @@ from jacfusion_fed.rpc.auth import (
 from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.limits import PeerLimits
-from jacfusion_fed.rpc.metrics import watch_coordinator
 from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
@@ -32,6 +31,7 @@ from jacfusion_fed.rpc.tls import (
 
 from .coordinator import Coordinator
 from .fusion_service import FusionServicer
+from .metrics import watch_coordinator
 
 __all__ = [
     "CoordinatorServer",

@@ -23,12 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.privacy.certs import owner_server_name
 from jacfusion_fed.reliability.stall import StallingClient
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import MetricsEndpoint, ServiceMetrics
 from jacfusion_fed.rpc.tls import TransportOptions
 from jacfusion_fed.server.coordinator import Coordinator, OwnerEndpoint
-from jacfusion_fed.server.serve import CoordinatorServer, connect_coordinator, serve_coordinator
+from jacfusion_fed.server.serve import CoordinatorServer, serve_coordinator
 
 SAMPLE = Path(__file__).parent.parent / "docs" / "results" / "metrics-sample.prom"
 PREDICT = "/jacfusion.v1.FusionService/Predict"

@@ -17,11 +17,12 @@ from helpers_services import MODALITIES, Fed, build_fed, foreign_certs, rpc_erro
 
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.privacy.certs import CertificateAuthority, write_credentials
+from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.diagnose import diagnose_tls_failure
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import INSECURE, TlsFiles
 from jacfusion_fed.server.coordinator import Coordinator, OwnerEndpoint
-from jacfusion_fed.server.serve import CoordinatorServer, connect_coordinator, serve_coordinator
+from jacfusion_fed.server.serve import CoordinatorServer, serve_coordinator
 
 
 @dataclass

@@ -22,7 +22,7 @@ __all__ = [
 def security(tls: Path | None, insecure: bool) -> Any:
     """``INSECURE`` or the checked :class:`~jacfusion_fed.rpc.tls.TlsFiles` of ``--tls DIR``:
     every file present and readable, the private key owner-only."""
-    from jacfusion_fed.privacy._fileio import check_private_file
+    from jacfusion_fed.privacy import check_private_file
     from jacfusion_fed.rpc.tls import INSECURE, TlsFiles
 
     if insecure and tls is not None:

@@ -1,5 +1,6 @@
 """Privacy primitives: deployment certificates and keys, HMAC pseudonyms."""
 
+from jacfusion_fed.privacy._fileio import check_private_file
 from jacfusion_fed.privacy.certs import (
     CertificateAuthority,
     DeploymentCerts,
@@ -23,6 +24,7 @@ __all__ = [
     "IssuedCertificate",
     "Pseudonymizer",
     "certificate_identity",
+    "check_private_file",
     "generate_deployment_certs",
     "generate_key",
     "generate_supernode_auth_keys",

@@ -3,7 +3,8 @@
 Every service (coordinator, owner) gets its own :class:`ServiceMetrics` with its own
 ``CollectorRegistry``, so that several services in one process (tests, benchmarks) never mix
 their figures. :class:`jacfusion_fed.rpc.limits.GuardInterceptor` records the RPC figures;
-:func:`watch_coordinator` and :func:`watch_owner` add what only the service knows.
+:func:`watch_owner` (here) and ``jacfusion_fed.server.metrics.watch_coordinator`` add what only
+the service knows.
 
 Metrics (``service`` is a constant label: ``coordinator`` or ``owner``):
 
@@ -34,9 +35,8 @@ which are for the operator, not for the network.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -48,10 +48,8 @@ from jacfusion_fed.rpc.tls import DEFAULT_HOST, is_loopback
 
 if TYPE_CHECKING:
     from jacfusion_fed.owner import OwnerWorkspace
-    from jacfusion_fed.server.coordinator import Coordinator
 
-__all__ = ["LATENCY_BUCKETS", "MetricsEndpoint", "ServiceMetrics", "watch_coordinator",
-           "watch_owner"]  # fmt: skip
+__all__ = ["LATENCY_BUCKETS", "Callback", "MetricsEndpoint", "ServiceMetrics", "watch_owner"]
 
 #: Seconds; from a cached owner answer (~1 ms) to a long stream or a slow owner.
 LATENCY_BUCKETS: Final = (
@@ -59,7 +57,7 @@ LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 
 
-class _Callback(Collector):
+class Callback(Collector):
     """A collector that asks for its samples at scrape time."""
 
     def __init__(self, produce: Callable[[], Iterable[Metric]]) -> None:
@@ -92,7 +90,7 @@ class ServiceMetrics:
             "jacfusion_fusion_seconds", "Duration of one fusion call (after batching).",
             ["method"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_Callback(lambda: [_info("jacfusion_service", labels)]))
+        self.registry.register(Callback(lambda: [_info("jacfusion_service", labels)]))
 
     def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Record one RPC that ended with ``code`` after ``seconds``."""
@@ -114,7 +112,7 @@ class ServiceMetrics:
                 gauge.add_metric([peer], count)
             yield gauge
 
-        self.registry.register(_Callback(produce))
+        self.registry.register(Callback(produce))
 
     def scrape(self) -> str:
         """The text exposition format, as the HTTP endpoint serves it."""
@@ -130,42 +128,6 @@ def _info(name: str, labels: Mapping[str, str]) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, "Constant 1, labelled.", labels=list(labels))
     gauge.add_metric(list(labels.values()), 1.0)
     return gauge
-
-
-def watch_coordinator(metrics: ServiceMetrics, coordinator: Coordinator) -> None:
-    """Owner availability and registered versions (read at scrape time), and fusion time."""
-
-    def produce() -> Iterable[Metric]:
-        up = GaugeMetricFamily(
-            "jacfusion_owner_up",
-            "1 when the owner has a registered head and its last call succeeded.",
-            labels=["modality"],
-        )
-        versions = GaugeMetricFamily(
-            "jacfusion_owner_model_version_info",
-            "The model version registered per owner (value 1).",
-            labels=["modality", "owner", "version"],
-        )
-        # The coordinator has no public per-owner state yet; read it, never write it.
-        for owner in coordinator._owners.values():
-            modality, head, error = owner.modality, owner.head, owner.last_error
-            up.add_metric([modality], float(head is not None and not error))
-            if head is not None:
-                versions.add_metric([modality, head.record.owner, head.version], 1.0)
-        return [up, versions]
-
-    metrics.registry.register(_Callback(produce))
-    batcher = coordinator.batcher
-    compute = batcher._compute
-
-    def timed(key: Any, logits: Any, spec: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return compute(key, logits, spec)
-        finally:
-            metrics.fusion_seconds.labels(method=key.method).observe(time.perf_counter() - start)
-
-    batcher._compute = timed
 
 
 def watch_owner(metrics: ServiceMetrics, workspace: OwnerWorkspace, owner: str) -> None:
@@ -185,7 +147,7 @@ def watch_owner(metrics: ServiceMetrics, workspace: OwnerWorkspace, owner: str) 
             versions.add_metric([workspace.modality, owner, version], 1.0)
         return [versions]
 
-    metrics.registry.register(_Callback(produce))
+    metrics.registry.register(Callback(produce))
 
 
 class MetricsEndpoint:
