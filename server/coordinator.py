@@ -65,6 +65,7 @@ from jacfusion_fed.fusion import (
     statistical_fusion,
 )
 from jacfusion_fed.fusion._validation import check_gamma
+from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
 from jacfusion_fed.rpc.auth import AuthError, connect_owner, fetch_server_principal
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
@@ -620,6 +621,13 @@ class Coordinator:
         if n > limit:
             hint = " (use PredictStream for large batches)" if what == "Predict" else ""
             raise PredictError(bad, f"batch of {n} sample ids exceeds the limit of {limit}{hint}")
+        not_pseudonym = first_non_pseudonym(ids)  # before any message could echo a raw id
+        if not_pseudonym is not None:
+            raise PredictError(
+                bad,
+                f"sample id at position {not_pseudonym} is not a pseudonym (HMAC-SHA256: 64 hex "
+                "digits or 52 base32 characters); pseudonymize ids with the deployment key",
+            )
         index = dict(zip(ids, range(n), strict=True))
         if len(index) != n:
             seen: set[str] = set()

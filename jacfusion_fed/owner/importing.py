@@ -198,7 +198,9 @@ def _export_info(ep: Any) -> tuple[int | None, tuple[int, ...] | None]:
             break
         dims = list(val.shape)
         batch = dims[0] if isinstance(dims[0], int) else None
-        rest = tuple(int(d) for d in dims[1:]) if all(isinstance(d, int) for d in dims[1:]) else None
+        rest = (
+            tuple(int(d) for d in dims[1:]) if all(isinstance(d, int) for d in dims[1:]) else None
+        )
         return batch, rest
     return None, None
 

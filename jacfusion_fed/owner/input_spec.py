@@ -134,7 +134,7 @@ class InputSpec:
         if tuple(x.shape) != self.shape:
             raise RecordError(index, f"shape {tuple(x.shape)}, expected {self.shape}")
         want = np.dtype(self.dtype)
-        if x.dtype.kind not in "fiu" :
+        if x.dtype.kind not in "fiu":
             raise RecordError(index, f"dtype {x.dtype} is not numeric")
         if want.kind in "iu" and x.dtype.kind == "f":
             raise RecordError(index, f"dtype {x.dtype}, expected {self.dtype} (integers)")

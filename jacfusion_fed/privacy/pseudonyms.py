@@ -33,9 +33,9 @@ from jacfusion_fed.privacy._fileio import PRIVATE_MODE, check_private_file, writ
 __all__ = [
     "KEY_BYTES",
     "MIN_KEY_BYTES",
+    "PSEUDONYM_PATTERN",
     "Encoding",
     "Pseudonymizer",
-    "PSEUDONYM_PATTERN",
     "first_non_pseudonym",
     "generate_key",
     "is_pseudonym",

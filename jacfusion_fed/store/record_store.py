@@ -132,7 +132,11 @@ class RecordStore:
         Records without a mapping are erased (they cannot be reached under the new key); every
         cached logit is dropped. Returns ``(renamed, erased)``.
         """
-        bad = [i for i, (a, b) in enumerate(mapping.items()) if not (is_pseudonym(a) and is_pseudonym(b))]
+        bad = [
+            i
+            for i, (a, b) in enumerate(mapping.items())
+            if not (is_pseudonym(a) and is_pseudonym(b))
+        ]
         if bad:
             raise ValueError(f"rekey mapping entry {bad[0]} is not a pair of pseudonyms")
         if len(set(mapping.values())) != len(mapping):
@@ -145,7 +149,9 @@ class RecordStore:
             for sid in self.ids(purge=False):
                 if sid in mapping:
                     payload, meta = read_verified(self._record_path(sid))
-                    write_verified(staged / f"{mapping[sid]}.rec", payload, meta | {"id": mapping[sid]})
+                    write_verified(
+                        staged / f"{mapping[sid]}.rec", payload, meta | {"id": mapping[sid]}
+                    )
                     renamed += 1
                 else:
                     erased += 1
@@ -224,7 +230,9 @@ class RecordStore:
                     raise RecordConflictError(i)
             stored = replaced = unchanged = 0
             now = _now()
-            expires = None if self.retention_s is None else now + dt.timedelta(seconds=self.retention_s)
+            expires = (
+                None if self.retention_s is None else now + dt.timedelta(seconds=self.retention_s)
+            )
             for i, sid in enumerate(ids):
                 found = existing[i]
                 if found is not None and found[1].get("sha256") == hashes[i]:
