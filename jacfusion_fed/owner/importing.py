@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def _factory(entry: str) -> Callable[[], nn.Module]:
         raise ModelImportError(f"factory {entry!r} cannot be imported: {exc}") from exc
     if not callable(fn):
         raise ModelImportError(f"factory {entry!r} is not callable")
-    return fn  # type: ignore[return-value]
+    return fn
 
 
 def _build_from_factory(entry: str, weights: Mapping[str, torch.Tensor], source: str) -> nn.Module:
@@ -209,7 +210,9 @@ def _from_archive(fmt: str, data: bytes, source: str) -> LoadedModel:
     state = {"archive": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     try:
         if fmt == "torchscript":
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            with warnings.catch_warnings():  # "deprecated": still the format owners have
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu")  # type: ignore[no-untyped-call]
             return LoadedModel(fmt, module.eval(), state)
         ep = torch.export.load(io.BytesIO(data))
     except Exception as exc:
@@ -264,7 +267,7 @@ def load_model_file(path: str | Path, *, factory: str | None = None) -> LoadedMo
 
 
 def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    params = dict(module.named_parameters())
+    params: dict[str, torch.Tensor] = dict(module.named_parameters())
     params.update({k: v for k, v in module.named_buffers() if k not in params})
     return params
 

@@ -129,9 +129,7 @@ class OwnerWorkspace:
     def records(self) -> dict[str, MultimodalDataset]:
         """The data source's splits (empty without a data source)."""
         if self._records is None:
-            self._records = (
-                {} if self.source is None else load_records(self.source, self.modality)
-            )
+            self._records = {} if self.source is None else load_records(self.source, self.modality)
         return self._records
 
     @property
@@ -239,7 +237,7 @@ class OwnerWorkspace:
     def new_model(self) -> UnimodalNet:
         train = self.records["train"]
         shape = tuple(train.modalities[self.modality].shape[1:])
-        arch = choose_arch(self.source.location, self.modality, shape)
+        arch = choose_arch(self.source.location if self.source else "", self.modality, shape)
         return build_model(arch, shape, train.num_classes)
 
     def train(

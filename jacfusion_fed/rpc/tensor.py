@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jacfusion_fed.rpc.jacfusion.v1 import common_pb2
@@ -11,7 +13,7 @@ __all__ = ["MAX_TENSOR_BYTES", "TensorDecodeError", "decode_tensor", "encode_ten
 #: Largest tensor payload accepted (64 MiB, the transport's message limit).
 MAX_TENSOR_BYTES = 64 * 1024 * 1024
 
-_BY_ENUM = {
+_BY_ENUM: dict[int, np.dtype[Any]] = {
     common_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     common_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     common_pb2.DATA_TYPE_FLOAT16: np.dtype("<f2"),
@@ -33,7 +35,9 @@ def encode_tensor(x: np.ndarray) -> common_pb2.Tensor:
     if enum is None:
         raise ValueError(f"unsupported tensor dtype {arr.dtype}; use one of {sorted(_BY_NAME)}")
     data = np.ascontiguousarray(arr, dtype=_BY_ENUM[enum]).tobytes()
-    return common_pb2.Tensor(shape=list(arr.shape), dtype=enum, data=data)
+    return common_pb2.Tensor(
+        shape=list(arr.shape), dtype=common_pb2.DataType.ValueType(enum), data=data
+    )
 
 
 def decode_tensor(message: common_pb2.Tensor) -> np.ndarray:
@@ -52,4 +56,5 @@ def decode_tensor(message: common_pb2.Tensor) -> np.ndarray:
             f"tensor data has {len(message.data)} bytes, shape {shape} of {dtype.name} "
             f"needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(message.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    out: np.ndarray = np.frombuffer(message.data, dtype=dtype).reshape(shape)
+    return out.astype(dtype.newbyteorder("="))

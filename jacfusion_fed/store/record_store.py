@@ -185,7 +185,7 @@ class RecordStore:
             return None
         try:
             dtype = np.dtype(str(meta["dtype"]))
-            shape = tuple(int(d) for d in meta["shape"])  # type: ignore[attr-defined]
+            shape = tuple(int(d) for d in meta["shape"])
             x = np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(path, f"malformed record ({exc})") from exc
