@@ -224,7 +224,7 @@ def test_roles_on_the_new_rpcs(dep: Deployment) -> None:
         delete = modality_pb2.DeleteRecordsRequest(sample_ids=list(request.sample_ids))
         for call in (
             lambda s=stub: s.PutRecords(request, timeout=5),
-            lambda s=stub: s.DeleteRecords(delete, timeout=5),
+            lambda s=stub, d=delete: s.DeleteRecords(d, timeout=5),
         ):
             assert _code(call)[0] == grpc.StatusCode.PERMISSION_DENIED
         channel.close()
