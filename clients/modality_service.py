@@ -195,6 +195,7 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         self.use_logit_cache = use_logit_cache
         self.max_put_records = max_put_records
         self._current = _CurrentVersion(workspace)
+        _ = workspace.live  # opens the live records: refuses a workspace of another key now
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -276,9 +276,9 @@ def test_restart_durability_and_key_rotation(dep: Deployment) -> None:
     with dep.requester() as req:
         np.testing.assert_allclose(req.predict(ids, method="statistical").probabilities, first)
     new_key = b"b" * 32
-    with pytest.raises(KeyMismatchError, match="fingerprint"):
-        dep.workspace("image", new_key)
     dep.owners["image"].stop(0)
+    with pytest.raises(KeyMismatchError, match="fingerprint"):  # never serves the old cache
+        dep.start_owner("image", dep.workspace("image", new_key))
     old = dep.workspace("image")
     mapping = Requester(tls=TlsFiles.from_dir(dep.certs.requester_dirs["alice"]),
                         pseudonym_key=KEY).rekey_map(ids, new_key)  # fmt: skip

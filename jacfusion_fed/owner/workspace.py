@@ -89,7 +89,9 @@ class OwnerWorkspace:
             ``None`` for an owner that answers only for live records.
         pseudonymizer: HMAC pseudonyms of local patient ids; the key never leaves the owner
             and its requesters. Its fingerprint must match the workspace's stored records
-            (:class:`~jacfusion_fed.store.record_store.KeyMismatchError` otherwise).
+            (:class:`~jacfusion_fed.store.record_store.KeyMismatchError` on first use of
+            :attr:`live`). ``None`` only for model management (``import-model``): anything
+            that needs pseudonyms then raises ``ValueError``.
         allow_full_head: whether W and b may be shared (else only the Gram matrix).
         retention_s: seconds live records are kept (``None``: until deleted).
     """
@@ -99,7 +101,7 @@ class OwnerWorkspace:
         root: str | Path,
         modality: str,
         source: DataSource | str | None,
-        pseudonymizer: Pseudonymizer,
+        pseudonymizer: Pseudonymizer | None,
         *,
         allow_full_head: bool = False,
         retention_s: float | None = None,
@@ -110,12 +112,8 @@ class OwnerWorkspace:
         self.source = DataSource.parse(source) if isinstance(source, str) else source
         self.allow_full_head = allow_full_head
         self.store = ModelStore(self.root / "store")
-        if not (self.root / "live" / "KEY").exists():
-            # A workspace from before key fingerprints: its logit caches may belong to any key.
-            self.store.drop_logit_caches()
-        self.live = LiveRecords(
-            self.root / "live", pseudonymizer.fingerprint, retention_s=retention_s
-        )
+        self.retention_s = retention_s
+        self._live: LiveRecords | None = None
         self._pseudonymizer = pseudonymizer
         self._records: dict[str, MultimodalDataset] | None = None
         self._index: dict[str, tuple[str, int]] | None = None
@@ -133,8 +131,28 @@ class OwnerWorkspace:
         return self._records
 
     @property
+    def pseudonymizer(self) -> Pseudonymizer:
+        if self._pseudonymizer is None:
+            raise ValueError(f"the workspace {self.root} was opened without the pseudonym key")
+        return self._pseudonymizer
+
+    @property
     def key_fingerprint(self) -> str:
-        return self._pseudonymizer.fingerprint
+        return self.pseudonymizer.fingerprint
+
+    @property
+    def live(self) -> LiveRecords:
+        """The live records; opening them checks the key fingerprint (``KeyMismatchError``)."""
+        with self._lock:
+            if self._live is None:
+                if not (self.root / "live" / "KEY").exists():
+                    # A workspace from before key fingerprints: its logit caches may belong
+                    # to any key, so they are recomputed rather than trusted.
+                    self.store.drop_logit_caches()
+                self._live = LiveRecords(
+                    self.root / "live", self.key_fingerprint, retention_s=self.retention_s
+                )
+            return self._live
 
     def class_names(self) -> list[str]:
         train = self.records.get("train")
@@ -146,13 +164,13 @@ class OwnerWorkspace:
             index: dict[str, tuple[str, int]] = {}
             for split, ds in self.records.items():
                 for row, local_id in enumerate(ds.sample_ids):
-                    index[self._pseudonymizer(local_id)] = (split, row)
+                    index[self.pseudonymizer(local_id)] = (split, row)
             self._index = index
         return self._index
 
     def pseudonyms(self, split: str) -> list[str]:
         """Pseudonymous ids of one split (what a requester derives with the same key)."""
-        return self._pseudonymizer.many(self.records[split].sample_ids)
+        return self.pseudonymizer.many(self.records[split].sample_ids)
 
     @property
     def num_classes(self) -> int:

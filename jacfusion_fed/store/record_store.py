@@ -58,7 +58,7 @@ class RecordConflictError(Exception):
         self.index = index
 
 
-class KeyMismatchError(Exception):
+class KeyMismatchError(ValueError):
     """The store's records belong to another pseudonym key (fingerprints named)."""
 
 
