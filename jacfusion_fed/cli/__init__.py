@@ -16,7 +16,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_COMMAND_MODULES = ("bench", "certs", "serve", "simulate", "deploy", "evaluate", "reliability")
+_COMMAND_MODULES = (
+    "bench", "certs", "serve", "simulate", "deploy", "evaluate", "reliability", "records",
+)  # fmt: skip
 
 
 def _register() -> None:

@@ -105,8 +105,13 @@ LogOpt = Annotated[str, typer.Option(help="Log level.")]
 def owner_serve(
     workspace: Annotated[Path, typer.Option(help="The owner's workspace directory (model store).")],
     modality: Annotated[str, typer.Option(help="The modality this owner serves.")],
-    data: Annotated[str, typer.Option(help="Data source, e.g. builtin:avdigits or npz:FILE.")],
     pseudonym_key: Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")],
+    data: Annotated[
+        str | None, typer.Option(help="Data source (builtin:..., npz:FILE); none: records only.")
+    ] = None,
+    retention: Annotated[
+        float | None, typer.Option(help="Seconds live records are kept (default: until deleted).")
+    ] = None,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     name: Annotated[str | None, typer.Option(help="Owner name (default: certificate CN).")] = None,
@@ -142,7 +147,7 @@ def owner_serve(
 
     ws = OwnerWorkspace(
         workspace, modality, data, Pseudonymizer.from_file(pseudonym_key),
-        allow_full_head=allow_full_head,
+        allow_full_head=allow_full_head, retention_s=retention,
     )  # fmt: skip
     if train_if_missing and ws.store.current_version() is None:
         err_console.print(f"training a {modality!r} model ({epochs} epochs) ...")
