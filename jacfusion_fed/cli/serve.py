@@ -125,7 +125,9 @@ def owner_serve(
     train_if_missing: Annotated[
         bool, typer.Option(help="Train a model first when the workspace has none.")
     ] = False,
-    epochs: Annotated[int, typer.Option(help="Epochs for --train-if-missing.", min=1)] = 8,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs for --train-if-missing (default: recipe).", min=1)
+    ] = None,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
     log_level: LogOpt = "info",
 ) -> None:
@@ -150,8 +152,11 @@ def owner_serve(
         allow_full_head=allow_full_head, retention_s=retention,
     )  # fmt: skip
     if train_if_missing and ws.store.current_version() is None:
-        err_console.print(f"training a {modality!r} model ({epochs} epochs) ...")
-        ws.train(epochs=epochs)
+        from jacfusion_fed.owner.recipe import train_recommended
+
+        err_console.print(f"training a {modality!r} model (the simulation's recipe) ...")
+        metrics = train_recommended(ws, epochs=epochs)
+        err_console.print(", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if "acc" in k))
     try:
         running = serve_owner(
             ws, security, owner_name=name, host=host, port=port, max_workers=max_workers,
