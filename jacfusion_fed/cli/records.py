@@ -40,7 +40,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
-def _fail(exc: BaseException) -> typer.Exit:
+def _fail(exc: BaseException | str) -> typer.Exit:
     err_console.print(f"error: {exc}")
     return typer.Exit(2)
 
