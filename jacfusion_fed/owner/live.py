@@ -86,6 +86,10 @@ class LiveRecords:
 
     def expire(self) -> list[str]:
         """Erase the records whose retention ran out; returns their ids."""
+        if self.store.retention_s is None and not any(
+            t is not None for t in self._expires.values()
+        ):
+            return []  # nothing can expire (no retention now, none set before)
         now = time.time()
         due = [s for s, t in list(self._expires.items()) if t is not None and t <= now]
         if due:
