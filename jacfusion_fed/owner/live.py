@@ -58,6 +58,7 @@ class LiveRecords:
         for sid in self.store.ids():
             path = self.store.root / "records" / f"{sid}.rec"
             self._expires[sid] = _timestamp(read_envelope_meta(path).get("expires_at"))
+        self._any_expiry = any(t is not None for t in self._expires.values())
         self._memo: dict[str, dict[str, np.ndarray]] = {}
         self._retired_path = self.store.root / "RETIRED"
         self.retired: frozenset[str] = frozenset()
@@ -86,10 +87,8 @@ class LiveRecords:
 
     def expire(self) -> list[str]:
         """Erase the records whose retention ran out; returns their ids."""
-        if self.store.retention_s is None and not any(
-            t is not None for t in self._expires.values()
-        ):
-            return []  # nothing can expire (no retention now, none set before)
+        if self.store.retention_s is None and not self._any_expiry:
+            return []  # nothing can expire (no retention now, none stored before)
         now = time.time()
         due = [s for s, t in list(self._expires.items()) if t is not None and t <= now]
         if due:
