@@ -76,7 +76,8 @@ class Prediction:
 
     def accuracy(self, labels: Mapping[str, int]) -> float:
         """Share of predicted ids whose label equals ``labels[id]`` (ids without one skipped)."""
-        pairs = [(int(p), int(labels[i])) for i, p in zip(self.ids, self.labels) if i in labels]
+        rows = zip(self.ids, self.labels.tolist(), strict=True)
+        pairs = [(int(p), int(labels[i])) for i, p in rows if i in labels]
         if not pairs:
             raise ValueError("no predicted id has a label")
         return sum(p == t for p, t in pairs) / len(pairs)
