@@ -263,6 +263,31 @@ def test_raw_ids_refused_and_not_echoed(dep: Deployment) -> None:
     assert "Jane" not in msg and "1970" not in msg
 
 
+def test_import_while_serving_is_a_model_update(dep: Deployment) -> None:
+    """A new imported version is picked up like a retrain: the coordinator fuses the new
+    logits with the new version's head, never with the old one."""
+    ids = ["Update A", "Update B"]
+    with dep.requester() as req:
+        for m in ("image", "audio"):
+            req.submit(m, ids, dep.x[m][:2])
+        before = _predict_eventually(req, ids, method="jacobian")
+        torch.manual_seed(7)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(25, 16), nn.Tanh(), nn.Linear(16, K)).eval()
+        path = dep.root / "image-v2.pt"
+        torch.jit.save(torch.jit.script(net), path)
+        spec = InputSpec.create(SHAPES["image"], "float32", (0.0, 1.0))
+        report = import_model(
+            dep.workspace("image"), path, class_counts=COUNTS["image"], input_spec=spec
+        )
+        dep.nets["image"] = net
+        after = req.predict(ids, method="jacobian")
+        assert after.model_versions["image"] == report.version
+        assert report.version != before.model_versions["image"]
+        np.testing.assert_allclose(
+            after.probabilities, dep.reference([0, 1], "jacobian"), rtol=1e-6, atol=1e-9
+        )
+
+
 def test_restart_durability_and_key_rotation(dep: Deployment) -> None:
     """Records survive an owner restart; a new key is refused until a rotation re-keys them;
     after it, the old key's pseudonyms are refused and the new ones answer."""
