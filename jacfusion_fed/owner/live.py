@@ -130,7 +130,10 @@ class LiveRecords:
         self.expire()
         out: dict[str, np.ndarray] = {}
         todo: list[tuple[str, np.ndarray]] = []
-        memo = self._memo.setdefault(version, {})
+        with self._lock:
+            if version not in self._memo and len(self._memo) >= 2:  # keep the newest versions
+                self._memo.pop(next(iter(self._memo)))
+            memo = self._memo.setdefault(version, {})
         for sid in ids:
             if sid not in self._expires:
                 continue

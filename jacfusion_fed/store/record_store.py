@@ -107,6 +107,8 @@ class RecordStore:
         self.retention_s = retention_s
         self._lock = threading.RLock()
         self.key_fingerprint = key_fingerprint
+        self._finish_rekey()
+        self._records.mkdir(exist_ok=True)
         self._check_key(key_fingerprint)
 
     # --- the key -------------------------------------------------------------------------
@@ -155,16 +157,29 @@ class RecordStore:
                     renamed += 1
                 else:
                     erased += 1
-            # Switch over: drop the old records and caches, move the re-keyed ones in, then
-            # record the new fingerprint (a crash before that leaves the store refusing the new
-            # key, never serving mixed pseudonyms).
-            shutil.rmtree(self._logits, ignore_errors=True)
-            shutil.rmtree(self._records)
-            staged.rename(self._records)
-            self._logits.mkdir(exist_ok=True)
-            write_verified(self.root / "KEY", b"", {"kind": "key", "fingerprint": new_fingerprint})
-            self.key_fingerprint = new_fingerprint
+            # Commit point: once REKEY exists the switch is completed, also after a crash (by
+            # the next open); before it, the staged copy is discarded and nothing changed.
+            write_verified(
+                self.root / "REKEY", b"", {"kind": "rekey", "fingerprint": new_fingerprint}
+            )
+            self._finish_rekey()
         return renamed, erased
+
+    def _finish_rekey(self) -> None:
+        """Complete an interrupted or current rotation (idempotent; see :meth:`rekey`)."""
+        journal, staged = self.root / "REKEY", self.root / "records.rekey"
+        if not journal.exists():
+            shutil.rmtree(staged, ignore_errors=True)  # crashed before the commit point
+            return
+        _, meta = read_verified(journal)
+        shutil.rmtree(self._logits, ignore_errors=True)
+        if staged.exists():
+            shutil.rmtree(self._records, ignore_errors=True)
+            staged.rename(self._records)
+        self._logits.mkdir(exist_ok=True)
+        write_verified(self.root / "KEY", b"", {"kind": "key", "fingerprint": meta["fingerprint"]})
+        self.key_fingerprint = str(meta["fingerprint"])
+        journal.unlink()
 
     # --- records -------------------------------------------------------------------------
 
