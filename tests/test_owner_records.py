@@ -336,3 +336,16 @@ def test_expiry(tmp_path: Path) -> None:
     time.sleep(0.7)
     assert ws.logits([sid]).unknown_ids == [sid]
     assert not list((tmp_path / "ws" / "live").rglob(f"{sid}*"))
+
+
+def test_flower_query_does_not_echo_raw_ids() -> None:
+    from jacfusion_fed.federation.protocol import (
+        MalformedRequestError,
+        parse_query_request,
+        query_request,
+    )
+
+    ids = [Pseudonymizer(KEY)("x"), "Jane Doe 1970-01-01"]
+    with pytest.raises(MalformedRequestError, match="position 1") as info:
+        parse_query_request(query_request(ids, "0123456789abcdef"))
+    assert "Jane" not in str(info.value)
