@@ -94,3 +94,23 @@ def test_import_submit_forget_rekey(tmp_path: Path) -> None:
     assert "1 live record(s) renamed" in result.output
     rekeyed = OwnerWorkspace(ws_dir, "ecg", None, Pseudonymizer.from_file(new_key))
     assert rekeyed.logits([Pseudonymizer.from_file(new_key)(IDS[1])]).unknown_ids == []
+
+
+def test_labels_file_and_accuracy(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from jacfusion_fed.client import Prediction, load_labels
+    from jacfusion_fed.federation.scenario import write_eval_labels
+
+    pz = Pseudonymizer(b"z" * 32)
+    test = SimpleNamespace(sample_ids=["a", "b"], labels=np.array([0, 2]))
+    path = write_eval_labels(tmp_path / "labels.json", pz, {"test": test})
+    labels = load_labels(path)
+    assert labels == {pz("a"): 0, pz("b"): 2}
+    pred = Prediction(
+        ids=["a", "b", "c"], probabilities=np.eye(3), labels=np.array([0, 1, 2]),
+        modalities_used=[[]] * 3, model_versions={}, unpredicted=[], method="statistical",
+        errors={}, pseudonyms=pz.many(["a", "b", "c"]),
+    )  # fmt: skip
+    assert pred.accuracy(labels) == 0.5  # keyed by pseudonym; "c" has no label
+    assert pred.accuracy({"c": 2, "b": 1}) == 1.0  # keyed by local id

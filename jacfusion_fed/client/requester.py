@@ -23,8 +23,9 @@ errors propagate as ``grpc.RpcError`` with the server's status code and message.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,7 +40,7 @@ from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc as mgrpc
 from jacfusion_fed.rpc.tensor import encode_tensor
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, create_channel
 
-__all__ = ["Forgotten", "Prediction", "Requester", "Submitted"]
+__all__ = ["Forgotten", "Prediction", "Requester", "Submitted", "load_labels"]
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,34 @@ class Prediction:
     unpredicted: list[str]  # local ids that could not be predicted (skip_unknown)
     method: str
     errors: dict[str, str]  # modality -> error of an owner that was left out
+    pseudonyms: list[str] = field(default_factory=list)  # what was sent for ``ids``
 
     def accuracy(self, labels: Mapping[str, int]) -> float:
-        """Share of predicted ids whose label equals ``labels[id]`` (ids without one skipped)."""
-        rows = zip(self.ids, self.labels.tolist(), strict=True)
-        pairs = [(int(p), int(labels[i])) for i, p in rows if i in labels]
+        """Share of predicted samples whose label equals ``labels[id]``, keyed by local id or
+        by pseudonym (as in the requester's labels file); samples without a label skipped."""
+        pseudonyms = self.pseudonyms or self.ids
+        pairs = []
+        for local, sent, pred in zip(self.ids, pseudonyms, self.labels.tolist(), strict=True):
+            key = local if local in labels else sent
+            if key in labels:
+                pairs.append((int(pred), int(labels[key])))
         if not pairs:
-            raise ValueError("no predicted id has a label")
+            raise ValueError("no predicted sample has a label")
         return sum(p == t for p, t in pairs) / len(pairs)
+
+
+def load_labels(path: str | Path) -> dict[str, int]:
+    """Labels by id from JSON: the requester's labels file (``deploy labels``: pseudonyms and
+    labels per split, merged) or a plain object ``{id: label}``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):
+        out: dict[str, int] = {}
+        for split in data["splits"].values():
+            out.update(zip(split["ids"], (int(v) for v in split["labels"]), strict=True))
+        return out
+    if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+        return {str(k): int(v) for k, v in data.items()}
+    raise ValueError(f"{path}: not a labels file ({{id: label}} or the requester's labels file)")
 
 
 def _security(tls: Security | str | Path) -> Security:
@@ -252,6 +273,7 @@ class Requester:
             unpredicted=[local[s] for s in result.unpredicted_sample_ids],
             method=result.method,
             errors={c.modality: c.error for c in result.modalities if c.error},
+            pseudonyms=list(result.sample_ids),
         )
 
     def rekey_map(self, ids: Sequence[str], new_key: bytes | Pseudonymizer) -> dict[str, str]:
