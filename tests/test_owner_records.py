@@ -288,6 +288,28 @@ def test_import_while_serving_is_a_model_update(dep: Deployment) -> None:
         )
 
 
+def test_cli_predict_prints_accuracy(dep: Deployment, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+    from jacfusion_fed.privacy.pseudonyms import write_key
+
+    key = write_key(tmp_path / "k.key", KEY)
+    want = dep.reference([0, 1], "statistical").argmax(1)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({PATIENTS[0]: int(want[0]), PATIENTS[1]: int(want[1] + 1) % K}))
+    result = CliRunner().invoke(
+        app,
+        ["predict", *PATIENTS[:2], "--coordinator", dep.coordinator.target, "--tls",
+         str(dep.certs.requester_dirs["alice"]), "--pseudonym-key", str(key), "--method",
+         "statistical", "--labels", str(labels), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "accuracy: 50.0% (1 of 2 labelled samples)" in result.output
+
+
 def test_restart_durability_and_key_rotation(dep: Deployment) -> None:
     """Records survive an owner restart; a new key is refused until a rotation re-keys them;
     after it, the old key's pseudonyms are refused and the new ones answer."""

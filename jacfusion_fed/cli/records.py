@@ -236,6 +236,31 @@ def rekey_map(
     console.print(f"wrote {len(mapping)} pseudonym pair(s) to {out}")
 
 
+def print_accuracy(
+    sample_ids: list[str], predicted: Any, local: dict[str, str], labels: Path, out: Console
+) -> float | None:
+    """Print (and return) the accuracy of ``predicted`` against a labels file, keyed by local
+    id or pseudonym (see :func:`jacfusion_fed.client.load_labels`)."""
+    from jacfusion_fed.client import load_labels
+
+    try:
+        truth = load_labels(labels)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"--labels {labels}: {exc}") from exc
+    scored = []
+    for sid, label in zip(sample_ids, [int(v) for v in predicted], strict=True):
+        key = local.get(sid, sid)
+        want = truth.get(key, truth.get(sid))
+        if want is not None:
+            scored.append(label == int(want))
+    if not scored:
+        out.print(f"accuracy: no predicted sample has a label in {labels}")
+        return None
+    accuracy = sum(scored) / len(scored)
+    out.print(f"accuracy: {accuracy:.1%} ({sum(scored)} of {len(scored)} labelled samples)")
+    return accuracy
+
+
 def register(app: typer.Typer) -> None:
     group = _owner_group(app)
     group.command("import-model")(import_model_cmd)

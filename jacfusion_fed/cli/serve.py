@@ -351,6 +351,9 @@ def predict(
     chunk_size: Annotated[int, typer.Option(help="Ids per streamed response (0: default).")] = 0,
     timeout: Annotated[float, typer.Option(help="Call deadline (s).")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels file (`deploy labels` or {id: label}): accuracy.")
+    ] = None,
 ) -> None:
     """Fused predictions for a batch of samples, as a table or JSON."""
     import grpc
@@ -421,6 +424,10 @@ def predict(
             names = list(info.class_names)
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from exc
+    if labels is not None:  # to stderr: --json output stays one JSON document
+        from jacfusion_fed.cli.records import print_accuracy
+
+        print_accuracy(result.sample_ids, result.labels, local, labels, err_console)
     if as_json:
         print(json.dumps(result.to_json(local or None), indent=2))
         return
