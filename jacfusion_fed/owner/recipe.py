@@ -45,6 +45,8 @@ def train_recommended(
     with the accuracy on every split of the data source (``<split>_accuracy``)."""
     from jacfusion_fed.training import predict_logits
 
+    if workspace.source is None:
+        raise ValueError("training needs a data source (--data); or import a model instead")
     recipe = recipe_for(workspace)
     model, metrics = workspace.train(
         epochs=epochs or recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
