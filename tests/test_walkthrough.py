@@ -55,3 +55,19 @@ def test_walkthrough_accuracy(tmp_path: Path) -> None:
     recorded = json.loads(RESULTS.read_text())["accuracy"]
     for name, value in acc.items():  # same data, same seeds: the committed figures again
         assert value == pytest.approx(recorded[name], abs=0.05), name
+
+
+@pytest.mark.slow
+def test_new_patient_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "examples" / "new_patient.py"
+    spec = importlib.util.spec_from_file_location("new_patient_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accuracy = module.main(tmp_path)
+    out = capsys.readouterr().out
+    assert "(torchscript, head 'fc')" in out and "(safetensors, head '10')" in out
+    assert "modalities used ['image', 'audio']" in out
+    assert "after forget: NOT_FOUND" in out
+    assert "Jane" not in out.split("after forget:")[1].splitlines()[0]
+    assert min(accuracy.values()) > 0.3 and accuracy["fused (Jacobian)"] > 0.7
