@@ -106,12 +106,8 @@ def owner_serve(
     workspace: Annotated[Path, typer.Option(help="The owner's workspace directory (model store).")],
     modality: Annotated[str, typer.Option(help="The modality this owner serves.")],
     pseudonym_key: Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")],
-    data: Annotated[
-        str | None, typer.Option(help="Data source (builtin:..., npz:FILE); none: records only.")
-    ] = None,
-    retention: Annotated[
-        float | None, typer.Option(help="Seconds live records are kept (default: until deleted).")
-    ] = None,
+    data: Annotated[str | None, typer.Option(help="Data source; none: records only.")] = None,
+    retention: Annotated[float | None, typer.Option(help="Seconds records are kept.")] = None,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     name: Annotated[str | None, typer.Option(help="Owner name (default: certificate CN).")] = None,
@@ -125,9 +121,7 @@ def owner_serve(
     train_if_missing: Annotated[
         bool, typer.Option(help="Train a model first when the workspace has none.")
     ] = False,
-    epochs: Annotated[
-        int | None, typer.Option(help="Epochs for --train-if-missing (default: recipe).", min=1)
-    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: recipe).", min=1)] = None,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
     log_level: LogOpt = "info",
 ) -> None:
@@ -351,9 +345,7 @@ def predict(
     chunk_size: Annotated[int, typer.Option(help="Ids per streamed response (0: default).")] = 0,
     timeout: Annotated[float, typer.Option(help="Call deadline (s).")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    labels: Annotated[
-        Path | None, typer.Option(help="Labels file (`deploy labels` or {id: label}): accuracy.")
-    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file: print accuracy.")] = None,
 ) -> None:
     """Fused predictions for a batch of samples, as a table or JSON."""
     import grpc
