@@ -9,16 +9,21 @@ tagged with the model version that produced them.
 Status codes:
 
 * ``INVALID_ARGUMENT``: empty batch, a batch over the unary limit (use ``StreamLogits``), an
-  unknown head kind, an empty sample id.
+  unknown head kind, a sample id that is not a pseudonym (the message names its position,
+  never its value: it may be a raw patient id), a ``PutRecords`` batch that does not fit the
+  model's input spec (naming the record and the problem; nothing of the batch is stored).
+* ``ALREADY_EXISTS``: ``PutRecords`` of an id stored with other content, without ``replace``.
 * ``FAILED_PRECONDITION``: no trained model yet, or ``expected_model_version`` is set and is
-  not the current version (the message names both).
+  not the current version (the message names both); a pseudonym of a rotated-out key; a
+  ``key_fingerprint`` that is not the owner's; ``DeleteRecords`` of a data-source record.
 * ``PERMISSION_DENIED``: the full head was asked for and the owner shares only the Gram matrix.
 * ``DATA_LOSS``: the owner's model store failed verification (the store never loads a
   damaged file).
 * ``INTERNAL``: anything unexpected (details stay in the owner's log).
 
-Who may call (only the coordinator) is enforced by the server's
-:class:`jacfusion_fed.rpc.auth.AuthInterceptor`, see :mod:`jacfusion_fed.clients.serve`.
+Who may call (the coordinator; requesters only ``PutRecords`` and ``DeleteRecords``) is
+enforced by the server's :class:`jacfusion_fed.rpc.auth.AuthInterceptor`, see
+:mod:`jacfusion_fed.clients.serve`.
 """
 
 from __future__ import annotations
@@ -33,12 +38,18 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from jacfusion_fed.owner import OwnerWorkspace, UnknownVersionError
+from jacfusion_fed.owner.input_spec import RecordError
+from jacfusion_fed.owner.live import RetiredPseudonymError
+from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import encode_matrix
+from jacfusion_fed.rpc.tensor import TensorDecodeError, decode_tensor
 from jacfusion_fed.store import CorruptFileError
+from jacfusion_fed.store.record_store import RecordConflictError
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_PUT_RECORDS",
     "DEFAULT_MAX_STREAM_BATCH",
     "DEFAULT_STREAM_CHUNK",
     "ModalityServicer",
@@ -52,6 +63,8 @@ DEFAULT_MAX_BATCH = 65_536
 DEFAULT_MAX_STREAM_BATCH = 524_288
 #: Default samples per StreamLogits message.
 DEFAULT_STREAM_CHUNK = 4_096
+#: Most records one PutRecords or DeleteRecords call may carry.
+DEFAULT_MAX_PUT_RECORDS = 4_096
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -68,8 +81,12 @@ def _fail(servicer: ModalityServicer, context: grpc.ServicerContext, exc: Except
     modality = servicer.modality
     if isinstance(exc, _Abort):
         context.abort(exc.code, exc.details)
-    if isinstance(exc, UnknownVersionError):
+    if isinstance(exc, (UnknownVersionError, RetiredPseudonymError)):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, (RecordError, TensorDecodeError)):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"PutRecords: {exc}")
+    if isinstance(exc, RecordConflictError):
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, f"PutRecords: {exc}")
     if isinstance(exc, PermissionError):
         context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, CorruptFileError):
@@ -153,6 +170,7 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         stream_chunk: default samples per ``StreamLogits`` message.
         use_logit_cache: answer from the workspace's per-version logit cache (default); with
             ``False`` the model runs on the requested records for every call (benchmarks).
+        max_put_records: most records per ``PutRecords`` / ``DeleteRecords`` call.
     """
 
     def __init__(
@@ -164,8 +182,9 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         max_stream_batch: int = DEFAULT_MAX_STREAM_BATCH,
         stream_chunk: int = DEFAULT_STREAM_CHUNK,
         use_logit_cache: bool = True,
+        max_put_records: int = DEFAULT_MAX_PUT_RECORDS,
     ) -> None:
-        if min(max_batch, max_stream_batch, stream_chunk) < 1:
+        if min(max_batch, max_stream_batch, stream_chunk, max_put_records) < 1:
             raise ValueError("batch limits and the stream chunk must be >= 1")
         self.workspace = workspace
         self.modality = workspace.modality
@@ -174,7 +193,9 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         self.max_stream_batch = max_stream_batch
         self.stream_chunk = stream_chunk
         self.use_logit_cache = use_logit_cache
+        self.max_put_records = max_put_records
         self._current = _CurrentVersion(workspace)
+        _ = workspace.live  # opens the live records: refuses a workspace of another key now
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -199,12 +220,30 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
                 f"{method}: batch of {n} sample ids exceeds the limit of {limit}{hint}",
             )
         out = list(ids)
-        if "" in out:
+        bad = first_non_pseudonym(out)
+        if bad is not None:  # name the position only: the value may be a raw patient id
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{method}: empty sample id at position {out.index('')}",
+                f"{method}: sample id at position {bad} is not a pseudonym (HMAC-SHA256: 64 hex "
+                "digits or 52 base32 characters); pseudonymize ids with the deployment key",
+            )
+        if method in ("PutRecords", "DeleteRecords") and len(set(out)) != len(out):
+            first: dict[str, int] = {}
+            dup = next(i for i, sid in enumerate(out) if first.setdefault(sid, i) != i)
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{method}: sample id at position {dup} repeats an earlier one",
             )
         return out
+
+    def _check_key(self, fingerprint: str, method: str) -> None:
+        if fingerprint and fingerprint != self.workspace.key_fingerprint:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{method}: the ids were made with the pseudonym key of fingerprint "
+                f"{fingerprint}; this owner uses the key {self.workspace.key_fingerprint} "
+                "(was the key rotated?)",
+            )
 
     def _batch(self, ids: list[str], version: str) -> modality_pb2.LogitsBatch:
         answer = self.workspace.logits(ids, version=version, cache=self.use_logit_cache)
@@ -224,7 +263,6 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
     ) -> modality_pb2.GetInfoResponse:
         version = self._current.get()
         head = self.workspace.head(version)
-        train = self.workspace.records["train"]
         kinds = [modality_pb2.HEAD_KIND_GRAM]
         if self.workspace.allow_full_head:
             kinds.append(modality_pb2.HEAD_KIND_FULL)
@@ -234,9 +272,10 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
             model_version=version,
             num_classes=head.num_classes,
             feature_dim=head.feature_dim,
-            class_counts=[int(c) for c in self.workspace.class_counts()],
+            class_counts=[int(c) for c in self.workspace.class_counts(version)],
             shareable_head_kinds=kinds,
-            class_names=list(train.class_names),
+            class_names=self.workspace.class_names(),
+            key_fingerprint=self.workspace.key_fingerprint,
         )
 
     @_rpc
@@ -282,3 +321,48 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
             yield modality_pb2.StreamLogitsResponse(
                 model_version=version, batch=self._batch(ids[start : start + chunk], version)
             )
+
+    @_rpc
+    def PutRecords(
+        self, request: modality_pb2.PutRecordsRequest, context: grpc.ServicerContext
+    ) -> modality_pb2.PutRecordsResponse:
+        ids = self._check_ids(request.sample_ids, self.max_put_records, "PutRecords")
+        self._check_key(request.key_fingerprint, "PutRecords")
+        version = self._current.get()
+        if not request.HasField("inputs"):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "PutRecords: no inputs tensor")
+        x = decode_tensor(request.inputs)
+        if x.shape[0] != len(ids):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"PutRecords: {len(ids)} sample ids but the inputs' first axis is {x.shape[0]}",
+            )
+        try:
+            result = self.workspace.put_records(ids, x, replace=request.replace)
+        except ValueError as exc:
+            if isinstance(exc, RecordError):
+                raise
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"PutRecords: {exc}") from exc
+        log.info(
+            "PutRecords: %d new, %d replaced, %d unchanged",
+            result.stored, result.replaced, result.unchanged,
+        )  # fmt: skip
+        return modality_pb2.PutRecordsResponse(
+            stored=result.stored, replaced=result.replaced, unchanged=result.unchanged,
+            model_version=version,
+        )  # fmt: skip
+
+    @_rpc
+    def DeleteRecords(
+        self, request: modality_pb2.DeleteRecordsRequest, context: grpc.ServicerContext
+    ) -> modality_pb2.DeleteRecordsResponse:
+        ids = self._check_ids(request.sample_ids, self.max_put_records, "DeleteRecords")
+        self._check_key(request.key_fingerprint, "DeleteRecords")
+        try:
+            deleted, unknown = self.workspace.delete_records(ids)
+        except PermissionError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"DeleteRecords: {exc}") from exc
+        log.info("DeleteRecords: %d erased, %d unknown", len(deleted), len(unknown))
+        return modality_pb2.DeleteRecordsResponse(
+            deleted_sample_ids=deleted, unknown_sample_ids=unknown
+        )

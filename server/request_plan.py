@@ -18,6 +18,7 @@ from typing import Any, Final
 import grpc
 
 from jacfusion_fed.fusion import FusionInputError, FusionMethod, check_gamma, get_method
+from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
 
 from .predict_types import (
     MAX_ID_LENGTH,
@@ -183,6 +184,13 @@ def check_ids(ids: list[str], limit: int, what: str) -> dict[str, int]:
     if n > limit:
         hint = " (use PredictStream for large batches)" if what == "Predict" else ""
         raise PredictError(_BAD, f"batch of {n} sample ids exceeds the limit of {limit}{hint}")
+    not_pseudonym = first_non_pseudonym(ids)  # before any message could echo a raw id
+    if not_pseudonym is not None:
+        raise PredictError(
+            _BAD,
+            f"sample id at position {not_pseudonym} is not a pseudonym (HMAC-SHA256: 64 hex "
+            "digits or 52 base32 characters); pseudonymize ids with the deployment key",
+        )
     index = dict(zip(ids, range(n), strict=True))
     if len(index) != n:
         seen: set[str] = set()

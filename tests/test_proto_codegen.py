@@ -70,7 +70,7 @@ def test_check_detects_modified_proto(tmp_path: Path) -> None:
     path = root / "jacfusion" / "v1" / "modality.proto"
     text = path.read_text()
     path.write_text(
-        text.replace("uint32 feature_dim = 5;", "uint32 feature_dim = 5;\n  bool x = 9;")
+        text.replace("uint32 feature_dim = 5;", "uint32 feature_dim = 5;\n  bool x = 99;")
     )
     problems = codegen.check(proto_root=root)
     assert problems, "a changed proto must make --check fail"
@@ -147,7 +147,9 @@ def test_rpc_shapes() -> None:
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
 
     modality = modality_pb2.DESCRIPTOR.services_by_name["ModalityService"].methods_by_name
-    assert set(modality) == {"GetInfo", "GetHead", "GetLogits", "StreamLogits"}
+    assert set(modality) == {
+        "GetInfo", "GetHead", "GetLogits", "StreamLogits", "PutRecords", "DeleteRecords",
+    }  # fmt: skip
     assert modality["StreamLogits"].server_streaming and not modality["GetLogits"].server_streaming
     fusion = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].methods_by_name
     assert set(fusion) == {"Predict", "PredictStream", "GetModelInfo"}

@@ -132,12 +132,12 @@ def test_stream_matches_predict(fed: Fed) -> None:
 def test_owner_stream_logits(fed: Fed) -> None:
     channel = connect_owner(fed.owner_targets["audio"], fed.coordinator_tls, "audio")
     stub = modality_pb2_grpc.ModalityServiceStub(channel)
-    ids = [*fed.ids[:9], "not-a-patient"]
+    ids = [*fed.ids[:9], "e" * 64]
     chunks = list(
         stub.StreamLogits(modality_pb2.StreamLogitsRequest(sample_ids=ids, chunk_size=4), timeout=5)
     )
     assert [list(c.batch.sample_ids) for c in chunks] == [ids[0:4], ids[4:8], [ids[8]]]
-    assert list(chunks[-1].batch.unknown_sample_ids) == ["not-a-patient"]
+    assert list(chunks[-1].batch.unknown_sample_ids) == ["e" * 64]
     values = np.concatenate([decode_matrix(c.batch.logits) for c in chunks])
     np.testing.assert_array_equal(values, fed.workspaces["audio"].logits(ids[:9]).logits)
     assert {c.model_version for c in chunks} == {fed.workspaces["audio"].current_version()}
@@ -187,7 +187,7 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
         (None, {"regularize": ["ecg"]}, BAD, "unknown modality 'ecg'"),
         (None, {"iterations": 100}, BAD, "iterations must be in 1..16"),
         (None, {"method": 1, "default_gamma": 0.5}, BAD, "only apply to the jacobian method"),
-        (["nope-1", "nope-2"], {}, grpc.StatusCode.NOT_FOUND, "2 unknown sample id(s)"),
+        (["e" * 64, "f" * 64], {}, grpc.StatusCode.NOT_FOUND, "2 unknown sample id(s)"),
     ],
 )
 def test_validation(
@@ -205,13 +205,13 @@ def test_validation(
 
 
 def test_unknown_ids_are_listed_or_skipped(fed: Fed) -> None:
-    ids = [fed.ids[0], "nope-1", fed.ids[1], "nope-2"]
+    ids = [fed.ids[0], "e" * 64, fed.ids[1], "f" * 64]
     code, details = rpc_error(lambda: predict(fed, ids))
     assert code == grpc.StatusCode.NOT_FOUND
-    assert "nope-1" in details and "nope-2" in details and fed.ids[0] not in details
+    assert "e" * 64 in details and "f" * 64 in details and fed.ids[0] not in details
     got = predict(fed, ids, skip_unknown_ids=True)
     assert got.sample_ids == [fed.ids[0], fed.ids[1]]
-    assert got.unpredicted_sample_ids == ["nope-1", "nope-2"]
+    assert got.unpredicted_sample_ids == ["e" * 64, "f" * 64]
     np.testing.assert_allclose(got.probabilities, fed.reference(got.sample_ids), atol=TOL)
 
 
@@ -242,7 +242,7 @@ def test_cli_predict_and_info(fed: Fed) -> None:
     result = runner.invoke(app, ["predict", "patient-0000003", *tls])  # no key, no --pseudonyms
     assert result.exit_code != 0 and "raw patient ids are never sent" in _flat(result.output)
 
-    result = runner.invoke(app, ["predict", "nope", *tls, "--pseudonyms"])
+    result = runner.invoke(app, ["predict", "e" * 64, *tls, "--pseudonyms"])
     assert result.exit_code == 1 and "NOT_FOUND" in result.output
 
     result = runner.invoke(app, ["coordinator", "info", *tls, "--json"])

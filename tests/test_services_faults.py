@@ -339,9 +339,9 @@ def test_large_batches_are_split_across_owner_calls(
 ) -> None:
     c = coordinator(fed, {m: r.target for m, r in owners.items()}, tmp_path, owner_chunk=7)
     try:
-        ids = [*fed.ids[:30], "nope"]
+        ids = [*fed.ids[:30], "e" * 64]
         got = c.predict(ids, PredictOptions(skip_unknown_ids=True))
-        assert got.sample_ids == ids[:30] and got.unpredicted_sample_ids == ["nope"]
+        assert got.sample_ids == ids[:30] and got.unpredicted_sample_ids == ["e" * 64]
         np.testing.assert_allclose(got.probabilities, fed.reference(ids[:30]), rtol=0, atol=TOL)
         chunks = list(c.predict_stream(fed.ids[:50], chunk_size=12))
         assert [len(r.sample_ids) for r in chunks] == [12, 12, 12, 12, 2]

@@ -32,7 +32,7 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "simulate", "evaluate", "owner", "coordinator", "predict", "certs", "deploy", "bench",
-    "proxy",
+    "proxy", "records",
 )  # fmt: skip
 
 

@@ -282,11 +282,11 @@ def parse_query_request(content: RecordDict) -> QueryRequest:
         raise MalformedRequestError(f"{what}: sample-ids is empty")
     if len(ids) > MAX_QUERY_IDS:
         raise MalformedRequestError(f"{what}: {len(ids)} sample ids > {MAX_QUERY_IDS}")
-    bad = [s for s in ids if not is_pseudonym(s)]
-    if bad:
+    bad = [i for i, s in enumerate(ids) if not is_pseudonym(s)]
+    if bad:  # positions only: a value that is not a pseudonym may be a raw patient id
         raise MalformedRequestError(
             f"{what}: {len(bad)} sample id(s) are not pseudonyms (HMAC-SHA256, 64 hex digits), "
-            f"e.g. {str(bad[0])[:80]!r}"
+            f"first at position {bad[0]}"
         )
     if len(set(ids)) != len(ids):
         raise MalformedRequestError(f"{what}: duplicate sample ids")

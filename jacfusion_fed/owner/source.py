@@ -59,7 +59,7 @@ class DataSource:
         return cls(kind, location, seed, quick, site, sites, params)
 
     def __str__(self) -> str:
-        query = {"seed": self.seed, "quick": int(self.quick), "site": self.site}
+        query: dict[str, object] = {"seed": self.seed, "quick": int(self.quick), "site": self.site}
         query |= {"sites": self.sites, **self.extra}
         return f"{self.kind}:{self.location}?" + "&".join(f"{k}={v}" for k, v in query.items())
 

@@ -6,6 +6,12 @@ train, publish the head, answer logit queries) and the long-lived gRPC ModalityS
 restart lives on disk under ``root``::
 
     root/store/          ModelStore: content-hashed model versions, CURRENT, logit caches
+    root/live/           RecordStore: records sent by requesters (PutRecords), their logits,
+                         the pseudonym key's fingerprint (KEY) and retired pseudonyms
+
+An owner may have a data source (its own records), live records, or both; a live record
+shadows a data-source record of the same pseudonym. Model versions are trained here
+(:meth:`OwnerWorkspace.train`) or imported (:mod:`jacfusion_fed.owner.importing`).
 
 What leaves the owner (and nothing else): the head (Gram matrix W W^T by default; W and b
 when the owner allows it), class counts, the model version, training metrics, and K logits per
@@ -28,8 +34,12 @@ from jacfusion_fed.models import UnimodalNet, build_from_spec, build_model, defa
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.robustness import AttackSpec, Corruption
 from jacfusion_fed.store import ModelStore
+from jacfusion_fed.store.record_store import PutResult
 from jacfusion_fed.training import predict_logits, train_epochs
 
+from .importing import IMPORT_FORMATS, ImportedModel, rebuild
+from .input_spec import InputSpec
+from .live import LiveRecords
 from .source import DataSource, load_records
 
 HeadKind = Literal["gram", "full"]
@@ -75,20 +85,26 @@ class OwnerWorkspace:
     Args:
         root: node-local directory (created if missing).
         modality: the modality this owner holds.
-        source: where its local records come from (a :class:`DataSource` or its string).
+        source: where its local records come from (a :class:`DataSource` or its string), or
+            ``None`` for an owner that answers only for live records.
         pseudonymizer: HMAC pseudonyms of local patient ids; the key never leaves the owner
-            and its requesters.
+            and its requesters. Its fingerprint must match the workspace's stored records
+            (:class:`~jacfusion_fed.store.record_store.KeyMismatchError` on first use of
+            :attr:`live`). ``None`` only for model management (``import-model``): anything
+            that needs pseudonyms then raises ``ValueError``.
         allow_full_head: whether W and b may be shared (else only the Gram matrix).
+        retention_s: seconds live records are kept (``None``: until deleted).
     """
 
     def __init__(
         self,
         root: str | Path,
         modality: str,
-        source: DataSource | str,
-        pseudonymizer: Pseudonymizer,
+        source: DataSource | str | None,
+        pseudonymizer: Pseudonymizer | None,
         *,
         allow_full_head: bool = False,
+        retention_s: float | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -96,20 +112,51 @@ class OwnerWorkspace:
         self.source = DataSource.parse(source) if isinstance(source, str) else source
         self.allow_full_head = allow_full_head
         self.store = ModelStore(self.root / "store")
+        self.retention_s = retention_s
+        self._live: LiveRecords | None = None
         self._pseudonymizer = pseudonymizer
         self._records: dict[str, MultimodalDataset] | None = None
         self._index: dict[str, tuple[str, int]] | None = None
         self._lock = threading.Lock()
-        self._models: dict[str, UnimodalNet] = {}
+        self._models: dict[str, UnimodalNet | ImportedModel] = {}
         self._logit_cache: dict[str, dict[str, np.ndarray]] = {}
 
     # --- records -------------------------------------------------------------------------
 
     @property
     def records(self) -> dict[str, MultimodalDataset]:
+        """The data source's splits (empty without a data source)."""
         if self._records is None:
-            self._records = load_records(self.source, self.modality)
+            self._records = {} if self.source is None else load_records(self.source, self.modality)
         return self._records
+
+    @property
+    def pseudonymizer(self) -> Pseudonymizer:
+        if self._pseudonymizer is None:
+            raise ValueError(f"the workspace {self.root} was opened without the pseudonym key")
+        return self._pseudonymizer
+
+    @property
+    def key_fingerprint(self) -> str:
+        return self.pseudonymizer.fingerprint
+
+    @property
+    def live(self) -> LiveRecords:
+        """The live records; opening them checks the key fingerprint (``KeyMismatchError``)."""
+        with self._lock:
+            if self._live is None:
+                if not (self.root / "live" / "KEY").exists():
+                    # A workspace from before key fingerprints: its logit caches may belong
+                    # to any key, so they are recomputed rather than trusted.
+                    self.store.drop_logit_caches()
+                self._live = LiveRecords(
+                    self.root / "live", self.key_fingerprint, retention_s=self.retention_s
+                )
+            return self._live
+
+    def class_names(self) -> list[str]:
+        train = self.records.get("train")
+        return [] if train is None else list(train.class_names)
 
     def _pseudonym_index(self) -> dict[str, tuple[str, int]]:
         """pseudonym -> (split, row), built once; the local ids stay inside this object."""
@@ -117,27 +164,98 @@ class OwnerWorkspace:
             index: dict[str, tuple[str, int]] = {}
             for split, ds in self.records.items():
                 for row, local_id in enumerate(ds.sample_ids):
-                    index[self._pseudonymizer(local_id)] = (split, row)
+                    index[self.pseudonymizer(local_id)] = (split, row)
             self._index = index
         return self._index
 
     def pseudonyms(self, split: str) -> list[str]:
         """Pseudonymous ids of one split (what a requester derives with the same key)."""
-        return self._pseudonymizer.many(self.records[split].sample_ids)
+        return self.pseudonymizer.many(self.records[split].sample_ids)
 
     @property
     def num_classes(self) -> int:
-        return self.records["train"].num_classes
+        if "train" in self.records:
+            return self.records["train"].num_classes
+        return int(self.load_model()[1].head.out_features)
 
-    def class_counts(self) -> np.ndarray:
+    def class_counts(self, version: str | None = None) -> np.ndarray:
+        """Training-set count per class: recorded with the version (imported models), else
+        counted in the data source's train split."""
+        try:
+            version = version or self.store.current_version()
+        except Exception:
+            version = None
+        if version is not None and self.store.exists(version):
+            _, _, meta = self.store.load(version)
+            if meta.get("class_counts") is not None:
+                return np.asarray(meta["class_counts"], dtype=np.int64)
+        if "train" not in self.records:
+            raise UnknownVersionError(
+                f"owner of {self.modality!r} has no class counts (no data source, no model)"
+            )
         return self.records["train"].class_counts()
+
+    def input_spec(self, version: str | None = None) -> InputSpec:
+        """What one record must look like for ``version`` (the current one by default)."""
+        version = version or self.current_version()
+        _, spec, meta = self.store.load(version)
+        if isinstance(spec.get("input_spec"), dict):
+            return InputSpec.from_dict(spec["input_spec"])
+        if isinstance(meta.get("input_spec"), dict):
+            return InputSpec.from_dict(meta["input_spec"])
+        return InputSpec.create(spec["input_shape"])
+
+    # --- live records --------------------------------------------------------------------
+
+    def put_records(self, ids: list[str], x: np.ndarray, *, replace: bool = False) -> PutResult:
+        """Validate a batch against the current input spec as a whole, then store it.
+
+        Raises :class:`~jacfusion_fed.owner.input_spec.RecordError` (nothing stored) naming
+        the first bad record; ``RecordConflictError`` for different content without
+        ``replace``; ``ValueError`` for an id already held by the data source (unless
+        ``replace``: the live record then shadows it).
+        """
+        arr = self.input_spec().validate_batch(x)
+        if not replace:
+            index = self._pseudonym_index()
+            clash = next((i for i, sid in enumerate(ids) if sid in index), None)
+            if clash is not None:
+                from jacfusion_fed.store.record_store import RecordConflictError
+
+                raise RecordConflictError(clash)
+        return self.live.put(ids, arr, replace=replace)
+
+    def delete_records(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        """Erase live records; ``PermissionError`` naming the position of a data-source id."""
+        index = self._pseudonym_index() if self.source is not None else {}
+        for i, sid in enumerate(ids):
+            if sid in index and sid not in self.live:
+                raise PermissionError(
+                    f"sample id at position {i} belongs to the owner's data source, which "
+                    "cannot be erased through DeleteRecords"
+                )
+        return self.live.delete(ids)
+
+    def rekey(self, new: Pseudonymizer, mapping: dict[str, str]) -> tuple[int, int]:
+        """Move this workspace to the key of ``new``: live records are renamed by ``mapping``
+        (old -> new pseudonym; unmapped ones are erased), every logit cache is dropped, and
+        the old key's pseudonyms are retired (refused from now on). Returns
+        ``(renamed, erased)``."""
+        old_source = list(self._pseudonym_index())
+        renamed_erased = self.live.rekey(mapping, new.fingerprint, old_source)
+        self.store.drop_logit_caches()
+        with self._lock:
+            self._pseudonymizer = new
+            self._index = None
+            self._logit_cache.clear()
+        return renamed_erased
 
     # --- training ------------------------------------------------------------------------
 
     def new_model(self) -> UnimodalNet:
         train = self.records["train"]
         shape = tuple(train.modalities[self.modality].shape[1:])
-        arch = choose_arch(self.source.location, self.modality, shape)
+        arch = choose_arch(self.source.location if self.source else "", self.modality, shape)
         return build_model(arch, shape, train.num_classes)
 
     def train(
@@ -177,12 +295,21 @@ class OwnerWorkspace:
             self.publish(model, metrics | {"method": method, "epochs": epochs})
         return model, metrics
 
-    def publish(self, model: UnimodalNet, metadata: dict[str, Any]) -> str:
-        """Save ``model`` as a new version and make it current; returns the version."""
+    def publish(self, model: UnimodalNet | ImportedModel, metadata: dict[str, Any]) -> str:
+        """Save ``model`` as a new version and make it current; returns the version.
+
+        An imported model is stored as its archive or weights with its spec (format, head,
+        input spec); ``metadata`` should then hold its ``class_counts``.
+        """
         from jacfusion_fed.models import model_spec
 
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        version = self.store.save(state, model_spec(model), metadata)
+        if isinstance(model, ImportedModel):
+            state = dict(model.loaded.state)
+            spec = model.spec
+        else:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            spec = model_spec(model)
+        version = self.store.save(state, spec, metadata)
         self.store.set_current(version)
         return version
 
@@ -194,7 +321,7 @@ class OwnerWorkspace:
             raise UnknownVersionError(f"owner of {self.modality!r} has no trained model yet")
         return version
 
-    def load_model(self, version: str | None = None) -> tuple[str, UnimodalNet]:
+    def load_model(self, version: str | None = None) -> tuple[str, UnimodalNet | ImportedModel]:
         version = version or self.current_version()
         with self._lock:
             if version not in self._models:
@@ -203,8 +330,12 @@ class OwnerWorkspace:
                         f"model version {version!r} is not in the store of {self.modality!r}"
                     )
                 state, spec, _meta = self.store.load(version)
-                model = build_from_spec(spec)
-                model.load_state_dict(state)
+                model: UnimodalNet | ImportedModel
+                if spec.get("format") in IMPORT_FORMATS:
+                    model = rebuild(spec, state)
+                else:
+                    model = build_from_spec(spec)
+                    model.load_state_dict(state)
                 model.eval()
                 self._models[version] = model
             return version, self._models[version]
@@ -283,6 +414,15 @@ class OwnerWorkspace:
             raise UnknownVersionError(
                 f"model version {version!r} is not in the store of {self.modality!r}"
             )
+        self.live.check_not_retired(pseudonyms)
+        if len(self.live) and any(sid in self.live for sid in pseudonyms):
+            return self._with_live(pseudonyms, version, cache)
+        return self._source_logits(pseudonyms, version, cache)
+
+    def _source_logits(self, pseudonyms: list[str], version: str, cache: bool) -> LogitAnswer:
+        if self.source is None:
+            k = self.num_classes
+            return LogitAnswer(version, [], np.zeros((0, k)), list(pseudonyms))
         if not cache:
             return self._fresh_logits(pseudonyms, version)
         table = self._all_logits(version)
@@ -290,6 +430,26 @@ class OwnerWorkspace:
         unknown = [sid for sid in pseudonyms if sid not in table]
         k = self.num_classes
         values = np.stack([table[sid] for sid in known]) if known else np.zeros((0, k))
+        return LogitAnswer(version, known, values, unknown)
+
+    def _with_live(self, pseudonyms: list[str], version: str, cache: bool) -> LogitAnswer:
+        """Live records first (they shadow the data source), then the data source."""
+        _, model = self.load_model(version)
+
+        def forward(x: np.ndarray) -> np.ndarray:
+            out: np.ndarray = predict_logits(model, torch.from_numpy(x)).to(torch.float64).numpy()
+            return out
+
+        live = self.live.logits(pseudonyms, version, forward, cache=cache)
+        rest = [sid for sid in pseudonyms if sid not in live]
+        found = dict(live)
+        if rest and self.source is not None:
+            other = self._source_logits(rest, version, cache)
+            found.update(zip(other.sample_ids, other.logits, strict=True))
+        known = [sid for sid in pseudonyms if sid in found]
+        unknown = [sid for sid in pseudonyms if sid not in found]
+        k = self.num_classes
+        values = np.stack([found[sid] for sid in known]) if known else np.zeros((0, k))
         return LogitAnswer(version, known, values, unknown)
 
     # --- robustness evaluation -----------------------------------------------------------

@@ -6,13 +6,21 @@ never hold the key (without it, a pseudonym cannot be linked back to a patient i
 by trying all plausible ids).
 
 ``pseudonym = HMAC-SHA256(key, NFC-normalised UTF-8 patient id)``, rendered as 64 lowercase
-hex digits (default) or 52 lowercase unpadded base32 characters.
+hex digits (default) or 52 lowercase unpadded base32 characters. Every id that reaches an owner
+or the coordinator must have that format (:func:`is_pseudonym`): a raw patient id is refused
+before it is used, stored or forwarded, and never echoed back in an error message.
+
+A key is identified by its fingerprint, ``HMAC-SHA256(key, "jacfusion-key-fingerprint-v1")``
+truncated to 16 hex digits (it reveals nothing about the key and is not a pseudonym). Owners
+tag their stored records and logit caches with it, so a cache keyed by the pseudonyms of one key
+is never served under another.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,9 +33,13 @@ from jacfusion_fed.privacy._fileio import PRIVATE_MODE, check_private_file, writ
 __all__ = [
     "KEY_BYTES",
     "MIN_KEY_BYTES",
+    "PSEUDONYM_PATTERN",
     "Encoding",
     "Pseudonymizer",
+    "first_non_pseudonym",
     "generate_key",
+    "is_pseudonym",
+    "key_fingerprint",
     "load_key",
     "pseudonymize",
     "write_key",
@@ -37,6 +49,33 @@ Encoding = Literal["hex", "base32"]
 KEY_BYTES = 32
 MIN_KEY_BYTES = 16
 _KEY_HEADER = b"jacfusion-pseudonym-key-v1 "
+_FINGERPRINT_TAG = b"jacfusion-key-fingerprint-v1"
+#: What a pseudonym looks like: 64 lowercase hex digits or 52 lowercase base32 characters.
+PSEUDONYM_PATTERN = r"^(?:[0-9a-f]{64}|[a-z2-7]{52})$"
+_PSEUDONYM_RE = re.compile(PSEUDONYM_PATTERN)
+
+
+def is_pseudonym(value: object) -> bool:
+    """Whether ``value`` has the format of a pseudonym (see :data:`PSEUDONYM_PATTERN`)."""
+    return isinstance(value, str) and bool(_PSEUDONYM_RE.match(value))
+
+
+def first_non_pseudonym(values: Iterable[object]) -> int | None:
+    """Position of the first value that is not a pseudonym, or ``None``.
+
+    Error messages name this position, never the value (it may be a raw patient id).
+    """
+    for i, value in enumerate(values):
+        if not is_pseudonym(value):
+            return i
+    return None
+
+
+def key_fingerprint(key: bytes) -> str:
+    """16 hex digits identifying ``key`` (an HMAC of a fixed tag; reveals nothing of the key)."""
+    mac = hmac.HMAC(_check_key(key), hashes.SHA256())
+    mac.update(_FINGERPRINT_TAG)
+    return mac.finalize().hex()[:16]
 
 
 def _check_key(key: bytes) -> bytes:
@@ -108,6 +147,11 @@ class Pseudonymizer:
 
     def __call__(self, patient_id: str) -> str:
         return pseudonymize(patient_id, self._key, encoding=self.encoding)
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`key_fingerprint` of this key."""
+        return key_fingerprint(self._key)
 
     def many(self, patient_ids: Iterable[str]) -> list[str]:
         """Pseudonyms of several ids, in order."""

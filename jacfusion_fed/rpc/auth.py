@@ -244,10 +244,13 @@ class RpcPolicy:
 HEALTH_METHODS = "/grpc.health.v1.Health/*"
 REFLECTION_METHODS = "/grpc.reflection.v1alpha.ServerReflection/*"
 
-#: Owner servers: only the coordinator may call ModalityService.
+#: Owner servers: only the coordinator may call ModalityService, except the live-record
+#: methods, which only requesters may call.
 MODALITY_SERVICE_POLICY = RpcPolicy.of(
     {
         f"/{MODALITY_SERVICE}/*": {"coordinator"},
+        f"/{MODALITY_SERVICE}/PutRecords": {"requester"},
+        f"/{MODALITY_SERVICE}/DeleteRecords": {"requester"},
         HEALTH_METHODS: set(ROLES),
         REFLECTION_METHODS: set(ROLES),
     }

@@ -300,6 +300,15 @@ class ModelStore:
         }
         write_verified(self._logits_path(version), payload, meta)
 
+    def drop_logit_caches(self) -> int:
+        """Delete every version's logit cache (e.g. after a pseudonym key rotation: the cached
+        ids are pseudonyms of the old key); returns how many were deleted."""
+        gone = 0
+        for p in self._logits.glob("*.logits"):
+            p.unlink(missing_ok=True)
+            gone += 1
+        return gone
+
     def has_logits(self, version: str) -> bool:
         """Whether a logit cache exists for ``version`` (not verified)."""
         return self._logits_path(version).exists()

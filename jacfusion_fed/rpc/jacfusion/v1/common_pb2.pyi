@@ -3,8 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +18,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DataType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_TYPE_UNSPECIFIED: _DataType.ValueType  # 0
+    """Not set; invalid in a request."""
+    DATA_TYPE_FLOAT32: _DataType.ValueType  # 1
+    """IEEE-754 binary32."""
+    DATA_TYPE_FLOAT64: _DataType.ValueType  # 2
+    """IEEE-754 binary64."""
+    DATA_TYPE_FLOAT16: _DataType.ValueType  # 3
+    """IEEE-754 binary16."""
+    DATA_TYPE_INT64: _DataType.ValueType  # 4
+    """Signed 64-bit integer."""
+    DATA_TYPE_INT32: _DataType.ValueType  # 5
+    """Signed 32-bit integer."""
+    DATA_TYPE_UINT8: _DataType.ValueType  # 6
+    """Unsigned 8-bit integer."""
+
+class DataType(_DataType, metaclass=_DataTypeEnumTypeWrapper):
+    """Element type of a Tensor."""
+
+DATA_TYPE_UNSPECIFIED: DataType.ValueType  # 0
+"""Not set; invalid in a request."""
+DATA_TYPE_FLOAT32: DataType.ValueType  # 1
+"""IEEE-754 binary32."""
+DATA_TYPE_FLOAT64: DataType.ValueType  # 2
+"""IEEE-754 binary64."""
+DATA_TYPE_FLOAT16: DataType.ValueType  # 3
+"""IEEE-754 binary16."""
+DATA_TYPE_INT64: DataType.ValueType  # 4
+"""Signed 64-bit integer."""
+DATA_TYPE_INT32: DataType.ValueType  # 5
+"""Signed 32-bit integer."""
+DATA_TYPE_UINT8: DataType.ValueType  # 6
+"""Unsigned 8-bit integer."""
+Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
 @_typing.final
 class Matrix(_message.Message):
@@ -56,3 +99,39 @@ class Matrix(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Matrix: _TypeAlias = Matrix  # noqa: Y015
+
+@_typing.final
+class Tensor(_message.Message):
+    """A dense tensor of any rank.
+
+    Encoding: `data` holds exactly prod(shape) elements of `dtype`, little-endian, row-major
+    (C order). A reader must reject a tensor whose len(data) does not match (INVALID_ARGUMENT).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    dtype: Global___DataType.ValueType
+    """Element type."""
+    data: _builtins.bytes
+    """prod(shape) elements, little-endian, row-major."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Size of each axis."""
+
+    def __init__(
+        self,
+        *,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        dtype: Global___DataType.ValueType = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tensor: _TypeAlias = Tensor  # noqa: Y015

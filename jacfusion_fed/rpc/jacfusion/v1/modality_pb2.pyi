@@ -75,6 +75,7 @@ class GetInfoResponse(_message.Message):
     CLASS_COUNTS_FIELD_NUMBER: _builtins.int
     SHAREABLE_HEAD_KINDS_FIELD_NUMBER: _builtins.int
     CLASS_NAMES_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
     modality: _builtins.str
     """Modality name, e.g. "audio"; equal to the modality in the owner's certificate."""
     owner: _builtins.str
@@ -85,6 +86,8 @@ class GetInfoResponse(_message.Message):
     """Number of classes K."""
     feature_dim: _builtins.int
     """Feature width H (input width of the final nn.Linear)."""
+    key_fingerprint: _builtins.str
+    """Fingerprint of the owner's pseudonym key (16 hex digits; see PutRecordsRequest)."""
     @_builtins.property
     def class_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Training-set count per class, length K."""
@@ -108,10 +111,11 @@ class GetInfoResponse(_message.Message):
         class_counts: _abc.Iterable[_builtins.int] | None = ...,
         shareable_head_kinds: _abc.Iterable[Global___HeadKind.ValueType] | None = ...,
         class_names: _abc.Iterable[_builtins.str] | None = ...,
+        key_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_counts", b"class_counts", "class_names", b"class_names", "feature_dim", b"feature_dim", "modality", b"modality", "model_version", b"model_version", "num_classes", b"num_classes", "owner", b"owner", "shareable_head_kinds", b"shareable_head_kinds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_counts", b"class_counts", "class_names", b"class_names", "feature_dim", b"feature_dim", "key_fingerprint", b"key_fingerprint", "modality", b"modality", "model_version", b"model_version", "num_classes", b"num_classes", "owner", b"owner", "shareable_head_kinds", b"shareable_head_kinds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,3 +392,137 @@ class LogitsBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogitsBatch: _TypeAlias = LogitsBatch  # noqa: Y015
+
+@_typing.final
+class PutRecordsRequest(_message.Message):
+    """Request of ModalityService.PutRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    replace: _builtins.bool
+    """Overwrite records stored with different content (and drop their cached logits)."""
+    key_fingerprint: _builtins.str
+    """When set, FAILED_PRECONDITION unless it is the fingerprint of the owner's pseudonym key
+    (catches a requester still using a rotated key).
+    """
+    @_builtins.property
+    def sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pseudonymous sample ids (hex HMAC-SHA256 pseudonyms), unique within the batch."""
+
+    @_builtins.property
+    def inputs(self) -> _common_pb2.Tensor:
+        """The inputs, first axis = len(sample_ids); the rest must equal the current model's input
+        shape.
+        """
+
+    def __init__(
+        self,
+        *,
+        sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+        inputs: _common_pb2.Tensor | None = ...,
+        replace: _builtins.bool = ...,
+        key_fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_fingerprint", b"key_fingerprint", "replace", b"replace", "sample_ids", b"sample_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutRecordsRequest: _TypeAlias = PutRecordsRequest  # noqa: Y015
+
+@_typing.final
+class PutRecordsResponse(_message.Message):
+    """Response of ModalityService.PutRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    stored: _builtins.int
+    """Records that were new."""
+    replaced: _builtins.int
+    """Records whose content was replaced."""
+    unchanged: _builtins.int
+    """Records already stored with the same content."""
+    model_version: _builtins.str
+    """The model version that will answer for them now."""
+    def __init__(
+        self,
+        *,
+        stored: _builtins.int = ...,
+        replaced: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "replaced", b"replaced", "stored", b"stored", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutRecordsResponse: _TypeAlias = PutRecordsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRecordsRequest(_message.Message):
+    """Request of ModalityService.DeleteRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    key_fingerprint: _builtins.str
+    """As in PutRecordsRequest."""
+    @_builtins.property
+    def sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pseudonymous sample ids to erase."""
+
+    def __init__(
+        self,
+        *,
+        sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+        key_fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_fingerprint", b"key_fingerprint", "sample_ids", b"sample_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRecordsRequest: _TypeAlias = DeleteRecordsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRecordsResponse(_message.Message):
+    """Response of ModalityService.DeleteRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    UNKNOWN_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids whose input and cached logits were erased."""
+
+    @_builtins.property
+    def unknown_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids the owner held no record for."""
+
+    def __init__(
+        self,
+        *,
+        deleted_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+        unknown_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_sample_ids", b"deleted_sample_ids", "unknown_sample_ids", b"unknown_sample_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRecordsResponse: _TypeAlias = DeleteRecordsResponse  # noqa: Y015

@@ -27,8 +27,10 @@ if _version_not_supported:
 
 class ModalityServiceStub:
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -61,12 +63,24 @@ class ModalityServiceStub:
                 request_serializer=jacfusion_dot_v1_dot_modality__pb2.StreamLogitsRequest.SerializeToString,
                 response_deserializer=jacfusion_dot_v1_dot_modality__pb2.StreamLogitsResponse.FromString,
                 _registered_method=True)
+        self.PutRecords = channel.unary_unary(
+                '/jacfusion.v1.ModalityService/PutRecords',
+                request_serializer=jacfusion_dot_v1_dot_modality__pb2.PutRecordsRequest.SerializeToString,
+                response_deserializer=jacfusion_dot_v1_dot_modality__pb2.PutRecordsResponse.FromString,
+                _registered_method=True)
+        self.DeleteRecords = channel.unary_unary(
+                '/jacfusion.v1.ModalityService/DeleteRecords',
+                request_serializer=jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsRequest.SerializeToString,
+                response_deserializer=jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ModalityServiceServicer:
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -108,6 +122,32 @@ class ModalityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutRecords(self, request, context):
+        """Stores new records (inputs of this modality) under pseudonymous sample ids, so that
+        GetLogits and the coordinator's Predict can answer for them.
+
+        The batch is validated as a whole before anything is stored: INVALID_ARGUMENT naming the
+        record index and the problem (shape or dtype against the current model's input spec,
+        non-finite values or values outside its range, an id that is not a pseudonym, a
+        duplicate, a batch or record over the size limits). The same id with the same content
+        is a no-op; different content gets ALREADY_EXISTS (nothing stored) unless `replace` is
+        set, which also drops that id's cached logits. FAILED_PRECONDITION when key_fingerprint
+        is set and is not the owner's pseudonym key, or the owner has no model yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRecords(self, request, context):
+        """Erases records: their inputs and every cached logit. A later GetLogits lists the ids as
+        unknown (the coordinator's Predict answers NOT_FOUND). Ids the owner does not hold are
+        listed in the response. FAILED_PRECONDITION for records of the owner's own data source
+        (not erasable through this service) or a key_fingerprint that is not the owner's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModalityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +171,16 @@ def add_ModalityServiceServicer_to_server(servicer, server):
                     request_deserializer=jacfusion_dot_v1_dot_modality__pb2.StreamLogitsRequest.FromString,
                     response_serializer=jacfusion_dot_v1_dot_modality__pb2.StreamLogitsResponse.SerializeToString,
             ),
+            'PutRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRecords,
+                    request_deserializer=jacfusion_dot_v1_dot_modality__pb2.PutRecordsRequest.FromString,
+                    response_serializer=jacfusion_dot_v1_dot_modality__pb2.PutRecordsResponse.SerializeToString,
+            ),
+            'DeleteRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRecords,
+                    request_deserializer=jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsRequest.FromString,
+                    response_serializer=jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'jacfusion.v1.ModalityService', rpc_method_handlers)
@@ -141,8 +191,10 @@ def add_ModalityServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ModalityService:
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -247,6 +299,60 @@ class ModalityService:
             '/jacfusion.v1.ModalityService/StreamLogits',
             jacfusion_dot_v1_dot_modality__pb2.StreamLogitsRequest.SerializeToString,
             jacfusion_dot_v1_dot_modality__pb2.StreamLogitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jacfusion.v1.ModalityService/PutRecords',
+            jacfusion_dot_v1_dot_modality__pb2.PutRecordsRequest.SerializeToString,
+            jacfusion_dot_v1_dot_modality__pb2.PutRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jacfusion.v1.ModalityService/DeleteRecords',
+            jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsRequest.SerializeToString,
+            jacfusion_dot_v1_dot_modality__pb2.DeleteRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

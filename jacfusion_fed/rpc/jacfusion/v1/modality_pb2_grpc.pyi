@@ -28,8 +28,10 @@ GRPC_VERSION: str
 
 class ModalityServiceStub:
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -58,12 +60,32 @@ class ModalityServiceStub:
     """Same as GetLogits, for large batches: the logits come back in chunks of at most
     chunk_size samples, all produced by the same model version.
     """
+    PutRecords: _grpc.UnaryUnaryMultiCallable[_modality_pb2.PutRecordsRequest, _modality_pb2.PutRecordsResponse]
+    """Stores new records (inputs of this modality) under pseudonymous sample ids, so that
+    GetLogits and the coordinator's Predict can answer for them.
+
+    The batch is validated as a whole before anything is stored: INVALID_ARGUMENT naming the
+    record index and the problem (shape or dtype against the current model's input spec,
+    non-finite values or values outside its range, an id that is not a pseudonym, a
+    duplicate, a batch or record over the size limits). The same id with the same content
+    is a no-op; different content gets ALREADY_EXISTS (nothing stored) unless `replace` is
+    set, which also drops that id's cached logits. FAILED_PRECONDITION when key_fingerprint
+    is set and is not the owner's pseudonym key, or the owner has no model yet.
+    """
+    DeleteRecords: _grpc.UnaryUnaryMultiCallable[_modality_pb2.DeleteRecordsRequest, _modality_pb2.DeleteRecordsResponse]
+    """Erases records: their inputs and every cached logit. A later GetLogits lists the ids as
+    unknown (the coordinator's Predict answers NOT_FOUND). Ids the owner does not hold are
+    listed in the response. FAILED_PRECONDITION for records of the owner's own data source
+    (not erasable through this service) or a key_fingerprint that is not the owner's.
+    """
 
 @_typing.type_check_only
 class ModalityServiceAsyncStub(ModalityServiceStub):
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -89,11 +111,31 @@ class ModalityServiceAsyncStub(ModalityServiceStub):
     """Same as GetLogits, for large batches: the logits come back in chunks of at most
     chunk_size samples, all produced by the same model version.
     """
+    PutRecords: _aio.UnaryUnaryMultiCallable[_modality_pb2.PutRecordsRequest, _modality_pb2.PutRecordsResponse]  # type: ignore[assignment]
+    """Stores new records (inputs of this modality) under pseudonymous sample ids, so that
+    GetLogits and the coordinator's Predict can answer for them.
+
+    The batch is validated as a whole before anything is stored: INVALID_ARGUMENT naming the
+    record index and the problem (shape or dtype against the current model's input spec,
+    non-finite values or values outside its range, an id that is not a pseudonym, a
+    duplicate, a batch or record over the size limits). The same id with the same content
+    is a no-op; different content gets ALREADY_EXISTS (nothing stored) unless `replace` is
+    set, which also drops that id's cached logits. FAILED_PRECONDITION when key_fingerprint
+    is set and is not the owner's pseudonym key, or the owner has no model yet.
+    """
+    DeleteRecords: _aio.UnaryUnaryMultiCallable[_modality_pb2.DeleteRecordsRequest, _modality_pb2.DeleteRecordsResponse]  # type: ignore[assignment]
+    """Erases records: their inputs and every cached logit. A later GetLogits lists the ids as
+    unknown (the coordinator's Predict answers NOT_FOUND). Ids the owner does not hold are
+    listed in the response. FAILED_PRECONDITION for records of the owner's own data source
+    (not erasable through this service) or a key_fingerprint that is not the owner's.
+    """
 
 class ModalityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by each modality owner (hospital department, company). Only the coordinator may call
-    it: the owner's server requires a client certificate whose role is "coordinator", and the
-    coordinator checks that the owner's server certificate names the expected modality.
+    GetInfo, GetHead, GetLogits and StreamLogits: the owner's server requires a client
+    certificate whose role is "coordinator", and the coordinator checks that the owner's server
+    certificate names the expected modality. Only requesters (role "requester") may call
+    PutRecords and DeleteRecords.
 
     Nothing that crosses this service identifies a patient: sample ids are pseudonyms
     (HMAC-SHA256 under a key the coordinator never holds), and only K logits per sample, the
@@ -140,6 +182,36 @@ class ModalityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_modality_pb2.StreamLogitsResponse], _abc.AsyncIterator[_modality_pb2.StreamLogitsResponse]]:
         """Same as GetLogits, for large batches: the logits come back in chunks of at most
         chunk_size samples, all produced by the same model version.
+        """
+
+    @_abc_1.abstractmethod
+    def PutRecords(
+        self,
+        request: _modality_pb2.PutRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_modality_pb2.PutRecordsResponse, _abc.Awaitable[_modality_pb2.PutRecordsResponse]]:
+        """Stores new records (inputs of this modality) under pseudonymous sample ids, so that
+        GetLogits and the coordinator's Predict can answer for them.
+
+        The batch is validated as a whole before anything is stored: INVALID_ARGUMENT naming the
+        record index and the problem (shape or dtype against the current model's input spec,
+        non-finite values or values outside its range, an id that is not a pseudonym, a
+        duplicate, a batch or record over the size limits). The same id with the same content
+        is a no-op; different content gets ALREADY_EXISTS (nothing stored) unless `replace` is
+        set, which also drops that id's cached logits. FAILED_PRECONDITION when key_fingerprint
+        is set and is not the owner's pseudonym key, or the owner has no model yet.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRecords(
+        self,
+        request: _modality_pb2.DeleteRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_modality_pb2.DeleteRecordsResponse, _abc.Awaitable[_modality_pb2.DeleteRecordsResponse]]:
+        """Erases records: their inputs and every cached logit. A later GetLogits lists the ids as
+        unknown (the coordinator's Predict answers NOT_FOUND). Ids the owner does not hold are
+        listed in the response. FAILED_PRECONDITION for records of the owner's own data source
+        (not erasable through this service) or a key_fingerprint that is not the owner's.
         """
 
 def add_ModalityServiceServicer_to_server(servicer: ModalityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,270 @@
+"""Bring your own model and live records: ``owner import-model``, ``owner rekey``, ``submit``,
+``forget`` and ``rekey-map``.
+
+``submit`` and ``forget`` pseudonymize the local ids with the deployment key before anything
+is sent (through :class:`jacfusion_fed.client.Requester`); raw ids never leave the requester.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+TlsOpt = Annotated[Path, typer.Option("--tls", help="Requester certificate directory.")]
+KeyOpt = Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")]
+
+
+def _owner_group(app: typer.Typer) -> typer.Typer:
+    """The ``owner`` group (created by the serving commands' module, or here if absent)."""
+    for info in app.registered_groups:
+        if info.name == "owner" and info.typer_instance is not None:
+            return info.typer_instance
+    group = typer.Typer(help="A modality owner: serve its head and logits.", no_args_is_help=True)
+    app.add_typer(group, name="owner")
+    return group
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _fail(exc: BaseException | str) -> typer.Exit:
+    err_console.print(f"error: {exc}")
+    return typer.Exit(2)
+
+
+def _rpc_fail(exc: Any) -> typer.Exit:
+    err_console.print(f"error: {exc.code().name}: {exc.details()}")
+    return typer.Exit(1)
+
+
+# --- owner side -----------------------------------------------------------------------------
+
+
+def import_model_cmd(
+    workspace: Annotated[Path, typer.Option(help="The owner's workspace directory.")],
+    modality: Annotated[str, typer.Option(help="The modality this owner serves.")],
+    model: Annotated[Path, typer.Option(help="TorchScript, .pt2 export, or safetensors file.")],
+    head: Annotated[
+        str | None, typer.Option(help="Name of the final nn.Linear (e.g. fc, classifier.2).")
+    ] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="package.module:function building the module (weights).")
+    ] = None,
+    class_counts: Annotated[
+        Path | None, typer.Option(help="JSON list of the K training label counts.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data source (class counts, input spec and probe).")
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="One record's shape, e.g. 1,8,8 (without --data).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Input dtype of a record.")] = "float32",
+    value_range: Annotated[
+        str | None, typer.Option(help="LOW,HIGH every input value must lie in.")
+    ] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean(s), per channel.")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std(s), per channel.")] = None,
+) -> None:
+    """Publish an externally trained model as the owner's new current version (no training)."""
+    from jacfusion_fed.owner import OwnerWorkspace
+    from jacfusion_fed.owner.importing import ModelImportError
+    from jacfusion_fed.owner.input_spec import InputSpec
+    from jacfusion_fed.owner.model_import import import_model, load_class_counts
+
+    if (class_counts is None) == (data is None):
+        raise typer.BadParameter("pass exactly one of --class-counts FILE.json or --data SOURCE")
+    try:
+        counts = None if class_counts is None else load_class_counts(class_counts)
+        spec = None
+        if input_shape is not None:
+            shape = [int(d) for d in input_shape.split(",")]
+            spec = InputSpec.create(
+                shape, dtype, _floats(value_range, "--value-range"),
+                _floats(mean, "--mean"), _floats(std, "--std"),
+            )  # fmt: skip
+        elif data is None:
+            raise typer.BadParameter("pass --input-shape (one record's shape) or --data")
+        ws = OwnerWorkspace(workspace, modality, data, None)
+        report = import_model(
+            ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
+        )
+    except (ModelImportError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"imported {model.name} ({report.format}) as version {report.version} of {modality!r}: "
+        f"head {report.head!r}, K={report.num_classes}, H={report.feature_dim}, "
+        f"probe max |logits - head(features)| = {report.probe_max_error:.2e}"
+    )
+    for split, acc in report.accuracy.items():
+        console.print(f"  {split} accuracy on the owner's data: {acc:.1%}")
+
+
+def rekey_cmd(
+    workspace: Annotated[Path, typer.Option(help="The owner's workspace directory.")],
+    modality: Annotated[str, typer.Option(help="The modality this owner serves.")],
+    old_key: Annotated[Path, typer.Option(help="The key the workspace holds records of.")],
+    new_key: Annotated[Path, typer.Option(help="The deployment's new pseudonym key.")],
+    data: Annotated[str | None, typer.Option(help="The owner's data source, if any.")] = None,
+    map_file: Annotated[
+        Path | None,
+        typer.Option("--map", help="JSON {old pseudonym: new pseudonym} from `rekey-map`."),
+    ] = None,
+) -> None:
+    """Rotate the pseudonym key of a stopped owner: re-key its live records (by the requester's
+    map; unmapped records are erased), drop every logit cache, retire the old pseudonyms."""
+    from jacfusion_fed.owner import OwnerWorkspace
+    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+
+    try:
+        mapping = {} if map_file is None else json.loads(map_file.read_text())
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{map_file} must hold a JSON object {{old: new}}")
+        ws = OwnerWorkspace(workspace, modality, data, Pseudonymizer.from_file(old_key))
+        renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"re-keyed {workspace}: {renamed} live record(s) renamed, {erased} erased (no mapping); "
+        f"key fingerprint now {ws.key_fingerprint}; the old key's pseudonyms are refused"
+    )
+
+
+# --- requester side -------------------------------------------------------------------------
+
+
+def _requester(owners: dict[str, str], tls: Path, key: Path) -> Any:
+    from jacfusion_fed.client import Requester
+
+    return Requester(owners=owners, tls=tls, pseudonym_key=key)
+
+
+def _modality_of(target: str, tls: Path) -> str:
+    """The modality named by the owner certificate the server at ``target`` presents."""
+    from jacfusion_fed.rpc.auth import fetch_server_principal
+    from jacfusion_fed.rpc.tls import TlsFiles
+
+    principal = fetch_server_principal(target, TlsFiles.from_dir(tls))
+    if principal.role != "owner" or principal.modality is None:
+        raise ValueError(f"{target} is {principal.describe()}, not a modality owner")
+    return principal.modality
+
+
+def submit(
+    owner: Annotated[str, typer.Option(help="HOST:PORT of the owner.")],
+    modality: Annotated[str, typer.Option(help="The owner's modality (checked on its cert).")],
+    tls: TlsOpt,
+    pseudonym_key: KeyOpt,
+    inputs: Annotated[Path, typer.Option(help=".npz with `ids` (strings) and `x` (records).")],
+    replace: Annotated[bool, typer.Option(help="Overwrite records stored differently.")] = False,
+) -> None:
+    """Send new records to an owner (ids pseudonymized here first)."""
+    import grpc
+    import numpy as np
+
+    try:
+        with np.load(inputs, allow_pickle=False) as npz:
+            ids = [str(i) for i in npz["ids"]]
+            x = npz["x"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise _fail(f"{inputs}: needs arrays `ids` (strings) and `x` ({exc})") from exc
+    try:
+        with _requester({modality: owner}, tls, pseudonym_key) as req:
+            result = req.submit(modality, ids, x, replace=replace)
+    except grpc.RpcError as exc:
+        raise _rpc_fail(exc) from exc
+    console.print(
+        f"{modality}: {result.stored} new, {result.replaced} replaced, {result.unchanged} "
+        f"unchanged (model version {result.model_version})"
+    )
+
+
+def forget(
+    ids: Annotated[list[str], typer.Argument(help="Local patient ids to erase.")],
+    owner: Annotated[list[str], typer.Option(help="HOST:PORT or MODALITY=HOST:PORT (repeat).")],
+    tls: TlsOpt,
+    pseudonym_key: KeyOpt,
+) -> None:
+    """Erase patients' records (inputs and cached logits) at the owners."""
+    import grpc
+
+    owners: dict[str, str] = {}
+    try:
+        for item in owner:
+            name, sep, target = item.partition("=")
+            if not sep:
+                name, target = _modality_of(item, tls), item
+            owners[name] = target
+        with _requester(owners, tls, pseudonym_key) as req:
+            result = req.forget(ids)
+    except grpc.RpcError as exc:
+        raise _rpc_fail(exc) from exc
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+    for modality in sorted(owners):
+        gone, unknown = result.deleted[modality], result.unknown[modality]
+        line = f"{modality}: erased {len(gone)}"
+        console.print(line + (f"; not held: {', '.join(unknown)}" if unknown else ""))
+
+
+def rekey_map(
+    old_key: Annotated[Path, typer.Option(help="The current pseudonym key.")],
+    new_key: Annotated[Path, typer.Option(help="The new pseudonym key.")],
+    ids_file: Annotated[Path, typer.Option(help="Local ids whose records to keep, one a line.")],
+    out: Annotated[Path, typer.Option(help="JSON map to hand to `owner rekey --map`.")],
+) -> None:
+    """Requester side of a key rotation: old -> new pseudonyms of the patients to keep."""
+    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+
+    ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    old, new = Pseudonymizer.from_file(old_key), Pseudonymizer.from_file(new_key)
+    mapping = dict(zip(old.many(ids), new.many(ids), strict=True))
+    out.write_text(json.dumps(mapping, indent=1, sort_keys=True))
+    console.print(f"wrote {len(mapping)} pseudonym pair(s) to {out}")
+
+
+def print_accuracy(
+    sample_ids: list[str], predicted: Any, local: dict[str, str], labels: Path, out: Console
+) -> float | None:
+    """Print (and return) the accuracy of ``predicted`` against a labels file, keyed by local
+    id or pseudonym (see :func:`jacfusion_fed.client.load_labels`)."""
+    from jacfusion_fed.client import load_labels
+
+    try:
+        truth = load_labels(labels)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"--labels {labels}: {exc}") from exc
+    scored = []
+    for sid, label in zip(sample_ids, [int(v) for v in predicted], strict=True):
+        key = local.get(sid, sid)
+        want = truth.get(key, truth.get(sid))
+        if want is not None:
+            scored.append(label == int(want))
+    if not scored:
+        out.print(f"accuracy: no predicted sample has a label in {labels}")
+        return None
+    accuracy = sum(scored) / len(scored)
+    out.print(f"accuracy: {accuracy:.1%} ({sum(scored)} of {len(scored)} labelled samples)")
+    return accuracy
+
+
+def register(app: typer.Typer) -> None:
+    group = _owner_group(app)
+    group.command("import-model")(import_model_cmd)
+    group.command("rekey")(rekey_cmd)
+    app.command("submit")(submit)
+    app.command("forget")(forget)
+    app.command("rekey-map")(rekey_map)

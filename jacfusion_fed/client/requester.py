@@ -1,0 +1,283 @@
+"""A hospital's (requester's) client: send records to owners, ask the coordinator, forget.
+
+::
+
+    from jacfusion_fed.client import Requester
+
+    with Requester(
+        coordinator="127.0.0.1:50060",
+        owners={"image": "127.0.0.1:50061", "audio": "127.0.0.1:50062"},
+        tls="certs/requesters/clinic",
+        pseudonym_key="pseudonym.key",
+    ) as hospital:
+        hospital.submit("image", ["Jane Doe 1970-01-01"], x_image)   # (1, 1, 8, 8)
+        hospital.submit("audio", ["Jane Doe 1970-01-01"], x_audio)
+        answer = hospital.predict(["Jane Doe 1970-01-01"], method="jacobian")
+        answer.probabilities, answer.labels, answer.modalities_used
+        hospital.forget(["Jane Doe 1970-01-01"])
+
+Local patient ids never leave this object: every id is pseudonymized here (HMAC-SHA256 under
+the deployment key) before it is sent, and answers are mapped back to the local ids. gRPC
+errors propagate as ``grpc.RpcError`` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from jacfusion_fed.privacy.certs import owner_server_name
+from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
+from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc as mgrpc
+from jacfusion_fed.rpc.tensor import encode_tensor
+from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, create_channel
+
+__all__ = ["Forgotten", "Prediction", "Requester", "Submitted", "load_labels"]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What an owner did with a ``submit`` batch."""
+
+    modality: str
+    stored: int
+    replaced: int
+    unchanged: int
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """Per modality: the local ids erased and those the owner did not hold."""
+
+    deleted: dict[str, list[str]]
+    unknown: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Fused answers, rows in the order of ``ids`` (the predicted local ids)."""
+
+    ids: list[str]
+    probabilities: np.ndarray  # (n, K) float64, rows sum to 1
+    labels: np.ndarray  # (n,) int64
+    modalities_used: list[list[str]]  # per sample
+    model_versions: dict[str, str]  # modality -> version whose logits were used
+    unpredicted: list[str]  # local ids that could not be predicted (skip_unknown)
+    method: str
+    errors: dict[str, str]  # modality -> error of an owner that was left out
+    pseudonyms: list[str] = field(default_factory=list)  # what was sent for ``ids``
+
+    def accuracy(self, labels: Mapping[str, int]) -> float:
+        """Share of predicted samples whose label equals ``labels[id]``, keyed by local id or
+        by pseudonym (as in the requester's labels file); samples without a label skipped."""
+        pseudonyms = self.pseudonyms or self.ids
+        pairs = []
+        for local, sent, pred in zip(self.ids, pseudonyms, self.labels.tolist(), strict=True):
+            key = local if local in labels else sent
+            if key in labels:
+                pairs.append((int(pred), int(labels[key])))
+        if not pairs:
+            raise ValueError("no predicted sample has a label")
+        return sum(p == t for p, t in pairs) / len(pairs)
+
+
+def load_labels(path: str | Path) -> dict[str, int]:
+    """Labels by id from JSON: the requester's labels file (``deploy labels``: pseudonyms and
+    labels per split, merged) or a plain object ``{id: label}``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):
+        out: dict[str, int] = {}
+        for split in data["splits"].values():
+            out.update(zip(split["ids"], (int(v) for v in split["labels"]), strict=True))
+        return out
+    if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+        return {str(k): int(v) for k, v in data.items()}
+    raise ValueError(f"{path}: not a labels file ({{id: label}} or the requester's labels file)")
+
+
+def _security(tls: Security | str | Path) -> Security:
+    if isinstance(tls, (Insecure, TlsFiles)):
+        return tls
+    return TlsFiles.from_dir(Path(tls))
+
+
+class Requester:
+    """A requester's connections (see the module docstring).
+
+    Args:
+        coordinator: ``HOST:PORT`` of the coordinator (needed for :meth:`predict`).
+        owners: ``{modality: "HOST:PORT"}`` of the owners (needed for :meth:`submit` and
+            :meth:`forget`); each owner's certificate must name that modality.
+        tls: the requester's certificate directory (or :class:`TlsFiles`).
+        pseudonym_key: the deployment's key file, its bytes, or a :class:`Pseudonymizer`.
+        timeout: deadline of each call in seconds.
+    """
+
+    def __init__(
+        self,
+        coordinator: str | None = None,
+        owners: Mapping[str, str] | None = None,
+        *,
+        tls: Security | str | Path,
+        pseudonym_key: str | Path | bytes | Pseudonymizer,
+        timeout: float = 30.0,
+    ) -> None:
+        self._security = _security(tls)
+        if isinstance(pseudonym_key, Pseudonymizer):
+            self._pz = pseudonym_key
+        elif isinstance(pseudonym_key, bytes):
+            self._pz = Pseudonymizer(pseudonym_key)
+        else:
+            self._pz = Pseudonymizer.from_file(Path(pseudonym_key))
+        self.timeout = timeout
+        self.coordinator = coordinator
+        self.owners = dict(owners or {})
+        self._channels: dict[str, grpc.Channel] = {}
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    @property
+    def key_fingerprint(self) -> str:
+        return self._pz.fingerprint
+
+    def pseudonyms(self, ids: Sequence[str]) -> list[str]:
+        """The pseudonyms of local ids (what is sent instead of them)."""
+        if isinstance(ids, str):
+            raise TypeError("pass a list of ids, not one string")
+        return self._pz.many(ids)
+
+    def _channel(self, key: str, target: str, server_name: str | None) -> grpc.Channel:
+        if key not in self._channels:
+            if isinstance(self._security, Insecure):
+                self._channels[key] = create_channel(target, self._security)
+            else:
+                self._channels[key] = create_channel(
+                    target, self._security, server_name=server_name
+                )
+        return self._channels[key]
+
+    def _owner(self, modality: str) -> mgrpc.ModalityServiceStub:
+        if modality not in self.owners:
+            known = ", ".join(sorted(self.owners)) or "none"
+            raise ValueError(f"no owner address for modality {modality!r} (known: {known})")
+        channel = self._channel(
+            f"owner:{modality}", self.owners[modality], owner_server_name(modality)
+        )
+        return mgrpc.ModalityServiceStub(channel)
+
+    def _fusion(self) -> fusion_pb2_grpc.FusionServiceStub:
+        if self.coordinator is None:
+            raise ValueError("no coordinator address given")
+        from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
+
+        channel = self._channel("coordinator", self.coordinator, COORDINATOR_SERVER_NAME)
+        return fusion_pb2_grpc.FusionServiceStub(channel)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Requester:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- the three verbs -------------------------------------------------------------------
+
+    def submit(
+        self, modality: str, ids: Sequence[str], x: Any, *, replace: bool = False
+    ) -> Submitted:
+        """Send records ``x`` (first axis = ``ids``) to the owner of ``modality``."""
+        arr = np.asarray(x)
+        if arr.ndim < 1 or arr.shape[0] != len(ids):
+            raise ValueError(f"{len(ids)} ids but inputs of shape {arr.shape}")
+        request = modality_pb2.PutRecordsRequest(
+            sample_ids=self.pseudonyms(ids), inputs=encode_tensor(arr), replace=replace,
+            key_fingerprint=self.key_fingerprint,
+        )  # fmt: skip
+        resp = self._owner(modality).PutRecords(request, timeout=self.timeout)
+        return Submitted(modality, resp.stored, resp.replaced, resp.unchanged, resp.model_version)
+
+    def forget(self, ids: Sequence[str], modalities: Sequence[str] | None = None) -> Forgotten:
+        """Erase the records of ``ids`` at every (or the given) owner."""
+        sent = self.pseudonyms(ids)
+        local = dict(zip(sent, ids, strict=True))
+        deleted: dict[str, list[str]] = {}
+        unknown: dict[str, list[str]] = {}
+        for modality in modalities or sorted(self.owners):
+            resp = self._owner(modality).DeleteRecords(
+                modality_pb2.DeleteRecordsRequest(
+                    sample_ids=sent, key_fingerprint=self.key_fingerprint
+                ),
+                timeout=self.timeout,
+            )
+            deleted[modality] = [local[s] for s in resp.deleted_sample_ids]
+            unknown[modality] = [local[s] for s in resp.unknown_sample_ids]
+        return Forgotten(deleted, unknown)
+
+    def predict(
+        self,
+        ids: Sequence[str],
+        *,
+        method: str | None = None,
+        gamma: float | Mapping[str, float] | None = None,
+        regularize: Sequence[str] = (),
+        iterations: int | None = None,
+        modalities: Sequence[str] = (),
+        require_all: bool = False,
+        skip_unknown: bool = False,
+        owner_timeout: float | None = None,
+    ) -> Prediction:
+        """Fused predictions for local ``ids`` from the coordinator."""
+        from jacfusion_fed.server.fusion_service import decode_predictions, options_to_proto
+        from jacfusion_fed.server.predict_types import PredictOptions
+
+        sent = self.pseudonyms(ids)
+        local = dict(zip(sent, ids, strict=True))
+        gammas = dict(gamma) if isinstance(gamma, Mapping) else {}
+        options = PredictOptions(
+            method=method,
+            default_gamma=None if isinstance(gamma, Mapping) else gamma,
+            gammas=gammas, regularize=tuple(regularize), iterations=iterations,
+            require_all=require_all, modalities=tuple(modalities),
+            owner_timeout_s=owner_timeout, skip_unknown_ids=skip_unknown,
+        )  # fmt: skip
+        resp = self._fusion().Predict(
+            fusion_pb2.PredictRequest(sample_ids=sent, options=options_to_proto(options)),
+            timeout=self.timeout,
+        )
+        result = decode_predictions(resp.predictions)
+        used = [
+            [c.modality for c in result.modalities if c.used[i]]
+            for i in range(len(result.sample_ids))
+        ]
+        return Prediction(
+            ids=[local[s] for s in result.sample_ids],
+            probabilities=result.probabilities,
+            labels=result.labels,
+            modalities_used=used,
+            model_versions={c.modality: c.model_version for c in result.modalities},
+            unpredicted=[local[s] for s in result.unpredicted_sample_ids],
+            method=result.method,
+            errors={c.modality: c.error for c in result.modalities if c.error},
+            pseudonyms=list(result.sample_ids),
+        )
+
+    def rekey_map(self, ids: Sequence[str], new_key: bytes | Pseudonymizer) -> dict[str, str]:
+        """``{old pseudonym: new pseudonym}`` of local ``ids`` for an owner's key rotation
+        (``jacfusion-fed owner rekey --map``); the owner learns no local id from it."""
+        new = new_key if isinstance(new_key, Pseudonymizer) else Pseudonymizer(new_key)
+        return dict(zip(self.pseudonyms(ids), new.many(ids), strict=True))
