@@ -212,6 +212,13 @@ class Answers:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self.counts = dict.fromkeys(self.KINDS, 0)
+        self.closed = False
+
+    def close(self) -> None:
+        """No more answers will come (the load ended): waiters stop at once."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     def note(self, kind: str) -> None:
         with self._changed:
@@ -231,6 +238,8 @@ class Answers:
         with self._changed:
             target = count() + more
             while not (count() >= target and also()):
+                if self.closed:
+                    raise RuntimeError(f"the load ended; counts: {self.counts}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
@@ -284,12 +293,18 @@ class LoadInBackground:
             )  # fmt: skip
         except BaseException as exc:
             self.error = exc
+        finally:
+            self.answers.close()
 
-    def wait(self, kind: str, more: int = 1, **kw: Any) -> None:
-        """See :meth:`Answers.wait`; fails at once if the load itself failed."""
-        if self.error is not None:
-            raise self.error
-        self.answers.wait(kind, more, **kw)
+    def wait(self, kind: str, more: int = 1, *, timeout: float = 60.0,
+             also: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+        """See :meth:`Answers.wait`; fails as soon as the load itself ended or failed."""
+        try:
+            self.answers.wait(kind, more, timeout=timeout, also=also)
+        except RuntimeError:
+            if self.error is not None:
+                raise self.error from None
+            raise
 
     def finish(self, timeout: float = 120.0) -> LoadResult:
         self.stop.set()

@@ -130,24 +130,27 @@ class Fed:
         """Until the coordinator has the current head of every owner."""
         stub = self.stub()
         want = {m: ws.current_version() for m, ws in self.workspaces.items()}
-        last: list[object] = ["no answer"]
+        last: list[object] = ["no answer"]  # what the coordinator said last
+        got: list[fusion_pb2.GetModelInfoResponse] = []
 
-        def registered() -> fusion_pb2.GetModelInfoResponse | None:
+        def registered() -> bool:
             try:
                 info: fusion_pb2.GetModelInfoResponse = stub.GetModelInfo(
                     fusion_pb2.GetModelInfoRequest(), timeout=TIMEOUT
                 )
             except grpc.RpcError as exc:
                 last[0] = exc
-                return None
+                return False
             have = {m.modality: m.model_version for m in info.modalities}
             last[0] = have
-            return info if have == want else None
+            got[:] = [info]
+            return have == want
 
-        return wait_until(
+        wait_until(
             registered, lambda: f"the coordinator to register {want} (last: {last[0]})",
             timeout=timeout, interval=0.1,
         )  # fmt: skip
+        return got[0]
 
     # --- the library, called directly on the same logits ------------------------------------
 
