@@ -159,7 +159,7 @@ def run_load(
     def request_for(rng: random.Random) -> list[str]:
         chosen = rng.sample(pool, cfg.batch)
         if cfg.unknown_fraction and rng.random() < cfg.unknown_fraction:
-            chosen[rng.randrange(len(chosen))] = f"unknown-{rng.getrandbits(64):016x}"
+            chosen[rng.randrange(len(chosen))] = f"{rng.getrandbits(256):064x}"  # pseudonym-shaped
         return chosen
 
     def client(worker: int, limit: int, timed: bool) -> None:
