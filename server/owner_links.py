@@ -18,11 +18,13 @@ Model versions
 Several sites per modality
     A modality may be served by several sites (one :class:`Site` each: its own endpoint,
     channel and last error). After FedAvg they serve one model version, whose head is
-    registered once for the modality. Sites that disagree are a mismatch, reported as the
-    modality's ``last_error`` (health metrics, ``GetModelInfo``): the registered version stays
-    current while any site serves it (see :func:`pick_version`), and a site serving another
-    version is never fused with it. Every site's certificate is pinned to the modality, so a
-    registration from another site of the same modality is not an owner change.
+    registered once for the modality, with the class counts of every site serving that
+    version summed (as the Flower path registers them). Sites that disagree are a mismatch,
+    reported as the modality's ``last_error`` (health metrics, ``GetModelInfo``): the
+    registered version stays current while any site serves it (see :func:`pick_version`), and
+    a site serving another version is never fused with it. Every site's certificate is pinned
+    to the modality, so a registration from another site of the same modality is not an
+    owner change.
 """
 
 from __future__ import annotations
@@ -291,12 +293,15 @@ class OwnerLinks:
                     f"K mismatch between owners: modality {modality!r} has K={k} classes but "
                     f"{other.modality!r} has K={other.head.num_classes}",
                 )
+        owner, counts = name or info.owner or f"{modality}-owner", list(info.class_counts)
+        if link.multi_site:
+            owner, counts = self._site_totals(link, site, version, owner, counts, timeout)
         try:
             record = self.registry.register(
                 modality,
-                name or info.owner or f"{modality}-owner",
+                owner,
                 version,
-                class_counts=list(info.class_counts),
+                class_counts=counts,
                 gram=gram,
                 class_names=list(info.class_names) if len(info.class_names) == k else [],
                 allow_owner_change=link.multi_site,  # each site is pinned to the modality
@@ -334,6 +339,28 @@ class OwnerLinks:
                 f"version is {version}; retry",
             )
         return registered
+
+    @staticmethod
+    def _site_totals(
+        link: OwnerLink, site: Site, version: str, owner: str, counts: list[int], timeout: float
+    ) -> tuple[str, list[int]]:
+        """Owner name and class counts of a modality's head registered from ``site``: those of
+        every site that serves ``version`` now, as the Flower path registers them (names
+        joined by ``+``, counts summed), so the class prior counts every site's patients."""
+        names, total = [owner], np.asarray(counts, dtype=np.int64)
+        for other in link.sites:
+            if other is site:
+                continue
+            try:
+                info = other.channel.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+                if info.model_version != version or len(info.class_counts) != total.size:
+                    continue  # another version: reported by the sync, not counted
+                names.append(other.channel.identity(timeout) or info.owner or other.target)
+                total = total + np.asarray(info.class_counts, dtype=np.int64)
+            except (grpc.RpcError, OwnerFailure) as exc:  # down now: its patients not counted
+                log.info("site %s of %r not counted in the head's class counts: %s",
+                         other.target, link.modality, exc)  # fmt: skip
+        return "+".join(sorted(set(names))), [int(c) for c in total]
 
     def refresh(
         self, modality: str, version: str, timeout: float, target: str | None = None

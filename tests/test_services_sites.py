@@ -66,10 +66,16 @@ class World:
         held = list(audio.logits)
         half = len(held) // 2
         self.site_ids = {SITE_A: held[half:], SITE_B: held[:half]}
+        # Each site trained on part of the patients: the modality's class counts are the sum.
+        north = np.floor(audio.class_counts / 2)
+        self.counts = {SITE_A: north, SITE_B: audio.class_counts - north}
         self.sites = {
-            t: replace(audio, logits={i: audio.logits[i] for i in ids})
+            t: replace(
+                audio, logits={i: audio.logits[i] for i in ids}, class_counts=self.counts[t],
+                owner=f"audio-{'north' if t == SITE_A else 'south'}",
+            )
             for t, ids in self.site_ids.items()
-        }
+        }  # fmt: skip
         self.ids = H.pool_ids(self.whole)
         self._open: list[Coordinator] = []
 
@@ -88,9 +94,12 @@ class World:
         stubs.update({t.replace("_", "."): s for t, s in overrides.items()})
         return self.coordinator(stubs, "split"), stubs
 
-    def reference(self, **options: Any) -> PredictResult:
-        """The answer of one owner per modality, for the ids held by ``held`` (all)."""
-        stubs = {SITE_A: H.good_stub(self.whole["audio"]), IMAGE: H.good_stub(self.whole["image"])}
+    def reference(self, counts: Any = None, **options: Any) -> PredictResult:
+        """The answer of one owner per modality (audio with ``counts``, default all sites')."""
+        whole = self.whole["audio"]
+        if counts is not None:
+            whole = replace(whole, class_counts=counts)
+        stubs = {SITE_A: H.good_stub(whole), IMAGE: H.good_stub(self.whole["image"])}
         ref = self.coordinator(stubs, "reference")
         return ref.predict(options.pop("ids", self.ids), PredictOptions(**options))
 
@@ -118,6 +127,10 @@ def audio(result: PredictResult) -> Any:
 def test_patients_split_over_sites_fuse_as_one_owner(world: World) -> None:
     coordinator, stubs = world.split()
     assert coordinator.sync() == {"audio": "", "image": ""}
+    # One head for the modality, registered with every site's class counts (the prior's).
+    record = coordinator.head("audio").record  # type: ignore[union-attr]
+    assert record.owner == "audio-north+audio-south"
+    np.testing.assert_array_equal(record.class_counts, world.whole["audio"].class_counts)
     got = coordinator.predict(world.ids)
     want = world.reference()
     assert got.sample_ids == want.sample_ids
@@ -153,9 +166,12 @@ def test_site_down_removes_only_its_patients(world: World) -> None:
     got = coordinator.predict(world.ids, PredictOptions(skip_unknown_ids=True))
     assert got.unpredicted_sample_ids == sorted(only_b)
     a_ids = world.site_ids[SITE_A]
-    np.testing.assert_allclose(rows(got, a_ids), rows(world.reference(), a_ids), rtol=0, atol=1e-12)
+    # The head was registered while b was down: its class counts are a's alone.
+    counts = world.counts[SITE_A]
+    reference = world.reference(counts)
+    np.testing.assert_allclose(rows(got, a_ids), rows(reference, a_ids), rtol=0, atol=1e-12)
     # Site b's patients that image holds are predicted from image alone.
-    image_only = world.reference(modalities=("image",), ids=b_with_image)
+    image_only = world.reference(counts, modalities=("image",), ids=b_with_image)
     np.testing.assert_allclose(
         rows(got, b_with_image), image_only.probabilities, rtol=0, atol=1e-12
     )
@@ -197,7 +213,8 @@ def test_site_with_another_model_version_is_never_fused(world: World) -> None:
     assert registered is not None and registered.version == world.sites[SITE_A].version
     got = coordinator.predict(world.ids, PredictOptions(skip_unknown_ids=True))
     a_ids = world.site_ids[SITE_A]
-    np.testing.assert_allclose(rows(got, a_ids), rows(world.reference(), a_ids), rtol=0, atol=1e-12)
+    reference = world.reference(world.counts[SITE_A])  # b's patients are not counted
+    np.testing.assert_allclose(rows(got, a_ids), rows(reference, a_ids), rtol=0, atol=1e-12)
     _a, b_site = audio(got).sites
     assert b_site.error.startswith("FAILED_PRECONDITION: ") and moved.version in b_site.error
     assert b_site.samples == 0 and b_site.model_version == moved.version
