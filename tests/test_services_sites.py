@@ -22,6 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
+from jacfusion_fed.cli.coordinator import info_payload
+from jacfusion_fed.cli.predict_wire import Answer as WireAnswer
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.fusion_service import (
@@ -78,11 +80,12 @@ class World:
         }  # fmt: skip
         self.ids = H.pool_ids(self.whole)
         self._open: list[Coordinator] = []
+        self.config = CONFIG
 
     def coordinator(self, stubs: dict[str, Any], name: str) -> Coordinator:
         endpoints = [OwnerEndpoint("audio" if t != IMAGE else "image", t) for t in stubs]
         c = Coordinator(
-            self.tmp / name, endpoints, INSECURE, CONFIG,
+            self.tmp / name, endpoints, INSECURE, self.config,
             connect=lambda e: OwnerChannel(stubs[e.target]),
         )  # fmt: skip
         self._open.append(c)
@@ -124,7 +127,9 @@ def audio(result: PredictResult) -> Any:
     return next(c for c in result.modalities if c.modality == "audio")
 
 
-def test_patients_split_over_sites_fuse_as_one_owner(world: World) -> None:
+@pytest.mark.parametrize("owner_chunk", [65_536, 5])
+def test_patients_split_over_sites_fuse_as_one_owner(world: World, owner_chunk: int) -> None:
+    world.config = replace(CONFIG, owner_chunk=owner_chunk)  # 5: several calls per site
     coordinator, stubs = world.split()
     assert coordinator.sync() == {"audio": "", "image": ""}
     # One head for the modality, registered with every site's class counts (the prior's).
@@ -142,8 +147,10 @@ def test_patients_split_over_sites_fuse_as_one_owner(world: World) -> None:
     assert audio(got).ambiguous_sample_ids == []
     # Every site was asked for every id (each answers the ones it holds).
     for t in (SITE_A, SITE_B):
-        (served,) = stubs[t].served_logits
-        assert len(served.batch.sample_ids) + len(served.batch.unknown_sample_ids) == len(world.ids)
+        served = stubs[t].served_logits
+        assert len(served) == -(-len(world.ids) // owner_chunk)
+        asked = sum(len(r.batch.sample_ids) + len(r.batch.unknown_sample_ids) for r in served)
+        assert asked == len(world.ids)
     # A single-site modality reports no site list (its answer is unchanged).
     image = next(c for c in got.modalities if c.modality == "image")
     assert image.sites == []
@@ -182,6 +189,18 @@ def test_site_down_removes_only_its_patients(world: World) -> None:
     assert b_site.target == SITE_B and b_site.error.startswith("UNAVAILABLE: ")
     assert SITE_B in b_site.error and b_site.samples == 0
     assert not any(contribution.used[[got.sample_ids.index(i) for i in b_with_image]])
+    # The requester's side (predict --json) names the site too.
+    wire = WireAnswer()
+    wire.add(predictions_to_proto(got))
+    (site_error,) = wire.to_json([], {})["modalities"][0]["site_errors"]
+    assert site_error.startswith(f"{SITE_B}: UNAVAILABLE: ")
+    # PredictStream: every chunk says the same, and only b's audio-only patients are missing.
+    chunks = list(
+        coordinator.predict_stream(world.ids, PredictOptions(skip_unknown_ids=True), chunk_size=5)
+    )
+    assert len(chunks) == -(-len(world.ids) // 5)
+    assert sorted(i for c in chunks for i in c.unpredicted_sample_ids) == sorted(only_b)
+    assert all(audio(c).sites[1].error for c in chunks)
     # The sync reports the site as the modality's error; the other modality is fine.
     errors = coordinator.sync()
     assert SITE_B in errors["audio"] and errors["image"] == ""
@@ -229,6 +248,8 @@ def test_site_with_another_model_version_is_never_fused(world: World) -> None:
     assert entry.sites[0].error == ""
     image = next(m for m in info.modalities if m.modality == "image")
     assert len(image.sites) == 0
+    shown = info_payload(info)["modalities"]  # coordinator info --json
+    assert [s["target"] for s in shown[0]["sites"]] == [SITE_A, SITE_B] and "sites" not in shown[1]
 
 
 def test_version_choice_keeps_the_registered_version() -> None:
