@@ -24,6 +24,8 @@ from typer.testing import CliRunner
 from jacfusion_fed.cli import app
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.cli.predict_wire import Answer as WireAnswer
+from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
+from jacfusion_fed.rpc.metrics import ServiceMetrics
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.fusion_service import (
@@ -31,6 +33,7 @@ from jacfusion_fed.server.fusion_service import (
     decode_predictions,
     predictions_to_proto,
 )
+from jacfusion_fed.server.metrics import watch_coordinator
 from jacfusion_fed.server.owner_channel import OwnerChannel
 from jacfusion_fed.server.owner_links import pick_version
 from jacfusion_fed.server.predict_types import (
@@ -120,7 +123,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def rows(result: PredictResult, ids: list[str]) -> np.ndarray:
     index = {s: i for i, s in enumerate(result.sample_ids)}
-    return result.probabilities[[index[i] for i in ids]]
+    out: np.ndarray = result.probabilities[[index[i] for i in ids]]
+    return out
 
 
 def audio(result: PredictResult) -> Any:
@@ -133,7 +137,9 @@ def test_patients_split_over_sites_fuse_as_one_owner(world: World, owner_chunk: 
     coordinator, stubs = world.split()
     assert coordinator.sync() == {"audio": "", "image": ""}
     # One head for the modality, registered with every site's class counts (the prior's).
-    record = coordinator.head("audio").record  # type: ignore[union-attr]
+    head = coordinator.head("audio")
+    assert head is not None
+    record = head.record
     assert record.owner == "audio-north+audio-south"
     np.testing.assert_array_equal(record.class_counts, world.whole["audio"].class_counts)
     got = coordinator.predict(world.ids)
@@ -204,6 +210,14 @@ def test_site_down_removes_only_its_patients(world: World) -> None:
     # The sync reports the site as the modality's error; the other modality is fine.
     errors = coordinator.sync()
     assert SITE_B in errors["audio"] and errors["image"] == ""
+    # Prometheus: the modality is not up (a site is down), per site which one.
+    metrics = ServiceMetrics("coordinator")
+    watch_coordinator(metrics, coordinator)
+    scraped = metrics.registry.get_sample_value
+    assert scraped("jacfusion_owner_up", {"modality": "audio"}) == 0.0
+    assert scraped("jacfusion_owner_up", {"modality": "image"}) == 1.0
+    for site, up in ((SITE_A, 1.0), (SITE_B, 0.0)):
+        assert scraped("jacfusion_owner_site_up", {"modality": "audio", "site": site}) == up
 
 
 def test_every_site_down_fails_the_modality_naming_each(world: World) -> None:
@@ -239,9 +253,11 @@ def test_site_with_another_model_version_is_never_fused(world: World) -> None:
     assert b_site.samples == 0 and b_site.model_version == moved.version
     # Its head was never fetched, and the registered version did not flip.
     assert stubs[SITE_B].served_heads == []
-    assert coordinator.head("audio").version == registered.version  # type: ignore[union-attr]
+    still = coordinator.head("audio")
+    assert still is not None and still.version == registered.version
     # GetModelInfo reports each site's version and the mismatch.
-    info = FusionServicer(coordinator).GetModelInfo(None, None)  # type: ignore[arg-type]
+    context: Any = None  # GetModelInfo reads nothing of its context
+    info = FusionServicer(coordinator).GetModelInfo(fusion_pb2.GetModelInfoRequest(), context)
     entry = next(m for m in info.modalities if m.modality == "audio")
     assert [s.target for s in entry.sites] == [SITE_A, SITE_B]
     assert entry.sites[1].model_version == moved.version and entry.sites[1].error
