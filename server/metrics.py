@@ -47,7 +47,8 @@ def watch_coordinator(metrics: ServiceMetrics, coordinator: Coordinator) -> None
             for site in link.sites if link.multi_site else ():
                 ok = head is not None and not site.last_error and site.version == head.version
                 sites.add_metric([link.modality, site.target], float(ok))
-        return [up, versions, sites]
+        several = any(link.multi_site for link in coordinator.owners)
+        return [up, versions, sites] if several else [up, versions]
 
     metrics.registry.register(Callback(produce))
     coordinator.batcher.on_fused(

@@ -44,7 +44,7 @@ def _split(path: Path, keep: int, out: Path) -> None:
         rows = np.arange(len(data[f"ids_{split}"])) % 2 == keep
         for what in ("x", "y", "ids"):
             data[f"{what}_{split}"] = data[f"{what}_{split}"][rows]
-    np.savez(out, **data)  # type: ignore[arg-type]
+    np.savez(out, **data)
 
 
 @pytest.fixture(scope="module")
