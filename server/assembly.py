@@ -14,6 +14,12 @@ Unknown ids
     ``skip_unknown_ids`` the other samples are predicted and those ids are listed in
     ``unpredicted_sample_ids``. Samples held by different sets of modalities are fused group
     by group (fusion is sample-wise).
+
+Several sites per modality
+    A modality's answer lists its sites (:class:`SiteStatus`: which failed, which served
+    another model version) and the ids held by more than one of its sites (never used from
+    that modality). Unpredicted ids with a failed site are ``UNAVAILABLE`` (that site might
+    hold them); ids only ambiguity kept from being predicted are ``FAILED_PRECONDITION``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Final
 import grpc
 import numpy as np
 
-from .fanout import Answer
+from .fanout import Answer, SitesFailure
 from .owner_channel import OwnerFailure
 from .predict_types import Contribution, PredictError, PredictResult, RegisteredHead
 from .request_plan import Plan, list_ids
@@ -64,16 +70,30 @@ def _fail_if_needed(
 
 
 def _unknown(
-    plan: Plan, unpredicted: list[str], failures: Mapping[str, OwnerFailure]
+    plan: Plan,
+    unpredicted: list[str],
+    failures: Mapping[str, OwnerFailure],
+    answers: Mapping[str, Answer],
 ) -> PredictError:
     held = "held by every selected owner" if plan.require_all else "held by any owner"
-    if failures:
+    site_errors = [s.error for a in answers.values() for s in a.sites if s.error]
+    if failures or site_errors:
+        down = [*failures, *(f"a site of {m}" for m, a in answers.items() if a.sites and any(
+            s.error for s in a.sites))]  # fmt: skip
         return PredictError(
             grpc.StatusCode.UNAVAILABLE,
             f"{len(unpredicted)} sample id(s) not {held} that answered, and "
-            f"{', '.join(failures)} did not answer ("
-            + "; ".join(f.text for f in failures.values())
+            f"{', '.join(down)} did not answer ("
+            + "; ".join([*(f.text for f in failures.values()), *site_errors])
             + f"): {list_ids(unpredicted)}",
+        )
+    ambiguous = {i for a in answers.values() for i in a.ambiguous}
+    if ambiguous and ambiguous.issuperset(unpredicted):
+        return PredictError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{len(unpredicted)} sample id(s) held by more than one site of a modality (a "
+            f"pseudonym must be held by one site; see each modality's ambiguous ids): "
+            f"{list_ids(unpredicted)}",
         )
     return PredictError(
         grpc.StatusCode.NOT_FOUND,
@@ -126,7 +146,7 @@ def assemble(
         if not predicted.all():
             unpredicted = [ids[i] for i in np.flatnonzero(~predicted)]
             if not plan.skip_unknown_ids:
-                raise _unknown(plan, unpredicted, failures)
+                raise _unknown(plan, unpredicted, failures, answers)
         rows = np.flatnonzero(predicted)
         masks = masks[:, rows]
         probs = np.empty((rows.size, k))
@@ -158,6 +178,8 @@ def assemble(
                     used[m],
                     gamma=gamma,
                     regularized=regularized,
+                    sites=answers[m].sites,
+                    ambiguous_sample_ids=answers[m].ambiguous,
                 )
             )
         else:
@@ -170,6 +192,7 @@ def assemble(
                     np.zeros(len(probs), dtype=bool),
                     gamma=gamma,
                     error=failures[m].text,
+                    sites=f.sites if isinstance(f := failures[m], SitesFailure) else [],
                 )
             )
     return PredictResult(sample_ids, probs, labels, contributions, unpredicted, plan.method)

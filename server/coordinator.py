@@ -42,6 +42,7 @@ from .predict_types import (
     PredictOptions,
     PredictResult,
     RegisteredHead,
+    SiteStatus,
 )
 from .request_plan import check_ids, plan_request
 
@@ -53,7 +54,8 @@ class Coordinator:
 
     Args:
         registry: the :class:`HeadRegistry` (or its directory) where heads persist.
-        owners: the configured owners, one per modality.
+        owners: the configured owners: one endpoint per site, so several for a modality
+            served by several sites (see :mod:`~jacfusion_fed.server.fanout`).
         security: the coordinator's :class:`TlsFiles` (its client identity towards owners)
             or :data:`jacfusion_fed.rpc.tls.INSECURE`.
         config: defaults and limits.
@@ -77,9 +79,6 @@ class Coordinator:
         self.registry = registry if isinstance(registry, HeadRegistry) else HeadRegistry(registry)
         if not owners:
             raise ValueError("a coordinator needs at least one owner")
-        names = [o.modality for o in owners]
-        if len(set(names)) != len(names):
-            raise ValueError(f"each modality needs exactly one owner endpoint, got {names}")
         if isinstance(security, (str, Path)):
             security = TlsFiles.from_dir(security)
         self.security: Security = security
@@ -149,6 +148,11 @@ class Coordinator:
             class_names=list(names) if heads and len(names) == heads[0].num_classes else [],
             heads=heads,
             default_method=self.config.default_method,
+            sites={
+                link.modality: [SiteStatus(s.target, s.version, s.last_error) for s in link.sites]
+                for link in self.owners
+                if link.multi_site
+            },
         )
 
     # --- prediction --------------------------------------------------------------------------
@@ -207,7 +211,8 @@ class Coordinator:
                 answers[name] = self._fanout.collect(gathered, name)
             except OwnerFailure as exc:
                 failures[name] = exc
-                self.owners[name].last_error = exc.text
+                if not self.owners[name].multi_site:  # several: each site's own last_error
+                    self.owners[name].last_error = exc.text
         return assemble(
             plan,
             gathered.ids,

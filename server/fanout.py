@@ -6,13 +6,21 @@ deadline). An owner's answer is checked before anything reads it: one model vers
 its calls (its head is registered first when that version is new), K as registered, finite
 logits of plausible magnitude (at most :data:`MAX_ABS_OWNER_VALUE`), only requested ids, each
 once. A failing owner becomes an :class:`OwnerFailure`, never a silent gap.
+
+A modality served by several sites asks every site for every id (a site answers the ids it
+holds and lists the others as unknown), so each sample's logits come from the site that holds
+it. A site that fails, or serves another model version than the modality's other sites
+(:func:`~jacfusion_fed.server.owner_links.pick_version`), is left out and named in the
+answer's :class:`SiteStatus` list: only its own samples go missing. An id held by two sites is
+used from neither and listed as ambiguous (never a silent pick); the modality fails only when
+every site failed (:class:`SitesFailure`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,11 +30,11 @@ from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 
 from .owner_channel import OwnerFailure, rpc_failure
-from .owner_links import OwnerLinks
-from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead
+from .owner_links import OwnerLink, OwnerLinks, pick_version
+from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead, SiteStatus
 from .request_plan import Plan, list_ids, owner_timeout
 
-__all__ = ["Answer", "FanOut", "Gathered"]
+__all__ = ["Answer", "FanOut", "Gathered", "SitesFailure"]
 
 
 @dataclass
@@ -35,7 +43,8 @@ class Gathered:
 
     ids: list[str]
     plan: Plan
-    calls: dict[str, list[tuple[int, int, Any]]]  # modality -> [(start, stop, future)]
+    #: modality -> site target -> [(start, stop, future)]
+    calls: dict[str, dict[str, list[tuple[int, int, Any]]]]
     deadline: float
     index: dict[str, int] | None = None
 
@@ -48,6 +57,16 @@ class Answer:
     head: RegisteredHead
     logits: np.ndarray  # (n, K), zero rows where not known
     known: np.ndarray | None  # (n,) bool; None when every id is known
+    sites: list[SiteStatus] = field(default_factory=list)  # several sites only
+    ambiguous: list[str] = field(default_factory=list)  # ids held by two or more sites
+
+
+class SitesFailure(OwnerFailure):
+    """Every site of a modality failed; ``sites`` says how each one did."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, sites: list[SiteStatus]) -> None:
+        super().__init__(code, message)
+        self.sites = sites
 
 
 class FanOut:
@@ -84,42 +103,62 @@ class FanOut:
             for s in range(0, len(ids), step)
         ]
         jobs = [
-            (name, start, stop, self.links[name].channel.stub.GetLogits, req)
+            (name, site.target, start, stop, site.channel.stub.GetLogits, req)
             for name in plan.modalities
+            for site in self.links[name].sites
             for start, stop, req in requests
         ]
-        calls: dict[str, list[tuple[int, int, Any]]] = {name: [] for name in plan.modalities}
+        calls: dict[str, dict[str, list[tuple[int, int, Any]]]] = {
+            name: {site.target: [] for site in self.links[name].sites} for name in plan.modalities
+        }
         last = jobs.pop() if inline else None
-        for name, start, stop, method, req in jobs:
-            calls[name].append((start, stop, self._pool.submit(method, req, timeout=timeout)))
+        for name, target, start, stop, method, req in jobs:
+            calls[name][target].append(
+                (start, stop, self._pool.submit(method, req, timeout=timeout))
+            )
         if last is not None:
-            name, start, stop, method, req = last
+            name, target, start, stop, method, req = last
             done: concurrent.futures.Future[Any] = concurrent.futures.Future()
             try:
                 done.set_result(method(req, timeout=timeout))
             except Exception as exc:
                 done.set_exception(exc)
-            calls[name].append((start, stop, done))
+            calls[name][target].append((start, stop, done))
         return Gathered(ids, plan, calls, until)
 
     def collect(self, gathered: Gathered, name: str) -> Answer:
         """Wait for one modality's answers and check them; raises :class:`OwnerFailure`."""
         link = self.links[name]
+        if link.multi_site:
+            return self._collect_sites(gathered, link)
         target = link.endpoint.target
-        ids = gathered.ids
+        responses = self._responses(gathered, name, target, link.last_error)
+        head = self._head(gathered, name, self._version(name, responses), target)
+        return self._answer(gathered, name, head, responses)
+
+    def _responses(
+        self, gathered: Gathered, name: str, target: str, last_error: str
+    ) -> list[tuple[int, int, Any]]:
+        """One site's replies, in request order; raises :class:`OwnerFailure`."""
+        calls = gathered.calls[name][target]
         responses = []
-        for start, stop, future in gathered.calls[name]:
+        for start, stop, future in calls:
             try:
                 responses.append((start, stop, future.result()))
             except grpc.RpcError as exc:
-                for _s, _e, other in gathered.calls[name]:
+                for _s, _e, other in calls:
                     other.cancel()  # not started yet: no need to ask any more
-                raise _known_cause(rpc_failure(name, target, exc), link.last_error) from exc
+                raise _known_cause(rpc_failure(name, target, exc), last_error) from exc
             except Exception as exc:  # e.g. the pool or channel shut down
                 raise OwnerFailure(
                     grpc.StatusCode.UNAVAILABLE, f"owner of {name!r} at {target}: {exc!r}"
                 ) from exc
-        version = responses[0][2].model_version
+        return responses
+
+    @staticmethod
+    def _version(name: str, responses: list[tuple[int, int, Any]]) -> str:
+        """The one model version of a site's replies (``ABORTED`` when it changed)."""
+        version: str = responses[0][2].model_version
         if any(resp.model_version != version for _s, _e, resp in responses):
             versions = sorted({resp.model_version for _s, _e, resp in responses})
             raise OwnerFailure(
@@ -127,12 +166,71 @@ class FanOut:
                 f"owner of {name!r} changed its model version during the request "
                 f"({', '.join(versions)}); retry",
             )
-        head = link.head
+        return version
+
+    def _head(self, gathered: Gathered, name: str, version: str, target: str) -> RegisteredHead:
+        """The head of ``version`` (registered from the site at ``target`` when new)."""
+        head = self.links[name].head
         if head is None or head.version != version:
             timeout = max(gathered.deadline - time.monotonic(), 0.0) or 0.001
             head = self.links.refresh(
-                name, version, min(timeout, self.config.registration_timeout_s)
+                name, version, min(timeout, self.config.registration_timeout_s), target
             )
+        return head
+
+    def _collect_sites(self, gathered: Gathered, link: OwnerLink) -> Answer:
+        """A modality of several sites: every site's answer, merged (module docstring)."""
+        name = link.modality
+        failed: dict[str, OwnerFailure] = {}
+        replies: dict[str, tuple[str, list[tuple[int, int, Any]]]] = {}
+        for site in link.sites:
+            try:
+                responses = self._responses(gathered, name, site.target, site.last_error)
+                replies[site.target] = (self._version(name, responses), responses)
+            except OwnerFailure as exc:
+                failed[site.target] = exc
+        answers: dict[str, Answer] = {}
+        if replies:
+            versions = {t: v for t, (v, _r) in replies.items()}
+            registered = link.head.version if link.head is not None else None
+            chosen = pick_version(list(versions.values()), registered)
+            for t, v in versions.items():
+                if v != chosen:
+                    failed[t] = OwnerFailure(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"site of {name!r} at {t} serves model version {v}, the other sites "
+                        f"{chosen} (sites of one modality must serve the same version)",
+                    )
+            first = next(t for t, v in versions.items() if v == chosen)
+            head = self._head(gathered, name, chosen, first)  # raises: the modality fails
+            for t, (v, responses) in replies.items():
+                if v == chosen:
+                    try:
+                        answers[t] = self._answer(gathered, name, head, responses)
+                    except OwnerFailure as exc:
+                        failed[t] = exc
+        for site in link.sites:
+            site.last_error = failed[site.target].text if site.target in failed else ""
+            if site.target in replies:
+                site.version = replies[site.target][0]
+        if not answers:
+            codes = {f.code for f in failed.values()}
+            statuses = [SiteStatus(s.target, s.version, failed[s.target].text) for s in link.sites]
+            raise SitesFailure(
+                codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE,
+                f"all {len(link.sites)} sites of {name!r} failed: "
+                + "; ".join(f.text for f in failed.values()),
+                statuses,
+            )
+        return _merge(gathered.ids, link, answers, failed)
+
+    def _answer(
+        self, gathered: Gathered, name: str, head: RegisteredHead,
+        responses: list[tuple[int, int, Any]],
+    ) -> Answer:  # fmt: skip
+        """One site's checked logits for the batch (zero rows where not known)."""
+        ids = gathered.ids
+        version = head.version
         k = head.num_classes
         n = len(ids)
         if len(responses) == 1:
@@ -182,6 +280,35 @@ class FanOut:
             logits[rows] = values
             known[rows] = True
         return Answer(name, head, logits, None if known.all() else known)
+
+
+def _merge(
+    ids: list[str], link: OwnerLink, answers: dict[str, Answer], failed: dict[str, OwnerFailure]
+) -> Answer:
+    """The answers of a modality's sites as one: each id from the one site that holds it."""
+    n = len(ids)
+    everywhere = np.ones(n, dtype=bool)
+    masks = {t: a.known if a.known is not None else everywhere for t, a in answers.items()}
+    holders = np.sum(list(masks.values()), axis=0)  # (n,) sites holding each id
+    ambiguous = holders > 1
+    head = next(iter(answers.values())).head
+    logits = np.zeros((n, head.num_classes))
+    for t, a in answers.items():
+        logits[masks[t] & ~ambiguous] = a.logits[masks[t] & ~ambiguous]
+    known = holders == 1
+    statuses = [
+        SiteStatus(
+            s.target,
+            s.version,
+            failed[s.target].text if s.target in failed else "",
+            int((masks[s.target] & known).sum()) if s.target in masks else 0,
+        )
+        for s in link.sites
+    ]
+    return Answer(
+        link.modality, head, logits, None if known.all() else known, statuses,
+        [ids[i] for i in np.flatnonzero(ambiguous)],
+    )  # fmt: skip
 
 
 def _known_cause(failure: OwnerFailure, last_error: str) -> OwnerFailure:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -21,7 +21,7 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 
 from .coordinator import Coordinator
-from .predict_types import METHODS, PredictError, PredictOptions, PredictResult
+from .predict_types import METHODS, PredictError, PredictOptions, PredictResult, SiteStatus
 
 __all__ = [
     "METHOD_FROM_PROTO",
@@ -96,6 +96,13 @@ def options_to_proto(options: PredictOptions) -> fusion_pb2.FusionOptions:
     return msg
 
 
+def _site_to_proto(site: SiteStatus) -> fusion_pb2.SiteStatus:
+    return fusion_pb2.SiteStatus(
+        target=site.target, model_version=site.model_version, error=site.error,
+        samples=site.samples,
+    )  # fmt: skip
+
+
 def predictions_to_proto(result: PredictResult) -> fusion_pb2.Predictions:
     return fusion_pb2.Predictions(
         sample_ids=result.sample_ids,
@@ -110,6 +117,8 @@ def predictions_to_proto(result: PredictResult) -> fusion_pb2.Predictions:
                 gamma=c.gamma,
                 regularized=c.regularized,
                 error=c.error,
+                sites=[_site_to_proto(site) for site in c.sites],
+                ambiguous_sample_ids=c.ambiguous_sample_ids,
             )
             for c in result.modalities
         ],
@@ -127,6 +136,8 @@ class DecodedContribution:
     gamma: float
     regularized: bool
     error: str
+    sites: list[SiteStatus] = field(default_factory=list)
+    ambiguous_sample_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +175,12 @@ class DecodedPredictions:
                     "gamma": c.gamma,
                     "regularized": c.regularized,
                     "error": c.error,
+                    **({"sites": [vars(s) for s in c.sites]} if c.sites else {}),
+                    **(
+                        {"ambiguous_sample_ids": c.ambiguous_sample_ids}
+                        if c.ambiguous_sample_ids
+                        else {}
+                    ),
                 }
                 for c in self.modalities
             ],
@@ -186,7 +203,15 @@ def decode_predictions(msg: fusion_pb2.Predictions) -> DecodedPredictions:
             raise ValueError(f"modality {c.modality!r}: {used.size} used flags for {n} samples")
         mods.append(
             DecodedContribution(
-                c.modality, c.owner, c.model_version, used, c.gamma, c.regularized, c.error
+                c.modality,
+                c.owner,
+                c.model_version,
+                used,
+                c.gamma,
+                c.regularized,
+                c.error,
+                [SiteStatus(s.target, s.model_version, s.error, s.samples) for s in c.sites],
+                list(c.ambiguous_sample_ids),
             )
         )
     return DecodedPredictions(
@@ -260,4 +285,5 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 else modality_pb2.HEAD_KIND_GRAM,
             )
             entry.registered_at.FromDatetime(record.registered_at)
+            entry.sites.extend(_site_to_proto(site) for site in info.sites.get(record.modality, []))
         return response

@@ -1,5 +1,6 @@
-"""The coordinator's own Prometheus series: owner availability, the registered model version
-per owner (both read at scrape time) and fusion time (observed by the fusion batcher).
+"""The coordinator's own Prometheus series: owner availability (per site too, for a modality
+served by several sites), the registered model version per owner (read at scrape time) and
+fusion time (observed by the fusion batcher).
 
 The generic RPC series (requests, latency, calls in flight, refusals) come from
 :class:`jacfusion_fed.rpc.metrics.ServiceMetrics`, which every server has.
@@ -32,12 +33,22 @@ def watch_coordinator(metrics: ServiceMetrics, coordinator: Coordinator) -> None
             "The model version registered per owner (value 1).",
             labels=["modality", "owner", "version"],
         )
+        sites = GaugeMetricFamily(
+            "jacfusion_owner_site_up",
+            "With several sites per modality: 1 when the site's last call succeeded with the "
+            "registered model version.",
+            labels=["modality", "site"],
+        )
         for link in coordinator.owners:  # read only, at scrape time
             head, error = link.head, link.last_error
             up.add_metric([link.modality], float(head is not None and not error))
             if head is not None:
                 versions.add_metric([link.modality, head.record.owner, head.version], 1.0)
-        return [up, versions]
+            for site in link.sites if link.multi_site else ():
+                ok = head is not None and not site.last_error and site.version == head.version
+                sites.add_metric([link.modality, site.target], float(ok))
+        several = any(link.multi_site for link in coordinator.owners)
+        return [up, versions, sites] if several else [up, versions]
 
     metrics.registry.register(Callback(produce))
     coordinator.batcher.on_fused(

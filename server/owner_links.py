@@ -14,6 +14,17 @@ Model versions
     with another version makes :meth:`OwnerLinks.refresh` fetch and register that version's
     head (``GetHead`` with ``expected_model_version``); when this fails (the owner moved on
     once more) the modality fails with ``ABORTED``.
+
+Several sites per modality
+    A modality may be served by several sites (one :class:`Site` each: its own endpoint,
+    channel and last error). After FedAvg they serve one model version, whose head is
+    registered once for the modality, with the class counts of every site serving that
+    version summed (as the Flower path registers them). Sites that disagree are a mismatch,
+    reported as the modality's ``last_error`` (health metrics, ``GetModelInfo``): the
+    registered version stays current while any site serves it (see :func:`pick_version`), and
+    a site serving another version is never fused with it. Every site's certificate is pinned
+    to the modality, so a registration from another site of the same modality is not an
+    owner change.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -35,18 +46,28 @@ from jacfusion_fed.store import CorruptFileError, HeadRegistry
 from .owner_channel import ConnectOwner, OwnerChannel, OwnerFailure, rpc_failure
 from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, OwnerEndpoint, RegisteredHead
 
-__all__ = ["OwnerLink", "OwnerLinks"]
+__all__ = ["OwnerLink", "OwnerLinks", "Site", "pick_version"]
 
 log = logging.getLogger(__name__)
 
 
-class OwnerLink:
-    """Connection and head of one configured modality."""
+class Site:
+    """One endpoint serving a modality: its connection and what it last said."""
 
     def __init__(self, endpoint: OwnerEndpoint, channel: OwnerChannel) -> None:
         self.endpoint = endpoint
-        self.modality = endpoint.modality
+        self.target = endpoint.target
         self.channel = channel
+        self.version = ""  # model version of its last answer or GetInfo
+        self.last_error = ""
+
+
+class OwnerLink:
+    """Connection(s) and head of one configured modality (one :class:`Site` per endpoint)."""
+
+    def __init__(self, modality: str, sites: Sequence[Site]) -> None:
+        self.modality = modality
+        self.sites = list(sites)
         self.head: RegisteredHead | None = None
         self.class_names: list[str] = []
         self.lock = threading.Lock()  # serialises registrations of this modality
@@ -54,8 +75,43 @@ class OwnerLink:
         self.last_sync = 0.0
 
     @property
+    def multi_site(self) -> bool:
+        return len(self.sites) > 1
+
+    @property
+    def endpoint(self) -> OwnerEndpoint:
+        """The first site's endpoint (the only one of a single-site modality)."""
+        return self.sites[0].endpoint
+
+    @property
+    def channel(self) -> OwnerChannel:
+        return self.sites[0].channel
+
+    @property
     def stub(self) -> object:
         return self.channel.stub
+
+    def site(self, target: str) -> Site:
+        return next(s for s in self.sites if s.target == target)
+
+
+def pick_version(versions: Sequence[str], registered: str | None) -> str:
+    """The version a modality's sites are fused with, from the versions they answered with
+    (in configuration order, one per answering site): the registered one while any site serves
+    it (so a site that moved on alone never flips the head), else the most common one (ties:
+    the earliest site's)."""
+    if registered is not None and registered in versions:
+        return registered
+    return max(dict.fromkeys(versions), key=versions.count)
+
+
+def mismatch_text(modality: str, versions: Mapping[str, str], chosen: str) -> str:
+    """The report of sites of ``modality`` that serve other versions than ``chosen``."""
+    others = ", ".join(f"{t} serves {v}" for t, v in versions.items() if v != chosen)
+    return (
+        f"FAILED_PRECONDITION: model version mismatch between the sites of {modality!r}: "
+        f"{others}, not {chosen} (sites of one modality must serve the same version)"
+    )
 
 
 class OwnerLinks:
@@ -63,7 +119,8 @@ class OwnerLinks:
 
     Args:
         registry: where heads persist.
-        endpoints: one per modality, in configuration order.
+        endpoints: one per site (several for a modality served by several sites), in
+            configuration order; a (modality, target) pair at most once.
         connect: opens the connection to one owner (the injection point).
         config: timeouts and sync intervals.
         device: the fusion device (Gram factors live there).
@@ -80,7 +137,16 @@ class OwnerLinks:
         self.registry = registry
         self.config = config
         self.device = device
-        self._links = {e.modality: OwnerLink(e, connect(e)) for e in endpoints}
+        grouped: dict[str, list[OwnerEndpoint]] = {}
+        for e in endpoints:
+            grouped.setdefault(e.modality, []).append(e)
+        for modality, group in grouped.items():
+            targets = [e.target for e in group]
+            if len(set(targets)) != len(targets):
+                raise ValueError(f"modality {modality!r} lists a site twice: {targets}")
+        self._links = {
+            m: OwnerLink(m, [Site(e, connect(e)) for e in group]) for m, group in grouped.items()
+        }
         self._state_lock = threading.Lock()
         self._log_prior: torch.Tensor | None = None
         self._prior = np.zeros(0)
@@ -134,7 +200,8 @@ class OwnerLinks:
     def close(self) -> None:
         self._stop.set()
         for link in self._links.values():
-            link.channel.close()
+            for site in link.sites:
+                site.channel.close()
 
     def _load_registered(self) -> None:
         for modality, link in self._links.items():
@@ -176,11 +243,13 @@ class OwnerLinks:
 
     # --- registration ----------------------------------------------------------------------
 
-    def _register(self, link: OwnerLink, version: str | None, timeout: float) -> RegisteredHead:
-        """Fetch the owner's current head (of ``version`` when given) and register it."""
-        modality, target = link.modality, link.endpoint.target
-        name = link.channel.identity(timeout)
-        stub = link.channel.stub
+    def _register(
+        self, link: OwnerLink, site: Site, version: str | None, timeout: float
+    ) -> RegisteredHead:
+        """Fetch the site's current head (of ``version`` when given) and register it."""
+        modality, target = link.modality, site.target
+        name = site.channel.identity(timeout)
+        stub = site.channel.stub
         try:
             info = stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
             if info.modality != modality:
@@ -224,14 +293,18 @@ class OwnerLinks:
                     f"K mismatch between owners: modality {modality!r} has K={k} classes but "
                     f"{other.modality!r} has K={other.head.num_classes}",
                 )
+        owner, counts = name or info.owner or f"{modality}-owner", list(info.class_counts)
+        if link.multi_site:
+            owner, counts = self._site_totals(link, site, version, owner, counts, timeout)
         try:
             record = self.registry.register(
                 modality,
-                name or info.owner or f"{modality}-owner",
+                owner,
                 version,
-                class_counts=list(info.class_counts),
+                class_counts=counts,
                 gram=gram,
                 class_names=list(info.class_names) if len(info.class_names) == k else [],
+                allow_owner_change=link.multi_site,  # each site is pinned to the modality
             )
         except ValueError as exc:
             raise OwnerFailure(
@@ -251,7 +324,9 @@ class OwnerLinks:
         registered = RegisteredHead(record, factor.to(self.device))
         link.head = registered
         link.class_names = list(info.class_names)
-        link.last_error = ""
+        site.version, site.last_error = version, ""
+        if not link.multi_site:
+            link.last_error = ""
         link.last_sync = time.monotonic()
         log.info("registered head of %r: owner %r, version %s", modality, record.owner, version)
         self._changed()
@@ -265,48 +340,95 @@ class OwnerLinks:
             )
         return registered
 
-    def refresh(self, modality: str, version: str, timeout: float) -> RegisteredHead:
-        """The head of ``version`` of ``modality``, registered now unless known already."""
+    @staticmethod
+    def _site_totals(
+        link: OwnerLink, site: Site, version: str, owner: str, counts: list[int], timeout: float
+    ) -> tuple[str, list[int]]:
+        """Owner name and class counts of a modality's head registered from ``site``: those of
+        every site that serves ``version`` now, as the Flower path registers them (names
+        joined by ``+``, counts summed), so the class prior counts every site's patients."""
+        names, total = [owner], np.asarray(counts, dtype=np.int64)
+        for other in link.sites:
+            if other is site:
+                continue
+            try:
+                info = other.channel.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
+                if info.model_version != version or len(info.class_counts) != total.size:
+                    continue  # another version: reported by the sync, not counted
+                names.append(other.channel.identity(timeout) or info.owner or other.target)
+                total = total + np.asarray(info.class_counts, dtype=np.int64)
+            except (grpc.RpcError, OwnerFailure) as exc:  # down now: its patients not counted
+                log.info("site %s of %r not counted in the head's class counts: %s",
+                         other.target, link.modality, exc)  # fmt: skip
+        return "+".join(sorted(set(names))), [int(c) for c in total]
+
+    def refresh(
+        self, modality: str, version: str, timeout: float, target: str | None = None
+    ) -> RegisteredHead:
+        """The head of ``version`` of ``modality``, registered now (from the site at
+        ``target``, default the first) unless known already."""
         link = self._links[modality]
+        site = link.sites[0] if target is None else link.site(target)
         with link.lock:
             head = link.head
             if head is not None and head.version == version:
                 return head  # registered meanwhile by another request
-            return self._register(link, version, timeout)
+            return self._register(link, site, version, timeout)
 
     def sync(self, modality: str | None = None, timeout: float | None = None) -> dict[str, str]:
         """Register the current head of every (or one) owner whose version changed.
 
-        Returns modality -> error text (empty when in sync).
+        Returns modality -> error text (empty when in sync). With several sites: every site
+        is asked; a site that fails or serves another version than the others is reported
+        (the modality's error names it) without keeping the others from being registered.
         """
         timeout = timeout or self.config.registration_timeout_s
         out: dict[str, str] = {}
         for name, link in self._links.items():
             if modality is not None and name != modality:
                 continue
-            try:
-                with link.lock:
-                    info = link.channel.stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=timeout)
-                    link.class_names = list(info.class_names)  # also for a loaded head
-                    if link.head is None or link.head.version != info.model_version:
-                        self._register(link, None, timeout)
-                    link.last_sync = time.monotonic()
-                    link.last_error = ""
-                out[name] = ""
-            except grpc.RpcError as exc:
-                failure = rpc_failure(name, link.endpoint.target, exc)
-                if failure.code == grpc.StatusCode.UNAVAILABLE:
-                    try:  # say so when the address is served by someone else
-                        link.channel.identity(timeout)
-                    except OwnerFailure as found:
-                        if found.code == grpc.StatusCode.PERMISSION_DENIED:
-                            failure = found
-                link.last_error = failure.text
+            with link.lock:
+                errors = []
+                versions: dict[str, str] = {}
+                for site in link.sites:
+                    try:
+                        info = site.channel.stub.GetInfo(
+                            modality_pb2.GetInfoRequest(), timeout=timeout
+                        )
+                        link.class_names = list(info.class_names)  # also for a loaded head
+                        site.version, site.last_error = info.model_version, ""
+                        versions[site.target] = info.model_version
+                    except grpc.RpcError as exc:
+                        site.last_error = self._site_failure(name, site, exc, timeout).text
+                        errors.append(site.last_error)
+                if versions:
+                    registered = link.head.version if link.head is not None else None
+                    chosen = pick_version(list(versions.values()), registered)
+                    try:
+                        if chosen != registered:
+                            first = next(t for t, v in versions.items() if v == chosen)
+                            self._register(link, link.site(first), None, timeout)
+                    except grpc.RpcError as exc:  # the site went away meanwhile
+                        errors.append(self._site_failure(name, link.sites[0], exc, timeout).text)
+                    except OwnerFailure as exc:
+                        errors.append(exc.text)
+                    if len(set(versions.values())) > 1:
+                        errors.append(mismatch_text(name, versions, chosen))
+                link.last_sync = time.monotonic()
+                link.last_error = "; ".join(errors)
                 out[name] = link.last_error
-            except OwnerFailure as exc:
-                link.last_error = exc.text
-                out[name] = exc.text
         return out
+
+    @staticmethod
+    def _site_failure(name: str, site: Site, exc: grpc.RpcError, timeout: float) -> OwnerFailure:
+        failure = rpc_failure(name, site.target, exc)
+        if failure.code == grpc.StatusCode.UNAVAILABLE:
+            try:  # say so when the address is served by someone else
+                site.channel.identity(timeout)
+            except OwnerFailure as found:
+                if found.code == grpc.StatusCode.PERMISSION_DENIED:
+                    failure = found
+        return failure
 
     def _sync_loop(self) -> None:
         cfg = self.config

@@ -43,6 +43,7 @@ __all__ = [
     "PredictOptions",
     "PredictResult",
     "RegisteredHead",
+    "SiteStatus",
 ]
 
 # METHODS (the fusion rules, by the names used in options, the CLI and the JSON output) is
@@ -165,6 +166,16 @@ class PredictError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class SiteStatus:
+    """One site of a modality served by several sites (``SiteStatus`` in fusion.proto)."""
+
+    target: str
+    model_version: str = ""
+    error: str = ""
+    samples: int = 0  # predicted samples of the batch whose logits came from this site
+
+
 @dataclass
 class Contribution:
     """How one selected modality took part in a batch (see ``ModalityContribution``)."""
@@ -176,6 +187,8 @@ class Contribution:
     gamma: float = 0.0
     regularized: bool = False
     error: str = ""
+    sites: list[SiteStatus] = field(default_factory=list)  # only with several sites
+    ambiguous_sample_ids: list[str] = field(default_factory=list)  # held by two sites
 
 
 @dataclass
@@ -215,3 +228,4 @@ class ModelInfo:
     class_names: list[str]
     heads: list[HeadRecord]
     default_method: str
+    sites: Mapping[str, list[SiteStatus]] = field(default_factory=dict)  # several sites only

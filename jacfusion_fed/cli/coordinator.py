@@ -36,7 +36,14 @@ __all__ = ["coordinator_info", "coordinator_serve", "register"]
 
 def coordinator_serve(
     registry: Annotated[Path, typer.Option(help="Head registry directory (persists heads).")],
-    owner: Annotated[list[str], typer.Option(help="MODALITY=HOST:PORT of an owner (repeat).")],
+    owner: Annotated[
+        list[str] | None,
+        typer.Option(help="MODALITY=HOST:PORT[,HOST:PORT...]: a modality's sites (repeat)."),
+    ] = None,
+    sites: Annotated[
+        Path | None,
+        typer.Option(help='JSON sites file: {"MODALITY": ["HOST:PORT", ...], ...}.'),
+    ] = None,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     host: HostOpt = "127.0.0.1",
@@ -69,11 +76,17 @@ def coordinator_serve(
     host = bind_host(host, "coordinator FusionService")
     check_port_free(host, port)
     from jacfusion_fed.server.coordinator import Coordinator
-    from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
+    from jacfusion_fed.server.predict_types import CoordinatorConfig
     from jacfusion_fed.server.serve import serve_coordinator
+    from jacfusion_fed.server.sites import load_sites, parse_owners, sites_by_modality
     from jacfusion_fed.store import CorruptFileError
 
-    endpoints = [OwnerEndpoint.parse(o) for o in owner]
+    if bool(owner) == (sites is not None):
+        raise CliError("pass either --owner (one per modality) or --sites FILE")
+    try:
+        endpoints = load_sites(sites) if sites is not None else parse_owners(owner or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     config = CoordinatorConfig(
         default_method=method, default_gamma=default_gamma, default_iterations=iterations,
         max_iterations=max(16, iterations), owner_timeout_s=owner_timeout,
@@ -93,7 +106,7 @@ def coordinator_serve(
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     err().print(
         f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
-        + ", ".join(f"{e.modality}={e.target}" for e in endpoints)
+        + ", ".join(f"{m}={','.join(t)}" for m, t in sites_by_modality(endpoints).items())
     )
     serve_until_signal(running, "coordinator", port_file)
 
@@ -118,6 +131,16 @@ def info_payload(info: Any) -> dict[str, Any]:
                 .removeprefix("HEAD_KIND_")
                 .lower(),
                 "registered_at": m.registered_at.ToDatetime().isoformat() + "Z",
+                **(
+                    {
+                        "sites": [
+                            {"target": s.target, "model_version": s.model_version, "error": s.error}
+                            for s in m.sites
+                        ]
+                    }
+                    if m.sites
+                    else {}
+                ),
             }
             for m in info.modalities
         ],
@@ -158,6 +181,13 @@ def coordinator_info(
         )  # fmt: skip
     console = out()
     console.print(table)
+    for m in payload["modalities"]:
+        for site in m.get("sites", []):
+            state = site["error"] or "ok"
+            console.print(
+                f"{m['modality']} site {site['target']}: {site['model_version'] or '-'}, {state}",
+                highlight=False,
+            )
     names = payload["class_names"] or [str(k) for k in range(payload["num_classes"])]
     prior = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, payload["class_prior"], strict=False))
     console.print(f"class prior: {prior}", highlight=False)

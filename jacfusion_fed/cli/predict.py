@@ -192,7 +192,8 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
         shown_gamma = f"{c.gamma:g}{' (reg.)' if c.regularized else ''}"
         mods.add_row(
             c.modality, c.owner, c.model_version, str(sum(c.used)),
-            shown_gamma if answer.method == "jacobian" else "", c.error,
+            shown_gamma if answer.method == "jacobian" else "",
+            c.error or "; ".join(c.site_errors),
         )  # fmt: skip
     console.print(mods)
     if answer.unpredicted:

@@ -82,6 +82,10 @@ class Contribution:
     regularized: bool
     error: str
     used: list[bool]
+    #: With several sites per modality: "ADDRESS: error" of each site that failed, and the
+    #: ids held by more than one site (not used from this modality).
+    site_errors: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,10 +123,15 @@ class Answer:
                         c.modality, c.owner, c.model_version, c.gamma, c.regularized, c.error, used
                     )
                 )
-            else:
-                known = self.contributions[i]
+            known = self.contributions[i]
+            if not first:
                 known.used += used
                 known.error = known.error or c.error
+            for site in c.sites:
+                text = f"{site.target}: {site.error}"
+                if site.error and text not in known.site_errors:
+                    known.site_errors.append(text)
+            known.ambiguous += list(c.ambiguous_sample_ids)
 
     def to_json(self, names: list[str], local: dict[str, str]) -> dict[str, Any]:
         """The answer with the names the table shows (class names, method, versions)."""
@@ -143,7 +152,12 @@ class Answer:
             "method": self.method,
             "class_names": names,
             "modalities": [
-                {**{k: getattr(c, k) for k in _SHOWN}, "samples_used": sum(c.used)}
+                {
+                    **{k: getattr(c, k) for k in _SHOWN},
+                    "samples_used": sum(c.used),
+                    **({"site_errors": c.site_errors} if c.site_errors else {}),
+                    **({"ambiguous_sample_ids": c.ambiguous} if c.ambiguous else {}),
+                }
                 for c in self.contributions
             ],
             "samples": samples,

@@ -326,6 +326,8 @@ class ModalityContribution(_message.Message):
     GAMMA_FIELD_NUMBER: _builtins.int
     REGULARIZED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    AMBIGUOUS_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
     modality: _builtins.str
     """Modality name."""
     owner: _builtins.str
@@ -337,11 +339,26 @@ class ModalityContribution(_message.Message):
     regularized: _builtins.bool
     """Whether this modality was regularized (Jacobian fusion only)."""
     error: _builtins.str
-    """Set when the owner failed for this batch: the gRPC status code name and message."""
+    """Set when the owner failed for this batch: the gRPC status code name and message. With
+    several sites, set only when every site failed (see `sites`).
+    """
     @_builtins.property
     def used(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """Per predicted sample (aligned with Predictions.sample_ids): whether this modality's
         logits were used for it.
+        """
+
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatus]:
+        """With several sites serving this modality (empty with one): how each site took part. A
+        site that failed or serves another model version than the others is left out alone: only
+        the samples it holds lack this modality's logits.
+        """
+
+    @_builtins.property
+    def ambiguous_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Requested ids held by more than one site of this modality: this modality's logits are
+        not used for them (a pseudonym must be held by one site; no site is picked silently).
         """
 
     def __init__(
@@ -354,14 +371,52 @@ class ModalityContribution(_message.Message):
         gamma: _builtins.float = ...,
         regularized: _builtins.bool = ...,
         error: _builtins.str = ...,
+        sites: _abc.Iterable[Global___SiteStatus] | None = ...,
+        ambiguous_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "gamma", b"gamma", "modality", b"modality", "model_version", b"model_version", "owner", b"owner", "regularized", b"regularized", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous_sample_ids", b"ambiguous_sample_ids", "error", b"error", "gamma", b"gamma", "modality", b"modality", "model_version", b"model_version", "owner", b"owner", "regularized", b"regularized", "sites", b"sites", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModalityContribution: _TypeAlias = ModalityContribution  # noqa: Y015
+
+@_typing.final
+class SiteStatus(_message.Message):
+    """One site of a modality served by several sites (owner endpoints)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The site's address, host:port, as the coordinator is configured with it."""
+    model_version: _builtins.str
+    """Model version of the site's last answer (empty before the first)."""
+    error: _builtins.str
+    """Set when the site failed, or serves another model version than the modality's other
+    sites: the gRPC status code name and message.
+    """
+    samples: _builtins.int
+    """In a ModalityContribution: requested samples whose logits came from this site."""
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        error: _builtins.str = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model_version", b"model_version", "samples", b"samples", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):
@@ -437,6 +492,7 @@ class RegisteredModality(_message.Message):
     CLASS_COUNTS_FIELD_NUMBER: _builtins.int
     HEAD_KIND_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
     modality: _builtins.str
     """Modality name."""
     owner: _builtins.str
@@ -455,6 +511,12 @@ class RegisteredModality(_message.Message):
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """When this version was registered."""
 
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatus]:
+        """With several sites serving this modality (empty with one): each site's model version
+        and last error; a site whose version differs from the others' says so in `error`.
+        """
+
     def __init__(
         self,
         *,
@@ -465,10 +527,11 @@ class RegisteredModality(_message.Message):
         class_counts: _abc.Iterable[_builtins.int] | None = ...,
         head_kind: _modality_pb2.HeadKind.ValueType = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
+        sites: _abc.Iterable[Global___SiteStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_counts", b"class_counts", "head_kind", b"head_kind", "modality", b"modality", "model_version", b"model_version", "num_classes", b"num_classes", "owner", b"owner", "registered_at", b"registered_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_counts", b"class_counts", "head_kind", b"head_kind", "modality", b"modality", "model_version", b"model_version", "num_classes", b"num_classes", "owner", b"owner", "registered_at", b"registered_at", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
