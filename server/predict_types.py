@@ -18,8 +18,7 @@ result would not be finite in float64 (e.g. a tiny gamma with a large Gram matri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import grpc
@@ -40,7 +39,6 @@ __all__ = [
     "ModelInfo",
     "OwnerEndpoint",
     "PredictError",
-    "PredictOptions",
     "PredictResult",
     "RegisteredHead",
 ]
@@ -141,21 +139,6 @@ class CoordinatorConfig:
             raise ValueError(f"owner_timeout_s must be in (0, {MAX_OWNER_TIMEOUT_S:g}]")
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """Options of one request; ``None`` / empty means the coordinator's default."""
-
-    method: str | None = None
-    default_gamma: float | None = None
-    gammas: Mapping[str, float] = field(default_factory=dict)
-    regularize: tuple[str, ...] = ()
-    iterations: int | None = None
-    require_all: bool = False
-    modalities: tuple[str, ...] = ()
-    owner_timeout_s: float | None = None
-    skip_unknown_ids: bool = False
-
-
 class PredictError(Exception):
     """A request that cannot be answered; ``code`` is the gRPC status to return."""
 
@@ -176,6 +159,8 @@ class Contribution:
     gamma: float = 0.0
     regularized: bool = False
     error: str = ""
+    #: robust fusion: (n,) float64 reliability in [0, 1] per sample (0 where not used)
+    reliability: np.ndarray | None = None
 
 
 @dataclass
@@ -188,6 +173,9 @@ class PredictResult:
     modalities: list[Contribution]
     unpredicted_sample_ids: list[str]
     method: str
+    #: robust fusion: (n, K) bool prediction sets and (n,) bool abstain flags
+    prediction_sets: np.ndarray | None = None
+    abstain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import grpc
 
 from jacfusion_fed.fusion import FusionInputError, FusionMethod, check_gamma, get_method
 from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 
 from .predict_types import (
     MAX_ID_LENGTH,
@@ -26,7 +27,6 @@ from .predict_types import (
     METHODS,
     CoordinatorConfig,
     PredictError,
-    PredictOptions,
 )
 
 __all__ = ["Plan", "check_ids", "list_ids", "owner_timeout", "plan_request"]

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from jacfusion_fed.fusion import METHODS, factor_gram, log_prior_from_counts, prior_from_counts
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.federated_eval import eval_prior, fused_probabilities
 from jacfusion_fed.server.owner_channel import OwnerChannel
-from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictOptions
+from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
 from jacfusion_fed.store import HeadRegistry
 
 K = 4
