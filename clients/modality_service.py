@@ -38,6 +38,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from jacfusion_fed.owner import OwnerWorkspace, UnknownVersionError
+from jacfusion_fed.owner.calibration import workspace_calibration
 from jacfusion_fed.owner.input_spec import RecordError
 from jacfusion_fed.owner.live import RetiredPseudonymError
 from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
@@ -298,6 +299,13 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         else:
             response.full.weight.CopyFrom(encode_matrix(head.weight))
             response.full.bias.CopyFrom(encode_matrix(head.bias))
+        cal = workspace_calibration(self.workspace, head.version)  # for robust fusion
+        if cal is not None:
+            a = cal.to_arrays()
+            response.calibration.class_means.CopyFrom(encode_matrix(a["class_means"]))
+            response.calibration.precision.CopyFrom(encode_matrix(a["precision"]))
+            response.calibration.typicality_scores.extend(a["typicality_scores"].tolist())
+            response.calibration.conformity_scores.extend(a["conformity_scores"].tolist())
         return response
 
     @_rpc
