@@ -42,6 +42,7 @@ from jacfusion_fed.owner.calibration import workspace_calibration
 from jacfusion_fed.owner.input_spec import RecordError
 from jacfusion_fed.owner.live import RetiredPseudonymError
 from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
+from jacfusion_fed.rpc.calibration_codec import encode_calibration
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.rpc.tensor import TensorDecodeError, decode_tensor
@@ -301,11 +302,7 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
             response.full.bias.CopyFrom(encode_matrix(head.bias))
         cal = workspace_calibration(self.workspace, head.version)  # for robust fusion
         if cal is not None:
-            a = cal.to_arrays()
-            response.calibration.class_means.CopyFrom(encode_matrix(a["class_means"]))
-            response.calibration.precision.CopyFrom(encode_matrix(a["precision"]))
-            response.calibration.typicality_scores.extend(a["typicality_scores"].tolist())
-            response.calibration.conformity_scores.extend(a["conformity_scores"].tolist())
+            response.calibration.CopyFrom(encode_calibration(cal.to_arrays()))
         return response
 
     @_rpc

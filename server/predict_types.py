@@ -18,13 +18,14 @@ result would not be finite in float64 (e.g. a tiny gamma with a large Gram matri
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final
 
 import grpc
 import numpy as np
 
-from jacfusion_fed.fusion import METHODS, GramFactor, check_gamma
+from jacfusion_fed.fusion import METHODS, GramFactor, ModalityCalibration, check_gamma
 from jacfusion_fed.privacy.certs import validate_modality_name
 from jacfusion_fed.store import HeadRecord
 
@@ -184,6 +185,12 @@ class RegisteredHead:
 
     record: HeadRecord
     factor: GramFactor
+
+    @functools.cached_property
+    def calibration(self) -> ModalityCalibration | None:
+        """The owner's calibration for robust fusion (None when it published none)."""
+        arrays = self.record.calibration
+        return None if arrays is None else ModalityCalibration.from_arrays(arrays)
 
     @property
     def version(self) -> str:

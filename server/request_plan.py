@@ -100,7 +100,7 @@ def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
             _BAD,
             f"{', '.join(unused)} only apply to the {' and '.join(takers)} method, not {method!r}",
         )
-    if rule.needs - {"grams", "log_prior"}:
+    if rule.needs - {"grams", "log_prior", "calibrations"}:
         raise PredictError(
             _BAD,
             f"the {method} method needs {' and '.join(sorted(rule.needs))}, which the "

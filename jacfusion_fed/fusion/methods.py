@@ -57,7 +57,7 @@ class FusionMethod:
     """
 
     name: str
-    apply: Callable[..., torch.Tensor]
+    apply: Callable[..., torch.Tensor | Fused]
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
     options: tuple[str, ...] = ()
