@@ -38,9 +38,11 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from jacfusion_fed.owner import OwnerWorkspace, UnknownVersionError
+from jacfusion_fed.owner.calibration import workspace_calibration
 from jacfusion_fed.owner.input_spec import RecordError
 from jacfusion_fed.owner.live import RetiredPseudonymError
 from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
+from jacfusion_fed.rpc.calibration_codec import encode_calibration
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.rpc.tensor import TensorDecodeError, decode_tensor
@@ -298,6 +300,9 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         else:
             response.full.weight.CopyFrom(encode_matrix(head.weight))
             response.full.bias.CopyFrom(encode_matrix(head.bias))
+        cal = workspace_calibration(self.workspace, head.version)  # for robust fusion
+        if cal is not None:
+            response.calibration.CopyFrom(encode_calibration(cal.to_arrays()))
         return response
 
     @_rpc

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
+from jacfusion_fed.federation.calibration import CALIBRATION_RECORD, calibration_record
 from jacfusion_fed.federation.protocol import (
     CLEAN,
     AppError,
@@ -44,6 +45,7 @@ from jacfusion_fed.federation.protocol import (
 from jacfusion_fed.federation.run_config import RunConfig
 from jacfusion_fed.models import model_spec
 from jacfusion_fed.owner import Head, OwnerWorkspace, UnknownVersionError
+from jacfusion_fed.owner.calibration import workspace_calibration
 from jacfusion_fed.owner.perturbation import PerturbationSpec
 from jacfusion_fed.privacy import Pseudonymizer
 
@@ -125,13 +127,17 @@ def _head_records(
         arrays |= {"weight": head.weight, "bias": head.bias}
     else:
         arrays["gram"] = head.gram
-    return RecordDict(
+    records = RecordDict(
         {
             "head": arrays_record(arrays),
             "metrics": _metric_record(metrics),
             "info": info_record(ws.modality, owner_name(context), head.version),
         }
     )
+    cal = workspace_calibration(ws, head.version)  # robust fusion (docs/calibration.md)
+    if cal is not None:
+        records[CALIBRATION_RECORD] = calibration_record(cal)
+    return records
 
 
 def _metric_record(metrics: Mapping[str, Any]) -> MetricRecord:

@@ -25,7 +25,7 @@ Several sites per modality
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import grpc
 import numpy as np
@@ -35,7 +35,7 @@ from .owner_channel import OwnerFailure
 from .predict_types import Contribution, PredictError, PredictResult, RegisteredHead
 from .request_plan import Plan, list_ids
 
-__all__ = ["RELAYED", "FuseGroup", "assemble"]
+__all__ = ["RELAYED", "FuseGroup", "assemble", "unpack"]
 
 #: Owner failures whose code a failed request takes over when every selected owner failed
 #: that way (fusion.proto); any other code of an owner (its own INTERNAL or UNKNOWN, a
@@ -133,9 +133,10 @@ def assemble(
     n = len(ids)
     unpredicted: list[str] = []
     everywhere = np.ones(n, dtype=bool)
+    extras = _Extras(ok)
     if all(answers[m].known is None for m in ok):
         # The common case: every answering modality holds every sample.
-        probs = fuse_group(ok, heads, [answers[m].logits for m in ok])
+        probs = extras.take(fuse_group(ok, heads, [answers[m].logits for m in ok]), k, ok, n)
         used = {m: everywhere for m in ok}
         sample_ids = ids
     else:
@@ -158,7 +159,8 @@ def assemble(
             members = [m for j, m in enumerate(ok) if pattern >> j & 1]
             sel = np.flatnonzero(patterns == pattern)
             src = rows[sel]
-            probs[sel] = fuse_group(members, heads, [answers[m].logits[src] for m in members])
+            packed = fuse_group(members, heads, [answers[m].logits[src] for m in members])
+            probs[sel] = extras.take(packed, k, members, rows.size, sel)
         used = {m: masks[j] for j, m in enumerate(ok)}
         sample_ids = [ids[i] for i in rows]
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
@@ -180,6 +182,7 @@ def assemble(
                     regularized=regularized,
                     sites=answers[m].sites,
                     ambiguous_sample_ids=answers[m].ambiguous,
+                    reliability=extras.reliability.get(m),
                 )
             )
         else:
@@ -193,6 +196,48 @@ def assemble(
                     gamma=gamma,
                     error=failures[m].text,
                     sites=f.sites if isinstance(f := failures[m], SitesFailure) else [],
+                    reliability=None if extras.sets is None else np.zeros(len(probs)),
                 )
             )
-    return PredictResult(sample_ids, probs, labels, contributions, unpredicted, plan.method)
+    return PredictResult(
+        sample_ids, probs, labels, contributions, unpredicted, plan.method,
+        prediction_sets=extras.sets, abstain=extras.abstain,
+    )  # fmt: skip
+
+
+class _Extras:
+    """What a calibrated method (``robust``) says per sample besides the probabilities,
+    gathered over the groups of samples (see :func:`unpack`)."""
+
+    def __init__(self, modalities: list[str]) -> None:
+        self.modalities = modalities
+        self.sets: np.ndarray | None = None  # (n, K) bool
+        self.abstain: np.ndarray | None = None  # (n,) bool
+        self.reliability: dict[str, np.ndarray] = {}  # modality -> (n,), 0 where not used
+
+    def take(
+        self, packed: np.ndarray, k: int, members: list[str], n: int, rows: Any = slice(None)
+    ) -> np.ndarray:
+        """Probabilities of a group's ``packed`` result; the rest is stored at ``rows``."""
+        probs, sets, abstain, reliability = unpack(packed, k)
+        if sets is None or abstain is None or reliability is None:
+            return probs
+        if self.sets is None or self.abstain is None:
+            self.sets = np.zeros((n, k), dtype=bool)
+            self.abstain = np.zeros(n, dtype=bool)
+            self.reliability = {m: np.zeros(n) for m in self.modalities}
+        self.sets[rows] = sets
+        self.abstain[rows] = abstain
+        for j, m in enumerate(members):
+            self.reliability[m][rows] = reliability[:, j]
+        return probs
+
+
+def unpack(
+    packed: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``fuse_group``'s result -> probabilities (n, K) and, for a calibrated method, the
+    prediction sets (n, K) bool, abstain flags (n,) bool and reliabilities (n, M)."""
+    if packed.shape[1] == k:
+        return packed, None, None, None
+    return packed[:, :k], packed[:, k : 2 * k] > 0.5, packed[:, 2 * k] > 0.5, packed[:, 2 * k + 1 :]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.tls import Security, TlsFiles, TransportOptions
 from jacfusion_fed.store import HeadRegistry
 
@@ -39,7 +40,6 @@ from .predict_types import (
     CoordinatorConfig,
     ModelInfo,
     OwnerEndpoint,
-    PredictOptions,
     PredictResult,
     RegisteredHead,
     SiteStatus,

@@ -48,6 +48,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from jacfusion_fed.evaluation import EvaluationResult, write_reports
 from jacfusion_fed.federation import wait_for_nodes, write_run_results
+from jacfusion_fed.federation.calibration import CALIBRATION_RECORD, calibration_from_record
 from jacfusion_fed.federation.protocol import (
     MSG_DESCRIBE,
     MSG_HEAD,
@@ -168,6 +169,9 @@ class ModalityHead:
     bias: np.ndarray | None
     metrics: dict[str, dict[str, float]]
     fedavg_rounds: int = 0
+    #: the owner's calibration arrays for robust fusion (single-site modalities that
+    #: published one; FedAvg sites each calibrate their own data, so none is pooled)
+    calibration: dict[str, np.ndarray] | None = None
 
 
 def _head_from_replies(
@@ -182,6 +186,10 @@ def _head_from_replies(
     weight = first["weight"].numpy() if "weight" in first else None
     bias = first["bias"].numpy() if "bias" in first else None
     counts = np.sum([replies[n]["head"]["class-counts"].numpy() for n in sites], axis=0)
+    calibration = None
+    if len(sites) == 1 and CALIBRATION_RECORD in replies[sites[0]]:
+        record = replies[sites[0]][CALIBRATION_RECORD]
+        calibration = calibration_from_record(record).to_arrays()  # type: ignore[arg-type]
     return ModalityHead(
         modality=modality,
         owner="+".join(sorted(owners[n].owner for n in sites)),
@@ -196,6 +204,7 @@ def _head_from_replies(
             for n in sites
         },
         fedavg_rounds=rounds,
+        calibration=calibration,
     )
 
 
@@ -308,6 +317,7 @@ def register_heads(
             head.owner,
             head.version,
             class_counts=[int(c) for c in head.class_counts],
+            calibration=head.calibration,
             **arrays,
         )
     return out

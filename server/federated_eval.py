@@ -38,6 +38,7 @@ from jacfusion_fed.federation.protocol import (
     setting_field,
 )
 from jacfusion_fed.fusion import (
+    ModalityCalibration,
     factor_gram,
     fuse,
     get_method,
@@ -280,12 +281,24 @@ def fused_probabilities(
     log_prior: np.ndarray,
     gamma: float,
     regularize: Sequence[int],
+    calibrations: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """One table cell's fusion: the registry's ``kind`` on logits in table order (gamma and
-    the regularized modalities apply to methods that take them)."""
+    the regularized modalities apply to methods that take them; ``calibrations``, in table
+    order, to those that need them)."""
     rule = get_method(kind)
     options = rule.pick(gamma=gamma, regularize=list(regularize))
-    return fuse(rule, logits, factors, log_prior, options)
+    return fuse(rule, logits, factors, log_prior, options, calibrations=calibrations)
+
+
+def _calibrations(
+    records: Mapping[str, HeadRecord], order: Sequence[str]
+) -> list[ModalityCalibration] | None:
+    """Every modality's published calibration in table order, or None if one has none."""
+    arrays = [records[m].calibration for m in order]
+    if any(a is None for a in arrays):
+        return None
+    return [ModalityCalibration.from_arrays(a) for a in arrays if a is not None]
 
 
 def build_table(
@@ -314,7 +327,10 @@ def build_table(
         for i, m in enumerate(order)
     ]
     group = f"MM ({', '.join(str(i) for i in range(len(order)))})"
-    mm = {kind: Row(group, ROW_NAMES[kind], kind) for kind in PAPER_MM_KINDS}
+    cals = _calibrations(records, order)  # the robust row when every owner published one
+    kinds = (*PAPER_MM_KINDS, "robust") if cals is not None else PAPER_MM_KINDS
+    names = {**ROW_NAMES, "robust": "Robust (mod. unknown)"}
+    mm = {kind: Row(group, names[kind], kind) for kind in kinds}
     clean_acc = {m: _accuracy(logits[m][0][n_val:], y_test) for m in order}
     for col in cfg.columns:
         settings = plan[col.key]
@@ -337,8 +353,8 @@ def build_table(
         for s in settings:
             z = view("test", s)
             rows[p].acc.setdefault(col.key, []).append(_accuracy(z[p], y_test))
-            for kind in PAPER_MM_KINDS:
-                probs = fused_probabilities(kind, z, factors, log_prior, gamma, [p])
+            for kind in kinds:
+                probs = fused_probabilities(kind, z, factors, log_prior, gamma, [p], cals)
                 mm[kind].acc.setdefault(col.key, []).append(_accuracy(probs, y_test))
     table = Table(
         title=(
@@ -349,7 +365,7 @@ def build_table(
         perturbed=perturbed,
         clean=",".join(order[:p]),
         columns=[Column(c.key, c.label, c.kind) for c in cfg.columns],  # type: ignore[arg-type]
-        rows=rows + [mm[k] for k in PAPER_MM_KINDS],
+        rows=rows + [mm[k] for k in kinds],
         repeats=cfg.repeats,
         notes=[
             "Federated run: each owner trained its own unimodal net on its own data; the "

@@ -5,6 +5,12 @@ the registry's :func:`jacfusion_fed.fusion.fuse`, batched across concurrent requ
 A fusion whose result would not be finite in float64 (e.g. a tiny gamma with a large Gram
 matrix) fails with ``DATA_LOSS`` instead of answering NaN; bad input to the fusion math is
 ``INVALID_ARGUMENT``.
+
+A method that needs calibrations (``robust``) gets each member's published calibration and
+needs at least two members (``FAILED_PRECONDITION`` otherwise); its group result is packed
+as one array per sample, ``[p (K) | prediction set (K) | abstain (1) | reliability (M)]``
+(see :func:`jacfusion_fed.server.assembly.unpack`), so the batcher splits it by rows like
+plain probabilities.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import grpc
 import numpy as np
 import torch
 
-from jacfusion_fed.fusion import FusionInputError, fuse
+from jacfusion_fed.fusion import FusionInputError, ModalityCalibration, fuse_full
 
 from .batching import FusionBatcher, FusionKey
 from .predict_types import PredictError, RegisteredHead
@@ -66,12 +72,14 @@ class Fuser:
             versions=tuple(heads[m].version for m in members),
             options=tuple(sorted((k, _hashable(v)) for k, v in options.items())),
         )
-        factors = None
+        spec: Any = None
         if {"grams"} & (plan.rule.needs | plan.rule.uses):
             regularize = set(options.get("regularize", range(len(members))))
-            factors = [heads[m].factor if j in regularize else None for j, m in enumerate(members)]
+            spec = [heads[m].factor if j in regularize else None for j, m in enumerate(members)]
+        if "calibrations" in plan.rule.needs:
+            spec = _calibrations(plan.method, members, heads)
         try:
-            probs = self.batcher.run(key, logits, factors)
+            probs = self.batcher.run(key, logits, spec)
         except FusionInputError as exc:
             raise PredictError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if not np.isfinite(probs).all():
@@ -91,11 +99,39 @@ class Fuser:
             )
         return probs
 
-    def _compute(self, key: FusionKey, logits: list[np.ndarray], factors: Any) -> np.ndarray:
-        """One fusion call on the fusion device (the batcher's ``compute``)."""
+    def _compute(self, key: FusionKey, logits: list[np.ndarray], spec: Any) -> np.ndarray:
+        """One fusion call on the fusion device (the batcher's ``compute``); ``spec``: the
+        Gram factors, or the calibrations of a method that needs them."""
         zs = [torch.from_numpy(np.ascontiguousarray(z)).to(self.device) for z in logits]
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in key.options}
+        calibrated = bool(spec) and all(isinstance(c, ModalityCalibration) for c in spec)
+        grams, cals = (None, spec) if calibrated else (spec, None)
         with torch.inference_mode():
-            probs = fuse(key.method, zs, factors, self._log_prior(), options)
-        out: np.ndarray = probs.to(torch.float64).cpu().numpy()
+            fused = fuse_full(key.method, zs, grams, self._log_prior(), options, calibrations=cals)
+        columns = [fused.p]
+        if fused.reliability is not None:
+            assert fused.prediction_set is not None and fused.abstain is not None
+            columns += [fused.prediction_set, fused.abstain[:, None], fused.reliability]
+        out: np.ndarray = torch.cat([c.to(torch.float64) for c in columns], 1).cpu().numpy()
         return out
+
+
+def _calibrations(
+    method: str, members: list[str], heads: Mapping[str, RegisteredHead]
+) -> list[ModalityCalibration]:
+    """Each member's calibration, for a method that needs them (``FAILED_PRECONDITION``
+    when one has none or fewer than two modalities answered for these samples)."""
+    if len(members) < 2:
+        raise PredictError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the {method} method needs at least two modalities per sample; only "
+            f"{', '.join(members)} answered for some samples",
+        )
+    missing = [m for m in members if heads[m].calibration is None]
+    if missing:
+        raise PredictError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the {method} method needs each owner's calibration; the owner of "
+            f"{', '.join(missing)} published none (it needs a clean validation split)",
+        )
+    return [c for m in members if (c := heads[m].calibration) is not None]

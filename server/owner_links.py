@@ -38,7 +38,13 @@ import grpc
 import numpy as np
 import torch
 
-from jacfusion_fed.fusion import FusionInputError, factor_gram, prior_from_counts
+from jacfusion_fed.fusion import (
+    FusionInputError,
+    ModalityCalibration,
+    factor_gram,
+    prior_from_counts,
+)
+from jacfusion_fed.rpc.calibration_codec import decode_calibration
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 from jacfusion_fed.store import CorruptFileError, HeadRegistry
@@ -284,6 +290,9 @@ class OwnerLinks:
                     f"(more than {MAX_ABS_OWNER_VALUE:g})"
                 )
             factor = factor_gram(gram, f"Gram matrix of {modality!r}")
+            calibration = decode_calibration(head, k, f"calibration of {modality!r}")
+            if calibration is not None:  # checked now: a bad one never reaches the registry
+                ModalityCalibration.from_arrays(calibration)
         except (MatrixDecodeError, FusionInputError) as exc:
             raise OwnerFailure(grpc.StatusCode.DATA_LOSS, str(exc)) from exc
         for other in self._links.values():
@@ -305,6 +314,7 @@ class OwnerLinks:
                 gram=gram,
                 class_names=list(info.class_names) if len(info.class_names) == k else [],
                 allow_owner_change=link.multi_site,  # each site is pinned to the modality
+                calibration=calibration,
             )
         except ValueError as exc:
             raise OwnerFailure(

@@ -18,6 +18,7 @@ result would not be finite in float64 (e.g. a tiny gamma with a large Gram matri
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -25,8 +26,9 @@ from typing import Final
 import grpc
 import numpy as np
 
-from jacfusion_fed.fusion import METHODS, GramFactor, check_gamma
+from jacfusion_fed.fusion import METHODS, GramFactor, ModalityCalibration, check_gamma
 from jacfusion_fed.privacy.certs import validate_modality_name
+from jacfusion_fed.rpc.fusion_codec import SiteStatus
 from jacfusion_fed.store import HeadRecord
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
     "ModelInfo",
     "OwnerEndpoint",
     "PredictError",
-    "PredictOptions",
     "PredictResult",
     "RegisteredHead",
     "SiteStatus",
@@ -142,21 +143,6 @@ class CoordinatorConfig:
             raise ValueError(f"owner_timeout_s must be in (0, {MAX_OWNER_TIMEOUT_S:g}]")
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """Options of one request; ``None`` / empty means the coordinator's default."""
-
-    method: str | None = None
-    default_gamma: float | None = None
-    gammas: Mapping[str, float] = field(default_factory=dict)
-    regularize: tuple[str, ...] = ()
-    iterations: int | None = None
-    require_all: bool = False
-    modalities: tuple[str, ...] = ()
-    owner_timeout_s: float | None = None
-    skip_unknown_ids: bool = False
-
-
 class PredictError(Exception):
     """A request that cannot be answered; ``code`` is the gRPC status to return."""
 
@@ -164,16 +150,6 @@ class PredictError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class SiteStatus:
-    """One site of a modality served by several sites (``SiteStatus`` in fusion.proto)."""
-
-    target: str
-    model_version: str = ""
-    error: str = ""
-    samples: int = 0  # predicted samples of the batch whose logits came from this site
 
 
 @dataclass
@@ -189,6 +165,8 @@ class Contribution:
     error: str = ""
     sites: list[SiteStatus] = field(default_factory=list)  # only with several sites
     ambiguous_sample_ids: list[str] = field(default_factory=list)  # held by two sites
+    #: robust fusion: (n,) float64 reliability in [0, 1] per sample (0 where not used)
+    reliability: np.ndarray | None = None
 
 
 @dataclass
@@ -201,6 +179,9 @@ class PredictResult:
     modalities: list[Contribution]
     unpredicted_sample_ids: list[str]
     method: str
+    #: robust fusion: (n, K) bool prediction sets and (n,) bool abstain flags
+    prediction_sets: np.ndarray | None = None
+    abstain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +190,12 @@ class RegisteredHead:
 
     record: HeadRecord
     factor: GramFactor
+
+    @functools.cached_property
+    def calibration(self) -> ModalityCalibration | None:
+        """The owner's calibration for robust fusion (None when it published none)."""
+        arrays = self.record.calibration
+        return None if arrays is None else ModalityCalibration.from_arrays(arrays)
 
     @property
     def version(self) -> str:

@@ -19,6 +19,7 @@ import grpc
 
 from jacfusion_fed.fusion import FusionInputError, FusionMethod, check_gamma, get_method
 from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 
 from .predict_types import (
     MAX_ID_LENGTH,
@@ -26,7 +27,6 @@ from .predict_types import (
     METHODS,
     CoordinatorConfig,
     PredictError,
-    PredictOptions,
 )
 
 __all__ = ["Plan", "check_ids", "list_ids", "owner_timeout", "plan_request"]
@@ -100,7 +100,7 @@ def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
             _BAD,
             f"{', '.join(unused)} only apply to the {' and '.join(takers)} method, not {method!r}",
         )
-    if rule.needs - {"grams", "log_prior"}:
+    if rule.needs - {"grams", "log_prior", "calibrations"}:
         raise PredictError(
             _BAD,
             f"the {method} method needs {' and '.join(sorted(rule.needs))}, which the "

@@ -22,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from jacfusion_fed.cli.deploy import write_app_manifest
 from jacfusion_fed.clients.client_app import app as client_app
 from jacfusion_fed.federation import check_reply_allowed, load_app_run_config
+from jacfusion_fed.federation.calibration import calibration_from_record
 from jacfusion_fed.federation.protocol import (
     MSG_DESCRIBE,
     MSG_HEAD,
@@ -115,8 +116,15 @@ def test_train_reply_is_only_the_head(trained: tuple[Owner, str]) -> None:
     reply = owner.send(MSG_HEAD, head_request(version))
     content = reply.content
     check_reply_allowed(content, head_reply_spec("gram"), {"K": K})
-    assert sorted(content.keys()) == ["head", "info", "metrics"]
+    # the head, its metrics and info, and exactly one more record: the owner's calibration
+    # (aggregates of its clean validation split, for robust fusion; docs/calibration.md)
+    assert sorted(content.keys()) == ["calibration", "head", "info", "metrics"]
     assert sorted(content["head"].keys()) == ["class-counts", "gram"]
+    assert sorted(content["calibration"].keys()) == [
+        "class-means", "conformity-scores", "precision", "typicality-scores",
+    ]  # fmt: skip
+    calibration = calibration_from_record(content["calibration"])
+    assert calibration.num_classes == K
     gram = content["head"]["gram"].numpy()
     np.testing.assert_allclose(gram, gram.T)
     assert content["head"]["class-counts"].numpy().sum() == 200  # TwoMoon quick train split

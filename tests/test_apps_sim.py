@@ -36,7 +36,7 @@ pytestmark = [
 ]
 
 K = 2
-ALLOWED_RECORDS = {"info", "head", "metrics", "logits"}
+ALLOWED_RECORDS = {"info", "head", "metrics", "logits", "calibration"}
 COLUMNS = "clean; gaussian w0=0.5; fgsm w4=0.1; pgd w4=0.1 w5=0.02 w6=5"
 
 
@@ -97,7 +97,9 @@ def test_simulation_end_to_end_privacy(tmp_path: Path) -> None:
     assert (evaluation["num_val"], evaluation["num_test"]) == (100, 200)
     table = result.table()
     assert [c.key for c in table.columns] == ["clean", "w0", "fgsm", "pgd"]
-    assert [r.kind for r in table.rows] == ["unimodal", "unimodal", *PAPER_MM_KINDS]
+    # every owner published a calibration: the table has the robust row (issue 11)
+    assert [r.kind for r in table.rows] == ["unimodal", "unimodal", *PAPER_MM_KINDS, "robust"]
+    assert all(registry.get(m).calibration is not None for m in ("x", "y"))
     assert [r.name for r in table.rows[:2]] == ["0: X-regT", "1: Y-regT"]
     for row in table.rows:
         for col in table.columns:
@@ -120,7 +122,12 @@ def test_simulation_end_to_end_privacy(tmp_path: Path) -> None:
         assert not reply.has_error(), reply.error
         assert set(reply.content.keys()) <= ALLOWED_RECORDS, reply.content.keys()
         for name, record in reply.content.items():
-            if isinstance(record, ArrayRecord):
+            if isinstance(record, ArrayRecord) and name == "calibration":  # aggregates only
+                shapes = {f: tuple(a.shape) for f, a in record.items()}
+                assert shapes["class-means"] == shapes["precision"] == (K, K)
+                assert shapes["typicality-scores"] == shapes["conformity-scores"]
+                assert len(shapes["typicality-scores"]) == 1
+            elif isinstance(record, ArrayRecord):
                 assert name in ("head", "logits")
                 for field, arr in record.items():
                     assert isinstance(arr, Array)

@@ -26,7 +26,7 @@ from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.evaluate import _gamma_choice
 from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT
 from jacfusion_fed.cli.predict import _print_tables
-from jacfusion_fed.cli.predict_wire import Answer
+from jacfusion_fed.rpc.fusion_codec import Answer
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 
@@ -209,8 +209,9 @@ def test_predict_imports_no_torch_flower_or_coordinator() -> None:
     numpy, the largest of the rest)."""
     code = (
         "import sys; from jacfusion_fed.cli import main; "
-        "import jacfusion_fed.cli.predict, jacfusion_fed.cli.predict_wire, "
-        "jacfusion_fed.cli.transport, jacfusion_fed.cli.tlshints, jacfusion_fed.rpc.tls; "
+        "import jacfusion_fed.cli.predict, jacfusion_fed.rpc.fusion_codec, "
+        "jacfusion_fed.cli.transport, jacfusion_fed.cli.tlshints, jacfusion_fed.rpc.tls, "
+        "jacfusion_fed.client.requester, jacfusion_fed.rpc.channels; "
         "from jacfusion_fed.privacy.pseudonyms import Pseudonymizer; "
         "heavy = ('torch', 'flwr', 'scipy', 'ray', 'numpy', 'jacfusion_fed.server', "
         "'jacfusion_fed.fusion', 'jacfusion_fed.store'); "

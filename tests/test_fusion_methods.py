@@ -13,11 +13,14 @@ from jacfusion_fed.fusion import (
     FusionInputError,
     FusionMethod,
     confidence_mean_fusion,
+    fit_calibration,
     fuse,
+    fuse_full,
     get_method,
     jacobian_fusion,
     mean_fusion,
     register,
+    robust_fusion,
     statistical_fusion,
 )
 
@@ -30,22 +33,34 @@ def problem() -> dict[str, Any]:
     return {"logits": logits, "grams": [w @ w.T, w @ w.T], "log_prior": np.log([0.2, 0.3, 0.5])}
 
 
-def test_names_are_the_four_rules_of_the_paper() -> None:
-    assert set(METHODS) == {"statistical", "jacobian", "mean", "confidence_mean"}
+def test_names_are_the_four_rules_of_the_paper_and_robust() -> None:
+    assert set(METHODS) == {"statistical", "jacobian", "mean", "confidence_mean", "robust"}
 
 
 def test_fuse_is_each_rule(problem: dict[str, Any]) -> None:
     z, grams, prior = problem["logits"], problem["grams"], problem["log_prior"]
+    rng = np.random.default_rng(4)
+    cals = [fit_calibration(rng.normal(size=(60, 3)), np.arange(60) % 3) for _ in z]
+    robust = robust_fusion(z, cals, prior, alpha=0.2)
     want = {
         "statistical": statistical_fusion(z, prior),
         "mean": mean_fusion(z),
         "confidence_mean": confidence_mean_fusion(z),
         "jacobian": jacobian_fusion(z, grams, prior, gamma=0.3, regularize=[1]),
+        "robust": robust.p,
     }
-    options = {"jacobian": {"gamma": 0.3, "regularize": [1]}}
+    options = {"jacobian": {"gamma": 0.3, "regularize": [1]}, "robust": {"alpha": 0.2}}
     for name in METHODS:
-        got = fuse(name, z, grams, prior, options.get(name))
+        got = fuse(name, z, grams, prior, options.get(name), calibrations=cals)
         torch.testing.assert_close(got, want[name], rtol=0, atol=0)
+    full = fuse_full("robust", z, None, prior, {"alpha": 0.2}, calibrations=cals)
+    assert full.reliability is not None and full.prediction_set is not None
+    torch.testing.assert_close(full.reliability, robust.reliability, rtol=0, atol=0)
+    assert torch.equal(full.prediction_set, robust.prediction_set)
+    assert full.abstain is not None and torch.equal(full.abstain, robust.abstain)
+    assert fuse_full("mean", z).reliability is None
+    with pytest.raises(FusionInputError, match="robust method needs calibrations"):
+        fuse("robust", z, log_prior=prior)
 
 
 def test_bad_calls_name_the_problem(problem: dict[str, Any]) -> None:

@@ -17,14 +17,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jacfusion_fed.fusion import METHODS, factor_gram, log_prior_from_counts, prior_from_counts
+from jacfusion_fed.fusion import (
+    METHODS,
+    ModalityCalibration,
+    factor_gram,
+    fit_calibration,
+    log_prior_from_counts,
+    prior_from_counts,
+    robust_fusion,
+)
+from jacfusion_fed.rpc.calibration_codec import encode_calibration
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.federated_eval import eval_prior, fused_probabilities
 from jacfusion_fed.server.owner_channel import OwnerChannel
-from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictOptions
+from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
 from jacfusion_fed.store import HeadRegistry
 
 K = 4
@@ -38,6 +48,12 @@ class _Owner:
 
     def __init__(self, modality: str, gram: np.ndarray, counts: list[int], z: np.ndarray):
         self.modality, self.gram, self.counts, self.z = modality, gram, counts, z
+        # its calibration, on validation logits near its test logits (for robust fusion)
+        rng = np.random.default_rng(len(modality))
+        self.calibration = fit_calibration(
+            rng.normal(scale=3.0, size=(80, K)) + 2.0 * np.eye(K)[np.arange(80) % K],
+            np.arange(80) % K,
+        )
 
     def GetInfo(self, request: Any, timeout: float | None = None) -> Any:
         return modality_pb2.GetInfoResponse(
@@ -49,6 +65,7 @@ class _Owner:
     def GetHead(self, request: Any, timeout: float | None = None) -> Any:
         out = modality_pb2.GetHeadResponse(model_version="v1", num_classes=K)
         out.gram.gram.CopyFrom(encode_matrix(self.gram))
+        out.calibration.CopyFrom(encode_calibration(self.calibration.to_arrays()))
         return out
 
     def GetLogits(self, request: Any, timeout: float | None = None) -> Any:
@@ -98,8 +115,10 @@ def test_simulate_and_serve_fuse_identically(setup: Any, method: str) -> None:
     np.testing.assert_array_equal(coordinator.model_info().class_prior, prior)
     assert prior[2] > 0
     factors = [factor_gram(records[m].gram_matrix()) for m in ORDER]
+    # the registry kept each owner's calibration with its head
+    cals = [ModalityCalibration.from_arrays(records[m].calibration or {}) for m in ORDER]
     simulated = fused_probabilities(
-        method, [owners[m].z for m in ORDER], factors, log_prior, GAMMA, [len(ORDER) - 1]
+        method, [owners[m].z for m in ORDER], factors, log_prior, GAMMA, [len(ORDER) - 1], cals
     ).numpy()
     takes_jacobian_options = method == "jacobian"
     options = PredictOptions(
@@ -116,3 +135,31 @@ def test_simulate_and_serve_fuse_identically(setup: Any, method: str) -> None:
             method, [owners[m].z for m in ORDER], factors, clipped, GAMMA, [len(ORDER) - 1]
         ).numpy()
         assert np.abs(other - served).max() > 1e-3
+
+
+def test_robust_answer_is_robust_fusion_of_the_same_logits(setup: Any) -> None:
+    """The coordinator's robust answer carries, per sample, what ``robust_fusion`` says on
+    the same logits, calibrations and prior: probabilities, each modality's reliability, the
+    prediction set and the abstain flag (and encodes and decodes them losslessly)."""
+    from jacfusion_fed.rpc.fusion_codec import decode_predictions, predictions_to_proto
+
+    owners, coordinator = setup
+    registry = HeadRegistry(coordinator.registry.root)
+    _, log_prior = eval_prior({m: registry.get(m) for m in ORDER}, ORDER)
+    want = robust_fusion(
+        [owners[m].z for m in ORDER], [owners[m].calibration for m in ORDER], log_prior
+    )
+    got = coordinator.predict(IDS, PredictOptions(method="robust"))
+    assert got.method == "robust" and got.prediction_sets is not None
+    np.testing.assert_allclose(got.probabilities, want.p.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got.prediction_sets, want.prediction_set.numpy())
+    np.testing.assert_array_equal(got.abstain, want.abstain.numpy())
+    for j, c in enumerate(got.modalities):
+        np.testing.assert_allclose(c.reliability, want.reliability[:, j].numpy(), atol=1e-12)
+    wire = decode_predictions(predictions_to_proto(got))
+    np.testing.assert_array_equal(wire.prediction_sets, got.prediction_sets)
+    np.testing.assert_array_equal(wire.abstain, got.abstain)
+    assert [c.reliability.tolist() for c in wire.modalities] == [  # type: ignore[union-attr]
+        c.reliability.tolist()
+        for c in got.modalities  # type: ignore[union-attr]
+    ]

@@ -33,8 +33,8 @@ from helpers_wait import wait_until
 
 from jacfusion_fed.reliability import FaultProxy, LoadConfig, LoadResult
 from jacfusion_fed.rpc.channels import connect_coordinator
+from jacfusion_fed.rpc.fusion_codec import decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
-from jacfusion_fed.server.fusion_service import decode_predictions
 
 pytestmark = pytest.mark.e2e  # owners and coordinator as processes
 

@@ -37,10 +37,10 @@ from jacfusion_fed.reliability import Reference, snapshot_workspace
 from jacfusion_fed.reliability.reference import CLEAR_ERROR_CODES
 from jacfusion_fed.rpc.auth import connect_owner
 from jacfusion_fed.rpc.channels import connect_coordinator
+from jacfusion_fed.rpc.fusion_codec import decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.server.coordinator import Coordinator
-from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
 from jacfusion_fed.server.serve import serve_coordinator
 
@@ -188,8 +188,9 @@ def test_known_request_findings_stay_fixed(
 
 def test_known_findings_stay_fixed(reply_target: H.ReplyTarget, pems: dict[str, bytes]) -> None:
     """The inputs that failed before the fixes of issue #7, replayed."""
+    from jacfusion_fed.rpc.fusion_codec import PredictOptions
     from jacfusion_fed.rpc.matrix import encode_matrix
-    from jacfusion_fed.server.predict_types import PredictError, PredictOptions
+    from jacfusion_fed.server.predict_types import PredictError
 
     owners = H.make_good_owners(seed=3)
     good = owners["audio"]

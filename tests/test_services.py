@@ -37,11 +37,11 @@ from typer.testing import CliRunner
 from jacfusion_fed.cli import app
 from jacfusion_fed.privacy.certs import owner_server_name
 from jacfusion_fed.rpc.auth import connect_owner
+from jacfusion_fed.rpc.fusion_codec import decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
 from jacfusion_fed.server.coordinator import Coordinator
-from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.predict_types import OwnerEndpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))

@@ -32,6 +32,7 @@ from jacfusion_fed.privacy.certs import (
 )
 from jacfusion_fed.reliability.abuse import StallResult, measure_stall
 from jacfusion_fed.rpc.channels import connect_coordinator
+from jacfusion_fed.rpc.fusion_codec import decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -39,7 +40,6 @@ from jacfusion_fed.rpc.jacfusion.v1 import (
     modality_pb2_grpc,
 )
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
-from jacfusion_fed.server.fusion_service import decode_predictions
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "docs" / "results" / "abuse-stall.json"

@@ -29,17 +29,16 @@ from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.rpc.auth import AuthInterceptor
 from jacfusion_fed.rpc.channels import connect_coordinator
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
 from jacfusion_fed.server.batching import FusionBatcher, FusionKey
 from jacfusion_fed.server.coordinator import Coordinator
-from jacfusion_fed.server.fusion_service import decode_predictions
 from jacfusion_fed.server.predict_types import (
     CoordinatorConfig,
     OwnerEndpoint,
     PredictError,
-    PredictOptions,
 )
 from jacfusion_fed.server.serve import serve_coordinator
 

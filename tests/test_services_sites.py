@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
 from jacfusion_fed.cli.coordinator import info_payload
-from jacfusion_fed.cli.predict_wire import Answer as WireAnswer
+from jacfusion_fed.rpc.fusion_codec import Answer as WireAnswer
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.metrics import ServiceMetrics
 from jacfusion_fed.rpc.tls import INSECURE

@@ -341,9 +341,8 @@ def _measure(
     import grpc
 
     from jacfusion_fed.rpc.channels import connect_coordinator
+    from jacfusion_fed.rpc.fusion_codec import PredictOptions, options_to_proto
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
-    from jacfusion_fed.server.fusion_service import options_to_proto
-    from jacfusion_fed.server.predict_types import PredictOptions
 
     coord_channel = connect_coordinator(targets["coordinator"], requester)
     wait_serving(coord_channel)

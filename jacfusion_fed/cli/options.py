@@ -69,7 +69,7 @@ __all__ = [
 DEFAULT_COORDINATOR_PORT: Final = 50060
 
 #: Fusion methods by the names every table, JSON output and option uses.
-FUSION_METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean")
+FUSION_METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean", "robust")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 T = TypeVar("T")

@@ -1,7 +1,10 @@
 """``jacfusion-fed predict``: fused predictions for a batch of samples, as a table or JSON.
 
 Start-up matters here (a requester may call it per patient): this module and what it imports
-at start stay free of torch, Flower and the coordinator (``tests/test_cli_output.py`` checks).
+at start stay free of torch, Flower, numpy and the coordinator (``tests/test_cli_output.py``
+checks). It pseudonymizes and calls through the requester's client,
+:meth:`jacfusion_fed.client.Requester.ask`, whose answers the one FusionService codec
+(:mod:`jacfusion_fed.rpc.fusion_codec`) decodes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from jacfusion_fed.cli.options import (
     parse_gamma,
 )
 from jacfusion_fed.cli.render import new_table, out, print_json
-from jacfusion_fed.cli.transport import coordinator_stub, rpc_failure, security
+from jacfusion_fed.cli.transport import coordinator_targets, rpc_failure, security
 
 __all__ = ["predict", "register"]
 
@@ -109,6 +112,9 @@ def predict(
     chunk_size: Annotated[int, typer.Option(help="Ids per streamed response (0: default).")] = 0,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels file (`deploy labels` or {id: label}): accuracy.")
+    ] = None,
 ) -> None:
     """Fused predictions for a batch of samples, as a table or JSON."""
     given = _read_ids(ids, ids_file)
@@ -124,44 +130,47 @@ def predict(
         items.append(str(deprecated("--default-gamma", "--gamma", default_gamma, 0.0)))
     common, per_modality = _gammas(items, list(modality_gamma or []))
     sec = security(tls, insecure)
-    local: dict[str, str] = {}
-    sent = given
-    if pseudonym_key is not None:
-        from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
-
-        pz = Pseudonymizer.from_file(pseudonym_key)
-        sent = [pz(i) for i in given]
-        local = dict(zip(sent, given, strict=True))
+    targets = coordinator_targets(coordinator)
     import grpc
 
-    from jacfusion_fed.cli.predict_wire import Answer, fusion_options
-    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
+    from jacfusion_fed.client.requester import Requester
+    from jacfusion_fed.rpc.channels import replica_target
+    from jacfusion_fed.rpc.fusion_codec import PredictOptions
 
-    opts = fusion_options(
-        method=method, gamma=common, modality_gammas=per_modality,
-        regularize=list(regularize or []), iterations=iterations,
-        modalities=list(modality or []), require_all=require_all,
-        skip_unknown=skip_unknown, owner_timeout=owner_timeout,
-    )  # fmt: skip
-    stub = coordinator_stub(coordinator, sec)
-    answer = Answer()
     try:
-        if stream:
-            streamed = fusion_pb2.PredictStreamRequest(
-                sample_ids=sent, options=opts, chunk_size=chunk_size
+        replica_target(targets)
+    except ValueError as exc:
+        raise CliError(f"--coordinator: {exc}") from None
+    opts = PredictOptions(
+        method=method, default_gamma=common, gammas=per_modality,
+        regularize=tuple(regularize or []), iterations=iterations,
+        require_all=require_all, modalities=tuple(modality or []),
+        owner_timeout_s=owner_timeout, skip_unknown_ids=skip_unknown,
+    )  # fmt: skip
+    keyed = pseudonym_key is not None
+    with Requester(
+        targets, tls=sec, pseudonym_key=pseudonym_key, ids_are_pseudonyms=not keyed,
+        timeout=timeout,
+    ) as client:  # fmt: skip
+        sent = client.pseudonyms(given)
+        try:
+            answer, sent_to_local = client.ask(
+                given, opts, stream=stream, chunk_size=chunk_size
             )
-            for response in stub.PredictStream(streamed, timeout=timeout):
-                answer.add(response.predictions)
-        else:
-            request = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
-            answer.add(stub.Predict(request, timeout=timeout).predictions)
-        info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=timeout)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            raise _unknown_ids(exc, local, sent, pseudonym_key is not None) from exc
-        raise rpc_failure(exc, coordinator, sec) from exc
+            info = client.model_info()
+        except grpc.RpcError as exc:
+            local = dict(zip(sent, given, strict=True)) if keyed else {}
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise _unknown_ids(exc, local, sent, keyed) from exc
+            raise rpc_failure(exc, coordinator, sec) from exc
+    local = sent_to_local if keyed else {}
     width = len(answer.probabilities[0]) if answer.probabilities else 0
     names = list(info.class_names) or [str(k) for k in range(width)]
+    if labels is not None:  # to stderr: --json output stays one JSON document
+        from jacfusion_fed.cli.records import print_accuracy
+        from jacfusion_fed.cli.render import err
+
+        print_accuracy(answer.sample_ids, answer.labels, local, labels, err())
     if as_json:
         print_json(answer.to_json(names, local))
         return
@@ -184,6 +193,8 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
             ", ".join(c.modality for c in answer.contributions if c.used[i]),
         )
     console.print(table)
+    if answer.robust:
+        _print_robust(answer, names, local)
     mods = new_table(
         "modalities", ["modality", "owner", "model version", "samples", "gamma", "error"],
         right=("samples", "gamma"),
@@ -201,6 +212,26 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
             "not predicted: " + ", ".join(local.get(s, s) for s in answer.unpredicted),
             highlight=False,
         )
+
+
+def _print_robust(answer: Any, names: list[str], local: dict[str, str]) -> None:
+    """Robust fusion: per sample each used modality's reliability, the conformal prediction
+    set and whether to abstain (not trust the label)."""
+    table = new_table(
+        "robust fusion", ["local id" if local else "sample id", "reliability", "set", "abstain"]
+    )
+    for i, sid in enumerate(answer.sample_ids):
+        rel = ", ".join(
+            f"{c.modality} {c.reliability[i]:.3f}"
+            for c in answer.contributions
+            if c.used[i] and c.reliability
+        )
+        members = [names[k] if k < len(names) else str(k) for k in answer.prediction_sets[i]]
+        table.add_row(
+            local.get(sid, sid), rel, "{" + ", ".join(members) + "}",
+            "yes" if answer.abstain[i] else "no",
+        )  # fmt: skip
+    out().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,8 +17,13 @@
         hospital.forget(["Jane Doe 1970-01-01"])
 
 Local patient ids never leave this object: every id is pseudonymized here (HMAC-SHA256 under
-the deployment key) before it is sent, and answers are mapped back to the local ids. gRPC
-errors propagate as ``grpc.RpcError`` with the server's status code and message.
+the deployment key) before it is sent, and answers are mapped back to the local ids (with
+``pseudonym_key=None`` and ``ids_are_pseudonyms=True`` the ids given already are pseudonyms).
+gRPC errors propagate as ``grpc.RpcError`` with the server's status code and message.
+
+``jacfusion-fed predict`` calls through :meth:`Requester.ask` (messages decoded by
+:mod:`jacfusion_fed.rpc.fusion_codec`, no numpy), so this module imports numpy, the tensor
+codec and the certificate code only where a verb needs them: the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -28,17 +33,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 
-from jacfusion_fed.privacy.certs import owner_server_name
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.rpc.fusion_codec import Answer, PredictOptions, options_to_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc as mgrpc
-from jacfusion_fed.rpc.tensor import encode_tensor
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, create_channel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Forgotten", "Prediction", "Requester", "Submitted", "load_labels"]
 
@@ -75,6 +81,11 @@ class Prediction:
     method: str
     errors: dict[str, str]  # modality -> error of an owner that was left out
     pseudonyms: list[str] = field(default_factory=list)  # what was sent for ``ids``
+    #: robust method only (else None): per sample the reliability of each modality used
+    #: ({modality: r in [0, 1]}), the prediction set (n, K) bool and the abstain flags (n,)
+    reliability: list[dict[str, float]] | None = None
+    prediction_sets: np.ndarray | None = None
+    abstain: np.ndarray | None = None
 
     def accuracy(self, labels: Mapping[str, int]) -> float:
         """Share of predicted samples whose label equals ``labels[id]``, keyed by local id or
@@ -114,32 +125,45 @@ class Requester:
     """A requester's connections (see the module docstring).
 
     Args:
-        coordinator: ``HOST:PORT`` of the coordinator (needed for :meth:`predict`).
+        coordinator: ``HOST:PORT`` of the coordinator, or a list of replicas' (one channel,
+            round robin, retried; needed for :meth:`predict`).
         owners: ``{modality: "HOST:PORT"}`` of the owners (needed for :meth:`submit` and
             :meth:`forget`); each owner's certificate must name that modality.
         tls: the requester's certificate directory (or :class:`TlsFiles`).
-        pseudonym_key: the deployment's key file, its bytes, or a :class:`Pseudonymizer`.
+        pseudonym_key: the deployment's key file, its bytes, or a :class:`Pseudonymizer`;
+            None only with ``ids_are_pseudonyms``.
         timeout: deadline of each call in seconds.
+        ids_are_pseudonyms: the ids given to every verb already are pseudonyms (sent as
+            they are); needs ``pseudonym_key=None``.
     """
 
     def __init__(
         self,
-        coordinator: str | None = None,
+        coordinator: str | Sequence[str] | None = None,
         owners: Mapping[str, str] | None = None,
         *,
         tls: Security | str | Path,
-        pseudonym_key: str | Path | bytes | Pseudonymizer,
+        pseudonym_key: str | Path | bytes | Pseudonymizer | None,
         timeout: float = 30.0,
+        ids_are_pseudonyms: bool = False,
     ) -> None:
         self._security = _security(tls)
-        if isinstance(pseudonym_key, Pseudonymizer):
+        self._pz: Pseudonymizer | None
+        if (pseudonym_key is None) != ids_are_pseudonyms:
+            raise ValueError(
+                "pass a pseudonym_key to pseudonymize local ids, or pseudonym_key=None with "
+                "ids_are_pseudonyms=True if the ids already are pseudonyms"
+            )
+        if pseudonym_key is None:
+            self._pz = None
+        elif isinstance(pseudonym_key, Pseudonymizer):
             self._pz = pseudonym_key
         elif isinstance(pseudonym_key, bytes):
             self._pz = Pseudonymizer(pseudonym_key)
         else:
             self._pz = Pseudonymizer.from_file(Path(pseudonym_key))
         self.timeout = timeout
-        self.coordinator = coordinator
+        self.coordinator = [coordinator] if isinstance(coordinator, str) else coordinator
         self.owners = dict(owners or {})
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -147,13 +171,14 @@ class Requester:
 
     @property
     def key_fingerprint(self) -> str:
-        return self._pz.fingerprint
+        """The key's fingerprint ("" without a key: owners then do not check it)."""
+        return self._pz.fingerprint if self._pz is not None else ""
 
     def pseudonyms(self, ids: Sequence[str]) -> list[str]:
         """The pseudonyms of local ids (what is sent instead of them)."""
         if isinstance(ids, str):
             raise TypeError("pass a list of ids, not one string")
-        return self._pz.many(ids)
+        return list(ids) if self._pz is None else self._pz.many(ids)
 
     def _channel(self, key: str, target: str, server_name: str | None) -> grpc.Channel:
         if key not in self._channels:
@@ -169,18 +194,21 @@ class Requester:
         if modality not in self.owners:
             known = ", ".join(sorted(self.owners)) or "none"
             raise ValueError(f"no owner address for modality {modality!r} (known: {known})")
+        from jacfusion_fed.privacy.cert_names import owner_server_name
+
         channel = self._channel(
             f"owner:{modality}", self.owners[modality], owner_server_name(modality)
         )
         return mgrpc.ModalityServiceStub(channel)
 
     def _fusion(self) -> fusion_pb2_grpc.FusionServiceStub:
-        if self.coordinator is None:
+        if not self.coordinator:
             raise ValueError("no coordinator address given")
-        from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
+        if "coordinator" not in self._channels:
+            from jacfusion_fed.rpc.channels import connect_coordinator
 
-        channel = self._channel("coordinator", self.coordinator, COORDINATOR_SERVER_NAME)
-        return fusion_pb2_grpc.FusionServiceStub(channel)
+            self._channels["coordinator"] = connect_coordinator(self.coordinator, self._security)
+        return fusion_pb2_grpc.FusionServiceStub(self._channels["coordinator"])
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -201,6 +229,10 @@ class Requester:
         self, modality: str, ids: Sequence[str], x: Any, *, replace: bool = False
     ) -> Submitted:
         """Send records ``x`` (first axis = ``ids``) to the owner of ``modality``."""
+        import numpy as np
+
+        from jacfusion_fed.rpc.tensor import encode_tensor
+
         arr = np.asarray(x)
         if arr.ndim < 1 or arr.shape[0] != len(ids):
             raise ValueError(f"{len(ids)} ids but inputs of shape {arr.shape}")
@@ -241,12 +273,12 @@ class Requester:
         skip_unknown: bool = False,
         owner_timeout: float | None = None,
     ) -> Prediction:
-        """Fused predictions for local ``ids`` from the coordinator."""
-        from jacfusion_fed.server.fusion_service import decode_predictions, options_to_proto
-        from jacfusion_fed.server.predict_types import PredictOptions
+        """Fused predictions for local ``ids`` from the coordinator (``method="robust"``:
+        also each modality's reliability, the prediction sets and the abstain flags)."""
+        import numpy as np
 
-        sent = self.pseudonyms(ids)
-        local = dict(zip(sent, ids, strict=True))
+        from jacfusion_fed.rpc.fusion_codec import decode_predictions
+
         gammas = dict(gamma) if isinstance(gamma, Mapping) else {}
         options = PredictOptions(
             method=method,
@@ -255,15 +287,18 @@ class Requester:
             require_all=require_all, modalities=tuple(modalities),
             owner_timeout_s=owner_timeout, skip_unknown_ids=skip_unknown,
         )  # fmt: skip
-        resp = self._fusion().Predict(
-            fusion_pb2.PredictRequest(sample_ids=sent, options=options_to_proto(options)),
-            timeout=self.timeout,
-        )
-        result = decode_predictions(resp.predictions)
+        answer, local = self.ask(ids, options)
+        result = decode_predictions(answer)
         used = [
             [c.modality for c in result.modalities if c.used[i]]
             for i in range(len(result.sample_ids))
         ]
+        reliability = None
+        if answer.abstain:
+            reliability = [
+                {c.modality: c.reliability[i] for c in answer.contributions if c.used[i]}
+                for i in range(len(answer.sample_ids))
+            ]
         return Prediction(
             ids=[local[s] for s in result.sample_ids],
             probabilities=result.probabilities,
@@ -274,7 +309,39 @@ class Requester:
             method=result.method,
             errors={c.modality: c.error for c in result.modalities if c.error},
             pseudonyms=list(result.sample_ids),
+            reliability=reliability,
+            prediction_sets=result.prediction_sets,
+            abstain=None if result.abstain is None else np.asarray(result.abstain),
         )
+
+    def ask(
+        self, ids: Sequence[str], options: PredictOptions, *, stream: bool = False,
+        chunk_size: int = 0,
+    ) -> tuple[Answer, dict[str, str]]:  # fmt: skip
+        """The coordinator's checked answer for local ``ids`` (``Predict``, or
+        ``PredictStream`` with ``stream``) and ``{pseudonym: local id}``; what
+        :meth:`predict` and ``jacfusion-fed predict`` share (no numpy)."""
+        sent = self.pseudonyms(ids)
+        local = dict(zip(sent, ids, strict=True))
+        opts = options_to_proto(options)
+        answer = Answer()
+        if stream:
+            request = fusion_pb2.PredictStreamRequest(
+                sample_ids=sent, options=opts, chunk_size=chunk_size
+            )
+            for response in self._fusion().PredictStream(request, timeout=self.timeout):
+                answer.add(response.predictions)
+        else:
+            single = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
+            answer.add(self._fusion().Predict(single, timeout=self.timeout).predictions)
+        return answer, local
+
+    def model_info(self) -> fusion_pb2.GetModelInfoResponse:
+        """The coordinator's ``GetModelInfo`` (classes, registered modalities, prior)."""
+        info: fusion_pb2.GetModelInfoResponse = self._fusion().GetModelInfo(
+            fusion_pb2.GetModelInfoRequest(), timeout=self.timeout
+        )
+        return info
 
     def rekey_map(self, ids: Sequence[str], new_key: bytes | Pseudonymizer) -> dict[str, str]:
         """``{old pseudonym: new pseudonym}`` of local ``ids`` for an owner's key rotation

@@ -347,7 +347,12 @@ def head_reply_spec(head_kind: str) -> dict[str, RecordSpec]:
         )
     else:
         raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {head_kind!r}")
-    return {"head": head, "metrics": _METRICS, "info": RecordSpec.configs(_INFO)}
+    from .calibration import calibration_reply_spec  # it imports this module
+
+    return {
+        "head": head, "metrics": _METRICS, "info": RecordSpec.configs(_INFO),
+        **calibration_reply_spec(required=False),
+    }  # fmt: skip
 
 
 def model_template(arrays: ArrayRecord) -> dict[str, ArraySpec]:

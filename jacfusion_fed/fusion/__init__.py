@@ -12,8 +12,10 @@ from .gram import GramFactor, factor_gram, gram_of
 from .jacobian import SOLVERS, jacobian_fusion, solve_jacobian_weights
 from .methods import (
     METHODS,
+    Fused,
     FusionMethod,
     fuse,
+    fuse_full,
     get_method,
     log_prior_from_counts,
     methods,
@@ -26,6 +28,7 @@ from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 __all__ = [
     "METHODS",
     "SOLVERS",
+    "Fused",
     "FusionInputError",
     "FusionMethod",
     "GramFactor",
@@ -36,6 +39,7 @@ __all__ = [
     "factor_gram",
     "fit_calibration",
     "fuse",
+    "fuse_full",
     "get_method",
     "gram_of",
     "jacobian_fusion",

@@ -19,13 +19,16 @@ import torch
 
 from ._validation import ArrayLike, FusionInputError
 from .jacobian import jacobian_fusion
+from .robust import RobustFusion, robust_fusion
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
     "INPUTS",
     "METHODS",
+    "Fused",
     "FusionMethod",
     "fuse",
+    "fuse_full",
     "get_method",
     "log_prior_from_counts",
     "methods",
@@ -39,7 +42,8 @@ INPUTS: Final = ("grams", "calibrations", "log_prior")
 
 @dataclass(frozen=True)
 class FusionMethod:
-    """One fusion rule: ``apply(logits, **inputs, **options) -> probabilities (N, K)``.
+    """One fusion rule: ``apply(logits, **inputs, **options) -> probabilities (N, K)`` (or a
+    :class:`Fused` when the rule says more per sample than its probabilities).
 
     Attributes:
         name: the name used in options, the CLI, the proto enum (``FUSION_METHOD_<NAME>``)
@@ -53,7 +57,7 @@ class FusionMethod:
     """
 
     name: str
-    apply: Callable[..., torch.Tensor]
+    apply: Callable[..., torch.Tensor | Fused]
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
     options: tuple[str, ...] = ()
@@ -102,6 +106,25 @@ def get_method(name: str) -> FusionMethod:
         ) from None
 
 
+@dataclass(frozen=True)
+class Fused:
+    """What :func:`fuse_full` returns: the probabilities and, for rules that give them (the
+    ``robust`` method), per sample and modality the reliability, the conformal prediction set
+    and the abstain flag (None otherwise).
+
+    Attributes:
+        p: fused probabilities (N, K).
+        reliability: (N, M) in [0, 1], modalities in the order of the logits.
+        prediction_set: (N, K) bool.
+        abstain: (N,) bool.
+    """
+
+    p: torch.Tensor
+    reliability: torch.Tensor | None = None
+    prediction_set: torch.Tensor | None = None
+    abstain: torch.Tensor | None = None
+
+
 def fuse(
     method: str | FusionMethod,
     logits: Sequence[ArrayLike],
@@ -125,12 +148,26 @@ def fuse(
         calibrations: per-modality calibration data, for methods that need them.
 
     Returns:
-        Fused probabilities (N, K) on the first array's device.
+        Fused probabilities (N, K) on the first array's device (:func:`fuse_full` also gives
+        what else the method says per sample).
 
     Raises:
         FusionInputError: unknown method, a needed input missing, an option that does not
             apply, or bad input (from the method itself).
     """
+    return fuse_full(method, logits, grams, log_prior, options, calibrations=calibrations).p
+
+
+def fuse_full(
+    method: str | FusionMethod,
+    logits: Sequence[ArrayLike],
+    grams: Sequence[Any] | None = None,
+    log_prior: ArrayLike | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    calibrations: Any = None,
+) -> Fused:
+    """:func:`fuse` (same arguments and checks), returning a :class:`Fused`."""
     rule = method if isinstance(method, FusionMethod) else get_method(method)
     given = {"grams": grams, "calibrations": calibrations, "log_prior": log_prior}
     missing = [name for name in sorted(rule.needs) if given[name] is None]
@@ -148,7 +185,8 @@ def fuse(
         for name, value in given.items()
         if name in rule.needs or (name in rule.uses and value is not None)
     }
-    return rule.apply(logits, **inputs, **opts)
+    out = rule.apply(logits, **inputs, **opts)
+    return out if isinstance(out, Fused) else Fused(out)
 
 
 def prior_from_counts(counts: ArrayLike | Sequence[float]) -> np.ndarray:
@@ -234,10 +272,31 @@ register(
         summary="sample-wise Jacobian-regularized statistical fusion (Stat-w/, Algorithm 1)",
     )
 )
+
+
+def _robust(
+    logits: Sequence[ArrayLike], calibrations: Sequence[Any], log_prior: Any = None,
+    **options: Any,
+) -> Fused:  # fmt: skip
+    r: RobustFusion = robust_fusion(logits, calibrations, log_prior, **options)
+    return Fused(r.p, r.reliability, r.prediction_set, r.abstain)
+
+
 register(FusionMethod("mean", _mean, summary="mean of the softmaxes (Mean-w/o)"))
 register(
     FusionMethod(
         "confidence_mean", _confidence_mean, summary="entropy-confidence weighted mean (Mean-w/)"
+    )
+)
+
+register(
+    FusionMethod(
+        "robust",
+        _robust,
+        needs=frozenset({"calibrations"}),
+        uses=frozenset({"log_prior"}),
+        options=("alpha", "floor", "trust_level", "confidence", "consistency"),
+        summary="reliability-gated statistical fusion with a conformal set and abstention",
     )
 )
 

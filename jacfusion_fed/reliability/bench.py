@@ -63,10 +63,9 @@ def run_load_bench(
         wait_serving,
     )
     from jacfusion_fed.rpc.channels import connect_coordinator
+    from jacfusion_fed.rpc.fusion_codec import PredictOptions, options_to_proto
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles
-    from jacfusion_fed.server.fusion_service import options_to_proto
-    from jacfusion_fed.server.predict_types import PredictOptions
 
     data_cfg = ServeBenchConfig(
         samples=cfg.samples, classes=cfg.classes, features=cfg.features, seed=cfg.seed

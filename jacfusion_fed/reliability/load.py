@@ -123,8 +123,8 @@ def run_load(
         stop: when set, clients stop early (after their call in flight); for fault runs that
             send "until the scenario is over", with ``cfg.requests`` as the upper bound.
     """
+    from jacfusion_fed.rpc.fusion_codec import decode_predictions
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
-    from jacfusion_fed.server.fusion_service import decode_predictions
 
     if cfg.batch > len(ids):
         raise ValueError(f"batch {cfg.batch} exceeds the id pool ({len(ids)})")

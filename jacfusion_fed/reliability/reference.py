@@ -231,7 +231,7 @@ class Reference:
         """Resolve ``options`` (a ``PredictOptions``, a ``FusionOptions`` message or
         ``None``) with the coordinator's defaults. The options must be valid."""
         if options is not None and hasattr(options, "DESCRIPTOR"):
-            from jacfusion_fed.server.fusion_service import options_from_proto
+            from jacfusion_fed.rpc.fusion_codec import options_from_proto
 
             options = options_from_proto(options)
         method = getattr(options, "method", None) or self.default_method

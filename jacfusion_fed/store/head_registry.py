@@ -6,8 +6,10 @@ Layout under ``root``::
 
 The newest sequence number of a modality is its current entry; older ones are kept as history.
 A payload holds the head as float64 little-endian: the Gram matrix (K x K) for
-``head_kind == "gram"``, or W (K x H) followed by b (K) for ``"full"``; the envelope header holds
-owner, model version, K, H, class counts and the registration time. Writes are atomic, reads
+``head_kind == "gram"``, or W (K x H) followed by b (K) for ``"full"``, then, when the owner
+published one, its calibration for robust fusion (class means K x K, precision K x K, the V
+sorted typicality scores, the V sorted conformity scores); the envelope header holds owner,
+model version, K, H, V, class counts and the registration time. Writes are atomic, reads
 verified: a damaged current entry raises :class:`~jacfusion_fed.store.atomic.CorruptFileError`
 (the registry never silently falls back to an older head).
 
@@ -29,7 +31,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +52,33 @@ _MODALITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _ENTRY_RE = re.compile(r"^(\d{8})\.head$")
 _F8 = np.dtype("<f8")
 _LOCK_NAME = ".registry.lock"
+
+
+_CALIBRATION = ("class_means", "precision", "typicality_scores", "conformity_scores")
+
+
+def _calibration_arrays(
+    calibration: Mapping[str, Any] | None, k: int
+) -> dict[str, np.ndarray] | None:
+    """Checked float64 calibration arrays (shapes: K x K twice, V and V), or None."""
+    if calibration is None:
+        return None
+    missing = [f for f in _CALIBRATION if f not in calibration]
+    if missing:
+        raise ValueError(f"calibration lacks {', '.join(missing)}")
+    cal = {f: _as_f8(calibration[f], f"calibration {f}") for f in _CALIBRATION}
+    v = cal["typicality_scores"].shape
+    if cal["class_means"].shape != (k, k) or cal["precision"].shape != (k, k):
+        raise ValueError(f"calibration class_means and precision must be K x K with K={k}")
+    if len(v) != 1 or v[0] < 1 or cal["conformity_scores"].shape != v:
+        raise ValueError("calibration score arrays must be two vectors of one length V >= 1")
+    return cal
+
+
+def _same_calibration(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return all(a[f].shape == b[f].shape and np.array_equal(a[f], b[f]) for f in _CALIBRATION)
 
 
 def _check_modality(modality: str) -> str:
@@ -82,6 +111,9 @@ class HeadRecord:
     class_names: tuple[str, ...] = ()
     weight: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
+    #: The owner's calibration arrays (``jacfusion_fed.fusion.CALIBRATION_FIELDS`` names:
+    #: class_means, precision, typicality_scores, conformity_scores), or None.
+    calibration: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def head_kind(self) -> HeadKind:
@@ -164,6 +196,7 @@ class HeadRegistry:
         registered_at: dt.datetime | None = None,
         allow_owner_change: bool = False,
         class_names: Sequence[str] = (),
+        calibration: Mapping[str, Any] | None = None,
     ) -> HeadRecord:
         """Record a new head for ``modality`` and return it.
 
@@ -173,6 +206,8 @@ class HeadRegistry:
         without adding history. A different owner for a known modality is refused unless
         ``allow_owner_change``. ``class_names`` (K names, or none) are kept with the head, so
         every coordinator reading this registry labels classes the same way.
+        ``calibration`` (the owner's arrays for robust fusion, see :class:`HeadRecord`) is kept
+        with the head.
         """
         _check_modality(modality)
         if not owner:
@@ -209,10 +244,11 @@ class HeadRegistry:
         names = tuple(str(n) for n in class_names)
         if names and len(names) != k:
             raise ValueError(f"class_names must have length K={k}, got {len(names)}")
+        cal = _calibration_arrays(calibration, k)
         with self._locked():  # re-read and write as one step across replicas
             return self._register_locked(
                 modality, owner, model_version, counts, k, g, w, b, registered_at,
-                allow_owner_change, names,
+                allow_owner_change, names, cal,
             )  # fmt: skip
 
     def _register_locked(
@@ -228,6 +264,7 @@ class HeadRegistry:
         registered_at: dt.datetime | None,
         allow_owner_change: bool,
         names: tuple[str, ...] = (),
+        cal: dict[str, np.ndarray] | None = None,
     ) -> HeadRecord:
         for other, rec in self.current().items():
             if other != modality and rec.num_classes != k:
@@ -251,6 +288,7 @@ class HeadRegistry:
                 and _same(latest.gram, g)
                 and _same(latest.weight, w)
                 and _same(latest.bias, b)
+                and _same_calibration(latest.calibration, cal)
             ):
                 return latest
         sequence = entries[-1][0] + 1 if entries else 1
@@ -269,6 +307,9 @@ class HeadRegistry:
             "sequence": sequence,
         }
         arrays = [g] if g is not None else [w, b]
+        if cal is not None:
+            meta["calibration_samples"] = int(cal["typicality_scores"].size)
+            arrays += [cal[f] for f in _CALIBRATION]
         payload = b"".join(np.ascontiguousarray(a, dtype=_F8).tobytes() for a in arrays)
         path = self._dir(modality) / f"{sequence:08d}.head"
         if path.exists():
@@ -285,6 +326,19 @@ class HeadRegistry:
                 raise ValueError("sequence number does not match the file name")
             k = int(meta["num_classes"])
             values = np.frombuffer(payload, dtype=_F8).astype(np.float64)
+            cal = None
+            if meta.get("calibration_samples") is not None:
+                v = int(meta["calibration_samples"])
+                size = 2 * k * k + 2 * v
+                if v < 1 or values.size < size:
+                    raise ValueError("calibration size does not match K and V")
+                tail, values = values[-size:], values[:-size]
+                cal = {
+                    "class_means": tail[: k * k].reshape(k, k),
+                    "precision": tail[k * k : 2 * k * k].reshape(k, k),
+                    "typicality_scores": tail[2 * k * k : 2 * k * k + v].copy(),
+                    "conformity_scores": tail[2 * k * k + v :].copy(),
+                }
             g = w = b = None
             if meta["head_kind"] == "gram":
                 if values.size != k * k:
@@ -309,6 +363,7 @@ class HeadRegistry:
                 gram=g,
                 weight=w,
                 bias=b,
+                calibration=cal,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(path, f"malformed head entry ({exc})") from exc

@@ -10,11 +10,12 @@ import grpc
 import numpy as np
 
 from jacfusion_fed.reliability.reference import Reference
+from jacfusion_fed.rpc.fusion_codec import decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
 )
-from jacfusion_fed.server.fusion_service import FusionServicer, decode_predictions
+from jacfusion_fed.server.fusion_service import FusionServicer
 from jacfusion_fed.server.predict_types import CoordinatorConfig
 from jacfusion_fed.server.serve import fusion_policy
 

@@ -16,13 +16,13 @@ from jacfusion_fed.reliability.reference import (
     Reference,
     Verdict,
 )
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.predict_types import (
     MAX_ABS_OWNER_VALUE,
     PredictError,
-    PredictOptions,
 )
 
 from .draw import HANG_S, Chooser, Finding, K, choice

@@ -39,6 +39,11 @@ class _FusionMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FusionMe
     """Mean of the unimodal probabilities."""
     FUSION_METHOD_CONFIDENCE_MEAN: _FusionMethod.ValueType  # 4
     """Confidence-weighted mean of the unimodal probabilities."""
+    FUSION_METHOD_ROBUST: _FusionMethod.ValueType  # 5
+    """Reliability-gated statistical fusion with a split-conformal prediction set and an
+    abstain flag, from each owner's published clean calibration (GetHeadResponse.calibration);
+    no knowledge of which modality is perturbed. Needs at least two modalities per sample.
+    """
 
 class FusionMethod(_FusionMethod, metaclass=_FusionMethodEnumTypeWrapper):
     """Late-fusion rule."""
@@ -53,6 +58,11 @@ FUSION_METHOD_MEAN: FusionMethod.ValueType  # 3
 """Mean of the unimodal probabilities."""
 FUSION_METHOD_CONFIDENCE_MEAN: FusionMethod.ValueType  # 4
 """Confidence-weighted mean of the unimodal probabilities."""
+FUSION_METHOD_ROBUST: FusionMethod.ValueType  # 5
+"""Reliability-gated statistical fusion with a split-conformal prediction set and an
+abstain flag, from each owner's published clean calibration (GetHeadResponse.calibration);
+no knowledge of which modality is perturbed. Needs at least two modalities per sample.
+"""
 Global___FusionMethod: _TypeAlias = FusionMethod  # noqa: Y015
 
 @_typing.final
@@ -271,6 +281,8 @@ class Predictions(_message.Message):
     MODALITIES_FIELD_NUMBER: _builtins.int
     UNPREDICTED_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    PREDICTION_SETS_FIELD_NUMBER: _builtins.int
+    ABSTAIN_FIELD_NUMBER: _builtins.int
     method: Global___FusionMethod.ValueType
     """The fusion rule actually applied."""
     @_builtins.property
@@ -295,6 +307,18 @@ class Predictions(_message.Message):
         and an owner lacked them or did not answer in time).
         """
 
+    @_builtins.property
+    def prediction_sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionSet]:
+        """Robust fusion only (empty otherwise): per predicted sample, the split-conformal set of
+        classes (coverage 1 - alpha on clean data), aligned with sample_ids.
+        """
+
+    @_builtins.property
+    def abstain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Robust fusion only (empty otherwise): per predicted sample, whether the answer should not
+        be trusted (its label is outside the prediction set or its probability is low).
+        """
+
     def __init__(
         self,
         *,
@@ -304,14 +328,40 @@ class Predictions(_message.Message):
         modalities: _abc.Iterable[Global___ModalityContribution] | None = ...,
         unpredicted_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
         method: Global___FusionMethod.ValueType = ...,
+        prediction_sets: _abc.Iterable[Global___PredictionSet] | None = ...,
+        abstain: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["probabilities", b"probabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "modalities", b"modalities", "predicted_labels", b"predicted_labels", "probabilities", b"probabilities", "sample_ids", b"sample_ids", "unpredicted_sample_ids", b"unpredicted_sample_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain", b"abstain", "method", b"method", "modalities", b"modalities", "predicted_labels", b"predicted_labels", "prediction_sets", b"prediction_sets", "probabilities", b"probabilities", "sample_ids", b"sample_ids", "unpredicted_sample_ids", b"unpredicted_sample_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Predictions: _TypeAlias = Predictions  # noqa: Y015
+
+@_typing.final
+class PredictionSet(_message.Message):
+    """A set of classes (indices into the K classes, ascending)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Class indices."""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictionSet: _TypeAlias = PredictionSet  # noqa: Y015
 
 @_typing.final
 class ModalityContribution(_message.Message):
@@ -328,6 +378,7 @@ class ModalityContribution(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SITES_FIELD_NUMBER: _builtins.int
     AMBIGUOUS_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    RELIABILITY_FIELD_NUMBER: _builtins.int
     modality: _builtins.str
     """Modality name."""
     owner: _builtins.str
@@ -361,6 +412,13 @@ class ModalityContribution(_message.Message):
         not used for them (a pseudonym must be held by one site; no site is picked silently).
         """
 
+    @_builtins.property
+    def reliability(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Robust fusion only (empty otherwise): per predicted sample (aligned with
+        Predictions.sample_ids), the reliability of this modality's logits in [0, 1]; 0 where
+        the modality was not used.
+        """
+
     def __init__(
         self,
         *,
@@ -373,10 +431,11 @@ class ModalityContribution(_message.Message):
         error: _builtins.str = ...,
         sites: _abc.Iterable[Global___SiteStatus] | None = ...,
         ambiguous_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reliability: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous_sample_ids", b"ambiguous_sample_ids", "error", b"error", "gamma", b"gamma", "modality", b"modality", "model_version", b"model_version", "owner", b"owner", "regularized", b"regularized", "sites", b"sites", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous_sample_ids", b"ambiguous_sample_ids", "error", b"error", "gamma", b"gamma", "modality", b"modality", "model_version", b"model_version", "owner", b"owner", "regularized", b"regularized", "reliability", b"reliability", "sites", b"sites", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

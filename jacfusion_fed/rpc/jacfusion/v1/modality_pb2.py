@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from jacfusion_fed.rpc.jacfusion.v1 import common_pb2 as jacfusion_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjacfusion/v1/modality.proto\x12\x0cjacfusion.v1\x1a\x19jacfusion/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xed\x01\n\x0fGetInfoResponse\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\r\x12\x14\n\x0c\x63lass_counts\x18\x06 \x03(\x04\x12\x34\n\x14shareable_head_kinds\x18\x07 \x03(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x17\n\x0fkey_fingerprint\x18\t \x01(\t\"V\n\x0eGetHeadRequest\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\"\x95\x01\n\x0fGetHeadResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\r\x12&\n\x04gram\x18\x03 \x01(\x0b\x32\x16.jacfusion.v1.GramHeadH\x00\x12&\n\x04\x66ull\x18\x04 \x01(\x0b\x32\x16.jacfusion.v1.FullHeadH\x00\x42\x06\n\x04head\".\n\x08GramHead\x12\"\n\x04gram\x18\x01 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\"T\n\x08\x46ullHead\x12$\n\x06weight\x18\x01 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\"\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\"F\n\x10GetLogitsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\"T\n\x11GetLogitsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.jacfusion.v1.LogitsBatch\"]\n\x13StreamLogitsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"W\n\x14StreamLogitsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.jacfusion.v1.LogitsBatch\"c\n\x0bLogitsBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12$\n\x06logits\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\x1a\n\x12unknown_sample_ids\x18\x03 \x03(\t\"w\n\x11PutRecordsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12$\n\x06inputs\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Tensor\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\"`\n\x12PutRecordsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"C\n\x14\x44\x65leteRecordsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\"O\n\x15\x44\x65leteRecordsResponse\x12\x1a\n\x12\x64\x65leted_sample_ids\x18\x01 \x03(\t\x12\x1a\n\x12unknown_sample_ids\x18\x02 \x03(\t*M\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEAD_KIND_GRAM\x10\x01\x12\x12\n\x0eHEAD_KIND_FULL\x10\x02\x32\xf3\x03\n\x0fModalityService\x12\x46\n\x07GetInfo\x12\x1c.jacfusion.v1.GetInfoRequest\x1a\x1d.jacfusion.v1.GetInfoResponse\x12\x46\n\x07GetHead\x12\x1c.jacfusion.v1.GetHeadRequest\x1a\x1d.jacfusion.v1.GetHeadResponse\x12L\n\tGetLogits\x12\x1e.jacfusion.v1.GetLogitsRequest\x1a\x1f.jacfusion.v1.GetLogitsResponse\x12W\n\x0cStreamLogits\x12!.jacfusion.v1.StreamLogitsRequest\x1a\".jacfusion.v1.StreamLogitsResponse0\x01\x12O\n\nPutRecords\x12\x1f.jacfusion.v1.PutRecordsRequest\x1a .jacfusion.v1.PutRecordsResponse\x12X\n\rDeleteRecords\x12\".jacfusion.v1.DeleteRecordsRequest\x1a#.jacfusion.v1.DeleteRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjacfusion/v1/modality.proto\x12\x0cjacfusion.v1\x1a\x19jacfusion/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xed\x01\n\x0fGetInfoResponse\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\r\x12\x14\n\x0c\x63lass_counts\x18\x06 \x03(\x04\x12\x34\n\x14shareable_head_kinds\x18\x07 \x03(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x17\n\x0fkey_fingerprint\x18\t \x01(\t\"V\n\x0eGetHeadRequest\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\"\xc5\x01\n\x0fGetHeadResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\r\x12&\n\x04gram\x18\x03 \x01(\x0b\x32\x16.jacfusion.v1.GramHeadH\x00\x12&\n\x04\x66ull\x18\x04 \x01(\x0b\x32\x16.jacfusion.v1.FullHeadH\x00\x12.\n\x0b\x63\x61libration\x18\x05 \x01(\x0b\x32\x19.jacfusion.v1.CalibrationB\x06\n\x04head\"\x97\x01\n\x0b\x43\x61libration\x12)\n\x0b\x63lass_means\x18\x01 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\'\n\tprecision\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\x19\n\x11typicality_scores\x18\x03 \x03(\x01\x12\x19\n\x11\x63onformity_scores\x18\x04 \x03(\x01\".\n\x08GramHead\x12\"\n\x04gram\x18\x01 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\"T\n\x08\x46ullHead\x12$\n\x06weight\x18\x01 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\"\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\"F\n\x10GetLogitsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\"T\n\x11GetLogitsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.jacfusion.v1.LogitsBatch\"]\n\x13StreamLogitsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x1e\n\x16\x65xpected_model_version\x18\x02 \x01(\t\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"W\n\x14StreamLogitsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.jacfusion.v1.LogitsBatch\"c\n\x0bLogitsBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12$\n\x06logits\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\x1a\n\x12unknown_sample_ids\x18\x03 \x03(\t\"w\n\x11PutRecordsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12$\n\x06inputs\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Tensor\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\"`\n\x12PutRecordsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"C\n\x14\x44\x65leteRecordsRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\"O\n\x15\x44\x65leteRecordsResponse\x12\x1a\n\x12\x64\x65leted_sample_ids\x18\x01 \x03(\t\x12\x1a\n\x12unknown_sample_ids\x18\x02 \x03(\t*M\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEAD_KIND_GRAM\x10\x01\x12\x12\n\x0eHEAD_KIND_FULL\x10\x02\x32\xf3\x03\n\x0fModalityService\x12\x46\n\x07GetInfo\x12\x1c.jacfusion.v1.GetInfoRequest\x1a\x1d.jacfusion.v1.GetInfoResponse\x12\x46\n\x07GetHead\x12\x1c.jacfusion.v1.GetHeadRequest\x1a\x1d.jacfusion.v1.GetHeadResponse\x12L\n\tGetLogits\x12\x1e.jacfusion.v1.GetLogitsRequest\x1a\x1f.jacfusion.v1.GetLogitsResponse\x12W\n\x0cStreamLogits\x12!.jacfusion.v1.StreamLogitsRequest\x1a\".jacfusion.v1.StreamLogitsResponse0\x01\x12O\n\nPutRecords\x12\x1f.jacfusion.v1.PutRecordsRequest\x1a .jacfusion.v1.PutRecordsResponse\x12X\n\rDeleteRecords\x12\".jacfusion.v1.DeleteRecordsRequest\x1a#.jacfusion.v1.DeleteRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jacfusion.v1.modality_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEADKIND']._serialized_start=1516
-  _globals['_HEADKIND']._serialized_end=1593
+  _globals['_HEADKIND']._serialized_start=1718
+  _globals['_HEADKIND']._serialized_end=1795
   _globals['_GETINFOREQUEST']._serialized_start=72
   _globals['_GETINFOREQUEST']._serialized_end=88
   _globals['_GETINFORESPONSE']._serialized_start=91
@@ -41,29 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHEADREQUEST']._serialized_start=330
   _globals['_GETHEADREQUEST']._serialized_end=416
   _globals['_GETHEADRESPONSE']._serialized_start=419
-  _globals['_GETHEADRESPONSE']._serialized_end=568
-  _globals['_GRAMHEAD']._serialized_start=570
-  _globals['_GRAMHEAD']._serialized_end=616
-  _globals['_FULLHEAD']._serialized_start=618
-  _globals['_FULLHEAD']._serialized_end=702
-  _globals['_GETLOGITSREQUEST']._serialized_start=704
-  _globals['_GETLOGITSREQUEST']._serialized_end=774
-  _globals['_GETLOGITSRESPONSE']._serialized_start=776
-  _globals['_GETLOGITSRESPONSE']._serialized_end=860
-  _globals['_STREAMLOGITSREQUEST']._serialized_start=862
-  _globals['_STREAMLOGITSREQUEST']._serialized_end=955
-  _globals['_STREAMLOGITSRESPONSE']._serialized_start=957
-  _globals['_STREAMLOGITSRESPONSE']._serialized_end=1044
-  _globals['_LOGITSBATCH']._serialized_start=1046
-  _globals['_LOGITSBATCH']._serialized_end=1145
-  _globals['_PUTRECORDSREQUEST']._serialized_start=1147
-  _globals['_PUTRECORDSREQUEST']._serialized_end=1266
-  _globals['_PUTRECORDSRESPONSE']._serialized_start=1268
-  _globals['_PUTRECORDSRESPONSE']._serialized_end=1364
-  _globals['_DELETERECORDSREQUEST']._serialized_start=1366
-  _globals['_DELETERECORDSREQUEST']._serialized_end=1433
-  _globals['_DELETERECORDSRESPONSE']._serialized_start=1435
-  _globals['_DELETERECORDSRESPONSE']._serialized_end=1514
-  _globals['_MODALITYSERVICE']._serialized_start=1596
-  _globals['_MODALITYSERVICE']._serialized_end=2095
+  _globals['_GETHEADRESPONSE']._serialized_end=616
+  _globals['_CALIBRATION']._serialized_start=619
+  _globals['_CALIBRATION']._serialized_end=770
+  _globals['_GRAMHEAD']._serialized_start=772
+  _globals['_GRAMHEAD']._serialized_end=818
+  _globals['_FULLHEAD']._serialized_start=820
+  _globals['_FULLHEAD']._serialized_end=904
+  _globals['_GETLOGITSREQUEST']._serialized_start=906
+  _globals['_GETLOGITSREQUEST']._serialized_end=976
+  _globals['_GETLOGITSRESPONSE']._serialized_start=978
+  _globals['_GETLOGITSRESPONSE']._serialized_end=1062
+  _globals['_STREAMLOGITSREQUEST']._serialized_start=1064
+  _globals['_STREAMLOGITSREQUEST']._serialized_end=1157
+  _globals['_STREAMLOGITSRESPONSE']._serialized_start=1159
+  _globals['_STREAMLOGITSRESPONSE']._serialized_end=1246
+  _globals['_LOGITSBATCH']._serialized_start=1248
+  _globals['_LOGITSBATCH']._serialized_end=1347
+  _globals['_PUTRECORDSREQUEST']._serialized_start=1349
+  _globals['_PUTRECORDSREQUEST']._serialized_end=1468
+  _globals['_PUTRECORDSRESPONSE']._serialized_start=1470
+  _globals['_PUTRECORDSRESPONSE']._serialized_end=1566
+  _globals['_DELETERECORDSREQUEST']._serialized_start=1568
+  _globals['_DELETERECORDSREQUEST']._serialized_end=1635
+  _globals['_DELETERECORDSRESPONSE']._serialized_start=1637
+  _globals['_DELETERECORDSRESPONSE']._serialized_end=1716
+  _globals['_MODALITYSERVICE']._serialized_start=1798
+  _globals['_MODALITYSERVICE']._serialized_end=2297
 # @@protoc_insertion_point(module_scope)

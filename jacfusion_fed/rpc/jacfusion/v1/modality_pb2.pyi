@@ -157,6 +157,7 @@ class GetHeadResponse(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     GRAM_FIELD_NUMBER: _builtins.int
     FULL_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """Version of the model the head belongs to."""
     num_classes: _builtins.int
@@ -169,6 +170,13 @@ class GetHeadResponse(_message.Message):
     def full(self) -> Global___FullHead:
         """W and b."""
 
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """Clean calibration statistics of this model version on the owner's validation split
+        (aggregates only, see docs/calibration.md), for robust fusion; unset when the owner has
+        none.
+        """
+
     def __init__(
         self,
         *,
@@ -176,16 +184,59 @@ class GetHeadResponse(_message.Message):
         num_classes: _builtins.int = ...,
         gram: Global___GramHead | None = ...,
         full: Global___FullHead | None = ...,
+        calibration: Global___Calibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "gram", b"gram", "head", b"head"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "full", b"full", "gram", b"gram", "head", b"head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "gram", b"gram", "head", b"head", "model_version", b"model_version", "num_classes", b"num_classes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "full", b"full", "gram", b"gram", "head", b"head", "model_version", b"model_version", "num_classes", b"num_classes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_head: _TypeAlias = _typing.Literal["gram", "full"]  # noqa: Y015
     _WhichOneofArgType_head: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_head) -> _WhichOneofReturnType_head | None: ...
 
 Global___GetHeadResponse: _TypeAlias = GetHeadResponse  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """An owner's clean calibration statistics (jacfusion_fed.fusion.ModalityCalibration)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASS_MEANS_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    TYPICALITY_SCORES_FIELD_NUMBER: _builtins.int
+    CONFORMITY_SCORES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def class_means(self) -> _common_pb2.Matrix:
+        """Class-mean logit vectors, K x K (row k: mean logits of class k)."""
+
+    @_builtins.property
+    def precision(self) -> _common_pb2.Matrix:
+        """Inverse pooled within-class covariance of the logits, K x K."""
+
+    @_builtins.property
+    def typicality_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Sorted typicality scores of the V validation samples."""
+
+    @_builtins.property
+    def conformity_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Sorted true-class nonconformity scores of the V validation samples."""
+
+    def __init__(
+        self,
+        *,
+        class_means: _common_pb2.Matrix | None = ...,
+        precision: _common_pb2.Matrix | None = ...,
+        typicality_scores: _abc.Iterable[_builtins.float] | None = ...,
+        conformity_scores: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["class_means", b"class_means", "precision", b"precision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_means", b"class_means", "conformity_scores", b"conformity_scores", "precision", b"precision", "typicality_scores", b"typicality_scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
 
 @_typing.final
 class GramHead(_message.Message):
