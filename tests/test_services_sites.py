@@ -24,15 +24,12 @@ from typer.testing import CliRunner
 from jacfusion_fed.cli import app
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.rpc.fusion_codec import Answer as WireAnswer
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, decode_predictions, predictions_to_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.metrics import ServiceMetrics
 from jacfusion_fed.rpc.tls import INSECURE
 from jacfusion_fed.server.coordinator import Coordinator
-from jacfusion_fed.server.fusion_service import (
-    FusionServicer,
-    decode_predictions,
-    predictions_to_proto,
-)
+from jacfusion_fed.server.fusion_service import FusionServicer
 from jacfusion_fed.server.metrics import watch_coordinator
 from jacfusion_fed.server.owner_channel import OwnerChannel
 from jacfusion_fed.server.owner_links import pick_version
@@ -40,7 +37,6 @@ from jacfusion_fed.server.predict_types import (
     CoordinatorConfig,
     OwnerEndpoint,
     PredictError,
-    PredictOptions,
     PredictResult,
 )
 from jacfusion_fed.server.sites import load_sites, parse_owners

@@ -22,9 +22,10 @@ from jacfusion_fed.fusion import mean_fusion
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.certs import generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.server.coordinator import Coordinator
-from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint, PredictOptions
+from jacfusion_fed.server.predict_types import CoordinatorConfig, OwnerEndpoint
 
 SITES = {"north": "audio-north", "south": "audio-south"}
 
