@@ -18,15 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jacfusion_fed.owner import OwnerWorkspace
-from jacfusion_fed.rpc.auth import (
-    MODALITY_SERVICE,
-    MODALITY_SERVICE_POLICY,
-    Principal,
-    RpcPolicy,
-)
+from jacfusion_fed.rpc.auth import RpcPolicy
 from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import watch_owner
+from jacfusion_fed.rpc.policies import MODALITY_SERVICE, MODALITY_SERVICE_POLICY
 from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 

@@ -13,15 +13,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from jacfusion_fed.rpc.auth import (
-    FUSION_SERVICE,
-    FUSION_SERVICE_POLICY,
-    Principal,
-    RpcPolicy,
-)
+from jacfusion_fed.rpc.auth import RpcPolicy
 from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
 from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,

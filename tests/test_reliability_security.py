@@ -1,6 +1,6 @@
 """Security matrix against real server processes (CLI, mTLS, 127.0.0.1), the cells that
-``test_services.py`` / ``test_rpc_tls.py`` / ``test_privacy_*.py`` do not cover already (the
-full matrix, with the test of every cell, is in docs/reliability.md):
+``test_services.py`` / ``test_rpc_auth.py`` / ``test_rpc_tls.py`` / ``test_privacy_*.py`` do
+not cover already (the full matrix, with the test of every cell, is in docs/reliability.md):
 
 * no client certificate, against an owner process;
 * expired certificates: a requester's against the coordinator, the coordinator's against an
