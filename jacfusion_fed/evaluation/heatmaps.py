@@ -58,15 +58,16 @@ def _panels(
     points: tuple[np.ndarray, np.ndarray],
     labels: np.ndarray,
     gammas: Sequence[float],
-    resolution: int,
+    grid: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
     """The ``"clean"`` panel, then one per gamma with the noisy test points.
 
     ``inputs`` holds the model inputs at the grid points (``"grid"``) and at the clean and
     noisy test points (``"clean"``, ``"noisy"``); ``points`` the clean and noisy test points
-    drawn on the panels; ``gram`` the ``W W^T`` of the regularized head.
+    drawn on the panels; ``gram`` the ``W W^T`` of the regularized head; ``grid`` the
+    panels' coordinates (:func:`_grid`).
     """
-    gx, gy = _grid(resolution)
+    gx, gy = grid
     y = torch.from_numpy(labels)
 
     def accuracy(which: str, gamma: float) -> float:
@@ -123,7 +124,7 @@ def unimodal_heatmaps(
         (test_xy, x_noisy.numpy()),
         labels,
         gammas,
-        resolution,
+        (gx, gy),
     )
 
 
@@ -172,7 +173,7 @@ def multimodal_heatmaps(
         ),
         labels,
         gammas,
-        resolution,
+        (gx, gy),
     )
 
 

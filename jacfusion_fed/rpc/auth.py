@@ -31,7 +31,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.verification import Store
 
-from jacfusion_fed.privacy.certs import ROLES, Role, load_certificate, owner_server_name
+from jacfusion_fed.privacy.cert_names import ROLES, Role, load_certificate, owner_server_name
 from jacfusion_fed.rpc.identity import (
     AuthError,
     Principal,

@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from jacfusion_fed.privacy.certs import Role, certificate_identity, load_certificate
+from jacfusion_fed.privacy.cert_names import Role, certificate_identity, load_certificate
 
 __all__ = [
     "AuthError",

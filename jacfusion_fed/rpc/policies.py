@@ -7,7 +7,7 @@ rule is denied to everyone).
 
 from __future__ import annotations
 
-from jacfusion_fed.privacy.certs import ROLES
+from jacfusion_fed.privacy.cert_names import ROLES
 from jacfusion_fed.rpc.auth import RpcPolicy
 
 __all__ = [

@@ -38,7 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jacfusion_fed.atomicio import atomic_write_bytes
-from jacfusion_fed.privacy.certs import Role
+from jacfusion_fed.privacy.cert_names import Role
 
 from .auth import AuthInterceptor, RpcPolicy, check_own_certificate
 from .bind import check_bind_host
