@@ -35,19 +35,31 @@ lint: $(STAMP) lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check jacfusion_fed/fusion
 
-# Import contracts ([tool.importlinter] in pyproject.toml). server/ and clients/ are installed as
-# jacfusion_fed.server/.clients by package-dir, which the import graph cannot follow, so the
-# check runs on a temporary mirror with both folders inside jacfusion_fed/.
+# server/ and clients/ are installed as jacfusion_fed.server/.clients by package-dir, through an
+# import hook of the editable install that neither the import graph nor mypy can follow (run on
+# the folders, mypy would name them `server`/`clients` and read every jacfusion_fed.server
+# import as Any). Both checks therefore run on a mirror of the installed layout, with the two
+# folders inside jacfusion_fed/: MIRROR builds it in "$$tree" (copies keep their mtimes, so
+# mypy's cache stays valid between runs).
+MIRROR = mkdir -p "$$tree/jacfusion_fed" && cp -pR jacfusion_fed/. "$$tree/jacfusion_fed/" && \
+	cp -pR server "$$tree/jacfusion_fed/server" && cp -pR clients "$$tree/jacfusion_fed/clients"
+# Paths in the mirror's reports back to the repository's own.
+UNMIRROR = sed -e 's\#^jacfusion_fed/server/\#server/\#' -e 's\#^jacfusion_fed/clients/\#clients/\#'
+
+# Import contracts ([tool.importlinter] in pyproject.toml), on a temporary mirror.
 lint-imports: $(STAMP)
-	@tree=$$(mktemp -d) && trap 'rm -rf "$$tree"' EXIT && \
-	mkdir "$$tree/jacfusion_fed" && \
-	cp -R jacfusion_fed/. "$$tree/jacfusion_fed/" && \
-	cp -R server "$$tree/jacfusion_fed/server" && cp -R clients "$$tree/jacfusion_fed/clients" && \
+	@tree=$$(mktemp -d) && trap 'rm -rf "$$tree"' EXIT && $(MIRROR) && \
 	cd "$$tree" && PYTHONPATH="$$tree" "$(CURDIR)/$(BIN)/lint-imports" \
 		"$(CURDIR)/pyproject.toml" --no-cache
 
+# mypy --strict ([tool.mypy]) on the whole installed package jacfusion_fed, server/ and clients/
+# included; the generated stubs (jacfusion_fed/rpc/jacfusion) are exempt there. The mirror sits
+# at a fixed place so that the cache's paths match from one run to the next.
 typecheck: $(STAMP)
-	$(BIN)/mypy jacfusion_fed/fusion
+	@tree=.mypy_cache/installed-tree && rm -rf "$$tree" && $(MIRROR) && \
+	out=$$(cd "$$tree" && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" \
+		--cache-dir "$(CURDIR)/.mypy_cache/installed" -p jacfusion_fed 2>&1); rc=$$?; \
+	printf '%s\n' "$$out" | $(UNMIRROR); exit $$rc
 
 proto: $(STAMP)
 	$(BIN)/python -m jacfusion_fed.rpc.codegen

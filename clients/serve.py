@@ -2,8 +2,9 @@
 
 Each owner process serves exactly one modality under its owner certificate (checked at start:
 a certificate issued for another modality, or for another role, is refused). Only the
-coordinator may call ``ModalityService`` (:data:`jacfusion_fed.rpc.auth.MODALITY_SERVICE_POLICY`);
-health checks and reflection are open to every authenticated principal of the deployment.
+coordinator may call ``ModalityService``
+(:data:`jacfusion_fed.rpc.policies.MODALITY_SERVICE_POLICY`); health checks and reflection are
+open to every authenticated principal of the deployment.
 
 Health (``grpc.health.v1``): the overall status ``""`` and ``jacfusion.v1.ModalityService`` are
 ``SERVING`` while the owner has a current model version and ``NOT_SERVING`` before its first
@@ -18,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jacfusion_fed.owner import OwnerWorkspace
-from jacfusion_fed.rpc.auth import (
-    MODALITY_SERVICE,
-    MODALITY_SERVICE_POLICY,
-    Principal,
-    RpcPolicy,
-)
 from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import watch_owner
+from jacfusion_fed.rpc.policies import MODALITY_SERVICE, MODALITY_SERVICE_POLICY
 from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
@@ -37,15 +34,9 @@ from .modality_service import (
     ModalityServicer,
 )
 
-__all__ = ["OwnerServer", "owner_policy", "serve_owner"]
+__all__ = ["OwnerServer", "serve_owner"]
 
 log = logging.getLogger(__name__)
-
-
-def owner_policy() -> RpcPolicy:
-    """The access rules of this server (:data:`MODALITY_SERVICE_POLICY`; health and reflection
-    open to every authenticated principal)."""
-    return MODALITY_SERVICE_POLICY
 
 
 @dataclass
@@ -143,7 +134,7 @@ def serve_owner(
     watch_owner(guard.metrics, workspace, name)
     rpc = start_server(
         security,
-        policy=owner_policy(),
+        policy=MODALITY_SERVICE_POLICY,
         insecure_principal=Principal("coordinator", "insecure-coordinator"),
         services=(MODALITY_SERVICE,),
         add_servicers=lambda server: modality_pb2_grpc.add_ModalityServiceServicer_to_server(

@@ -23,7 +23,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 __all__ = [
     "LOOPBACK",
@@ -366,10 +365,5 @@ class ProcessSet:
     def __enter__(self) -> ProcessSet:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop_all()
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()  # whatever ended the block

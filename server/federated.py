@@ -178,14 +178,17 @@ def _head_from_replies(
     modality: str, owners: Mapping[int, OwnerInfo], replies: Mapping[int, RecordDict], rounds: int
 ) -> ModalityHead:
     sites = sorted(replies)
-    versions = {str(replies[n]["info"]["version"]) for n in sites}
+    # The reply spec (head_reply_spec) has fixed each record's kind: typed views, no casts.
+    versions = {str(replies[n].config_records["info"]["version"]) for n in sites}
     if len(versions) != 1:
         raise CoordinatorError(f"sites of {modality!r} published different versions {versions}")
-    first = replies[sites[0]]["head"]
+    first = replies[sites[0]].array_records["head"]
     gram = first["gram"].numpy() if "gram" in first else None
     weight = first["weight"].numpy() if "weight" in first else None
     bias = first["bias"].numpy() if "bias" in first else None
-    counts = np.sum([replies[n]["head"]["class-counts"].numpy() for n in sites], axis=0)
+    counts = np.sum(
+        [replies[n].array_records["head"]["class-counts"].numpy() for n in sites], axis=0
+    )
     calibration = None
     if len(sites) == 1 and CALIBRATION_RECORD in replies[sites[0]]:
         record = replies[sites[0]][CALIBRATION_RECORD]

@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from jacfusion_fed.rpc.auth import AuthError, connect_owner, fetch_server_principal
+from jacfusion_fed.rpc.auth import connect_owner, fetch_server_principal
+from jacfusion_fed.rpc.identity import AuthError
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, TransportOptions, create_channel
 

@@ -1,7 +1,7 @@
 """Run the coordinator's gRPC server (``FusionService``, health, reflection), and connect to it.
 
 Only requesters may call ``Predict``/``PredictStream``
-(:data:`jacfusion_fed.rpc.auth.FUSION_SERVICE_POLICY`); health checks and reflection are open
+(:data:`jacfusion_fed.rpc.policies.FUSION_SERVICE_POLICY`); health checks and reflection are open
 to every authenticated principal of the deployment. Health (``""`` and
 ``jacfusion.v1.FusionService``) is ``SERVING`` once at least one configured owner has a
 registered head (from the registry on disk or from the owner), ``NOT_SERVING`` before.
@@ -13,15 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from jacfusion_fed.rpc.auth import (
-    FUSION_SERVICE,
-    FUSION_SERVICE_POLICY,
-    Principal,
-    RpcPolicy,
-)
 from jacfusion_fed.rpc.guard import ServerGuard
+from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.limits import PeerLimits
+from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
 from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
@@ -33,19 +29,9 @@ from .coordinator import Coordinator
 from .fusion_service import FusionServicer
 from .metrics import watch_coordinator
 
-__all__ = [
-    "CoordinatorServer",
-    "fusion_policy",
-    "serve_coordinator",
-]
+__all__ = ["CoordinatorServer", "serve_coordinator"]
 
 log = logging.getLogger(__name__)
-
-
-def fusion_policy() -> RpcPolicy:
-    """The access rules of this server (:data:`FUSION_SERVICE_POLICY`; health and reflection
-    open to every authenticated principal)."""
-    return FUSION_SERVICE_POLICY
 
 
 @dataclass
@@ -98,7 +84,7 @@ def serve_coordinator(
     watch_coordinator(guard.metrics, coordinator)
     rpc = start_server(
         security,
-        policy=fusion_policy(),
+        policy=FUSION_SERVICE_POLICY,
         insecure_principal=Principal("requester", "insecure-requester"),
         services=(FUSION_SERVICE,),
         add_servicers=lambda server: fusion_pb2_grpc.add_FusionServiceServicer_to_server(

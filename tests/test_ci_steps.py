@@ -53,3 +53,24 @@ def test_ci_runs_the_fast_step_then_the_e2e_step() -> None:
     assert _marker_expression(e2e.split("||")[0]) == "e2e and not slow"
     for command in (fast, e2e):  # pytest's exit 5 = no test selected, not a failure
         assert command.endswith("|| test $$? -eq 5")
+
+
+def test_type_and_import_checks_see_the_installed_layout() -> None:
+    """``make typecheck`` and ``make lint-imports`` run on a mirror in which every folder that
+    package-dir maps into ``jacfusion_fed`` (server/, clients/) sits where it is installed;
+    mypy checks the whole package there."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {
+        package.removeprefix("jacfusion_fed."): folder
+        for package, folder in config["package-dir"].items()
+        if package.startswith("jacfusion_fed.")
+    }
+    assert mapped == {"clients": "clients", "server": "server"}
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    mirror = next(line for line in text.splitlines() if line.startswith("MIRROR ="))
+    for sub, folder in mapped.items():
+        assert f'cp -pR {folder} "$$tree/jacfusion_fed/{sub}"' in mirror
+    for target in ("typecheck", "lint-imports"):
+        assert "$(MIRROR)" in " ".join(_recipe(target))
+    (mypy,) = [c for c in " ".join(_recipe("typecheck")).split("&&") if "/mypy" in c]
+    assert shlex.split(mypy.split("2>&1")[0])[-2:] == ["-p", "jacfusion_fed"]

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from jacfusion_fed.federation._env import child_env
-from jacfusion_fed.federation.deployment import ManagedProcess, flower_executable, stop_all
+from jacfusion_fed.federation.flwr_cli import flower_executable
+from jacfusion_fed.processes import ManagedProcess, stop_all
 
 pytestmark = pytest.mark.e2e
 

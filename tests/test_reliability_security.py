@@ -1,6 +1,6 @@
 """Security matrix against real server processes (CLI, mTLS, 127.0.0.1), the cells that
-``test_services.py`` / ``test_rpc_tls.py`` / ``test_privacy_*.py`` do not cover already (the
-full matrix, with the test of every cell, is in docs/reliability.md):
+``test_services.py`` / ``test_rpc_auth.py`` / ``test_rpc_tls.py`` / ``test_privacy_*.py`` do
+not cover already (the full matrix, with the test of every cell, is in docs/reliability.md):
 
 * no client certificate, against an owner process;
 * expired certificates: a requester's against the coordinator, the coordinator's against an
@@ -34,7 +34,6 @@ from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
 from jacfusion_fed.clients.modality_service import ModalityServicer
-from jacfusion_fed.clients.serve import owner_policy
 from jacfusion_fed.privacy.certs import CertificateAuthority, write_credentials
 from jacfusion_fed.privacy.pseudonyms import load_key
 from jacfusion_fed.rpc.auth import AuthInterceptor, connect_owner
@@ -45,6 +44,7 @@ from jacfusion_fed.rpc.jacfusion.v1 import (
     modality_pb2,
     modality_pb2_grpc,
 )
+from jacfusion_fed.rpc.policies import MODALITY_SERVICE_POLICY
 from jacfusion_fed.rpc.tls import (
     DEFAULT_MAX_MESSAGE_BYTES,
     TlsFiles,
@@ -129,7 +129,7 @@ def test_expired_coordinator_certificate_against_an_owner_process(
 
 def _rogue_owner(tls: TlsFiles, workspace: Any, name: str) -> tuple[grpc.Server, str]:
     """A ModalityService built around the CLI's start-up checks."""
-    server, port = create_server(tls, interceptors=[AuthInterceptor(owner_policy())])
+    server, port = create_server(tls, interceptors=[AuthInterceptor(MODALITY_SERVICE_POLICY)])
     modality_pb2_grpc.add_ModalityServiceServicer_to_server(
         ModalityServicer(workspace, name), server
     )

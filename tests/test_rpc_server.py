@@ -22,7 +22,8 @@ from jacfusion_fed.privacy.certs import (
     generate_deployment_certs,
 )
 from jacfusion_fed.processes import ProcessSet
-from jacfusion_fed.rpc.auth import FUSION_SERVICE, FUSION_SERVICE_POLICY, Principal
+from jacfusion_fed.rpc.identity import Principal
+from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
 from jacfusion_fed.rpc.server import start_server, write_port_file
 from jacfusion_fed.rpc.tls import (
     INSECURE,
@@ -147,7 +148,8 @@ def test_one_tls_files_type() -> None:
 SERVICE_MAIN = """
 import sys
 from pathlib import Path
-from jacfusion_fed.rpc.auth import FUSION_SERVICE, FUSION_SERVICE_POLICY, Principal
+from jacfusion_fed.rpc.identity import Principal
+from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
 from jacfusion_fed.rpc.server import serve_until_signal, start_server, write_port_file
 from jacfusion_fed.rpc.tls import INSECURE
 running = start_server(

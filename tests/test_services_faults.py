@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
 from jacfusion_fed.cli import app
 from jacfusion_fed.clients.modality_service import ModalityServicer
-from jacfusion_fed.clients.serve import owner_policy, serve_owner
+from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.rpc.auth import AuthInterceptor
@@ -32,6 +32,7 @@ from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.fusion_codec import PredictOptions, decode_predictions
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
+from jacfusion_fed.rpc.policies import MODALITY_SERVICE_POLICY
 from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
 from jacfusion_fed.server.batching import FusionBatcher, FusionKey
 from jacfusion_fed.server.coordinator import Coordinator
@@ -66,7 +67,9 @@ def start_owner(fed: Fed, modality: str, servicer_cls: type[ModalityServicer] | 
         running = serve_owner(ws, fed.owner_tls(modality), health_interval=0.1)
         return Running(running.server, running.target)
     server, port = create_server(
-        fed.owner_tls(modality), interceptors=[AuthInterceptor(owner_policy())], max_workers=4
+        fed.owner_tls(modality),
+        interceptors=[AuthInterceptor(MODALITY_SERVICE_POLICY)],
+        max_workers=4,
     )
     servicer = servicer_cls(ws, OWNER_NAMES[modality])
     modality_pb2_grpc.add_ModalityServiceServicer_to_server(servicer, server)

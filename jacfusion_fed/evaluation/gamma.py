@@ -7,19 +7,21 @@ column wins; ties go to the larger gamma (less regularization, closer to statist
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ParamSpec
 
 import numpy as np
 import torch
 
 from jacfusion_fed.fusion import GramFactor, jacobian_fusion
 
-__all__ = ["GAMMA_CANDIDATES", "gamma_scores", "select_gamma"]
+__all__ = ["GAMMA_CANDIDATES", "best_gamma", "gamma_scores", "select_gamma"]
 
 GAMMA_CANDIDATES: tuple[float, ...] = (0.1, 0.5, 0.9)
 """The paper's grid (Tables 1-7)."""
 
 LogitsLike = Sequence[torch.Tensor | np.ndarray]
+P = ParamSpec("P")
 
 
 def _accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -74,30 +76,30 @@ def gamma_scores(
     return scores
 
 
-def select_gamma(
-    val_logits: LogitsLike,
-    grams: Sequence[torch.Tensor | np.ndarray | GramFactor | None],
-    labels: torch.Tensor | np.ndarray,
-    perturbation: Callable[[int], LogitsLike] | None = None,
-    candidates: Sequence[float] = GAMMA_CANDIDATES,
-    *,
-    log_prior: torch.Tensor | np.ndarray | None = None,
-    regularize: Sequence[int] | None = None,
-    draws: int = 1,
-) -> float:
-    """The candidate gamma with the best validation accuracy (ties: the larger gamma).
-
-    Same arguments as :func:`gamma_scores`. Selecting on the validation split keeps the test
-    numbers honest; the paper does not say on which split it selected.
-    """
-    scores = gamma_scores(
-        val_logits,
-        grams,
-        labels,
-        perturbation,
-        candidates,
-        log_prior=log_prior,
-        regularize=regularize,
-        draws=draws,
-    )
+def best_gamma(scores: Mapping[float, float]) -> float:
+    """The gamma with the best score; ties (to 12 decimals) go to the larger gamma."""
+    if not scores:
+        raise ValueError("no gamma scored")
     return max(scores, key=lambda g: (round(scores[g], 12), g))
+
+
+def _selecting(score: Callable[P, Mapping[float, float]]) -> Callable[P, float]:
+    """A function taking ``score``'s arguments and answering the best gamma of its scores.
+
+    One signature for both :func:`gamma_scores` and :func:`select_gamma`, so that they cannot
+    drift apart.
+    """
+
+    def select_gamma(*args: P.args, **kwargs: P.kwargs) -> float:
+        """The candidate gamma with the best validation accuracy (ties: the larger gamma).
+
+        Same arguments as :func:`gamma_scores`. Selecting on the validation split keeps the
+        test numbers honest; the paper does not say on which split it selected.
+        """
+        return best_gamma(score(*args, **kwargs))
+
+    select_gamma.__qualname__ = "select_gamma"
+    return select_gamma
+
+
+select_gamma = _selecting(gamma_scores)

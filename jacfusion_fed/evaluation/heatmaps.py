@@ -12,7 +12,7 @@ regularized, so the heat is ``||J(p') W_a W_Y||_F`` with ``p'`` the Jacobian-fus
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,15 +46,60 @@ def _grid(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return gx, gy
 
 
+#: ``predict(inputs, gamma) -> (p', W_x)``: the (fused) prediction of a panel and its
+#: sample-wise weights (None at gamma = 1, where ``p'`` is the plain prediction).
+_Predict = Callable[[tuple[torch.Tensor, ...], float], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _panels(
+    predict: _Predict,
+    gram: torch.Tensor,
+    inputs: Mapping[str, tuple[torch.Tensor, ...]],
+    points: tuple[np.ndarray, np.ndarray],
+    labels: np.ndarray,
+    gammas: Sequence[float],
+    grid: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """The ``"clean"`` panel, then one per gamma with the noisy test points.
+
+    ``inputs`` holds the model inputs at the grid points (``"grid"``) and at the clean and
+    noisy test points (``"clean"``, ``"noisy"``); ``points`` the clean and noisy test points
+    drawn on the panels; ``gram`` the ``W W^T`` of the regularized head; ``grid`` the
+    panels' coordinates (:func:`_grid`).
+    """
+    gx, gy = grid
+    y = torch.from_numpy(labels)
+
+    def accuracy(which: str, gamma: float) -> float:
+        return float((predict(inputs[which], gamma)[0].argmax(1) == y).double().mean())
+
+    p0, _ = predict(inputs["grid"], 1.0)
+    heat0 = jacobian_norm(p0, gram)
+    panels = {"clean": _panel(gx, gy, heat0, points[0], labels, accuracy("clean", 1.0), None, None)}
+    for gamma in gammas:
+        pg, wg = predict(inputs["grid"], gamma)
+        panels[f"gamma={gamma:g}"] = _panel(
+            gx,
+            gy,
+            jacobian_norm(pg, gram, wg),
+            points[1],
+            labels,
+            accuracy("clean", gamma),
+            accuracy("noisy", gamma),
+            gamma,
+        )
+    return panels
+
+
 def _uni_predict(
     net: UnimodalNet, x: torch.Tensor, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     z = predict_logits(net, x).to(torch.float64)
     p = torch.softmax(z, dim=-1)
     if gamma >= 1.0:
-        return p, p, None
+        return p, None
     w = solve_jacobian_weights(p, gram_of(net.head.weight.detach().double()), gamma)
-    return p, torch.softmax((w @ z.unsqueeze(-1)).squeeze(-1), dim=-1), w
+    return torch.softmax((w @ z.unsqueeze(-1)).squeeze(-1), dim=-1), w
 
 
 def unimodal_heatmaps(
@@ -70,34 +115,22 @@ def unimodal_heatmaps(
     """Figure 2 panels: ``"clean"`` then one per gamma with noisy test points."""
     gx, gy = _grid(resolution)
     grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32))
-    gram = gram_of(net.head.weight.detach().double())
     x_clean = torch.from_numpy(test_xy)
     x_noisy = noise(x_clean, generator)
-    y = torch.from_numpy(labels)
-    panels: dict[str, Any] = {}
-    p0, _, _ = _uni_predict(net, grid, 1.0)
-    acc = float((_uni_predict(net, x_clean, 1.0)[1].argmax(1) == y).double().mean())
-    panels["clean"] = _panel(gx, gy, jacobian_norm(p0, gram), test_xy, labels, acc, None, None)
-    for gamma in gammas:
-        _, pg, wg = _uni_predict(net, grid, gamma)
-        clean_acc = float((_uni_predict(net, x_clean, gamma)[1].argmax(1) == y).double().mean())
-        noisy_acc = float((_uni_predict(net, x_noisy, gamma)[1].argmax(1) == y).double().mean())
-        panels[f"gamma={gamma:g}"] = _panel(
-            gx,
-            gy,
-            jacobian_norm(pg, gram, wg),
-            x_noisy.numpy(),
-            labels,
-            clean_acc,
-            noisy_acc,
-            gamma,
-        )
-    return panels
+    return _panels(
+        lambda xs, gamma: _uni_predict(net, xs[0], gamma),
+        gram_of(net.head.weight.detach().double()),
+        {"grid": (grid,), "clean": (x_clean,), "noisy": (x_noisy,)},
+        (test_xy, x_noisy.numpy()),
+        labels,
+        gammas,
+        (gx, gy),
+    )
 
 
 def _fused(
     nets: tuple[UnimodalNet, UnimodalNet],
-    xs: tuple[torch.Tensor, torch.Tensor],
+    xs: tuple[torch.Tensor, ...],
     log_prior: torch.Tensor,
     gamma: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,29 +161,20 @@ def multimodal_heatmaps(
     gx, gy = _grid(resolution)
     grid_x = torch.from_numpy(gx.reshape(-1, 1).astype(np.float32))
     grid_y = torch.from_numpy(gy.reshape(-1, 1).astype(np.float32))
-    gram = gram_of(nets[1].head.weight.detach().double())
     tx, ty = torch.from_numpy(test_x), torch.from_numpy(test_y)
     ty_noisy = noise(ty, generator)
-    y = torch.from_numpy(labels)
-    points_clean = np.concatenate([test_x, test_y], axis=1)
-    points_noisy = np.concatenate([test_x, ty_noisy.numpy()], axis=1)
-    p0, _ = _fused(nets, (grid_x, grid_y), log_prior, 1.0)
-    acc = float((_fused(nets, (tx, ty), log_prior, 1.0)[0].argmax(1) == y).double().mean())
-    panels = {
-        "clean": _panel(gx, gy, jacobian_norm(p0, gram), points_clean, labels, acc, None, None)
-    }
-    for gamma in gammas:
-        pg, wg = _fused(nets, (grid_x, grid_y), log_prior, gamma)
-        clean_acc = float(
-            (_fused(nets, (tx, ty), log_prior, gamma)[0].argmax(1) == y).double().mean()
-        )
-        noisy_acc = float(
-            (_fused(nets, (tx, ty_noisy), log_prior, gamma)[0].argmax(1) == y).double().mean()
-        )
-        panels[f"gamma={gamma:g}"] = _panel(
-            gx, gy, jacobian_norm(pg, gram, wg), points_noisy, labels, clean_acc, noisy_acc, gamma
-        )
-    return panels
+    return _panels(
+        lambda xs, gamma: _fused(nets, xs, log_prior, gamma),
+        gram_of(nets[1].head.weight.detach().double()),
+        {"grid": (grid_x, grid_y), "clean": (tx, ty), "noisy": (tx, ty_noisy)},
+        (
+            np.concatenate([test_x, test_y], axis=1),
+            np.concatenate([test_x, ty_noisy.numpy()], axis=1),
+        ),
+        labels,
+        gammas,
+        (gx, gy),
+    )
 
 
 def _panel(

@@ -17,6 +17,10 @@ from ._env import OFFLINE_ENV, apply_offline_defaults
 
 apply_offline_defaults()
 
+# The processes and TLS files a deployment is made of, from the layers below (package API).
+from jacfusion_fed.processes import ManagedProcess, free_port  # noqa: E402
+from jacfusion_fed.rpc.tls import TlsFiles  # noqa: E402
+
 from .allowlist import (  # noqa: E402
     ArraySpec,
     RecordSpec,
@@ -25,19 +29,14 @@ from .allowlist import (  # noqa: E402
     check_reply_allowed,
 )
 from .config import format_config_arg, load_app_run_config, validate_config  # noqa: E402
-from .deployment import (  # noqa: E402
+from .deployment import LocalDeployment, NodeKeys, SuperNodeHandle  # noqa: E402
+from .flwr_cli import (  # noqa: E402
     CONNECTION_NAME,
     DeploymentError,
     FlwrCli,
     FlwrCliError,
-    LocalDeployment,
-    ManagedProcess,
-    NodeKeys,
     RunFailedError,
     RunInfo,
-    SuperNodeHandle,
-    TlsFiles,
-    free_port,
 )
 from .messaging import (  # noqa: E402
     NO_REPLY_CODE,

@@ -57,31 +57,14 @@ from jacfusion_fed.rpc.tls import TlsFiles
 from ._env import LOOPBACK, apply_offline_defaults, child_env
 from .config import format_config_arg, validate_config
 from .flwr_cli import (
-    CONNECTION_NAME,
     DeploymentError,
     FlwrCli,
-    FlwrCliError,
     RunFailedError,
     RunInfo,
     flower_executable,
 )
 
-__all__ = [
-    "CONNECTION_NAME",
-    "DeploymentError",
-    "FlwrCli",
-    "FlwrCliError",
-    "LocalDeployment",
-    "ManagedProcess",
-    "NodeKeys",
-    "RunFailedError",
-    "RunInfo",
-    "SuperNodeHandle",
-    "TlsFiles",
-    "flower_executable",
-    "free_port",
-    "stop_all",
-]
+__all__ = ["LocalDeployment", "NodeKeys", "SuperNodeHandle"]
 
 
 @dataclass(frozen=True)

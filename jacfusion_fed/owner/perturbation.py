@@ -134,10 +134,10 @@ class PerturbationSpec:
         text = text.strip()
         if text.startswith("{"):
             try:
-                data = json.loads(text)
+                parsed = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"perturbation spec is not valid JSON: {exc}") from None
-            return cls.from_dict(data)
+            return cls.from_dict(parsed)
         kind, *pairs = text.split()
         data: dict[str, Any] = {"kind": kind.lower()}
         for pair in pairs:

@@ -1,194 +1,55 @@
-"""Authorisation from the peer certificate.
+"""Authorisation: what an authenticated peer may call, and which peer we are talking to.
 
-The TLS handshake (see :mod:`jacfusion_fed.rpc.tls`) proves that a peer holds a certificate
-issued by the deployment CA; this module turns that certificate into a :class:`Principal`
-(role ``owner``/``coordinator``/``requester``, name, modality) and enforces per-RPC rules:
+Who a peer is comes from its certificate (:mod:`jacfusion_fed.rpc.identity`, a
+:class:`~jacfusion_fed.rpc.identity.Principal`); this module enforces per-RPC rules on it:
 
 * servers: :class:`AuthInterceptor` with an :class:`RpcPolicy` (fail-closed: a method not in
-  the policy is denied to everyone), or :func:`require_roles` on individual servicer methods;
-  servicers read the caller with :func:`caller`;
+  the policy is denied to everyone; the deployment's policies are in
+  :mod:`jacfusion_fed.rpc.policies`), or :func:`require_roles` on individual servicer methods;
+  servicers read the caller with :func:`jacfusion_fed.rpc.identity.caller`;
+* start-up: :func:`check_own_certificate` refuses to serve under another role's certificate;
 * clients (the coordinator): :func:`connect_owner` checks that an owner's *server*
   certificate names the expected modality before use, and pins that on every later
   handshake through the TLS target name (:func:`jacfusion_fed.privacy.certs.owner_server_name`).
 
-Status codes: ``UNAUTHENTICATED`` when no usable identity is presented (plaintext transport,
-no client certificate, a certificate without a valid ``jacfusion://`` role URI, or one that
-fails verification); ``PERMISSION_DENIED`` when the identity is known but not allowed. Both
-messages name the method, the identity and what was wrong.
+Status codes: ``UNAUTHENTICATED`` when no usable identity is presented;
+``PERMISSION_DENIED`` when the identity is known but not allowed. Both messages name the
+method, the identity and what was wrong.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import socket
 import ssl
-import threading
-import weakref
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
 from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import Store
 
-from jacfusion_fed.privacy.certs import (
-    ROLES,
-    Role,
-    certificate_identity,
-    load_certificate,
-    owner_server_name,
+from jacfusion_fed.privacy.cert_names import ROLES, Role, load_certificate, owner_server_name
+from jacfusion_fed.rpc.identity import (
+    AuthError,
+    Principal,
+    is_tls,
+    principal_from_certificate,
+    principal_from_context,
+    remember_caller,
 )
 from jacfusion_fed.rpc.tls import TlsFiles, TransportOptions, create_channel
 
 __all__ = [
-    "FUSION_SERVICE",
-    "FUSION_SERVICE_POLICY",
-    "HEALTH_METHODS",
-    "MODALITY_SERVICE",
-    "MODALITY_SERVICE_POLICY",
-    "REFLECTION_METHODS",
-    "AuthError",
     "AuthInterceptor",
-    "Principal",
-    "Role",
     "RpcPolicy",
-    "caller",
     "check_own_certificate",
     "connect_owner",
     "fetch_server_principal",
-    "principal_from_certificate",
-    "principal_from_context",
     "require_roles",
 ]
-
-MODALITY_SERVICE = "jacfusion.v1.ModalityService"
-FUSION_SERVICE = "jacfusion.v1.FusionService"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated party: its role, name (certificate CN) and, for owners, modality."""
-
-    role: Role
-    name: str
-    modality: str | None = None
-
-    def describe(self) -> str:
-        """``owner 'cardiology' (modality 'ecg')`` etc., for messages."""
-        text = f"{self.role} {self.name!r}"
-        return f"{text} (modality {self.modality!r})" if self.modality else text
-
-
-class AuthError(Exception):
-    """Authentication or authorisation failed; ``code`` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-def principal_from_certificate(cert: x509.Certificate | bytes | str | Path) -> Principal:
-    """The :class:`Principal` a certificate names; ``AuthError(UNAUTHENTICATED)`` if none."""
-    if not isinstance(cert, x509.Certificate):
-        try:
-            cert = load_certificate(cert)
-        except ValueError as exc:
-            raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED, f"unreadable certificate: {exc}"
-            ) from exc
-    try:
-        role, name, modality = certificate_identity(cert)
-    except ValueError as exc:
-        raise AuthError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
-    return Principal(role, name, modality)
-
-
-@functools.lru_cache(maxsize=512)
-def _principal_from_pem(pem: bytes) -> Principal:
-    return principal_from_certificate(pem)
-
-
-def _verify_client(pem: bytes, store: Store) -> None:
-    cert = x509.load_pem_x509_certificate(pem)
-    verifier = (
-        PolicyBuilder().store(store).time(dt.datetime.now(dt.timezone.utc)).build_client_verifier()
-    )
-    try:
-        verifier.verify(cert, [])
-    except VerificationError as exc:
-        raise AuthError(
-            grpc.StatusCode.UNAUTHENTICATED, f"client certificate failed verification: {exc}"
-        ) from exc
-
-
-def _auth_value(auth: Mapping[str, Iterable[bytes]], key: str) -> bytes | None:
-    values = list(auth.get(key, ()))
-    return values[0] if values else None
-
-
-_call_principals: weakref.WeakKeyDictionary[Any, Principal] = weakref.WeakKeyDictionary()
-_call_principals_lock = threading.Lock()
-
-
-def _remember(context: grpc.ServicerContext, principal: Principal) -> None:
-    with _call_principals_lock:
-        _call_principals[context] = principal
-
-
-def caller(context: grpc.ServicerContext) -> Principal:
-    """The principal of the current call, for use inside servicer methods.
-
-    Returns what :class:`AuthInterceptor` established for this call (including its
-    ``insecure_principal``), else derives it from the client certificate; aborts the RPC with
-    ``UNAUTHENTICATED`` when there is none.
-    """
-    with _call_principals_lock:
-        known = _call_principals.get(context)
-    if known is not None:
-        return known
-    try:
-        return principal_from_context(context)
-    except AuthError as exc:
-        context.abort(exc.code, exc.details)
-        raise  # unreachable: abort raises
-
-
-def principal_from_context(
-    context: grpc.ServicerContext, *, ca_store: Store | None = None
-) -> Principal:
-    """The caller's :class:`Principal`, from its TLS-verified client certificate.
-
-    Args:
-        context: the servicer context.
-        ca_store: when given, the certificate is verified again against this store
-            (defence in depth, e.g. for servers whose credentials do not verify clients).
-
-    Raises:
-        AuthError: ``UNAUTHENTICATED`` when the transport is not TLS, no client certificate
-            was presented, or the certificate names no valid role.
-    """
-    auth = context.auth_context()
-    transport = _auth_value(auth, "transport_security_type")
-    if transport != b"ssl":
-        kind = transport.decode(errors="replace") if transport else "plaintext"
-        raise AuthError(
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"no client certificate: the connection is not TLS-protected (transport {kind!r})",
-        )
-    pem = _auth_value(auth, "x509_pem_cert")
-    if not pem:
-        raise AuthError(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "no client certificate presented (mutual TLS with a certificate from the "
-            "deployment CA is required)",
-        )
-    if ca_store is not None:
-        _verify_client(pem, ca_store)
-    return _principal_from_pem(bytes(pem))
 
 
 @dataclass(frozen=True)
@@ -237,36 +98,6 @@ class RpcPolicy:
                 f"{principal.describe()} may not call {method}; allowed roles: "
                 f"{', '.join(sorted(allowed)) or 'none'}",
             )
-
-
-#: Health checks and server reflection (grpcio-reflection serves v1alpha): open to every
-#: authenticated principal of the deployment, on every server.
-HEALTH_METHODS = "/grpc.health.v1.Health/*"
-REFLECTION_METHODS = "/grpc.reflection.v1alpha.ServerReflection/*"
-
-#: Owner servers: only the coordinator may call ModalityService, except the live-record
-#: methods, which only requesters may call.
-MODALITY_SERVICE_POLICY = RpcPolicy.of(
-    {
-        f"/{MODALITY_SERVICE}/*": {"coordinator"},
-        f"/{MODALITY_SERVICE}/PutRecords": {"requester"},
-        f"/{MODALITY_SERVICE}/DeleteRecords": {"requester"},
-        HEALTH_METHODS: set(ROLES),
-        REFLECTION_METHODS: set(ROLES),
-    }
-)
-
-#: The coordinator's FusionService: only requesters predict; GetModelInfo for requesters and
-#: the coordinator's own operators.
-FUSION_SERVICE_POLICY = RpcPolicy.of(
-    {
-        f"/{FUSION_SERVICE}/Predict": {"requester"},
-        f"/{FUSION_SERVICE}/PredictStream": {"requester"},
-        f"/{FUSION_SERVICE}/GetModelInfo": {"requester", "coordinator"},
-        HEALTH_METHODS: set(ROLES),
-        REFLECTION_METHODS: set(ROLES),
-    }
-)
 
 
 def _wrap_handler(
@@ -357,8 +188,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def authorize(self, method: str, context: grpc.ServicerContext) -> Principal:
         """The caller's principal if it may call ``method``; raises :class:`AuthError`."""
-        transport = _auth_value(context.auth_context(), "transport_security_type")
-        if transport != b"ssl" and self.insecure_principal is not None:
+        if not is_tls(context) and self.insecure_principal is not None:
             principal = self.insecure_principal
         else:
             try:
@@ -384,7 +214,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 principal = self.authorize(method, context)
             except AuthError as exc:
                 context.abort(exc.code, exc.details)
-            _remember(context, principal)
+            remember_caller(context, principal)
 
         return _wrap_handler(handler, check)
 

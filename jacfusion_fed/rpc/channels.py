@@ -156,7 +156,7 @@ def connect_coordinator(
     small modules, so a requester command starts fast.
     """
     from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
-    from jacfusion_fed.rpc.auth import FUSION_SERVICE
+    from jacfusion_fed.rpc.policies import FUSION_SERVICE
     from jacfusion_fed.rpc.tls import Insecure, create_channel
 
     options = with_replica_config(options, FUSION_SERVICE, FUSION_IDEMPOTENT_METHODS)

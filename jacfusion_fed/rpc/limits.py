@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from jacfusion_fed.rpc.auth import AuthError, principal_from_context
+from jacfusion_fed.rpc.identity import AuthError, principal_from_context
 from jacfusion_fed.rpc.tls import TransportOptions
 
 if TYPE_CHECKING:

@@ -38,10 +38,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jacfusion_fed.atomicio import atomic_write_bytes
+from jacfusion_fed.privacy.cert_names import Role
 
-from .auth import AuthInterceptor, Principal, Role, RpcPolicy, check_own_certificate
+from .auth import AuthInterceptor, RpcPolicy, check_own_certificate
 from .bind import check_bind_host
 from .guard import ServerGuard
+from .identity import Principal
 from .tls import (
     DEFAULT_HOST,
     Insecure,

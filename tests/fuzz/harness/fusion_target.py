@@ -15,9 +15,9 @@ from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
 )
+from jacfusion_fed.rpc.policies import FUSION_SERVICE_POLICY
 from jacfusion_fed.server.fusion_service import FusionServicer
 from jacfusion_fed.server.predict_types import CoordinatorConfig
-from jacfusion_fed.server.serve import fusion_policy
 
 from .draw import MODALITIES, Chooser, Finding, K, a_float, choice
 from .inprocess import InProcessServer, Outcome, check_clear
@@ -46,7 +46,7 @@ class FusionTarget:
         self.server = InProcessServer(
             fusion_pb2_grpc.add_FusionServiceServicer_to_server,
             FusionServicer(self.coordinator),
-            fusion_policy(),
+            FUSION_SERVICE_POLICY,
         )
         self.calls = 0
 

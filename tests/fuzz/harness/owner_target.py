@@ -8,12 +8,12 @@ import grpc
 import numpy as np
 
 from jacfusion_fed.clients.modality_service import ModalityServicer
-from jacfusion_fed.clients.serve import owner_policy
 from jacfusion_fed.rpc.jacfusion.v1 import (
     modality_pb2,
     modality_pb2_grpc,
 )
 from jacfusion_fed.rpc.matrix import decode_matrix
+from jacfusion_fed.rpc.policies import MODALITY_SERVICE_POLICY
 
 from .draw import Chooser, Finding, K, choice
 from .fusion_target import draw_id, mangle
@@ -32,7 +32,9 @@ class OwnerTarget:
             stream_chunk=5,
         )  # fmt: skip
         self.server = InProcessServer(
-            modality_pb2_grpc.add_ModalityServiceServicer_to_server, self.servicer, owner_policy()
+            modality_pb2_grpc.add_ModalityServiceServicer_to_server,
+            self.servicer,
+            MODALITY_SERVICE_POLICY,
         )
         self.pems = pems
         self.version = workspace.current_version()
