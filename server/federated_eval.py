@@ -230,13 +230,14 @@ def gather_logits(
         for modality, nodes in groups.items():
             for n in nodes:
                 reply = replies[n]
-                served = str(reply["info"]["version"])
+                # The reply spec has fixed each record's kind: typed views, no casts.
+                served = str(reply.config_records["info"]["version"])
                 if served != records[modality].model_version:
                     raise CoordinatorError(
                         f"{ex.who(n)} answered with model version {served}, registered "
                         f"{records[modality].model_version}"
                     )
-                arrays = reply["logits"]
+                arrays = reply.array_records["logits"]
                 known = arrays["known"].numpy()
                 sl = slice(start, start + len(chunk))
                 covered[modality][sl] += known
