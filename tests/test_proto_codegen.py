@@ -161,6 +161,7 @@ def test_rpc_shapes() -> None:
         "FUSION_METHOD_JACOBIAN",
         "FUSION_METHOD_MEAN",
         "FUSION_METHOD_CONFIDENCE_MEAN",
+        "FUSION_METHOD_ROBUST",
     ]
     assert modality_pb2.HEAD_KIND_GRAM == 1 and modality_pb2.HEAD_KIND_FULL == 2
 
