@@ -90,13 +90,29 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
         "predict": None,
         "coordinator serve --port": DEFAULT_COORDINATOR_PORT,
     }
-    readme = (ROOT / "README.md").read_text()
-    ports = re.findall(r"--coordinator 127\.0\.0\.1:(\d+)", readme)
-    ports += re.findall(r"coordinator serve[^\n]*(?:\\\n[^\n]*)*?--port (\d+)", readme)
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts |= {f"examples/{p.name}": p.read_text() for p in sorted((ROOT / "examples").glob("*.py"))}
+    ports: list[str] = []
+    for name, text in texts.items():
+        commands, mentions = _shell_commands(text)
+        for command in commands:
+            if re.match(r"jacfusion-fed (predict|coordinator info)\b", command):
+                assert "--coordinator " in command, (name, command)  # required, no hidden default
+            if command.startswith("jacfusion-fed coordinator serve"):
+                ports += re.findall(r"--port (\d+)", command)
+        for command in commands + mentions:
+            for value in re.findall(r"--coordinator \"?([^\s\"]+)", command):
+                ports += re.findall(r":(\d+)", value)  # HOST:PORT[,HOST:PORT] (any host)
     assert ports and set(ports) == {str(DEFAULT_COORDINATOR_PORT)}, ports
-    for example in (ROOT / "examples").glob("*.py"):
-        for port in re.findall(r"127\.0\.0\.1:(\d+)", example.read_text()):
-            assert port == str(DEFAULT_COORDINATOR_PORT), example
+
+
+def _shell_commands(text: str) -> tuple[list[str], list[str]]:
+    """The ``jacfusion-fed ...`` command lines of a text (continuation lines joined), and the
+    inline mentions such as `` `predict --coordinator a:p,b:p` ``."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = re.findall(r"jacfusion-fed [^\n`]*", joined)
+    mentions = re.findall(r"`((?:predict|coordinator \w+) [^`]*)`", joined)
+    return commands, mentions
 
 
 def _predictions() -> fusion_pb2.Predictions:
