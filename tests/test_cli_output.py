@@ -226,7 +226,7 @@ def test_predict_imports_no_torch_flower_or_coordinator() -> None:
     code = (
         "import sys; from jacfusion_fed.cli import main; "
         "import jacfusion_fed.cli.predict, jacfusion_fed.cli.predict_wire, "
-        "jacfusion_fed.cli.transport, jacfusion_fed.cli.tlshints, jacfusion_fed.rpc.tls; "
+        "jacfusion_fed.cli.transport, jacfusion_fed.rpc.diagnose, jacfusion_fed.rpc.tls; "
         "from jacfusion_fed.privacy.pseudonyms import Pseudonymizer; "
         "heavy = ('torch', 'flwr', 'scipy', 'ray', 'numpy', 'jacfusion_fed.server', "
         "'jacfusion_fed.fusion', 'jacfusion_fed.store'); "

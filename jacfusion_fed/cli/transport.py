@@ -76,8 +76,11 @@ def coordinator_targets(text: str) -> list[str]:
         host, sep, port = item.rpartition(":")
         bare_v6 = item.count(":") > 1 and not item.startswith("[")
         if not sep or bare_v6 or (host.startswith("[") and not host.endswith("]")):
-            out.append(f"[{item}]:{DEFAULT_COORDINATOR_PORT}" if bare_v6 else
-                       f"{item}:{DEFAULT_COORDINATOR_PORT}")
+            out.append(
+                f"[{item}]:{DEFAULT_COORDINATOR_PORT}"
+                if bare_v6
+                else f"{item}:{DEFAULT_COORDINATOR_PORT}"
+            )
         elif not port.isdigit():
             raise CliError(f"--coordinator must be HOST[:PORT], got {item!r}")
         else:
@@ -113,14 +116,20 @@ def bind_host(host: str, what: str) -> str:
 
 
 def rpc_failure(exc: Any, target: str, sec: Any) -> CliError:
-    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally."""
-    from jacfusion_fed.cli.tlshints import likely_cause
+    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally
+    (:func:`jacfusion_fed.rpc.diagnose.likely_cause`, for each address of ``--coordinator``
+    until one names a cause)."""
+    from jacfusion_fed.rpc.diagnose import likely_cause
 
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
     message = f"{code}: {details}"
     if code == "UNAVAILABLE":
-        cause = likely_cause(target, sec)
-        if cause:
-            message = f"{code}: cannot call the coordinator at {target}: {cause}"
+        for address in coordinator_targets(target):
+            cause = likely_cause(address, sec, expected_role="coordinator", own_role="requester")
+            if cause:
+                return CliError(
+                    f"{code}: cannot call the coordinator at {address}: {cause}",
+                    exit_code=EXIT_FAILED,
+                )
     return CliError(message, exit_code=EXIT_FAILED)
