@@ -187,6 +187,19 @@ def test_serve_until_signal_stops_at_once_and_says_so(tmp_path: Path, sig: int) 
         )
 
 
+def test_bench_echo_server_uses_the_one_signal_loop(certs: DeploymentCerts, tmp_path: Path) -> None:
+    """The benchmark's echo server stops like the services: exit 0 within a second of
+    SIGTERM, one ``echo server stopped (SIGTERM, ...)`` line."""
+    port_file = tmp_path / "echo.port"
+    args = ["-m", "jacfusion_fed.bench.serve", "echo", str(certs.coordinator_dir), str(port_file)]
+    with ProcessSet(tmp_path, prefix=(sys.executable,)) as procs:
+        procs.start_serving("echo", args, port_file)
+        procs.wait_port("echo", port_file, timeout=60)
+        assert _sigterm_seconds(procs, "echo") < 2.0
+        lines = [ln for ln in procs.log("echo").splitlines() if "stopped" in ln]
+        assert len(lines) == 1 and lines[0].startswith("echo server stopped (SIGTERM, "), lines
+
+
 def _sigterm_seconds(procs: ProcessSet, name: str) -> float:
     proc = procs.procs[name]
     t0 = time.monotonic()
