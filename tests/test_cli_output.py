@@ -78,9 +78,10 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
     defaults = {}
     for path, cmd in _commands():
         for p in cmd.params:
-            # certs --coordinator is the coordinator's certificate name, not an address
-            # (cli/certs.py, another helper's file: to be renamed --coordinator-name).
-            if "--coordinator" in getattr(p, "opts", []) and path != ["certs"]:
+            if "--coordinator" in getattr(p, "opts", []):
+                if path == ["certs"]:  # the renamed --coordinator-name, kept for one release
+                    assert getattr(p, "hidden", False), "certs --coordinator must stay hidden"
+                    continue
                 defaults[" ".join(path)] = p.default
             if path == ["coordinator", "serve"] and "--port" in getattr(p, "opts", []):
                 defaults["coordinator serve --port"] = p.default
@@ -181,6 +182,83 @@ def test_renamed_options_still_work_with_one_notice(
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "No such option" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "args"),
+    [
+        (
+            ["--coordinator", "coord@10.77.0.1"],
+            ["--coordinator-name", "coord@10.77.0.1"],
+            ["certs", "--owner", "o=image@10.77.0.2"],
+        ),
+        (["--run-dir", "x"], ["--out", "x"], ["deploy", "local", "--host", "bad host"]),
+    ],
+)
+def test_certs_and_deploy_speak_the_dialect(
+    tmp_path: Path, old: list[str], new: list[str], args: list[str]
+) -> None:
+    """``certs --coordinator-name`` (a certificate name, not an address) and ``deploy local
+    --out``; the old names still work for one release with one notice."""
+    outputs = {}
+    for tag, names in (("old", old), ("new", new)):
+        extra = ["--out", str(tmp_path / tag)] if args[0] == "certs" else []
+        result = runner.invoke(app, [*args, *extra, *names])
+        notices = [ln for ln in result.output.splitlines() if "deprecated" in ln]
+        if tag == "old":
+            assert len(notices) == 1 and f"use {new[0]}" in notices[0], result.output
+        else:
+            assert not notices, result.output
+        outputs[tag] = result.exit_code
+        if args[0] == "certs":
+            assert result.exit_code == 0, result.output
+            manifest = json.loads((tmp_path / tag / "manifest.json").read_text())
+            hosts = {p["name"]: p["hosts"] for p in manifest["principals"]}
+            assert hosts["coord"] == ["10.77.0.1"]
+        else:  # parsed, then refused on the unrelated --host check
+            assert result.exit_code == 2 and "cannot bind" in result.output, result.output
+    command = args[:1] if args[0] == "certs" else args[:2]
+    help_text = runner.invoke(app, [*command, "--help"]).output
+    assert new[0] in help_text and f"{old[0]} " not in help_text.replace(new[0], "")
+
+
+def test_serve_commands_take_metrics_port_and_stream_limit() -> None:
+    from jacfusion_fed.cli.transport import peer_limits
+
+    for path, cmd in _commands():
+        if path in (["owner", "serve"], ["coordinator", "serve"]):
+            names = {o for p in cmd.params for o in getattr(p, "opts", [])}
+            assert {"--metrics-port", "--max-streams-per-peer"} <= names, path
+    assert peer_limits(8, None, None) is None  # the server's defaults
+    limits = peer_limits(8, None, 3)
+    assert limits is not None and limits.max_streams_per_peer == 3
+    assert limits.max_calls_per_peer == 8  # the rest as for_workers derives it
+
+
+def test_coordinator_serve_exposes_metrics_on_loopback(tmp_path: Path) -> None:
+    import signal
+    import urllib.request
+
+    from jacfusion_fed.processes import ProcessSet, free_port
+
+    metrics_port = free_port()
+    port_file = tmp_path / "coordinator.port"
+    args = ["coordinator", "serve", "--insecure", "--registry", str(tmp_path / "registry")]
+    args += ["--owner", f"audio=127.0.0.1:{free_port()}", "--port", "0"]
+    args += ["--port-file", str(port_file), "--metrics-port", str(metrics_port)]
+    args += ["--max-streams-per-peer", "2"]
+    cli = (sys.executable, "-c", "from jacfusion_fed.cli import main; main()")
+    with ProcessSet(tmp_path / "logs", prefix=cli) as procs:
+        procs.start_serving("coordinator", args, port_file)
+        procs.wait_port("coordinator", port_file, timeout=120)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert "jacfusion_rpc_requests" in text
+        assert url in procs.log("coordinator")  # the start line names it
+        proc = procs.procs["coordinator"]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_deprecated_predict_options_print_one_notice_each() -> None:

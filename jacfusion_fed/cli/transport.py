@@ -13,6 +13,8 @@ __all__ = [
     "check_port_free",
     "coordinator_stub",
     "coordinator_targets",
+    "metrics_line",
+    "peer_limits",
     "rpc_failure",
     "security",
     "serve_until_signal",
@@ -42,7 +44,7 @@ def security(tls: Path | None, insecure: bool) -> Any:
     return files
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
     """Fail now (before training, loading or connecting) if ``host:port`` is taken."""
     from jacfusion_fed.rpc.tls import PortInUseError
     from jacfusion_fed.rpc.tls import check_port_free as library_check
@@ -50,9 +52,29 @@ def check_port_free(host: str, port: int) -> None:
     try:
         library_check(host, port)
     except PortInUseError as exc:
-        raise CliError(f"{exc.strerror} (or pass another --port)") from None
+        raise CliError(f"{exc.strerror} (or pass another {option})") from None
     except OSError as exc:
         raise CliError(f"--host {host!r}: cannot use it ({exc.strerror or exc})") from None
+
+
+def peer_limits(max_workers: int, metrics_port: int | None, max_streams: int | None) -> Any:
+    """``--max-streams-per-peer`` as :class:`~jacfusion_fed.rpc.limits.PeerLimits` (``None``:
+    the server's defaults); a ``--metrics-port`` that is taken fails now, before any work."""
+    from jacfusion_fed.processes import LOOPBACK
+
+    if metrics_port:  # 0 picks a free port, None serves no metrics
+        check_port_free(LOOPBACK, metrics_port, "--metrics-port")
+    if max_streams is None:
+        return None
+    from jacfusion_fed.rpc.limits import PeerLimits
+
+    return PeerLimits.for_workers(max_workers, max_streams_per_peer=max_streams)
+
+
+def metrics_line(running: Any) -> str:
+    """``; metrics on http://127.0.0.1:N/metrics`` when the server serves metrics, else ``""``."""
+    endpoint = getattr(running.guard, "endpoint", None)
+    return f"; metrics on {endpoint.url}" if endpoint is not None else ""
 
 
 def serve_until_signal(running: Any, what: str, port_file: Path | None) -> None:
