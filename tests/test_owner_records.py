@@ -18,7 +18,7 @@ from torch import nn
 
 from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
-from jacfusion_fed.fusion import jacobian_fusion, statistical_fusion
+from jacfusion_fed.fusion import jacobian_fusion, log_prior_from_counts, statistical_fusion
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.owner.input_spec import InputSpec
 from jacfusion_fed.owner.model_import import import_model
@@ -89,7 +89,7 @@ class Deployment:
             for m in ("image", "audio")
         ]
         counts = np.sum([COUNTS["image"], COUNTS["audio"]], axis=0)
-        prior = np.log(counts / counts.sum())
+        prior = log_prior_from_counts(counts)
         if method == "statistical":
             return statistical_fusion(logits, prior).numpy()
         grams = [
@@ -252,8 +252,8 @@ def test_raw_ids_refused_and_not_echoed(dep: Deployment) -> None:
     code, msg = _code(lambda: owner.PutRecords(request, timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "position 1" in msg
     assert "Jane" not in msg and "1970" not in msg
+    from jacfusion_fed.rpc.channels import connect_coordinator
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
-    from jacfusion_fed.server.serve import connect_coordinator
 
     fusion = fusion_pb2_grpc.FusionServiceStub(connect_coordinator(dep.coordinator.target, tls))
     code, msg = _code(
