@@ -157,6 +157,13 @@ def test_port_in_use_is_found_before_training(world: World, tmp_path: Path) -> N
         one_error(run, 2, f"port {port}", "in use", "--port")
         assert not workspace.exists(), "the owner trained (or opened its workspace) first"
         run = cli(
+            "owner", "serve", "--workspace", str(workspace), "--modality", "audio",
+            "--data", "builtin:twomoon", "--pseudonym-key", str(world.key), "--insecure",
+            "--port", "0", "--metrics-port", str(port), "--train-if-missing",
+        )  # fmt: skip
+        one_error(run, 2, f"port {port}", "in use", "--metrics-port")
+        assert not workspace.exists(), "the owner trained before checking --metrics-port"
+        run = cli(
             "coordinator", "serve", "--registry", str(tmp_path / "r"), "--owner", "a=h:1",
             "--insecure", "--port", str(port),
         )  # fmt: skip
