@@ -235,7 +235,7 @@ def test_services_stop_within_a_second_of_sigterm(
             "--owner",
             f"audio=127.0.0.1:{port}",
         ]
-        coordinator += ["--port-file", str(coord_port)]
+        coordinator += ["--port", "0", "--port-file", str(coord_port)]  # not the default port
         procs.start_serving("coordinator", coordinator, coord_port)
         procs.wait_port("coordinator", coord_port)
         # the owner's line names it (its certificate's CN, or "audio-owner" with --insecure)

@@ -85,7 +85,7 @@ def _start_coordinator(procs: ProcessSet, setup: Any, name: str, owners: dict[st
         name,
         [
             "-c", CLI_ENTRY, "coordinator", "serve", "--registry", str(setup.root / "registry"),
-            "--tls", str(setup.certs.coordinator_dir), "--host", "127.0.0.1",
+            "--tls", str(setup.certs.coordinator_dir), "--host", "127.0.0.1", "--port", "0",
             "--port-file", str(port_file), "--log-level", "warning",
             *[a for m, t in owners.items() for a in ("--owner", f"{m}={t}")],
         ],
