@@ -28,9 +28,9 @@ from jacfusion_fed.cli.transport import (
     bind_host,
     check_port_free,
     coordinator_stub,
-    metrics_line,
     peer_limits,
     rpc_failure,
+    say_metrics_url,
     security,
     serve_until_signal,
 )
@@ -104,8 +104,8 @@ def coordinator_serve(
     err().print(
         f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
         + ", ".join(f"{e.modality}={e.target}" for e in endpoints)
-        + metrics_line(running)
     )
+    say_metrics_url(running)
     serve_until_signal(running, "coordinator", port_file)
 
 

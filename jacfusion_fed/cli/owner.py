@@ -20,8 +20,8 @@ from jacfusion_fed.cli.render import err
 from jacfusion_fed.cli.transport import (
     bind_host,
     check_port_free,
-    metrics_line,
     peer_limits,
+    say_metrics_url,
     security,
     serve_until_signal,
 )
@@ -80,7 +80,8 @@ def owner_serve(
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     owner = running.servicer.owner_name
-    err().print(f"owner {owner!r} serving {modality!r} on {running.target}{metrics_line(running)}")
+    err().print(f"owner {owner!r} serving {modality!r} on {running.target}")
+    say_metrics_url(running)
     serve_until_signal(running, f"owner {owner!r}", port_file)
 
 

@@ -13,9 +13,9 @@ __all__ = [
     "check_port_free",
     "coordinator_stub",
     "coordinator_targets",
-    "metrics_line",
     "peer_limits",
     "rpc_failure",
+    "say_metrics_url",
     "security",
     "serve_until_signal",
 ]
@@ -71,10 +71,13 @@ def peer_limits(max_workers: int, metrics_port: int | None, max_streams: int | N
     return PeerLimits.for_workers(max_workers, max_streams_per_peer=max_streams)
 
 
-def metrics_line(running: Any) -> str:
-    """``; metrics on http://127.0.0.1:N/metrics`` when the server serves metrics, else ``""``."""
+def say_metrics_url(running: Any) -> None:
+    """``metrics on http://127.0.0.1:N/metrics`` on stderr when the server serves metrics."""
+    from jacfusion_fed.cli.render import err
+
     endpoint = getattr(running.guard, "endpoint", None)
-    return f"; metrics on {endpoint.url}" if endpoint is not None else ""
+    if endpoint is not None:
+        err().print(f"metrics on {endpoint.url}", highlight=False)
 
 
 def serve_until_signal(running: Any, what: str, port_file: Path | None) -> None:
