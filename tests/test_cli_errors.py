@@ -27,6 +27,9 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import TlsFiles, server_credentials
 
 CLI = "from jacfusion_fed.cli import main; main()"
+# `predict` and `coordinator info` require --coordinator (no hidden default address); the checks
+# below all fail before any connection is made, so the address is never dialled.
+COORD = ("--coordinator", "127.0.0.1")
 
 
 @dataclass
@@ -115,12 +118,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def test_missing_file(world: World) -> None:
     missing = world.root / "nope.key"
-    run = cli("predict", "p-1", "--pseudonym-key", str(missing), "--insecure")
+    run = cli("predict", "p-1", "--pseudonym-key", str(missing), "--insecure", *COORD)
     one_error(run, 2, "file not found", str(missing))
 
 
 def test_unreadable_file(world: World) -> None:
-    run = cli("predict", "--ids-file", str(world.root), "--pseudonyms", "--insecure")
+    run = cli("predict", "--ids-file", str(world.root), "--pseudonyms", "--insecure", *COORD)
     one_error(run, 2, str(world.root), "is a directory")
 
 
@@ -128,12 +131,12 @@ def test_loose_key_permissions(world: World, tmp_path: Path) -> None:
     key = tmp_path / "shared.key"
     write_key(key, generate_key())
     key.chmod(0o644)
-    run = cli("predict", "p-1", "--pseudonym-key", str(key), "--insecure")
+    run = cli("predict", "p-1", "--pseudonym-key", str(key), "--insecure", *COORD)
     one_error(run, 2, "0644", f"chmod 600 {key}")
 
 
 def test_missing_tls_directory(world: World) -> None:
-    run = cli("coordinator", "info", "--tls", str(world.root / "no-certs"))
+    run = cli("coordinator", "info", "--tls", str(world.root / "no-certs"), *COORD)
     one_error(run, 2, "--tls", "no such directory")
 
 
@@ -153,6 +156,13 @@ def test_port_in_use_is_found_before_training(world: World, tmp_path: Path) -> N
         )  # fmt: skip
         one_error(run, 2, f"port {port}", "in use", "--port")
         assert not workspace.exists(), "the owner trained (or opened its workspace) first"
+        run = cli(
+            "owner", "serve", "--workspace", str(workspace), "--modality", "audio",
+            "--data", "builtin:twomoon", "--pseudonym-key", str(world.key), "--insecure",
+            "--port", "0", "--metrics-port", str(port), "--train-if-missing",
+        )  # fmt: skip
+        one_error(run, 2, f"port {port}", "in use", "--metrics-port")
+        assert not workspace.exists(), "the owner trained before checking --metrics-port"
         run = cli(
             "coordinator", "serve", "--registry", str(tmp_path / "r"), "--owner", "a=h:1",
             "--insecure", "--port", str(port),
@@ -214,7 +224,7 @@ def test_no_client_certificate(world: World, tmp_path: Path) -> None:
     only_ca = tmp_path / "only-ca"
     only_ca.mkdir()
     (only_ca / "ca.pem").write_bytes((world.certs.coordinator_dir / "ca.pem").read_bytes())
-    run = cli("predict", "p-1", "--pseudonyms", "--tls", str(only_ca))
+    run = cli("predict", "p-1", "--pseudonyms", "--tls", str(only_ca), *COORD)
     one_error(run, 2, "TLS file not found", str(only_ca / "cert.pem"))
 
 
@@ -241,14 +251,19 @@ def test_unknown_ids_are_named_as_typed(world: World) -> None:
 # --- bad option values, and the traceback only on request ---
 
 
+PREDICT = ["predict", "p-1", *COORD]
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["predict", "p-1", "--pseudonyms", "--insecure", "--timeout", "soon"], ["--timeout"]),
-        (["predict", "p-1", "--pseudonyms", "--insecure", "--method", "median"], ["--method"]),
-        (["predict", "p-1", "--pseudonyms", "--insecure", "--gamma", "2"], ["--gamma", "(0, 1]"]),
-        (["predict", "p-1", "--pseudonyms", "--log-level", "loud"], ["--log-level", "debug"]),
-        (["predict", "p-1", "--insecure"], ["--pseudonym-key", "--pseudonyms"]),
+        ([*PREDICT, "--pseudonyms", "--insecure", "--timeout", "soon"], ["--timeout"]),
+        ([*PREDICT, "--pseudonyms", "--insecure", "--method", "median"], ["--method"]),
+        ([*PREDICT, "--pseudonyms", "--insecure", "--gamma", "2"], ["--gamma", "(0, 1]"]),
+        ([*PREDICT, "--pseudonyms", "--log-level", "loud"], ["--log-level", "debug"]),
+        ([*PREDICT, "--insecure"], ["--pseudonym-key", "--pseudonyms"]),
+        (["predict", "p-1", "--pseudonyms", "--insecure"], ["--coordinator"]),
+        (["coordinator", "info", "--insecure"], ["--coordinator"]),
         (["simulate", "--dataset", "mnist"], ["--dataset", "avdigits"]),
         (["evaluate", "--gamma-grid", "0.2,7"], ["--gamma-grid", "'7'"]),
         (["predictt"], ["predict"]),
@@ -260,8 +275,10 @@ def test_bad_option_values(args: list[str], words: list[str]) -> None:
 
 def test_traceback_only_with_debug(world: World) -> None:
     missing = str(world.root / "nope.key")
-    quiet = cli("predict", "p-1", "--pseudonym-key", missing, "--insecure")
+    quiet = cli("predict", "p-1", "--pseudonym-key", missing, "--insecure", *COORD)
     one_error(quiet, 2, "file not found")
-    loud = cli("predict", "p-1", "--pseudonym-key", missing, "--insecure", "--log-level", "debug")
+    loud = cli(
+        "predict", "p-1", "--pseudonym-key", missing, "--insecure", *COORD, "--log-level", "debug"
+    )
     assert loud.code == 2
     assert loud.stderr[0].startswith("Traceback") and loud.stderr[-1].startswith("error: ")

@@ -78,9 +78,10 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
     defaults = {}
     for path, cmd in _commands():
         for p in cmd.params:
-            # certs --coordinator is the coordinator's certificate name, not an address
-            # (cli/certs.py, another helper's file: to be renamed --coordinator-name).
-            if "--coordinator" in getattr(p, "opts", []) and path != ["certs"]:
+            if "--coordinator" in getattr(p, "opts", []):
+                if path == ["certs"]:  # the renamed --coordinator-name, kept for one release
+                    assert getattr(p, "hidden", False), "certs --coordinator must stay hidden"
+                    continue
                 defaults[" ".join(path)] = p.default
             if path == ["coordinator", "serve"] and "--port" in getattr(p, "opts", []):
                 defaults["coordinator serve --port"] = p.default
@@ -90,13 +91,29 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
         "predict": None,
         "coordinator serve --port": DEFAULT_COORDINATOR_PORT,
     }
-    readme = (ROOT / "README.md").read_text()
-    ports = re.findall(r"--coordinator 127\.0\.0\.1:(\d+)", readme)
-    ports += re.findall(r"coordinator serve[^\n]*(?:\\\n[^\n]*)*?--port (\d+)", readme)
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts |= {f"examples/{p.name}": p.read_text() for p in sorted((ROOT / "examples").glob("*.py"))}
+    ports: list[str] = []
+    for name, text in texts.items():
+        commands, mentions = _shell_commands(text)
+        for command in commands:
+            if re.match(r"jacfusion-fed (predict|coordinator info)\b", command):
+                assert "--coordinator " in command, (name, command)  # required, no hidden default
+            if command.startswith("jacfusion-fed coordinator serve"):
+                ports += re.findall(r"--port (\d+)", command)
+        for command in commands + mentions:
+            for value in re.findall(r"--coordinator \"?([^\s\"]+)", command):
+                ports += re.findall(r":(\d+)", value)  # HOST:PORT[,HOST:PORT] (any host)
     assert ports and set(ports) == {str(DEFAULT_COORDINATOR_PORT)}, ports
-    for example in (ROOT / "examples").glob("*.py"):
-        for port in re.findall(r"127\.0\.0\.1:(\d+)", example.read_text()):
-            assert port == str(DEFAULT_COORDINATOR_PORT), example
+
+
+def _shell_commands(text: str) -> tuple[list[str], list[str]]:
+    """The ``jacfusion-fed ...`` command lines of a text (continuation lines joined), and the
+    inline mentions such as `` `predict --coordinator a:p,b:p` ``."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = re.findall(r"jacfusion-fed [^\n`]*", joined)
+    mentions = re.findall(r"`((?:predict|coordinator \w+) [^`]*)`", joined)
+    return commands, mentions
 
 
 def _predictions() -> fusion_pb2.Predictions:
@@ -167,6 +184,83 @@ def test_renamed_options_still_work_with_one_notice(
         assert "No such option" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "args"),
+    [
+        (
+            ["--coordinator", "coord@10.77.0.1"],
+            ["--coordinator-name", "coord@10.77.0.1"],
+            ["certs", "--owner", "o=image@10.77.0.2"],
+        ),
+        (["--run-dir", "x"], ["--out", "x"], ["deploy", "local", "--host", "bad host"]),
+    ],
+)
+def test_certs_and_deploy_speak_the_dialect(
+    tmp_path: Path, old: list[str], new: list[str], args: list[str]
+) -> None:
+    """``certs --coordinator-name`` (a certificate name, not an address) and ``deploy local
+    --out``; the old names still work for one release with one notice."""
+    outputs = {}
+    for tag, names in (("old", old), ("new", new)):
+        extra = ["--out", str(tmp_path / tag)] if args[0] == "certs" else []
+        result = runner.invoke(app, [*args, *extra, *names])
+        notices = [ln for ln in result.output.splitlines() if "deprecated" in ln]
+        if tag == "old":
+            assert len(notices) == 1 and f"use {new[0]}" in notices[0], result.output
+        else:
+            assert not notices, result.output
+        outputs[tag] = result.exit_code
+        if args[0] == "certs":
+            assert result.exit_code == 0, result.output
+            manifest = json.loads((tmp_path / tag / "manifest.json").read_text())
+            hosts = {p["name"]: p["hosts"] for p in manifest["principals"]}
+            assert hosts["coord"] == ["10.77.0.1"]
+        else:  # parsed, then refused on the unrelated --host check
+            assert result.exit_code == 2 and "cannot bind" in result.output, result.output
+    command = args[:1] if args[0] == "certs" else args[:2]
+    help_text = runner.invoke(app, [*command, "--help"]).output
+    assert new[0] in help_text and f"{old[0]} " not in help_text.replace(new[0], "")
+
+
+def test_serve_commands_take_metrics_port_and_stream_limit() -> None:
+    from jacfusion_fed.cli.transport import peer_limits
+
+    for path, cmd in _commands():
+        if path in (["owner", "serve"], ["coordinator", "serve"]):
+            names = {o for p in cmd.params for o in getattr(p, "opts", [])}
+            assert {"--metrics-port", "--max-streams-per-peer"} <= names, path
+    assert peer_limits(8, None, None) is None  # the server's defaults
+    limits = peer_limits(8, None, 3)
+    assert limits is not None and limits.max_streams_per_peer == 3
+    assert limits.max_calls_per_peer == 8  # the rest as for_workers derives it
+
+
+def test_coordinator_serve_exposes_metrics_on_loopback(tmp_path: Path) -> None:
+    import signal
+    import urllib.request
+
+    from jacfusion_fed.processes import ProcessSet, free_port
+
+    metrics_port = free_port()
+    port_file = tmp_path / "coordinator.port"
+    args = ["coordinator", "serve", "--insecure", "--registry", str(tmp_path / "registry")]
+    args += ["--owner", f"audio=127.0.0.1:{free_port()}", "--port", "0"]
+    args += ["--port-file", str(port_file), "--metrics-port", str(metrics_port)]
+    args += ["--max-streams-per-peer", "2"]
+    cli = (sys.executable, "-c", "from jacfusion_fed.cli import main; main()")
+    with ProcessSet(tmp_path / "logs", prefix=cli) as procs:
+        procs.start_serving("coordinator", args, port_file)
+        procs.wait_port("coordinator", port_file, timeout=120)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert "jacfusion_rpc_requests" in text
+        assert url in procs.log("coordinator")  # the start line names it
+        proc = procs.procs["coordinator"]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_deprecated_predict_options_print_one_notice_each() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
     proc = subprocess.run(
@@ -210,7 +304,7 @@ def test_predict_imports_no_torch_flower_or_coordinator() -> None:
     code = (
         "import sys; from jacfusion_fed.cli import main; "
         "import jacfusion_fed.cli.predict, jacfusion_fed.rpc.fusion_codec, "
-        "jacfusion_fed.cli.transport, jacfusion_fed.cli.tlshints, jacfusion_fed.rpc.tls, "
+        "jacfusion_fed.cli.transport, jacfusion_fed.rpc.diagnose, jacfusion_fed.rpc.tls, "
         "jacfusion_fed.client.requester, jacfusion_fed.rpc.channels; "
         "from jacfusion_fed.privacy.pseudonyms import Pseudonymizer; "
         "heavy = ('torch', 'flwr', 'scipy', 'ray', 'numpy', 'jacfusion_fed.server', "

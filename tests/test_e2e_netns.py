@@ -194,7 +194,7 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     pki, hosp = root / "pki", root / "hospital"
     # --- the coordinator's operator: certificates for each machine's own address ---------
     # (no network involved: run in this process, which is quicker than a CLI start-up)
-    _cli(["certs", "--out", str(pki), "--coordinator", f"coordinator@{co}",
+    _cli(["certs", "--out", str(pki), "--coordinator-name", f"coordinator@{co}",
           "--owner", f"x-owner=x@{hx}", "--owner", f"y-owner=y@{hy}",
           "--requester", "hospital"])  # fmt: skip
     # --- the hospital: pseudonym key (copied to each owner) and evaluation labels -------------

@@ -51,7 +51,7 @@ def test_each_identity_gets_only_its_own_hosts(tmp_path: Path) -> None:
         app,
         [
             "certs", "--out", str(tmp_path / "pki"),
-            "--coordinator", "coordinator@coord.example.org,10.77.0.1",
+            "--coordinator-name", "coordinator@coord.example.org,10.77.0.1",
             "--owner", "vision-co=image@img.example.org,10.0.0.2",
             "--owner", "audio-co=audio@10.0.0.3", "--requester", "hospital",
         ],
@@ -82,7 +82,7 @@ def test_loopback_is_kept_only_when_asked(tmp_path: Path) -> None:
     single = runner.invoke(app, ["certs", "--out", str(tmp_path / "a"), "--owner", "o=image"])
     assert single.exit_code == 0, single.output
     assert _sans(tmp_path / "a" / "coordinator" / "cert.pem")[1] == {"127.0.0.1"}
-    multi = ["--coordinator", "coordinator@10.77.0.1", "--owner", "o=image@10.77.0.2"]
+    multi = ["--coordinator-name", "coordinator@10.77.0.1", "--owner", "o=image@10.77.0.2"]
     result = runner.invoke(app, ["certs", "--out", str(tmp_path / "b"), *multi])
     assert result.exit_code == 0, result.output
     dns, ips = _sans(tmp_path / "b" / "coordinator" / "cert.pem")
@@ -108,7 +108,7 @@ def test_host_option_adds_to_loopback_instead_of_replacing(tmp_path: Path) -> No
     [
         (["--owner", "o=image@"], "NAME@HOST"),
         (["--owner", "o=image@bad_host!"], "invalid host"),
-        (["--owner", "o=image", "--coordinator", "c@999.1.1.1"], "malformed IP"),
+        (["--owner", "o=image", "--coordinator-name", "c@999.1.1.1"], "malformed IP"),
     ],
 )
 def test_bad_hosts_are_refused_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:

@@ -54,6 +54,7 @@ def test_readme_certs_command_issues_per_host_certificates(tmp_path: Path) -> No
     args = _expand(match.group(1).replace("\\\n", " ").replace('"', "")).split()
     result = CliRunner().invoke(app, ["certs", "--out", str(tmp_path / "pki"), *args])
     assert result.exit_code == 0, result.output
+    assert "deprecated" not in result.output  # the README uses the current option names
     manifest = json.loads((tmp_path / "pki" / "manifest.json").read_text())
     hosts = {p["name"]: p["hosts"] for p in manifest["principals"]}
     assert hosts == {

@@ -77,10 +77,26 @@ def test_every_owner_of_another_modality_is_permission_denied(setup: Setup) -> N
 
 
 def test_no_client_certificate(setup: Setup, tmp_path: Path) -> None:
-    tls = setup.fed.requester
-    missing = TlsFiles(tls.ca_cert, tmp_path / "cert.pem", tmp_path / "key.pem")
-    line = diagnose_tls_failure(setup.swapped.target, missing, "UNAVAILABLE: failed to connect")
-    assert line.startswith("no client certificate") and str(missing.cert) in line
+    """A certificate directory with the CA only (TlsFiles refuses missing files at
+    construction, so the diagnosis takes the directory itself)."""
+    (tmp_path / "ca.pem").write_bytes(setup.fed.requester.ca_cert.read_bytes())
+    line = diagnose_tls_failure(setup.swapped.target, tmp_path, "UNAVAILABLE: failed to connect")
+    assert line.startswith("no client certificate") and str(tmp_path / "cert.pem") in line
+
+
+def test_certificate_of_another_role(setup: Setup) -> None:
+    """An owner's files where the call needs a requester's."""
+    line = diagnose_tls_failure(
+        setup.swapped.target, setup.fed.owner_tls("audio"), own_role="requester"
+    )
+    assert "belongs to the owner 'audio-co'" in line and "needs a requester certificate" in line
+
+
+def test_key_of_another_certificate(setup: Setup, tmp_path: Path) -> None:
+    ours = setup.fed.requester
+    mixed = TlsFiles(ours.ca_cert, ours.cert, setup.fed.owner_tls("audio").key)
+    line = diagnose_tls_failure(setup.swapped.target, mixed)
+    assert f"the private key {mixed.key} does not belong to {ours.cert}" in line
 
 
 def test_foreign_ca(setup: Setup) -> None:
@@ -95,14 +111,14 @@ def test_certificate_of_another_ca_with_our_ca_file(setup: Setup, tmp_path: Path
     ours = setup.fed.requester
     eve = TlsFiles(ours.ca_cert, tmp_path / "eve" / "cert.pem", tmp_path / "eve" / "key.pem")
     line = diagnose_tls_failure(setup.swapped.target, eve)
-    assert "issued by" in line and "someone else's CA" in line and "not by the CA" in line
+    assert "not issued by the CA" in line and "someone else's CA" in line
 
 
 def test_plaintext_against_tls_and_tls_against_plaintext(setup: Setup) -> None:
     line = diagnose_tls_failure(setup.swapped.target, None, "Socket closed")
-    assert "requires TLS" in line and "--insecure" in line
+    assert "speaks TLS" in line and "--insecure" in line and "--tls DIR" in line
     line = diagnose_tls_failure(setup.plaintext.target, setup.fed.requester)
-    assert "serves plaintext" in line
+    assert "serves plain text" in line
 
 
 def test_wrong_owner_name_and_wrong_address(setup: Setup) -> None:
@@ -116,7 +132,7 @@ def test_wrong_owner_name_and_wrong_address(setup: Setup) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert "nothing listens" in diagnose_tls_failure(f"127.0.0.1:{port}", setup.fed.requester)
+    assert "nothing is listening" in diagnose_tls_failure(f"127.0.0.1:{port}", setup.fed.requester)
 
 
 def test_right_files_name_no_culprit(setup: Setup) -> None:

@@ -30,7 +30,6 @@ import contextlib
 import os
 import platform
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -81,11 +80,14 @@ class ServeBenchConfig:
 
 
 def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 16) -> None:
-    """Serve ``/jacfusion.bench.Echo/Echo`` with the coordinator's server settings."""
+    """Serve ``/jacfusion.bench.Echo/Echo`` with the coordinator's server settings until
+    SIGTERM/SIGINT (the services' one stop: :func:`jacfusion_fed.rpc.server.serve_until_signal`,
+    port file written once the signals are handled, exit within a second)."""
     import grpc
 
     from jacfusion_fed.privacy.certs import ROLES
     from jacfusion_fed.rpc.auth import AuthInterceptor, RpcPolicy
+    from jacfusion_fed.rpc.server import serve_until_signal, write_port_file
     from jacfusion_fed.rpc.tls import TlsFiles, create_server
 
     policy = RpcPolicy.of({"/jacfusion.bench.Echo/*": set(ROLES)})
@@ -98,14 +100,11 @@ def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 
     )
     server.add_generic_rpc_handlers((handler,))
     server.start()
-    from jacfusion_fed.rpc.server import write_port_file
-
-    write_port_file(port_file, port)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    server.stop(0.5).wait()
+    serve_until_signal(
+        lambda grace: server.stop(grace).wait(),
+        "echo server",
+        ready=lambda: write_port_file(port_file, port),
+    )
 
 
 # --- processes ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Single machine (every certificate names ``localhost`` and ``127.0.0.1``)::
 Several machines: each identity names the host names / IPs of its own machine after ``@``
 (loopback only with ``--loopback``)::
 
-    jacfusion-fed certs --out pki --coordinator coordinator@coord.example.org,10.0.0.1 \\
+    jacfusion-fed certs --out pki --coordinator-name coordinator@coord.example.org,10.0.0.1 \\
         --owner vision-co=image@img.example.org,10.0.0.2 \\
         --owner audio-co=audio@aud.example.org,10.0.0.3 --requester hospital
 """
@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+from jacfusion_fed.cli.options import deprecated
+from jacfusion_fed.cli.render import err, new_table, out
 
 
 def _split_hosts(text: str, option: str) -> tuple[str, list[str]]:
@@ -46,7 +45,9 @@ def _parse_owner(text: str) -> tuple[str, str, list[str]]:
 
 
 def certs(
-    out: Annotated[Path, typer.Option(help="Directory to create (ca/, coordinator/, ...).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory to create (ca/, coordinator/, ...).")
+    ],
     owner: Annotated[
         list[str],
         typer.Option(
@@ -60,14 +61,17 @@ def certs(
         list[str] | None,
         typer.Option(help="Requester NAME (repeat); may call Predict (client certificate)."),
     ] = None,
-    coordinator: Annotated[
+    coordinator_name: Annotated[
         str,
         typer.Option(
-            help="The coordinator NAME or NAME@HOST,HOST: list every address the SuperLink is "
-            "dialled at (the owners' --superlink host and the SuperLink's --host; with "
-            "--host 0.0.0.0 its SuperExec dials 127.0.0.1, so list that too)."
+            "--coordinator-name",
+            help="The coordinator's certificate NAME or NAME@HOST,HOST: list every address the "
+            "SuperLink is dialled at (the owners' --superlink host and the SuperLink's --host; "
+            "with --host 0.0.0.0 its SuperExec dials 127.0.0.1, so list that too).",
         ),
     ] = "coordinator",
+    # renamed: elsewhere --coordinator is the coordinator's HOST[:PORT]; kept for one release
+    coordinator: Annotated[str | None, typer.Option("--coordinator", hidden=True)] = None,
     days: Annotated[int, typer.Option(help="Validity of the leaf certificates.", min=1)] = 365,
     host: Annotated[
         list[str] | None,
@@ -92,20 +96,25 @@ def certs(
 
     One machine: certs --out pki --owner vision-co=image --owner audio-co=audio
 
-    Several machines: certs --out pki --coordinator coordinator@10.0.0.1
+    Several machines: certs --out pki --coordinator-name coordinator@10.0.0.1
     --owner vision-co=image@img.example.org,10.0.0.2 --owner audio-co=audio@10.0.0.3
     --requester hospital
     """
     from jacfusion_fed.privacy.certs import DEFAULT_HOSTS, generate_deployment_certs
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise typer.BadParameter(f"{out} exists and is not empty (pass --force to write into it)")
+    coordinator_name = deprecated(
+        "--coordinator", "--coordinator-name", coordinator, coordinator_name
+    )
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise typer.BadParameter(
+            f"{out_dir} exists and is not empty (pass --force to write into it)"
+        )
     parsed = [_parse_owner(o) for o in owner]
     owners = {name: modality for name, modality, _ in parsed}
     if len(owners) != len(owner):
         raise typer.BadParameter("owner names must be unique")
     host_map = {name: hosts for name, _, hosts in parsed if hosts}
-    coord_name, coord_hosts = _split_hosts(coordinator, "--coordinator")
+    coord_name, coord_hosts = _split_hosts(coordinator_name, "--coordinator-name")
     if coord_hosts:
         host_map[coord_name] = coord_hosts
     requesters: list[str] = []
@@ -121,24 +130,26 @@ def certs(
         shared = [*DEFAULT_HOSTS, *shared]
     try:
         written = generate_deployment_certs(
-            out, owners, requesters, coordinator=coord_name, days=days,
+            out_dir, owners, requesters, coordinator=coord_name, days=days,
             hosts=tuple(shared), host_map=host_map,
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     manifest = json.loads(written.manifest.read_text())
-    table = Table(title=f"certificates under {out}")
-    for col in ("role", "name", "modality", "hosts", "directory", "expires"):
-        table.add_column(col)
+    table = new_table(
+        f"certificates under {out_dir}",
+        ["role", "name", "modality", "hosts", "directory", "expires"],
+    )
     for p in manifest["principals"]:
         table.add_row(
             p["role"], p["name"], p["modality"] or "", ", ".join(p["hosts"]) or "-",
             p["dir"], p["not_after"][:10],
         )  # fmt: skip
-    console.print(table)
-    console.print(f"CA: {written.ca_dir / 'ca.pem'} (keep {written.ca_dir / 'ca.key'} offline)")
+    out().print(table)
+    status = err()
+    status.print(f"CA: {written.ca_dir / 'ca.pem'} (keep {written.ca_dir / 'ca.key'} offline)")
     if not loopback:
-        console.print(
+        status.print(
             "no loopback names: a server is reachable only at the names listed "
             "(pass --loopback to add localhost and 127.0.0.1)"
         )

@@ -15,6 +15,8 @@ from jacfusion_fed.cli.options import (
     HostOpt,
     InsecureOpt,
     JsonOpt,
+    MaxStreamsPerPeerOpt,
+    MetricsPortOpt,
     PortFileOpt,
     TimeoutOpt,
     TlsOpt,
@@ -26,7 +28,9 @@ from jacfusion_fed.cli.transport import (
     bind_host,
     check_port_free,
     coordinator_stub,
+    peer_limits,
     rpc_failure,
+    say_metrics_url,
     security,
     serve_until_signal,
 )
@@ -68,6 +72,8 @@ def coordinator_serve(
         bool, typer.Option(help="Fuse concurrent requests with equal options together.")
     ] = True,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 16,
+    max_streams_per_peer: MaxStreamsPerPeerOpt = None,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     check_choice("--method", method, FUSION_METHODS)
@@ -75,6 +81,7 @@ def coordinator_serve(
     sec = security(tls, insecure)
     host = bind_host(host, "coordinator FusionService")
     check_port_free(host, port)
+    limits = peer_limits(max_workers, metrics_port, max_streams_per_peer)
     from jacfusion_fed.server.coordinator import Coordinator
     from jacfusion_fed.server.predict_types import CoordinatorConfig
     from jacfusion_fed.server.serve import serve_coordinator
@@ -101,13 +108,17 @@ def coordinator_serve(
             "current head is fetched again), then restart"
         ) from exc
     try:
-        running = serve_coordinator(coordinator, sec, host=host, port=port, max_workers=max_workers)
+        running = serve_coordinator(
+            coordinator, sec, host=host, port=port, max_workers=max_workers,
+            metrics_port=metrics_port, limits=limits,
+        )  # fmt: skip
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     err().print(
         f"coordinator serving on {running.target} (fusion on {coordinator.device}); owners: "
         + ", ".join(f"{m}={','.join(t)}" for m, t in sites_by_modality(endpoints).items())
     )
+    say_metrics_url(running)
     serve_until_signal(running, "coordinator", port_file)
 
 

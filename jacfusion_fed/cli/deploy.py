@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+
+from jacfusion_fed.cli.options import deprecated
+from jacfusion_fed.cli.render import err, out, rich_table
 
 deploy_app = typer.Typer(help="Flower Deployment Engine helpers (keys, labels, a local run).")
-console = Console()
 
 APP_MANIFEST = """\
 # Manifest of the jacfusion Flower app for `flwr run` (written by `jacfusion-fed deploy`).
@@ -75,28 +76,28 @@ def write_app_manifest(folder: Path) -> Path:
 
 @deploy_app.command("app")
 def app_folder(
-    out: Annotated[Path, typer.Option(help="Folder to write pyproject.toml into.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write pyproject.toml into.")],
 ) -> None:
     """Write the Flower app folder for ``flwr run OUT <connection>`` (only pyproject.toml:
     the code comes from the installed jacfusion-fed package)."""
-    path = write_app_manifest(out)
-    console.print(f"wrote {path}: `flwr run {out} <connection> --run-config run.toml`")
+    path = write_app_manifest(out_dir)
+    err().print(f"wrote {path}: `flwr run {out_dir} <connection> --run-config run.toml`")
 
 
 @deploy_app.command("key")
 def key(
-    out: Annotated[Path, typer.Option(help="Where to write the key (mode 0600).")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the key (mode 0600).")],
 ) -> None:
     """Create the pseudonym key shared by the owners and the requester (not the coordinator)."""
     from jacfusion_fed.privacy import generate_key, write_key
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write_key(out, generate_key())
+        write_key(out_file, generate_key())
     except FileExistsError as exc:
         raise typer.BadParameter(str(exc)) from None
-    console.print(
-        f"wrote {out} (0600): give it to every owner and requester, never the coordinator"
+    err().print(
+        f"wrote {out_file} (0600): give it to every owner and requester, never the coordinator"
     )
 
 
@@ -105,7 +106,7 @@ def labels(
     data: Annotated[str, typer.Option(help="Data source of the requester's patients.")],
     modality: Annotated[str, typer.Option(help="A modality of that source.")],
     pseudonym_key: Annotated[Path, typer.Option(help="The pseudonym key.")],
-    out: Annotated[Path, typer.Option(help="The labels file to write.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The labels file to write.")],
 ) -> None:
     """Write the requester's evaluation labels: pseudonyms and labels of its val/test
     patients (what the coordinator needs to measure accuracy; no patient ids)."""
@@ -113,8 +114,8 @@ def labels(
     from jacfusion_fed.privacy import Pseudonymizer
 
     splits = requester_splits(data, modality)
-    write_eval_labels(out, Pseudonymizer.from_file(pseudonym_key), splits)
-    console.print(f"wrote {out}: " + ", ".join(f"{s} {len(ds)} ids" for s, ds in splits.items()))
+    write_eval_labels(out_file, Pseudonymizer.from_file(pseudonym_key), splits)
+    err().print(f"wrote {out_file}: " + ", ".join(f"{s} {len(ds)} ids" for s, ds in splits.items()))
 
 
 @deploy_app.command("local")
@@ -126,7 +127,11 @@ def local(
     ] = False,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default per dataset).")] = None,
     columns: Annotated[str | None, typer.Option(help="Table columns.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Run folder (default: runs/deploy-<dataset>-<time>)."),
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(hidden=True)] = None,  # renamed: --out
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 1800.0,
     host: Annotated[
         str,
@@ -134,12 +139,12 @@ def local(
     ] = "127.0.0.1",
 ) -> None:
     """SuperLink + one SuperNode per owner on --host, the app via ``flwr run``, the table."""
-    from jacfusion_fed.cli.simulate import rich_table
     from jacfusion_fed.federation import LocalDeployment, NodeKeys, TlsFiles, read_run_results
     from jacfusion_fed.federation.scenario import Scenario, prepare_run
     from jacfusion_fed.rpc.bind import check_bind_host, connect_host
     from jacfusion_fed.rpc.tls import is_loopback
 
+    out_dir = deprecated("--run-dir", "--out", run_dir, out_dir)
     try:
         host = check_bind_host(host, what="Flower SuperLink and SuperNodes")
     except ValueError as exc:
@@ -152,7 +157,7 @@ def local(
         overrides["columns"] = columns
     scenario = Scenario.builtin(dataset, quick=quick, **overrides)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = (run_dir or Path("runs") / f"deploy-{dataset}-{stamp}").resolve()
+    folder = (out_dir or Path("runs") / f"deploy-{dataset}-{stamp}").resolve()
     prepared = prepare_run(scenario, folder)
     app_dir = folder / "app"
     write_app_manifest(app_dir)
@@ -177,23 +182,24 @@ def local(
 
     run_config = {k: v for k, v in prepared.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     t0 = time.perf_counter()
+    status = err()
     with LocalDeployment(
         folder / "deploy", tls=tls, insecure=insecure, node_auth=not insecure, host=host
     ) as dep:
         link = dep.start_superlink()
-        console.print(
+        status.print(
             f"SuperLink on {dep.address} ({'insecure' if insecure else 'TLS + node auth'})"
         )
-        console.print("  $ " + shlex.join(link.argv))
+        status.print("  $ " + shlex.join(link.argv))
         handles = []
         for owner, cfg in zip(scenario.owners, prepared.node_configs, strict=True):
             handle = dep.start_supernode(owner.name, cfg, keys=keys.get(owner.name), wait=False)
             handles.append(handle)
-            console.print(f"SuperNode {owner.name} ({owner.modality})")
-            console.print("  $ " + shlex.join(handle.process.argv))
+            status.print(f"SuperNode {owner.name} ({owner.modality})")
+            status.print("  $ " + shlex.join(handle.process.argv))
         if not insecure:
             dep.wait_online([h.node_id for h in handles], timeout=120)  # type: ignore[misc]
-        with console.status("flwr run: owners training, coordinator fusing ..."):
+        with status.status("flwr run: owners training, coordinator fusing ..."):
             dep.run_app(app_dir, run_config, timeout=timeout)
     results = read_run_results(prepared.coordinator_dir)
     from jacfusion_fed.evaluation import Column, Row, Table
@@ -204,6 +210,9 @@ def local(
         columns=[Column(**c) for c in data["columns"]],
         rows=[Row(**r) for r in data["rows"]],
     )
+    console = out()
     console.print(rich_table(table))
-    console.print(f"Results: {prepared.coordinator_dir / 'results.json'}")
-    console.print(f"Wall time: {time.perf_counter() - t0:.1f} s (processes stopped)")
+    console.print(f"Results: {prepared.coordinator_dir / 'results.json'}", highlight=False)
+    console.print(
+        f"Wall time: {time.perf_counter() - t0:.1f} s (processes stopped)", highlight=False
+    )

@@ -28,9 +28,12 @@ Glossary (an option name means the same thing in every command that has it):
 - ``--log-level LEVEL``: ``debug``, ``info``, ``warning`` or ``error`` (every command).
   ``debug`` also shows tracebacks, gRPC core logs and Flower's logs.
 
-Not yet in line (their modules are maintained separately): ``certs --coordinator`` names the
-coordinator's certificate (to become ``--coordinator-name``), ``deploy local --run-dir`` is its
-run folder (to become ``--out``).
+- ``--metrics-port N``: serve Prometheus metrics (``GET /metrics``) on this loopback port
+  (``owner serve``, ``coordinator serve``; 0: any free port; default: none).
+  ``--max-streams-per-peer N``: streaming calls one peer may hold at once (default: a quarter
+  of ``--max-workers``); more are answered ``RESOURCE_EXHAUSTED``.
+- ``certs --coordinator-name NAME[@HOST,...]`` names the coordinator's certificate (not an
+  address, hence not ``--coordinator``).
 
 Model versions are shown everywhere as the store's 16-hex-digit id, never prefixed or cut
 (version columns do not wrap). A renamed option keeps working for one release:
@@ -55,6 +58,8 @@ __all__ = [
     "HostOpt",
     "InsecureOpt",
     "JsonOpt",
+    "MaxStreamsPerPeerOpt",
+    "MetricsPortOpt",
     "PortFileOpt",
     "TimeoutOpt",
     "TlsOpt",
@@ -97,6 +102,22 @@ CoordinatorOpt = Annotated[
         help=f"HOST[:PORT] of the coordinator (port {DEFAULT_COORDINATOR_PORT} if omitted), or "
         "its replicas comma-separated (IP addresses; gRPC balances over them and retries a call "
         "a replica could not answer).",
+        show_default=False,
+    ),
+]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve Prometheus metrics (GET /metrics) on this loopback port (0: any free port).",
+        min=0,
+        show_default=False,
+    ),
+]
+MaxStreamsPerPeerOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Streaming calls one peer may hold at once (default: a quarter of --max-workers).",
+        min=1,
         show_default=False,
     ),
 ]

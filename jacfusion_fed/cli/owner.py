@@ -8,11 +8,20 @@ from typing import Annotated
 import typer
 
 from jacfusion_fed.cli.errors import CliError
-from jacfusion_fed.cli.options import HostOpt, InsecureOpt, PortFileOpt, TlsOpt
+from jacfusion_fed.cli.options import (
+    HostOpt,
+    InsecureOpt,
+    MaxStreamsPerPeerOpt,
+    MetricsPortOpt,
+    PortFileOpt,
+    TlsOpt,
+)
 from jacfusion_fed.cli.render import err
 from jacfusion_fed.cli.transport import (
     bind_host,
     check_port_free,
+    peer_limits,
+    say_metrics_url,
     security,
     serve_until_signal,
 )
@@ -40,6 +49,8 @@ def owner_serve(
     ] = False,
     epochs: Annotated[int, typer.Option(help="Epochs for --train-if-missing.", min=1)] = 8,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
+    max_streams_per_peer: MaxStreamsPerPeerOpt = None,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Serve this owner's ModalityService (head, logits) to the coordinator until SIGTERM."""
     sec = security(tls, insecure)
@@ -52,6 +63,7 @@ def owner_serve(
     pseudonymizer = Pseudonymizer.from_file(pseudonym_key)
     host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
+    limits = peer_limits(max_workers, metrics_port, max_streams_per_peer)
 
     from jacfusion_fed.clients.serve import serve_owner
     from jacfusion_fed.owner import OwnerWorkspace
@@ -63,12 +75,13 @@ def owner_serve(
     try:
         running = serve_owner(
             ws, sec, owner_name=name, host=host, port=port, max_workers=max_workers,
-            use_logit_cache=logit_cache,
+            use_logit_cache=logit_cache, metrics_port=metrics_port, limits=limits,
         )  # fmt: skip
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     owner = running.servicer.owner_name
     err().print(f"owner {owner!r} serving {modality!r} on {running.target}")
+    say_metrics_url(running)
     serve_until_signal(running, f"owner {owner!r}", port_file)
 
 

@@ -20,7 +20,7 @@ from jacfusion_fed.cli.errors import EXIT_FAILED, CliError
 from jacfusion_fed.cli.options import check_choice, deprecated
 from jacfusion_fed.cli.render import err, out, rich_table
 
-__all__ = ["register", "rich_table", "simulate"]
+__all__ = ["register", "simulate"]
 
 _DATASETS = ("avdigits", "twomoon")
 _TRAINING = ("regular", "adversarial", "free", "stability", "mixup")

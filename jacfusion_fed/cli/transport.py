@@ -13,7 +13,9 @@ __all__ = [
     "check_port_free",
     "coordinator_stub",
     "coordinator_targets",
+    "peer_limits",
     "rpc_failure",
+    "say_metrics_url",
     "security",
     "serve_until_signal",
 ]
@@ -42,7 +44,7 @@ def security(tls: Path | None, insecure: bool) -> Any:
     return files
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
     """Fail now (before training, loading or connecting) if ``host:port`` is taken."""
     from jacfusion_fed.rpc.tls import PortInUseError
     from jacfusion_fed.rpc.tls import check_port_free as library_check
@@ -50,9 +52,32 @@ def check_port_free(host: str, port: int) -> None:
     try:
         library_check(host, port)
     except PortInUseError as exc:
-        raise CliError(f"{exc.strerror} (or pass another --port)") from None
+        raise CliError(f"{exc.strerror} (or pass another {option})") from None
     except OSError as exc:
         raise CliError(f"--host {host!r}: cannot use it ({exc.strerror or exc})") from None
+
+
+def peer_limits(max_workers: int, metrics_port: int | None, max_streams: int | None) -> Any:
+    """``--max-streams-per-peer`` as :class:`~jacfusion_fed.rpc.limits.PeerLimits` (``None``:
+    the server's defaults); a ``--metrics-port`` that is taken fails now, before any work."""
+    from jacfusion_fed.processes import LOOPBACK
+
+    if metrics_port:  # 0 picks a free port, None serves no metrics
+        check_port_free(LOOPBACK, metrics_port, "--metrics-port")
+    if max_streams is None:
+        return None
+    from jacfusion_fed.rpc.limits import PeerLimits
+
+    return PeerLimits.for_workers(max_workers, max_streams_per_peer=max_streams)
+
+
+def say_metrics_url(running: Any) -> None:
+    """``metrics on http://127.0.0.1:N/metrics`` on stderr when the server serves metrics."""
+    from jacfusion_fed.cli.render import err
+
+    endpoint = getattr(running.guard, "endpoint", None)
+    if endpoint is not None:
+        err().print(f"metrics on {endpoint.url}", highlight=False)
 
 
 def serve_until_signal(running: Any, what: str, port_file: Path | None) -> None:
@@ -76,8 +101,11 @@ def coordinator_targets(text: str) -> list[str]:
         host, sep, port = item.rpartition(":")
         bare_v6 = item.count(":") > 1 and not item.startswith("[")
         if not sep or bare_v6 or (host.startswith("[") and not host.endswith("]")):
-            out.append(f"[{item}]:{DEFAULT_COORDINATOR_PORT}" if bare_v6 else
-                       f"{item}:{DEFAULT_COORDINATOR_PORT}")
+            out.append(
+                f"[{item}]:{DEFAULT_COORDINATOR_PORT}"
+                if bare_v6
+                else f"{item}:{DEFAULT_COORDINATOR_PORT}"
+            )
         elif not port.isdigit():
             raise CliError(f"--coordinator must be HOST[:PORT], got {item!r}")
         else:
@@ -113,14 +141,20 @@ def bind_host(host: str, what: str) -> str:
 
 
 def rpc_failure(exc: Any, target: str, sec: Any) -> CliError:
-    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally."""
-    from jacfusion_fed.cli.tlshints import likely_cause
+    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally
+    (:func:`jacfusion_fed.rpc.diagnose.likely_cause`, for each address of ``--coordinator``
+    until one names a cause)."""
+    from jacfusion_fed.rpc.diagnose import likely_cause
 
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
     message = f"{code}: {details}"
     if code == "UNAVAILABLE":
-        cause = likely_cause(target, sec)
-        if cause:
-            message = f"{code}: cannot call the coordinator at {target}: {cause}"
+        for address in coordinator_targets(target):
+            cause = likely_cause(address, sec, expected_role="coordinator", own_role="requester")
+            if cause:
+                return CliError(
+                    f"{code}: cannot call the coordinator at {address}: {cause}",
+                    exit_code=EXIT_FAILED,
+                )
     return CliError(message, exit_code=EXIT_FAILED)

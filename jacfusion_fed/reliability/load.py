@@ -159,7 +159,8 @@ def run_load(
     def request_for(rng: random.Random) -> list[str]:
         chosen = rng.sample(pool, cfg.batch)
         if cfg.unknown_fraction and rng.random() < cfg.unknown_fraction:
-            chosen[rng.randrange(len(chosen))] = f"{rng.getrandbits(256):064x}"  # pseudonym-shaped
+            # a well-formed pseudonym (64 hex digits) that no owner holds: raw ids are refused
+            chosen[rng.randrange(len(chosen))] = f"{rng.getrandbits(256):064x}"
         return chosen
 
     def client(worker: int, limit: int, timed: bool) -> None:
