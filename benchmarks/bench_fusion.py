@@ -1,6 +1,6 @@
 """Fusion throughput benchmark as a script: same as ``jacfusion-fed bench fusion``.
 
-    python benchmarks/bench_fusion.py --ks 10,100,309 --samples 10000
+python benchmarks/bench_fusion.py --ks 10,100,309 --samples 10000
 """
 
 from jacfusion_fed.cli import app

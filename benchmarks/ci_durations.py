@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-STEPS = (("make demo", ["make", "demo"]), ("make test", ["make", "test"]),
-         ("make test-e2e", ["make", "test-e2e"]))  # fmt: skip
+STEPS = (
+    ("make demo", ["make", "demo"]),
+    ("make test", ["make", "test"]),
+    ("make test-e2e", ["make", "test-e2e"]),
+)
 
 
 def _run(argv: list[str], log: Path) -> dict[str, Any]:

@@ -350,12 +350,16 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"PutRecords: {exc}") from exc
         log.info(
             "PutRecords: %d new, %d replaced, %d unchanged",
-            result.stored, result.replaced, result.unchanged,
-        )  # fmt: skip
+            result.stored,
+            result.replaced,
+            result.unchanged,
+        )
         return modality_pb2.PutRecordsResponse(
-            stored=result.stored, replaced=result.replaced, unchanged=result.unchanged,
+            stored=result.stored,
+            replaced=result.replaced,
+            unchanged=result.unchanged,
             model_version=version,
-        )  # fmt: skip
+        )
 
     @_rpc
     def DeleteRecords(

@@ -101,8 +101,10 @@ def main(root: Path) -> dict[str, float]:
         report = import_model(
             ws, root / model, factory=factory, class_counts=counts, input_spec=spec
         )
-        print(f"{owner}: imported {model} ({report.format}, head {report.head!r}) as "
-              f"version {report.version}")  # fmt: skip
+        print(
+            f"{owner}: imported {model} ({report.format}, head {report.head!r}) as "
+            f"version {report.version}"
+        )
         owners[modality] = serve_owner(ws, TlsFiles.from_dir(certs.owner_dirs[owner]))
     coordinator_tls = TlsFiles.from_dir(certs.coordinator_dir)
     coordinator = Coordinator(
@@ -122,9 +124,11 @@ def main(root: Path) -> dict[str, float]:
                 hospital.submit(modality, [PATIENT], test.modalities[modality][:1])
             answer = _predict(hospital, [PATIENT])
             label = int(answer.labels[0])
-            print(f"\n{PATIENT}: fused label {label} (p = {answer.probabilities[0, label]:.3f}), "
-                  f"true label {int(test.labels[0])}, modalities used "
-                  f"{answer.modalities_used[0]}")  # fmt: skip
+            print(
+                f"\n{PATIENT}: fused label {label} (p = {answer.probabilities[0, label]:.3f}), "
+                f"true label {int(test.labels[0])}, modalities used "
+                f"{answer.modalities_used[0]}"
+            )
             hospital.forget([PATIENT])
             try:
                 hospital.predict([PATIENT])

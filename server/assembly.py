@@ -78,8 +78,14 @@ def _unknown(
     held = "held by every selected owner" if plan.require_all else "held by any owner"
     site_errors = [s.error for a in answers.values() for s in a.sites if s.error]
     if failures or site_errors:
-        down = [*failures, *(f"a site of {m}" for m, a in answers.items() if a.sites and any(
-            s.error for s in a.sites))]  # fmt: skip
+        down = [
+            *failures,
+            *(
+                f"a site of {m}"
+                for m, a in answers.items()
+                if a.sites and any(s.error for s in a.sites)
+            ),
+        ]
         return PredictError(
             grpc.StatusCode.UNAVAILABLE,
             f"{len(unpredicted)} sample id(s) not {held} that answered, and "
@@ -200,9 +206,15 @@ def assemble(
                 )
             )
     return PredictResult(
-        sample_ids, probs, labels, contributions, unpredicted, plan.method,
-        prediction_sets=extras.sets, abstain=extras.abstain,
-    )  # fmt: skip
+        sample_ids,
+        probs,
+        labels,
+        contributions,
+        unpredicted,
+        plan.method,
+        prediction_sets=extras.sets,
+        abstain=extras.abstain,
+    )
 
 
 class _Extras:

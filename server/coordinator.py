@@ -158,9 +158,12 @@ class Coordinator:
     # --- prediction --------------------------------------------------------------------------
 
     def predict(
-        self, ids: Sequence[str], options: PredictOptions | None = None, *,
+        self,
+        ids: Sequence[str],
+        options: PredictOptions | None = None,
+        *,
         deadline: float | None = None,
-    ) -> PredictResult:  # fmt: skip
+    ) -> PredictResult:
         """Fuse the owners' logits for ``ids``.
 
         Args:
@@ -180,9 +183,13 @@ class Coordinator:
         return self._finish(gathered)
 
     def predict_stream(
-        self, ids: Sequence[str], options: PredictOptions | None = None, *,
-        chunk_size: int = 0, deadline: float | None = None,
-    ) -> Iterator[PredictResult]:  # fmt: skip
+        self,
+        ids: Sequence[str],
+        options: PredictOptions | None = None,
+        *,
+        chunk_size: int = 0,
+        deadline: float | None = None,
+    ) -> Iterator[PredictResult]:
         """:meth:`predict` in chunks of ``chunk_size`` ids (0: the configured default).
 
         All ids and options are validated before the first chunk; the owners of chunk i+1 are

@@ -225,9 +225,12 @@ class FanOut:
         return _merge(gathered.ids, link, answers, failed)
 
     def _answer(
-        self, gathered: Gathered, name: str, head: RegisteredHead,
+        self,
+        gathered: Gathered,
+        name: str,
+        head: RegisteredHead,
         responses: list[tuple[int, int, Any]],
-    ) -> Answer:  # fmt: skip
+    ) -> Answer:
         """One site's checked logits for the batch (zero rows where not known)."""
         ids = gathered.ids
         version = head.version
@@ -306,9 +309,13 @@ def _merge(
         for s in link.sites
     ]
     return Answer(
-        link.modality, head, logits, None if known.all() else known, statuses,
+        link.modality,
+        head,
+        logits,
+        None if known.all() else known,
+        statuses,
         [ids[i] for i in np.flatnonzero(ambiguous)],
-    )  # fmt: skip
+    )
 
 
 def _known_cause(failure: OwnerFailure, last_error: str) -> OwnerFailure:

@@ -266,9 +266,13 @@ def train_heads(
             log(
                 INFO,
                 "FedAvg %s round %d/%d: %d sites, local train loss %s (%.1f s)",
-                modality, r, cfg.fedavg_rounds, len(nodes),
-                ", ".join(f"{v:.3f}" for v in losses), time.perf_counter() - t0,
-            )  # fmt: skip
+                modality,
+                r,
+                cfg.fedavg_rounds,
+                len(nodes),
+                ", ".join(f"{v:.3f}" for v in losses),
+                time.perf_counter() - t0,
+            )
     if fedavg:
         outgoing = {}
         for modality, nodes in fedavg.items():
@@ -400,9 +404,12 @@ def _flow(
         log(
             INFO,
             "Registered head of %s: owner %s, version %s, K=%d (%s)",
-            modality, head.owner, head.version, k,
+            modality,
+            head.owner,
+            head.version,
+            k,
             f"FedAvg, {len(head.sites)} sites" if head.fedavg_rounds else "one owner",
-        )  # fmt: skip
+        )
     results["heads"] = {
         m: {
             "owner": rec.owner,

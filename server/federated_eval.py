@@ -430,9 +430,12 @@ def evaluate(
     log(
         INFO,
         "Gathered logits of %d pseudonymous ids from %d owners (%d settings for %r) in %.1f s",
-        len(ids), sum(len(v) for v in groups.values()), len(settings), perturbed,
+        len(ids),
+        sum(len(v) for v in groups.values()),
+        len(settings),
+        perturbed,
         timings["gather_logits_s"],
-    )  # fmt: skip
+    )
     prior, log_prior = eval_prior(records, order)
     t0 = time.perf_counter()
     table, clean_acc = build_table(

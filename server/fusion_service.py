@@ -60,9 +60,10 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     ) -> fusion_pb2.PredictResponse:
         try:
             result = self.coordinator.predict(
-                request.sample_ids, request_options(request.options),
+                request.sample_ids,
+                request_options(request.options),
                 deadline=_deadline(context),
-            )  # fmt: skip
+            )
         except PredictError as exc:
             context.abort(exc.code, exc.message)
         except Exception:
@@ -75,9 +76,11 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     ) -> Iterator[fusion_pb2.PredictStreamResponse]:
         try:
             for result in self.coordinator.predict_stream(
-                request.sample_ids, request_options(request.options),
-                chunk_size=int(request.chunk_size), deadline=_deadline(context),
-            ):  # fmt: skip
+                request.sample_ids,
+                request_options(request.options),
+                chunk_size=int(request.chunk_size),
+                deadline=_deadline(context),
+            ):
                 yield fusion_pb2.PredictStreamResponse(predictions=predictions_to_proto(result))
         except PredictError as exc:
             context.abort(exc.code, exc.message)

@@ -368,8 +368,12 @@ class OwnerLinks:
                 names.append(other.channel.identity(timeout) or info.owner or other.target)
                 total = total + np.asarray(info.class_counts, dtype=np.int64)
             except (grpc.RpcError, OwnerFailure) as exc:  # down now: its patients not counted
-                log.info("site %s of %r not counted in the head's class counts: %s",
-                         other.target, link.modality, exc)  # fmt: skip
+                log.info(
+                    "site %s of %r not counted in the head's class counts: %s",
+                    other.target,
+                    link.modality,
+                    exc,
+                )
         return "+".join(sorted(set(names))), [int(c) for c in total]
 
     def refresh(

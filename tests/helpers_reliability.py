@@ -37,9 +37,16 @@ __all__ = ["Answers", "Deployment", "LoadInBackground", "load"]
 class Deployment:
     """Owners and coordinator as processes; proxies (optional) in front of the owners."""
 
-    def __init__(self, root: Path, *, proxies: bool = True, owner_timeout: float = 0.5,
-                 extra: tuple[str, ...] = (), log_level: str = "info",
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        *,
+        proxies: bool = True,
+        owner_timeout: float = 0.5,
+        extra: tuple[str, ...] = (),
+        log_level: str = "info",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.fed: Fed = build_fed(root)
         self.env = dict(env or {})
         self.use_proxies = proxies
@@ -100,13 +107,24 @@ class Deployment:
         self._start(
             "coordinator",
             [
-                "coordinator", "serve", "--registry", str(fed.root / "registry"),
-                "--tls", str(fed.certs.coordinator_dir), "--port-file", str(port_file),
-                "--port", str(port if port is not None else self.coordinator_port),
-                "--owner-timeout", str(self.owner_timeout), "--log-level", self.log_level,
-                *owners, *self.extra,
+                "coordinator",
+                "serve",
+                "--registry",
+                str(fed.root / "registry"),
+                "--tls",
+                str(fed.certs.coordinator_dir),
+                "--port-file",
+                str(port_file),
+                "--port",
+                str(port if port is not None else self.coordinator_port),
+                "--owner-timeout",
+                str(self.owner_timeout),
+                "--log-level",
+                self.log_level,
+                *owners,
+                *self.extra,
             ],
-        )  # fmt: skip
+        )
         self.coordinator_port = fed.procs.wait_port("coordinator", port_file)
         fed.coordinator = f"127.0.0.1:{self.coordinator_port}"
         return fed.coordinator
@@ -155,8 +173,7 @@ class Deployment:
                 self.fed.procs.procs.pop("coordinator", None)
                 return False
 
-        wait_until(started, f"the coordinator to restart on port {port}", timeout=60,
-                   interval=0.1)  # fmt: skip
+        wait_until(started, f"the coordinator to restart on port {port}", timeout=60, interval=0.1)
 
     @property
     def coordinator_pid(self) -> int:
@@ -197,8 +214,7 @@ class Deployment:
                 return False
             return all(all(m.used) for m in resp.predictions.modalities)
 
-        wait_until(full, "the deployment to answer from every owner", timeout=timeout,
-                   interval=0.1)  # fmt: skip
+        wait_until(full, "the deployment to answer from every owner", timeout=timeout, interval=0.1)
         return time.monotonic() - t0
 
 
@@ -225,8 +241,14 @@ class Answers:
             self.counts[kind] += 1
             self._changed.notify_all()
 
-    def wait(self, kind: str, more: int = 1, *, timeout: float = 60.0,
-             also: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+    def wait(
+        self,
+        kind: str,
+        more: int = 1,
+        *,
+        timeout: float = 60.0,
+        also: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Until ``more`` further answers of ``kind`` (or of any kind: ``"any"``) arrived,
         counted from now, and ``also`` holds (checked whenever an answer arrives, and at
         least every 0.1 s)."""
@@ -288,16 +310,25 @@ class LoadInBackground:
     def _run(self) -> None:
         try:
             self.result = run_load(
-                lambda: self.answers.stub(self.dep.stub()), self.dep.fed.ids, self.cfg,
-                self.dep.reference(), stop=self.stop,
-            )  # fmt: skip
+                lambda: self.answers.stub(self.dep.stub()),
+                self.dep.fed.ids,
+                self.cfg,
+                self.dep.reference(),
+                stop=self.stop,
+            )
         except BaseException as exc:
             self.error = exc
         finally:
             self.answers.close()
 
-    def wait(self, kind: str, more: int = 1, *, timeout: float = 60.0,
-             also: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+    def wait(
+        self,
+        kind: str,
+        more: int = 1,
+        *,
+        timeout: float = 60.0,
+        also: Callable[[], bool] = lambda: True,
+    ) -> None:
         """See :meth:`Answers.wait`; fails as soon as the load itself ended or failed."""
         try:
             self.answers.wait(kind, more, timeout=timeout, also=also)

@@ -33,9 +33,17 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 from jacfusion_fed.rpc.tls import TlsFiles
 
 __all__ = [
-    "MODALITIES", "NUM_CLASSES", "NUM_SAMPLES", "OWNER_NAMES", "TIMEOUT", "Fed", "Procs",
-    "build_fed", "foreign_certs", "rpc_error",
-]  # fmt: skip
+    "MODALITIES",
+    "NUM_CLASSES",
+    "NUM_SAMPLES",
+    "OWNER_NAMES",
+    "TIMEOUT",
+    "Fed",
+    "Procs",
+    "build_fed",
+    "foreign_certs",
+    "rpc_error",
+]
 
 CLI = "from jacfusion_fed.cli import main; main()"
 TIMEOUT = 10.0
@@ -83,12 +91,21 @@ class Fed:
 
     def owner_args(self, modality: str, *, tls_dir: Path | None = None) -> list[str]:
         return [
-            "owner", "serve", "--workspace", str(self.root / f"ws-{modality}"),
-            "--modality", modality, "--data", f"npz:{self.data[modality]}",
-            "--pseudonym-key", str(self.key),
-            "--tls", str(tls_dir or self.certs.owner_dirs[OWNER_NAMES[modality]]),
-            "--log-level", "warning",
-        ]  # fmt: skip
+            "owner",
+            "serve",
+            "--workspace",
+            str(self.root / f"ws-{modality}"),
+            "--modality",
+            modality,
+            "--data",
+            f"npz:{self.data[modality]}",
+            "--pseudonym-key",
+            str(self.key),
+            "--tls",
+            str(tls_dir or self.certs.owner_dirs[OWNER_NAMES[modality]]),
+            "--log-level",
+            "warning",
+        ]
 
     def start_owner(self, modality: str, *, port: int = 0, name: str | None = None) -> str:
         return self.start_owners([modality], port=port, name=name)[modality]
@@ -118,11 +135,22 @@ class Fed:
         self.procs.start(
             name,
             [
-                "coordinator", "serve", "--registry", str(self.root / "registry"),
-                "--tls", str(self.certs.coordinator_dir), "--port", "0",
-                "--port-file", str(port_file), "--log-level", "warning", *owners, *extra,
+                "coordinator",
+                "serve",
+                "--registry",
+                str(self.root / "registry"),
+                "--tls",
+                str(self.certs.coordinator_dir),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--log-level",
+                "warning",
+                *owners,
+                *extra,
             ],
-        )  # fmt: skip
+        )
         self.coordinator = f"127.0.0.1:{self.procs.wait_port(name, port_file)}"
         return self.coordinator
 
@@ -147,9 +175,11 @@ class Fed:
             return have == want
 
         wait_until(
-            registered, lambda: f"the coordinator to register {want} (last: {last[0]})",
-            timeout=timeout, interval=0.1,
-        )  # fmt: skip
+            registered,
+            lambda: f"the coordinator to register {want} (last: {last[0]})",
+            timeout=timeout,
+            interval=0.1,
+        )
         return got[0]
 
     # --- the library, called directly on the same logits ------------------------------------
@@ -178,11 +208,13 @@ class Fed:
         reg = list(modalities) if regularize is None else list(regularize)
         grams = [self.workspaces[m].head().gram if m in reg else None for m in modalities]
         return jacobian_fusion(
-            logits, grams, self.log_prior(),
+            logits,
+            grams,
+            self.log_prior(),
             gamma=list(gammas) if gammas is not None else 0.5,
             regularize=[j for j, m in enumerate(modalities) if m in reg],
             iterations=iterations,
-        ).numpy()  # fmt: skip
+        ).numpy()
 
 
 def build_fed(root: Path, *, train: bool = True) -> Fed:
@@ -217,9 +249,13 @@ def build_fed(root: Path, *, train: bool = True) -> Fed:
 def _certs_at(root: Path) -> DeploymentCerts:
     owners = {name: root / "owners" / name for name in OWNER_NAMES.values()}
     return DeploymentCerts(
-        root, root / "ca", root / "coordinator", owners,
-        {"alice": root / "requesters" / "alice"}, root / "manifest.json",
-    )  # fmt: skip
+        root,
+        root / "ca",
+        root / "coordinator",
+        owners,
+        {"alice": root / "requesters" / "alice"},
+        root / "manifest.json",
+    )
 
 
 def foreign_certs(root: Path) -> DeploymentCerts:

@@ -121,8 +121,11 @@ def test_train_reply_is_only_the_head(trained: tuple[Owner, str]) -> None:
     assert sorted(content.keys()) == ["calibration", "head", "info", "metrics"]
     assert sorted(content["head"].keys()) == ["class-counts", "gram"]
     assert sorted(content["calibration"].keys()) == [
-        "class-means", "conformity-scores", "precision", "typicality-scores",
-    ]  # fmt: skip
+        "class-means",
+        "conformity-scores",
+        "precision",
+        "typicality-scores",
+    ]
     calibration = calibration_from_record(content["calibration"])
     assert calibration.num_classes == K
     gram = content["head"]["gram"].numpy()

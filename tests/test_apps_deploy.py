@@ -94,12 +94,17 @@ def test_deployment_tls_node_auth_train_query(tmp_path: Path) -> None:
         }
         rogue = dep.start_supernode(
             "rogue",
-            {"owner": "rogue", "modality": "y", "data": DATA, "workdir": str(tmp_path / "r"),
-             "key-file": str(key_file)},
+            {
+                "owner": "rogue",
+                "modality": "y",
+                "data": DATA,
+                "workdir": str(tmp_path / "r"),
+                "key-file": str(key_file),
+            },
             keys=rogue_keys,
             register=False,
             wait=False,
-        )  # fmt: skip
+        )
         dep.wait_online([h.node_id for h in nodes.values()], timeout=120)  # type: ignore[misc]
         t_run = time.perf_counter()
         info = dep.run_app(REPO, run_config, timeout=420)

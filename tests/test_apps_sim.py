@@ -171,11 +171,22 @@ def test_multi_site_fedavg_then_restart(tmp_path: Path) -> None:
     cli = CliRunner().invoke(
         cli_app,
         [
-            "simulate", "--dataset", "twomoon", "--quick", "--sites-per-modality", "2",
-            "--fedavg-rounds", "2", "--epochs", "8", "--columns", "clean; gaussian w0=0.5",
-            "--run-dir", str(run_dir),
+            "simulate",
+            "--dataset",
+            "twomoon",
+            "--quick",
+            "--sites-per-modality",
+            "2",
+            "--fedavg-rounds",
+            "2",
+            "--epochs",
+            "8",
+            "--columns",
+            "clean; gaussian w0=0.5",
+            "--run-dir",
+            str(run_dir),
         ],
-    )  # fmt: skip
+    )
     assert cli.exit_code == 0, cli.output + repr(cli.exception)
     assert "Stat-w/" in cli.output and "Wall time" in cli.output
     res = json.loads((run_dir / "coordinator" / "results.json").read_text())

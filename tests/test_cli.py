@@ -40,9 +40,20 @@ def test_bench_fusion_small_run_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     result = runner.invoke(
         app,
-        ["bench", "fusion", "--ks", "10", "--samples", "200", "--budget", "0.05",
-         "--no-forward", "--out", str(out)],
-    )  # fmt: skip
+        [
+            "bench",
+            "fusion",
+            "--ks",
+            "10",
+            "--samples",
+            "200",
+            "--budget",
+            "0.05",
+            "--no-forward",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
     methods = rows[0]["methods"]

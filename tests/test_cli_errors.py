@@ -43,8 +43,12 @@ def cli(*args: str, cwd: Path | None = None) -> Run:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
     proc = subprocess.run(
         [sys.executable, "-c", CLI, *args],
-        capture_output=True, text=True, timeout=120, env=env, cwd=cwd,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
     return Run(proc.returncode, proc.stdout, proc.stderr.splitlines())
 
 
@@ -150,23 +154,54 @@ def test_port_in_use_is_found_before_training(world: World, tmp_path: Path) -> N
         port = taken.getsockname()[1]
         workspace = tmp_path / "empty-workspace"
         run = cli(
-            "owner", "serve", "--workspace", str(workspace), "--modality", "audio",
-            "--data", "builtin:twomoon", "--pseudonym-key", str(world.key), "--insecure",
-            "--port", str(port), "--train-if-missing",
-        )  # fmt: skip
+            "owner",
+            "serve",
+            "--workspace",
+            str(workspace),
+            "--modality",
+            "audio",
+            "--data",
+            "builtin:twomoon",
+            "--pseudonym-key",
+            str(world.key),
+            "--insecure",
+            "--port",
+            str(port),
+            "--train-if-missing",
+        )
         one_error(run, 2, f"port {port}", "in use", "--port")
         assert not workspace.exists(), "the owner trained (or opened its workspace) first"
         run = cli(
-            "owner", "serve", "--workspace", str(workspace), "--modality", "audio",
-            "--data", "builtin:twomoon", "--pseudonym-key", str(world.key), "--insecure",
-            "--port", "0", "--metrics-port", str(port), "--train-if-missing",
-        )  # fmt: skip
+            "owner",
+            "serve",
+            "--workspace",
+            str(workspace),
+            "--modality",
+            "audio",
+            "--data",
+            "builtin:twomoon",
+            "--pseudonym-key",
+            str(world.key),
+            "--insecure",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(port),
+            "--train-if-missing",
+        )
         one_error(run, 2, f"port {port}", "in use", "--metrics-port")
         assert not workspace.exists(), "the owner trained before checking --metrics-port"
         run = cli(
-            "coordinator", "serve", "--registry", str(tmp_path / "r"), "--owner", "a=h:1",
-            "--insecure", "--port", str(port),
-        )  # fmt: skip
+            "coordinator",
+            "serve",
+            "--registry",
+            str(tmp_path / "r"),
+            "--owner",
+            "a=h:1",
+            "--insecure",
+            "--port",
+            str(port),
+        )
         one_error(run, 2, f"port {port}", "in use")
 
 
@@ -239,9 +274,15 @@ def test_nothing_listening(world: World) -> None:
 
 def test_unknown_ids_are_named_as_typed(world: World) -> None:
     run = cli(
-        "predict", "patient-7", "patient-8", "--pseudonym-key", str(world.key), "--insecure",
-        "--coordinator", world.plain_target,
-    )  # fmt: skip
+        "predict",
+        "patient-7",
+        "patient-8",
+        "--pseudonym-key",
+        str(world.key),
+        "--insecure",
+        "--coordinator",
+        world.plain_target,
+    )
     line = one_error(run, 1, "NOT_FOUND", "2 unknown", "patient-7, patient-8", "--skip-unknown")
     assert "--pseudonym-key" in line  # the other likely cause: a key of another deployment
     hmac = Pseudonymizer.from_file(world.key)("patient-7")

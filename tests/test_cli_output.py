@@ -124,12 +124,15 @@ def _predictions() -> fusion_pb2.Predictions:
         predicted_labels=[1, 0],
         modalities=[
             fusion_pb2.ModalityContribution(
-                modality="audio", owner="audio-co", model_version="eb4f0123456789ab",
-                used=[True, True], gamma=0.5,
+                modality="audio",
+                owner="audio-co",
+                model_version="eb4f0123456789ab",
+                used=[True, True],
+                gamma=0.5,
             )
         ],
         method=fusion_pb2.FUSION_METHOD_CONFIDENCE_MEAN,
-    )  # fmt: skip
+    )
 
 
 def test_json_and_table_show_the_same_names(capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,13 +154,19 @@ def test_json_and_table_show_the_same_names(capsys: pytest.CaptureFixture[str]) 
 
 def test_info_names_method_and_head_kind_like_everything_else() -> None:
     info = fusion_pb2.GetModelInfoResponse(
-        num_classes=2, class_prior=[0.5, 0.5], class_names=["cat", "dog"],
+        num_classes=2,
+        class_prior=[0.5, 0.5],
+        class_names=["cat", "dog"],
         default_method=fusion_pb2.FUSION_METHOD_JACOBIAN,
-    )  # fmt: skip
+    )
     info.modalities.add(
-        modality="audio", owner="audio-co", model_version="eb4f0123456789ab", num_classes=2,
-        class_counts=[3, 4], head_kind=modality_pb2.HEAD_KIND_GRAM,
-    )  # fmt: skip
+        modality="audio",
+        owner="audio-co",
+        model_version="eb4f0123456789ab",
+        num_classes=2,
+        class_counts=[3, 4],
+        head_kind=modality_pb2.HEAD_KIND_GRAM,
+    )
     payload = info_payload(info)
     assert payload["default_method"] == "jacobian"
     assert payload["modalities"][0]["head_kind"] == "gram"
@@ -264,11 +273,28 @@ def test_coordinator_serve_exposes_metrics_on_loopback(tmp_path: Path) -> None:
 def test_deprecated_predict_options_print_one_notice_each() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
     proc = subprocess.run(
-        [sys.executable, "-c", "from jacfusion_fed.cli import main; main()", "predict", "p",
-         "--pseudonyms", "--insecure", "--coordinator", "127.0.0.1:1", "--default-gamma", "0.3",
-         "--gamma", "audio=0.2", "--timeout", "2"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from jacfusion_fed.cli import main; main()",
+            "predict",
+            "p",
+            "--pseudonyms",
+            "--insecure",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--default-gamma",
+            "0.3",
+            "--gamma",
+            "audio=0.2",
+            "--timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     lines = proc.stderr.splitlines()
     assert proc.returncode == 1, proc.stderr
     assert len(lines) == 3, lines

@@ -34,9 +34,18 @@ def test_import_submit_forget_rekey(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--input-shape" in result.output
     result = runner.invoke(
         app,
-        [*base, "--model", str(model), "--class-counts", str(counts), "--input-shape", "6",
-         "--value-range", "0,1"],
-    )  # fmt: skip
+        [
+            *base,
+            "--model",
+            str(model),
+            "--class-counts",
+            str(counts),
+            "--input-shape",
+            "6",
+            "--value-range",
+            "0,1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "head '2'" in result.output and "K=3" in result.output
 
@@ -80,16 +89,37 @@ def test_import_submit_forget_rekey(tmp_path: Path) -> None:
     out = tmp_path / "map.json"
     result = runner.invoke(
         app,
-        ["rekey-map", "--old-key", str(key), "--new-key", str(new_key),
-         "--ids-file", str(tmp_path / "keep.txt"), "--out", str(out)],
-    )  # fmt: skip
+        [
+            "rekey-map",
+            "--old-key",
+            str(key),
+            "--new-key",
+            str(new_key),
+            "--ids-file",
+            str(tmp_path / "keep.txt"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text()) == {pz(IDS[1]): Pseudonymizer.from_file(new_key)(IDS[1])}
     result = runner.invoke(
         app,
-        ["owner", "rekey", "--workspace", str(ws_dir), "--modality", "ecg",
-         "--old-key", str(key), "--new-key", str(new_key), "--map", str(out)],
-    )  # fmt: skip
+        [
+            "owner",
+            "rekey",
+            "--workspace",
+            str(ws_dir),
+            "--modality",
+            "ecg",
+            "--old-key",
+            str(key),
+            "--new-key",
+            str(new_key),
+            "--map",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1 live record(s) renamed" in result.output
     rekeyed = OwnerWorkspace(ws_dir, "ecg", None, Pseudonymizer.from_file(new_key))
@@ -108,9 +138,15 @@ def test_labels_file_and_accuracy(tmp_path: Path) -> None:
     labels = load_labels(path)
     assert labels == {pz("a"): 0, pz("b"): 2}
     pred = Prediction(
-        ids=["a", "b", "c"], probabilities=np.eye(3), labels=np.array([0, 1, 2]),
-        modalities_used=[[]] * 3, model_versions={}, unpredicted=[], method="statistical",
-        errors={}, pseudonyms=pz.many(["a", "b", "c"]),
-    )  # fmt: skip
+        ids=["a", "b", "c"],
+        probabilities=np.eye(3),
+        labels=np.array([0, 1, 2]),
+        modalities_used=[[]] * 3,
+        model_versions={},
+        unpredicted=[],
+        method="statistical",
+        errors={},
+        pseudonyms=pz.many(["a", "b", "c"]),
+    )
     assert pred.accuracy(labels) == 0.5  # keyed by pseudonym; "c" has no label
     assert pred.accuracy({"c": 2, "b": 1}) == 1.0  # keyed by local id

@@ -82,8 +82,20 @@ class Net:
             _ip("netns", "add", ns)
             self.created.append(ns)
             # the veth is created inside the bridge namespace, its peer moved into `ns`
-            _ip("-n", bridge, "link", "add", f"v{host}", "type", "veth", "peer", "name", "eth0",
-                "netns", ns)  # fmt: skip
+            _ip(
+                "-n",
+                bridge,
+                "link",
+                "add",
+                f"v{host}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            )
             _ip("-n", bridge, "link", "set", f"v{host}", "master", "br0", "up")
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
@@ -117,18 +129,26 @@ class Machines:
         home = self.root / "flwr-homes" / host
         home.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            self.argv(host, cmd), capture_output=True, text=True, timeout=timeout,
-            env=self.env(home), cwd=self.root, check=False,
-        )  # fmt: skip
+            self.argv(host, cmd),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(home),
+            cwd=self.root,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[:3]} on {host} exited {proc.returncode}:\n{proc.stderr}")
         return proc.stdout
 
     def spawn(self, name: str, host: str, cmd: Sequence[str], flwr_home: Path) -> ManagedProcess:
         proc = ManagedProcess(
-            name, self.argv(host, cmd), env=self.env(flwr_home), cwd=self.root / name,
+            name,
+            self.argv(host, cmd),
+            env=self.env(flwr_home),
+            cwd=self.root / name,
             log_path=self.root / "logs" / f"{name}.log",
-        )  # fmt: skip
+        )
         self.procs[name] = proc
         return proc
 
@@ -139,8 +159,9 @@ class Machines:
         while time.monotonic() < deadline:
             if self.procs[name].exit_code() is not None:
                 raise RuntimeError(f"{name} exited:\n{self.procs[name].log_text(3000)}")
-            ok = subprocess.run(self.argv(host, ["bash", "-c", probe]), capture_output=True,
-                                timeout=10, check=False)  # fmt: skip
+            ok = subprocess.run(
+                self.argv(host, ["bash", "-c", probe]), capture_output=True, timeout=10, check=False
+            )
             if ok.returncode == 0:
                 return
             time.sleep(0.3)
@@ -194,25 +215,62 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     pki, hosp = root / "pki", root / "hospital"
     # --- the coordinator's operator: certificates for each machine's own address ---------
     # (no network involved: run in this process, which is quicker than a CLI start-up)
-    _cli(["certs", "--out", str(pki), "--coordinator-name", f"coordinator@{co}",
-          "--owner", f"x-owner=x@{hx}", "--owner", f"y-owner=y@{hy}",
-          "--requester", "hospital"])  # fmt: skip
+    _cli(
+        [
+            "certs",
+            "--out",
+            str(pki),
+            "--coordinator-name",
+            f"coordinator@{co}",
+            "--owner",
+            f"x-owner=x@{hx}",
+            "--owner",
+            f"y-owner=y@{hy}",
+            "--requester",
+            "hospital",
+        ]
+    )
     # --- the hospital: pseudonym key (copied to each owner) and evaluation labels -------------
     _cli(["deploy", "key", "--out", str(hosp / "pseudonym.key")])
-    _cli(["deploy", "labels", "--data", DATA, "--modality", "x",
-          "--pseudonym-key", str(hosp / "pseudonym.key"),
-          "--out", str(hosp / "eval-labels.json")])  # fmt: skip
+    _cli(
+        [
+            "deploy",
+            "labels",
+            "--data",
+            DATA,
+            "--modality",
+            "x",
+            "--pseudonym-key",
+            str(hosp / "pseudonym.key"),
+            "--out",
+            str(hosp / "eval-labels.json"),
+        ]
+    )
     for owner in ("x-owner", "y-owner"):
         (root / owner).mkdir(mode=0o700)
         shutil.copy2(hosp / "pseudonym.key", root / owner / "pseudonym.key")
     # --- coordinator: SuperLink (TLS + SuperNode auth) and the flwr CLI connection ----------
     c = pki / "coordinator"
-    m.spawn("superlink", "co", [
-        flower_executable("flower-superlink"), "--host", co, "--port", "9093",
-        "--disable-runtime-dependency-installation", "--ssl-ca-certfile", str(c / "ca.pem"),
-        "--ssl-certfile", str(c / "cert.pem"), "--ssl-keyfile", str(c / "key.pem"),
-        "--enable-supernode-auth",
-    ], root / "flwr-homes" / "superlink")  # fmt: skip
+    m.spawn(
+        "superlink",
+        "co",
+        [
+            flower_executable("flower-superlink"),
+            "--host",
+            co,
+            "--port",
+            "9093",
+            "--disable-runtime-dependency-installation",
+            "--ssl-ca-certfile",
+            str(c / "ca.pem"),
+            "--ssl-certfile",
+            str(c / "cert.pem"),
+            "--ssl-keyfile",
+            str(c / "key.pem"),
+            "--enable-supernode-auth",
+        ],
+        root / "flwr-homes" / "superlink",
+    )
     m.wait_listening("superlink", "co", co, 9093, timeout=60)
     cli_home = root / "flwr-homes" / "co"
     cli_home.mkdir(parents=True, exist_ok=True)
@@ -221,19 +279,42 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
         f'address = "{co}:9093"\nroot-certificates = "{pki / "ca" / "ca.pem"}"\n'
     )
     for owner in ("x-owner", "y-owner"):
-        _flwr(m, ["supernode", "register", str(pki / "owners" / owner / "supernode_auth.pub"),
-                  "hospital-fed"])  # fmt: skip
+        _flwr(
+            m,
+            [
+                "supernode",
+                "register",
+                str(pki / "owners" / owner / "supernode_auth.pub"),
+                "hospital-fed",
+            ],
+        )
     # --- each owner's machine: one SuperNode ------------------------------------------------
     for owner, host in (("x-owner", "x"), ("y-owner", "y")):
         d, ws = pki / "owners" / owner, root / owner
-        node_config = (f"owner='{owner}' modality='{host}' data='{DATA}' workdir='{ws}' "
-                       f"key-file='{ws / 'pseudonym.key'}'")  # fmt: skip
-        m.spawn(f"supernode-{host}", host, [
-            flower_executable("flower-supernode"), "--superlink", f"{co}:9093",
-            "--host", "127.0.0.1", "--port", "9094", "--root-certificates", str(d / "ca.pem"),
-            "--auth-supernode-private-key", str(d / "supernode_auth.key"),
-            "--node-config", node_config,
-        ], root / "flwr-homes" / f"supernode-{host}")  # fmt: skip
+        node_config = (
+            f"owner='{owner}' modality='{host}' data='{DATA}' workdir='{ws}' "
+            f"key-file='{ws / 'pseudonym.key'}'"
+        )
+        m.spawn(
+            f"supernode-{host}",
+            host,
+            [
+                flower_executable("flower-supernode"),
+                "--superlink",
+                f"{co}:9093",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "9094",
+                "--root-certificates",
+                str(d / "ca.pem"),
+                "--auth-supernode-private-key",
+                str(d / "supernode_auth.key"),
+                "--node-config",
+                node_config,
+            ],
+            root / "flwr-homes" / f"supernode-{host}",
+        )
     phases["setup_s"] = time.monotonic() - t0
     # --- coordinator: the app folder, the run config file, flwr run ----------------------------
     _cli(["deploy", "app", "--out", str(root / "app")])
@@ -265,25 +346,70 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     # --- online inference: owners on their own addresses, coordinator, hospital's predict ----
     for host, bind, port in (("x", hx, 50061), ("y", "0.0.0.0", 50062)):
         owner = f"{host}-owner"
-        m.spawn(f"owner-{host}", host, [
-            *CLI, "owner", "serve", "--workspace", str(root / owner), "--modality", host,
-            "--data", DATA, "--pseudonym-key", str(root / owner / "pseudonym.key"),
-            "--tls", str(pki / "owners" / owner), "--host", bind, "--port", str(port),
-        ], root / "flwr-homes" / f"owner-{host}")  # fmt: skip
-    m.spawn("coordinator", "co", [
-        *CLI, "coordinator", "serve", "--registry", str(results / "registry"),
-        "--owner", f"x={hx}:50061", "--owner", f"y={hy}:50062",
-        "--tls", str(pki / "coordinator"), "--host", co, "--port", "50050",
-    ], root / "flwr-homes" / "coordinator")  # fmt: skip
+        m.spawn(
+            f"owner-{host}",
+            host,
+            [
+                *CLI,
+                "owner",
+                "serve",
+                "--workspace",
+                str(root / owner),
+                "--modality",
+                host,
+                "--data",
+                DATA,
+                "--pseudonym-key",
+                str(root / owner / "pseudonym.key"),
+                "--tls",
+                str(pki / "owners" / owner),
+                "--host",
+                bind,
+                "--port",
+                str(port),
+            ],
+            root / "flwr-homes" / f"owner-{host}",
+        )
+    m.spawn(
+        "coordinator",
+        "co",
+        [
+            *CLI,
+            "coordinator",
+            "serve",
+            "--registry",
+            str(results / "registry"),
+            "--owner",
+            f"x={hx}:50061",
+            "--owner",
+            f"y={hy}:50062",
+            "--tls",
+            str(pki / "coordinator"),
+            "--host",
+            co,
+            "--port",
+            "50050",
+        ],
+        root / "flwr-homes" / "coordinator",
+    )
     m.wait_listening("owner-x", "co", hx, 50061, timeout=90)
     m.wait_listening("owner-y", "co", hy, 50062, timeout=90)
     assert "reachable from other machines" in m.procs["owner-y"].log_text()
     m.wait_listening("coordinator", "hosp", co, 50050, timeout=90)
     predict = [
-        *CLI, "predict", "twomoon-test-000000", "twomoon-test-000001",
-        "--coordinator", f"{co}:50050", "--tls", str(pki / "requesters" / "hospital"),
-        "--pseudonym-key", str(hosp / "pseudonym.key"), "--json", "--require-all",
-    ]  # fmt: skip
+        *CLI,
+        "predict",
+        "twomoon-test-000000",
+        "twomoon-test-000001",
+        "--coordinator",
+        f"{co}:50050",
+        "--tls",
+        str(pki / "requesters" / "hospital"),
+        "--pseudonym-key",
+        str(hosp / "pseudonym.key"),
+        "--json",
+        "--require-all",
+    ]
     deadline, answer, last = time.monotonic() + 60, None, ""
     while answer is None and time.monotonic() < deadline:
         try:

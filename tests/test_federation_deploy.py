@@ -196,7 +196,9 @@ def test_deployment_insecure_only_when_asked(tmp_path: Path) -> None:
         with contextlib.suppress(TimeoutError):  # asserted just below, with what was seen
             wait_until(
                 lambda: list(dep.list_supernodes().values()) == ["online"],
-                "the SuperNode to be online", timeout=60, interval=0.5,
-            )  # fmt: skip
+                "the SuperNode to be online",
+                timeout=60,
+                interval=0.5,
+            )
         assert list(dep.list_supernodes().values()) == ["online"]
         assert "insecure = true" in (dep.cli_home / "config.toml").read_text()

@@ -389,8 +389,12 @@ def test_gradients_with_tied_probabilities() -> None:
         (lambda: jacobian_fusion([np.zeros((2, 3))], [np.eye(3), None]), "one entry per"),
         (lambda: jacobian_fusion([np.zeros((2, 3))], [np.eye(3)], iterations=-1), "iterations"),
         (lambda: jacobian_fusion([np.zeros((2, 3))], [np.eye(3)], solver="magic"), "solver"),
-        (lambda: jacobian_fusion([np.zeros((2, 3))], [np.array([[1, 2, 0], [0, 1, 0], [0, 0, 1]])]),
-         "symmetric"),
+        (
+            lambda: jacobian_fusion(
+                [np.zeros((2, 3))], [np.array([[1, 2, 0], [0, 1, 0], [0, 0, 1]])]
+            ),
+            "symmetric",
+        ),
         (lambda: jacobian_fusion([np.zeros((2, 3))], [-np.eye(3)]), "positive semi-definite"),
         (lambda: solve_jacobian_weights(np.full((1, 3), 0.5), np.eye(3), 0.5), "sum to 1"),
         (lambda: solve_jacobian_weights(np.array([[1.5, -0.5]]), np.eye(2), 0.5), "negative"),

@@ -84,9 +84,12 @@ def test_a_method_declares_what_it_needs(problem: dict[str, Any]) -> None:
         return mean_fusion(logits)
 
     rule = FusionMethod(
-        "scaled", scaled, needs=frozenset({"calibrations"}), uses=frozenset({"log_prior"}),
+        "scaled",
+        scaled,
+        needs=frozenset({"calibrations"}),
+        uses=frozenset({"log_prior"}),
         options=("alpha",),
-    )  # fmt: skip
+    )
     with pytest.raises(FusionInputError, match="scaled method needs calibrations"):
         fuse(rule, problem["logits"])
     fuse(rule, problem["logits"], problem["grams"], None, {"alpha": 0.2}, calibrations=[1, 2])

@@ -57,10 +57,14 @@ class _Owner:
 
     def GetInfo(self, request: Any, timeout: float | None = None) -> Any:
         return modality_pb2.GetInfoResponse(
-            modality=self.modality, owner=f"{self.modality}-co", model_version="v1",
-            num_classes=K, feature_dim=3, class_counts=self.counts,
+            modality=self.modality,
+            owner=f"{self.modality}-co",
+            model_version="v1",
+            num_classes=K,
+            feature_dim=3,
+            class_counts=self.counts,
             shareable_head_kinds=[modality_pb2.HEAD_KIND_GRAM],
-        )  # fmt: skip
+        )
 
     def GetHead(self, request: Any, timeout: float | None = None) -> Any:
         out = modality_pb2.GetHeadResponse(model_version="v1", num_classes=K)

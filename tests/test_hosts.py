@@ -50,12 +50,19 @@ def test_each_identity_gets_only_its_own_hosts(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
         [
-            "certs", "--out", str(tmp_path / "pki"),
-            "--coordinator-name", "coordinator@coord.example.org,10.77.0.1",
-            "--owner", "vision-co=image@img.example.org,10.0.0.2",
-            "--owner", "audio-co=audio@10.0.0.3", "--requester", "hospital",
+            "certs",
+            "--out",
+            str(tmp_path / "pki"),
+            "--coordinator-name",
+            "coordinator@coord.example.org,10.77.0.1",
+            "--owner",
+            "vision-co=image@img.example.org,10.0.0.2",
+            "--owner",
+            "audio-co=audio@10.0.0.3",
+            "--requester",
+            "hospital",
         ],
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     pki = tmp_path / "pki"
     assert _sans(pki / "coordinator" / "cert.pem") == (
@@ -97,7 +104,7 @@ def test_host_option_adds_to_loopback_instead_of_replacing(tmp_path: Path) -> No
     result = runner.invoke(
         app,
         ["certs", "--out", str(tmp_path / "p"), "--owner", "o=image", "--host", "10.1.2.3"],
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     for cert in ("coordinator/cert.pem", "owners/o/cert.pem"):
         assert _sans(tmp_path / "p" / cert)[1] == {"127.0.0.1", "10.1.2.3"}
@@ -169,9 +176,18 @@ def test_an_explicit_wildcard_binds(tmp_path: Path) -> None:
 def test_cli_servers_refuse_a_bad_host_and_predict_needs_a_coordinator(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
-        ["coordinator", "serve", "--registry", str(tmp_path / "r"), "--owner", "a=h:1",
-         "--insecure", "--host", "no such host"],
-    )  # fmt: skip
+        [
+            "coordinator",
+            "serve",
+            "--registry",
+            str(tmp_path / "r"),
+            "--owner",
+            "a=h:1",
+            "--insecure",
+            "--host",
+            "no such host",
+        ],
+    )
     assert result.exit_code == 2 and "cannot bind coordinator FusionService" in result.output
     result = runner.invoke(app, ["predict", "x", "--pseudonyms", "--insecure"])
     assert result.exit_code == 2 and "--coordinator" in result.output

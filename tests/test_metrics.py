@@ -63,9 +63,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     assert coordinator.sync() == {m: "" for m in MODALITIES}
     limits = PeerLimits.for_workers(4, max_streams_per_peer=1, stall_timeout_s=1.0)
     server = serve_coordinator(
-        coordinator, fed.coordinator_tls, max_workers=4, metrics_port=0, limits=limits,
+        coordinator,
+        fed.coordinator_tls,
+        max_workers=4,
+        metrics_port=0,
+        limits=limits,
         sync=False,
-    )  # fmt: skip
+    )
     try:
         yield Servers(fed, owners, server)
     finally:
@@ -146,10 +150,12 @@ def test_refusals_in_flight_and_stall_cancellation(servers: Servers) -> None:
     cut_before = metrics.value("jacfusion_rpc_refused_total", stalled) or 0.0
     # A gRPC client with a 1 KiB window that never reads: the coordinator's writes block.
     channel = connect_coordinator(
-        servers.coordinator.target, servers.fed.requester,
-        options=TransportOptions(extra=(("grpc.http2.lookahead_bytes", 1024),
-                                        ("grpc.http2.bdp_probe", 0))),
-    )  # fmt: skip
+        servers.coordinator.target,
+        servers.fed.requester,
+        options=TransportOptions(
+            extra=(("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0))
+        ),
+    )
     message = fusion_pb2.PredictStreamRequest(sample_ids=servers.fed.ids, chunk_size=1)
     unread = fusion_pb2_grpc.FusionServiceStub(channel).PredictStream(message, timeout=60)
     try:
@@ -210,11 +216,13 @@ def test_unanswered_pings_drop_a_peer_that_stopped_reading(servers: Servers) -> 
     the connection is closed, which ends its stalled stream, here long before the 600 s
     stall timeout (with the default 20 s timeout, about 20 s after the first ping)."""
     owner = serve_owner(
-        servers.fed.workspaces["audio"], servers.fed.owner_tls("audio"),
-        options=TransportOptions(keepalive_time_ms=1000, keepalive_timeout_ms=1000,
-                                 server_min_ping_interval_ms=1000),
+        servers.fed.workspaces["audio"],
+        servers.fed.owner_tls("audio"),
+        options=TransportOptions(
+            keepalive_time_ms=1000, keepalive_timeout_ms=1000, server_min_ping_interval_ms=1000
+        ),
         limits=PeerLimits.for_workers(8, stall_timeout_s=600.0),
-    )  # fmt: skip
+    )
     guard = owner.guard
     assert guard is not None
     peer = "coordinator 'coordinator'"

@@ -90,8 +90,11 @@ def test_torchscript_import(tmp_path: Path) -> None:
     assert detect_format(path) == "torchscript"
     report = import_model(_ws(tmp_path / "ws"), path, class_counts=COUNTS, input_spec=SPEC)
     assert (report.format, report.head, report.num_classes, report.feature_dim) == (
-        "torchscript", "5", K, 12,
-    )  # fmt: skip
+        "torchscript",
+        "5",
+        K,
+        12,
+    )
     assert report.probe_max_error < 1e-5
     _check_served(tmp_path / "ws", net, report.version)
 
@@ -125,13 +128,19 @@ def test_safetensors_with_factory(tmp_path: Path, factory_module: str) -> None:
         import_model(_ws(tmp_path / "ws"), path, class_counts=COUNTS, input_spec=SPEC)
     with pytest.raises(ModelImportError, match="do not fit"):
         import_model(
-            _ws(tmp_path / "ws"), path, factory=f"{factory_module}:make_other",
-            class_counts=COUNTS, input_spec=SPEC,
-        )  # fmt: skip
+            _ws(tmp_path / "ws"),
+            path,
+            factory=f"{factory_module}:make_other",
+            class_counts=COUNTS,
+            input_spec=SPEC,
+        )
     report = import_model(
-        _ws(tmp_path / "ws"), path, factory=f"{factory_module}:make_net",
-        class_counts=COUNTS, input_spec=SPEC,
-    )  # fmt: skip
+        _ws(tmp_path / "ws"),
+        path,
+        factory=f"{factory_module}:make_net",
+        class_counts=COUNTS,
+        input_spec=SPEC,
+    )
     assert report.format == "safetensors"
     _check_served(tmp_path / "ws", net, report.version)
 
@@ -149,9 +158,12 @@ def test_pickle_refused_unless_weights_only(tmp_path: Path, factory_module: str)
     weights = tmp_path / "weights.pth"
     torch.save(net.state_dict(), weights)
     report = import_model(
-        _ws(tmp_path / "ws"), weights, factory=f"{factory_module}:make_net",
-        class_counts=COUNTS, input_spec=SPEC,
-    )  # fmt: skip
+        _ws(tmp_path / "ws"),
+        weights,
+        factory=f"{factory_module}:make_net",
+        class_counts=COUNTS,
+        input_spec=SPEC,
+    )
     _check_served(tmp_path / "ws", net, report.version)
 
 

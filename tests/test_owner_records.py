@@ -302,10 +302,22 @@ def test_cli_predict_prints_accuracy(dep: Deployment, tmp_path: Path) -> None:
     labels.write_text(json.dumps({PATIENTS[0]: int(want[0]), PATIENTS[1]: int(want[1] + 1) % K}))
     result = CliRunner().invoke(
         app,
-        ["predict", *PATIENTS[:2], "--coordinator", dep.coordinator.target, "--tls",
-         str(dep.certs.requester_dirs["alice"]), "--pseudonym-key", str(key), "--method",
-         "statistical", "--labels", str(labels), "--json"],
-    )  # fmt: skip
+        [
+            "predict",
+            *PATIENTS[:2],
+            "--coordinator",
+            dep.coordinator.target,
+            "--tls",
+            str(dep.certs.requester_dirs["alice"]),
+            "--pseudonym-key",
+            str(key),
+            "--method",
+            "statistical",
+            "--labels",
+            str(labels),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "accuracy: 50.0% (1 of 2 labelled samples)" in result.output
 
@@ -327,8 +339,9 @@ def test_restart_durability_and_key_rotation(dep: Deployment) -> None:
     with pytest.raises(KeyMismatchError, match="fingerprint"):  # never serves the old cache
         dep.start_owner("image", dep.workspace("image", new_key))
     old = dep.workspace("image")
-    mapping = Requester(tls=TlsFiles.from_dir(dep.certs.requester_dirs["alice"]),
-                        pseudonym_key=KEY).rekey_map(ids, new_key)  # fmt: skip
+    mapping = Requester(
+        tls=TlsFiles.from_dir(dep.certs.requester_dirs["alice"]), pseudonym_key=KEY
+    ).rekey_map(ids, new_key)
     renamed, erased = old.rekey(Pseudonymizer(new_key), mapping)
     assert renamed == 2 and erased > 0  # the other tests' records had no mapping
     dep.start_owner("image", dep.workspace("image", new_key))

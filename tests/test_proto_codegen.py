@@ -148,8 +148,13 @@ def test_rpc_shapes() -> None:
 
     modality = modality_pb2.DESCRIPTOR.services_by_name["ModalityService"].methods_by_name
     assert set(modality) == {
-        "GetInfo", "GetHead", "GetLogits", "StreamLogits", "PutRecords", "DeleteRecords",
-    }  # fmt: skip
+        "GetInfo",
+        "GetHead",
+        "GetLogits",
+        "StreamLogits",
+        "PutRecords",
+        "DeleteRecords",
+    }
     assert modality["StreamLogits"].server_streaming and not modality["GetLogits"].server_streaming
     fusion = fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].methods_by_name
     assert set(fusion) == {"Predict", "PredictStream", "GetModelInfo"}

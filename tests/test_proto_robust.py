@@ -16,24 +16,43 @@ from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
 BEFORE: dict[str, tuple[Any, list[tuple[str, int, int, int]]]] = {
     "Predictions": (
         fusion_pb2.Predictions,
-        [("sample_ids", 1, 9, 3), ("probabilities", 2, 11, 1), ("predicted_labels", 3, 13, 3),
-         ("modalities", 4, 11, 3), ("unpredicted_sample_ids", 5, 9, 3), ("method", 6, 14, 1)],
+        [
+            ("sample_ids", 1, 9, 3),
+            ("probabilities", 2, 11, 1),
+            ("predicted_labels", 3, 13, 3),
+            ("modalities", 4, 11, 3),
+            ("unpredicted_sample_ids", 5, 9, 3),
+            ("method", 6, 14, 1),
+        ],
     ),
     "ModalityContribution": (
         fusion_pb2.ModalityContribution,
-        [("modality", 1, 9, 1), ("owner", 2, 9, 1), ("model_version", 3, 9, 1),
-         ("used", 4, 8, 3), ("gamma", 5, 1, 1), ("regularized", 6, 8, 1), ("error", 7, 9, 1)],
+        [
+            ("modality", 1, 9, 1),
+            ("owner", 2, 9, 1),
+            ("model_version", 3, 9, 1),
+            ("used", 4, 8, 3),
+            ("gamma", 5, 1, 1),
+            ("regularized", 6, 8, 1),
+            ("error", 7, 9, 1),
+        ],
     ),
     "GetHeadResponse": (
         modality_pb2.GetHeadResponse,
-        [("model_version", 1, 9, 1), ("num_classes", 2, 13, 1), ("gram", 3, 11, 1),
-         ("full", 4, 11, 1)],
+        [
+            ("model_version", 1, 9, 1),
+            ("num_classes", 2, 13, 1),
+            ("gram", 3, 11, 1),
+            ("full", 4, 11, 1),
+        ],
     ),
-}  # fmt: skip
+}
 ADDED = {
     "Predictions": {("prediction_sets", 7, 11, 3), ("abstain", 8, 8, 3)},
     "ModalityContribution": {
-        ("sites", 8, 11, 3), ("ambiguous_sample_ids", 9, 9, 3), ("reliability", 10, 1, 3),
+        ("sites", 8, 11, 3),
+        ("ambiguous_sample_ids", 9, 9, 3),
+        ("reliability", 10, 1, 3),
     },
     "GetHeadResponse": {("calibration", 5, 11, 1)},
 }
@@ -55,10 +74,13 @@ def test_old_fields_unchanged_new_fields_added(name: str) -> None:
 def test_fusion_method_values_kept_and_robust_added() -> None:
     values = [(v.name, v.number) for v in fusion_pb2.FusionMethod.DESCRIPTOR.values]
     assert values == [
-        ("FUSION_METHOD_UNSPECIFIED", 0), ("FUSION_METHOD_STATISTICAL", 1),
-        ("FUSION_METHOD_JACOBIAN", 2), ("FUSION_METHOD_MEAN", 3),
-        ("FUSION_METHOD_CONFIDENCE_MEAN", 4), ("FUSION_METHOD_ROBUST", 5),
-    ]  # fmt: skip
+        ("FUSION_METHOD_UNSPECIFIED", 0),
+        ("FUSION_METHOD_STATISTICAL", 1),
+        ("FUSION_METHOD_JACOBIAN", 2),
+        ("FUSION_METHOD_MEAN", 3),
+        ("FUSION_METHOD_CONFIDENCE_MEAN", 4),
+        ("FUSION_METHOD_ROBUST", 5),
+    ]
 
 
 def test_every_registered_fusion_method_has_its_enum_value() -> None:

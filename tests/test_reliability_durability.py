@@ -65,12 +65,16 @@ class Running:
     """In-process owners (the same server code as ``owner serve``) and a coordinator."""
 
     def __init__(self, fed: Fed, tmp: Path, workspaces: dict[str, OwnerWorkspace]) -> None:
-        self.owners = {m: serve_owner(ws, fed.owner_tls(m), health_interval=0.05)
-                       for m, ws in workspaces.items()}  # fmt: skip
+        self.owners = {
+            m: serve_owner(ws, fed.owner_tls(m), health_interval=0.05)
+            for m, ws in workspaces.items()
+        }
         self.coordinator = Coordinator(
-            tmp / "registry", [OwnerEndpoint(m, o.target) for m, o in self.owners.items()],
-            fed.coordinator_tls, CoordinatorConfig(retry_interval_s=0.1),
-        )  # fmt: skip
+            tmp / "registry",
+            [OwnerEndpoint(m, o.target) for m, o in self.owners.items()],
+            fed.coordinator_tls,
+            CoordinatorConfig(retry_interval_s=0.1),
+        )
 
     def stop(self) -> None:
         self.coordinator.close()
@@ -118,8 +122,9 @@ def test_damaged_model_pointer_is_reported_and_never_used(
         # Health follows: NOT_SERVING while the pointer is damaged.
         wait_until(
             lambda: _health(fed, running.owners["audio"].target) == 2,  # NOT_SERVING
-            "the owner's health to turn NOT_SERVING", timeout=10,
-        )  # fmt: skip
+            "the owner's health to turn NOT_SERVING",
+            timeout=10,
+        )
     finally:
         current.write_bytes(original)
     got = running.coordinator.predict(ids)
@@ -167,16 +172,28 @@ def test_coordinator_refuses_to_start_on_a_damaged_registry(fed: Fed, tmp_path: 
     registry = HeadRegistry(tmp_path / "registry")
     for m in MODALITIES:
         ws = fed.workspaces[m]
-        registry.register(m, f"{m}-co", ws.current_version(),
-                          class_counts=ws.class_counts(), gram=ws.head().gram)  # fmt: skip
+        registry.register(
+            m, f"{m}-co", ws.current_version(), class_counts=ws.class_counts(), gram=ws.head().gram
+        )
     entry = next((tmp_path / "registry" / "heads" / "audio").glob("*.head"))
     flip(entry)
     result = CliRunner().invoke(
         app,
-        ["coordinator", "serve", "--registry", str(tmp_path / "registry"),
-         "--tls", str(fed.certs.coordinator_dir), "--port", "0", "--owner", "audio=127.0.0.1:9",
-         "--owner", "image=127.0.0.1:10"],
-    )  # fmt: skip
+        [
+            "coordinator",
+            "serve",
+            "--registry",
+            str(tmp_path / "registry"),
+            "--tls",
+            str(fed.certs.coordinator_dir),
+            "--port",
+            "0",
+            "--owner",
+            "audio=127.0.0.1:9",
+            "--owner",
+            "image=127.0.0.1:10",
+        ],
+    )
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
     assert "head registry is damaged, refusing to start" in flat
@@ -241,8 +258,9 @@ def test_registry_write_failure_is_clear_and_heals(
         monkeypatch.setattr(HeadRegistry, "register", real)
         wait_until(
             lambda: all(c.head(m) is not None for m in MODALITIES),
-            "the sync thread to recover", timeout=20,
-        )  # fmt: skip
+            "the sync thread to recover",
+            timeout=20,
+        )
         got = c.predict(fed.ids[:4])
         assert _reference(fed).classify(fed.ids[:4], got).kind == "correct"
     finally:
@@ -306,8 +324,11 @@ def _kill_while_writing(tmp_path: Path, rounds: int) -> list[tuple[int, int]]:
     seen = []
     forks = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(store_dir), str(registry_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
     assert forks.stdin is not None and forks.stdout is not None
     try:
         for i in range(rounds):
@@ -343,6 +364,7 @@ def test_sigkill_while_publishing_and_registering(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_while_publishing_and_registering_long(tmp_path: Path) -> None:
     seen = _kill_while_writing(tmp_path, 40)
-    print(f"\nkill-while-writing: {len(seen)} crashes; (versions, head entries) at the end "
-          f"{seen[-1]}")  # fmt: skip
+    print(
+        f"\nkill-while-writing: {len(seen)} crashes; (versions, head entries) at the end {seen[-1]}"
+    )
     assert np.all(np.diff([s[1] for s in seen]) >= 0)  # history only ever grows

@@ -78,9 +78,12 @@ def cfg(clients: int = 4, batch: int = 8, **kw: Any) -> LoadConfig:
 
 def record(name: str, result: LoadResult, **extra: Any) -> None:
     SUMMARY[name] = {
-        "requests": result.requests, "outcomes": result.outcomes, "neither": result.neither,
-        "seconds": round(result.seconds, 1), **extra,
-    }  # fmt: skip
+        "requests": result.requests,
+        "outcomes": result.outcomes,
+        "neither": result.neither,
+        "seconds": round(result.seconds, 1),
+        **extra,
+    }
     assert result.neither == 0, result.neither_examples
 
 

@@ -73,10 +73,15 @@ def report() -> Iterator[None]:
 
 def _settings(n: int) -> Any:
     return settings(
-        max_examples=n, deadline=None, database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                               HealthCheck.function_scoped_fixture],
-    )  # fmt: skip
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 # --- in-process targets ------------------------------------------------------------------------
@@ -322,13 +327,17 @@ def _socket_fuzz(s: Sockets, data: Any) -> None:
     mode = ch.int(0, 9)
     if mode <= 1:  # ModalityService of a real owner, as the coordinator
         method = H.choice(ch, ["GetInfo", "GetHead", "GetLogits", "StreamLogits"])
-        payload = ch.bytes(300) if mode == 0 else H.mangle(
-            ch,
-            fusion_pb2.PredictRequest(
-                sample_ids=[H.draw_id(ch, s.pool) for _ in range(ch.int(0, 8))]
-            ).SerializeToString(),  # field 1 = repeated string ids in every request
-            ch.int(0, 3),
-        )  # fmt: skip
+        payload = (
+            ch.bytes(300)
+            if mode == 0
+            else H.mangle(
+                ch,
+                fusion_pb2.PredictRequest(
+                    sample_ids=[H.draw_id(ch, s.pool) for _ in range(ch.int(0, 8))]
+                ).SerializeToString(),  # field 1 = repeated string ids in every request
+                ch.int(0, 3),
+            )
+        )
         if method == "StreamLogits":
             code, out = _call(s.owner_stream, payload, stream=True)
         else:

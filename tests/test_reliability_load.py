@@ -76,10 +76,25 @@ def test_bench_load_full(tmp_path: Path) -> None:
     out = tmp_path / "bench-load.json"
     result = CliRunner().invoke(
         app,
-        ["bench", "load", "--requests", "20000", "--clients", "32", "--batch", "16",
-         "--warmup", "1000", "--rss-bound-mb", str(RSS_BOUND_MB),
-         "--workdir", str(tmp_path / "work"), "--out", str(out)],
-    )  # fmt: skip
+        [
+            "bench",
+            "load",
+            "--requests",
+            "20000",
+            "--clients",
+            "32",
+            "--batch",
+            "16",
+            "--warmup",
+            "1000",
+            "--rss-bound-mb",
+            str(RSS_BOUND_MB),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+    )
     payload = json.loads(out.read_text())
     _report("bench load (slow)", payload)
     assert result.exit_code == 0, result.output

@@ -95,9 +95,11 @@ def owner_target(dep: Deployment, modality: str = "audio") -> str:
 @pytest.mark.e2e
 def test_no_client_certificate_against_an_owner_process(dep: Deployment) -> None:
     channel = create_channel(
-        owner_target(dep), dep.fed.coordinator_tls,
-        server_name="audio.owner.jacfusion.internal", client_certificate=False,
-    )  # fmt: skip
+        owner_target(dep),
+        dep.fed.coordinator_tls,
+        server_name="audio.owner.jacfusion.internal",
+        client_certificate=False,
+    )
     stub = modality_pb2_grpc.ModalityServiceStub(channel)
     code, _ = rpc_error(lambda: stub.GetInfo(modality_pb2.GetInfoRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
@@ -119,8 +121,9 @@ def test_expired_requester_certificate_against_the_coordinator(
 def test_expired_coordinator_certificate_against_an_owner_process(
     dep: Deployment, ca_extra: dict[str, TlsFiles]
 ) -> None:
-    channel = connect_owner(owner_target(dep), ca_extra["expired_coordinator"], "audio",
-                            verify_now=False)  # fmt: skip
+    channel = connect_owner(
+        owner_target(dep), ca_extra["expired_coordinator"], "audio", verify_now=False
+    )
     stub = modality_pb2_grpc.ModalityServiceStub(channel)
     request = modality_pb2.GetLogitsRequest(sample_ids=dep.fed.ids[:1])
     code, _ = rpc_error(lambda: stub.GetLogits(request, timeout=5))
@@ -139,9 +142,11 @@ def _rogue_owner(tls: TlsFiles, workspace: Any, name: str) -> tuple[grpc.Server,
 
 def _coordinator_against(dep: Deployment, modality: str, target: str, tmp: Path) -> Coordinator:
     return Coordinator(
-        tmp / "registry", [OwnerEndpoint(modality, target)], dep.fed.coordinator_tls,
+        tmp / "registry",
+        [OwnerEndpoint(modality, target)],
+        dep.fed.coordinator_tls,
         CoordinatorConfig(registration_timeout_s=3.0),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.e2e
@@ -220,16 +225,27 @@ def test_cli_writes_keys_owner_only_even_with_a_permissive_umask(tmp_path: Path)
     try:
         runner = CliRunner()
         result = runner.invoke(
-            app, ["certs", "--out", str(tmp_path / "certs"), "--owner", "a-co=audio",
-                  "--requester", "alice"],
-        )  # fmt: skip
+            app,
+            [
+                "certs",
+                "--out",
+                str(tmp_path / "certs"),
+                "--owner",
+                "a-co=audio",
+                "--requester",
+                "alice",
+            ],
+        )
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, ["deploy", "key", "--out", str(tmp_path / "hmac.key")])
         assert result.exit_code == 0, result.output
     finally:
         os.umask(old)
-    keys = [tmp_path / "hmac.key", *(tmp_path / "certs").rglob("*.key"),
-            *(tmp_path / "certs").rglob("key.pem")]  # fmt: skip
+    keys = [
+        tmp_path / "hmac.key",
+        *(tmp_path / "certs").rglob("*.key"),
+        *(tmp_path / "certs").rglob("key.pem"),
+    ]
     assert len(keys) >= 5
     for key in keys:
         assert _mode(key) == 0o600, key
@@ -253,8 +269,9 @@ def test_message_size_limit_on_every_server_process(dep: Deployment) -> None:
     assert len(payload) > DEFAULT_MAX_MESSAGE_BYTES
     coordinator = connect_coordinator(dep.fed.coordinator, dep.fed.requester, options=big)
     for m in MODALITIES:
-        owner = connect_owner(owner_target(dep, m), dep.fed.coordinator_tls, m,
-                              options=big, verify_now=False)  # fmt: skip
+        owner = connect_owner(
+            owner_target(dep, m), dep.fed.coordinator_tls, m, options=big, verify_now=False
+        )
         call = owner.unary_unary("/jacfusion.v1.ModalityService/GetLogits")
         code, details = rpc_error(lambda c=call: c(payload, timeout=60))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (m, details)

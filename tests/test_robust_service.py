@@ -159,9 +159,18 @@ def test_cli_predict_method_robust(dep: Deployment) -> None:
 
     ids = _test_ids(5)
     want = dep.reference(ids)
-    base = ["predict", *ids, "--coordinator", dep.coordinator.target, "--tls",
-            str(dep.certs.requester_dirs["alice"]), "--pseudonym-key", str(dep.key),
-            "--method", "robust"]  # fmt: skip
+    base = [
+        "predict",
+        *ids,
+        "--coordinator",
+        dep.coordinator.target,
+        "--tls",
+        str(dep.certs.requester_dirs["alice"]),
+        "--pseudonym-key",
+        str(dep.key),
+        "--method",
+        "robust",
+    ]
     result = CliRunner().invoke(app, [*base, "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)

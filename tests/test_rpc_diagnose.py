@@ -41,10 +41,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     owners = {m: serve_owner(fed.workspaces[m], fed.owner_tls(m)) for m in MODALITIES}
     swapped = Coordinator(
         root / "registry",
-        [OwnerEndpoint("audio", owners["image"].target),
-         OwnerEndpoint("image", owners["audio"].target)],
+        [
+            OwnerEndpoint("audio", owners["image"].target),
+            OwnerEndpoint("image", owners["audio"].target),
+        ],
         fed.coordinator_tls,
-    )  # fmt: skip
+    )
     server = serve_coordinator(swapped, fed.coordinator_tls, sync=False)
     plaintext = serve_owner(fed.workspaces["audio"], INSECURE)
     foreign = TlsFiles.from_dir(foreign_certs(root / "foreign").requester_dirs["mallory"])
@@ -123,9 +125,11 @@ def test_plaintext_against_tls_and_tls_against_plaintext(setup: Setup) -> None:
 
 def test_wrong_owner_name_and_wrong_address(setup: Setup) -> None:
     line = diagnose_tls_failure(
-        setup.owners["image"].target, setup.fed.coordinator_tls,
-        expected_role="owner", modality="audio",
-    )  # fmt: skip
+        setup.owners["image"].target,
+        setup.fed.coordinator_tls,
+        expected_role="owner",
+        modality="audio",
+    )
     assert "is the owner 'image-co' (modality 'image'), not the owner of modality 'audio'" in line
     line = diagnose_tls_failure(setup.owners["image"].target, setup.fed.requester)
     assert "not the coordinator" in line
@@ -137,7 +141,10 @@ def test_wrong_owner_name_and_wrong_address(setup: Setup) -> None:
 
 def test_right_files_name_no_culprit(setup: Setup) -> None:
     line = diagnose_tls_failure(
-        setup.owners["audio"].target, setup.fed.coordinator_tls, "DEADLINE_EXCEEDED",
-        expected_role="owner", modality="audio",
-    )  # fmt: skip
+        setup.owners["audio"].target,
+        setup.fed.coordinator_tls,
+        "DEADLINE_EXCEEDED",
+        expected_role="owner",
+        modality="audio",
+    )
     assert "certificates check out" in line and "DEADLINE_EXCEEDED" in line

@@ -100,9 +100,14 @@ def test_fused_output_matches_the_library(fed: Fed, method: str) -> None:
 def test_jacobian_options_match_the_library(fed: Fed) -> None:
     ids = fed.ids[:30]
     got = predict(
-        fed, ids, method=METHOD["jacobian"], gammas={"audio": 0.2}, default_gamma=0.7,
-        regularize=["audio"], iterations=2,
-    )  # fmt: skip
+        fed,
+        ids,
+        method=METHOD["jacobian"],
+        gammas={"audio": 0.2},
+        default_gamma=0.7,
+        regularize=["audio"],
+        iterations=2,
+    )
     want = fed.reference(ids, gammas=[0.2, 0.7], regularize=["audio"], iterations=2)
     np.testing.assert_allclose(got.probabilities, want, rtol=0, atol=TOL)
     by_name = {c.modality: c for c in got.modalities}
@@ -233,9 +238,17 @@ def test_cli_predict_and_info(fed: Fed) -> None:
     assert payload["samples"][0]["modalities"] == list(MODALITIES)
 
     result = runner.invoke(
-        app, ["predict", "patient-0000003", *tls, "--pseudonym-key", str(fed.key),
-              "--method", "statistical"],
-    )  # fmt: skip
+        app,
+        [
+            "predict",
+            "patient-0000003",
+            *tls,
+            "--pseudonym-key",
+            str(fed.key),
+            "--method",
+            "statistical",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "patient-0000003" in result.stdout and "audio, image" in result.stdout
 
@@ -290,9 +303,11 @@ def test_wrong_ca_and_missing_certificate_are_refused(fed: Fed, tmp_path: Path) 
     assert code == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
     # A client presenting no certificate at all.
     channel = create_channel(
-        fed.coordinator, fed.requester, server_name="coordinator.jacfusion.internal",
+        fed.coordinator,
+        fed.requester,
+        server_name="coordinator.jacfusion.internal",
         client_certificate=False,
-    )  # fmt: skip
+    )
     code, _ = rpc_error(lambda: fusion_pb2_grpc_stub(channel).Predict(request, timeout=5))
     assert code == grpc.StatusCode.UNAVAILABLE
     # The same against an owner (only the coordinator's certificate gets in).
@@ -459,9 +474,23 @@ def test_bench_serve_runs(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
         app,
-        ["bench", "serve", "--samples", "1024", "--batch", "256", "--latency-requests", "50",
-         "--duration", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-    )  # fmt: skip
+        [
+            "bench",
+            "serve",
+            "--samples",
+            "1024",
+            "--batch",
+            "256",
+            "--latency-requests",
+            "50",
+            "--duration",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     for tag in ("cached", "uncached"):

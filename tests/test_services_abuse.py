@@ -102,9 +102,10 @@ def test_stalled_streams_of_one_requester_do_not_lock_out_another(fed: Fed) -> N
         return str(code.name)
 
     message = fusion_pb2.PredictStreamRequest(
-        sample_ids=_padded(fed), chunk_size=1024,
+        sample_ids=_padded(fed),
+        chunk_size=1024,
         options=fusion_pb2.FusionOptions(skip_unknown_ids=True),
-    ).SerializeToString()  # fmt: skip
+    ).SerializeToString()
     result = measure_stall(
         target=fed.coordinator,
         pid=fed.procs.procs["coordinator"].pid,

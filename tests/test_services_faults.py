@@ -60,8 +60,12 @@ class Running:
         self.server.stop(0).wait()
 
 
-def start_owner(fed: Fed, modality: str, servicer_cls: type[ModalityServicer] | None = None,
-                workspace: OwnerWorkspace | None = None) -> Running:  # fmt: skip
+def start_owner(
+    fed: Fed,
+    modality: str,
+    servicer_cls: type[ModalityServicer] | None = None,
+    workspace: OwnerWorkspace | None = None,
+) -> Running:
     ws = workspace or fed.workspaces[modality]
     if servicer_cls is None:
         running = serve_owner(ws, fed.owner_tls(modality), health_interval=0.1)
@@ -147,8 +151,9 @@ def test_nonfinite_logits_are_never_fused(fed: Fed, tmp_path: Path) -> None:
 def test_late_owner_is_left_out_and_deadlines_hold(fed: Fed, tmp_path: Path) -> None:
     slow = start_owner(fed, "audio", SlowOwner)
     good = start_owner(fed, "image")
-    c = coordinator(fed, {"audio": slow.target, "image": good.target}, tmp_path,
-                    owner_timeout_s=0.3)  # fmt: skip
+    c = coordinator(
+        fed, {"audio": slow.target, "image": good.target}, tmp_path, owner_timeout_s=0.3
+    )
     served = serve_coordinator(c, fed.coordinator_tls, sync=False)
     try:
         ids = fed.ids[:4]
@@ -217,9 +222,11 @@ def test_k_mismatch_between_owners(fed: Fed, tmp_path: Path) -> None:
 def test_owner_holding_some_patients(fed: Fed, tmp_path: Path) -> None:
     """The audio owner holds every other patient: the rest is fused from image alone."""
     half = OwnerWorkspace(
-        tmp_path / "ws-half", "audio", f"npz:{fed.data['audio']}?site=0&sites=2",
+        tmp_path / "ws-half",
+        "audio",
+        f"npz:{fed.data['audio']}?site=0&sites=2",
         Pseudonymizer.from_file(fed.key),
-    )  # fmt: skip
+    )
     half.train(epochs=1)
     owner = start_owner(fed, "audio", workspace=half)
     good = start_owner(fed, "image")
@@ -307,8 +314,9 @@ def test_fusion_batcher_merges_concurrent_jobs() -> None:
     assert batcher.jobs == 7 and batcher.calls == 3
 
 
-def test_concurrent_requests_are_fused_correctly(fed: Fed, owners: dict[str, Running],
-                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_concurrent_requests_are_fused_correctly(
+    fed: Fed, owners: dict[str, Running], tmp_path: Path
+) -> None:
     c = coordinator(fed, {m: r.target for m, r in owners.items()}, tmp_path)
     try:
         c.sync()
@@ -355,9 +363,11 @@ def test_large_batches_are_split_across_owner_calls(
 
 def test_health_follows_models_and_heads(fed: Fed, tmp_path: Path) -> None:
     empty = OwnerWorkspace(
-        tmp_path / "ws-empty", "audio", f"npz:{fed.data['audio']}",
+        tmp_path / "ws-empty",
+        "audio",
+        f"npz:{fed.data['audio']}",
         Pseudonymizer.from_file(fed.key),
-    )  # fmt: skip
+    )
     owner = serve_owner(empty, fed.owner_tls("audio"), health_interval=0.05)
     c = coordinator(fed, {"audio": owner.target}, tmp_path, retry_interval_s=0.1)
     served = serve_coordinator(c, fed.coordinator_tls)
@@ -382,16 +392,18 @@ def test_health_follows_models_and_heads(fed: Fed, tmp_path: Path) -> None:
         empty.train(epochs=1)
         wait_until(
             lambda: status(served.target) == health_pb2.HealthCheckResponse.SERVING,
-            "the coordinator to become SERVING", timeout=20,
-        )  # fmt: skip
+            "the coordinator to become SERVING",
+            timeout=20,
+        )
         assert status(owner.target) == health_pb2.HealthCheckResponse.SERVING
     finally:
         served.stop(0)
         owner.stop(0)
 
 
-def test_registry_reloads_without_owners(fed: Fed, owners: dict[str, Running],
-                                         tmp_path: Path) -> None:  # fmt: skip
+def test_registry_reloads_without_owners(
+    fed: Fed, owners: dict[str, Running], tmp_path: Path
+) -> None:
     c = coordinator(fed, {m: r.target for m, r in owners.items()}, tmp_path)
     assert c.sync() == {"audio": "", "image": ""}
     info = c.model_info()

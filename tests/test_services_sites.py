@@ -72,11 +72,13 @@ class World:
         self.counts = {SITE_A: north, SITE_B: audio.class_counts - north}
         self.sites = {
             t: replace(
-                audio, logits={i: audio.logits[i] for i in ids}, class_counts=self.counts[t],
+                audio,
+                logits={i: audio.logits[i] for i in ids},
+                class_counts=self.counts[t],
                 owner=f"audio-{'north' if t == SITE_A else 'south'}",
             )
             for t, ids in self.site_ids.items()
-        }  # fmt: skip
+        }
         self.ids = H.pool_ids(self.whole)
         self._open: list[Coordinator] = []
         self.config = CONFIG
@@ -84,9 +86,12 @@ class World:
     def coordinator(self, stubs: dict[str, Any], name: str) -> Coordinator:
         endpoints = [OwnerEndpoint("audio" if t != IMAGE else "image", t) for t in stubs]
         c = Coordinator(
-            self.tmp / name, endpoints, INSECURE, self.config,
+            self.tmp / name,
+            endpoints,
+            INSECURE,
+            self.config,
             connect=lambda e: OwnerChannel(stubs[e.target]),
-        )  # fmt: skip
+        )
         self._open.append(c)
         return c
 
@@ -309,8 +314,10 @@ def test_pseudonym_on_two_sites_is_reported_per_sample(world: World) -> None:
 def test_parse_owners_and_sites_file(tmp_path: Path) -> None:
     got = parse_owners(["audio=h1:1,h2:1", "image=h3:2"])
     assert [(e.modality, e.target) for e in got] == [
-        ("audio", "h1:1"), ("audio", "h2:1"), ("image", "h3:2"),
-    ]  # fmt: skip
+        ("audio", "h1:1"),
+        ("audio", "h2:1"),
+        ("image", "h3:2"),
+    ]
     path = tmp_path / "sites.json"
     path.write_text(json.dumps({"audio": ["h1:1", "h2:1"], "image": "h3:2"}))
     assert load_sites(path) == got
@@ -332,9 +339,12 @@ def test_coordinator_refuses_a_site_twice(tmp_path: Path) -> None:
     stub = down_stub()
     with pytest.raises(ValueError, match="lists a site twice"):
         Coordinator(
-            tmp_path / "r", [OwnerEndpoint("audio", "h:1"), OwnerEndpoint("audio", "h:1")],
-            INSECURE, CONFIG, connect=lambda e: OwnerChannel(stub),
-        )  # fmt: skip
+            tmp_path / "r",
+            [OwnerEndpoint("audio", "h:1"), OwnerEndpoint("audio", "h:1")],
+            INSECURE,
+            CONFIG,
+            connect=lambda e: OwnerChannel(stub),
+        )
 
 
 def test_serve_takes_owner_or_sites_not_both(tmp_path: Path) -> None:

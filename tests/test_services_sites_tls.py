@@ -68,8 +68,10 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     }
     workspaces["image"].train(epochs=1, seed=0)
     names = {**SITES, "image": "image-co"}
-    servers = {s: serve_owner(ws, TlsFiles.from_dir(certs.owner_dirs[names[s]]))
-               for s, ws in workspaces.items()}  # fmt: skip
+    servers = {
+        s: serve_owner(ws, TlsFiles.from_dir(certs.owner_dirs[names[s]]))
+        for s, ws in workspaces.items()
+    }
     coordinator = Coordinator(
         root / "registry",
         [OwnerEndpoint(ws.modality, servers[s].target) for s, ws in workspaces.items()],

@@ -115,9 +115,18 @@ def bench_fusion(
         if progress:
             progress(f"K={k}")
         rows.append(
-            _bench_one_k(k, num_samples, solvers, torch.device(device), dtype, tol, budget_s,
-                         scipy_budget_s, seed)
-        )  # fmt: skip
+            _bench_one_k(
+                k,
+                num_samples,
+                solvers,
+                torch.device(device),
+                dtype,
+                tol,
+                budget_s,
+                scipy_budget_s,
+                seed,
+            )
+        )
     return rows
 
 
@@ -145,8 +154,9 @@ def _bench_one_k(
     for solver in solvers:
 
         def run(n: int, solver: str = solver) -> torch.Tensor:
-            out = jacobian_fusion([za_t[:n], zb_t[:n]], [factor, None], gamma=GAMMA,
-                                  solver=solver, tol=tol)  # type: ignore[arg-type]  # fmt: skip
+            out = jacobian_fusion(
+                [za_t[:n], zb_t[:n]], [factor, None], gamma=GAMMA, solver=solver, tol=tol
+            )  # type: ignore[arg-type]
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             return out

@@ -66,15 +66,32 @@ def _start_owners(procs: ProcessSet, setup: Any) -> dict[str, str]:
         procs.start_serving(
             name,
             [
-                "-c", CLI_ENTRY, "owner", "serve", "--workspace", str(root / f"ws-{modality}"),
-                "--modality", modality, "--data", f"npz:{setup.data[modality]}",
-                "--pseudonym-key", str(setup.key_path), "--host", "127.0.0.1",
-                "--tls", str(setup.certs.owner_dirs[f"{modality}-co"]),
-                "--port-file", str(port_file), "--train-if-missing", "--epochs", "2",
-                "--log-level", "warning",
+                "-c",
+                CLI_ENTRY,
+                "owner",
+                "serve",
+                "--workspace",
+                str(root / f"ws-{modality}"),
+                "--modality",
+                modality,
+                "--data",
+                f"npz:{setup.data[modality]}",
+                "--pseudonym-key",
+                str(setup.key_path),
+                "--host",
+                "127.0.0.1",
+                "--tls",
+                str(setup.certs.owner_dirs[f"{modality}-co"]),
+                "--port-file",
+                str(port_file),
+                "--train-if-missing",
+                "--epochs",
+                "2",
+                "--log-level",
+                "warning",
             ],
             port_file,
-        )  # fmt: skip
+        )
         names.append((name, port_file, modality))
     return {m: f"127.0.0.1:{procs.wait_port(n, f)}" for n, f, m in names}
 
@@ -84,13 +101,26 @@ def _start_coordinator(procs: ProcessSet, setup: Any, name: str, owners: dict[st
     procs.start_serving(
         name,
         [
-            "-c", CLI_ENTRY, "coordinator", "serve", "--registry", str(setup.root / "registry"),
-            "--tls", str(setup.certs.coordinator_dir), "--host", "127.0.0.1", "--port", "0",
-            "--port-file", str(port_file), "--log-level", "warning",
+            "-c",
+            CLI_ENTRY,
+            "coordinator",
+            "serve",
+            "--registry",
+            str(setup.root / "registry"),
+            "--tls",
+            str(setup.certs.coordinator_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "warning",
             *[a for m, t in owners.items() for a in ("--owner", f"{m}={t}")],
         ],
         port_file,
-    )  # fmt: skip
+    )
     return f"127.0.0.1:{procs.wait_port(name, port_file)}"
 
 
@@ -128,9 +158,11 @@ def _caller(targets: list[str], requester: Any, retries: bool) -> Callable[[list
             )
         )
         channel = create_channel(
-            replica_target(targets), requester, server_name=COORDINATOR_SERVER_NAME,
+            replica_target(targets),
+            requester,
+            server_name=COORDINATOR_SERVER_NAME,
             options=no_retry,
-        )  # fmt: skip
+        )
     stub = fusion_pb2_grpc.FusionServiceStub(channel)
 
     def call(batch_ids: list[str]) -> Any:
@@ -143,9 +175,14 @@ def _caller(targets: list[str], requester: Any, retries: bool) -> Callable[[list
 
 
 def _failover(
-    procs: ProcessSet, victim: str, targets: list[str], requester: Any, ids: list[str],
-    cfg: ReplicaBenchConfig, retries: bool,
-) -> dict[str, Any]:  # fmt: skip
+    procs: ProcessSet,
+    victim: str,
+    targets: list[str],
+    requester: Any,
+    ids: list[str],
+    cfg: ReplicaBenchConfig,
+    retries: bool,
+) -> dict[str, Any]:
     """``cfg.failover_requests`` requests from ``cfg.clients`` threads; SIGKILL ``victim``
     once a third are answered. Bounded: each thread sends its share and stops."""
     import grpc
@@ -222,9 +259,10 @@ def run_replica_bench(
             for retries in (True, False):
                 progress(f"failover, retries {'on' if retries else 'off'}: kill coordinator-b")
                 failover.append(
-                    _failover(procs, "coordinator-b", [a, b], setup.requester, setup.ids,
-                              cfg, retries)
-                )  # fmt: skip
+                    _failover(
+                        procs, "coordinator-b", [a, b], setup.requester, setup.ids, cfg, retries
+                    )
+                )
                 if not retries:
                     break
                 b = _start_coordinator(procs, setup, "coordinator-b", owners)

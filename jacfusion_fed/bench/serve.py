@@ -192,8 +192,11 @@ def _latency(
 
 def throughput(
     make_call: Callable[[], Callable[[list[str]], Any]],
-    ids: list[str], batch: int, clients: int, duration: float,
-) -> dict[str, float]:  # fmt: skip
+    ids: list[str],
+    batch: int,
+    clients: int,
+    duration: float,
+) -> dict[str, float]:
     stop = threading.Event()
     counts = [0] * clients
     errors: list[BaseException] = []
@@ -290,9 +293,15 @@ def bench_setup(
 
 @contextlib.contextmanager
 def start_deployment(
-    procs: ProcessSet, root: Path, certs: Any, data: dict[str, Path], key: Path, tag: str,
-    *, cached: bool,
-) -> Iterator[dict[str, Any]]:  # fmt: skip
+    procs: ProcessSet,
+    root: Path,
+    certs: Any,
+    data: dict[str, Path],
+    key: Path,
+    tag: str,
+    *,
+    cached: bool,
+) -> Iterator[dict[str, Any]]:
     """Start two owners and a coordinator; yield their targets; stop them."""
     names = []
     owner_targets = {}
@@ -300,12 +309,28 @@ def start_deployment(
         name = f"{tag}-owner-{modality}"
         port_file = root / f"{name}.port"
         args = [
-            "-c", CLI_ENTRY, "owner", "serve",
-            "--workspace", str(root / f"ws-{modality}"), "--modality", modality,
-            "--data", f"npz:{data[modality]}", "--pseudonym-key", str(key),
-            "--tls", str(certs.owner_dirs[f"{modality}-co"]), "--port-file", str(port_file),
-            "--train-if-missing", "--epochs", "3", "--log-level", "warning",
-        ]  # fmt: skip
+            "-c",
+            CLI_ENTRY,
+            "owner",
+            "serve",
+            "--workspace",
+            str(root / f"ws-{modality}"),
+            "--modality",
+            modality,
+            "--data",
+            f"npz:{data[modality]}",
+            "--pseudonym-key",
+            str(key),
+            "--tls",
+            str(certs.owner_dirs[f"{modality}-co"]),
+            "--port-file",
+            str(port_file),
+            "--train-if-missing",
+            "--epochs",
+            "3",
+            "--log-level",
+            "warning",
+        ]
         if not cached:
             args.append("--no-logit-cache")
         procs.start_serving(name, args, port_file)
@@ -317,13 +342,24 @@ def start_deployment(
     procs.start_serving(
         coord,
         [
-            "-c", CLI_ENTRY, "coordinator", "serve", "--registry", str(root / f"registry-{tag}"),
-            "--tls", str(certs.coordinator_dir), "--port", "0", "--port-file", str(coord_port),
-            "--log-level", "warning",
+            "-c",
+            CLI_ENTRY,
+            "coordinator",
+            "serve",
+            "--registry",
+            str(root / f"registry-{tag}"),
+            "--tls",
+            str(certs.coordinator_dir),
+            "--port",
+            "0",
+            "--port-file",
+            str(coord_port),
+            "--log-level",
+            "warning",
             *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
         ],
         coord_port,
-    )  # fmt: skip
+    )
     coordinator = f"127.0.0.1:{procs.wait_port(coord, coord_port)}"
     try:
         yield {"owners": owner_targets, "coordinator": coordinator}
@@ -334,9 +370,13 @@ def start_deployment(
 
 
 def _measure(
-    cfg: ServeBenchConfig, targets: dict[str, Any], echo_target: str, requester: Any,
-    ids: list[str], progress: Callable[[str], None],
-) -> dict[str, Any]:  # fmt: skip
+    cfg: ServeBenchConfig,
+    targets: dict[str, Any],
+    echo_target: str,
+    requester: Any,
+    ids: list[str],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     import grpc
 
     from jacfusion_fed.rpc.channels import connect_coordinator
@@ -359,8 +399,7 @@ def _measure(
     # One random patient per request (pre-built, so that building them is not timed).
     rng = random.Random(cfg.seed)
     singles = [
-        fusion_pb2.PredictRequest(sample_ids=[rng.choice(ids)], options=options)
-        for _ in range(512)
+        fusion_pb2.PredictRequest(sample_ids=[rng.choice(ids)], options=options) for _ in range(512)
     ]
     payload = singles[0].SerializeToString()  # the echo carries a request of the same size
     turn = iter(range(1 << 62))
@@ -432,10 +471,15 @@ def run_serve_bench(
             echo_port = root / "echo.port"
             procs.start_serving(
                 "echo",
-                ["-m", "jacfusion_fed.bench.serve", "echo", str(certs.coordinator_dir),
-                 str(echo_port)],
+                [
+                    "-m",
+                    "jacfusion_fed.bench.serve",
+                    "echo",
+                    str(certs.coordinator_dir),
+                    str(echo_port),
+                ],
                 echo_port,
-            )  # fmt: skip
+            )
             echo_target = f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
             runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
             for tag, cached in runs:

@@ -31,9 +31,17 @@ app = typer.Typer(
 )
 
 _COMMAND_MODULES = (
-    "simulate", "evaluate", "owner", "coordinator", "predict", "certs", "deploy", "bench",
-    "proxy", "records",
-)  # fmt: skip
+    "simulate",
+    "evaluate",
+    "owner",
+    "coordinator",
+    "predict",
+    "certs",
+    "deploy",
+    "bench",
+    "proxy",
+    "records",
+)
 
 
 def group(parent: typer.Typer, name: str, help_text: str) -> typer.Typer:

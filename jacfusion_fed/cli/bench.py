@@ -66,10 +66,15 @@ def fusion(
         raise CliError("--device cuda: no CUDA device is available here")
     names = [s for s in solvers.split(",") if s]
     rows = bench_fusion(
-        _parse_ks(ks), samples, solvers=names, device=device,
-        dtype=getattr(torch, dtype), tol=tol, budget_s=budget,
+        _parse_ks(ks),
+        samples,
+        solvers=names,
+        device=device,
+        dtype=getattr(torch, dtype),
+        tol=tol,
+        budget_s=budget,
         progress=lambda msg: err().log(msg),
-    )  # fmt: skip
+    )
     from rich.table import Table
 
     table = Table(title=f"jacobian_fusion throughput ({device}, {dtype}, gamma=0.5, 1 step)")
@@ -85,11 +90,14 @@ def fusion(
             speed = row.speedup(name)
             diff = res.max_abs_diff_vs_reference
             table.add_row(
-                str(row.num_classes), name, _rate(res.samples_per_s),
+                str(row.num_classes),
+                name,
+                _rate(res.samples_per_s),
                 f"{speed:,.1f}" if speed is not None else "",
-                f"{diff:.1e}" if diff is not None else "", res.reference or "",
+                f"{diff:.1e}" if diff is not None else "",
+                res.reference or "",
                 f"{res.samples} samples",
-            )  # fmt: skip
+            )
     console = out()
     console.print(table)
     payload = {"environment": environment(), "rows": rows_to_json(rows)}
@@ -131,9 +139,15 @@ def bench_serve(
     from jacfusion_fed.bench.serve import ServeBenchConfig, print_results, run_serve_bench
 
     config = ServeBenchConfig(
-        samples=samples, classes=classes, batch=batch, latency_requests=latency_requests,
-        duration_s=duration, clients=clients, method=method, uncached=uncached,
-    )  # fmt: skip
+        samples=samples,
+        classes=classes,
+        batch=batch,
+        latency_requests=latency_requests,
+        duration_s=duration,
+        clients=clients,
+        method=method,
+        uncached=uncached,
+    )
     results = run_serve_bench(config, workdir=workdir, progress=lambda m: err().log(m))
     print_results(results, out())
     out_file.write_text(json.dumps(results, indent=2))
@@ -175,9 +189,16 @@ def bench_load(
     if batch > samples:
         raise CliError("--batch must not exceed --samples")
     cfg = LoadBenchConfig(
-        samples=samples, classes=classes, requests=requests, clients=clients, batch=batch,
-        warmup=warmup, method=method, timeout_s=timeout, rss_bound_mb=rss_bound_mb,
-    )  # fmt: skip
+        samples=samples,
+        classes=classes,
+        requests=requests,
+        clients=clients,
+        batch=batch,
+        warmup=warmup,
+        method=method,
+        timeout_s=timeout,
+        rss_bound_mb=rss_bound_mb,
+    )
     results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
     print_load_results(results, out())
     out_file.write_text(json.dumps(results, indent=2))

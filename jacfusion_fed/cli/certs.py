@@ -130,9 +130,14 @@ def certs(
         shared = [*DEFAULT_HOSTS, *shared]
     try:
         written = generate_deployment_certs(
-            out_dir, owners, requesters, coordinator=coord_name, days=days,
-            hosts=tuple(shared), host_map=host_map,
-        )  # fmt: skip
+            out_dir,
+            owners,
+            requesters,
+            coordinator=coord_name,
+            days=days,
+            hosts=tuple(shared),
+            host_map=host_map,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     manifest = json.loads(written.manifest.read_text())
@@ -142,9 +147,13 @@ def certs(
     )
     for p in manifest["principals"]:
         table.add_row(
-            p["role"], p["name"], p["modality"] or "", ", ".join(p["hosts"]) or "-",
-            p["dir"], p["not_after"][:10],
-        )  # fmt: skip
+            p["role"],
+            p["name"],
+            p["modality"] or "",
+            ", ".join(p["hosts"]) or "-",
+            p["dir"],
+            p["not_after"][:10],
+        )
     out().print(table)
     status = err()
     status.print(f"CA: {written.ca_dir / 'ca.pem'} (keep {written.ca_dir / 'ca.key'} offline)")

@@ -95,10 +95,15 @@ def coordinator_serve(
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     config = CoordinatorConfig(
-        default_method=method, default_gamma=default_gamma, default_iterations=iterations,
-        max_iterations=max(16, iterations), owner_timeout_s=owner_timeout,
-        max_batch=max_batch, device=device, batch_fusion=fusion_batching,
-    )  # fmt: skip
+        default_method=method,
+        default_gamma=default_gamma,
+        default_iterations=iterations,
+        max_iterations=max(16, iterations),
+        owner_timeout_s=owner_timeout,
+        max_batch=max_batch,
+        device=device,
+        batch_fusion=fusion_batching,
+    )
     try:
         coordinator = Coordinator(registry, endpoints, sec, config)
     except CorruptFileError as exc:  # refuse to start on a damaged registry, never use it
@@ -109,9 +114,14 @@ def coordinator_serve(
         ) from exc
     try:
         running = serve_coordinator(
-            coordinator, sec, host=host, port=port, max_workers=max_workers,
-            metrics_port=metrics_port, limits=limits,
-        )  # fmt: skip
+            coordinator,
+            sec,
+            host=host,
+            port=port,
+            max_workers=max_workers,
+            metrics_port=metrics_port,
+            limits=limits,
+        )
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     err().print(
@@ -187,9 +197,13 @@ def coordinator_info(
     )
     for m in payload["modalities"]:
         table.add_row(
-            m["modality"], m["owner"], m["model_version"], m["head_kind"],
-            " ".join(map(str, m["class_counts"])), m["registered_at"][:19],
-        )  # fmt: skip
+            m["modality"],
+            m["owner"],
+            m["model_version"],
+            m["head_kind"],
+            " ".join(map(str, m["class_counts"])),
+            m["registered_at"][:19],
+        )
     console = out()
     console.print(table)
     for m in payload["modalities"]:

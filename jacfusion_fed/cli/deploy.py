@@ -168,10 +168,12 @@ def local(
 
         dial = connect_host(host)  # what the SuperNodes and the SuperExec dial: in the cert
         pki = generate_deployment_certs(
-            folder / "pki", {o.name: o.modality for o in scenario.owners}, ["requester"],
+            folder / "pki",
+            {o.name: o.modality for o in scenario.owners},
+            ["requester"],
             host_map={} if is_loopback(dial) else {"coordinator": [dial]},
             hosts=DEFAULT_HOSTS,
-        )  # fmt: skip
+        )
         c = pki.coordinator_dir
         tls = TlsFiles(c / "ca.pem", c / "cert.pem", c / "key.pem")
         keys = {

@@ -57,10 +57,17 @@ def evaluate(
 
     chosen = _gamma_choice(list(gamma or []), gamma_grid)
     config = config_from_options(
-        dataset, quick=quick, repeats=repeats, gamma=chosen, seed=seed,
-        perturbed=tuple(perturbed) if perturbed else None, adaptive=adaptive,
-        curves=curves, retrain=retrain, workers=workers,
-    )  # fmt: skip
+        dataset,
+        quick=quick,
+        repeats=repeats,
+        gamma=chosen,
+        seed=seed,
+        perturbed=tuple(perturbed) if perturbed else None,
+        adaptive=adaptive,
+        curves=curves,
+        retrain=retrain,
+        workers=workers,
+    )
     start = time.perf_counter()
     result = run_evaluation(config)
     elapsed = time.perf_counter() - start

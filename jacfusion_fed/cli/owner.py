@@ -74,9 +74,16 @@ def owner_serve(
         ws.train(epochs=epochs)
     try:
         running = serve_owner(
-            ws, sec, owner_name=name, host=host, port=port, max_workers=max_workers,
-            use_logit_cache=logit_cache, metrics_port=metrics_port, limits=limits,
-        )  # fmt: skip
+            ws,
+            sec,
+            owner_name=name,
+            host=host,
+            port=port,
+            max_workers=max_workers,
+            use_logit_cache=logit_cache,
+            metrics_port=metrics_port,
+            limits=limits,
+        )
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
     owner = running.servicer.owner_name

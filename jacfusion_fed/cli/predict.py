@@ -142,21 +142,27 @@ def predict(
     except ValueError as exc:
         raise CliError(f"--coordinator: {exc}") from None
     opts = PredictOptions(
-        method=method, default_gamma=common, gammas=per_modality,
-        regularize=tuple(regularize or []), iterations=iterations,
-        require_all=require_all, modalities=tuple(modality or []),
-        owner_timeout_s=owner_timeout, skip_unknown_ids=skip_unknown,
-    )  # fmt: skip
+        method=method,
+        default_gamma=common,
+        gammas=per_modality,
+        regularize=tuple(regularize or []),
+        iterations=iterations,
+        require_all=require_all,
+        modalities=tuple(modality or []),
+        owner_timeout_s=owner_timeout,
+        skip_unknown_ids=skip_unknown,
+    )
     keyed = pseudonym_key is not None
     with Requester(
-        targets, tls=sec, pseudonym_key=pseudonym_key, ids_are_pseudonyms=not keyed,
+        targets,
+        tls=sec,
+        pseudonym_key=pseudonym_key,
+        ids_are_pseudonyms=not keyed,
         timeout=timeout,
-    ) as client:  # fmt: skip
+    ) as client:
         sent = client.pseudonyms(given)
         try:
-            answer, sent_to_local = client.ask(
-                given, opts, stream=stream, chunk_size=chunk_size
-            )
+            answer, sent_to_local = client.ask(given, opts, stream=stream, chunk_size=chunk_size)
             info = client.model_info()
         except grpc.RpcError as exc:
             local = dict(zip(sent, given, strict=True)) if keyed else {}
@@ -196,16 +202,20 @@ def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
     if answer.robust:
         _print_robust(answer, names, local)
     mods = new_table(
-        "modalities", ["modality", "owner", "model version", "samples", "gamma", "error"],
+        "modalities",
+        ["modality", "owner", "model version", "samples", "gamma", "error"],
         right=("samples", "gamma"),
-    )  # fmt: skip
+    )
     for c in answer.contributions:
         shown_gamma = f"{c.gamma:g}{' (reg.)' if c.regularized else ''}"
         mods.add_row(
-            c.modality, c.owner, c.model_version, str(sum(c.used)),
+            c.modality,
+            c.owner,
+            c.model_version,
+            str(sum(c.used)),
             shown_gamma if answer.method == "jacobian" else "",
             c.error or "; ".join(c.site_errors),
-        )  # fmt: skip
+        )
     console.print(mods)
     if answer.unpredicted:
         console.print(
@@ -228,9 +238,11 @@ def _print_robust(answer: Any, names: list[str], local: dict[str, str]) -> None:
         )
         members = [names[k] if k < len(names) else str(k) for k in answer.prediction_sets[i]]
         table.add_row(
-            local.get(sid, sid), rel, "{" + ", ".join(members) + "}",
+            local.get(sid, sid),
+            rel,
+            "{" + ", ".join(members) + "}",
             "yes" if answer.abstain[i] else "no",
-        )  # fmt: skip
+        )
     out().print(table)
 
 

@@ -93,9 +93,12 @@ def import_model_cmd(
         if input_shape is not None:
             shape = [int(d) for d in input_shape.split(",")]
             spec = InputSpec.create(
-                shape, dtype, _floats(value_range, "--value-range"),
-                _floats(mean, "--mean"), _floats(std, "--std"),
-            )  # fmt: skip
+                shape,
+                dtype,
+                _floats(value_range, "--value-range"),
+                _floats(mean, "--mean"),
+                _floats(std, "--std"),
+            )
         elif data is None:
             raise typer.BadParameter("pass --input-shape (one record's shape) or --data")
         ws = OwnerWorkspace(workspace, modality, data, None)

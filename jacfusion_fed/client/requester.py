@@ -237,9 +237,11 @@ class Requester:
         if arr.ndim < 1 or arr.shape[0] != len(ids):
             raise ValueError(f"{len(ids)} ids but inputs of shape {arr.shape}")
         request = modality_pb2.PutRecordsRequest(
-            sample_ids=self.pseudonyms(ids), inputs=encode_tensor(arr), replace=replace,
+            sample_ids=self.pseudonyms(ids),
+            inputs=encode_tensor(arr),
+            replace=replace,
             key_fingerprint=self.key_fingerprint,
-        )  # fmt: skip
+        )
         resp = self._owner(modality).PutRecords(request, timeout=self.timeout)
         return Submitted(modality, resp.stored, resp.replaced, resp.unchanged, resp.model_version)
 
@@ -283,10 +285,14 @@ class Requester:
         options = PredictOptions(
             method=method,
             default_gamma=None if isinstance(gamma, Mapping) else gamma,
-            gammas=gammas, regularize=tuple(regularize), iterations=iterations,
-            require_all=require_all, modalities=tuple(modalities),
-            owner_timeout_s=owner_timeout, skip_unknown_ids=skip_unknown,
-        )  # fmt: skip
+            gammas=gammas,
+            regularize=tuple(regularize),
+            iterations=iterations,
+            require_all=require_all,
+            modalities=tuple(modalities),
+            owner_timeout_s=owner_timeout,
+            skip_unknown_ids=skip_unknown,
+        )
         answer, local = self.ask(ids, options)
         result = decode_predictions(answer)
         used = [
@@ -315,9 +321,13 @@ class Requester:
         )
 
     def ask(
-        self, ids: Sequence[str], options: PredictOptions, *, stream: bool = False,
+        self,
+        ids: Sequence[str],
+        options: PredictOptions,
+        *,
+        stream: bool = False,
         chunk_size: int = 0,
-    ) -> tuple[Answer, dict[str, str]]:  # fmt: skip
+    ) -> tuple[Answer, dict[str, str]]:
         """The coordinator's checked answer for local ``ids`` (``Predict``, or
         ``PredictStream`` with ``stream``) and ``{pseudonym: local id}``; what
         :meth:`predict` and ``jacfusion-fed predict`` share (no numpy)."""

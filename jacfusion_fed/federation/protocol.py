@@ -350,9 +350,11 @@ def head_reply_spec(head_kind: str) -> dict[str, RecordSpec]:
     from .calibration import calibration_reply_spec  # it imports this module
 
     return {
-        "head": head, "metrics": _METRICS, "info": RecordSpec.configs(_INFO),
+        "head": head,
+        "metrics": _METRICS,
+        "info": RecordSpec.configs(_INFO),
         **calibration_reply_spec(required=False),
-    }  # fmt: skip
+    }
 
 
 def model_template(arrays: ArrayRecord) -> dict[str, ArraySpec]:

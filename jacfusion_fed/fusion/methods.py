@@ -275,9 +275,11 @@ register(
 
 
 def _robust(
-    logits: Sequence[ArrayLike], calibrations: Sequence[Any], log_prior: Any = None,
+    logits: Sequence[ArrayLike],
+    calibrations: Sequence[Any],
+    log_prior: Any = None,
     **options: Any,
-) -> Fused:  # fmt: skip
+) -> Fused:
     r: RobustFusion = robust_fusion(logits, calibrations, log_prior, **options)
     return Fused(r.p, r.reliability, r.prediction_set, r.abstain)
 

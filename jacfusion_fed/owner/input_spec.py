@@ -96,9 +96,12 @@ class InputSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
         return cls.create(
-            data["shape"], data.get("dtype", "float32"), data.get("value_range"),
-            data.get("mean"), data.get("std"),
-        )  # fmt: skip
+            data["shape"],
+            data.get("dtype", "float32"),
+            data.get("value_range"),
+            data.get("mean"),
+            data.get("std"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -132,6 +132,13 @@ def import_model(
         },
     )
     return ImportReport(
-        version, loaded.format, model.head_name, k, model.feature_dim, err, counts, input_spec,
+        version,
+        loaded.format,
+        model.head_name,
+        k,
+        model.feature_dim,
+        err,
+        counts,
+        input_spec,
         accuracy,
-    )  # fmt: skip
+    )

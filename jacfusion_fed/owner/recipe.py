@@ -49,9 +49,12 @@ def train_recommended(
         raise ValueError("training needs a data source (--data); or import a model instead")
     recipe = recipe_for(workspace)
     model, metrics = workspace.train(
-        epochs=epochs or recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
+        epochs=epochs or recipe.epochs,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        seed=seed,
         progress=progress,
-    )  # fmt: skip
+    )
     for split, ds in workspace.records.items():
         x, y = ds.tensors(workspace.modality)
         pred = predict_logits(model, x).argmax(1)

@@ -282,9 +282,16 @@ class OwnerWorkspace:
             model.load_state_dict(initial_state)
         x, y = self.records["train"].tensors(self.modality)
         report = train_epochs(
-            model, (x, y), method, epochs, batch_size=batch_size, lr=lr, seed=seed,
-            progress=progress, **method_params,
-        )  # fmt: skip
+            model,
+            (x, y),
+            method,
+            epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+            **method_params,
+        )
         metrics = {
             "train_loss": float(report.losses[-1]) if report.losses else float("nan"),
             "train_accuracy": float(report.train_accuracy),

@@ -100,9 +100,11 @@ def run_load_bench(
                 channel.close()
                 progress("oracle: reading every owner's logits through ModalityService")
                 reference = Reference(
-                    [snapshot_owner(targets["owners"][m], coordinator_tls, m, ids)
-                     for m in MODALITIES]
-                )  # fmt: skip
+                    [
+                        snapshot_owner(targets["owners"][m], coordinator_tls, m, ids)
+                        for m in MODALITIES
+                    ]
+                )
                 pid = procs.procs["load-coordinator"].pid
 
                 def make_stub() -> Any:
@@ -110,10 +112,14 @@ def run_load_bench(
                     return fusion_pb2_grpc.FusionServiceStub(ch)
 
                 load_cfg = LoadConfig(
-                    requests=cfg.requests, clients=cfg.clients, batch=cfg.batch,
-                    warmup=cfg.warmup, timeout_s=cfg.timeout_s, seed=cfg.seed,
+                    requests=cfg.requests,
+                    clients=cfg.clients,
+                    batch=cfg.batch,
+                    warmup=cfg.warmup,
+                    timeout_s=cfg.timeout_s,
+                    seed=cfg.seed,
                     options=options_to_proto(PredictOptions(method=cfg.method)),
-                )  # fmt: skip
+                )
                 result = run_load(make_stub, ids, load_cfg, reference, pid=pid, progress=progress)
         finally:
             procs.stop_all()

@@ -133,9 +133,13 @@ def snapshot_owner(
     finally:
         channel.close()
     return OwnerSnapshot(
-        modality, version, gram, np.asarray(info.class_counts, dtype=np.float64), logits,
+        modality,
+        version,
+        gram,
+        np.asarray(info.class_counts, dtype=np.float64),
+        logits,
         owner=info.owner,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,12 @@ class Plan:
     @property
     def key(self) -> tuple[Any, ...]:
         return (
-            self.method, self.modalities, tuple(sorted(self.gammas.items())),
-            tuple(sorted(self.regularize)), self.iterations,
-        )  # fmt: skip
+            self.method,
+            self.modalities,
+            tuple(sorted(self.gammas.items())),
+            tuple(sorted(self.regularize)),
+            self.iterations,
+        )
 
 
 @dataclass
@@ -244,10 +251,14 @@ class Reference:
         regularize = frozenset(getattr(options, "regularize", ()) or selected)
         iterations = getattr(options, "iterations", None) or self.default_iterations
         return Plan(
-            method, selected, gammas, regularize, int(iterations),
+            method,
+            selected,
+            gammas,
+            regularize,
+            int(iterations),
             bool(getattr(options, "require_all", False)),
             bool(getattr(options, "skip_unknown_ids", False)),
-        )  # fmt: skip
+        )
 
     # --- the library, called directly -------------------------------------------------------
 

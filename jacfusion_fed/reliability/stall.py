@@ -145,9 +145,15 @@ class StallingClient:
 
 
 def stall(
-    target: str, tls: TlsFiles, server_name: str, method: str, message: bytes, streams: int,
-    *, connections: int = 1,
-) -> Sequence[StallingClient]:  # fmt: skip
+    target: str,
+    tls: TlsFiles,
+    server_name: str,
+    method: str,
+    message: bytes,
+    streams: int,
+    *,
+    connections: int = 1,
+) -> Sequence[StallingClient]:
     """``streams`` stalled calls spread over ``connections`` connections."""
     clients = [StallingClient(target, tls, server_name) for _ in range(connections)]
     for i, client in enumerate(clients):

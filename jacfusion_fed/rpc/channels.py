@@ -143,9 +143,7 @@ def with_replica_config(
     return dataclasses.replace(base, extra=tuple(extra))
 
 
-def connect_coordinator(
-    target: str | Sequence[str], security: Any, *, options: Any = None
-) -> Any:
+def connect_coordinator(target: str | Sequence[str], security: Any, *, options: Any = None) -> Any:
     """A requester's ``grpc.Channel`` to the coordinator at ``target``.
 
     ``target`` may name several replicas (``"10.0.0.1:50060,10.0.0.2:50060"`` or a list): one

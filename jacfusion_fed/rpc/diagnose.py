@@ -37,10 +37,16 @@ __all__ = ["diagnose_tls_failure", "likely_cause"]
 _PLAINTEXT_REASONS: Final = ("wrong version", "record layer", "packet length")
 #: Alerts of a TLS server that refused our certificate (or the handshake as a whole).
 _REFUSED_REASONS: Final = (
-    "certificate_required", "unknown_ca", "bad_certificate", "certificate_unknown",
-    "handshake_failure", "decrypt_error", "access_denied", "certificate_expired",
+    "certificate_required",
+    "unknown_ca",
+    "bad_certificate",
+    "certificate_unknown",
+    "handshake_failure",
+    "decrypt_error",
+    "access_denied",
+    "certificate_expired",
     "certificate_revoked",
-)  # fmt: skip
+)
 
 
 def _split(target: str) -> tuple[str, int] | None:
@@ -94,8 +100,11 @@ def _files(tls: TlsFiles | str | Path) -> tuple[Path, Path, Path]:
 def _check_local(
     ca_path: Path, cert_path: Path, key_path: Path, own_role: str | None
 ) -> str | None:
-    for what, path in (("CA certificate", ca_path), ("client certificate", cert_path),
-                       ("private key", key_path)):  # fmt: skip
+    for what, path in (
+        ("CA certificate", ca_path),
+        ("client certificate", cert_path),
+        ("private key", key_path),
+    ):
         if not path.is_file():
             if what == "client certificate":
                 return f"no client certificate: {path} does not exist (the server requires one)"
@@ -147,8 +156,10 @@ def _handshake(
     ctx.set_alpn_protocols(["h2"])
     refused: str | None = None
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock, \
-                ctx.wrap_socket(sock, server_hostname=host) as tls_sock:  # fmt: skip
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            ctx.wrap_socket(sock, server_hostname=host) as tls_sock,
+        ):
             der = tls_sock.getpeercert(binary_form=True)
             tls_sock.settimeout(min(timeout, 2.0))
             try:  # TLS 1.3: a refused client certificate shows up as an alert on the first read
@@ -165,9 +176,13 @@ def _handshake(
 
 
 def _check_server(
-    host: str, port: int, files: tuple[Path, Path, Path], expected: str,
-    modality: str | None, timeout: float,
-) -> str | None:  # fmt: skip
+    host: str,
+    port: int,
+    files: tuple[Path, Path, Path],
+    expected: str,
+    modality: str | None,
+    timeout: float,
+) -> str | None:
     ca_path, cert_path, key_path = files
     shaken = _handshake(host, port, cert_path, key_path, timeout)
     if isinstance(shaken, str):
@@ -267,9 +282,13 @@ def diagnose_tls_failure(
     """:func:`likely_cause` as one line that is always there: when no check names a cause,
     what gRPC reported (``error``) with what was ruled out."""
     cause = likely_cause(
-        target, tls, expected_role=expected_role, modality=modality, own_role=own_role,
+        target,
+        tls,
+        expected_role=expected_role,
+        modality=modality,
+        own_role=own_role,
         timeout=timeout,
-    )  # fmt: skip
+    )
     if cause is not None:
         return cause
     said = f" ({error})" if error else ""

@@ -53,8 +53,21 @@ __all__ = ["LATENCY_BUCKETS", "Callback", "MetricsEndpoint", "ServiceMetrics", "
 
 #: Seconds; from a cached owner answer (~1 ms) to a long stream or a slow owner.
 LATENCY_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class Callback(Collector):
@@ -75,21 +88,31 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"service": service}
         self.requests = Counter(
-            "jacfusion_rpc_requests", "RPCs answered, by method and gRPC status code.",
-            ["method", "code"], registry=self.registry,
-        ).labels  # fmt: skip
+            "jacfusion_rpc_requests",
+            "RPCs answered, by method and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        ).labels
         self._latency = Histogram(
-            "jacfusion_rpc_latency_seconds", "Time from admission to the end of an RPC.",
-            ["method"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "jacfusion_rpc_latency_seconds",
+            "Time from admission to the end of an RPC.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._refused = Counter(
-            "jacfusion_rpc_refused", "RPCs refused or cut off to protect the other peers.",
-            ["peer", "reason"], registry=self.registry,
-        )  # fmt: skip
+            "jacfusion_rpc_refused",
+            "RPCs refused or cut off to protect the other peers.",
+            ["peer", "reason"],
+            registry=self.registry,
+        )
         self.fusion_seconds = Histogram(
-            "jacfusion_fusion_seconds", "Duration of one fusion call (after batching).",
-            ["method"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "jacfusion_fusion_seconds",
+            "Duration of one fusion call (after batching).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(Callback(lambda: [_info("jacfusion_service", labels)]))
 
     def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:

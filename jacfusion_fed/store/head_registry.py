@@ -247,9 +247,19 @@ class HeadRegistry:
         cal = _calibration_arrays(calibration, k)
         with self._locked():  # re-read and write as one step across replicas
             return self._register_locked(
-                modality, owner, model_version, counts, k, g, w, b, registered_at,
-                allow_owner_change, names, cal,
-            )  # fmt: skip
+                modality,
+                owner,
+                model_version,
+                counts,
+                k,
+                g,
+                w,
+                b,
+                registered_at,
+                allow_owner_change,
+                names,
+                cal,
+            )
 
     def _register_locked(
         self,

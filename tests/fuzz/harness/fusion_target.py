@@ -53,8 +53,9 @@ class FusionTarget:
     def close(self) -> None:
         self.harness.close()
 
-    def run(self, method: str, request: bytes, role: str = "requester",
-            *, must_answer: bool = False) -> Outcome:  # fmt: skip
+    def run(
+        self, method: str, request: bytes, role: str = "requester", *, must_answer: bool = False
+    ) -> Outcome:
         """One call; raises :class:`Finding` on a crash, an imprecise status or a wrong answer.
 
         ``must_answer``: the request is valid and all its ids are held (an error is wrong).
@@ -188,9 +189,10 @@ def draw_fusion_call(ch: Chooser, target: FusionTarget) -> tuple[str, bytes, str
         msg: Any = fusion_pb2.PredictRequest(sample_ids=ids, options=options)
     elif method == "PredictStream":
         msg = fusion_pb2.PredictStreamRequest(
-            sample_ids=ids, options=options,
+            sample_ids=ids,
+            options=options,
             chunk_size=choice(ch, [0, 1, 3, 7, 64, 65, 2**32 - 1]),
-        )  # fmt: skip
+        )
     else:
         msg = fusion_pb2.GetModelInfoRequest()
     data = mangle(ch, msg.SerializeToString(), mode)

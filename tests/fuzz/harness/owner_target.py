@@ -28,9 +28,12 @@ class OwnerTarget:
     def __init__(self, workspace: Any, pems: dict[str, bytes], *, max_batch: int = 64) -> None:
         self.workspace = workspace
         self.servicer = ModalityServicer(
-            workspace, "audio-co", max_batch=max_batch, max_stream_batch=4 * max_batch,
+            workspace,
+            "audio-co",
+            max_batch=max_batch,
+            max_stream_batch=4 * max_batch,
             stream_chunk=5,
-        )  # fmt: skip
+        )
         self.server = InProcessServer(
             modality_pb2_grpc.add_ModalityServiceServicer_to_server,
             self.servicer,
@@ -67,8 +70,10 @@ class OwnerTarget:
         if method == "GetInfo":
             (info,) = outcome.responses
             if (info.modality, info.model_version, info.num_classes) != (
-                "audio", self.version, K,
-            ):  # fmt: skip
+                "audio",
+                self.version,
+                K,
+            ):
                 raise Finding(f"GetInfo: {info}")
             return
         if method == "GetHead":
@@ -122,7 +127,8 @@ def draw_owner_call(ch: Chooser, target: OwnerTarget) -> tuple[str, bytes, str]:
         msg = modality_pb2.GetLogitsRequest(sample_ids=ids, expected_model_version=version)
     else:
         msg = modality_pb2.StreamLogitsRequest(
-            sample_ids=ids, expected_model_version=version,
+            sample_ids=ids,
+            expected_model_version=version,
             chunk_size=choice(ch, [0, 1, 2, 5, 64, 2**32 - 1]),
-        )  # fmt: skip
+        )
     return method, mangle(ch, msg.SerializeToString(), mode), role

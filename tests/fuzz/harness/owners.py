@@ -54,17 +54,24 @@ class GoodOwner:
 
     def snapshot(self) -> OwnerSnapshot:
         return OwnerSnapshot(
-            self.modality, self.version, self.gram, self.class_counts, self.logits,
+            self.modality,
+            self.version,
+            self.gram,
+            self.class_counts,
+            self.logits,
             self.owner or f"{self.modality}-co",
-        )  # fmt: skip
+        )
 
     def info(self) -> modality_pb2.GetInfoResponse:
         return modality_pb2.GetInfoResponse(
-            modality=self.modality, owner=self.owner or f"{self.modality}-co",
-            model_version=self.version, num_classes=self.gram.shape[0], feature_dim=8,
+            modality=self.modality,
+            owner=self.owner or f"{self.modality}-co",
+            model_version=self.version,
+            num_classes=self.gram.shape[0],
+            feature_dim=8,
             class_counts=[int(c) for c in self.class_counts],
             shareable_head_kinds=[modality_pb2.HEAD_KIND_GRAM],
-        )  # fmt: skip
+        )
 
     def head(self, request: Any) -> modality_pb2.GetHeadResponse:
         if request.expected_model_version and request.expected_model_version != self.version:
@@ -83,10 +90,11 @@ class GoodOwner:
         return modality_pb2.GetLogitsResponse(
             model_version=self.version,
             batch=modality_pb2.LogitsBatch(
-                sample_ids=known, logits=encode_matrix(values),
+                sample_ids=known,
+                logits=encode_matrix(values),
                 unknown_sample_ids=[i for i in ids if i not in self.logits],
             ),
-        )  # fmt: skip
+        )
 
 
 class FakeOwnerStub:

@@ -107,8 +107,12 @@ def draw_reply_plan(ch: Chooser, good: GoodOwner, *, allow_sleep: bool = True) -
     # GetInfo
     info_mode = ch.int(0, 9)
     if info_mode == 0:
-        codes = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNKNOWN]  # fmt: skip
+        codes = [
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.UNKNOWN,
+        ]
         info: Any = FakeRpcError(choice(ch, codes), "owner down")
         reasons.append("info error")
     else:
@@ -171,9 +175,15 @@ def draw_reply_plan(ch: Chooser, good: GoodOwner, *, allow_sleep: bool = True) -
     # GetLogits: everything drawn now, applied to each request's reply
     logit_mode = ch.int(0, 14)
     err_code = choice(
-        ch, [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN],
-    )  # fmt: skip
+        ch,
+        [
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.DATA_LOSS,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.UNKNOWN,
+        ],
+    )
     bad_value = choice(ch, [math.nan, math.inf, -math.inf])
     big_value = choice(ch, [1e308, -1e308, 1e-320, 745.2, -745.2, 1e15, 1e8, -1e8])
     pick = ch.int(0, 2**16)
@@ -248,11 +258,14 @@ class ReplyTarget:
     #: Codes a Predict may fail with when every selected owner failed (fusion.proto).
     ALL_FAILED_CODES = frozenset(
         {
-            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
-            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ABORTED,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.DATA_LOSS,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.ABORTED,
         }
-    )  # fmt: skip
+    )
     #: Malformations that the coordinator may accept without harm.
     HARMLESS = frozenset({"gram extreme", "late", "logits error"})
 
@@ -306,8 +319,15 @@ class ReplyTarget:
                 return f"error:{error.code.name}"
             return self._judge(ids, result, options, plan, audio, c)
 
-    def _judge(self, ids: list[str], result: Any, options: PredictOptions, plan: ReplyPlan,
-               audio: FakeOwnerStub, c: Coordinator) -> str:  # fmt: skip
+    def _judge(
+        self,
+        ids: list[str],
+        result: Any,
+        options: PredictOptions,
+        plan: ReplyPlan,
+        audio: FakeOwnerStub,
+        c: Coordinator,
+    ) -> str:
         contrib = {m.modality: m for m in result.modalities}
         audio_used = "audio" in contrib and not contrib["audio"].error
         if audio_used and not set(plan.why.split("; ")) <= self.HARMLESS | {""}:
@@ -334,7 +354,7 @@ class ReplyTarget:
             head.record.gram_matrix() if head is not None else self.owners["audio"].gram,
             np.asarray(head.record.class_counts if head is not None else np.zeros(K), float),
             table,
-        )  # fmt: skip
+        )
         reference = Reference(
             [audio_snap, self.owners["image"].snapshot()],
             prior_modalities=["audio", "image"] if head is not None else ["image"],
