@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.linalg
@@ -25,6 +25,7 @@ import scipy.special
 import torch
 
 from jacfusion_fed.fusion import factor_gram, jacobian_fusion
+from jacfusion_fed.fusion.jacobian import Solver
 
 GAMMA = 0.5
 LOGIT_NOISE = 1.0
@@ -154,9 +155,10 @@ def _bench_one_k(
     for solver in solvers:
 
         def run(n: int, solver: str = solver) -> torch.Tensor:
+            how = cast(Solver, solver)  # checked by jacobian_fusion (FusionInputError)
             out = jacobian_fusion(
-                [za_t[:n], zb_t[:n]], [factor, None], gamma=GAMMA, solver=solver, tol=tol
-            )  # type: ignore[arg-type]
+                [za_t[:n], zb_t[:n]], [factor, None], gamma=GAMMA, solver=how, tol=tol
+            )
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             return out
