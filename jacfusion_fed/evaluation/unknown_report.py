@@ -14,24 +14,13 @@ import numpy as np
 from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .provenance import provenance
+from .stats import mark, paired_bootstrap
 from .unknown import ROW_LABELS, ROWS, SeedRun
 
 __all__ = ["paired_bootstrap", "run_unknown", "unknown_markdown", "write_unknown"]
 
 MARKED = (("jac_oracle", "stat"), ("robust", "stat"))
 """Differences the table marks: Stat-w/ (oracle) - Stat-w/o and robust - Stat-w/o."""
-
-
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean of a - b over paired samples and its percentile bootstrap interval (percent)."""
-    d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) * 100.0
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))
-    means = d[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(d.mean()), float(lo), float(hi)
 
 
 def run_unknown(
@@ -102,8 +91,7 @@ def run_unknown(
 
 
 def _mark(ci: Sequence[float]) -> str:
-    _, lo, hi = ci
-    return " ↑" if lo > 0 else (" ↓" if hi < 0 else " =")
+    return " " + mark(ci)
 
 
 def unknown_markdown(result: dict[str, Any]) -> str:
