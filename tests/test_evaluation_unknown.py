@@ -86,3 +86,36 @@ def test_provenance_records_versions_and_a_data_hash_that_tracks_the_data() -> N
     assert again["data_sha256"] == env["data_sha256"]
     splits["test"].modalities["y"][0, 0] += 1e-3
     assert provenance(splits)["data_sha256"] != env["data_sha256"]
+
+
+def test_emergency_dataset_is_the_three_modality_examples_data(tmp_path: Path) -> None:
+    """make_emergency draws exactly the arrays examples/three_modalities.py writes."""
+    import importlib.util
+
+    from jacfusion_fed.evaluation.emergency import EMERGENCY, EMERGENCY_SPLITS, make_emergency
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("three_modalities", root / "examples" /
+                                                  "three_modalities.py")  # fmt: skip
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    files = example.write_owner_files(tmp_path)
+    for split in EMERGENCY_SPLITS:
+        ds = make_emergency(split)
+        assert ds.num_classes == 4 and len(ds.modalities) == 3
+        for modality, path in files.items():
+            with np.load(path) as npz:
+                np.testing.assert_array_equal(ds.modalities[modality], npz[f"x_{split}"])
+                np.testing.assert_array_equal(ds.labels, npz[f"y_{split}"])
+                assert ds.sample_ids == list(npz[f"ids_{split}"])
+    assert list(EMERGENCY.tables) == ["vitals", "labs", "scan"]
+    with pytest.raises(ValueError, match="unknown split"):
+        make_emergency("dev")
+
+
+def test_unknown_table_refuses_an_unknown_dataset() -> None:
+    from jacfusion_fed.evaluation.unknown import SeedRun
+
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        SeedRun("mnist", 0)

@@ -145,7 +145,8 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         "the table takes the per-sample worst of the three):",
         *att_lines,
         "",
-        f"eSpeak NG {env.get('espeak_ng_version')}, data sha256 {env['data_sha256'][:16]}…, "
+        (f"eSpeak NG {env['espeak_ng_version']}, " if env.get("espeak_ng_version") else "")
+        + f"data sha256 {env['data_sha256'][:16]}…, "
         f"torch {env['packages'].get('torch')}; {result['seconds']:.0f} s.",
     ]
     return "\n".join(lines + notes) + "\n"
