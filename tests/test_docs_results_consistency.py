@@ -141,7 +141,7 @@ def test_readme_simulate_quick_table() -> None:
         assert not any("↑" in c or "↓" in c for c in row[2:]), "marks need an interval"
 
 
-@pytest.mark.parametrize("dataset", ["avdigits", "twomoon"])
+@pytest.mark.parametrize("dataset", ["avdigits", "twomoon", "emergency"])
 def test_unknown_tables_match_their_json(dataset: str) -> None:
     """docs/results/<dataset>-unknown.md is the rendering of the committed JSON."""
     from jacfusion_fed.evaluation.unknown_report import unknown_markdown
@@ -155,9 +155,10 @@ def test_unknown_tables_match_their_json(dataset: str) -> None:
 
 def test_readme_unknown_summary_table() -> None:
     rows = _table_after((ROOT / "README.md").read_text(), "| dataset | Stat-w/o | Stat-w/ (oracle)")
-    assert [r[0] for r in rows] == ["avdigits", "twomoon"]
+    assert [r[0] for r in rows] == ["avdigits", "twomoon", "emergency"]
     for row in rows:
         d = _json(f"{row[0]}-unknown.json")
+        assert len(d["seeds"]) >= 3, "headline tables need at least 3 training seeds"
         m, c = d["mean"], d["pooled"]["clean"]
         mean, lo, hi = m["robust-stat"]
         want = [f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
