@@ -46,7 +46,7 @@ def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
         assert f"{cell['robust']:.1f} {mark}" in md
         assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
     params = data["per_seed"]["0"]["params"]
-    assert set(params["robust"]) == {"floor", "trust_level", "confidence"}
+    assert set(params["robust"]) == {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
 
 
 def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
@@ -119,3 +119,40 @@ def test_unknown_table_refuses_an_unknown_dataset() -> None:
 
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         SeedRun("mnist", 0)
+
+
+def _cell(label: str, a: float, b: float, robust: float, stat: float, ci: list[float],
+          **extra: float) -> dict[str, object]:  # fmt: skip
+    base = {"coverage": 0.9, "set_size": 1.1, "answered": 0.9, "acc_answered": 0.95}
+    return {"label": label, "alone:a": a, "alone:b": b, "robust": robust, "stat": stat,
+            "jac_oracle": stat + 1, "robust-stat": ci, **base, **extra}  # fmt: skip
+
+
+def test_targets_met_and_missed() -> None:
+    from jacfusion_fed.evaluation.unknown_targets import best_clean_alone, targets
+
+    result = {
+        "alpha": 0.1,
+        "settings": ["clean", "a:noise", "b:noise"],
+        "rows": ["alone:a", "alone:b", "stat", "jac_oracle", "robust"],
+        "pooled": {
+            "clean": _cell("Clean", 80, 70, 90.2, 90.0, [0.2, -0.1, 0.5]),
+            "a:noise": _cell("A noise", 20, 70, 75, 72, [3.0, 1.0, 5.0]),
+            # point estimate -1.5 but the interval reaches -0.5: not "more than 1 below"
+            "b:noise": _cell("B noise", 80, 30, 78.5, 80, [-1.5, -2.5, -0.5], answered=0.7),
+        },
+        "mean": {"robust": 81.2, "jac_oracle": 81.7, "stat": 80.7},
+    }
+    assert best_clean_alone(result, "clean") == 80
+    assert best_clean_alone(result, "a:noise") == 70  # a is perturbed: only b counts
+    t = targets(result)
+    assert t["mean"]["best_clean_alone"] == (80 + 70 + 80) / 3
+    assert not t["mean"]["met"]  # 81.2 < max(76.7, 81.7)
+    assert t["clean"]["met"] and t["no_setting_1_below"]["met"]
+    assert list(t["no_setting_1_below"]["point_below"]) == ["b:noise"]
+    assert t["clean_coverage"]["met"]
+    assert t["abstention"]["columns_met"] == ["clean", "a:noise"] and not t["abstention"]["met"]
+    result["pooled"]["b:noise"]["robust-stat"] = [-3.0, -4.0, -2.0]  # type: ignore[index]
+    result["pooled"]["clean"]["coverage"] = 0.85  # type: ignore[index]
+    t = targets(result)
+    assert not t["no_setting_1_below"]["met"] and not t["clean_coverage"]["met"]
