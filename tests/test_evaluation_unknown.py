@@ -46,7 +46,8 @@ def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
         assert f"{cell['robust']:.1f} {mark}" in md
         assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
     params = data["per_seed"]["0"]["params"]
-    assert set(params["robust"]) == {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
+    keys = {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
+    assert set(params["robust"]) == keys
 
 
 def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
