@@ -165,3 +165,45 @@ def test_readme_unknown_summary_table() -> None:
                 f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
                 f"{c['set_size']:.2f}"]  # fmt: skip
         assert row[1:] == want, row[0]
+
+
+def test_results_readme_unknown_table() -> None:
+    """docs/results/README.md's "perturbed modality unknown" summary (all three datasets)."""
+    from jacfusion_fed.evaluation.unknown_targets import targets
+
+    rows = _table_after((RESULTS / "README.md").read_text(), "| dataset | M | seeds")
+    assert [r[0] for r in rows] == ["avdigits", "twomoon", "emergency"]
+    for row in rows:
+        d = _json(f"{row[0]}-unknown.json")
+        t = targets(d)
+        m, c = d["mean"], d["pooled"]["clean"]
+        mean, lo, hi = m["robust-stat"]
+        modalities = sum(r.startswith("alone:") for r in d["rows"])
+        want = [str(modalities), str(len(d["seeds"])), f"{t['mean']['best_clean_alone']:.1f}",
+                f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
+                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
+                f"{c['set_size']:.2f}",
+                f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}"]  # fmt: skip
+        assert row[1:] == want, row[0]
+
+
+def test_paper_table_mark_counts_in_results_readme() -> None:
+    """The counts of ↑ / = / ↓ quoted for the two AV-Digits tables."""
+    from collections import Counter
+
+    from jacfusion_fed.evaluation import EvaluationResult, arrows
+
+    text = (RESULTS / "README.md").read_text()
+    for table in EvaluationResult.from_json_dict(_json("avdigits.json")).tables:
+        n = Counter(arrows(table).values())
+        quoted = f"{table.perturbed} perturbed: {n['↑']} ↑, {n['=']} =, {n['↓']} ↓"
+        assert quoted in text, quoted
+
+
+def test_results_readme_committed_run_time() -> None:
+    rows = _table_after((RESULTS / "README.md").read_text(), "| Run | Wall | CPU s")
+    t = _json("avdigits.json")["timings"]
+    assert rows[0][1:3] == [
+        f"{t['total_s']:.0f} s",
+        f"{t['cpu_main_s']:.0f} + {t['cpu_workers_s']:.0f}",
+    ]
