@@ -48,13 +48,23 @@ AV_COLUMNS = {
 }
 
 
+def _avdigits_marks(perturbed: str) -> dict[str, str]:
+    """Column key -> the interval-backed mark of MM (0, 1)'s Stat-w/ (ours) cell."""
+    from jacfusion_fed.evaluation import EvaluationResult, arrows
+
+    result = EvaluationResult.from_json_dict(_json("avdigits.json"))
+    table = next(t for t in result.tables if t.perturbed == perturbed)
+    return {c: m for (g, c), m in arrows(table).items() if g == "MM (0, 1)"}
+
+
 def test_readme_robustness_lab_table() -> None:
     rows = _table_after((ROOT / "README.md").read_text(), "| perturbed | Clean")
     assert [r[0] for r in rows] == ["audio", "image"]
     for row in rows:
         stat = _avdigits_row(row[0], "MM (0, 1)", "Stat-w/o")
         jac = _avdigits_row(row[0], "MM (0, 1)", "Stat-w/ (ours)")
-        want = [f"{_pct(stat[c])} → {_pct(jac[c])}" for c in AV_COLUMNS[row[0]]]
+        marks = _avdigits_marks(row[0])
+        want = [f"{_pct(stat[c])} → {_pct(jac[c])} {marks[c]}" for c in AV_COLUMNS[row[0]]]
         assert row[1:] == want
 
 
@@ -62,13 +72,37 @@ def test_readme_robustness_lab_table() -> None:
                                                ("image", "| Image perturbed")])  # fmt: skip
 def test_results_readme_headline_tables(perturbed: str, header: str) -> None:
     rows = _table_after((RESULTS / "README.md").read_text(), header)
+    marks = _avdigits_marks(perturbed)
     for row in rows:
         name = row[0]
         if name.endswith(" alone"):
             acc = _avdigits_row(perturbed, "UM", name.removesuffix(" alone"))
         else:
             acc = _avdigits_row(perturbed, "MM (0, 1)", name)
-        assert row[1:] == [_pct(acc[c]) for c in AV_COLUMNS[perturbed]], name
+        want = [_pct(acc[c]) for c in AV_COLUMNS[perturbed]]
+        if name == "Stat-w/ (ours)":  # the interval-backed mark of the committed table
+            want = [f"{v} {marks[c]}" for v, c in zip(want, AV_COLUMNS[perturbed], strict=True)]
+        assert row[1:] == want, name
+
+
+@pytest.mark.parametrize("dataset", ["avdigits", "twomoon"])
+def test_paper_tables_are_the_rendering_of_their_json(dataset: str) -> None:
+    """docs/results/<dataset>-<perturbed>.{md,csv} are written from the committed JSON, and
+    every mark in them is backed by a paired bootstrap interval (per-sample data present)."""
+    from jacfusion_fed.evaluation import EvaluationResult, arrows, table_to_csv, table_to_markdown
+
+    result = EvaluationResult.from_json_dict(_json(f"{dataset}.json"))
+    summary = (RESULTS / f"{dataset}.md").read_text()
+    for table in result.tables:
+        md = table_to_markdown(table)
+        assert (RESULTS / f"{dataset}-{table.perturbed}.md").read_text() == md
+        assert (RESULTS / f"{dataset}-{table.perturbed}.csv").read_text() == table_to_csv(table)
+        assert md in summary
+        marks = arrows(table)
+        ours = [(r.group, c.key) for r in table.rows if r.kind == "jacobian"
+                for c in table.columns]  # fmt: skip
+        assert set(marks) == set(ours), "every Stat-w/ (ours) cell needs its interval"
+        assert md.count("(↑)") + md.count("(↓)") + md.count("(=)") == len(ours)
 
 
 def _close(text: str, value: float, rel: float) -> bool:
@@ -107,7 +141,7 @@ def test_readme_simulate_quick_table() -> None:
         assert not any("↑" in c or "↓" in c for c in row[2:]), "marks need an interval"
 
 
-@pytest.mark.parametrize("dataset", ["avdigits", "twomoon"])
+@pytest.mark.parametrize("dataset", ["avdigits", "twomoon", "emergency"])
 def test_unknown_tables_match_their_json(dataset: str) -> None:
     """docs/results/<dataset>-unknown.md is the rendering of the committed JSON."""
     from jacfusion_fed.evaluation.unknown_report import unknown_markdown
@@ -121,12 +155,55 @@ def test_unknown_tables_match_their_json(dataset: str) -> None:
 
 def test_readme_unknown_summary_table() -> None:
     rows = _table_after((ROOT / "README.md").read_text(), "| dataset | Stat-w/o | Stat-w/ (oracle)")
-    assert [r[0] for r in rows] == ["avdigits", "twomoon"]
+    assert [r[0] for r in rows] == ["avdigits", "twomoon", "emergency"]
     for row in rows:
         d = _json(f"{row[0]}-unknown.json")
+        assert len(d["seeds"]) >= 3, "headline tables need at least 3 training seeds"
         m, c = d["mean"], d["pooled"]["clean"]
         mean, lo, hi = m["robust-stat"]
         want = [f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
                 f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
                 f"{c['set_size']:.2f}"]  # fmt: skip
         assert row[1:] == want, row[0]
+
+
+def test_results_readme_unknown_table() -> None:
+    """docs/results/README.md's "perturbed modality unknown" summary (all three datasets)."""
+    from jacfusion_fed.evaluation.unknown_targets import targets
+
+    rows = _table_after((RESULTS / "README.md").read_text(), "| dataset | M | seeds")
+    assert [r[0] for r in rows] == ["avdigits", "twomoon", "emergency"]
+    for row in rows:
+        d = _json(f"{row[0]}-unknown.json")
+        t = targets(d)
+        m, c = d["mean"], d["pooled"]["clean"]
+        mean, lo, hi = m["robust-stat"]
+        modalities = sum(r.startswith("alone:") for r in d["rows"])
+        want = [str(modalities), str(len(d["seeds"])), f"{t['mean']['best_clean_alone']:.1f}",
+                f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
+                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
+                f"{c['set_size']:.2f}",
+                f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}"]  # fmt: skip
+        assert row[1:] == want, row[0]
+
+
+def test_paper_table_mark_counts_in_results_readme() -> None:
+    """The counts of ↑ / = / ↓ quoted for the two AV-Digits tables."""
+    from collections import Counter
+
+    from jacfusion_fed.evaluation import EvaluationResult, arrows
+
+    text = (RESULTS / "README.md").read_text()
+    for table in EvaluationResult.from_json_dict(_json("avdigits.json")).tables:
+        n = Counter(arrows(table).values())
+        quoted = f"{table.perturbed} perturbed: {n['↑']} ↑, {n['=']} =, {n['↓']} ↓"
+        assert quoted in text, quoted
+
+
+def test_results_readme_committed_run_time() -> None:
+    rows = _table_after((RESULTS / "README.md").read_text(), "| Run | Wall | CPU s")
+    t = _json("avdigits.json")["timings"]
+    assert rows[0][1:3] == [
+        f"{t['total_s']:.0f} s",
+        f"{t['cpu_main_s']:.0f} + {t['cpu_workers_s']:.0f}",
+    ]

@@ -93,7 +93,20 @@ def test_reports_are_written(twomoon: tuple[EvaluationResult, Path], tmp_path: P
     back = EvaluationResult.from_json_dict(json.loads((tmp_path / "out/twomoon.json").read_text()))
     assert back.tables[0].rows[7].acc == result.tables[0].rows[7].acc
     md = (tmp_path / "out/twomoon-y.md").read_text()
-    assert "Stat-w/ (ours)" in md and ("↑" in md or "↓" in md)
+    table = back.tables[0]
+    ours = [r for r in table.rows if r.kind == "jacobian"]
+    # every Stat-w/ (ours) cell carries an interval-backed mark (↑, ↓ or = for a tie)
+    assert "Stat-w/ (ours)" in md
+    marks = md.count("(↑)") + md.count("(↓)") + md.count("(=)")
+    assert marks == len(ours) * len(table.columns)
+    # the per-sample correctness behind the marks is kept (mean over draws = the accuracy)
+    for row in table.rows:
+        if row.kind in ("statistical", "jacobian"):
+            for col in table.columns:
+                mean = sum(row.correct[col.key]) / len(row.correct[col.key])
+                assert abs(mean - row.mean(col.key)) < 1e-6
+        else:
+            assert not row.correct
 
 
 def test_rerun_loads_cached_models_and_reproduces_numbers(

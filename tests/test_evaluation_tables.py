@@ -18,45 +18,70 @@ from jacfusion_fed.evaluation import (
     Table,
     arrows,
     gamma_scores,
+    intervals,
     select_gamma,
     table_to_csv,
     table_to_markdown,
 )
-from jacfusion_fed.evaluation.tables import best_cells
+from jacfusion_fed.evaluation.tables import MARK_NOTE, best_cells
 from jacfusion_fed.fusion import gram_of, jacobian_fusion
+
+_BASE = [1.0] * 140 + [0.0] * 60  # 70 % correct
 
 
 def _synthetic_table() -> Table:
     cols = [Column("clean", "Clean", "clean"), Column("w0", "w0=1", "corruption")]
+    better = [1.0] * 180 + [0.0] * 20  # the same samples right, and 40 more: +20 points
+    flip = [0.0] * 10 + _BASE[10:140] + [1.0] * 10 + _BASE[150:]  # 10 lost, 10 gained: a tie
+    worse = [0.0] * 30 + _BASE[30:]  # 30 of the base's right answers lost: -15 points
     rows = [
         Row("UM", "0: Img-regT", "unimodal", {"clean": [0.70], "w0": [0.70]}),
         Row("UM", "1: Aud-regT", "unimodal", {"clean": [0.80, 0.80], "w0": [0.50, 0.60]}),
         Row("MM (0, 1)", "Mean-w/o", "mean", {"clean": [0.90], "w0": [0.70, 0.74]}),
         Row("MM (0, 1)", "Mean-w/", "confidence_mean", {"clean": [0.88], "w0": [0.71, 0.71]}),
-        Row("MM (0, 1)", "Stat-w/o", "statistical", {"clean": [0.91], "w0": [0.72, 0.72]}),
-        # clean: ties the best baseline after rounding (0.9102 -> 91.0) => up; w0 below => down
+        Row(
+            "MM (0, 1)", "Stat-w/o", "statistical", {"clean": [0.91], "w0": [0.72, 0.72]},
+            correct={"clean": _BASE, "w0": _BASE},
+        ),
+        # clean: clearly better (interval above 0) => up; w0: a tie => "="
         Row(
             "MM (0, 1)",
             "Stat-w/ (ours)",
             "jacobian",
             {"clean": [0.9102], "w0": [0.70, 0.70]},
             {"clean": 0.9, "w0": 0.1},
+            correct={"clean": better, "w0": flip},
         ),
         Row("MM (0, 1)", "Stat-w/ on clean mod.", "jacobian_clean", {"clean": [0.99], "w0": [0.5]}),
-        Row("MM (0, 2)", "Stat-w/o", "statistical", {"clean": [0.80], "w0": [0.60]}),
-        Row("MM (0, 2)", "Stat-w/ (ours)", "jacobian", {"clean": [0.79], "w0": [0.65]}),
-    ]
+        # clean: worse => down; w0: no per-sample data => no mark
+        Row(
+            "MM (0, 2)", "Stat-w/o", "statistical", {"clean": [0.80], "w0": [0.60]},
+            correct={"clean": _BASE},
+        ),
+        Row(
+            "MM (0, 2)", "Stat-w/ (ours)", "jacobian", {"clean": [0.79], "w0": [0.65]},
+            correct={"clean": worse},
+        ),
+    ]  # fmt: skip
     return Table("Synthetic", "avdigits", "audio", "image", cols, rows, repeats=2)
 
 
-def test_arrows_follow_the_papers_rule() -> None:
-    arr = arrows(_synthetic_table())
-    assert arr == {
-        ("MM (0, 1)", "clean"): "↑",  # 91.0 >= max(90.0, 88.0, 91.0)
-        ("MM (0, 1)", "w0"): "↓",  # 70.0 < 72.0
+def test_marks_need_a_paired_interval_that_excludes_zero() -> None:
+    table = _synthetic_table()
+    assert arrows(table) == {
+        ("MM (0, 1)", "clean"): "↑",
+        ("MM (0, 1)", "w0"): "=",
         ("MM (0, 2)", "clean"): "↓",
-        ("MM (0, 2)", "w0"): "↑",
     }
+    ci = intervals(table)
+    assert ci[("MM (0, 1)", "clean")][0] == pytest.approx(20.0)
+    assert ci[("MM (0, 1)", "w0")][0] == pytest.approx(0.0)
+    lo, hi = ci[("MM (0, 1)", "w0")][1:]
+    assert lo < 0 < hi
+    assert ci[("MM (0, 2)", "clean")][2] < 0
+    # the displayed means do not matter, only the paired per-sample differences: a row that
+    # shows a higher mean but carries no per-sample data gets no mark
+    assert ("MM (0, 2)", "w0") not in arrows(table)
 
 
 def test_markdown_layout_rows_columns_bold_and_std() -> None:
@@ -69,7 +94,8 @@ def test_markdown_layout_rows_columns_bold_and_std() -> None:
     assert body[1].startswith("|  | 1: Aud-regT | 80.0 ± 0.0 | 55.0 ± 5.0 |")
     assert body[2].startswith("| MM (0, 1) | Mean-w/o |")
     ours = next(line for line in body if "MM" not in line and "Stat-w/ (ours)" in line)
-    assert "91.0 (↑)" in ours and "70.0 ± 0.0 (↓)" in ours
+    assert "91.0 (↑)" in ours and "70.0 ± 0.0 (=)" in ours
+    assert MARK_NOTE in md
     assert "**99.0**" in md  # best clean value over all rows (the extra row)
     assert "**72.0** ± 0.0" in md  # best w0 mean
     # no arrow on the extra row, gammas listed
@@ -89,7 +115,9 @@ def test_csv_long_format() -> None:
     rows = list(csv.DictReader(io.StringIO(table_to_csv(_synthetic_table()))))
     assert len(rows) == 18  # 9 rows x 2 columns
     ours = [r for r in rows if r["model"] == "Stat-w/ (ours)" and r["group"] == "MM (0, 1)"]
-    assert [r["arrow"] for r in ours] == ["↑", "↓"]
+    assert [r["arrow"] for r in ours] == ["↑", "="]
+    mean, lo, hi = json.loads(ours[0]["diff_vs_stat_pct"])
+    assert mean == pytest.approx(20.0) and 0 < lo < mean < hi
     assert ours[1]["gamma"] == "0.1" and ours[1]["mean_pct"] == "70.00"
     assert json.loads(ours[1]["values"]) == [0.7, 0.7]
     assert rows[0]["column_label"] == "Clean"
@@ -99,6 +127,7 @@ def test_result_json_round_trip() -> None:
     res = EvaluationResult(config={"dataset": "avdigits"}, tables=[_synthetic_table()])
     back = EvaluationResult.from_json_dict(json.loads(json.dumps(res.to_json_dict())))
     assert back.tables[0].rows[5].acc == res.tables[0].rows[5].acc
+    assert back.tables[0].rows[5].correct == res.tables[0].rows[5].correct
     assert table_to_markdown(back.tables[0]) == table_to_markdown(res.tables[0])
 
 

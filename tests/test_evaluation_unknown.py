@@ -46,7 +46,8 @@ def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
         assert f"{cell['robust']:.1f} {mark}" in md
         assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
     params = data["per_seed"]["0"]["params"]
-    assert set(params["robust"]) == {"floor", "trust_level", "confidence"}
+    keys = {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
+    assert set(params["robust"]) == keys
 
 
 def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
@@ -86,3 +87,73 @@ def test_provenance_records_versions_and_a_data_hash_that_tracks_the_data() -> N
     assert again["data_sha256"] == env["data_sha256"]
     splits["test"].modalities["y"][0, 0] += 1e-3
     assert provenance(splits)["data_sha256"] != env["data_sha256"]
+
+
+def test_emergency_dataset_is_the_three_modality_examples_data(tmp_path: Path) -> None:
+    """make_emergency draws exactly the arrays examples/three_modalities.py writes."""
+    import importlib.util
+
+    from jacfusion_fed.evaluation.emergency import EMERGENCY, EMERGENCY_SPLITS, make_emergency
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("three_modalities", root / "examples" /
+                                                  "three_modalities.py")  # fmt: skip
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    files = example.write_owner_files(tmp_path)
+    for split in EMERGENCY_SPLITS:
+        ds = make_emergency(split)
+        assert ds.num_classes == 4 and len(ds.modalities) == 3
+        for modality, path in files.items():
+            with np.load(path) as npz:
+                np.testing.assert_array_equal(ds.modalities[modality], npz[f"x_{split}"])
+                np.testing.assert_array_equal(ds.labels, npz[f"y_{split}"])
+                assert ds.sample_ids == list(npz[f"ids_{split}"])
+    assert list(EMERGENCY.tables) == ["vitals", "labs", "scan"]
+    with pytest.raises(ValueError, match="unknown split"):
+        make_emergency("dev")
+
+
+def test_unknown_table_refuses_an_unknown_dataset() -> None:
+    from jacfusion_fed.evaluation.unknown import SeedRun
+
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        SeedRun("mnist", 0)
+
+
+def _cell(label: str, a: float, b: float, robust: float, stat: float, ci: list[float],
+          **extra: float) -> dict[str, object]:  # fmt: skip
+    base = {"coverage": 0.9, "set_size": 1.1, "answered": 0.9, "acc_answered": 0.95}
+    return {"label": label, "alone:a": a, "alone:b": b, "robust": robust, "stat": stat,
+            "jac_oracle": stat + 1, "robust-stat": ci, **base, **extra}  # fmt: skip
+
+
+def test_targets_met_and_missed() -> None:
+    from jacfusion_fed.evaluation.unknown_targets import best_clean_alone, targets
+
+    result = {
+        "alpha": 0.1,
+        "settings": ["clean", "a:noise", "b:noise"],
+        "rows": ["alone:a", "alone:b", "stat", "jac_oracle", "robust"],
+        "pooled": {
+            "clean": _cell("Clean", 80, 70, 90.2, 90.0, [0.2, -0.1, 0.5]),
+            "a:noise": _cell("A noise", 20, 70, 75, 72, [3.0, 1.0, 5.0]),
+            # point estimate -1.5 but the interval reaches -0.5: not "more than 1 below"
+            "b:noise": _cell("B noise", 80, 30, 78.5, 80, [-1.5, -2.5, -0.5], answered=0.7),
+        },
+        "mean": {"robust": 81.2, "jac_oracle": 81.7, "stat": 80.7},
+    }
+    assert best_clean_alone(result, "clean") == 80
+    assert best_clean_alone(result, "a:noise") == 70  # a is perturbed: only b counts
+    t = targets(result)
+    assert t["mean"]["best_clean_alone"] == (80 + 70 + 80) / 3
+    assert not t["mean"]["met"]  # 81.2 < max(76.7, 81.7)
+    assert t["clean"]["met"] and t["no_setting_1_below"]["met"]
+    assert list(t["no_setting_1_below"]["point_below"]) == ["b:noise"]
+    assert t["clean_coverage"]["met"]
+    assert t["abstention"]["columns_met"] == ["clean", "a:noise"] and not t["abstention"]["met"]
+    result["pooled"]["b:noise"]["robust-stat"] = [-3.0, -4.0, -2.0]  # type: ignore[index]
+    result["pooled"]["clean"]["coverage"] = 0.85  # type: ignore[index]
+    t = targets(result)
+    assert not t["no_setting_1_below"]["met"] and not t["clean_coverage"]["met"]

@@ -105,6 +105,41 @@ def test_gradients_flow_through_fusion_and_reliability(floor: float) -> None:
     assert z2.grad is not None and float(z2.grad.abs().sum()) > 0
 
 
+def test_jacobian_regularization_follows_reliability() -> None:
+    """jacobian_level = 0 (or gamma = 1) is the plain rule; a modality whose reliability is at
+    or above the level keeps its logits; below it, the fused p moves as Stat-w/ would, and
+    gradients flow through the Jacobian solve."""
+    from jacfusion_fed.fusion import gram_of, jacobian_fusion
+
+    cals, zs, _ = _problem(2, 200, 40, seed=8)
+    gen = torch.Generator().manual_seed(3)
+    grams = [gram_of(torch.randn(K, 6, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    plain = robust_fusion(zs, cals, floor=0.0, trust_level=1e-9)
+    off = robust_fusion(zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=1.0,
+                        jacobian_level=0.5)  # fmt: skip
+    torch.testing.assert_close(off.p, plain.p)
+    # level 1e-12: every modality counts as reliable, nothing changes
+    high = robust_fusion(zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=0.1,
+                         jacobian_level=1e-12)  # fmt: skip
+    torch.testing.assert_close(high.p, plain.p)
+    # level close to 1 and reliability ~0 for an out-of-distribution modality: its logits are
+    # replaced by W z, as in Stat-w/ on that modality (trust_level tiny: no contamination
+    # where the reliability is not exactly 0)
+    broken = [zs[0], zs[1] * 5.0]
+    out = robust_fusion(broken, cals, grams=[None, grams[1]], floor=0.0, trust_level=1e-300,
+                        gamma=0.1, jacobian_level=0.999)  # fmt: skip
+    r = out.reliability[:, 1]
+    tiny = (r > 1e-290) & (r < 1e-6)
+    assert int(tiny.sum()) >= 3
+    want = jacobian_fusion(broken, [None, grams[1]], gamma=0.1)
+    torch.testing.assert_close(out.p[tiny], want[tiny], atol=1e-9, rtol=1e-9)
+    assert float((out.p[~tiny] - want[~tiny]).abs().max()) > 1e-3  # elsewhere it differs
+    z = broken[1].clone().requires_grad_(True)
+    res = robust_fusion([zs[0], z], cals, grams=grams, gamma=0.1, jacobian_level=0.5)
+    res.p[:, 0].sum().backward()
+    assert z.grad is not None and bool(torch.isfinite(z.grad).all())
+
+
 def test_numpy_in_torch_out_dtype_and_shapes() -> None:
     cals, zs, _ = _problem(2, 100, 20, seed=5)
     out = robust_fusion([z.float().numpy() for z in zs], cals)
@@ -138,7 +173,15 @@ def test_bad_input() -> None:
     with pytest.raises(FusionInputError, match="alpha"):
         robust_fusion(zs, cals, alpha=1.5)
     with pytest.raises(FusionInputError, match="grams"):
-        robust_fusion(zs, cals, grams=[None, None])
+        robust_fusion(zs, cals, grams=[None])
+    with pytest.raises(FusionInputError, match="grams"):
+        robust_fusion(zs, cals, grams=torch.eye(K))  # type: ignore[arg-type]
+    with pytest.raises(FusionInputError, match=r"grams\[1\] has K=3"):
+        robust_fusion(zs, cals, grams=[None, torch.eye(3)], jacobian_level=0.5)
+    with pytest.raises(FusionInputError, match="jacobian_level"):
+        robust_fusion(zs, cals, jacobian_level=1.0)
+    with pytest.raises(FusionInputError, match="gamma"):
+        robust_fusion(zs, cals, jacobian_level=0.5, gamma=0.0)
     with pytest.raises(FusionInputError, match="K="):
         robust_fusion([z[:, :3] for z in zs], cals)
     with pytest.raises(FusionInputError, match="non-finite"):

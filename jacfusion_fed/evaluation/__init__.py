@@ -17,7 +17,7 @@ from .gamma import GAMMA_CANDIDATES, gamma_scores, select_gamma
 from .reports import write_reports
 from .results import Column, Curve, EvaluationResult, Row, Table
 from .runner import run_evaluation
-from .tables import arrows, table_to_csv, table_to_markdown
+from .tables import arrows, intervals, table_to_csv, table_to_markdown
 
 __all__ = [
     "GAMMA_CANDIDATES",
@@ -34,6 +34,7 @@ __all__ = [
     "arrows",
     "config_from_options",
     "gamma_scores",
+    "intervals",
     "run_evaluation",
     "select_gamma",
     "table_to_csv",

@@ -37,10 +37,22 @@ case of it and the setting-1 attack)."""
 
 Perturbation = Corruption | AttackSpec
 _REGULARIZE = {"jacobian": (1,), "jacobian_clean": (0,), "jacobian_all": (0, 1)}
+_PER_SAMPLE = ("statistical", "jacobian")
+"""Rows whose per-sample correctness is kept (the tables mark their paired difference)."""
 
 
 def _accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return float((probs.argmax(dim=1) == y).double().mean())
+
+
+def _correct(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (probs.argmax(dim=1) == y).double()
+
+
+def _keep_correct(row: Row, key: str, per_draw: list[torch.Tensor]) -> None:
+    """Store the per-sample correctness of ``row`` in column ``key`` (mean over the draws)."""
+    if row.kind in _PER_SAMPLE and per_draw:
+        row.correct[key] = [round(float(v), 6) for v in torch.stack(per_draw).mean(0)]
 
 
 @dataclass
@@ -218,6 +230,7 @@ class TableRun:
         for i in range(len(self.nets)):
             for kind in _REGULARIZE:
                 mm[(i, kind)].gamma[col.key] = self.gamma_for(spec, i, kind)
+        per_draw: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in mm}
         for draw in range(self.draws(spec)):
             logits = self.perturbed_logits(spec, "test", draw)
             for i, z in enumerate(logits):
@@ -225,9 +238,11 @@ class TableRun:
                 for kind in MM_ROW_KINDS:
                     row = mm[(i, kind)]
                     rule = self.rule(i, kind, row.gamma.get(col.key, 1.0))
-                    row.acc.setdefault(col.key, []).append(
-                        _accuracy(rule([test.z_clean, z]), test.y)
-                    )
+                    right = _correct(rule([test.z_clean, z]), test.y)
+                    row.acc.setdefault(col.key, []).append(float(right.mean()))
+                    per_draw[(i, kind)].append(right)
+        for key, values in per_draw.items():
+            _keep_correct(mm[key], col.key, values)
 
     def _adaptive_column(
         self, col: ColumnSpec, rows: list[Row], mm: dict[tuple[int, str], Row]
@@ -244,6 +259,7 @@ class TableRun:
                 if kind in _REGULARIZE:
                     row.gamma[col.key] = self.gamma_for(spec, i, kind)
                 rule = self.rule(i, kind, row.gamma.get(col.key, 1.0))
+                per_draw: list[torch.Tensor] = []
                 for draw in range(self.draws(spec)):
                     x_adv = attack_fused(
                         spec.build,
@@ -258,12 +274,13 @@ class TableRun:
                     z_e2e = predict_logits(net, x_adv)
                     z_set1 = self.perturbed_logits(spec, "test", draw, [i])[0]
                     z = worst_case_logits(rule, [test.z_clean, z_e2e], 1, [z_e2e, z_set1], test.y)
-                    row.acc.setdefault(col.key, []).append(
-                        _accuracy(rule([test.z_clean, z]), test.y)
-                    )
+                    right = _correct(rule([test.z_clean, z]), test.y)
+                    row.acc.setdefault(col.key, []).append(float(right.mean()))
+                    per_draw.append(right)
                     row.acc.setdefault(col.key + E2E_SUFFIX, []).append(
                         _accuracy(rule([test.z_clean, z_e2e]), test.y)
                     )
+                _keep_correct(row, col.key, per_draw)
 
     # ----------------------------------------------------------------------------- sweeps
     def curves(self, sweeps: Sequence[SweepSpec], pair: int = 0) -> list[Curve]:

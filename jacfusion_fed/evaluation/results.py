@@ -60,6 +60,9 @@ class Row:
         kind: ``"unimodal"`` or one of :data:`MM_ROW_KINDS`.
         acc: column key -> one accuracy per repeat.
         gamma: column key -> the gamma used (Jacobian rows only).
+        correct: column key -> per-test-sample correctness (N,), the mean over the draws of
+            the column's perturbation (Stat-w/o and Stat-w/ (ours) rows, which the tables mark
+            by a paired bootstrap interval of their difference).
     """
 
     group: str
@@ -67,6 +70,7 @@ class Row:
     kind: str
     acc: dict[str, list[float]] = field(default_factory=dict)
     gamma: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, list[float]] = field(default_factory=dict)
 
     def mean(self, key: str) -> float:
         return float(np.mean(self.acc[key])) if self.acc.get(key) else float("nan")

@@ -1,10 +1,13 @@
 """Render :class:`Table` objects the way the paper prints Tables 1-7 (Markdown, CSV).
 
-Arrows (paper's rule, read off its tables): in each ``MM (0, i)`` group, the ``Stat-w/ (ours)``
-cell gets ``↑`` when its mean accuracy, rounded as displayed (0.1 %), is at least the best of
-``Mean-w/o``, ``Mean-w/`` and ``Stat-w/o`` of the same group and column, ``↓`` otherwise. The
-extra rows (Jacobian on the clean modality, on all modalities) get no arrow and do not enter the
-comparison. Bold marks the best displayed mean of a column over all rows.
+Marks (interval-backed, not the paper's rule): in each ``MM (0, i)`` group, the ``Stat-w/ (ours)``
+cell gets ``↑`` / ``↓`` when the 95 % paired bootstrap interval of its per-sample difference to
+``Stat-w/o`` of the same group and column (same test samples, same perturbation draws) lies
+above / below 0, and ``=`` (a tie) otherwise (:mod:`jacfusion_fed.evaluation.stats`, the same
+code as the "perturbed modality unknown" table). A cell without per-sample correctness of both
+rows (e.g. a table built by the federated evaluation, or an old results file) gets no mark: a
+mark needs an interval. The extra rows (Jacobian on the clean modality, on all modalities) get
+no mark. Bold marks the best displayed mean of a column over all rows (not a significance claim).
 """
 
 from __future__ import annotations
@@ -14,35 +17,41 @@ import io
 import json
 import math
 
-from .results import PAPER_MM_KINDS, Row, Table
+from .results import Row, Table
+from .stats import mark, paired_bootstrap
 
-__all__ = ["arrows", "best_cells", "table_to_csv", "table_to_markdown"]
+__all__ = ["MARK_NOTE", "arrows", "best_cells", "intervals", "table_to_csv", "table_to_markdown"]
 
-UP, DOWN = "↑", "↓"
+MARK_NOTE = (
+    "Marks: Stat-w/ (ours) − Stat-w/o of the same pair, ↑ / ↓ when the 95 % paired bootstrap "
+    "interval over the test samples excludes 0, = otherwise (a tie); intervals in the CSV."
+)
 
 
 def _pct(value: float) -> float:
     return round(100.0 * value, 1) if math.isfinite(value) else value
 
 
-def arrows(table: Table) -> dict[tuple[str, str], str]:
-    """``{(group, column key): "↑" | "↓"}`` for every Stat-w/ (ours) cell with data."""
-    out: dict[tuple[str, str], str] = {}
-    baselines = [k for k in PAPER_MM_KINDS if k != "jacobian"]
+def intervals(table: Table) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """``{(group, column key): (mean, low, high)}`` of Stat-w/ (ours) − Stat-w/o in points,
+    for every cell where both rows carry per-sample correctness."""
+    out: dict[tuple[str, str], tuple[float, float, float]] = {}
     for group in table.groups():
         rows = {r.kind: r for r in table.rows if r.group == group}
-        if "jacobian" not in rows:
+        ours, base = rows.get("jacobian"), rows.get("statistical")
+        if ours is None or base is None:
             continue
-        ours = rows["jacobian"]
-        others = [rows[k] for k in baselines if k in rows]
         for col in table.columns:
-            if not ours.acc.get(col.key):
-                continue
-            vals = [_pct(r.mean(col.key)) for r in others if r.acc.get(col.key)]
-            if not vals:
-                continue
-            out[(group, col.key)] = UP if _pct(ours.mean(col.key)) >= max(vals) else DOWN
+            a, b = ours.correct.get(col.key), base.correct.get(col.key)
+            if a and b and len(a) == len(b):
+                out[(group, col.key)] = paired_bootstrap(a, b)
     return out
+
+
+def arrows(table: Table) -> dict[tuple[str, str], str]:
+    """``{(group, column key): "↑" | "↓" | "="}`` for every Stat-w/ (ours) cell with an
+    interval (see :func:`intervals`)."""
+    return {key: mark(ci) for key, ci in intervals(table).items()}
 
 
 def best_cells(table: Table) -> set[tuple[int, str]]:
@@ -94,6 +103,8 @@ def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool =
             for c in table.columns
         ]
         lines.append("| " + " | ".join([group, row.name, *cells]) + " |")
+    if arrow:
+        lines += ["", MARK_NOTE]
     if with_gamma:
         lines += ["", *_gamma_lines(table)]
     if table.notes:
@@ -119,8 +130,10 @@ def _gamma_lines(table: Table) -> list[str]:
 
 
 def table_to_csv(table: Table) -> str:
-    """Long format: one line per (row, column) with mean, std, repeats, gamma, arrow, values."""
-    arrow = arrows(table)
+    """Long format: one line per (row, column) with mean, std, repeats, gamma, mark, the
+    interval behind the mark (``diff_vs_stat_pct``: mean, low, high of Stat-w/ − Stat-w/o)
+    and the per-repeat values."""
+    ci = intervals(table)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
@@ -137,6 +150,7 @@ def table_to_csv(table: Table) -> str:
             "repeats",
             "gamma",
             "arrow",
+            "diff_vs_stat_pct",
             "values",
         ]
     )
@@ -144,6 +158,7 @@ def table_to_csv(table: Table) -> str:
         for col in table.columns:
             if not row.acc.get(col.key):
                 continue
+            cell_ci = ci.get((row.group, col.key)) if row.kind == "jacobian" else None
             writer.writerow(
                 [
                     table.title,
@@ -157,7 +172,8 @@ def table_to_csv(table: Table) -> str:
                     f"{100 * row.std(col.key):.2f}",
                     len(row.acc[col.key]),
                     row.gamma.get(col.key, ""),
-                    arrow.get((row.group, col.key), "") if row.kind == "jacobian" else "",
+                    mark(cell_ci) if cell_ci else "",
+                    json.dumps([round(v, 2) for v in cell_ci]) if cell_ci else "",
                     json.dumps([round(v, 6) for v in row.acc[col.key]]),
                 ]
             )

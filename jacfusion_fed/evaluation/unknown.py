@@ -38,9 +38,13 @@ from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
 from jacfusion_fed.training import predict_logits
 
 from .config import PRESETS, DatasetPreset, config_from_options
+from .emergency import EMERGENCY, make_emergency
 from .nets import NetZoo
 
-__all__ = ["ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
+__all__ = ["DATASETS", "ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
+
+DATASETS: tuple[str, ...] = ("avdigits", "twomoon", "emergency")
+"""Datasets of the table: the two built-ins and the three-modality example (M = 3)."""
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 ROWS: tuple[str, ...] = ("stat", "jac_oracle", "jac_all", "robust")
@@ -55,6 +59,10 @@ ROBUST_GRID: dict[str, tuple[float, ...]] = {
     "floor": (0.0, 0.01, 0.05),
     "trust_level": (0.005, 0.02, 0.1),
 }
+JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
+    (0.0, 1.0), (0.1, 0.1), (0.3, 0.1), (0.3, 0.5), (0.6, 0.5),
+)  # fmt: skip
+"""(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_ANSWERED = 0.85
 """Abstention threshold: the largest validation accuracy on answered samples among thresholds
@@ -91,7 +99,7 @@ class SeedRun:
     """All rows and columns of the table for one training seed.
 
     Args:
-        dataset: ``"avdigits"`` or ``"twomoon"``.
+        dataset: one of :data:`DATASETS` (``"emergency"``: the three-modality example).
         seed: training seed (weights, training order, perturbation draws).
         quick: the quick data and epochs.
         repeats: draws of every random corruption on the test split.
@@ -109,12 +117,20 @@ class SeedRun:
         alpha: float = 0.1,
         lam: float = 1.0,
     ) -> None:
-        self.preset = PRESETS[dataset]
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         self.seed, self.repeats, self.alpha, self.lam = seed, repeats, alpha, lam
-        self.data: dict[str, MultimodalDataset] = {
-            s: load_builtin(dataset, s, 0, quick=quick) for s in ("train", "val", "test")
-        }
-        config = replace(config_from_options(dataset, quick=quick, seed=seed), workers=1)
+        splits = ("train", "val", "test")
+        if dataset == "emergency":  # not a built-in: the example's generator (no quick form)
+            self.preset = EMERGENCY
+            self.data: dict[str, MultimodalDataset] = {s: make_emergency(s) for s in splits}
+        else:
+            self.preset = PRESETS[dataset]
+            self.data = {s: load_builtin(dataset, s, 0, quick=quick) for s in splits}
+        # the zoo reads seed, quick, epochs and the cache from the config, the rest (name,
+        # archs, epochs, lr) from self.preset
+        base = "twomoon" if dataset == "emergency" else dataset
+        config = replace(config_from_options(base, quick=quick, seed=seed), workers=1)
         zoo = NetZoo(self.preset, config, self.data)
         self.modalities = [m for m in self.preset.abbrev if m not in self.preset.derived]
         self.nets: list[UnimodalNet] = [zoo.get(m, "regular") for m in self.modalities]
@@ -185,8 +201,9 @@ class SeedRun:
     def robust(self, zs: Sequence[torch.Tensor], **hp: float) -> Any:
         hp = {**self.params.get("robust", {}), **hp}
         return robust_fusion(
-            zs, self.calibrations, self.log_prior, alpha=self.alpha,
+            zs, self.calibrations, self.log_prior, self.factors, alpha=self.alpha,
             floor=hp["floor"], trust_level=hp["trust_level"], confidence=hp.get("confidence", 0.5),
+            jacobian_level=hp.get("jacobian_level", 0.0), gamma=hp.get("gamma", 1.0),
         )  # fmt: skip
 
     def select(self) -> dict[str, Any]:
@@ -202,7 +219,8 @@ class SeedRun:
         for row in ("jac_oracle", "jac_all"):
             best = max(GAMMAS, key=lambda g, r=row: (score(r, gamma=g), g))  # type: ignore[misc]
             self.params[row] = {"gamma": best}
-        grid = [dict(zip(ROBUST_GRID, v, strict=True))
+        grid = [{**dict(zip(ROBUST_GRID, v, strict=True)), "jacobian_level": j, "gamma": g}
+                for j, g in JACOBIAN_GRID
                 for v in itertools.product(*ROBUST_GRID.values())]  # fmt: skip
         scores = [score("robust", **hp) for hp in grid]
         self.params["robust"] = dict(grid[int(np.argmax(scores))])

@@ -38,6 +38,14 @@ which is statistical fusion (Lemma 1) when every epsilon_m = 0. The floor bounds
 single modality can veto a class: an attacked modality that looks typical still cannot push
 a class below epsilon_m times its odds.
 
+**Jacobian regularization that follows reliability** (optional: ``grams`` and
+``jacobian_level`` > 0). With s_m = min(1, r_m / jacobian_level) per sample, the logits that
+enter l_m are z'_m = s_m z_m + (1 - s_m) W_m z_m, where W_m z_m is Algorithm 1's regularized
+logit vector at ``gamma`` (one step from p^(0) = statistical fusion of the raw logits). A
+modality that looks fully reliable keeps its logits; the less reliable, the closer to the
+paper's Stat-w/ at ``gamma``, per sample, without knowing which modality is perturbed.
+Reliability and the prediction set always use the raw logits (the calibration is theirs).
+
 **Prediction set** (Bonferroni over trusted modalities): k is in the set unless some trusted
 modality has pi_m(k) <= alpha / M. On clean data the set contains the set that uses every
 modality, whose miss probability is at most sum_m alpha / M = alpha, whatever the gating:
@@ -61,6 +69,10 @@ from ._validation import (
     check_logits,
     to_tensor,
 )
+from .gram import GramFactor, factor_gram
+from .implicit import implicit_apply
+from .solver import flush_tiny
+from .statistical import combine_logits
 
 __all__ = [
     "CALIBRATION_FIELDS",
@@ -257,17 +269,35 @@ def _check_options(alpha: float, floor: float, trust_level: float, confidence: f
         raise FusionInputError(f"confidence must lie in [0, 1], got {confidence!r}")
 
 
+def _factors(
+    grams: Sequence[ArrayLike | GramFactor | None] | None, m_count: int, k: int
+) -> list[GramFactor | None]:
+    if grams is None:
+        return [None] * m_count
+    if isinstance(grams, (torch.Tensor, np.ndarray, GramFactor)) or len(grams) != m_count:
+        raise FusionInputError(f"grams must have one entry per modality (M={m_count}, or None)")
+    out: list[GramFactor | None] = []
+    for m, g in enumerate(grams):
+        f = None if g is None else g if isinstance(g, GramFactor) else factor_gram(g, f"grams[{m}]")
+        if f is not None and f.num_classes != k:
+            raise FusionInputError(f"grams[{m}] has K={f.num_classes}, logits have K={k}")
+        out.append(f)
+    return out
+
+
 def robust_fusion(
     logits: Sequence[ArrayLike],
     calibrations: Sequence[ModalityCalibration],
     log_prior: ArrayLike | None = None,
-    grams: Sequence[ArrayLike | None] | None = None,
+    grams: Sequence[ArrayLike | GramFactor | None] | None = None,
     alpha: float = 0.1,
     *,
     floor: float = 0.05,
     trust_level: float = 0.05,
     confidence: float = 0.5,
     consistency: bool | None = None,
+    jacobian_level: float = 0.0,
+    gamma: float = 0.1,
 ) -> RobustFusion:
     """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
 
@@ -275,13 +305,17 @@ def robust_fusion(
         logits: M >= 2 arrays (N, K), one per modality.
         calibrations: M :class:`ModalityCalibration`, same order as ``logits``.
         log_prior: ln freq (K,) or None (uniform).
-        grams: must be None (reserved: Jacobian regularisation is not part of this rule).
+        grams: per modality W_m W_m^T (K, K), a GramFactor or None (never regularized); used
+            only when ``jacobian_level`` > 0.
         alpha: miscoverage level of the prediction set, in (0, 1).
         floor: minimum contamination epsilon of every modality, in [0, 1).
         trust_level: reliability at and above which a modality is fully trusted, in (0, 1).
         confidence: abstain when max_k p(k) is below it, in [0, 1].
         consistency: multiply reliability by cross-modal consistency (None: for M >= 3 only;
             with M = 2 each modality is judged by the other alone).
+        jacobian_level: reliability below which a modality's logits move towards the
+            Jacobian-regularized W_m z_m (module docstring), in [0, 1); 0 turns it off.
+        gamma: the Jacobian gamma of that regularization, in (0, 1].
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.
@@ -290,13 +324,16 @@ def robust_fusion(
     m_count = len(zs)
     if m_count < 2:
         raise FusionInputError(f"robust_fusion needs M >= 2 modalities, got M={m_count}")
-    if grams is not None:
-        raise FusionInputError("robust_fusion does not use grams; pass grams=None")
+    if not (isinstance(jacobian_level, (int, float)) and 0.0 <= jacobian_level < 1.0):
+        raise FusionInputError(f"jacobian_level must lie in [0, 1), got {jacobian_level!r}")
+    if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
+        raise FusionInputError(f"gamma must lie in (0, 1], got {gamma!r}")
     if isinstance(calibrations, ModalityCalibration) or len(calibrations) != m_count:
         got = 1 if isinstance(calibrations, ModalityCalibration) else len(calibrations)
         raise FusionInputError(f"need one calibration per modality: M={m_count}, got {got}")
     _check_options(alpha, floor, trust_level, confidence)
     n, k = zs[0].shape
+    factors = _factors(grams, m_count, k)
     prior = check_log_prior(log_prior, k, zs[0])
     dtype, device = zs[0].dtype, zs[0].device
     cals = []
@@ -316,6 +353,12 @@ def robust_fusion(
          for z, c in zip(z64, cals, strict=True)], dim=1,
     )  # fmt: skip
     log_ratios = [torch.log_softmax(x - lp, dim=1) + math.log(k) for x in log_p]  # ln l_m(k)
+    regularized = [
+        (m, f.to(device)) for m, f in enumerate(factors) if f is not None
+    ] if jacobian_level > 0 and gamma < 1.0 else []  # fmt: skip
+    if regularized:  # W_m z_m from p^(0) = statistical fusion of the raw logits (Algorithm 1)
+        p0 = flush_tiny(torch.softmax(combine_logits(z64, lp), dim=1))
+        wz = {m: implicit_apply(p0, z64[m], f, 1.0 / gamma - 1.0) for m, f in regularized}
 
     def evidence(rel: torch.Tensor) -> list[torch.Tensor]:
         """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M); computed as
@@ -340,6 +383,12 @@ def robust_fusion(
             cons.append((2.0 * (q_others * pi).sum(dim=1)).clamp(max=1.0))
         reliability = reliability * torch.stack(cons, dim=1)
     eps = floor + (1.0 - floor) * (1.0 - (reliability / trust_level).clamp(max=1.0))  # (N, M)
+    if regularized:  # z'_m = s z_m + (1 - s) W_m z_m, s = min(1, r_m / jacobian_level)
+        for m, _f in regularized:
+            keep_m = (reliability[:, m : m + 1] / jacobian_level).clamp(max=1.0)
+            z_m = keep_m * z64[m] + (1.0 - keep_m) * wz[m]
+            log_ratios[m] = torch.log_softmax(torch.log_softmax(z_m, dim=1) - lp, dim=1)
+            log_ratios[m] = log_ratios[m] + math.log(k)
     fused = lp + torch.stack(evidence(reliability)).sum(dim=0)
     p = torch.softmax(fused, dim=1)
     in_set = torch.ones(n, k, dtype=torch.bool, device=device)
