@@ -33,7 +33,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP) lint-imports
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check jacfusion_fed/fusion
+	$(BIN)/ruff format --check .
 
 # server/ and clients/ are installed as jacfusion_fed.server/.clients by package-dir, through an
 # import hook of the editable install that neither the import graph nor mypy can follow (run on

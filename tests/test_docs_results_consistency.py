@@ -68,8 +68,9 @@ def test_readme_robustness_lab_table() -> None:
         assert row[1:] == want
 
 
-@pytest.mark.parametrize("perturbed, header", [("audio", "| Audio perturbed"),
-                                               ("image", "| Image perturbed")])  # fmt: skip
+@pytest.mark.parametrize(
+    "perturbed, header", [("audio", "| Audio perturbed"), ("image", "| Image perturbed")]
+)
 def test_results_readme_headline_tables(perturbed: str, header: str) -> None:
     rows = _table_after((RESULTS / "README.md").read_text(), header)
     marks = _avdigits_marks(perturbed)
@@ -99,8 +100,7 @@ def test_paper_tables_are_the_rendering_of_their_json(dataset: str) -> None:
         assert (RESULTS / f"{dataset}-{table.perturbed}.csv").read_text() == table_to_csv(table)
         assert md in summary
         marks = arrows(table)
-        ours = [(r.group, c.key) for r in table.rows if r.kind == "jacobian"
-                for c in table.columns]  # fmt: skip
+        ours = [(r.group, c.key) for r in table.rows if r.kind == "jacobian" for c in table.columns]
         assert set(marks) == set(ours), "every Stat-w/ (ours) cell needs its interval"
         assert md.count("(↑)") + md.count("(↓)") + md.count("(=)") == len(ours)
 
@@ -161,9 +161,14 @@ def test_readme_unknown_summary_table() -> None:
         assert len(d["seeds"]) >= 3, "headline tables need at least 3 training seeds"
         m, c = d["mean"], d["pooled"]["clean"]
         mean, lo, hi = m["robust-stat"]
-        want = [f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
-                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
-                f"{c['set_size']:.2f}"]  # fmt: skip
+        want = [
+            f"{m['stat']:.1f}",
+            f"{m['jac_oracle']:.1f}",
+            f"{m['robust']:.1f}",
+            f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            f"{100 * c['coverage']:.1f}",
+            f"{c['set_size']:.2f}",
+        ]
         assert row[1:] == want, row[0]
 
 
@@ -179,11 +184,18 @@ def test_results_readme_unknown_table() -> None:
         m, c = d["mean"], d["pooled"]["clean"]
         mean, lo, hi = m["robust-stat"]
         modalities = sum(r.startswith("alone:") for r in d["rows"])
-        want = [str(modalities), str(len(d["seeds"])), f"{t['mean']['best_clean_alone']:.1f}",
-                f"{m['stat']:.1f}", f"{m['jac_oracle']:.1f}", f"{m['robust']:.1f}",
-                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{100 * c['coverage']:.1f}",
-                f"{c['set_size']:.2f}",
-                f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}"]  # fmt: skip
+        want = [
+            str(modalities),
+            str(len(d["seeds"])),
+            f"{t['mean']['best_clean_alone']:.1f}",
+            f"{m['stat']:.1f}",
+            f"{m['jac_oracle']:.1f}",
+            f"{m['robust']:.1f}",
+            f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            f"{100 * c['coverage']:.1f}",
+            f"{c['set_size']:.2f}",
+            f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}",
+        ]
         assert row[1:] == want, row[0]
 
 

@@ -40,7 +40,10 @@ def _synthetic_table() -> Table:
         Row("MM (0, 1)", "Mean-w/o", "mean", {"clean": [0.90], "w0": [0.70, 0.74]}),
         Row("MM (0, 1)", "Mean-w/", "confidence_mean", {"clean": [0.88], "w0": [0.71, 0.71]}),
         Row(
-            "MM (0, 1)", "Stat-w/o", "statistical", {"clean": [0.91], "w0": [0.72, 0.72]},
+            "MM (0, 1)",
+            "Stat-w/o",
+            "statistical",
+            {"clean": [0.91], "w0": [0.72, 0.72]},
             correct={"clean": _BASE, "w0": _BASE},
         ),
         # clean: clearly better (interval above 0) => up; w0: a tie => "="
@@ -55,14 +58,20 @@ def _synthetic_table() -> Table:
         Row("MM (0, 1)", "Stat-w/ on clean mod.", "jacobian_clean", {"clean": [0.99], "w0": [0.5]}),
         # clean: worse => down; w0: no per-sample data => no mark
         Row(
-            "MM (0, 2)", "Stat-w/o", "statistical", {"clean": [0.80], "w0": [0.60]},
+            "MM (0, 2)",
+            "Stat-w/o",
+            "statistical",
+            {"clean": [0.80], "w0": [0.60]},
             correct={"clean": _BASE},
         ),
         Row(
-            "MM (0, 2)", "Stat-w/ (ours)", "jacobian", {"clean": [0.79], "w0": [0.65]},
+            "MM (0, 2)",
+            "Stat-w/ (ours)",
+            "jacobian",
+            {"clean": [0.79], "w0": [0.65]},
             correct={"clean": worse},
         ),
-    ]  # fmt: skip
+    ]
     return Table("Synthetic", "avdigits", "audio", "image", cols, rows, repeats=2)
 
 

@@ -96,8 +96,9 @@ def test_emergency_dataset_is_the_three_modality_examples_data(tmp_path: Path) -
     from jacfusion_fed.evaluation.emergency import EMERGENCY, EMERGENCY_SPLITS, make_emergency
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("three_modalities", root / "examples" /
-                                                  "three_modalities.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "three_modalities", root / "examples" / "three_modalities.py"
+    )
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -122,11 +123,21 @@ def test_unknown_table_refuses_an_unknown_dataset() -> None:
         SeedRun("mnist", 0)
 
 
-def _cell(label: str, a: float, b: float, robust: float, stat: float, ci: list[float],
-          **extra: float) -> dict[str, object]:  # fmt: skip
+def _cell(
+    label: str, a: float, b: float, robust: float, stat: float, ci: list[float], **extra: float
+) -> dict[str, object]:
     base = {"coverage": 0.9, "set_size": 1.1, "answered": 0.9, "acc_answered": 0.95}
-    return {"label": label, "alone:a": a, "alone:b": b, "robust": robust, "stat": stat,
-            "jac_oracle": stat + 1, "robust-stat": ci, **base, **extra}  # fmt: skip
+    return {
+        "label": label,
+        "alone:a": a,
+        "alone:b": b,
+        "robust": robust,
+        "stat": stat,
+        "jac_oracle": stat + 1,
+        "robust-stat": ci,
+        **base,
+        **extra,
+    }
 
 
 def test_targets_met_and_missed() -> None:

@@ -115,19 +115,28 @@ def test_jacobian_regularization_follows_reliability() -> None:
     gen = torch.Generator().manual_seed(3)
     grams = [gram_of(torch.randn(K, 6, generator=gen, dtype=torch.float64)) for _ in range(2)]
     plain = robust_fusion(zs, cals, floor=0.0, trust_level=1e-9)
-    off = robust_fusion(zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=1.0,
-                        jacobian_level=0.5)  # fmt: skip
+    off = robust_fusion(
+        zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=1.0, jacobian_level=0.5
+    )
     torch.testing.assert_close(off.p, plain.p)
     # level 1e-12: every modality counts as reliable, nothing changes
-    high = robust_fusion(zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=0.1,
-                         jacobian_level=1e-12)  # fmt: skip
+    high = robust_fusion(
+        zs, cals, grams=grams, floor=0.0, trust_level=1e-9, gamma=0.1, jacobian_level=1e-12
+    )
     torch.testing.assert_close(high.p, plain.p)
     # level close to 1 and reliability ~0 for an out-of-distribution modality: its logits are
     # replaced by W z, as in Stat-w/ on that modality (trust_level tiny: no contamination
     # where the reliability is not exactly 0)
     broken = [zs[0], zs[1] * 5.0]
-    out = robust_fusion(broken, cals, grams=[None, grams[1]], floor=0.0, trust_level=1e-300,
-                        gamma=0.1, jacobian_level=0.999)  # fmt: skip
+    out = robust_fusion(
+        broken,
+        cals,
+        grams=[None, grams[1]],
+        floor=0.0,
+        trust_level=1e-300,
+        gamma=0.1,
+        jacobian_level=0.999,
+    )
     r = out.reliability[:, 1]
     tiny = (r > 1e-290) & (r < 1e-6)
     assert int(tiny.sum()) >= 3

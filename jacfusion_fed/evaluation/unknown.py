@@ -60,8 +60,12 @@ ROBUST_GRID: dict[str, tuple[float, ...]] = {
     "trust_level": (0.005, 0.02, 0.1),
 }
 JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
-    (0.0, 1.0), (0.1, 0.1), (0.3, 0.1), (0.3, 0.5), (0.6, 0.5),
-)  # fmt: skip
+    (0.0, 1.0),
+    (0.1, 0.1),
+    (0.3, 0.1),
+    (0.3, 0.5),
+    (0.6, 0.5),
+)
 """(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_ANSWERED = 0.85
@@ -146,8 +150,10 @@ class SeedRun:
             for s in ("val", "test")
         }
         self.y = {s: torch.from_numpy(self.data[s].labels) for s in ("val", "test")}
-        self.clean = {s: [predict_logits(n, x) for n, x in zip(self.nets, self.x[s], strict=True)]
-                      for s in ("val", "test")}  # fmt: skip
+        self.clean = {
+            s: [predict_logits(n, x) for n, x in zip(self.nets, self.x[s], strict=True)]
+            for s in ("val", "test")
+        }
         self.calibrations: list[ModalityCalibration] = [
             fit_calibration(z, self.y["val"]) for z in self.clean["val"]
         ]
@@ -201,10 +207,17 @@ class SeedRun:
     def robust(self, zs: Sequence[torch.Tensor], **hp: float) -> Any:
         hp = {**self.params.get("robust", {}), **hp}
         return robust_fusion(
-            zs, self.calibrations, self.log_prior, self.factors, alpha=self.alpha,
-            floor=hp["floor"], trust_level=hp["trust_level"], confidence=hp.get("confidence", 0.5),
-            jacobian_level=hp.get("jacobian_level", 0.0), gamma=hp.get("gamma", 1.0),
-        )  # fmt: skip
+            zs,
+            self.calibrations,
+            self.log_prior,
+            self.factors,
+            alpha=self.alpha,
+            floor=hp["floor"],
+            trust_level=hp["trust_level"],
+            confidence=hp.get("confidence", 0.5),
+            jacobian_level=hp.get("jacobian_level", 0.0),
+            gamma=hp.get("gamma", 1.0),
+        )
 
     def select(self) -> dict[str, Any]:
         """Choose every row's hyperparameters once, by mean validation accuracy over all
@@ -213,15 +226,23 @@ class SeedRun:
         y = self.y["val"]
 
         def score(row: str, **hp: float) -> float:
-            return float(np.mean([float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean())
-                                  for s in self.settings]))  # fmt: skip
+            return float(
+                np.mean(
+                    [
+                        float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean())
+                        for s in self.settings
+                    ]
+                )
+            )
 
         for row in ("jac_oracle", "jac_all"):
             best = max(GAMMAS, key=lambda g, r=row: (score(r, gamma=g), g))  # type: ignore[misc]
             self.params[row] = {"gamma": best}
-        grid = [{**dict(zip(ROBUST_GRID, v, strict=True)), "jacobian_level": j, "gamma": g}
-                for j, g in JACOBIAN_GRID
-                for v in itertools.product(*ROBUST_GRID.values())]  # fmt: skip
+        grid = [
+            {**dict(zip(ROBUST_GRID, v, strict=True)), "jacobian_level": j, "gamma": g}
+            for j, g in JACOBIAN_GRID
+            for v in itertools.product(*ROBUST_GRID.values())
+        ]
         scores = [score("robust", **hp) for hp in grid]
         self.params["robust"] = dict(grid[int(np.argmax(scores))])
         self.params["robust"]["confidence"] = self._select_confidence(val)
@@ -251,8 +272,12 @@ class SeedRun:
         out: dict[str, Any] = {}
         for s in self.settings:
             rows: dict[str, list[torch.Tensor]] = {}
-            extra: dict[str, list[float]] = {"coverage": [], "set_size": [], "answered": [],
-                                             "acc_answered": []}  # fmt: skip
+            extra: dict[str, list[float]] = {
+                "coverage": [],
+                "set_size": [],
+                "answered": [],
+                "acc_answered": [],
+            }
             for draw in range(self.draws(s)):
                 zs = self.logits(s, "test", draw)
                 for m, name in enumerate(self.modalities):
@@ -302,9 +327,16 @@ class SeedRun:
             steps = 1 if spec.kind == "fgsm" else spec.w6
             step = spec.w4 if spec.kind == "fgsm" else spec.w5
             attack = DetectorAwarePGD(
-                net, clean, i, lambda z: self._gated(z), eps=spec.w4, alpha=step, steps=steps,
-                lam=self.lam, random_start=spec.kind == "pgd",
-            )  # fmt: skip
+                net,
+                clean,
+                i,
+                lambda z: self._gated(z),
+                eps=spec.w4,
+                alpha=step,
+                steps=steps,
+                lam=self.lam,
+                random_start=spec.kind == "pgd",
+            )
             candidates.append(predict_logits(net, attack(x, y, self._gen("da", s.key, draw))))
         if row == "robust":  # each attack alone: accuracy and the attacked modality's reliability
             for name, z in zip(("setting1", "e2e", "detector_aware"), candidates, strict=True):
@@ -312,9 +344,11 @@ class SeedRun:
                 zs_c[i] = z
                 res = self.robust(zs_c)
                 self.attack_log.setdefault(s.key, {}).setdefault(name, []).append(
-                    {"acc": float(_acc(res.p, y).mean()),
-                     "reliability": float(res.reliability[:, i].mean())}
-                )  # fmt: skip
+                    {
+                        "acc": float(_acc(res.p, y).mean()),
+                        "reliability": float(res.reliability[:, i].mean()),
+                    }
+                )
         worst = worst_case_logits(rule, clean, i, candidates, y)  # type: ignore[arg-type]
         out = list(clean)
         out[i] = worst

@@ -68,10 +68,18 @@ def run_unknown(
     for r in rows:
         mean_cell[r] = float(np.mean([pooled[k][r] for k in settings]))
     for a, b in MARKED:  # per sample: mean over the settings, then paired over samples
-        ca = np.concatenate([np.mean([per_seed[str(s)]["table"][k]["correct"][a] for k in settings],
-                                     axis=0) for s in seeds])  # fmt: skip
-        cb = np.concatenate([np.mean([per_seed[str(s)]["table"][k]["correct"][b] for k in settings],
-                                     axis=0) for s in seeds])  # fmt: skip
+        ca = np.concatenate(
+            [
+                np.mean([per_seed[str(s)]["table"][k]["correct"][a] for k in settings], axis=0)
+                for s in seeds
+            ]
+        )
+        cb = np.concatenate(
+            [
+                np.mean([per_seed[str(s)]["table"][k]["correct"][b] for k in settings], axis=0)
+                for s in seeds
+            ]
+        )
         mean_cell[f"{a}-{b}"] = paired_bootstrap(ca, cb)
     for k in ("coverage", "set_size", "answered", "acc_answered"):
         mean_cell[k] = float(np.mean([pooled[s][k] for s in settings]))
@@ -105,8 +113,14 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         label = f"{r.split(':', 1)[1]} alone" if r.startswith("alone:") else ROW_LABELS[r]
         cells = []
         for c in cols:
-            mark = next((_mark(c[f"{a}-{b}"]) for a, b in
-                         (("jac_oracle", "stat"), ("robust", "stat")) if a == r), "")  # fmt: skip
+            mark = next(
+                (
+                    _mark(c[f"{a}-{b}"])
+                    for a, b in (("jac_oracle", "stat"), ("robust", "stat"))
+                    if a == r
+                ),
+                "",
+            )
             cells.append(f"{c[r]:.1f}{mark}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     fmt: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -119,18 +133,22 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f(c) for c in cols) + " |")
     ci_lines = []
     for c in cols:
-        parts = [f"{a} − {b} {c[f'{a}-{b}'][0]:+.1f} [{c[f'{a}-{b}'][1]:+.1f}, "
-                 f"{c[f'{a}-{b}'][2]:+.1f}]" for a, b in (("jac_oracle", "stat"),
-                                                         ("robust", "stat"))]  # fmt: skip
+        parts = [
+            f"{a} − {b} {c[f'{a}-{b}'][0]:+.1f} [{c[f'{a}-{b}'][1]:+.1f}, {c[f'{a}-{b}'][2]:+.1f}]"
+            for a, b in (("jac_oracle", "stat"), ("robust", "stat"))
+        ]
         ci_lines.append(f"- {c['label']}: " + "; ".join(parts))
     att = [(c["label"], c.get("robust_attacks", {})) for c in cols[:-1]]
     att_lines = [
-        f"- {label}: " + "; ".join(
+        f"- {label}: "
+        + "; ".join(
             f"{n} {100 * a[n]:.1f} % (attacked modality's reliability {a[n + ':reliability']:.2f})"
-            for n in ("setting1", "e2e", "detector_aware") if n in a
+            for n in ("setting1", "e2e", "detector_aware")
+            if n in a
         )
-        for label, a in att if a
-    ]  # fmt: skip
+        for label, a in att
+        if a
+    ]
     env = result["environment"]
     notes = [
         "",

@@ -41,18 +41,29 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         for k in settings
     }
     return {
-        "mean": {"robust": float(mean["robust"]), "best_clean_alone": oracle_alone,
-                 "jac_oracle": float(mean["jac_oracle"]), "stat": float(mean["stat"]),
-                 "met": float(mean["robust"]) >= bar},
-        "clean": {"robust_minus_stat": list(clean["robust-stat"]),
-                  "met": abs(float(clean["robust"]) - float(clean["stat"])) <= 0.5},
+        "mean": {
+            "robust": float(mean["robust"]),
+            "best_clean_alone": oracle_alone,
+            "jac_oracle": float(mean["jac_oracle"]),
+            "stat": float(mean["stat"]),
+            "met": float(mean["robust"]) >= bar,
+        },
+        "clean": {
+            "robust_minus_stat": list(clean["robust-stat"]),
+            "met": abs(float(clean["robust"]) - float(clean["stat"])) <= 0.5,
+        },
         "no_setting_1_below": {"violations": below, "point_below": point, "met": not below},
-        "clean_coverage": {"coverage": float(clean["coverage"]),
-                           "set_size": float(clean["set_size"]), "min_coverage": cov_min,
-                           "met": clean["coverage"] >= cov_min and clean["set_size"] <= 1.5},
-        "abstention": {"columns_met": [k for k, ok in abst.items() if ok],
-                       "met": all(abst.values())},
-    }  # fmt: skip
+        "clean_coverage": {
+            "coverage": float(clean["coverage"]),
+            "set_size": float(clean["set_size"]),
+            "min_coverage": cov_min,
+            "met": clean["coverage"] >= cov_min and clean["set_size"] <= 1.5,
+        },
+        "abstention": {
+            "columns_met": [k for k, ok in abst.items() if ok],
+            "met": all(abst.values()),
+        },
+    }
 
 
 def targets_markdown(result: dict[str, Any]) -> list[str]:
@@ -68,8 +79,12 @@ def targets_markdown(result: dict[str, Any]) -> list[str]:
     point = t["no_setting_1_below"]["point_below"]
 
     def listed(cells: dict[str, list[float]]) -> str:
-        return ", ".join(f"{labels[k]} {v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]"
-                         for k, v in cells.items()) or "none"  # fmt: skip
+        return (
+            ", ".join(
+                f"{labels[k]} {v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]" for k, v in cells.items()
+            )
+            or "none"
+        )
 
     return [
         "Targets of issue 11 (measured in this run):",
@@ -83,4 +98,4 @@ def targets_markdown(result: dict[str, Any]) -> list[str]:
         f" %), set size {cc['set_size']:.2f} (≤ 1.5): {ok(cc)}",
         f"- abstention (answered accuracy ≥ best clean modality, ≥ 80 % answered, every column): "
         f"{ok(a)} (met in {len(a['columns_met'])} of {len(labels)} columns)",
-    ]  # fmt: skip
+    ]

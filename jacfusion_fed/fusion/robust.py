@@ -349,13 +349,18 @@ def robust_fusion(
     log_p = [torch.log_softmax(z, dim=1) for z in z64]
     scores = [-x for x in log_p]  # s_m(z, k), (N, K)
     typ = torch.stack(
-        [smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
-         for z, c in zip(z64, cals, strict=True)], dim=1,
-    )  # fmt: skip
+        [
+            smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
+            for z, c in zip(z64, cals, strict=True)
+        ],
+        dim=1,
+    )
     log_ratios = [torch.log_softmax(x - lp, dim=1) + math.log(k) for x in log_p]  # ln l_m(k)
-    regularized = [
-        (m, f.to(device)) for m, f in enumerate(factors) if f is not None
-    ] if jacobian_level > 0 and gamma < 1.0 else []  # fmt: skip
+    regularized = (
+        [(m, f.to(device)) for m, f in enumerate(factors) if f is not None]
+        if jacobian_level > 0 and gamma < 1.0
+        else []
+    )
     if regularized:  # W_m z_m from p^(0) = statistical fusion of the raw logits (Algorithm 1)
         p0 = flush_tiny(torch.softmax(combine_logits(z64, lp), dim=1))
         wz = {m: implicit_apply(p0, z64[m], f, 1.0 / gamma - 1.0) for m, f in regularized}
@@ -367,8 +372,10 @@ def robust_fusion(
         eps = floor + (1.0 - floor) * (1.0 - (rel / trust_level).clamp(max=1.0))
         keep = torch.log1p(-eps.clamp(max=1.0 - 1e-12))
         drop = torch.log(eps.clamp(min=1e-300))
-        return [torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1])
-                for m, lr in enumerate(log_ratios)]  # fmt: skip
+        return [
+            torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1])
+            for m, lr in enumerate(log_ratios)
+        ]
 
     reliability = typ
     if consistency if consistency is not None else m_count >= 3:
