@@ -72,21 +72,20 @@ def method_name(proto_name: str) -> str:
 
 
 def rich_table(table: Any) -> Table:
-    """A :class:`jacfusion_fed.evaluation.Table` as a rich table (same bold/arrow rules as
-    the Markdown reports)."""
+    """A :class:`jacfusion_fed.evaluation.Table` as a rich table (same marks as the Markdown
+    reports: an arrow only where a paired interval excludes 0, no bold "best" cell)."""
     from rich.table import Table
 
-    from jacfusion_fed.evaluation.tables import arrows, best_cells
+    from jacfusion_fed.evaluation.tables import arrows
 
     arrow = arrows(table)
-    bold = best_cells(table)
     rendered = Table(title=table.title, title_justify="left", show_lines=False)
     rendered.add_column("UM / MM")
     rendered.add_column("Model")
     for col in table.columns:
         rendered.add_column(col.label, justify="right")
     last_group = None
-    for i, row in enumerate(table.rows):
+    for row in table.rows:
         if row.group != last_group and last_group is not None:
             rendered.add_section()
         group = "" if row.group == last_group else ("UM Nets" if row.group == "UM" else row.group)
@@ -101,6 +100,6 @@ def rich_table(table: Any) -> Table:
                 text += f" ± {100 * row.std(col.key):.1f}"
             if row.kind == "jacobian" and (row.group, col.key) in arrow:
                 text += f" {arrow[(row.group, col.key)]}"
-            cells.append(f"[bold]{text}[/bold]" if (i, col.key) in bold else text)
+            cells.append(text)
         rendered.add_row(group, row.name, *cells)
     return rendered

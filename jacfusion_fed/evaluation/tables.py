@@ -20,7 +20,7 @@ import math
 from .results import Row, Table
 from .stats import mark, paired_bootstrap
 
-__all__ = ["MARK_NOTE", "arrows", "best_cells", "intervals", "table_to_csv", "table_to_markdown"]
+__all__ = ["MARK_NOTE", "arrows", "intervals", "table_to_csv", "table_to_markdown"]
 
 MARK_NOTE = (
     "Marks: Stat-w/ (ours) − Stat-w/o of the same pair, ↑ / ↓ when the 95 % paired bootstrap "
@@ -54,22 +54,12 @@ def arrows(table: Table) -> dict[tuple[str, str], str]:
     return {key: mark(ci) for key, ci in intervals(table).items()}
 
 
-def best_cells(table: Table) -> set[tuple[int, str]]:
-    """``{(row index, column key)}`` holding the best displayed mean of their column."""
-    best: set[tuple[int, str]] = set()
-    for col in table.columns:
-        means = {i: _pct(r.mean(col.key)) for i, r in enumerate(table.rows) if r.acc.get(col.key)}
-        if means:
-            top = max(means.values())
-            best |= {(i, col.key) for i, m in means.items() if m == top}
-    return best
-
-
-def _cell(row: Row, key: str, bold: bool, arrow: str | None, with_std: bool) -> str:
+def _cell(row: Row, key: str, arrow: str | None, with_std: bool) -> str:
+    # No bold "best" cell: a mark needs evidence (the paired interval behind ``arrow``), and
+    # the best mean of a column is often a tie within noise.
     if not row.acc.get(key):
         return "–"
-    mean = f"{_pct(row.mean(key)):.1f}"
-    text = f"**{mean}**" if bold else mean
+    text = f"{_pct(row.mean(key)):.1f}"
     if with_std and len(row.acc[key]) > 1:
         text += f" ± {_pct(row.std(key)):.1f}"
     if arrow:
@@ -80,7 +70,6 @@ def _cell(row: Row, key: str, bold: bool, arrow: str | None, with_std: bool) -> 
 def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool = True) -> str:
     """The table as GitHub Markdown: header, one line per row, group label on its first row."""
     arrow = arrows(table)
-    bold = best_cells(table)
     header = ["UM / MM", "Model", *[c.label for c in table.columns]]
     lines = [
         f"**{table.title}**",
@@ -89,14 +78,13 @@ def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool =
         "|" + "|".join(["---"] * 2 + [":---:"] * len(table.columns)) + "|",
     ]
     last_group = None
-    for i, row in enumerate(table.rows):
+    for row in table.rows:
         group = "" if row.group == last_group else ("UM Nets" if row.group == "UM" else row.group)
         last_group = row.group
         cells = [
             _cell(
                 row,
                 c.key,
-                (i, c.key) in bold,
                 arrow.get((row.group, c.key)) if row.kind == "jacobian" else None,
                 with_std,
             )
