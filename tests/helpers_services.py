@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from helpers_wait import wait_until
 
-from jacfusion_fed.bench.serve import MODALITIES, ServeBenchConfig, make_dataset
+from jacfusion_fed.bench.deployment import MODALITIES, ServeBenchConfig, make_dataset
 from jacfusion_fed.fusion import (
     confidence_mean_fusion,
     jacobian_fusion,

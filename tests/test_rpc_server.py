@@ -216,7 +216,7 @@ def _sigterm_seconds(procs: ProcessSet, name: str) -> float:
 def test_services_stop_within_a_second_of_sigterm(
     tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
-    from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
+    from jacfusion_fed.bench.deployment import ServeBenchConfig, make_dataset
     from jacfusion_fed.privacy.pseudonyms import generate_key, write_key
 
     data = make_dataset(tmp_path, ServeBenchConfig(samples=64, classes=3, features=4))

@@ -21,7 +21,7 @@ from helpers_services import MODALITIES, OWNER_NAMES, TIMEOUT, Fed, build_fed, r
 from helpers_wait import wait_until
 from typer.testing import CliRunner
 
-from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
+from jacfusion_fed.bench.deployment import ServeBenchConfig, make_dataset
 from jacfusion_fed.cli import app
 from jacfusion_fed.clients.modality_service import ModalityServicer
 from jacfusion_fed.clients.serve import serve_owner

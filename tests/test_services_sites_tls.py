@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
+from jacfusion_fed.bench.deployment import ServeBenchConfig, make_dataset
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.fusion import mean_fusion
 from jacfusion_fed.owner import OwnerWorkspace

@@ -31,16 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jacfusion_fed.bench.serve import (
+from jacfusion_fed.bench.deployment import (
     CLI_ENTRY,
     MODALITIES,
     ServeBenchConfig,
     bench_setup,
-    load_average,
     python_procs,
-    throughput,
     wait_serving,
 )
+from jacfusion_fed.bench.serve import load_average, throughput
 from jacfusion_fed.processes import ProcessSet
 
 __all__ = ["ReplicaBenchConfig", "run_replica_bench"]

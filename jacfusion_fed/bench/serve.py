@@ -6,9 +6,10 @@ Everything runs as real processes on 127.0.0.1 with mTLS, started by this benchm
   K-class dataset (Gaussian class means plus noise; an MLP trained for a few epochs), so that
   batches of ``batch`` distinct ids exist;
 * the coordinator (``jacfusion-fed coordinator serve``);
-* an echo server (``python -m jacfusion_fed.bench.serve echo``) built with the very same
-  :func:`jacfusion_fed.rpc.tls.create_server` settings, certificate, auth interceptor and
-  thread count as the coordinator, answering one generic method with its request bytes.
+* an echo server (``python -m jacfusion_fed.bench.serve echo``, see :mod:`.deployment`) built
+  with the very same :func:`jacfusion_fed.rpc.tls.create_server` settings, certificate, auth
+  interceptor and thread count as the coordinator, answering one generic method with its
+  request bytes.
 
 The requester side (this process) measures, interleaving blocks of the two so that load from
 other jobs on the machine affects both alike:
@@ -26,138 +27,31 @@ model version) and, unless ``uncached=False``, again with owners restarted with
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import random
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jacfusion_fed.processes import ProcessSet
+from jacfusion_fed.bench.deployment import (
+    ECHO_METHOD,
+    MODALITIES,
+    ServeBenchConfig,
+    bench_setup,
+    python_procs,
+    serve_echo,
+    start_deployment,
+    wait_serving,
+)
 
-__all__ = [
-    "CLI_ENTRY",
-    "ServeBenchConfig",
-    "print_results",
-    "python_procs",
-    "run_serve_bench",
-    "serve_echo",
-    "start_deployment",
-    "throughput",
-    "wait_serving",
-]
-
-ECHO_METHOD = "/jacfusion.bench.Echo/Echo"
-MODALITIES = ("audio", "image")
-CLI_ENTRY = "from jacfusion_fed.cli import main; main()"
-
-
-@dataclass(frozen=True)
-class ServeBenchConfig:
-    samples: int = 4096
-    classes: int = 10
-    features: int = 32
-    batch: int = 1024
-    latency_requests: int = 2000
-    duration_s: float = 8.0
-    clients: int = 2
-    method: str = "jacobian"
-    uncached: bool = True
-    epochs: int = 3
-    seed: int = 0
-    block: int = 100
-
-
-# --- echo server -------------------------------------------------------------------------------
-
-
-def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 16) -> None:
-    """Serve ``/jacfusion.bench.Echo/Echo`` with the coordinator's server settings until
-    SIGTERM/SIGINT (the services' one stop: :func:`jacfusion_fed.rpc.server.serve_until_signal`,
-    port file written once the signals are handled, exit within a second)."""
-    import grpc
-
-    from jacfusion_fed.privacy.certs import ROLES
-    from jacfusion_fed.rpc.auth import AuthInterceptor, RpcPolicy
-    from jacfusion_fed.rpc.server import serve_until_signal, write_port_file
-    from jacfusion_fed.rpc.tls import TlsFiles, create_server
-
-    policy = RpcPolicy.of({"/jacfusion.bench.Echo/*": set(ROLES)})
-    server, port = create_server(
-        TlsFiles.from_dir(tls_dir), max_workers=max_workers, interceptors=[AuthInterceptor(policy)]
-    )
-    handler = grpc.method_handlers_generic_handler(
-        "jacfusion.bench.Echo",
-        {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)},
-    )
-    server.add_generic_rpc_handlers((handler,))
-    server.start()
-    serve_until_signal(
-        lambda grace: server.stop(grace).wait(),
-        "echo server",
-        ready=lambda: write_port_file(port_file, port),
-    )
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-def python_procs(logdir: Path) -> ProcessSet:
-    """Python child processes (``python ARGS``) of the benchmarks, stopped by PID."""
-    return ProcessSet(logdir, prefix=(sys.executable,))
-
-
-def wait_serving(channel: Any, timeout: float = 180.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            last = status
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"not SERVING after {timeout} s (last: {last})")
-
-
-# --- data ------------------------------------------------------------------------------------
-
-
-def make_dataset(out_dir: Path, cfg: ServeBenchConfig) -> dict[str, Path]:
-    """One ``.npz`` per modality of a synthetic K-class dataset with shared patient ids."""
-    rng = np.random.default_rng(cfg.seed)
-    n = cfg.samples
-    labels = rng.integers(0, cfg.classes, n)
-    ids = np.array([f"patient-{i:07d}" for i in range(n)])
-    n_train = max(n // 2, cfg.classes)
-    splits = {"train": slice(0, n_train), "test": slice(n_train, n)}
-    paths = {}
-    for j, modality in enumerate(MODALITIES):
-        means = rng.normal(0.0, 1.0, (cfg.classes, cfg.features))
-        x = means[labels] + rng.normal(0.0, 1.5 + j, (n, cfg.features))
-        arrays: dict[str, np.ndarray] = {}
-        for split, sl in splits.items():
-            arrays[f"x_{split}"] = x[sl].astype(np.float32)
-            arrays[f"y_{split}"] = labels[sl]
-            arrays[f"ids_{split}"] = ids[sl]
-        path = out_dir / f"{modality}.npz"
-        np.savez(path, **arrays)  # type: ignore[arg-type]
-        paths[modality] = path
-    return paths
-
+__all__ = ["load_average", "print_results", "run_serve_bench", "throughput"]
 
 # --- measurements ------------------------------------------------------------------------------
 
@@ -242,131 +136,6 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
-
-
-@dataclass
-class BenchSetup:
-    """What every loopback benchmark deployment needs before its processes start."""
-
-    root: Path
-    certs: Any  # jacfusion_fed.privacy.certs.DeploymentCerts
-    key_path: Path
-    data: dict[str, Path]
-    ids: list[str]
-    requester: Any  # jacfusion_fed.rpc.tls.TlsFiles
-
-
-@contextlib.contextmanager
-def bench_setup(
-    workdir: Path | None,
-    data_cfg: ServeBenchConfig,
-    requester: str,
-    progress: Callable[[str], None],
-) -> Iterator[BenchSetup]:
-    """Certificates (two owners, the coordinator, ``requester``), a pseudonym key, the synthetic
-    owners' data and the requester's pseudonymous ids, in ``workdir`` (a temporary folder,
-    removed afterwards, when None)."""
-    from jacfusion_fed.privacy.certs import generate_deployment_certs
-    from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
-    from jacfusion_fed.rpc.tls import TlsFiles
-
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacfusion-bench-")))
-        else:
-            root = Path(workdir)
-            root.mkdir(parents=True, exist_ok=True)
-        progress("certificates, pseudonym key and data")
-        certs = generate_deployment_certs(
-            root / "certs", {f"{m}-co": m for m in MODALITIES}, [requester]
-        )
-        key_path = root / "pseudonym.key"
-        if not key_path.exists():
-            write_key(key_path, generate_key())
-        data = make_dataset(root, data_cfg)
-        ids = Pseudonymizer.from_file(key_path).many(
-            [f"patient-{i:07d}" for i in range(data_cfg.samples)]
-        )
-        requester_tls = TlsFiles.from_dir(certs.requester_dirs[requester])
-        yield BenchSetup(root, certs, key_path, data, ids, requester_tls)
-
-
-@contextlib.contextmanager
-def start_deployment(
-    procs: ProcessSet,
-    root: Path,
-    certs: Any,
-    data: dict[str, Path],
-    key: Path,
-    tag: str,
-    *,
-    cached: bool,
-) -> Iterator[dict[str, Any]]:
-    """Start two owners and a coordinator; yield their targets; stop them."""
-    names = []
-    owner_targets = {}
-    for modality in MODALITIES:
-        name = f"{tag}-owner-{modality}"
-        port_file = root / f"{name}.port"
-        args = [
-            "-c",
-            CLI_ENTRY,
-            "owner",
-            "serve",
-            "--workspace",
-            str(root / f"ws-{modality}"),
-            "--modality",
-            modality,
-            "--data",
-            f"npz:{data[modality]}",
-            "--pseudonym-key",
-            str(key),
-            "--tls",
-            str(certs.owner_dirs[f"{modality}-co"]),
-            "--port-file",
-            str(port_file),
-            "--train-if-missing",
-            "--epochs",
-            "3",
-            "--log-level",
-            "warning",
-        ]
-        if not cached:
-            args.append("--no-logit-cache")
-        procs.start_serving(name, args, port_file)
-        names.append((name, port_file))
-    for (name, port_file), modality in zip(names, MODALITIES, strict=True):
-        owner_targets[modality] = f"127.0.0.1:{procs.wait_port(name, port_file)}"
-    coord = f"{tag}-coordinator"
-    coord_port = root / f"{coord}.port"
-    procs.start_serving(
-        coord,
-        [
-            "-c",
-            CLI_ENTRY,
-            "coordinator",
-            "serve",
-            "--registry",
-            str(root / f"registry-{tag}"),
-            "--tls",
-            str(certs.coordinator_dir),
-            "--port",
-            "0",
-            "--port-file",
-            str(coord_port),
-            "--log-level",
-            "warning",
-            *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
-        ],
-        coord_port,
-    )
-    coordinator = f"127.0.0.1:{procs.wait_port(coord, coord_port)}"
-    try:
-        yield {"owners": owner_targets, "coordinator": coordinator}
-    finally:
-        procs.stop(coord)
-        for name, _ in names:
-            procs.stop(name)
 
 
 def _measure(

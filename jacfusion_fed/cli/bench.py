@@ -136,7 +136,8 @@ def bench_serve(
 ) -> None:
     """Predict latency against a bare gRPC echo (same run, same TLS settings) and throughput."""
     check_choice("--method", method, FUSION_METHODS)
-    from jacfusion_fed.bench.serve import ServeBenchConfig, print_results, run_serve_bench
+    from jacfusion_fed.bench.deployment import ServeBenchConfig
+    from jacfusion_fed.bench.serve import print_results, run_serve_bench
 
     config = ServeBenchConfig(
         samples=samples,

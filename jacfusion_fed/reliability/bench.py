@@ -53,15 +53,15 @@ def run_load_bench(
     """Run the load test (see the module docstring); returns JSON-able results."""
     import grpc
 
-    from jacfusion_fed.bench.serve import (
+    from jacfusion_fed.bench.deployment import (
         MODALITIES,
         ServeBenchConfig,
         bench_setup,
-        load_average,
         python_procs,
         start_deployment,
         wait_serving,
     )
+    from jacfusion_fed.bench.serve import load_average
     from jacfusion_fed.rpc.channels import connect_coordinator
     from jacfusion_fed.rpc.fusion_codec import PredictOptions, options_to_proto
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc

@@ -24,7 +24,7 @@ def deployment_pems(root: Path) -> dict[str, bytes]:
 
 def tiny_workspace(root: Path) -> Any:
     """A trained owner workspace (audio, K=4, 240 records) for the owner target."""
-    from jacfusion_fed.bench.serve import ServeBenchConfig, make_dataset
+    from jacfusion_fed.bench.deployment import ServeBenchConfig, make_dataset
     from jacfusion_fed.owner import OwnerWorkspace
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key
 
