@@ -26,7 +26,9 @@ __all__ = [
     "BenchSetup",
     "ServeBenchConfig",
     "bench_setup",
+    "coordinator_serve_args",
     "make_dataset",
+    "owner_serve_args",
     "python_procs",
     "serve_echo",
     "start_deployment",
@@ -184,6 +186,70 @@ def bench_setup(
         yield BenchSetup(root, certs, key_path, data, ids, requester_tls)
 
 
+def owner_serve_args(
+    workspace: Path,
+    modality: str,
+    data: Path,
+    key: Path,
+    tls_dir: Path,
+    port_file: Path,
+    *,
+    epochs: int,
+) -> list[str]:
+    """``python`` arguments of one benchmark owner: ``owner serve`` on loopback, any free
+    port (written to ``port_file``), training ``epochs`` epochs when the workspace is new."""
+    return [
+        "-c",
+        CLI_ENTRY,
+        "owner",
+        "serve",
+        "--workspace",
+        str(workspace),
+        "--modality",
+        modality,
+        "--data",
+        f"npz:{data}",
+        "--pseudonym-key",
+        str(key),
+        "--host",
+        "127.0.0.1",
+        "--tls",
+        str(tls_dir),
+        "--port-file",
+        str(port_file),
+        "--train-if-missing",
+        "--epochs",
+        str(epochs),
+        "--log-level",
+        "warning",
+    ]
+
+
+def coordinator_serve_args(
+    registry: Path, tls_dir: Path, port_file: Path, owners: dict[str, str]
+) -> list[str]:
+    """``python`` arguments of a benchmark coordinator on loopback (any free port)."""
+    return [
+        "-c",
+        CLI_ENTRY,
+        "coordinator",
+        "serve",
+        "--registry",
+        str(registry),
+        "--tls",
+        str(tls_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--log-level",
+        "warning",
+        *[a for m, t in owners.items() for a in ("--owner", f"{m}={t}")],
+    ]
+
+
 @contextlib.contextmanager
 def start_deployment(
     procs: ProcessSet,
@@ -201,29 +267,15 @@ def start_deployment(
     for modality in MODALITIES:
         name = f"{tag}-owner-{modality}"
         port_file = root / f"{name}.port"
-        args = [
-            "-c",
-            CLI_ENTRY,
-            "owner",
-            "serve",
-            "--workspace",
-            str(root / f"ws-{modality}"),
-            "--modality",
+        args = owner_serve_args(
+            root / f"ws-{modality}",
             modality,
-            "--data",
-            f"npz:{data[modality]}",
-            "--pseudonym-key",
-            str(key),
-            "--tls",
-            str(certs.owner_dirs[f"{modality}-co"]),
-            "--port-file",
-            str(port_file),
-            "--train-if-missing",
-            "--epochs",
-            "3",
-            "--log-level",
-            "warning",
-        ]
+            data[modality],
+            key,
+            certs.owner_dirs[f"{modality}-co"],
+            port_file,
+            epochs=3,
+        )
         if not cached:
             args.append("--no-logit-cache")
         procs.start_serving(name, args, port_file)
@@ -234,23 +286,9 @@ def start_deployment(
     coord_port = root / f"{coord}.port"
     procs.start_serving(
         coord,
-        [
-            "-c",
-            CLI_ENTRY,
-            "coordinator",
-            "serve",
-            "--registry",
-            str(root / f"registry-{tag}"),
-            "--tls",
-            str(certs.coordinator_dir),
-            "--port",
-            "0",
-            "--port-file",
-            str(coord_port),
-            "--log-level",
-            "warning",
-            *[a for m, t in owner_targets.items() for a in ("--owner", f"{m}={t}")],
-        ],
+        coordinator_serve_args(
+            root / f"registry-{tag}", certs.coordinator_dir, coord_port, owner_targets
+        ),
         coord_port,
     )
     coordinator = f"127.0.0.1:{procs.wait_port(coord, coord_port)}"

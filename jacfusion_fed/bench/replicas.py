@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from jacfusion_fed.bench.deployment import (
-    CLI_ENTRY,
     MODALITIES,
     ServeBenchConfig,
     bench_setup,
+    coordinator_serve_args,
+    owner_serve_args,
     python_procs,
     wait_serving,
 )
@@ -64,31 +65,15 @@ def _start_owners(procs: ProcessSet, setup: Any) -> dict[str, str]:
         name, port_file = f"owner-{modality}", setup.root / f"owner-{modality}.port"
         procs.start_serving(
             name,
-            [
-                "-c",
-                CLI_ENTRY,
-                "owner",
-                "serve",
-                "--workspace",
-                str(root / f"ws-{modality}"),
-                "--modality",
+            owner_serve_args(
+                root / f"ws-{modality}",
                 modality,
-                "--data",
-                f"npz:{setup.data[modality]}",
-                "--pseudonym-key",
-                str(setup.key_path),
-                "--host",
-                "127.0.0.1",
-                "--tls",
-                str(setup.certs.owner_dirs[f"{modality}-co"]),
-                "--port-file",
-                str(port_file),
-                "--train-if-missing",
-                "--epochs",
-                "2",
-                "--log-level",
-                "warning",
-            ],
+                setup.data[modality],
+                setup.key_path,
+                setup.certs.owner_dirs[f"{modality}-co"],
+                port_file,
+                epochs=2,
+            ),
             port_file,
         )
         names.append((name, port_file, modality))
@@ -99,25 +84,9 @@ def _start_coordinator(procs: ProcessSet, setup: Any, name: str, owners: dict[st
     port_file = setup.root / f"{name}.port"
     procs.start_serving(
         name,
-        [
-            "-c",
-            CLI_ENTRY,
-            "coordinator",
-            "serve",
-            "--registry",
-            str(setup.root / "registry"),
-            "--tls",
-            str(setup.certs.coordinator_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--log-level",
-            "warning",
-            *[a for m, t in owners.items() for a in ("--owner", f"{m}={t}")],
-        ],
+        coordinator_serve_args(
+            setup.root / "registry", setup.certs.coordinator_dir, port_file, owners
+        ),
         port_file,
     )
     return f"127.0.0.1:{procs.wait_port(name, port_file)}"
