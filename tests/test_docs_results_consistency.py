@@ -219,3 +219,16 @@ def test_results_readme_committed_run_time() -> None:
         f"{t['total_s']:.0f} s",
         f"{t['cpu_main_s']:.0f} + {t['cpu_workers_s']:.0f}",
     ]
+
+
+def test_readme_command_durations() -> None:
+    """The README's wall times of `make demo`, `make test` and `make test-e2e` are those of
+    `docs/results/ci-durations.json` (written by `benchmarks/ci_durations.py` from a clean
+    clone), each step of which passed."""
+    data = _json("ci-durations.json")
+    readme = (ROOT / "README.md").read_text()
+    for step, result in data["steps"].items():
+        assert result["exit_code"] == 0, (step, result)
+        quoted = re.search(rf"`{re.escape(step)}`: (\d+) s", readme)
+        assert quoted is not None, f"README does not quote {step}'s duration"
+        assert int(quoted.group(1)) == round(result["seconds"]), (step, quoted.group(0))
