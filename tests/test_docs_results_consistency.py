@@ -232,3 +232,19 @@ def test_readme_command_durations() -> None:
         quoted = re.search(rf"`{re.escape(step)}`: (\d+) s", readme)
         assert quoted is not None, f"README does not quote {step}'s duration"
         assert int(quoted.group(1)) == round(result["seconds"]), (step, quoted.group(0))
+
+
+def test_readme_bench_serve_table() -> None:
+    """The README's `bench serve` table is `docs/results/bench-serve.json`."""
+    data = _json("bench-serve.json")
+    rows = {r[0]: r[1:] for r in _table_after((ROOT / "README.md").read_text(), "| | owners")}
+    for col, key in enumerate(("cached", "uncached")):
+        lat, thr = data[key]["latency"], data[key]["throughput"]
+        assert rows["Predict p50 / p99, 1 sample (ms)"][col] == (
+            f"{lat['predict']['p50_us'] / 1e3:.2f} / {lat['predict']['p99_us'] / 1e3:.2f}"
+        )
+        assert rows["echo round trip p50 (ms)"][col] == f"{lat['echo']['p50_us'] / 1e3:.2f}"
+        ratio = "p50 / two sequential echo round trips (target ≤ 3x)"
+        assert rows[ratio][col] == f"{lat['p50_ratio_vs_two_echo']:.2f}x"
+        samples = "samples/s, batches of 1024 (target ≥ 50,000)"
+        assert rows[samples][col] == f"{thr['samples_per_s']:,.0f}"
