@@ -24,7 +24,7 @@ from jacfusion_fed.cli import app, logs, plain_help
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.evaluate import _gamma_choice
-from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT
+from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT, DEFAULT_OWNER_PORT
 from jacfusion_fed.cli.predict import _print_tables
 from jacfusion_fed.rpc.fusion_codec import Answer
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
@@ -83,13 +83,14 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
                     assert getattr(p, "hidden", False), "certs --coordinator must stay hidden"
                     continue
                 defaults[" ".join(path)] = p.default
-            if path == ["coordinator", "serve"] and "--port" in getattr(p, "opts", []):
-                defaults["coordinator serve --port"] = p.default
+            if path[-1:] == ["serve"] and "--port" in getattr(p, "opts", []):
+                defaults[" ".join(path) + " --port"] = p.default
     assert defaults == {
         # no hidden loopback default: the address is required, its port defaults (issue 15)
         "coordinator info": None,
         "predict": None,
         "coordinator serve --port": DEFAULT_COORDINATOR_PORT,
+        "owner serve --port": DEFAULT_OWNER_PORT,
     }
     texts = {"README.md": (ROOT / "README.md").read_text()}
     texts |= {f"examples/{p.name}": p.read_text() for p in sorted((ROOT / "examples").glob("*.py"))}
@@ -105,6 +106,15 @@ def test_one_default_coordinator_port_in_code_and_readme() -> None:
             for value in re.findall(r"--coordinator \"?([^\s\"]+)", command):
                 ports += re.findall(r":(\d+)", value)  # HOST:PORT[,HOST:PORT] (any host)
     assert ports and set(ports) == {str(DEFAULT_COORDINATOR_PORT)}, ports
+    # Owners: the multi-host walkthrough (one owner per machine) uses the owner default.
+    multi_host = texts["README.md"].split("Deployment across machines", 1)[1]
+    owner_ports = [
+        port
+        for command in _shell_commands(multi_host.split("## Online inference", 1)[0])[0]
+        if command.startswith("jacfusion-fed owner serve")
+        for port in re.findall(r"--port (\d+)", command)
+    ]
+    assert owner_ports and set(owner_ports) == {str(DEFAULT_OWNER_PORT)}, owner_ports
 
 
 def _shell_commands(text: str) -> tuple[list[str], list[str]]:

@@ -226,7 +226,7 @@ def test_services_stop_within_a_second_of_sigterm(
         owner_port = tmp_path / "owner.port"
         owner = ["owner", "serve", "--insecure", "--workspace", str(tmp_path / "ws")]
         owner += ["--modality", "audio", "--data", f"npz:{data['audio']}"]
-        owner += ["--pseudonym-key", str(key), "--port-file", str(owner_port)]
+        owner += ["--pseudonym-key", str(key), "--port", "0", "--port-file", str(owner_port)]
         procs.start_serving("owner", owner, owner_port)
         port = procs.wait_port("owner", owner_port)
         coord_port = tmp_path / "coordinator.port"

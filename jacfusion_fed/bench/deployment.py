@@ -215,6 +215,8 @@ def owner_serve_args(
         "127.0.0.1",
         "--tls",
         str(tls_dir),
+        "--port",
+        "0",
         "--port-file",
         str(port_file),
         "--train-if-missing",

@@ -19,7 +19,9 @@ Glossary (an option name means the same thing in every command that has it):
   ``coordinator serve --port`` binds :data:`DEFAULT_COORDINATOR_PORT` unless told otherwise.
 - ``--host ADDRESS``: the address a server binds (loopback by default; ``0.0.0.0`` for every
   interface, with a one-line warning whenever it is not loopback).
-- ``--port N``: the port a server binds (0: any free port; see ``--port-file``).
+- ``--port N``: the port a server binds (0: any free port; see ``--port-file``); one default
+  per service: :data:`DEFAULT_COORDINATOR_PORT` (coordinator), :data:`DEFAULT_OWNER_PORT`
+  (owner).
 - ``--timeout SECONDS``: the deadline of every call the command makes; ``--owner-timeout
   SECONDS``: how long the coordinator waits for each owner.
 - ``--tls DIR`` (``ca.pem``, ``cert.pem``, ``key.pem``) or, on loopback only, ``--insecure``.
@@ -52,6 +54,7 @@ from jacfusion_fed.cli.errors import CliError
 
 __all__ = [
     "DEFAULT_COORDINATOR_PORT",
+    "DEFAULT_OWNER_PORT",
     "FUSION_METHODS",
     "LOG_LEVELS",
     "CoordinatorOpt",
@@ -70,8 +73,11 @@ __all__ = [
 ]
 
 #: The one default port of the coordinator (``coordinator serve``, ``predict``,
-#: ``coordinator info``, the README). Owners default to any free port (``--port-file``).
+#: ``coordinator info``, the README).
 DEFAULT_COORDINATOR_PORT: Final = 50060
+#: The one default port of an owner's ModalityService (``owner serve``, the README's
+#: multi-host walkthrough); several owners on one machine each pass their own ``--port``.
+DEFAULT_OWNER_PORT: Final = 50051
 
 #: Fusion methods by the names every table, JSON output and option uses.
 FUSION_METHODS: Final = ("statistical", "jacobian", "mean", "confidence_mean", "robust")

@@ -9,6 +9,7 @@ import typer
 
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
+    DEFAULT_OWNER_PORT,
     HostOpt,
     InsecureOpt,
     MaxStreamsPerPeerOpt,
@@ -38,7 +39,9 @@ def owner_serve(
     insecure: InsecureOpt = False,
     name: Annotated[str | None, typer.Option(help="Owner name (default: certificate CN).")] = None,
     host: HostOpt = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.", min=0)] = 0,
+    port: Annotated[
+        int, typer.Option(help="Port to bind; 0 picks a free one (see --port-file).", min=0)
+    ] = DEFAULT_OWNER_PORT,
     port_file: PortFileOpt = None,
     allow_full_head: Annotated[bool, typer.Option(help="Also share W and b.")] = False,
     logit_cache: Annotated[
