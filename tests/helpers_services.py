@@ -103,6 +103,8 @@ class Fed:
             str(self.key),
             "--tls",
             str(tls_dir or self.certs.owner_dirs[OWNER_NAMES[modality]]),
+            "--port",  # any free port (not the owners' default 50051); a later --port wins
+            "0",
             "--log-level",
             "warning",
         ]
