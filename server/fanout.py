@@ -26,12 +26,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from jacfusion_fed.rpc.fusion_codec import SiteStatus
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 
 from .owner_channel import OwnerFailure, rpc_failure
 from .owner_links import OwnerLink, OwnerLinks, pick_version
-from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead, SiteStatus
+from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead
 from .request_plan import Plan, list_ids, owner_timeout
 
 __all__ = ["Answer", "FanOut", "Gathered", "SitesFailure"]

@@ -44,7 +44,6 @@ __all__ = [
     "PredictError",
     "PredictResult",
     "RegisteredHead",
-    "SiteStatus",
 ]
 
 # METHODS (the fusion rules, by the names used in options, the CLI and the JSON output) is

@@ -153,42 +153,15 @@ def test_port_in_use_is_found_before_training(world: World, tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         workspace = tmp_path / "empty-workspace"
-        run = cli(
-            "owner",
-            "serve",
-            "--workspace",
-            str(workspace),
-            "--modality",
-            "audio",
-            "--data",
-            "builtin:twomoon",
-            "--pseudonym-key",
-            str(world.key),
-            "--insecure",
-            "--port",
-            str(port),
+        owner = [
+            *("owner", "serve", "--workspace", str(workspace), "--modality", "audio"),
+            *("--data", "builtin:twomoon", "--pseudonym-key", str(world.key), "--insecure"),
             "--train-if-missing",
-        )
+        ]
+        run = cli(*owner, "--port", str(port))
         one_error(run, 2, f"port {port}", "in use", "--port")
         assert not workspace.exists(), "the owner trained (or opened its workspace) first"
-        run = cli(
-            "owner",
-            "serve",
-            "--workspace",
-            str(workspace),
-            "--modality",
-            "audio",
-            "--data",
-            "builtin:twomoon",
-            "--pseudonym-key",
-            str(world.key),
-            "--insecure",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(port),
-            "--train-if-missing",
-        )
+        run = cli(*owner, "--port", "0", "--metrics-port", str(port))
         one_error(run, 2, f"port {port}", "in use", "--metrics-port")
         assert not workspace.exists(), "the owner trained before checking --metrics-port"
         run = cli(

@@ -6,7 +6,6 @@ gRPC echo) and ``bench load`` (a bounded load test with the correctness oracle).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,7 @@ import typer
 
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import FUSION_METHODS, check_choice
-from jacfusion_fed.cli.render import err, out
+from jacfusion_fed.cli.render import err, out, write_json
 
 bench_app = typer.Typer(help="Benchmarks: figures as ratios against a baseline in the same run.")
 
@@ -109,8 +108,7 @@ def fusion(
             f"{ratio['forward_s'] * 1e3:.1f} ms, fusion {ratio['fusion_s'] * 1e3:.2f} ms "
             f"({100 * ratio['fusion_over_forward']:.1f}% of the forward passes)"
         )
-    out_file.write_text(json.dumps(payload, indent=2))
-    err().print(f"wrote {out_file}")
+    write_json(out_file, payload)
 
 
 @bench_app.command("serve")
@@ -151,8 +149,7 @@ def bench_serve(
     )
     results = run_serve_bench(config, workdir=workdir, progress=lambda m: err().log(m))
     print_results(results, out())
-    out_file.write_text(json.dumps(results, indent=2))
-    err().print(f"wrote {out_file}")
+    write_json(out_file, results)
 
 
 @bench_app.command("load")
@@ -202,7 +199,6 @@ def bench_load(
     )
     results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
     print_load_results(results, out())
-    out_file.write_text(json.dumps(results, indent=2))
-    err().print(f"wrote {out_file}")
+    write_json(out_file, results)
     if not results["passed"]:
         raise typer.Exit(1)

@@ -235,7 +235,9 @@ def rekey_map(
     ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
     old, new = Pseudonymizer.from_file(old_key), Pseudonymizer.from_file(new_key)
     mapping = dict(zip(old.many(ids), new.many(ids), strict=True))
-    out.write_text(json.dumps(mapping, indent=1, sort_keys=True))
+    from jacfusion_fed.atomicio import atomic_write_bytes
+
+    atomic_write_bytes(out, json.dumps(mapping, indent=1, sort_keys=True).encode())
     console.print(f"wrote {len(mapping)} pseudonym pair(s) to {out}")
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # rich loads when something is rendered: `predict --json` never needs it
     from rich.console import Console
     from rich.table import Table
 
-__all__ = ["err", "method_name", "new_table", "out", "print_json", "rich_table"]
+__all__ = ["err", "method_name", "new_table", "out", "print_json", "rich_table", "write_json"]
 
 #: Width used when stdout is not a terminal: wide enough that no table ever wraps.
 _UNLIMITED_WIDTH = 10_000
@@ -64,6 +65,15 @@ def new_table(title: str, columns: list[str], *, right: tuple[str, ...] = ()) ->
 def print_json(payload: Any) -> None:
     """JSON on stdout, plain (no colour, no wrapping)."""
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def write_json(path: Path, payload: Any, *, indent: int = 2) -> None:
+    """Write a command's JSON results atomically (a reader never sees half a file) and say
+    where on stderr."""
+    from jacfusion_fed.atomicio import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(payload, indent=indent) + "\n").encode())
+    err().print(f"wrote {path}")
 
 
 def method_name(proto_name: str) -> str:
