@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from jacfusion_fed.rpc.fusion_codec import PredictOptions
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, SiteStatus
 from jacfusion_fed.rpc.tls import Security, TlsFiles, TransportOptions
 from jacfusion_fed.store import HeadRegistry
 
@@ -42,7 +42,6 @@ from .predict_types import (
     OwnerEndpoint,
     PredictResult,
     RegisteredHead,
-    SiteStatus,
 )
 from .request_plan import check_ids, plan_request
 
