@@ -34,6 +34,11 @@ Glossary (an option name means the same thing in every command that has it):
   (``owner serve``, ``coordinator serve``; 0: any free port; default: none).
   ``--max-streams-per-peer N``: streaming calls one peer may hold at once (default: a quarter
   of ``--max-workers``); more are answered ``RESOURCE_EXHAUSTED``.
+- ``--audit-log PATH``: append a hash-chained, signed record of every call that touches
+  patient data or a model to this file (``owner serve``, ``coordinator serve``, ``owner
+  import-model``, ``owner rekey``, ``simulate``, ``deploy local``); ``--audit-rotate SPEC``:
+  begin a new file at a size or age (``64MiB``, ``1d``, both: ``64MiB,1d``; ``none``). Read
+  with ``audit verify`` / ``audit show``.
 - ``certs --coordinator-name NAME[@HOST,...]`` names the coordinator's certificate (not an
   address, hence not ``--coordinator``).
 
@@ -57,6 +62,8 @@ __all__ = [
     "DEFAULT_OWNER_PORT",
     "FUSION_METHODS",
     "LOG_LEVELS",
+    "AuditLogOpt",
+    "AuditRotateOpt",
     "CoordinatorOpt",
     "HostOpt",
     "InsecureOpt",
@@ -131,6 +138,18 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print JSON (same names as the tables) instead of tables.")
 ]
 TimeoutOpt = Annotated[float, typer.Option(help="Deadline of every call (s).", min=0.001)]
+AuditLogOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Append a tamper-evident record of every call touching patient data or models "
+        "to this file (see `jacfusion-fed audit`).",
+        show_default=False,
+    ),
+]
+AuditRotateOpt = Annotated[
+    str,
+    typer.Option(help="Begin a new audit file at this size or age: 64MiB, 1d, 64MiB,1d, none."),
+]
 
 
 def deprecated(old: str, new: str, value: T | None, current: T) -> T:
