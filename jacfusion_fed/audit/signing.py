@@ -66,7 +66,9 @@ class Signer:
         if not isinstance(private, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise ValueError(f"{key}: only EC and RSA keys can sign the audit log")
         certificate = load_cert(Path(cert))
-        if certificate.public_key().public_numbers() != private.public_key().public_numbers():
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        mine = private.public_key().public_bytes(serialization.Encoding.DER, spki)
+        if certificate.public_key().public_bytes(serialization.Encoding.DER, spki) != mine:
             raise ValueError(f"{key} is not the key of the certificate {cert}")
         return cls(private, certificate)
 

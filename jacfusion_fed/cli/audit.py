@@ -58,7 +58,7 @@ def local_audit(
     operating-system user and host) and a checkpoint, signed with ``--tls``'s key if given.
     A command that fails is logged with status ``FAILED`` and the error's type."""
     if path is None:
-        yield lambda **_: None
+        yield lambda *_, **__: None
         return
     from jacfusion_fed.audit import access_fields, local_peer, service_identity
     from jacfusion_fed.rpc.identity import principal_from_certificate
