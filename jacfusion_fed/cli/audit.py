@@ -28,6 +28,7 @@ def open_audit_log(
     service: dict[str, str],
     *,
     start: bool = True,
+    fsync: str = "entry",
 ) -> Any:
     """The service's :class:`~jacfusion_fed.audit.AuditLog` (``None`` without ``path``):
     checkpoints signed with its TLS key (unsigned on ``--insecure``), started (a ``start``
@@ -41,9 +42,17 @@ def open_audit_log(
         rotation = Rotation.parse(rotate)
     except ValueError as exc:
         raise CliError(f"--audit-rotate: {exc}") from None
+    if fsync not in ("entry", "checkpoint"):
+        raise CliError(f"--audit-fsync must be entry or checkpoint, got {fsync!r}")
     signer = Signer.from_files(sec.cert, sec.key) if isinstance(sec, TlsFiles) else None
     try:
-        audit = AuditLog(path, service=service, signer=signer, rotation=rotation)
+        audit = AuditLog(
+            path,
+            service=service,
+            signer=signer,
+            rotation=rotation,
+            fsync=fsync,  # type: ignore[arg-type]
+        )
         return audit.start() if start else audit
     except (AuditUnavailable, OSError) as exc:
         raise CliError(f"--audit-log {path}: {exc}") from None

@@ -12,6 +12,7 @@ from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
     DEFAULT_COORDINATOR_PORT,
     FUSION_METHODS,
+    AuditFsyncOpt,
     AuditLogOpt,
     AuditRotateOpt,
     CoordinatorOpt,
@@ -79,6 +80,7 @@ def coordinator_serve(
     metrics_port: MetricsPortOpt = None,
     audit_log: AuditLogOpt = None,
     audit_rotate: AuditRotateOpt = "64MiB",
+    audit_fsync: AuditFsyncOpt = "entry",
 ) -> None:
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     check_choice("--method", method, FUSION_METHODS)
@@ -125,7 +127,9 @@ def coordinator_serve(
         from jacfusion_fed.rpc.identity import principal_from_certificate
 
         cn = principal_from_certificate(sec.cert).name
-    audit = open_audit_log(audit_log, audit_rotate, sec, service_identity("coordinator", cn))
+    audit = open_audit_log(
+        audit_log, audit_rotate, sec, service_identity("coordinator", cn), fsync=audit_fsync
+    )
     try:
         running = serve_coordinator(
             coordinator,

@@ -38,7 +38,9 @@ Glossary (an option name means the same thing in every command that has it):
   patient data or a model to this file (``owner serve``, ``coordinator serve``, ``owner
   import-model``, ``owner rekey``, ``simulate``, ``deploy local``); ``--audit-rotate SPEC``:
   begin a new file at a size or age (``64MiB``, ``1d``, both: ``64MiB,1d``; ``none``). Read
-  with ``audit verify`` / ``audit show``.
+  with ``audit verify`` / ``audit show``. ``--audit-fsync entry|checkpoint``: sync every
+  entry to disk before the response (survives a power loss; the default) or only at
+  checkpoints (survives a crash of the service only; see docs/audit.md for what each costs).
 - ``--secagg``: FedAvg rounds of a modality held by several sites with Flower's SecAgg+
   (the coordinator sees only the sum of the sites' updates); ``--dp-clip C --dp-noise SIGMA``:
   central differential privacy on those rounds (each site's update clipped to L2 norm C,
@@ -67,6 +69,7 @@ __all__ = [
     "DEFAULT_OWNER_PORT",
     "FUSION_METHODS",
     "LOG_LEVELS",
+    "AuditFsyncOpt",
     "AuditLogOpt",
     "AuditRotateOpt",
     "CoordinatorOpt",
@@ -154,6 +157,10 @@ AuditLogOpt = Annotated[
         "to this file (see `jacfusion-fed audit`).",
         show_default=False,
     ),
+]
+AuditFsyncOpt = Annotated[
+    str,
+    typer.Option(help="Sync audit entries to disk: entry (before each response) or checkpoint."),
 ]
 SecAggOpt = Annotated[
     bool,

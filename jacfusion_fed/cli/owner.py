@@ -11,6 +11,7 @@ from jacfusion_fed.cli.audit import open_audit_log
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
     DEFAULT_OWNER_PORT,
+    AuditFsyncOpt,
     AuditLogOpt,
     AuditRotateOpt,
     HostOpt,
@@ -59,6 +60,7 @@ def owner_serve(
     metrics_port: MetricsPortOpt = None,
     audit_log: AuditLogOpt = None,
     audit_rotate: AuditRotateOpt = "64MiB",
+    audit_fsync: AuditFsyncOpt = "entry",
 ) -> None:
     """Serve this owner's ModalityService (head, logits) to the coordinator until SIGTERM."""
     sec = security(tls, insecure)
@@ -83,9 +85,8 @@ def owner_serve(
         ws.train(epochs=epochs)
     from jacfusion_fed.audit import service_identity
 
-    audit = open_audit_log(
-        audit_log, audit_rotate, sec, service_identity("owner", owner_cn, modality)
-    )
+    service = service_identity("owner", owner_cn, modality)
+    audit = open_audit_log(audit_log, audit_rotate, sec, service, fsync=audit_fsync)
     try:
         running = serve_owner(
             ws,
