@@ -112,31 +112,15 @@ def test_audit_trail_end_to_end(tmp_path: Path) -> None:
     assert {e["event"] for e in coord} >= {"RegisterHead"}
 
     # audit show with the hospital's key: who accessed Jane, at the owner and the coordinator
-    out = _cli(
-        "audit",
-        "show",
-        str(logs["audio"]),
-        "--pseudonym-key",
-        str(fed.key),
-        "--id",
-        PATIENT,
-        "--json",
-    )
+    show = ["audit", "show", "--pseudonym-key", str(fed.key), "--id", PATIENT]
+    out = _cli(*show, str(logs["audio"]), "--json")
     shown = json.loads(out)
     assert shown["log_intact"]
     calls = [(a["event"], a["peer"]["role"], a["status"]) for a in shown["accesses"]]
     assert ("PutRecords", "requester", "OK") in calls
     assert ("GetLogits", "coordinator", "OK") in calls
     assert ("DeleteRecords", "requester", "OK") in calls
-    out = _cli(
-        "audit",
-        "show",
-        str(logs["coordinator"]),
-        "--pseudonym-key",
-        str(fed.key),
-        "--id",
-        PATIENT,
-    )
+    out = _cli(*show, str(logs["coordinator"]))
     assert "Predict" in out and "alice" in out
 
     # four corrupted copies: verify fails on each, naming the line

@@ -55,5 +55,11 @@ def test_readme_quotes_the_private_fedavg_table() -> None:
         for column, summary in row["summary"].items():
             values = [run[column] for run in row["runs"]]
             assert summary["mean"] == pytest.approx(sum(values) / len(values))
+    reading = section[section.index("In this run") : section.index("The guarantee")]
+    for number in re.findall(r"(\d+\.\d) %", reading):  # the reading quotes the table
+        assert f"{number} ±" in results["markdown"], number
+    load = max(results["environment"]["load_before"] + results["environment"]["load_after"])
+    said = re.search(r"load average about (\d+)", reading)
+    assert said and abs(int(said.group(1)) - load) <= 0.25 * load
     quoted = re.findall(r"sigma=(\d+(?:\.\d+)?)", section)
     assert {float(q) for q in quoted} >= {row["dp_noise"] for row in results["settings"][2:]}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +37,6 @@ __all__ = [
     "KINDS",
     "canonical",
     "entry_hash",
-    "read_lines",
     "seal",
     "segment_path",
     "segments",
@@ -96,11 +95,3 @@ def segments(path: Path) -> list[Path]:
     if path.exists():
         out.append(path)
     return out
-
-
-def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number from 1, raw line without its newline)`` of one file; a last line
-    without ``\\n`` is yielded as is (the verifier reports it)."""
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            yield number, raw[:-1] if raw.endswith(b"\n") else raw

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .chain import FORMAT_VERSION, GENESIS, KINDS, canonical, entry_hash, segments
 from .signing import certificate_fingerprint, verify_signature
@@ -217,8 +218,6 @@ def verify(
 
 
 def _limits(report: VerifyReport, cert: x509.Certificate | None, expect: str | None) -> list[str]:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     out = []
     if expect is None:
         out.append(
