@@ -42,6 +42,30 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
+def _block_interval(
+    latencies: dict[str, list[float]], block: int, variant: str, rounds: int = 2000
+) -> list[float]:
+    """95% interval of p50(variant) - p50(none) by a paired block bootstrap: whole blocks
+    are resampled, the same block indices for both variants (they ran back to back)."""
+    import random
+
+    rng = random.Random(0)
+    blocks = len(latencies["none"]) // block
+
+    def cut(v: str) -> list[list[float]]:
+        return [latencies[v][i * block : (i + 1) * block] for i in range(blocks)]
+
+    base, other = cut("none"), cut(variant)
+    diffs = []
+    for _ in range(rounds):
+        pick = [rng.randrange(blocks) for _ in range(blocks)]
+        a = [x for i in pick for x in other[i]]
+        b = [x for i in pick for x in base[i]]
+        diffs.append(statistics.median(a) - statistics.median(b))
+    diffs.sort()
+    return [diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds) - 1]]
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -138,6 +162,7 @@ def measure(root: Path, requests: int, block: int) -> dict[str, Any]:
         "audit logs on the coordinator and both owners",
         "variants": summary,
         "added_p50_ms": {v: summary[v]["p50_ms"] - base for v in VARIANTS[1:]},
+        "added_p50_ms_ci95": {v: _block_interval(latencies, block, v) for v in VARIANTS[1:]},
         "ratio_p50": {v: summary[v]["p50_ms"] / base for v in VARIANTS[1:]},
         "block": block,
         "log_dir_fs": _fs_type(root),

@@ -4,6 +4,7 @@ rotation across files, repair of a cut line, a full disk, two writers, ``show``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -245,3 +246,21 @@ def test_show_lists_one_patients_accesses(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0]["pseudonym"] == PZ("patient 3")
     assert "pseudonyms" not in found[0] and found[0]["line"] == 4
     assert list(accesses(path, {PZ("nobody")})) == []
+
+
+def test_readme_quotes_the_audit_latency_file() -> None:
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "docs" / "results" / "audit-latency.json").read_text())
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Audit trail") : readme.index("## Private FedAvg")]
+    v, ci = results["variants"], results["added_p50_ms_ci95"]
+    for name in ("none", "entry", "checkpoint"):
+        assert f"{v[name]['p50_ms']:.1f} ms" in section, name
+    for name in ("entry", "checkpoint"):
+        low, high = ci[name]
+        assert f"{results['added_p50_ms'][name]:+.1f} ms" in section, name
+        assert f"[{low:+.1f}, {high:+.1f}]" in section, name
+    assert results["log_dir_fs"] in section
+    load = max(results["environment"]["load_before"] + results["environment"]["load_after"])
+    said = re.search(r"load average about (\d+)", section)
+    assert said and abs(int(said.group(1)) - load) <= 0.25 * load
