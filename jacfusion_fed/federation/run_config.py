@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from jacfusion_fed.data.presets import AVDIGITS_COLUMNS
+
 __all__ = [
     "DEFAULT_COLUMNS",
     "GAMMA_AUTO",
@@ -34,9 +36,7 @@ __all__ = [
 ConfigValue = bool | int | float | str
 
 #: The paper's Table 1 columns (audio perturbed in the built-in AV-Digits preset).
-DEFAULT_COLUMNS: Final = (
-    "clean; gaussian w0=1; missing w1=8; fgsm w4=0.03; pgd w4=0.03 w5=0.001 w6=20"
-)
+DEFAULT_COLUMNS: Final = AVDIGITS_COLUMNS
 #: Written for ``gamma`` when it is chosen on the validation split.
 GAMMA_AUTO: Final = "auto"
 _GAMMA_AUTO_WORDS = frozenset({"auto", "", "select"})

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from jacfusion_fed.atomicio import atomic_write_bytes
+from jacfusion_fed.data.presets import BUILTIN_PRESETS
 
 from .config import ConfigValue, validate_config
 from .protocol import EVAL_LABELS_FORMAT
 from .results import RUN_DIR_KEY, read_run_results
-from .run_config import DEFAULT_COLUMNS, RunConfig
+from .run_config import RunConfig
 from .simulation import SimulationResult, run_simulation_app
 
 __all__ = [
@@ -54,48 +55,6 @@ CLIENT_APP_REF = "jacfusion_fed.clients.client_app:app"
 #: same keys and values as ``[tool.flwr.app.config]`` of ``pyproject.toml``, a test keeps them
 #: equal), so a simulation sees what ``flwr run`` sees.
 DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = RunConfig().to_mapping()
-
-
-@dataclass(frozen=True)
-class BuiltinPreset:
-    """Per built-in dataset: modalities, owner names, the perturbed one, columns, training."""
-
-    modalities: tuple[str, ...]
-    owners: tuple[str, ...]
-    perturbed: str
-    columns: str
-    epochs: int
-    quick_epochs: int
-    lr: float
-    batch_size: int
-    repeats: int
-
-
-BUILTIN_PRESETS: dict[str, BuiltinPreset] = {
-    # Table 1 of the paper: audio perturbed (w0 = 1, w1 = 8, FGSM / PGD w4 = 0.03, w5 = 0.001)
-    "avdigits": BuiltinPreset(
-        modalities=("image", "audio"),
-        owners=("vision-co", "audio-co"),
-        perturbed="audio",
-        columns=DEFAULT_COLUMNS,
-        epochs=15,
-        quick_epochs=20,
-        lr=0.003,
-        batch_size=32,
-        repeats=3,
-    ),
-    "twomoon": BuiltinPreset(
-        modalities=("x", "y"),
-        owners=("x-owner", "y-owner"),
-        perturbed="y",
-        columns="clean; gaussian w0=0.5; missing w1=1; fgsm w4=0.1; pgd w4=0.1 w5=0.01 w6=20",
-        epochs=60,
-        quick_epochs=40,
-        lr=0.01,
-        batch_size=32,
-        repeats=3,
-    ),
-}
 
 
 @dataclass(frozen=True)
