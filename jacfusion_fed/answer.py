@@ -24,12 +24,20 @@ import sys
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["Contribution", "FusedAnswer", "RobustParts", "SiteStatus"]
+
+
+def _numpy() -> ModuleType:
+    """numpy, imported by the first accessor that needs it (``predict`` never does)."""
+    import numpy
+
+    return numpy
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,18 @@ class Contribution:
     @property
     def used_mask(self) -> np.ndarray:
         """:attr:`used` as an (n,) bool array."""
-        import numpy as np
-
-        return np.asarray(self.used, dtype=bool)
+        xp = _numpy()
+        out: np.ndarray = xp.asarray(self.used, dtype=bool)
+        return out
 
     @property
     def reliability_array(self) -> np.ndarray | None:
         """:attr:`reliability` as an (n,) float64 array (None unless ``robust``)."""
-        import numpy as np
-
-        return None if self.reliability is None else np.asarray(self.reliability, np.float64)
+        xp = _numpy()
+        if self.reliability is None:
+            return None
+        out: np.ndarray = xp.asarray(self.reliability, xp.float64)
+        return out
 
     @property
     def samples_used(self) -> int:
@@ -162,26 +172,25 @@ class FusedAnswer:
     @property
     def probabilities(self) -> np.ndarray:
         """(n, K) float64, rows sum to 1 (a read-only view of :attr:`probability_data`)."""
-        import numpy as np
-
-        flat = np.frombuffer(self.probability_data, dtype="<f8")
-        return flat.reshape(len(self.sample_ids), self.num_classes)
+        xp = _numpy()
+        flat = xp.frombuffer(self.probability_data, dtype="<f8")
+        out: np.ndarray = flat.reshape(len(self.sample_ids), self.num_classes)
+        return out
 
     @property
     def labels(self) -> np.ndarray:
         """(n,) int64 predicted class indices."""
-        import numpy as np
-
-        return np.asarray(self.predicted_labels, dtype=np.int64).reshape(-1)
+        xp = _numpy()
+        out: np.ndarray = xp.asarray(self.predicted_labels, dtype=xp.int64).reshape(-1)
+        return out
 
     @property
     def prediction_sets(self) -> np.ndarray | None:
         """(n, K) bool conformal prediction sets (``robust`` only, else None)."""
         if self.robust is None:
             return None
-        import numpy as np
-
-        sets = np.zeros((len(self.sample_ids), self.num_classes), dtype=bool)
+        xp = _numpy()
+        sets: np.ndarray = xp.zeros((len(self.sample_ids), self.num_classes), dtype=bool)
         for i, members in enumerate(self.robust.prediction_sets):
             sets[i, members] = True
         return sets
@@ -191,9 +200,9 @@ class FusedAnswer:
         """(n,) bool abstain flags (``robust`` only, else None)."""
         if self.robust is None:
             return None
-        import numpy as np
-
-        return np.asarray(self.robust.abstain, dtype=bool).reshape(-1)
+        xp = _numpy()
+        out: np.ndarray = xp.asarray(self.robust.abstain, dtype=bool).reshape(-1)
+        return out
 
     # --- plain accessors (no numpy) -------------------------------------------------------
 

@@ -20,13 +20,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from jacfusion_fed.answer import FusedAnswer
 from jacfusion_fed.cli import app, logs, plain_help
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.evaluate import _gamma_choice
 from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT, DEFAULT_OWNER_PORT
 from jacfusion_fed.cli.predict import _print_tables
-from jacfusion_fed.answer import FusedAnswer
 from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix

@@ -21,7 +21,7 @@ from jacfusion_fed.server.predict_types import CoordinatorConfig
 from jacfusion_fed.server.serve import serve_coordinator
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-import harness as H  # noqa: E402
+import harness as H
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Most project frames between the servicer's Predict and the solver (issue 24).
@@ -92,7 +92,9 @@ def _stacks_at_solver(run: Any) -> list[list[FrameType]]:
 def _hops(stack: list[FrameType]) -> list[str]:
     """The project frames from the servicer's Predict to the solver, both included."""
     names = [_where(f) for f in stack]
-    start = max(i for i, n in enumerate(names) if n == "server/fusion_service.py:FusionServicer.Predict")
+    start = max(
+        i for i, n in enumerate(names) if n == "server/fusion_service.py:FusionServicer.Predict"
+    )
     return [names[i] for i in range(start, len(stack)) if _is_project(stack[i])]
 
 

@@ -29,7 +29,8 @@ from jacfusion_fed.cli.options import (
     deprecated,
     parse_gamma,
 )
-from jacfusion_fed.cli.render import new_table, out, print_json
+from jacfusion_fed.cli.records import print_accuracy
+from jacfusion_fed.cli.render import err, new_table, out, print_json
 from jacfusion_fed.cli.transport import coordinator_targets, rpc_failure, security
 
 if TYPE_CHECKING:
@@ -176,9 +177,6 @@ def predict(
             raise rpc_failure(exc, coordinator, sec) from exc
     names = list(info.class_names) or [str(k) for k in range(answer.num_classes)]
     if labels is not None:  # to stderr: --json output stays one JSON document
-        from jacfusion_fed.cli.records import print_accuracy
-        from jacfusion_fed.cli.render import err
-
         local = dict(answer.local_ids)
         print_accuracy(answer.sample_ids, answer.predicted_labels, local, labels, err())
     if as_json:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jacfusion_fed.data.presets import AVDIGITS_COLUMNS
+from jacfusion_fed.owner.perturbation import PerturbationSpec
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -238,8 +239,6 @@ class RunConfig:
         parts = [p.strip() for p in self.columns.split(";") if p.strip()]
         if not parts:
             raise _fail("columns", self.columns, "lists no column")
-        from jacfusion_fed.owner.perturbation import PerturbationSpec
-
         for part in parts:
             if part.lower() == "clean":
                 continue

@@ -28,6 +28,9 @@ from typing import Any
 
 from jacfusion_fed.atomicio import atomic_write_bytes
 from jacfusion_fed.data.presets import BUILTIN_PRESETS
+from jacfusion_fed.evaluation import Column, Row, Table
+from jacfusion_fed.owner.source import DataSource, load_records
+from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
 
 from .config import ConfigValue, validate_config
 from .protocol import EVAL_LABELS_FORMAT
@@ -172,8 +175,6 @@ def write_eval_labels(path: Path, pseudonymizer: Any, splits: Mapping[str, Any])
 def requester_splits(source: str, modality: str) -> Mapping[str, Any]:
     """Val/test patients (ids, labels) of ``source`` as the requester knows them: the whole
     population, not one site's share."""
-    from jacfusion_fed.owner.source import DataSource, load_records
-
     parsed = dataclasses.replace(DataSource.parse(source), site=0, sites=1)
     records = load_records(parsed, modality)
     missing = [s for s in ("val", "test") if s not in records]
@@ -184,8 +185,6 @@ def requester_splits(source: str, modality: str) -> Mapping[str, Any]:
 
 def prepare_run(scenario: Scenario, run_dir: Path | str) -> PreparedRun:
     """Create the run folder (see the module docstring); return node and run configs."""
-    from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
-
     run_dir = Path(run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     secrets = run_dir / "secrets"
@@ -237,8 +236,6 @@ class ScenarioResult:
 
     def table(self) -> Any:
         """The robustness table (:class:`jacfusion_fed.evaluation.Table`), or None."""
-        from jacfusion_fed.evaluation import Column, Row, Table
-
         data = (self.results.get("evaluation") or {}).get("table")
         if not data:
             return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from jacfusion_fed.data.presets import BUILTIN_PRESETS
+from jacfusion_fed.training import predict_logits
 
 from .workspace import OwnerWorkspace
 
@@ -43,8 +44,6 @@ def train_recommended(
 ) -> dict[str, float]:
     """Train and publish with :func:`recipe_for` (``epochs`` overrides); returns the metrics
     with the accuracy on every split of the data source (``<split>_accuracy``)."""
-    from jacfusion_fed.training import predict_logits
-
     if workspace.source is None:
         raise ValueError("training needs a data source (--data); or import a model instead")
     recipe = recipe_for(workspace)
