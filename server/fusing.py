@@ -231,7 +231,8 @@ def _outcome(grouped: Grouped, job: _Job) -> FusedGroup:
         raise PredictError(grpc.StatusCode.INVALID_ARGUMENT, str(job.error)) from job.error
     if job.error is not None:
         raise job.error
-    assert job.result is not None
+    if job.result is None:  # the leading thread was interrupted before it reached this job
+        raise PredictError(grpc.StatusCode.UNAVAILABLE, "the fusion was interrupted; retry")
     probs = job.result.p
     if not np.isfinite(probs).all():
         # Never answer with NaN: the inputs are beyond float64's range for this fusion
