@@ -26,7 +26,7 @@ from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import watch_owner
 from jacfusion_fed.rpc.policies import MODALITY_SERVICE, MODALITY_SERVICE_POLICY
-from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
+from jacfusion_fed.rpc.serving import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
 from .modality_service import (

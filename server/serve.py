@@ -21,7 +21,7 @@ from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
-from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
+from jacfusion_fed.rpc.serving import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Security,

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.fusion import jacobian_fusion, log_prior_from_counts, statistical_fusion
 from jacfusion_fed.owner import OwnerWorkspace
@@ -28,6 +27,7 @@ from jacfusion_fed.privacy.certs import (
     owner_server_name,
 )
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.tensor import encode_tensor
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel

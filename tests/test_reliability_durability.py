@@ -115,7 +115,7 @@ def test_damaged_model_pointer_is_reported_and_never_used(
         audio, image = got.modalities
         assert audio.error.startswith("DATA_LOSS")
         assert "model store of modality 'audio' failed verification" in audio.error
-        assert not audio.used.any() and image.used.all()
+        assert not audio.used_mask.any() and image.used_mask.all()
         assert reference.classify(ids, got).kind == "partial"
         # The owner's log names the file and what is wrong with it.
         assert f"failed verification: {current}: " in caplog.text
@@ -220,13 +220,13 @@ def test_damaged_registry_entry_at_run_time_is_never_used(fed: Fed, running: Run
         got = c.predict(fed.ids[:3])
         audio = got.modalities[0]
         assert audio.error.startswith("DATA_LOSS") and "head registry is damaged" in audio.error
-        assert not audio.used.any() and got.modalities[1].used.all()
+        assert not audio.used_mask.any() and got.modalities[1].used_mask.all()
         assert c.head("audio").version == old_version
     finally:
         image_entry.write_bytes(original)
         ws.store.set_current(old_version)
     got = c.predict(fed.ids[:3])
-    assert all(m.used.all() for m in got.modalities)
+    assert all(m.used_mask.all() for m in got.modalities)
 
 
 def test_registry_write_failure_is_clear_and_heals(

@@ -1,6 +1,6 @@
 """The audit trail of a gRPC service: one server interceptor (:class:`AuditInterceptor`).
 
-It runs after the authorisation interceptor (``rpc.server.start_server(interceptors=...)``),
+It runs after the authorisation interceptor (``rpc.serving.start_server(interceptors=...)``),
 so every call it sees has an authenticated caller (:func:`jacfusion_fed.rpc.identity.caller`),
 and writes one ``access`` entry per call of an audited method (:data:`AUDITED`): ids and
 model versions from the request and the response, the caller's certificate CN, role and

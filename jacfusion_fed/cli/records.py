@@ -2,7 +2,7 @@
 ``forget`` and ``rekey-map``.
 
 ``submit`` and ``forget`` pseudonymize the local ids with the deployment key before anything
-is sent (through :class:`jacfusion_fed.client.Requester`); raw ids never leave the requester.
+is sent (through :class:`jacfusion_fed.requester.Requester`); raw ids never leave the requester.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def rekey_cmd(
 
 
 def _requester(owners: dict[str, str], tls: Path, key: Path) -> Any:
-    from jacfusion_fed.client import Requester
+    from jacfusion_fed.requester import Requester
 
     return Requester(owners=owners, tls=tls, pseudonym_key=key)
 
@@ -262,8 +262,8 @@ def print_accuracy(
     sample_ids: list[str], predicted: Any, local: dict[str, str], labels: Path, out: Console
 ) -> float | None:
     """Print (and return) the accuracy of ``predicted`` against a labels file, keyed by local
-    id or pseudonym (see :func:`jacfusion_fed.client.load_labels`)."""
-    from jacfusion_fed.client import load_labels
+    id or pseudonym (see :func:`jacfusion_fed.requester.load_labels`)."""
+    from jacfusion_fed.requester import load_labels
 
     try:
         truth = load_labels(labels)

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from jacfusion_fed.data.presets import AVDIGITS_COLUMNS
+from jacfusion_fed.owner.perturbation import PerturbationSpec
+
 __all__ = [
     "DEFAULT_COLUMNS",
     "GAMMA_AUTO",
@@ -34,9 +37,7 @@ __all__ = [
 ConfigValue = bool | int | float | str
 
 #: The paper's Table 1 columns (audio perturbed in the built-in AV-Digits preset).
-DEFAULT_COLUMNS: Final = (
-    "clean; gaussian w0=1; missing w1=8; fgsm w4=0.03; pgd w4=0.03 w5=0.001 w6=20"
-)
+DEFAULT_COLUMNS: Final = AVDIGITS_COLUMNS
 #: Written for ``gamma`` when it is chosen on the validation split.
 GAMMA_AUTO: Final = "auto"
 _GAMMA_AUTO_WORDS = frozenset({"auto", "", "select"})
@@ -257,8 +258,6 @@ class RunConfig:
         parts = [p.strip() for p in self.columns.split(";") if p.strip()]
         if not parts:
             raise _fail("columns", self.columns, "lists no column")
-        from jacfusion_fed.owner.perturbation import PerturbationSpec
-
         for part in parts:
             if part.lower() == "clean":
                 continue
