@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jacfusion_fed.audit import AuditLog
+from jacfusion_fed.audit.interceptor import AuditInterceptor
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.identity import Principal
@@ -85,6 +87,7 @@ def serve_owner(
     health_interval: float = 1.0,
     metrics_port: int | None = None,
     limits: PeerLimits | None = None,
+    audit: AuditLog | None = None,
 ) -> OwnerServer:
     """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
 
@@ -104,6 +107,7 @@ def serve_owner(
         health_interval: seconds between checks for a current model.
         metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
         limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
+        audit: the owner's audit log (:mod:`jacfusion_fed.audit`), closed when it stops.
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
@@ -146,7 +150,10 @@ def serve_owner(
         max_workers=max_workers,
         options=options,
         guard=guard,
+        interceptors=[AuditInterceptor(audit, modality=workspace.modality)] if audit else (),
     )
+    if audit is not None:
+        rpc.on_stop(audit.close)
     guard.serve_metrics(metrics_port)
     running = OwnerServer(rpc, servicer)
     threading.Thread(

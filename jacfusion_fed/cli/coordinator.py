@@ -7,10 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
+from jacfusion_fed.cli.audit import open_audit_log
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
     DEFAULT_COORDINATOR_PORT,
     FUSION_METHODS,
+    AuditFsyncOpt,
+    AuditLogOpt,
+    AuditRotateOpt,
     CoordinatorOpt,
     HostOpt,
     InsecureOpt,
@@ -74,6 +78,9 @@ def coordinator_serve(
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 16,
     max_streams_per_peer: MaxStreamsPerPeerOpt = None,
     metrics_port: MetricsPortOpt = None,
+    audit_log: AuditLogOpt = None,
+    audit_rotate: AuditRotateOpt = "64MiB",
+    audit_fsync: AuditFsyncOpt = "entry",
 ) -> None:
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     check_choice("--method", method, FUSION_METHODS)
@@ -112,6 +119,17 @@ def coordinator_serve(
             "away (the previous entry of that modality becomes current and the owner's "
             "current head is fetched again), then restart"
         ) from exc
+    from jacfusion_fed.audit import service_identity
+    from jacfusion_fed.rpc.tls import TlsFiles
+
+    cn = "coordinator"
+    if isinstance(sec, TlsFiles):
+        from jacfusion_fed.rpc.identity import principal_from_certificate
+
+        cn = principal_from_certificate(sec.cert).name
+    audit = open_audit_log(
+        audit_log, audit_rotate, sec, service_identity("coordinator", cn), fsync=audit_fsync
+    )
     try:
         running = serve_coordinator(
             coordinator,
@@ -121,6 +139,7 @@ def coordinator_serve(
             max_workers=max_workers,
             metrics_port=metrics_port,
             limits=limits,
+            audit=audit,
         )
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc

@@ -14,11 +14,17 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from jacfusion_fed.cli.audit import local_audit
+from jacfusion_fed.cli.options import AuditLogOpt
+
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 TlsOpt = Annotated[Path, typer.Option("--tls", help="Requester certificate directory.")]
 KeyOpt = Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")]
+AuditTlsOpt = Annotated[
+    Path | None, typer.Option("--tls", help="The owner's certificate directory (signs the audit).")
+]
 
 
 def _owner_group(app: typer.Typer) -> typer.Typer:
@@ -78,6 +84,8 @@ def import_model_cmd(
     ] = None,
     mean: Annotated[str | None, typer.Option(help="Normalisation mean(s), per channel.")] = None,
     std: Annotated[str | None, typer.Option(help="Normalisation std(s), per channel.")] = None,
+    audit_log: AuditLogOpt = None,
+    tls: AuditTlsOpt = None,
 ) -> None:
     """Publish an externally trained model as the owner's new current version (no training)."""
     from jacfusion_fed.owner import OwnerWorkspace
@@ -102,9 +110,11 @@ def import_model_cmd(
         elif data is None:
             raise typer.BadParameter("pass --input-shape (one record's shape) or --data")
         ws = OwnerWorkspace(workspace, modality, data, None)
-        report = import_model(
-            ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
-        )
+        with local_audit(audit_log, tls, modality, "ImportModel") as record:
+            report = import_model(
+                ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
+            )
+            record({modality: report.version}, format=report.format)
     except (ModelImportError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
     console.print(
@@ -126,6 +136,8 @@ def rekey_cmd(
         Path | None,
         typer.Option("--map", help="JSON {old pseudonym: new pseudonym} from `rekey-map`."),
     ] = None,
+    audit_log: AuditLogOpt = None,
+    tls: AuditTlsOpt = None,
 ) -> None:
     """Rotate the pseudonym key of a stopped owner: re-key its live records (by the requester's
     map; unmapped records are erased), drop every logit cache, retire the old pseudonyms."""
@@ -137,7 +149,12 @@ def rekey_cmd(
         if not isinstance(mapping, dict):
             raise ValueError(f"{map_file} must hold a JSON object {{old: new}}")
         ws = OwnerWorkspace(workspace, modality, data, Pseudonymizer.from_file(old_key))
-        renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+        old_fingerprint = ws.key_fingerprint
+        with local_audit(audit_log, tls, modality, "Rekey") as record:
+            renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+            record(
+                old_key=old_fingerprint, new_key=ws.key_fingerprint, renamed=renamed, erased=erased
+            )
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     console.print(
