@@ -100,14 +100,15 @@ def test_a_replica_sees_another_replicas_registration(tmp_path: Path) -> None:
 
 
 def test_a_stuck_lock_times_out_with_a_clear_error(tmp_path: Path) -> None:
-    import fcntl
-    import os
+    import sqlite3
 
     reg = HeadRegistry(tmp_path, lock_timeout_s=0.2)
-    fd = os.open(tmp_path / ".registry.lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = sqlite3.connect(tmp_path / "registry.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock and hangs
     try:
         with pytest.raises(TimeoutError, match="stayed locked"):
             reg.register("audio", "site", "v1", class_counts=[1, 1], gram=np.eye(2))
     finally:
-        os.close(fd)
+        other.execute("ROLLBACK")
+        other.close()
+    assert reg.register("audio", "site", "v1", class_counts=[1, 1], gram=np.eye(2)).sequence == 1
