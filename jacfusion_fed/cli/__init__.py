@@ -41,6 +41,7 @@ _COMMAND_MODULES = (
     "bench",
     "proxy",
     "records",
+    "storage",
 )
 
 

@@ -127,7 +127,7 @@ class LiveRecords:
             if version not in self._memo and len(self._memo) >= 2:  # keep the newest versions
                 self._memo.pop(next(iter(self._memo)))
             memo = self._memo.setdefault(version, {})
-        held = [sid for sid in ids if sid in self.store]
+        held = self.store.held(ids)
         out: dict[str, np.ndarray] = {}
         if cache:
             out = {sid: row for sid in held if (row := memo.get(sid)) is not None}

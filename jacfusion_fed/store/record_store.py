@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -352,8 +353,17 @@ class RecordStore:
     def __contains__(self, sid: object) -> bool:
         if not isinstance(sid, str) or sid not in self._rids:
             return False
-        expires = self._expiry.get(sid)
+        expires = self._expiry.get(sid) if self._expiry else None
         return expires is None or expires > time.time()
+
+    def held(self, sids: Sequence[str]) -> list[str]:
+        """Those of ``sids`` stored and not expired, in order (a membership test each)."""
+        rids = self._rids
+        if not self._expiry:
+            return [s for s in sids if s in rids]
+        now = time.time()
+        expiry = self._expiry
+        return [s for s in sids if s in rids and expiry.get(s, now + 1) > now]
 
     def __len__(self) -> int:
         return len(self._rids)
@@ -434,12 +444,14 @@ class RecordStore:
         dtype, row_shape = le.dtype.str, tuple(arr.shape[1:])
         shape = ",".join(str(d) for d in row_shape)
         blob = memoryview(le.tobytes())
-        size = len(blob) // len(ids) if len(ids) else 0
-        base = hashlib.sha256(f"{dtype}|{row_shape}|".encode())
+        n = len(ids)
+        size = len(blob) // n if n else 0
+        rows = [blob[i * size : (i + 1) * size] for i in range(n)]
+        copy = hashlib.sha256(f"{dtype}|{row_shape}|".encode()).copy
         digests = []
-        for i in range(len(ids)):
-            h = base.copy()
-            h.update(blob[i * size : (i + 1) * size])
+        for row in rows:
+            h = copy()
+            h.update(row)
             digests.append(h.digest())
         now = time.time()
         expires = None if self.retention_s is None else now + self.retention_s
@@ -450,35 +462,42 @@ class RecordStore:
             for part in _chunks(known):
                 q = f"SELECT rid, sha256 FROM records WHERE rid IN ({_marks(len(part))})"
                 shas.update(con.execute(q, part).fetchall())
-            inserts: list[tuple[object, ...]] = []
+            fresh = [i for i, r in enumerate(old) if r is None] if known else range(n)
+            new = {ids[i]: self._next_rid + j for j, i in enumerate(fresh)}
+            keys = [id_key(ids[i]) for i in fresh]
+            inserts = zip(
+                new.values(),
+                keys,
+                [digests[i] for i in fresh],
+                repeat(dtype),
+                repeat(shape),
+                repeat(now),
+                repeat(expires),
+                [rows[i] for i in fresh],
+            )
             updates: list[tuple[object, ...]] = []
-            changed: list[int] = []
-            new: dict[str, int] = {}
-            for i, (sid, rid) in enumerate(zip(ids, old, strict=True)):
-                data = blob[i * size : (i + 1) * size]
-                if rid is None:
-                    rid = new[sid] = self._next_rid + len(inserts)
-                    inserts.append((rid, id_key(sid), digests[i], dtype, shape, now, expires, data))
-                elif shas.get(rid) != digests[i]:
+            changed: dict[str, int] = {}
+            for i, rid in enumerate(old):
+                if rid is not None and shas.get(rid) != digests[i]:
                     if not replace:
                         raise RecordConflictError(i)
-                    updates.append((digests[i], dtype, shape, now, expires, data, rid))
-                    changed.append(rid)
+                    updates.append((digests[i], dtype, shape, now, expires, rows[i], rid))
+                    changed[ids[i]] = rid
             con.executemany(INSERT_RECORD, inserts)
             con.executemany(
                 "UPDATE records SET sha256 = ?, dtype = ?, shape = ?, stored_at = ?, "
                 "expires_at = ?, data = ? WHERE rid = ?",
                 updates,
             )
-            self._drop_logits(con, changed)
+            self._drop_logits(con, list(changed.values()))
         self._rids.update(new)
-        self._next_rid += len(inserts)
+        self._next_rid += len(new)
         if expires is not None:
-            self._expiry.update({s: expires for s in new})
-            self._expiry.update({s: expires for s, r in zip(ids, old, strict=True) if r in changed})
+            self._expiry.update(dict.fromkeys(new, expires))
+            self._expiry.update(dict.fromkeys(changed, expires))
         if updates:
             self._erase_wal()  # replaced content leaves the WAL and the database file too
-        return PutResult(len(inserts), len(updates), len(ids) - len(inserts) - len(updates))
+        return PutResult(len(new), len(updates), n - len(new) - len(updates))
 
     def _drop_logits(self, con: sqlite3.Connection, rids: Sequence[int]) -> None:
         for vid in self._vids.values():
