@@ -30,11 +30,11 @@ from psycopg import errors as pg_errors
 from jacfusion_fed.store.registry_backends import StoredEntry, seal, verified
 from jacfusion_fed.store.sqlite_db import StoreLockedError, StoreUnavailableError
 
-__all__ = ["PostgresBackend", "redact"]
+__all__ = ["ADVISORY_LOCK_KEY", "PostgresBackend", "redact"]
 
 _TABLE = "jacfusion_heads"
 #: Advisory lock key of registrations (any constant shared by every replica).
-_LOCK_KEY = 0x4A464844  # "JFHD"
+ADVISORY_LOCK_KEY = 0x4A464844  # "JFHD"
 _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {_TABLE}(modality TEXT NOT NULL, sequence INTEGER NOT NULL, "
     "meta TEXT NOT NULL, payload BYTEA NOT NULL, sha256 BYTEA NOT NULL, "
@@ -103,7 +103,7 @@ class PostgresBackend:
                 with con.transaction():
                     ms = max(1, int(self.lock_timeout_s * 1000))
                     con.execute(f"SET LOCAL lock_timeout = {ms}")
-                    con.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                    con.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
                     yield
             except psycopg.Error as exc:
                 raise self._failure(exc) from exc
