@@ -145,6 +145,7 @@ class PostgresCluster:
                 "fsync=on",
             ]
         )
+        old = self.pid()  # a crash leaves its postmaster.pid: wait for the new server's
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept for the process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -152,7 +153,7 @@ class PostgresCluster:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited: {self.log_tail()}")
-            if (self.data / "postmaster.pid").exists() and self._ready():
+            if (self.data / "postmaster.pid").exists() and self.pid() != old and self._ready():
                 return self.uri
             time.sleep(0.1)
         raise TimeoutError(f"postgres did not accept connections in {timeout} s")
