@@ -129,15 +129,21 @@ class LiveRecords:
             memo = self._memo.setdefault(version, {})
         held = self.store.held(ids)
         out: dict[str, np.ndarray] = {}
+        todo = held
         if cache:
-            out = {sid: row for sid in held if (row := memo.get(sid)) is not None}
-            missing = [sid for sid in held if sid not in out]
-            if missing:
-                stored = self.store.cached_logits_many(version, missing)
+            todo, get = [], memo.get
+            for sid in held:  # one pass: the memo's rows, and what it lacks
+                row = get(sid)
+                if row is None:
+                    todo.append(sid)
+                else:
+                    out[sid] = row
+            if todo:
+                stored = self.store.cached_logits_many(version, todo)
                 out.update(stored)
                 with self._lock:
                     memo.update(stored)
-        todo = [sid for sid in held if sid not in out]
+                todo = [sid for sid in todo if sid not in stored]
         if todo:
             inputs = self.store.get_many(todo)  # erased meanwhile: left out
             todo = [sid for sid in todo if sid in inputs]

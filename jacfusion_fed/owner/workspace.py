@@ -151,9 +151,7 @@ class OwnerWorkspace:
                     # A workspace from before key fingerprints: its logit caches may belong
                     # to any key, so they are recomputed rather than trusted.
                     self.store.drop_logit_caches()
-                self._live = LiveRecords(
-                    self.root / "live", self.key_fingerprint, retention_s=self.retention_s
-                )
+                self._live = LiveRecords(live, self.key_fingerprint, retention_s=self.retention_s)
             return self._live
 
     def class_names(self) -> list[str]:
@@ -458,7 +456,8 @@ class OwnerWorkspace:
         known = [sid for sid in pseudonyms if sid in found]
         unknown = [sid for sid in pseudonyms if sid not in found]
         k = self.num_classes
-        values = np.stack([found[sid] for sid in known]) if known else np.zeros((0, k))
+        rows = [found[sid] for sid in known]
+        values = np.concatenate(rows).reshape(len(rows), k) if rows else np.zeros((0, k))
         return LogitAnswer(version, known, values, unknown)
 
     # --- robustness evaluation -----------------------------------------------------------

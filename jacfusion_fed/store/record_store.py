@@ -351,19 +351,22 @@ class RecordStore:
     # --- records -------------------------------------------------------------------------
 
     def __contains__(self, sid: object) -> bool:
-        if not isinstance(sid, str) or sid not in self._rids:
-            return False
-        expires = self._expiry.get(sid) if self._expiry else None
-        return expires is None or expires > time.time()
+        """Whether ``sid`` is stored and not expired (an expired record is erased now)."""
+        return isinstance(sid, str) and bool(self.held([sid]))
 
     def held(self, sids: Sequence[str]) -> list[str]:
-        """Those of ``sids`` stored and not expired, in order (a membership test each)."""
+        """Those of ``sids`` stored and not expired, in order; expired ones are erased now."""
         rids = self._rids
         if not self._expiry:
             return [s for s in sids if s in rids]
-        now = time.time()
-        expiry = self._expiry
-        return [s for s in sids if s in rids and expiry.get(s, now + 1) > now]
+        now, expiry = time.time(), self._expiry
+        out, expired = [], []
+        for s in sids:
+            if s in rids:
+                (out if expiry.get(s, now + 1) > now else expired).append(s)
+        if expired:
+            self._erase(expired)
+        return out
 
     def __len__(self) -> int:
         return len(self._rids)
