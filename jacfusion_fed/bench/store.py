@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from jacfusion_fed.bench.deployment import CLI_ENTRY, python_procs
+from jacfusion_fed.bench.deployment import CLI_ENTRY, owner_serve_args, python_procs
 from jacfusion_fed.bench.serve import load_average
 from jacfusion_fed.store.atomic import write_verified
 from jacfusion_fed.store.record_store import RecordStore, content_hash
 
-__all__ = ["TARGETS", "StoreBenchConfig", "print_results", "run_store_bench"]
+__all__ = ["TARGETS", "StoreBenchConfig", "print_results", "run_store_bench", "summary_rows"]
 
 #: The issue's targets (2 cores).
 TARGETS = {
@@ -128,8 +128,9 @@ def _old_layout(root: Path, n: int, cfg: StoreBenchConfig, seed: int) -> dict[st
         ids, x = _ids(rng, m), _rows(rng, m, cfg.features)
         t0 = time.perf_counter()
         for sid, row in zip(ids, x, strict=True):
-            meta = {"kind": "record", "id": sid, "dtype": "<f4", "shape": [cfg.features]}
-            meta |= {"sha256": content_hash(row), "stored_at": time.time(), "expires_at": None}
+            meta: dict[str, object] = {"kind": "record", "id": sid, "dtype": "<f4"}
+            meta |= {"shape": [cfg.features], "sha256": content_hash(row)}
+            meta |= {"stored_at": time.time(), "expires_at": None}
             write_verified(root / "records" / f"{sid}.rec", row.tobytes(), meta)
         seconds += time.perf_counter() - t0
     return _sized(root, n, cfg, seconds)
@@ -168,31 +169,10 @@ def _owner(root: Path, cfg: StoreBenchConfig) -> Iterator[dict[str, Any]]:
     _owner_data(root / "vec.npz", cfg)
     port_file = root / "owner.port"
     procs = python_procs(root / "logs")
-    args = [
-        "-c",
-        CLI_ENTRY,
-        "owner",
-        "serve",
-        "--workspace",
-        str(root / "ws"),
-        "--modality",
-        _MODALITY,
-        "--data",
-        f"npz:{root / 'vec.npz'}",
-        "--pseudonym-key",
-        str(key),
-        "--tls",
-        str(certs.owner_dirs[f"{_MODALITY}-co"]),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--train-if-missing",
-        "--epochs",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    tls_dir = certs.owner_dirs[f"{_MODALITY}-co"]
+    args = owner_serve_args(
+        root / "ws", _MODALITY, root / "vec.npz", key, tls_dir, port_file, epochs=1
+    )
     try:
         procs.start_serving("owner", args, port_file)
         target = f"127.0.0.1:{procs.wait_port('owner', port_file)}"
@@ -388,3 +368,38 @@ def print_results(results: dict[str, Any], console: Any) -> None:
         f"{results['load_average_before']} -> {results['load_average_after']}",
         highlight=False,
     )
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, measured, target) rows of the README's table, formatted from the results."""
+    services = results.get("services", {})
+    disk = results["disk"]
+    rows = [
+        ("`RecordStore.put`, records/s", f"{results['direct']['records_per_s']:,.0f}", "≥ 50,000")
+    ]
+    if "1000000" in disk:
+        rows.append(
+            ("1,000,000 records into one store, s", f"{disk['1000000']['seconds']:.1f}", "≤ 60")
+        )
+    if "grpc_mtls" in services:
+        rate = services["grpc_mtls"]["records_per_s"]
+        rows.append(("`Requester.submit` over mTLS, records/s", f"{rate:,.0f}", "≥ 20,000"))
+    if "submit_cli" in services:
+        cli = services["submit_cli"]
+        rows.append(
+            (
+                f"`jacfusion-fed submit` of a {cli['records']:,}-record file, records/s",
+                f"{cli['records_per_s']:,.0f}",
+                "≥ 20,000",
+            )
+        )
+    for n in sorted(disk, key=int):
+        rows.append(
+            (f"disk at {int(n):,} records, x payload", f"{disk[n]['disk_ratio']:.2f}", "≤ 1.5")
+        )
+    if "get_logits" in services:
+        got = services["get_logits"]
+        rows.append(("`GetLogits` of 1,024 cached ids, p50 ms", f"{got['p50_ms']:.2f}", "≤ 5"))
+    old = results["old_file_layout"]["records_per_s"]
+    rows.append(("the old one-file-per-record layout, same run, records/s", f"{old:,.0f}", "-"))
+    return rows

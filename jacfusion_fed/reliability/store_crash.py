@@ -41,7 +41,6 @@ from jacfusion_fed.store.record_store import DB_NAME, RecordStore
 __all__ = ["CrashConfig", "check_batches", "owner_crash_run", "store_crash_run"]
 
 _MODALITY = "vec"
-CLI_ENTRY = "from jacfusion_fed.cli import main; main()"
 
 
 @dataclass(frozen=True)
@@ -99,31 +98,12 @@ def check_batches(
 
 
 def _owner_args(root: Path, certs: Any, key: Path, port_file: Path) -> list[str]:
-    return [
-        "-c",
-        CLI_ENTRY,
-        "owner",
-        "serve",
-        "--workspace",
-        str(root / "ws"),
-        "--modality",
-        _MODALITY,
-        "--data",
-        f"npz:{root / 'train.npz'}",
-        "--pseudonym-key",
-        str(key),
-        "--tls",
-        str(certs.owner_dirs[f"{_MODALITY}-co"]),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--train-if-missing",
-        "--epochs",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    from jacfusion_fed.bench.deployment import owner_serve_args
+
+    tls_dir = certs.owner_dirs[f"{_MODALITY}-co"]
+    return owner_serve_args(
+        root / "ws", _MODALITY, root / "train.npz", key, tls_dir, port_file, epochs=1
+    )
 
 
 def owner_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
@@ -153,7 +133,8 @@ def owner_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
     tls = TlsFiles.from_dir(certs.requester_dirs["hosp"])
     timer = random.Random(cfg.seed)
     acked: set[int] = set()
-    rounds, next_batch, in_flight_stored, in_flight_absent = [], 0, 0, 0
+    rounds: list[dict[str, Any]] = []
+    next_batch, in_flight_stored, in_flight_absent = 0, 0, 0
     # kill points: after these batches, spread over the stream
     points = sorted(timer.sample(range(5, cfg.batches - 5), cfg.owner_kills))
     try:
@@ -273,7 +254,8 @@ def store_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
     parts = [store_batch(b, size, cfg.seed) for b in range(batches)]
     ids = [sid for part_ids, _ in parts for sid in part_ids]
     x = np.concatenate([part_x for _, part_x in parts])
-    timer, acked, rounds, start = random.Random(cfg.seed + 1), set[int](), [], 0
+    timer, acked, start = random.Random(cfg.seed + 1), set[int](), 0
+    rounds: list[dict[str, Any]] = []
     root.mkdir(parents=True, exist_ok=True)
     while len(rounds) < cfg.store_kills and start < batches:
         argv = [_STORE_WRITER, str(root), str(start), str(size), str(batches), str(cfg.seed)]

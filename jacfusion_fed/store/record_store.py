@@ -360,7 +360,8 @@ class RecordStore:
         if not self._expiry:
             return [s for s in sids if s in rids]
         now, expiry = time.time(), self._expiry
-        out, expired = [], []
+        out: list[str] = []
+        expired: list[str] = []
         for s in sids:
             if s in rids:
                 (out if expiry.get(s, now + 1) > now else expired).append(s)

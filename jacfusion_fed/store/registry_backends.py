@@ -79,6 +79,11 @@ class StoredEntry:
     def meta_json(self) -> str:
         return canonical_json(self.meta).decode("utf-8")
 
+    def row(self) -> tuple[str, int, str, bytes, bytes]:
+        """``(modality, sequence, meta, payload, sha256)`` as a backend stores it."""
+        meta_json = self.meta_json()
+        return self.modality, self.sequence, meta_json, self.payload, seal(meta_json, self.payload)
+
 
 def verified(location: str, row: tuple[Any, ...]) -> StoredEntry:
     """An entry from a ``(modality, sequence, meta, payload, sha256)`` row, checked."""
@@ -170,19 +175,12 @@ class SqliteBackend:
         return [verified(self.location, row) for row in self._read(sql, (modality,))]
 
     def append(self, entry: StoredEntry) -> None:
-        meta_json = entry.meta_json()
         with self._lock:
             try:
                 self._con.execute(
                     "INSERT INTO heads(modality, sequence, meta, payload, sha256) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (
-                        entry.modality,
-                        entry.sequence,
-                        meta_json,
-                        entry.payload,
-                        seal(meta_json, entry.payload),
-                    ),
+                    entry.row(),
                 )
             except sqlite3.IntegrityError as exc:
                 raise FileExistsError(
@@ -206,12 +204,10 @@ class SqliteBackend:
                 if m is None:
                     continue
                 payload, meta = read_verified(p)
-                entry = StoredEntry(d.name, int(m.group(1)), meta, payload)
-                meta_json = entry.meta_json()
                 self._con.execute(
                     "INSERT OR IGNORE INTO heads(modality, sequence, meta, payload, sha256) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (d.name, entry.sequence, meta_json, payload, seal(meta_json, payload)),
+                    StoredEntry(d.name, int(m.group(1)), meta, payload).row(),
                 )
         self._con.execute(
             "INSERT OR REPLACE INTO registry_meta(key, value) VALUES ('imported_from', ?)",

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from jacfusion_fed.store.registry_backends import StoredEntry, seal, verified
+from jacfusion_fed.store.registry_backends import StoredEntry, verified
 from jacfusion_fed.store.sqlite_db import StoreLockedError, StoreUnavailableError
 
 __all__ = ["ADVISORY_LOCK_KEY", "PostgresBackend", "redact"]
@@ -132,19 +132,12 @@ class PostgresBackend:
         return [verified(self.location, row) for row in self._read(sql, (modality,))]
 
     def append(self, entry: StoredEntry) -> None:
-        meta_json = entry.meta_json()
         with self._lock:
             try:
                 self._cursor().execute(
                     f"INSERT INTO {_TABLE}(modality, sequence, meta, payload, sha256) "
                     "VALUES (%s, %s, %s, %s, %s)",
-                    (
-                        entry.modality,
-                        entry.sequence,
-                        meta_json,
-                        entry.payload,
-                        seal(meta_json, entry.payload),
-                    ),
+                    entry.row(),
                 )
             except pg_errors.UniqueViolation as exc:
                 raise FileExistsError(
