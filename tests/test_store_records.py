@@ -210,3 +210,23 @@ def test_pseudonym_forms_round_trip() -> None:
     for sid in (IDS[0], b32, odd):
         assert id_str(id_key(sid)) == sid
     assert len(id_key(IDS[0])) == 32 and len(id_key(b32)) == 33
+
+
+def test_concurrent_puts_of_the_same_batch_store_it_once(tmp_path: Path) -> None:
+    import threading
+
+    store = _store(tmp_path)
+    ids = PZ.many([f"p{i}" for i in range(200)])
+    x = np.random.default_rng(2).random((200, 8)).astype(np.float32)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(store.put(ids, x))) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted((r.stored, r.unchanged) for r in results) == [(0, 200)] * 3 + [(200, 0)]
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM records").fetchone() == (200, 200)
+    con.close()

@@ -325,26 +325,29 @@ class RecordStore:
         if len(set(mapping.values())) != len(mapping):
             raise ValueError("rekey mapping sends two old pseudonyms to the same new one")
         retire = list(retire)
-        with self._writing() as con:
-            renames = [(id_key(mapping[s]), rid) for s, rid in self._rids.items() if s in mapping]
-            gone = [rid for s, rid in self._rids.items() if s not in mapping]
-            con.executemany("UPDATE records SET id = ? WHERE rid = ?", renames)
-            for part in _chunks(gone):
-                con.execute(f"DELETE FROM records WHERE rid IN ({_marks(len(part))})", part)
-            con.execute("DELETE FROM logits")
-            con.execute("DELETE FROM versions")
-            keep = (set(self._rids) | self._retired | set(retire)) - set(mapping.values())
-            con.execute("DELETE FROM retired")
-            con.executemany(
-                "INSERT OR IGNORE INTO retired(id) VALUES (?)", ((id_key(s),) for s in keep)
-            )
-            con.execute(
-                "UPDATE meta SET value = ? WHERE key = 'key_fingerprint'", (new_fingerprint,)
-            )
-        self.key_fingerprint = new_fingerprint
-        self._data_version = -1  # our own commit: reload the index from the new rows
-        with self._reading():
-            pass
+        with self._lock:  # the commit and the in-memory index change as one
+            with self._writing() as con:
+                renames = [
+                    (id_key(mapping[s]), rid) for s, rid in self._rids.items() if s in mapping
+                ]
+                gone = [rid for s, rid in self._rids.items() if s not in mapping]
+                con.executemany("UPDATE records SET id = ? WHERE rid = ?", renames)
+                for part in _chunks(gone):
+                    con.execute(f"DELETE FROM records WHERE rid IN ({_marks(len(part))})", part)
+                con.execute("DELETE FROM logits")
+                con.execute("DELETE FROM versions")
+                keep = (set(self._rids) | self._retired | set(retire)) - set(mapping.values())
+                con.execute("DELETE FROM retired")
+                con.executemany(
+                    "INSERT OR IGNORE INTO retired(id) VALUES (?)", ((id_key(s),) for s in keep)
+                )
+                con.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'key_fingerprint'", (new_fingerprint,)
+                )
+            self.key_fingerprint = new_fingerprint
+            self._data_version = -1  # our own commit: reload the index from the new rows
+            with self._reading():
+                pass
         self._erase_wal()
         return len(renames), len(gone)
 
@@ -459,46 +462,47 @@ class RecordStore:
             digests.append(h.digest())
         now = time.time()
         expires = None if self.retention_s is None else now + self.retention_s
-        with self._writing() as con:
-            old = [self._rids.get(s) for s in ids]
-            known = [r for r in old if r is not None]
-            shas: dict[int, bytes] = {}
-            for part in _chunks(known):
-                q = f"SELECT rid, sha256 FROM records WHERE rid IN ({_marks(len(part))})"
-                shas.update(con.execute(q, part).fetchall())
-            fresh = [i for i, r in enumerate(old) if r is None] if known else range(n)
-            new = {ids[i]: self._next_rid + j for j, i in enumerate(fresh)}
-            keys = [id_key(ids[i]) for i in fresh]
-            inserts = zip(
-                new.values(),
-                keys,
-                [digests[i] for i in fresh],
-                repeat(dtype),
-                repeat(shape),
-                repeat(now),
-                repeat(expires),
-                [rows[i] for i in fresh],
-            )
-            updates: list[tuple[object, ...]] = []
-            changed: dict[str, int] = {}
-            for i, rid in enumerate(old):
-                if rid is not None and shas.get(rid) != digests[i]:
-                    if not replace:
-                        raise RecordConflictError(i)
-                    updates.append((digests[i], dtype, shape, now, expires, rows[i], rid))
-                    changed[ids[i]] = rid
-            con.executemany(INSERT_RECORD, inserts)
-            con.executemany(
-                "UPDATE records SET sha256 = ?, dtype = ?, shape = ?, stored_at = ?, "
-                "expires_at = ?, data = ? WHERE rid = ?",
-                updates,
-            )
-            self._drop_logits(con, list(changed.values()))
-        self._rids.update(new)
-        self._next_rid += len(new)
-        if expires is not None:
-            self._expiry.update(dict.fromkeys(new, expires))
-            self._expiry.update(dict.fromkeys(changed, expires))
+        with self._lock:  # the commit and the in-memory index change as one
+            with self._writing() as con:
+                old = [self._rids.get(s) for s in ids]
+                known = [r for r in old if r is not None]
+                shas: dict[int, bytes] = {}
+                for part in _chunks(known):
+                    q = f"SELECT rid, sha256 FROM records WHERE rid IN ({_marks(len(part))})"
+                    shas.update(con.execute(q, part).fetchall())
+                fresh = [i for i, r in enumerate(old) if r is None] if known else range(n)
+                new = {ids[i]: self._next_rid + j for j, i in enumerate(fresh)}
+                keys = [id_key(ids[i]) for i in fresh]
+                inserts = zip(
+                    new.values(),
+                    keys,
+                    [digests[i] for i in fresh],
+                    repeat(dtype),
+                    repeat(shape),
+                    repeat(now),
+                    repeat(expires),
+                    [rows[i] for i in fresh],
+                )
+                updates: list[tuple[object, ...]] = []
+                changed: dict[str, int] = {}
+                for i, rid in enumerate(old):
+                    if rid is not None and shas.get(rid) != digests[i]:
+                        if not replace:
+                            raise RecordConflictError(i)
+                        updates.append((digests[i], dtype, shape, now, expires, rows[i], rid))
+                        changed[ids[i]] = rid
+                con.executemany(INSERT_RECORD, inserts)
+                con.executemany(
+                    "UPDATE records SET sha256 = ?, dtype = ?, shape = ?, stored_at = ?, "
+                    "expires_at = ?, data = ? WHERE rid = ?",
+                    updates,
+                )
+                self._drop_logits(con, list(changed.values()))
+            self._rids.update(new)
+            self._next_rid += len(new)
+            if expires is not None:
+                self._expiry.update(dict.fromkeys(new, expires))
+                self._expiry.update(dict.fromkeys(changed, expires))
         if updates:
             self._erase_wal()  # replaced content leaves the WAL and the database file too
         return PutResult(len(new), len(updates), n - len(new) - len(updates))
@@ -525,14 +529,15 @@ class RecordStore:
     def _erase(self, sids: Sequence[str]) -> None:
         if not sids:
             return
-        with self._writing() as con:
-            rids = [self._rids[s] for s in dict.fromkeys(sids) if s in self._rids]
-            for part in _chunks(rids):
-                con.execute(f"DELETE FROM records WHERE rid IN ({_marks(len(part))})", part)
-            self._drop_logits(con, rids)
-        for sid in sids:
-            self._rids.pop(sid, None)
-            self._expiry.pop(sid, None)
+        with self._lock:  # the commit and the in-memory index change as one
+            with self._writing() as con:
+                rids = [self._rids[s] for s in dict.fromkeys(sids) if s in self._rids]
+                for part in _chunks(rids):
+                    con.execute(f"DELETE FROM records WHERE rid IN ({_marks(len(part))})", part)
+                self._drop_logits(con, rids)
+            for sid in sids:
+                self._rids.pop(sid, None)
+                self._expiry.pop(sid, None)
         self._erase_wal()
 
     def _erase_wal(self) -> None:
@@ -591,16 +596,17 @@ class RecordStore:
     def save_logits_many(self, version: str, values: Mapping[str, np.ndarray]) -> None:
         """Cache logits under ``version`` in one transaction (ids no longer stored skipped:
         an erased record's logits are never resurrected)."""
-        with self._writing() as con:
-            vid = self._vids.get(version)
-            if vid is None:
-                cur = con.execute("INSERT INTO versions(version) VALUES (?)", (version,))
-                vid = int(cur.lastrowid or 0)
-            rows = []
-            for sid, row in values.items():
-                rid = self._rids.get(sid)
-                if rid is not None:
-                    data = np.ascontiguousarray(row, dtype="<f8").tobytes()
-                    rows.append((vid, rid, logit_digest(data), data))
-            con.executemany(INSERT_LOGITS, rows)
-        self._vids[version] = vid
+        with self._lock:  # the commit and the in-memory index change as one
+            with self._writing() as con:
+                vid = self._vids.get(version)
+                if vid is None:
+                    cur = con.execute("INSERT INTO versions(version) VALUES (?)", (version,))
+                    vid = int(cur.lastrowid or 0)
+                rows = []
+                for sid, row in values.items():
+                    rid = self._rids.get(sid)
+                    if rid is not None:
+                        data = np.ascontiguousarray(row, dtype="<f8").tobytes()
+                        rows.append((vid, rid, logit_digest(data), data))
+                con.executemany(INSERT_LOGITS, rows)
+            self._vids[version] = vid
