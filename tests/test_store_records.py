@@ -219,9 +219,7 @@ def test_concurrent_puts_of_the_same_batch_store_it_once(tmp_path: Path) -> None
     ids = PZ.many([f"p{i}" for i in range(200)])
     x = np.random.default_rng(2).random((200, 8)).astype(np.float32)
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(store.put(ids, x))) for _ in range(4)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(store.put(ids, x))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
