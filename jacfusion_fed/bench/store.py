@@ -91,18 +91,21 @@ def _direct(root: Path, n: int, cfg: StoreBenchConfig, seed: int) -> dict[str, A
     """``n`` records into a fresh store, timed around ``put`` only (data made outside)."""
     rng = np.random.default_rng(seed)
     store = RecordStore(root, "0" * 16)
-    seconds = 0.0
+    seconds = cpu = 0.0
     for start in range(0, n, cfg.batch):
         m = min(cfg.batch, n - start)
         ids, x = _ids(rng, m), _rows(rng, m, cfg.features)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         store.put(ids, x)
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
     store.close()
-    return _sized(root, n, cfg, seconds)
+    return _sized(root, n, cfg, seconds, cpu)
 
 
-def _sized(root: Path, n: int, cfg: StoreBenchConfig, seconds: float) -> dict[str, Any]:
+def _sized(root: Path, n: int, cfg: StoreBenchConfig, seconds: float, cpu: float) -> dict[str, Any]:
+    """Rates and disk use; ``cpu``: CPU seconds of this process in the timed calls (on a shared
+    machine the wall-clock rate also counts the time other jobs held the cores)."""
     disk = _disk_bytes(root)
     payload = cfg.features * 4
     return {
@@ -110,6 +113,8 @@ def _sized(root: Path, n: int, cfg: StoreBenchConfig, seconds: float) -> dict[st
         "batch": cfg.batch,
         "seconds": round(seconds, 3),
         "records_per_s": round(n / seconds, 1),
+        "cpu_seconds": round(cpu, 3),
+        "records_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
         "disk_bytes_allocated": disk["allocated"],
         "disk_bytes_apparent": disk["apparent"],
         "bytes_per_record": round(disk["allocated"] / n, 1),
@@ -122,18 +127,19 @@ def _old_layout(root: Path, n: int, cfg: StoreBenchConfig, seed: int) -> dict[st
     """The write path of the old one-file-per-record store (one verified file per record)."""
     rng = np.random.default_rng(seed)
     (root / "records").mkdir(parents=True)
-    seconds = 0.0
+    seconds = cpu = 0.0
     for start in range(0, n, cfg.batch):
         m = min(cfg.batch, n - start)
         ids, x = _ids(rng, m), _rows(rng, m, cfg.features)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for sid, row in zip(ids, x, strict=True):
             meta: dict[str, object] = {"kind": "record", "id": sid, "dtype": "<f4"}
             meta |= {"shape": [cfg.features], "sha256": content_hash(row)}
             meta |= {"stored_at": time.time(), "expires_at": None}
             write_verified(root / "records" / f"{sid}.rec", row.tobytes(), meta)
         seconds += time.perf_counter() - t0
-    return _sized(root, n, cfg, seconds)
+        cpu += time.process_time() - c0
+    return _sized(root, n, cfg, seconds, cpu)
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -374,8 +380,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(what, measured, target) rows of the README's table, formatted from the results."""
     services = results.get("services", {})
     disk = results["disk"]
+    direct = results["direct"]
     rows = [
-        ("`RecordStore.put`, records/s", f"{results['direct']['records_per_s']:,.0f}", "≥ 50,000")
+        ("`RecordStore.put`, records/s", f"{direct['records_per_s']:,.0f}", "≥ 50,000"),
+        ("`RecordStore.put`, records per CPU-second", f"{direct['records_per_cpu_s']:,.0f}", "-"),
     ]
     if "1000000" in disk:
         rows.append(
