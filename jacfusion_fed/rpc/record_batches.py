@@ -162,6 +162,8 @@ def put_in_batches(
     if len(shape) < 1 or shape[0] != len(ids):
         raise ValueError(f"{len(ids)} ids but inputs of shape {shape}")
     n = len(ids)
+    if n == 0:
+        raise ValueError("no records to send (no ids)")
     itemsize = np.dtype(getattr(x, "dtype", np.asarray(x[:1]).dtype)).itemsize
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
     todo = deque(_plan(n, row_bytes, batch_size, max_batch_bytes))
