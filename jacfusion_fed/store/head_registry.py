@@ -31,6 +31,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -142,6 +143,11 @@ class HeadRegistry:
     ) -> None:
         self.backend = open_backend(target, lock_timeout_s=lock_timeout_s)
         self.location = self.backend.location
+        #: The path given (a registry directory or an SQLite file; opening it again reaches the
+        #: same registry), ``None`` for PostgreSQL or a backend object.
+        self.root: Path | None = None
+        if isinstance(target, (str, os.PathLike)) and "://" not in os.fspath(target):
+            self.root = Path(target)
         self.lock_timeout_s = lock_timeout_s
 
     def close(self) -> None:
