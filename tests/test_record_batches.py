@@ -114,7 +114,7 @@ def test_batch_validation_names_the_first_bad_record(
         x[i % n, 1, 0] = np.nan
     for i in high_at:
         x[i % n, 0, 2] = 3.0
-    batch = x.astype(np.int64) if ints else x.astype(np.float32)
+    batch = np.nan_to_num(x, nan=5.0).astype(np.int64) if ints else x.astype(np.float32)
     want = _one_by_one(spec, batch)
     if want is None:
         spec.validate_batch(batch)
