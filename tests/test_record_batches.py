@@ -122,3 +122,22 @@ def test_batch_validation_names_the_first_bad_record(
         with pytest.raises(RecordError) as info:
             spec.validate_batch(batch)
         assert str(info.value) == want
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["a" * 64, "b" * 52, "2" * 52, "0" * 64 + "\n", "x" * 64]),
+            st.text(alphabet="0123456789abcdef\n", min_size=60, max_size=66),
+            st.integers(),
+        ),
+        max_size=8,
+    )
+)
+def test_first_non_pseudonym_of_a_batch_matches_one_by_one(values: list[object]) -> None:
+    from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym, is_pseudonym
+
+    want = next((i for i, v in enumerate(values) if not is_pseudonym(v)), None)
+    assert first_non_pseudonym(values) == want
+    assert first_non_pseudonym(iter(values)) == want
