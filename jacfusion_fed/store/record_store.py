@@ -586,7 +586,13 @@ class RecordStore:
                             f"{self.path} (logits of rid {rid}, version {version})",
                             "cached logits do not match their digest",
                         )
-                    out[wanted[rid]] = np.frombuffer(data, dtype="<f8").astype(np.float64)
+                if rows and len({len(r[2]) for r in rows}) == 1:  # one copy, rows are views
+                    table = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f8")
+                    matrix = table.astype(np.float64).reshape(len(rows), -1)
+                    out.update(zip((wanted[r[0]] for r in rows), matrix, strict=True))
+                else:
+                    for rid, _, data in rows:
+                        out[wanted[rid]] = np.frombuffer(data, dtype="<f8").astype(np.float64)
         return out
 
     def save_logits(self, version: str, sid: str, logits: np.ndarray) -> None:
