@@ -42,6 +42,7 @@ _COMMAND_MODULES = (
     "proxy",
     "records",
     "audit",
+    "storage",
 )
 
 

@@ -39,11 +39,17 @@ from jacfusion_fed.cli.transport import (
     serve_until_signal,
 )
 
-__all__ = ["coordinator_info", "coordinator_serve", "register"]
+__all__ = ["coordinator_info", "coordinator_serve", "open_registry", "register"]
 
 
 def coordinator_serve(
-    registry: Annotated[Path, typer.Option(help="Head registry directory (persists heads).")],
+    registry: Annotated[
+        str,
+        typer.Option(
+            help="Head registry: a directory (SQLite inside), a .sqlite3 file, or a "
+            "postgresql:// URI shared by replicas on several hosts."
+        ),
+    ],
     owner: Annotated[
         list[str] | None,
         typer.Option(help="MODALITY=HOST:PORT[,HOST:PORT...]: a modality's sites (repeat)."),
@@ -111,13 +117,16 @@ def coordinator_serve(
         device=device,
         batch_fusion=fusion_batching,
     )
+    heads = open_registry(registry)
     try:
-        coordinator = Coordinator(registry, endpoints, sec, config)
+        coordinator = Coordinator(heads, endpoints, sec, config)
     except CorruptFileError as exc:  # refuse to start on a damaged registry, never use it
         raise CliError(
-            f"the head registry is damaged, refusing to start: {exc}; move the damaged entry "
-            "away (the previous entry of that modality becomes current and the owner's "
-            "current head is fetched again), then restart"
+            f"the head registry is damaged, refusing to start: {exc}; delete that entry "
+            "(the previous entry of that modality becomes current and the owner's current "
+            'head is fetched again), e.g. sqlite3 DIR/registry.sqlite3 "DELETE FROM heads '
+            "WHERE modality='M' AND sequence=N\" (in PostgreSQL: table jacfusion_heads), "
+            "then restart"
         ) from exc
     from jacfusion_fed.audit import service_identity
     from jacfusion_fed.rpc.tls import TlsFiles
@@ -149,6 +158,23 @@ def coordinator_serve(
     )
     say_metrics_url(running)
     serve_until_signal(running, "coordinator", port_file)
+
+
+def open_registry(target: str) -> Any:
+    """The head registry ``--registry`` names (a directory, an SQLite file, a PostgreSQL URI;
+    the rule: :func:`jacfusion_fed.store.registry_backends.open_backend`), or a one-line
+    error: 2 for a bad value or a damaged registry, 1 when the database cannot be reached."""
+    from jacfusion_fed.store import CorruptFileError, HeadRegistry
+    from jacfusion_fed.store.sqlite_db import StoreUnavailableError
+
+    try:
+        return HeadRegistry(target)
+    except CorruptFileError as exc:
+        raise CliError(f"the head registry is damaged, refusing to start: {exc}") from exc
+    except (StoreUnavailableError, TimeoutError) as exc:
+        raise CliError(f"cannot open the head registry: {exc}", exit_code=1) from exc
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--registry {target}: {exc}") from exc
 
 
 def info_payload(info: Any) -> dict[str, Any]:

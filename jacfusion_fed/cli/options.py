@@ -6,8 +6,12 @@ Glossary (an option name means the same thing in every command that has it):
   ``certs``) or a file (``bench ...``, ``deploy key``, ``deploy labels``). Never read.
 - ``--workdir DIR``: keep the intermediate files of a run here (default: a temporary folder
   that is deleted at the end).
-- ``--workspace DIR``: an owner's persistent state (model store, logit cache), read and written
-  across runs. ``--registry DIR``: the coordinator's head registry, the same idea.
+- ``--workspace DIR``: an owner's persistent state (model store, logit cache, live records),
+  read and written across runs. ``--registry DIR|FILE.sqlite3|postgresql://...``: the
+  coordinator's head registry, the same idea (a directory holds ``registry.sqlite3``; replicas
+  on several hosts share a PostgreSQL database).
+- ``--batch N``: how many items one request carries (``submit``: records per ``PutRecords``;
+  ``bench``: ids per request).
 - ``--method NAME``: the fusion method, one of :data:`FUSION_METHODS`, spelled as in the tables
   and the JSON output. (``simulate --training`` names the owners' training add-on.)
 - ``--gamma VALUE``: gamma of the Jacobian fusion in (0, 1] for every modality, or ``auto``

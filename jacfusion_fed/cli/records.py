@@ -190,8 +190,10 @@ def submit(
     pseudonym_key: KeyOpt,
     inputs: Annotated[Path, typer.Option(help=".npz with `ids` (strings) and `x` (records).")],
     replace: Annotated[bool, typer.Option(help="Overwrite records stored differently.")] = False,
+    batch: Annotated[int, typer.Option(help="Records per PutRecords call.", min=1)] = 1024,
 ) -> None:
-    """Send new records to an owner (ids pseudonymized here first)."""
+    """Send new records to an owner (ids pseudonymized here first), any number of them: in
+    batches, each stored whole or not at all; after a failure, rerun the same command."""
     import grpc
     import numpy as np
 
@@ -203,12 +205,12 @@ def submit(
         raise _fail(f"{inputs}: needs arrays `ids` (strings) and `x` ({exc})") from exc
     try:
         with _requester({modality: owner}, tls, pseudonym_key) as req:
-            result = req.submit(modality, ids, x, replace=replace)
+            result = req.submit(modality, ids, x, replace=replace, batch_size=batch)
     except grpc.RpcError as exc:
         raise _rpc_fail(exc) from exc
     console.print(
         f"{modality}: {result.stored} new, {result.replaced} replaced, {result.unchanged} "
-        f"unchanged (model version {result.model_version})"
+        f"unchanged in {result.batches} batch(es) (model version {result.model_version})"
     )
 
 

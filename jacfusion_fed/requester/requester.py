@@ -64,6 +64,7 @@ class Submitted:
     replaced: int
     unchanged: int
     model_version: str
+    batches: int = 1  # PutRecords calls it took
 
 
 @dataclass(frozen=True)
@@ -197,24 +198,41 @@ class Requester:
     # --- the three verbs -------------------------------------------------------------------
 
     def submit(
-        self, modality: str, ids: Sequence[str], x: Any, *, replace: bool = False
+        self,
+        modality: str,
+        ids: Sequence[str],
+        x: Any,
+        *,
+        replace: bool = False,
+        batch_size: int | None = None,
+        progress: bool | None = None,
     ) -> Submitted:
-        """Send records ``x`` (first axis = ``ids``) to the owner of ``modality``."""
-        import numpy as np
+        """Send records ``x`` (first axis = ``ids``, any number) to the owner of ``modality``,
+        in ``PutRecords`` batches (:func:`jacfusion_fed.rpc.record_batches.put_in_batches`:
+        a failure raises its ``SubmitError``; resending is idempotent). ``progress``: a bar on
+        stderr (default: when it is a terminal)."""
+        from jacfusion_fed.rpc import record_batches as rb
 
-        from jacfusion_fed.rpc.tensor import encode_tensor
-
-        arr = np.asarray(x)
-        if arr.ndim < 1 or arr.shape[0] != len(ids):
-            raise ValueError(f"{len(ids)} ids but inputs of shape {arr.shape}")
-        request = modality_pb2.PutRecordsRequest(
-            sample_ids=self.pseudonyms(ids),
-            inputs=encode_tensor(arr),
-            replace=replace,
-            key_fingerprint=self.key_fingerprint,
+        with rb.terminal_progress(f"{modality}: PutRecords", progress) as bar:
+            totals = rb.put_in_batches(
+                self._owner(modality).PutRecords,
+                ids,
+                x,
+                pseudonymize=self.pseudonyms,
+                replace=replace,
+                key_fingerprint=self.key_fingerprint,
+                timeout=self.timeout,
+                batch_size=batch_size or rb.DEFAULT_BATCH_SIZE,
+                progress=bar,
+            )
+        return Submitted(
+            modality,
+            totals.stored,
+            totals.replaced,
+            totals.unchanged,
+            totals.model_version,
+            totals.batches,
         )
-        resp = self._owner(modality).PutRecords(request, timeout=self.timeout)
-        return Submitted(modality, resp.stored, resp.replaced, resp.unchanged, resp.model_version)
 
     def forget(self, ids: Sequence[str], modalities: Sequence[str] | None = None) -> Forgotten:
         """Erase the records of ``ids`` at every (or the given) owner."""
