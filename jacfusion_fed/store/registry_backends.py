@@ -28,18 +28,16 @@ Which backend a ``--registry`` value names (:func:`open_backend`):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from jacfusion_fed.store.atomic import CorruptFileError, canonical_json, read_verified
+from jacfusion_fed.store.atomic import read_verified
+from jacfusion_fed.store.registry_entry import RegistryBackend, StoredEntry, seal, verified
 from jacfusion_fed.store.sqlite_db import connect, translate, write_transaction
 
 __all__ = [
@@ -60,66 +58,6 @@ _SCHEMA = (
     "PRIMARY KEY (modality, sequence))",
     "CREATE TABLE IF NOT EXISTS registry_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-
-
-def seal(meta_json: str, payload: bytes) -> bytes:
-    """The SHA-256 stored with an entry: over its metadata JSON, a zero byte, its payload."""
-    return hashlib.sha256(meta_json.encode("utf-8") + b"\x00" + payload).digest()
-
-
-@dataclass(frozen=True)
-class StoredEntry:
-    """One registration as stored (the registry parses ``meta`` and ``payload``)."""
-
-    modality: str
-    sequence: int
-    meta: dict[str, Any]
-    payload: bytes
-
-    def meta_json(self) -> str:
-        return canonical_json(self.meta).decode("utf-8")
-
-    def row(self) -> tuple[str, int, str, bytes, bytes]:
-        """``(modality, sequence, meta, payload, sha256)`` as a backend stores it."""
-        meta_json = self.meta_json()
-        return self.modality, self.sequence, meta_json, self.payload, seal(meta_json, self.payload)
-
-
-def verified(location: str, row: tuple[Any, ...]) -> StoredEntry:
-    """An entry from a ``(modality, sequence, meta, payload, sha256)`` row, checked."""
-    modality, sequence, meta_json, payload, digest = row
-    where = f"{location} entry {modality}/{int(sequence):08d}"
-    payload = bytes(payload)
-    if seal(meta_json, payload) != bytes(digest):
-        raise CorruptFileError(where, "SHA-256 mismatch (entry corrupted or modified)")
-    try:
-        meta = json.loads(meta_json)
-    except ValueError as exc:  # pragma: no cover - the digest matched: only a foreign writer
-        raise CorruptFileError(where, f"unreadable metadata ({exc})") from exc
-    return StoredEntry(str(modality), int(sequence), meta, payload)
-
-
-@runtime_checkable
-class RegistryBackend(Protocol):
-    """Storage of registry entries (see the module docstring)."""
-
-    #: Where the entries live, for messages (a path, or a URI without its password).
-    location: str
-
-    def modalities(self) -> list[str]:
-        """Modalities with at least one entry, sorted."""
-
-    def entries(self, modality: str, *, latest: bool = False) -> list[StoredEntry]:
-        """Verified entries of ``modality`` by sequence (only the newest with ``latest``)."""
-
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """One registration at a time across processes; raises ``TimeoutError`` when the
-        lock is not had within the backend's lock timeout."""
-
-    def append(self, entry: StoredEntry) -> None:
-        """Add ``entry`` (inside :meth:`exclusive`); its sequence must be new."""
-
-    def close(self) -> None: ...
 
 
 class SqliteBackend:

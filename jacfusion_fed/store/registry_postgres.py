@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from jacfusion_fed.store.registry_backends import StoredEntry, verified
+from jacfusion_fed.store.registry_entry import StoredEntry, verified
 from jacfusion_fed.store.sqlite_db import StoreLockedError, StoreUnavailableError
 
 __all__ = ["ADVISORY_LOCK_KEY", "PostgresBackend", "redact"]
