@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import torch
 
 from .gram import GramFactor
-from .solver import capacitance_solve, chunk_rows, structured_apply, woodbury_is_accurate
+from .scratch import reuse_enabled
+from .solver import (
+    budget_rows,
+    capacitance_solve,
+    chunk_rows,
+    structured_apply,
+    woodbury_is_accurate,
+)
 
 SERIES_ORDERS = (1, 2, 3)
 """q: terms t^0..t^q of 1/(1+t) kept on the tail (error O(t^(q+1))); chosen per sample."""
@@ -125,6 +132,28 @@ def _powers(x: torch.Tensor, top: int) -> list[torch.Tensor]:
     for _ in range(top - 1):
         out.append(out[-1] * x)
     return out
+
+
+def _rows(k: int, elements: int, legacy_elements: int, p: torch.Tensor) -> int:
+    """Samples per chunk: ``elements`` float64 temporaries per sample within the scratch
+    budget, or the pre-workspace rule when ``JACFUSION_SOLVER_SCRATCH=fresh`` (a baseline)."""
+    if reuse_enabled():
+        return budget_rows(k, elements, 0, p.device)
+    return chunk_rows(legacy_elements, p.device)
+
+
+def _choice_elements(k: int, cap: int, modalities: int) -> int:
+    """float64 temporaries per sample of :func:`_choose_plans`: |y|, top-k, eta, and the bounds
+    per (order, candidate support), per modality."""
+    grid = len(_candidate_supports(cap)) * len(SERIES_ORDERS)
+    return 2 * k + 3 * cap + (12 + modalities) * grid
+
+
+def _chunk_elements(k: int, support: int, q: int) -> int:
+    """float64 temporaries per sample of :func:`_fast_apply_chunk` (and the gathered rows):
+    powers of p_T and of -p^2 (3q + 6 rows of K), the GEMM inputs and outputs (6q + 4), the
+    series terms (5 (q + 1)), the capacitance solve (16), and 5 (support, K) arrays."""
+    return k * (3 * q + 6 + 6 * q + 4 + 5 * (q + 1) + 16 + 8) + 5 * support * k
 
 
 def _fast_apply_chunk(
@@ -225,7 +254,7 @@ def fast_apply(
     ys = [z @ f.eigenvectors for z, f in zip(zs, factors, strict=True)]  # y = V^T z
     plans = _plans(k, cap)
     choice = torch.empty(n, dtype=torch.int64, device=p.device)
-    step = chunk_rows(k * (len(_candidate_supports(cap)) + 3), p.device)
+    step = _rows(k, _choice_elements(k, cap, len(zs)), k * (len(_candidate_supports(cap)) + 3), p)
     for start in range(0, n, step):
         sl = slice(start, start + step)
         choice[sl] = _choose_plans(p[sl], [y[sl] for y in ys], factors, kappas, tol, cap)
@@ -242,7 +271,8 @@ def fast_apply(
         if rows_all.numel() == 0:
             continue
         max_seen = max(max_seen, support)
-        rows_per_chunk = chunk_rows(k * (4 * max(support, 1) + 6 * (q + 1)), p.device)
+        legacy = k * (4 * max(support, 1) + 6 * (q + 1))
+        rows_per_chunk = _rows(k, _chunk_elements(k, support, q), legacy, p)
         for start in range(0, rows_all.numel(), rows_per_chunk):
             rows = rows_all[start : start + rows_per_chunk]
             for out, z, y, factor, kappa in zip(outs, zs, ys, factors, kappas, strict=True):
