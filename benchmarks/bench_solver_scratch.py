@@ -51,11 +51,13 @@ def main() -> None:
     for row in result["rows"]:
         for mode in ("fresh", "reuse"):
             r = row[mode]
+            share, peak = r["kernel_time_share"], r["peak_scratch_mib"]
             print(
                 f"K={row['num_classes']:5d} N={row['samples']:7d} {row['solver']:5s} {mode:5s} "
                 f"{r['samples_per_s']:10,.0f}/s  user {r['user_cpu_s']:7.2f}s  "
-                f"sys {r['system_cpu_s']:6.2f}s ({100 * r['kernel_time_share']:4.1f}%)  "
-                f"peak scratch {r['peak_scratch_mib']:7.1f} MiB"
+                f"sys {r['system_cpu_s']:6.2f}s "
+                f"({'-' if share is None else f'{100 * share:4.1f}%'})  "
+                f"peak scratch {'-' if peak is None else f'{peak:7.1f} MiB'}"
             )
     print(f"targets: {json.dumps(result['targets'])}")
     print(f"wrote {args.out}")

@@ -268,3 +268,68 @@ def test_plan_chunk_counts_every_temporary() -> None:
         rows, cols = plan_chunk(k, 32 * k + 8, 2, budget)
         assert 8 * rows * (32 * k + 8 + 2 * k * cols) <= budget or (rows, cols) == (1, 1)
         assert rows >= 1 and 1 <= cols <= k
+
+
+def test_inference_mode_and_normal_calls_alternate() -> None:
+    """The server fuses under torch.inference_mode, evaluation outside it: a pooled workspace
+    made in one mode must serve the other."""
+    p, z, factor = _problem(10, 50)
+    expected = structured_apply(p, z, factor, 1.0)
+    release_idle()
+    with torch.inference_mode():
+        inside = structured_apply(p, z, factor, 1.0)
+    outside = structured_apply(p, z, factor, 1.0)
+    with torch.inference_mode():
+        again = structured_apply(p.clone(), z.clone(), factor, 1.0)
+    for got in (inside, outside, again):
+        assert torch.equal(got, expected)
+
+
+def test_other_dtypes_get_their_own_workspace() -> None:
+    p, z, factor = _problem(10, 50)
+    f32 = GramFactor(factor.eigenvalues.float(), factor.eigenvectors.float())
+    got = structured_apply(p.float(), z.float(), f32, 1.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), structured_apply(p, z, factor, 1.0), atol=1e-4, rtol=0)
+
+
+# --- the benchmarks -----------------------------------------------------------------------------
+
+
+def test_bench_fusion_reports_cpu_time_and_peak_rss() -> None:
+    from jacfusion_fed.bench.fusion import bench_fusion, rows_to_json
+
+    entry = rows_to_json(bench_fusion([10], 3000, budget_s=0.05, scipy_budget_s=0.01))[0]
+    for solver in ("exact", "fast"):
+        m = entry["methods"][solver]
+        assert m["user_cpu_s"] > 0 and m["system_cpu_s"] >= 0
+        assert 0 <= m["kernel_time_share"] < 1
+        if os.access("/proc/self/clear_refs", os.W_OK):
+            assert m["peak_rss_delta_mib"] is not None
+    assert entry["methods"]["scipy_loop"]["kernel_time_share"] is None
+
+
+@pytest.mark.e2e
+def test_solver_scratch_benchmark_writes_fresh_and_reuse(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_solver_scratch.py")]
+    done = subprocess.run(
+        [*cmd, "--plan", "10:2000", "--solvers", "exact,fast", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["environment"]["load_average_before"]) == 3
+    assert [(r["num_classes"], r["solver"]) for r in result["rows"]] == [
+        (10, "exact"),
+        (10, "fast"),
+    ]
+    for row in result["rows"]:
+        assert row["fresh"]["mode"] == "fresh" and row["reuse"]["mode"] == "reuse"
+        for run in (row["fresh"], row["reuse"]):
+            assert run["samples"] == 2000 and run["samples_per_s"] > 0
+            assert run["user_cpu_s"] >= 0 and run["system_cpu_s"] >= 0
+    bad = subprocess.run([*cmd, "--plan", "1:5", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "error: --plan" in bad.stderr

@@ -136,7 +136,11 @@ def bench_solver_scratch(
             "kernel_time_share_below": KERNEL_SHARE_TARGET,
             "peak_scratch_mib_at_most": PEAK_SCRATCH_TARGET_MIB,
             "kernel_time_share_met": bool(exact_big)
-            and all(r["reuse"]["kernel_time_share"] < KERNEL_SHARE_TARGET for r in exact_big),
+            and all(
+                r["reuse"]["kernel_time_share"] is not None
+                and r["reuse"]["kernel_time_share"] < KERNEL_SHARE_TARGET
+                for r in exact_big
+            ),
             "peak_scratch_met": all(
                 r["reuse"]["peak_scratch_mib"] is not None
                 and r["reuse"]["peak_scratch_mib"] <= PEAK_SCRATCH_TARGET_MIB

@@ -71,7 +71,8 @@ class Workspace:
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
         self.device = device
         self.dtype = dtype
-        self._flat = torch.empty(0, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            self._flat = torch.empty(0, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -89,30 +90,34 @@ class Workspace:
             offsets.append(total)
             total += -(-size // _ALIGN) * _ALIGN
         if self._flat.numel() < total:
-            self._flat = torch.empty(total, dtype=self.dtype, device=self.device)
+            # A normal tensor even under inference_mode: in-place updates of an inference
+            # tensor would fail in a later call made outside it.
+            with torch.inference_mode(False):
+                self._flat = torch.empty(total, dtype=self.dtype, device=self.device)
         return [
             self._flat[o : o + size].view(tuple(s))
             for o, size, s in zip(offsets, sizes, shapes, strict=True)
         ]
 
 
-_POOL: dict[tuple[str, int], list[Workspace]] = {}
+_PoolKey = tuple[str, torch.dtype, int]
+_POOL: dict[_PoolKey, list[Workspace]] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _pool_key(device: torch.device) -> tuple[str, int]:
+def _pool_key(device: torch.device, dtype: torch.dtype) -> _PoolKey:
     if device.type == "cuda":  # stream-ordered reuse: a workspace stays with its stream
-        return str(device), int(torch.cuda.current_stream(device).stream_id)
-    return str(device), 0
+        return str(device), dtype, int(torch.cuda.current_stream(device).stream_id)
+    return str(device), dtype, 0
 
 
 @contextmanager
-def borrow(device: torch.device) -> Iterator[Workspace]:
+def borrow(device: torch.device, dtype: torch.dtype = torch.float64) -> Iterator[Workspace]:
     """A workspace for the duration of one solve; no other caller gets it meanwhile."""
-    key = _pool_key(device)
+    key = _pool_key(device, dtype)
     with _POOL_LOCK:
         idle = _POOL.get(key)
-        ws = idle.pop() if idle else Workspace(device)
+        ws = idle.pop() if idle else Workspace(device, dtype)
     try:
         yield ws
     finally:

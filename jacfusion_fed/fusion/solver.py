@@ -156,9 +156,14 @@ def dense_apply(p: torch.Tensor, z: torch.Tensor, factor: GramFactor, kappa: flo
     return out
 
 
-def _needs_graph(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records operations on these tensors (then no out=/in-place ops)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _reusable(*tensors: torch.Tensor) -> bool:
+    """Whether the workspace path may run: reuse is on, autograd records nothing on these
+    tensors (out=/in-place ops would break the graph), and they share one dtype."""
+    if not reuse_enabled():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return len({t.dtype for t in tensors}) == 1
 
 
 def structured_apply(
@@ -176,7 +181,7 @@ def structured_apply(
         return dense_apply(p, z, factor, kappa)
     vectors = factor.eigenvectors
     a = kappa * factor.eigenvalues
-    if reuse_enabled() and not _needs_graph(p, z, vectors, a):
+    if _reusable(p, z, vectors, a):
         return _workspace_apply(p, z, a, vectors)
     out = torch.empty_like(z)
     step = chunk_size(p.shape[1], p.device)
@@ -251,7 +256,7 @@ def _workspace_apply(
     rows, cols = plan_chunk(
         k, _APPLY_PER_ROW * k + _APPLY_PER_COL * k + 8, 2, scratch_budget(p.device)
     )
-    with borrow(p.device) as ws:
+    with borrow(p.device, p.dtype) as ws:
         for start in range(0, n_all, rows):
             pc = p[start : start + rows]
             n = pc.shape[0]
@@ -299,7 +304,7 @@ def structured_weights(p: torch.Tensor, factor: GramFactor, kappa: float) -> tor
         return dense_weights(p, factor, kappa)
     vectors = factor.eigenvectors
     a = kappa * factor.eigenvalues
-    if reuse_enabled() and not _needs_graph(p, vectors, a):
+    if _reusable(p, vectors, a):
         return _workspace_weights(p, a, vectors)
     out = torch.empty((n, k, k), dtype=p.dtype, device=p.device)
     step = chunk_size(k, p.device)
@@ -318,7 +323,7 @@ def _workspace_weights(p: torch.Tensor, a: torch.Tensor, vectors: torch.Tensor) 
     n_all, k = p.shape
     out = torch.empty((n_all, k, k), dtype=p.dtype, device=p.device)
     rows, cols = plan_chunk(k, 7 * k + _APPLY_PER_COL * k + 8, 2, scratch_budget(p.device))
-    with borrow(p.device) as ws:
+    with borrow(p.device, p.dtype) as ws:
         for start in range(0, n_all, rows):
             pc = p[start : start + rows]
             n = pc.shape[0]
