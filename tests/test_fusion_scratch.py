@@ -333,3 +333,16 @@ def test_solver_scratch_benchmark_writes_fresh_and_reuse(tmp_path: Path) -> None
             assert run["user_cpu_s"] >= 0 and run["system_cpu_s"] >= 0
     bad = subprocess.run([*cmd, "--plan", "1:5", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "error: --plan" in bad.stderr
+
+
+def test_strided_inputs() -> None:
+    """Transposed or sliced p and z (no contiguous rows) give the same answer."""
+    p, z, factor = _problem(20, 300)
+    expected = structured_apply(p, z, factor, 1.0)
+    p_t, z_t = p.T.contiguous().T, z.T.contiguous().T
+    wide = torch.cat((z, z), dim=1)[:, ::2]  # stride 2 along K
+    wide.copy_(z)
+    assert not p_t.is_contiguous() and not wide.is_contiguous()
+    for got in (structured_apply(p_t, z_t, factor, 1.0), structured_apply(p, wide, factor, 1.0)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # GEMM order may differ

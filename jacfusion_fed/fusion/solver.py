@@ -39,6 +39,8 @@ allocating form below (:func:`_structured_parts`), whose graph keeps its tempora
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .gram import GramFactor
@@ -203,12 +205,12 @@ _APPLY_PER_COL = 23
 """(n, kb)-sized ones (M 3, b 2, c o y 2, and 16 for :func:`capacitance_solve`), in units of K."""
 
 
-def _head(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The first prod(shape) elements of contiguous ``t``, viewed with ``shape``."""
-    n = 1
-    for s in shape:
-        n *= s
-    return t.view(-1)[:n].view(shape)
+def _heads(
+    buffers: tuple[torch.Tensor, ...], shapes: tuple[tuple[int, ...], ...]
+) -> list[torch.Tensor]:
+    """The first prod(shape) elements of each contiguous buffer, viewed with that shape (a
+    block of kb <= cols eigenvectors inside buffers sized for cols)."""
+    return [t.view(-1)[: math.prod(s)].view(s) for t, s in zip(buffers, shapes, strict=True)]
 
 
 def _u_products(p: torch.Tensor, lhs: torch.Tensor, s: torch.Tensor) -> None:
@@ -252,7 +254,7 @@ def _workspace_apply(
     R_J (n, K, kb); all of it inside :func:`.scratch.scratch_budget` bytes.
     """
     n_all, k = p.shape
-    out = torch.empty_like(z)
+    out = torch.empty((n_all, k), dtype=z.dtype, device=z.device)  # contiguous rows
     rows, cols = plan_chunk(
         k, _APPLY_PER_ROW * k + _APPLY_PER_COL * k + 8, 2, scratch_budget(p.device)
     )
@@ -271,11 +273,9 @@ def _workspace_apply(
             for j0 in range(0, k, cols):
                 kb = min(cols, k - j0)
                 cut = slice(j0, j0 + kb)
-                r, rv = _head(r_buf, (n, k, kb)), _head(rv_buf, (n, k, kb))
-                m, b, g = (
-                    _head(m_buf, (n, 3, kb)),
-                    _head(b_buf, (n, 2, kb)),
-                    _head(g_buf, (n, kb, 2)),
+                r, rv, m, b, g = _heads(
+                    (r_buf, rv_buf, m_buf, b_buf, g_buf),
+                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, kb, 2)),
                 )
                 c1, c2 = _woodbury_block(lhs, s, a[cut], vectors[:, cut], r, rv, m, b)
                 yj = y[:, cut]
@@ -338,11 +338,9 @@ def _workspace_weights(p: torch.Tensor, a: torch.Tensor, vectors: torch.Tensor) 
             for j0 in range(0, k, cols):
                 kb = min(cols, k - j0)
                 cut = slice(j0, j0 + kb)
-                r, x = _head(r_buf, (n, k, kb)), _head(rv_buf, (n, k, kb))
-                m, b, c = (
-                    _head(m_buf, (n, 3, kb)),
-                    _head(b_buf, (n, 2, kb)),
-                    _head(c_buf, (n, 2, kb)),
+                r, x, m, b, c = _heads(
+                    (r_buf, rv_buf, m_buf, b_buf, c_buf),
+                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, 2, kb)),
                 )
                 v_j = vectors[:, cut]
                 c1, c2 = _woodbury_block(lhs, s, a[cut], v_j, r, x, m, b)
