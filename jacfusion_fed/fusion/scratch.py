@@ -6,7 +6,7 @@ R o V, ...) and some (n, K)-sized ones. Allocated afresh per chunk, such blocks 
 go back to the OS when freed, so every chunk pays a page fault per 4 KiB page it touches. A
 :class:`Workspace` instead hands out views of one flat buffer it keeps, so a solve touches new
 memory at most once, and the pool (:func:`borrow`) lends one workspace per call, so concurrent
-calls (threads) never share one; it keeps up to two idle ones per device, dtype and CUDA stream.
+calls (threads) never share one; it keeps up to four idle ones per device, dtype and CUDA stream.
 
 Budget: the caller lists every temporary a chunk needs (:func:`plan_chunk` sizes the chunk from
 the bytes per row and per eigenvector column); a workspace never holds more than
@@ -33,7 +33,7 @@ SCRATCH_ENV = "JACFUSION_SOLVER_SCRATCH"
 """Environment switch: ``fresh`` runs the allocating path of before the workspace (every chunk
 allocates its temporaries; a baseline for benchmarks). Anything else (default): reuse."""
 
-_MAX_IDLE = 2
+_MAX_IDLE = 4
 """Workspaces the pool keeps per device and stream once their solve has returned."""
 
 _ALIGN = 8
@@ -69,12 +69,16 @@ def plan_chunk(num_classes: int, per_row: int, per_cell: int, budget: int) -> tu
 class Workspace:
     """Views of one flat buffer, handed out per chunk; grows to the largest chunk, never shrinks.
 
-    Not thread-safe: one solve uses it at a time (see :func:`borrow`).
+    Not thread-safe: one solve uses it at a time (see :func:`borrow`). With ``reuse=False``
+    every :meth:`views` call allocates afresh (the baseline of ``JACFUSION_SOLVER_SCRATCH=fresh``).
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype = torch.float64, *, reuse: bool = True
+    ) -> None:
         self.device = device
         self.dtype = dtype
+        self.reuse = reuse
         with torch.inference_mode(False):
             self._flat = torch.empty(0, dtype=dtype, device=device)
 
@@ -93,7 +97,7 @@ class Workspace:
         for size in sizes:
             offsets.append(total)
             total += -(-size // _ALIGN) * _ALIGN
-        if self._flat.numel() < total:
+        if self._flat.numel() < total or not self.reuse:
             # A normal tensor even under inference_mode: in-place updates of an inference
             # tensor would fail in a later call made outside it.
             with torch.inference_mode(False):
@@ -118,6 +122,9 @@ def _pool_key(device: torch.device, dtype: torch.dtype) -> _PoolKey:
 @contextmanager
 def borrow(device: torch.device, dtype: torch.dtype = torch.float64) -> Iterator[Workspace]:
     """A workspace for the duration of one solve; no other caller gets it meanwhile."""
+    if not reuse_enabled():
+        yield Workspace(device, dtype, reuse=False)
+        return
     key = _pool_key(device, dtype)
     with _POOL_LOCK:
         idle = _POOL.get(key)
