@@ -179,15 +179,17 @@ def test_peak_scratch_is_bounded_whatever_n(k: int, n: int) -> None:
 
 
 def test_fast_solver_scratch_is_bounded_whatever_n() -> None:
-    """Blocks of y, chunks of the series form and the exact fallback, all within budget."""
+    """Blocks of y (a quarter of the budget), chunks of the series form (the budget) and the
+    exact fallback's workspace (the budget): at most 2.25 budgets whatever N is."""
     n = 12_000  # more than one block of rows at K = 100
     p, z, factor = _problem(100, n)
+    bound = scratch_budget(CPU) * 9 // 4 + MIB
     release_idle()
     peak, _ = _peak_live_bytes(lambda: fast_apply(p, [z], [factor], [1.0], tol=1e-4))
-    assert peak - n * 100 * 8 <= 2 * scratch_budget(CPU) < TARGET, peak / MIB
+    assert peak - n * 100 * 8 <= bound < TARGET, peak / MIB
     with _fresh():  # the probe sees the allocating path's temporaries
         old_peak, _ = _peak_live_bytes(lambda: fast_apply(p, [z], [factor], [1.0], tol=1e-4))
-    assert old_peak - n * 100 * 8 > 2 * scratch_budget(CPU), old_peak / MIB
+    assert old_peak - n * 100 * 8 > bound, old_peak / MIB
 
 
 @pytest.mark.parametrize("k", [10, 100, 1000, 1500])
@@ -367,3 +369,46 @@ def test_fast_solver_matches_its_allocating_baseline_and_stays_differentiable() 
     assert report.exact_samples == 20  # the exact solver's implicit path
     outs[0].sum().backward()
     assert zg.grad is not None and bool(torch.isfinite(zg.grad).all())
+
+
+def test_committed_solver_scratch_results_are_consistent() -> None:
+    """docs/results/bench-solver-scratch.json: both modes per (K, solver), the load recorded,
+    and its `targets` flags recomputed from its own rows."""
+    from jacfusion_fed.bench.solver_scratch import KERNEL_SHARE_TARGET, PEAK_SCRATCH_TARGET_MIB
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-solver-scratch.json"
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    assert len(env["load_average_before"]) == 3 and len(env["load_average_after"]) == 3
+    rows = result["rows"]
+    assert {r["num_classes"] for r in rows if r["solver"] == "exact"} >= {10, 100, 1000}
+    for row in rows:
+        for mode in ("fresh", "reuse"):
+            run = row[mode]
+            assert run["mode"] == mode and run["samples"] == row["samples"]
+            total = run["user_cpu_s"] + run["system_cpu_s"]
+            assert abs(run["kernel_time_share"] - run["system_cpu_s"] / total) < 1e-9
+    exact_big = [r["reuse"] for r in rows if r["solver"] == "exact" and r["num_classes"] >= 100]
+    targets = result["targets"]
+    assert targets["kernel_time_share_met"] == all(
+        r["kernel_time_share"] < KERNEL_SHARE_TARGET for r in exact_big
+    )
+    assert targets["peak_scratch_met"] == all(
+        r["reuse"]["peak_scratch_mib"] <= PEAK_SCRATCH_TARGET_MIB
+        for r in rows
+        if r["solver"] == "exact"
+    )
+
+
+def test_capacitance_solve_into_is_bit_for_bit_the_expression_form() -> None:
+    from jacfusion_fed.fusion.solver import capacitance_solve, capacitance_solve_into
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 17, 9
+    a = torch.rand(k, generator=g, dtype=torch.float64) * 50
+    s = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    m = tuple(torch.rand(n, k, generator=g, dtype=torch.float64) for _ in range(3))
+    b = tuple(torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(2))
+    expected = capacitance_solve(a, s, m, b)  # type: ignore[arg-type]
+    got = capacitance_solve_into(a, s, m, b, torch.empty(n, 10, k, dtype=torch.float64))  # type: ignore[arg-type]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))

@@ -39,7 +39,7 @@ from .implicit import implicit_apply
 from .scratch import Workspace, borrow, reuse_enabled, scratch_budget
 from .solver import (
     budget_rows,
-    capacitance_solve,
+    capacitance_solve_into,
     chunk_rows,
     structured_apply,
     woodbury_is_accurate,
@@ -162,15 +162,15 @@ def _chunk_shapes(n: int, k: int, support: int, q: int) -> dict[str, tuple[int, 
         "term": (n, k), "tmp": (n, k), "out": (n, k),
         "us": (n, 2, s), "l3": (n, 3, s), "v_s": (n, s, k), "r_s": (n, s, k), "rv_s": (n, s, k),
         "m_s": (n, 3, k), "b_s": (n, 2, k), "gs": (n, k, 2), "corr": (n, s, 2), "first": (n, s),
-        "tmp_s": (n, s),
+        "tmp_s": (n, s), "cap": (n, 10, k),
     }  # fmt: skip
 
 
 def _chunk_elements(k: int, support: int, q: int) -> int:
-    """float64 elements per sample of :func:`_fast_apply_chunk`: its workspace views, the
-    capacitance solve's (16 K) and small GEMM copies (8 K) allocated outside them."""
+    """float64 elements per sample of :func:`_fast_apply_chunk`: its workspace views and the
+    small copies (at most 8 K) that strided GEMM inputs make outside them."""
     views = sum(math.prod(shape) for shape in _chunk_shapes(1, k, support, q).values())
-    return views + 24 * k
+    return views + 8 * k
 
 
 def _rows_per_chunk(k: int, support: int, q: int, p: torch.Tensor) -> int:
@@ -257,7 +257,8 @@ def _fast_apply_chunk(
         torch.mul(w_s, w_s, out=l3[:, 2])
         mb[:, :3].add_(torch.bmm(l3, r_s, out=v["m_s"]))
         mb[:, 3:].add_(torch.bmm(us, torch.mul(r_s, v_s, out=rv_s), out=v["b_s"]))
-    c1, c2 = capacitance_solve(a, s, (mb[:, 0], mb[:, 1], mb[:, 2]), (mb[:, 3], mb[:, 4]))
+    m3, b2 = (mb[:, 0], mb[:, 1], mb[:, 2]), (mb[:, 3], mb[:, 4])
+    c1, c2 = capacitance_solve_into(a, s, m3, b2, v["cap"])
     # Every row with the series: x_i = sum_r (-p_i^2)^r [ (V(a^r o y))_i - u_i g1_r - w_i g2_r ].
     g, cy = v["g"], v["cy"]  # g1, g2 (n, q+1): sum_j a_j^r c_j y_j
     torch.mm(torch.mul(c1, yc, out=cy), a_pow, out=g[:, 0])

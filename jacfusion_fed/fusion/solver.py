@@ -128,6 +128,34 @@ def capacitance_solve(
     return (t22 * r1 - t12 * r2) / det, (t11 * r2 - t21 * r1) / det
 
 
+def capacitance_solve_into(
+    a: torch.Tensor,
+    s: torch.Tensor,
+    m: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+    scratch: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`capacitance_solve` written into ``scratch`` (n, 10, kb), no allocation of (n, kb)
+    arrays: the same operations in the same order (bit-identical results; no autograd).
+
+    Returns c_1, c_2 as views of ``scratch`` (rows 8 and 9).
+    """
+    m11, m12, m22 = m
+    b1, b2 = b
+    t11, t12, t21, t22, r1, r2, det, tmp, c1, c2 = scratch.unbind(dim=1)
+    neg_a = -a
+    torch.mul(s, m11, out=t11).sub_(m12).mul_(a).add_(1.0)  # 1 + a (s M11 - M12)
+    torch.mul(s, m12, out=t12).sub_(m22).mul_(a)  # a (s M12 - M22)
+    torch.mul(neg_a, m11, out=t21)  # -a M11
+    torch.mul(a, m12, out=t22).neg_().add_(1.0)  # 1 - a M12
+    torch.mul(s, b1, out=r1).sub_(b2).mul_(a)  # a (s b1 - b2)
+    torch.mul(neg_a, b1, out=r2)  # -a b1
+    torch.mul(t11, t22, out=det).sub_(torch.mul(t12, t21, out=tmp))
+    torch.mul(t22, r1, out=c1).sub_(torch.mul(t12, r2, out=tmp)).div_(det)
+    torch.mul(t11, r2, out=c2).sub_(torch.mul(t21, r1, out=tmp)).div_(det)
+    return c1, c2
+
+
 def structured_solutions(p: torch.Tensor, a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """X with columns x_j = (I + a_j J^2)^{-1} rhs[:, j], shape (n, K, K), for a chunk."""
     r, r_rhs, c1, c2 = _structured_parts(p, a, rhs)
@@ -201,8 +229,8 @@ def structured_apply(
 _APPLY_PER_ROW = 9
 """(n, K)-sized temporaries per row of :func:`_workspace_apply` (y, 5 rows of U-products,
 X y's two correction columns and its first term), in units of K."""
-_APPLY_PER_COL = 23
-"""(n, kb)-sized ones (M 3, b 2, c o y 2, and 16 for :func:`capacitance_solve`), in units of K."""
+_APPLY_PER_COL = 17
+"""(n, kb)-sized ones (M 3, b 2, c o y 2, 10 for :func:`capacitance_solve_into`), in units of K."""
 
 
 def _heads(
@@ -233,15 +261,17 @@ def _woodbury_block(
     rv: torch.Tensor,
     m: torch.Tensor,
     b: torch.Tensor,
+    cap: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """R, R o V (into ``r``, ``rv``, (n, K, kb)) and c_1, c_2 (n, kb) for columns a (kb,),
-    vectors (K, kb) of one chunk; ``m`` (n, 3, kb) and ``b`` (n, 2, kb) are scratch."""
+    """R, R o V (into ``r``, ``rv``, (n, K, kb)) and c_1, c_2 (n, kb, views of ``cap``) for
+    columns a (kb,), vectors (K, kb) of one chunk; ``m`` (n, 3, kb), ``b`` (n, 2, kb) and
+    ``cap`` (n, 10, kb) are scratch."""
     torch.mul(lhs[:, 1].unsqueeze(-1), a, out=r)
     r.add_(1.0).reciprocal_()  # R_ij = 1 / (1 + a_j p_i^2)
     torch.bmm(lhs[:, 2:], r, out=m)  # M_j = U^T D_j^{-1} U, entries (11, 12, 22)
     torch.mul(r, vectors, out=rv)
     torch.bmm(lhs[:, :2], rv, out=b)  # b_j = U^T D_j^{-1} v_j
-    return capacitance_solve(a, s, (m[:, 0], m[:, 1], m[:, 2]), (b[:, 0], b[:, 1]))
+    return capacitance_solve_into(a, s, (m[:, 0], m[:, 1], m[:, 2]), (b[:, 0], b[:, 1]), cap)
 
 
 def _workspace_apply(
@@ -264,20 +294,20 @@ def _workspace_apply(
             n = pc.shape[0]
             views = ws.views(
                 (n, k), (n, 5, k), (n, 1), (n, k, cols), (n, k, cols), (n, 3, cols),
-                (n, 2, cols), (n, cols, 2), (n, k, 2), (n, k),
+                (n, 2, cols), (n, cols, 2), (n, k, 2), (n, k), (n, 10, cols),
             )  # fmt: skip
-            y, lhs, s, r_buf, rv_buf, m_buf, b_buf, g_buf, corr, first = views
+            y, lhs, s, r_buf, rv_buf, m_buf, b_buf, g_buf, corr, first, cap_buf = views
             torch.mm(z[start : start + rows], vectors, out=y)  # y = V^T z
             _u_products(pc, lhs, s)
             acc = out[start : start + rows]
             for j0 in range(0, k, cols):
                 kb = min(cols, k - j0)
                 cut = slice(j0, j0 + kb)
-                r, rv, m, b, g = _heads(
-                    (r_buf, rv_buf, m_buf, b_buf, g_buf),
-                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, kb, 2)),
+                r, rv, m, b, g, cap = _heads(
+                    (r_buf, rv_buf, m_buf, b_buf, g_buf, cap_buf),
+                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, kb, 2), (n, 10, kb)),
                 )
-                c1, c2 = _woodbury_block(lhs, s, a[cut], vectors[:, cut], r, rv, m, b)
+                c1, c2 = _woodbury_block(lhs, s, a[cut], vectors[:, cut], r, rv, m, b, cap)
                 yj = y[:, cut]
                 torch.mul(c1, yj, out=g[..., 0])
                 torch.mul(c2, yj, out=g[..., 1])
@@ -329,21 +359,21 @@ def _workspace_weights(p: torch.Tensor, a: torch.Tensor, vectors: torch.Tensor) 
             n = pc.shape[0]
             views = ws.views(
                 (n, 5, k), (n, 1), (n, k, cols), (n, k, cols), (n, 3, cols), (n, 2, cols),
-                (n, 2, cols), (n, k, 2),
+                (n, 2, cols), (n, k, 2), (n, 10, cols),
             )  # fmt: skip
-            lhs, s, r_buf, rv_buf, m_buf, b_buf, c_buf, uw = views
+            lhs, s, r_buf, rv_buf, m_buf, b_buf, c_buf, uw, cap_buf = views
             _u_products(pc, lhs, s)
             uw.copy_(lhs[:, :2].transpose(1, 2))  # [p, p*p], (n, K, 2)
             acc = out[start : start + rows].view(n * k, k)
             for j0 in range(0, k, cols):
                 kb = min(cols, k - j0)
                 cut = slice(j0, j0 + kb)
-                r, x, m, b, c = _heads(
-                    (r_buf, rv_buf, m_buf, b_buf, c_buf),
-                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, 2, kb)),
+                r, x, m, b, c, cap = _heads(
+                    (r_buf, rv_buf, m_buf, b_buf, c_buf, cap_buf),
+                    ((n, k, kb), (n, k, kb), (n, 3, kb), (n, 2, kb), (n, 2, kb), (n, 10, kb)),
                 )
                 v_j = vectors[:, cut]
-                c1, c2 = _woodbury_block(lhs, s, a[cut], v_j, r, x, m, b)
+                c1, c2 = _woodbury_block(lhs, s, a[cut], v_j, r, x, m, b, cap)
                 c[:, 0].copy_(c1)
                 c[:, 1].copy_(c2)
                 torch.baddbmm(v_j.expand(n, k, kb), uw, c, alpha=-1.0, out=x)
