@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import platform
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,15 @@ class MethodResult:
     samples_per_s: float
     max_abs_diff_vs_reference: float | None = None
     reference: str | None = None
+    user_cpu_s: float | None = None
+    """CPU seconds in user mode (all threads) of the timed run; None for the scipy loop."""
+    system_cpu_s: float | None = None
+    """CPU seconds in the kernel (page faults, mostly) of the timed run."""
+    kernel_time_share: float | None = None
+    """system / (user + system) of the timed run."""
+    peak_rss_delta_mib: float | None = None
+    """Peak RSS during the timed run minus RSS before it (MiB): the solver's scratch plus the
+    batch's own (N, K) float64 arrays (Linux; None where VmHWM cannot be reset)."""
 
 
 @dataclass
@@ -82,17 +92,81 @@ def scipy_loop(z_a: np.ndarray, z_b: np.ndarray, gram: np.ndarray, gamma: float)
     return out
 
 
+@dataclass
+class CallUsage:
+    """CPU seconds (user, system: all threads of this process), minor page faults, and peak
+    RSS minus RSS before the call (MiB; None where VmHWM cannot be reset)."""
+
+    user: float
+    system: float
+    minor_faults: int
+    peak_rss_delta_mib: float | None
+
+
+def _rss_mib(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def measure_call(fn: Callable[[int], Any], n: int) -> tuple[float, Any, CallUsage]:
+    """fn(n) with its wall seconds, CPU time (user, system) and peak RSS delta."""
+    before = _rss_mib("VmRSS")
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    result = fn(n)
+    seconds = time.perf_counter() - start
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    peak = _rss_mib("VmHWM") if hwm_reset else None
+    return (
+        seconds,
+        result,
+        CallUsage(
+            usage1.ru_utime - usage0.ru_utime,
+            usage1.ru_stime - usage0.ru_stime,
+            usage1.ru_minflt - usage0.ru_minflt,
+            peak - before if peak is not None and before is not None else None,
+        ),
+    )
+
+
+def _with_usage(result: MethodResult, usage: CallUsage) -> MethodResult:
+    result.user_cpu_s = usage.user
+    result.system_cpu_s = usage.system
+    total = usage.user + usage.system
+    result.kernel_time_share = usage.system / total if total > 0 else None
+    result.peak_rss_delta_mib = usage.peak_rss_delta_mib
+    return result
+
+
 def _timed(
     fn: Callable[[int], Any], n_max: int, budget_s: float, min_n: int = 1
 ) -> tuple[int, float, Any]:
     """Run fn(n) on a growing prefix until it takes >= budget_s or n reaches n_max."""
+    n, seconds, result, _usage = _timed_usage(fn, n_max, budget_s, min_n)
+    return n, seconds, result
+
+
+def _timed_usage(
+    fn: Callable[[int], Any], n_max: int, budget_s: float, min_n: int = 1
+) -> tuple[int, float, Any, CallUsage]:
+    """:func:`_timed`, with the CPU time and peak RSS delta of the last run."""
     n = max(1, min(min_n, n_max))
     while True:
-        start = time.perf_counter()
-        result = fn(n)
-        seconds = time.perf_counter() - start
+        seconds, result, usage = measure_call(fn, n)
         if seconds >= budget_s or n >= n_max:
-            return n, seconds, result
+            return n, seconds, result, usage
         grow = budget_s / max(seconds, 1e-6) * 1.2
         n = min(n_max, max(n * 2, int(n * grow)))
 
@@ -164,12 +238,12 @@ def _bench_one_k(
             return out
 
         run(min(64, num_samples))  # warm-up (allocator, kernels)
-        n, t, probs = _timed(run, num_samples, budget_s, min_n=256)
+        n, t, probs, usage = _timed_usage(run, num_samples, budget_s, min_n=256)
         if n < num_samples and t < budget_s * 4:  # repeat once at full speed, keep the best
-            start = time.perf_counter()
-            probs = run(n)
-            t = min(t, time.perf_counter() - start)
-        result = MethodResult(n, t, n / t)
+            t_again, probs, usage_again = measure_call(run, n)
+            if t_again < t:
+                t, usage = t_again, usage_again
+        result = _with_usage(MethodResult(n, t, n / t), usage)
         overlap = min(n, n_sc)
         result.max_abs_diff_vs_reference = float(
             np.abs(probs[:overlap].double().cpu().numpy() - p_sc[:overlap]).max()

@@ -29,12 +29,21 @@ step (t_max = 1, the paper's setting); for more iterations the caller uses the e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .gram import GramFactor
-from .solver import capacitance_solve, chunk_rows, structured_apply, woodbury_is_accurate
+from .implicit import implicit_apply
+from .scratch import Workspace, borrow, reuse_enabled, scratch_budget
+from .solver import (
+    budget_rows,
+    capacitance_solve_into,
+    chunk_rows,
+    structured_apply,
+    woodbury_is_accurate,
+)
 
 SERIES_ORDERS = (1, 2, 3)
 """q: terms t^0..t^q of 1/(1+t) kept on the tail (error O(t^(q+1))); chosen per sample."""
@@ -127,7 +136,55 @@ def _powers(x: torch.Tensor, top: int) -> list[torch.Tensor]:
     return out
 
 
+def _choice_elements(k: int, cap: int, modalities: int) -> int:
+    """float64 temporaries per sample of :func:`_choose_plans`: |y|, top-k, eta, and the bounds
+    per (order, candidate support), per modality."""
+    grid = len(_candidate_supports(cap)) * len(SERIES_ORDERS)
+    return 2 * k + 3 * cap + (12 + modalities) * grid
+
+
+def _choice_rows(k: int, cap: int, modalities: int, p: torch.Tensor) -> int:
+    """Samples per :func:`_choose_plans` call: within a quarter of the scratch budget, or the
+    pre-workspace rule when ``JACFUSION_SOLVER_SCRATCH=fresh``."""
+    if reuse_enabled():
+        return budget_rows(k, 4 * _choice_elements(k, cap, modalities), 0, p.device)
+    return chunk_rows(k * (len(_candidate_supports(cap)) + 3), p.device)
+
+
+def _chunk_shapes(n: int, k: int, support: int, q: int) -> dict[str, tuple[int, ...]]:
+    """The workspace views of :func:`_fast_apply_chunk` for n samples (names -> shapes)."""
+    s = max(support, 1)
+    return {
+        "p": (n, k), "z": (n, k), "y": (n, k), "w": (n, k), "s": (n, 1), "tail": (n, k),
+        "pw": (n, 2 * q + 2, k), "pw_hi": (n, 2, k), "vt_pow": (n, 2 * q + 2, k),
+        "ay": (n, q, k), "vay": (n, q, k), "psum": (n, 2 * q + 3), "mb": (n, 5, k),
+        "prod": (n, q + 1, k), "cy": (n, k), "g": (n, 2, q + 1), "nw": (n, k), "nwr": (n, k),
+        "term": (n, k), "tmp": (n, k), "out": (n, k),
+        "us": (n, 2, s), "l3": (n, 3, s), "v_s": (n, s, k), "r_s": (n, s, k), "rv_s": (n, s, k),
+        "m_s": (n, 3, k), "b_s": (n, 2, k), "gs": (n, k, 2), "corr": (n, s, 2), "first": (n, s),
+        "tmp_s": (n, s), "cap": (n, 10, k),
+    }  # fmt: skip
+
+
+def _chunk_elements(k: int, support: int, q: int) -> int:
+    """float64 elements per sample of :func:`_fast_apply_chunk`: its workspace views and the
+    small copies (at most 8 K) that strided GEMM inputs make outside them."""
+    views = sum(math.prod(shape) for shape in _chunk_shapes(1, k, support, q).values())
+    return views + 8 * k
+
+
+def _rows_per_chunk(k: int, support: int, q: int, p: torch.Tensor) -> int:
+    """Samples per fast chunk: within the scratch budget, or the pre-workspace rule when
+    ``JACFUSION_SOLVER_SCRATCH=fresh`` (a baseline). Its GEMMs stream V once per chunk, so
+    larger chunks pay off at large K."""
+    if reuse_enabled():
+        return budget_rows(k, _chunk_elements(k, support, q), 0, p.device)
+    return chunk_rows(k * (4 * max(support, 1) + 6 * (q + 1)), p.device)
+
+
 def _fast_apply_chunk(
+    ws: Workspace,
+    rows: torch.Tensor,
     p: torch.Tensor,
     z: torch.Tensor,
     y: torch.Tensor,
@@ -136,59 +193,100 @@ def _fast_apply_chunk(
     support: int,
     q: int,
 ) -> torch.Tensor:
-    """W~ z for a chunk whose samples all meet the bound with ``support`` exact classes and
-    series order ``q``; ``y`` = V^T z."""
+    """W~ z for the samples ``rows`` of p, z and y = V^T z, which all meet the bound with
+    ``support`` exact classes and series order ``q``: an (n, K) view into ``ws``.
+
+    Every (n, ...) temporary is a view of ``ws`` (:func:`_chunk_shapes`), written with out= and
+    in-place ops; the operations and their order are those of the series form of the module
+    docstring.
+    """
     vectors = factor.eigenvectors
     a = kappa * factor.eigenvalues
-    u = p
-    w = p * p
-    s = w.sum(dim=-1, keepdim=True)
+    n, k = rows.numel(), p.shape[1]
+    shapes = _chunk_shapes(n, k, support, q)
+    v = dict(zip(shapes, ws.views(*shapes.values()), strict=True))
+    u, zc, yc = v["p"], v["z"], v["y"]
+    torch.index_select(p, 0, rows, out=u)
+    torch.index_select(z, 0, rows, out=zc)
+    torch.index_select(y, 0, rows, out=yc)
+    w = torch.mul(u, u, out=v["w"])
+    s = torch.sum(w, dim=-1, keepdim=True, out=v["s"])
     a_pow = torch.stack(_powers(a, q), dim=-1)  # a^r, (K, q+1)
     sign = torch.tensor([(-1.0) ** r for r in range(q + 1)], dtype=p.dtype, device=p.device)
-    coef = sign * a_pow  # (-a_j)^r, (K, q+1)
+    coef_t = (sign * a_pow).T  # (-a_j)^r, (q+1, K)
+    tail = v["tail"].copy_(u)
     if support > 0:
-        idx = torch.topk(p, support, dim=-1).indices  # (n, s)
+        idx = torch.topk(u, support, dim=-1).indices  # (n, s)
         # The series is summed over the tail only: on the support t = a p^2 can be >> 1.
-        tail = p.scatter(1, idx, 0.0)
-    else:
-        tail = p
-    pw = _powers(tail, 2 * q + 4)  # p_T^k, k = 0 .. 2q+4
+        tail.scatter_(1, idx, 0.0)
+    pw, hi = v["pw"], v["pw_hi"]  # p_T^k for k = 1 .. 2q+2, and k = 2q+3, 2q+4
+    pw[:, 0].copy_(tail)
+    for r in range(1, 2 * q + 2):
+        torch.mul(pw[:, r - 1], tail, out=pw[:, r])
+    torch.mul(pw[:, 2 * q + 1], tail, out=hi[:, 0])
+    torch.mul(hi[:, 0], tail, out=hi[:, 1])
     # GEMMs: V^T p_T^k for k = 1 .. 2q+2 and V (a^r o y) for r = 1 .. q.
-    vt_pow = torch.stack(pw[1 : 2 * q + 3], dim=1) @ vectors  # (n, 2q+2, K): [V^T p_T^k]_j
-    v_ay = (y.unsqueeze(1) * a_pow.T[1:].unsqueeze(0)) @ vectors.T  # (n, q, K)
+    vt_pow = v["vt_pow"]  # (n, 2q+2, K): [V^T p_T^k]_j
+    torch.mm(pw.view(-1, k), vectors, out=vt_pow.view(-1, k))
+    torch.mul(yc.unsqueeze(1), a_pow.T[1:].unsqueeze(0), out=v["ay"])
+    vay = v["vay"]  # (n, q, K)
+    torch.mm(v["ay"].view(-1, k), vectors.T, out=vay.view(-1, k))
     # Tail power sums sum_{i in T} p_i^k, k = 2 .. 2q+4, give the tail part of M_j:
     # M_j = sum_r (-a_j)^r (sum_T p^{2r+2}, sum_T p^{2r+3}, sum_T p^{2r+4}).
-    psum = torch.stack([x.sum(-1) for x in pw[2:]], dim=-1)  # (n, 2q+3)
-    coef_t = coef.T  # (q+1, K)
-    m11 = psum[:, 0 : 2 * q + 1 : 2] @ coef_t
-    m12 = psum[:, 1 : 2 * q + 2 : 2] @ coef_t
-    m22 = psum[:, 2 : 2 * q + 3 : 2] @ coef_t
+    psum = v["psum"]
+    for j in range(2 * q + 1):
+        torch.sum(pw[:, j + 1], dim=-1, out=psum[:, j])
+    torch.sum(hi, dim=-1, out=psum[:, 2 * q + 1 :])
+    mb = v["mb"]  # M11, M12, M22, b1, b2 per column j, (n, 5, K)
+    for j in range(3):
+        torch.mm(psum[:, j : j + 2 * q + 1 : 2], coef_t, out=mb[:, j])
     # b_j = sum_r (-a_j)^r (V^T p_T^{2r+1}, V^T p_T^{2r+2}).
-    b1 = (vt_pow[:, 0::2] * coef_t).sum(dim=1)
-    b2 = (vt_pow[:, 1::2] * coef_t).sum(dim=1)
+    for j in range(2):
+        torch.sum(torch.mul(vt_pow[:, j::2], coef_t, out=v["prod"]), dim=1, out=mb[:, 3 + j])
     if support > 0:
-        u_s = torch.gather(p, 1, idx)
-        w_s = u_s * u_s
-        v_s = vectors[idx]  # (n, s, K)
-        r_s = torch.reciprocal(1.0 + w_s.unsqueeze(-1) * a)  # exact R on the support
-        m_s = torch.bmm(torch.stack((u_s * u_s, u_s * w_s, w_s * w_s), dim=1), r_s)
-        b_s = torch.bmm(torch.stack((u_s, w_s), dim=1), r_s * v_s)
-        m11, m12, m22 = m11 + m_s[:, 0], m12 + m_s[:, 1], m22 + m_s[:, 2]
-        b1, b2 = b1 + b_s[:, 0], b2 + b_s[:, 1]
-    c1, c2 = capacitance_solve(a, s, (m11, m12, m22), (b1, b2))
+        us, l3, r_s, rv_s = v["us"], v["l3"], v["r_s"], v["rv_s"]  # us = (u_s, w_s)
+        u_s, w_s = us[:, 0], us[:, 1]
+        torch.gather(u, 1, idx, out=u_s)
+        torch.mul(u_s, u_s, out=w_s)
+        v_s = v["v_s"]
+        torch.index_select(vectors, 0, idx.view(-1), out=v_s.view(-1, k))  # (n, s, K)
+        torch.mul(w_s.unsqueeze(-1), a, out=r_s)
+        r_s.add_(1.0).reciprocal_()  # exact R on the support
+        torch.mul(u_s, u_s, out=l3[:, 0])
+        torch.mul(u_s, w_s, out=l3[:, 1])
+        torch.mul(w_s, w_s, out=l3[:, 2])
+        mb[:, :3].add_(torch.bmm(l3, r_s, out=v["m_s"]))
+        mb[:, 3:].add_(torch.bmm(us, torch.mul(r_s, v_s, out=rv_s), out=v["b_s"]))
+    m3, b2 = (mb[:, 0], mb[:, 1], mb[:, 2]), (mb[:, 3], mb[:, 4])
+    c1, c2 = capacitance_solve_into(a, s, m3, b2, v["cap"])
     # Every row with the series: x_i = sum_r (-p_i^2)^r [ (V(a^r o y))_i - u_i g1_r - w_i g2_r ].
-    g1 = (c1 * y) @ a_pow  # (n, q+1): sum_j a_j^r c1_j y_j
-    g2 = (c2 * y) @ a_pow
-    neg_w = torch.stack(_powers(-w, q), dim=-1)  # (n, K, q+1): (-p_i^2)^r
-    v_terms = torch.cat((z.unsqueeze(-1), v_ay.transpose(1, 2)), dim=-1)  # (n, K, q+1)
-    out = (
-        neg_w * (v_terms - u.unsqueeze(-1) * g1.unsqueeze(1) - w.unsqueeze(-1) * g2.unsqueeze(1))
-    ).sum(-1)
+    g, cy = v["g"], v["cy"]  # g1, g2 (n, q+1): sum_j a_j^r c_j y_j
+    torch.mm(torch.mul(c1, yc, out=cy), a_pow, out=g[:, 0])
+    torch.mm(torch.mul(c2, yc, out=cy), a_pow, out=g[:, 1])
+    out, term, tmp, nw, nwr = v["out"], v["term"], v["tmp"], v["nw"], v["nwr"]
+    torch.neg(w, out=nw)
+    for r in range(q + 1):
+        torch.sub(
+            zc if r == 0 else vay[:, r - 1], torch.mul(u, g[:, 0, r : r + 1], out=tmp), out=term
+        )
+        term.sub_(torch.mul(w, g[:, 1, r : r + 1], out=tmp))
+        if r == 0:
+            out.copy_(term)
+            continue
+        if r == 1:
+            nwr.copy_(nw)
+        else:
+            nwr.mul_(nw)  # (-p_i^2)^r
+        out.add_(term.mul_(nwr))
     if support > 0:
-        first = torch.bmm(r_s * v_s, y.unsqueeze(-1)).squeeze(-1)
-        corr = torch.bmm(r_s, torch.stack((c1 * y, c2 * y), dim=-1))
-        rows = first - u_s * corr[..., 0] - w_s * corr[..., 1]
-        out = out.scatter(1, idx, rows)
+        gs, first, tmp_s = v["gs"], v["first"], v["tmp_s"]
+        torch.mul(c1, yc, out=gs[..., 0])
+        torch.mul(c2, yc, out=gs[..., 1])
+        torch.bmm(rv_s, yc.unsqueeze(-1), out=first.unsqueeze(-1))
+        corr = torch.bmm(r_s, gs, out=v["corr"])
+        first.sub_(torch.mul(u_s, corr[..., 0], out=tmp_s))
+        first.sub_(torch.mul(w_s, corr[..., 1], out=tmp_s))
+        out.scatter_(1, idx, first)
     return out
 
 
@@ -212,6 +310,12 @@ def fast_apply(
 
     Returns:
         The regularized logits per modality, and a :class:`FastSolveReport`.
+
+    Memory: rows go in blocks whose y = V^T z fill a quarter of
+    :func:`.scratch.scratch_budget`, and each chunk of the series form is a set of views of a
+    reused workspace within the budget, so scratch stays bounded whatever N is. When autograd
+    records (p or a z requires grad), every sample takes the exact solver's differentiable
+    path (:func:`.implicit.implicit_apply`) instead.
     """
     n, k = p.shape
     if not all(woodbury_is_accurate(f, kappa) for f, kappa in zip(factors, kappas, strict=True)):
@@ -221,35 +325,58 @@ def fast_apply(
             for z, f, kappa in zip(zs, factors, kappas, strict=True)
         ]
         return outs, FastSolveReport(fast_samples=0, exact_samples=n, max_support=0, tol=tol)
+    tensors = (p, *zs, *(t for f in factors for t in (f.eigenvalues, f.eigenvectors)))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # A graph to record: the exact solver's implicit gradients (no out=/in-place ops).
+        outs = [
+            implicit_apply(p, z, f, kappa) for z, f, kappa in zip(zs, factors, kappas, strict=True)
+        ]
+        return outs, FastSolveReport(fast_samples=0, exact_samples=n, max_support=0, tol=tol)
     cap = max(1, k // 4) if max_support is None else min(max_support, k)
-    ys = [z @ f.eigenvectors for z, f in zip(zs, factors, strict=True)]  # y = V^T z
     plans = _plans(k, cap)
-    choice = torch.empty(n, dtype=torch.int64, device=p.device)
-    step = chunk_rows(k * (len(_candidate_supports(cap)) + 3), p.device)
-    for start in range(0, n, step):
-        sl = slice(start, start + step)
-        choice[sl] = _choose_plans(p[sl], [y[sl] for y in ys], factors, kappas, tol, cap)
-    outs = [torch.empty_like(z) for z in zs]
-    exact_idx = (choice < 0).nonzero().squeeze(-1)
-    if exact_idx.numel():
-        for out, z, factor, kappa in zip(outs, zs, factors, kappas, strict=True):
-            out[exact_idx] = structured_apply(p[exact_idx], z[exact_idx], factor, kappa)
-    max_seen = 0
-    # One chunked pass per plan (a short list); only the group sizes come back to the host,
-    # the batch itself stays on its device.
-    for plan_id, (q, support) in enumerate(plans):
-        rows_all = (choice == plan_id).nonzero().squeeze(-1)
-        if rows_all.numel() == 0:
-            continue
-        max_seen = max(max_seen, support)
-        rows_per_chunk = chunk_rows(k * (4 * max(support, 1) + 6 * (q + 1)), p.device)
-        for start in range(0, rows_all.numel(), rows_per_chunk):
-            rows = rows_all[start : start + rows_per_chunk]
-            for out, z, y, factor, kappa in zip(outs, zs, ys, factors, kappas, strict=True):
-                out[rows] = _fast_apply_chunk(p[rows], z[rows], y[rows], factor, kappa, support, q)
+    outs = [torch.empty((n, k), dtype=z.dtype, device=z.device) for z in zs]
+    # Blocks of rows whose y = V^T z per modality take a quarter of the scratch budget (the
+    # whole batch at once with JACFUSION_SOLVER_SCRATCH=fresh, as before the workspace).
+    block = max(1, scratch_budget(p.device) // (32 * k * len(zs))) if reuse_enabled() else n
+    step = _choice_rows(k, cap, len(zs), p)
+    exact_count = max_seen = 0
+    with borrow(p.device, p.dtype) as ws_y, borrow(p.device, p.dtype) as ws:
+        for b0 in range(0, n, block):
+            blk = slice(b0, b0 + block)
+            pb, zb = p[blk], [z[blk] for z in zs]
+            ys = ws_y.views(*[(pb.shape[0], k)] * len(zs))
+            for y, z, f in zip(ys, zb, factors, strict=True):
+                torch.mm(z, f.eigenvectors, out=y)  # y = V^T z
+            choice = torch.cat(
+                [
+                    _choose_plans(pb[i : i + step], [y[i : i + step] for y in ys], factors,
+                                  kappas, tol, cap)
+                    for i in range(0, pb.shape[0], step)
+                ]
+            )  # fmt: skip
+            exact_idx = (choice < 0).nonzero().squeeze(-1)
+            exact_count += int(exact_idx.numel())
+            if exact_idx.numel():
+                for out, z, factor, kappa in zip(outs, zb, factors, kappas, strict=True):
+                    out[blk][exact_idx] = structured_apply(
+                        pb[exact_idx], z[exact_idx], factor, kappa
+                    )
+            # One chunked pass per plan (a short list); only the group sizes come back to the
+            # host, the batch itself stays on its device.
+            for plan_id, (q, support) in enumerate(plans):
+                rows_all = (choice == plan_id).nonzero().squeeze(-1)
+                if rows_all.numel() == 0:
+                    continue
+                max_seen = max(max_seen, support)
+                per_chunk = _rows_per_chunk(k, support, q, p)
+                for start in range(0, rows_all.numel(), per_chunk):
+                    rows = rows_all[start : start + per_chunk]
+                    for out, z, y, f, kappa in zip(outs, zb, ys, factors, kappas, strict=True):
+                        solved = _fast_apply_chunk(ws, rows, pb, z, y, f, kappa, support, q)
+                        out[blk].index_copy_(0, rows, solved)
     report = FastSolveReport(
-        fast_samples=n - int(exact_idx.numel()),
-        exact_samples=int(exact_idx.numel()),
+        fast_samples=n - exact_count,
+        exact_samples=exact_count,
         max_support=max_seen,
         tol=tol,
     )

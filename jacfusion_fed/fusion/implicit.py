@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .gram import GramFactor
-from .solver import chunk_size, structured_apply, structured_solutions
+from .solver import budget_rows, structured_apply, structured_solutions
 
 
 def _jvec(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,9 @@ class _ImplicitApply(torch.autograd.Function):
         a = kappa * sigma
         grad_p = torch.empty_like(p)
         grad_z = torch.empty_like(z)
-        step = chunk_size(p.shape[1], p.device)
+        k = p.shape[1]
+        # Per sample: X, X_g, Y and their products (n, K, K), plus O(K) vectors.
+        step = budget_rows(k, 16 * k, 8, p.device)
         for start in range(0, p.shape[0], step):
             sl = slice(start, start + step)
             pc, zc, gc = p[sl], z[sl], grad_out[sl]
