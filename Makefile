@@ -33,7 +33,7 @@ test-e2e: $(STAMP)
 ## (CI: `scripts/with-dockerd.sh make test-containers`).
 .PHONY: test-containers
 test-containers: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m containers --timeout=1800 tests/containers
+	$(BIN)/python -m pytest -q -s -m containers --timeout=3600 tests/containers
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5

@@ -6,6 +6,7 @@ names. `make test-containers` (tests/containers) runs all of it for real."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -184,3 +185,28 @@ def test_certificates_name_the_compose_services(tmp_path: Path) -> None:
 def test_compose_jobs_fail_on_errors(script: str) -> None:
     text = (ROOT / "scripts/compose" / script).read_text()
     assert "set -eu" in text.splitlines()[:20]
+
+
+# --- the README's figures --------------------------------------------------------------------
+
+
+def test_readme_quotes_the_measured_figures() -> None:
+    """Deploy with containers: the image size and the times come from the results file that
+    `make test-containers` writes (CONTAINERS_RESULTS), one run from nothing, one with cache."""
+    runs = json.loads((ROOT / "docs/results/containers.json").read_text())["runs"]
+    cold, cached = runs["cold"], runs["cached"]
+    for run in (cold, cached):
+        assert run["checks"]["verdict"] == "correct" and run["checks"]["samples"] == 100
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy with containers", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(section.split())
+    expected = (
+        f"image {cold['image_size_bytes'] / 1e6:,.0f} MB; "
+        f"build from nothing {cold['build_s']:.0f} s (the offline base and pip's downloads "
+        f"included), with the build cache {cached['build_s']:.0f} s; the deployment (`up` with "
+        f"training, `predict`, `down -v`) {cold['compose_run_s']:.0f} s; the whole `make "
+        f"test-containers` from nothing {cold['total_s']:.0f} s"
+    )
+    assert expected in text, expected
+    load = max(cold["load_avg_before"][0], cold["load_avg_after"][0])
+    assert f"load average up to {load:.0f}" in text

@@ -142,16 +142,22 @@ def tools() -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def deployment(tools: tuple[list[str], list[str]]) -> Iterator[Deployment]:
+def deployment(
+    tools: tuple[list[str], list[str]], request: pytest.FixtureRequest
+) -> Iterator[Deployment]:
     dep = Deployment(*tools)
     try:
         yield dep
-    except BaseException:
-        print(dep.logs())
-        raise
     finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is None or report.failed:  # the services' last lines, before they go
+            print(dep.logs())
         dep.down()
         assert not dep.leftovers(), dep.leftovers()
+
+
+def _say(t0: float, what: str) -> None:
+    print(f"[{time.monotonic() - t0:7.1f} s, load {os.getloadavg()[0]:.1f}] {what}", flush=True)
 
 
 def _cold_start(docker: list[str]) -> None:
@@ -230,13 +236,15 @@ def test_compose_hospital_scenario(deployment: Deployment, tmp_path: Path) -> No
         _cold_start(docker)
     # --- the image, as the README builds it --------------------------------------------
     t = time.monotonic()
-    _run(["scripts/build-image.sh", IMAGE], timeout=BUDGET_S)
+    _say(t0, "building the image: scripts/build-image.sh")
+    _run(["scripts/build-image.sh", IMAGE], timeout=2 * BUDGET_S)
     figures: dict[str, Any] = {"build": "cold" if cold else "cached"}
     figures["build_s"] = time.monotonic() - t
     figures.update(_check_image(docker))
     # --- the deployment: everything up to a healthy coordinator, then the hospital ---------
     t = time.monotonic()
-    dep("up", "-d", timeout=BUDGET_S)
+    _say(t0, "docker compose up -d (setup, SuperLink, SuperNodes, flwr run, owners, coordinator)")
+    dep("up", "-d", timeout=3 * BUDGET_S)
     figures["compose_up_s"] = time.monotonic() - t
     for service in LONG_RUNNING:
         cid = dep.container(service)
@@ -246,6 +254,7 @@ def test_compose_hospital_scenario(deployment: Deployment, tmp_path: Path) -> No
         # (Docker's own status may lag on a loaded machine; `up` waited for it already)
         probe = _probe_health(docker, cid)
         assert probe.startswith("healthy: ") and "no service" not in probe, f"{service}: {probe}"
+    _say(t0, "docker compose run --rm requester")
     t = time.monotonic()
     predicted = dep("run", "--rm", "-T", "requester", timeout=300)
     figures["predict_s"] = time.monotonic() - t
@@ -253,6 +262,7 @@ def test_compose_hospital_scenario(deployment: Deployment, tmp_path: Path) -> No
     assert answer["method"] == "jacobian" and len(answer["samples"]) == 100, answer
     printed_accuracy = _parse_accuracy(predicted.stderr)
     # --- the fused answers against the reference, on the parties' own volumes --------------
+    _say(t0, "checking the answers against the reference")
     t = time.monotonic()
     mounts = [f"--volume={dep.volume(p)}:/parties/{p}:ro" for p in PARTIES]
     checker = [
@@ -281,6 +291,7 @@ def test_compose_hospital_scenario(deployment: Deployment, tmp_path: Path) -> No
     # fusion does better than either owner alone on the hospital's test patients
     assert all(summary["accuracy_fused"] > a for a in summary["accuracy_alone"].values()), summary
     figures["checks"] = summary
+    _say(t0, "docker compose down -v")
     t = time.monotonic()
     dep.down()
     figures["compose_down_s"] = time.monotonic() - t
