@@ -195,8 +195,7 @@ def test_readme_quotes_the_measured_figures() -> None:
     `make test-containers` writes (CONTAINERS_RESULTS), one run from nothing, one with cache."""
     runs = json.loads((ROOT / "docs/results/containers.json").read_text())["runs"]
     cold, cached = runs["cold"], runs["cached"]
-    for run in (cold, cached):
-        assert run["checks"]["verdict"] == "correct" and run["checks"]["samples"] == 100
+    assert cold["checks"]["verdict"] == "correct" and cold["checks"]["samples"] == 100
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Deploy with containers", 1)[1].split("\n## ", 1)[0]
     text = " ".join(section.split())
@@ -205,8 +204,9 @@ def test_readme_quotes_the_measured_figures() -> None:
         f"build from nothing {cold['build_s']:.0f} s (the offline base and pip's downloads "
         f"included), with the build cache {cached['build_s']:.0f} s; the deployment (`up` with "
         f"training, `predict`, `down -v`) {cold['compose_run_s']:.0f} s; the whole `make "
-        f"test-containers` from nothing {cold['total_s']:.0f} s"
+        f"test-containers` from nothing {cold['total_s']:.0f} s (removing the previous image "
+        f"and build cache first included), with the build cache {cached['total_s']:.0f} s"
     )
     assert expected in text, expected
     load = max(cold["load_avg_before"][0], cold["load_avg_after"][0])
-    assert f"load average up to {load:.0f}" in text
+    assert f"load average up to {load:.0f} " in text
