@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -66,24 +67,21 @@ def snapshot(root: Path, modality: str, pseudonyms: list[str]) -> Any:
     )
 
 
-def decoded(answer: dict[str, Any]) -> Any:
-    """The ``predict --json`` document as the decoded answer the reference classifies."""
-    from jacfusion_fed.rpc.fusion_codec import DecodedContribution, DecodedPredictions
-
+def decoded(answer: dict[str, Any]) -> SimpleNamespace:
+    """The ``predict --json`` document as the answer object the reference classifies (the
+    attributes it reads: ids, probabilities, labels, method, per-modality flags and versions)."""
     samples = answer["samples"]
-    return DecodedPredictions(
+    return SimpleNamespace(
         sample_ids=[s["sample_id"] for s in samples],
         probabilities=np.asarray([s["probabilities"] for s in samples], dtype=np.float64),
         labels=np.asarray([s["label_index"] for s in samples], dtype=np.int64),
         modalities=[
-            DecodedContribution(
-                m["modality"],
-                m["owner"],
-                m["model_version"],
-                np.asarray([m["modality"] in s["modalities"] for s in samples], dtype=bool),
-                float(m["gamma"]),
-                bool(m["regularized"]),
-                m["error"],
+            SimpleNamespace(
+                modality=m["modality"],
+                owner=m["owner"],
+                model_version=m["model_version"],
+                used=np.asarray([m["modality"] in s["modalities"] for s in samples], dtype=bool),
+                error=m["error"],
             )
             for m in answer["modalities"]
         ],
@@ -92,8 +90,16 @@ def decoded(answer: dict[str, Any]) -> Any:
     )
 
 
+def load_labels(path: Path) -> dict[str, int]:
+    """Pseudonym -> label of every split of the hospital's labels file (`deploy labels`)."""
+    data = json.loads(path.read_text())
+    out: dict[str, int] = {}
+    for split in data["splits"].values():
+        out.update(zip(split["ids"], (int(v) for v in split["labels"]), strict=True))
+    return out
+
+
 def check(root: Path, answer: dict[str, Any]) -> dict[str, Any]:
-    from jacfusion_fed.client import load_labels
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
     from jacfusion_fed.reliability.reference import Reference
 
@@ -108,9 +114,8 @@ def check(root: Path, answer: dict[str, Any]) -> dict[str, Any]:
     # 1. the fused answers against the library on the owners' own state
     owners = [snapshot(root, m, pseudonyms) for m in MODALITIES]
     reference = Reference(owners)
-    from jacfusion_fed.rpc.fusion_codec import PredictOptions
-
-    verdict = reference.classify(pseudonyms, decoded(answer), PredictOptions(require_all=True))
+    options = SimpleNamespace(require_all=True)  # as the requester asked (--require-all)
+    verdict = reference.classify(pseudonyms, decoded(answer), options)
     _check(verdict.kind == "correct", f"fused answers: {verdict.label}: {verdict.detail}")
     # 2. the versions are the heads the Flower run registered
     results = json.loads((root / "coordinator" / "results" / "results.json").read_text())
