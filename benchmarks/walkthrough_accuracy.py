@@ -3,7 +3,7 @@
 Two owners train with ``owner serve --train-if-missing``'s recipe (the simulation's:
 :mod:`jacfusion_fed.owner.recipe`) on ``builtin:avdigits?quick=1``, serve over mTLS, and a
 coordinator fuses; the requester predicts every test patient through
-:class:`jacfusion_fed.client.Requester` and scores with its labels. Per modality alone, fused
+:class:`jacfusion_fed.requester.Requester` and scores with its labels. Per modality alone, fused
 (Jacobian, the coordinator's default, and statistical), on the same ids.
 
 Run:  python benchmarks/walkthrough_accuracy.py --out docs/results/walkthrough.json
@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.owner.recipe import recipe_for, train_recommended
 from jacfusion_fed.privacy.certs import generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.predict_types import OwnerEndpoint

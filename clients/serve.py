@@ -18,13 +18,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jacfusion_fed.audit import AuditLog
+from jacfusion_fed.audit.interceptor import AuditInterceptor
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.metrics import watch_owner
 from jacfusion_fed.rpc.policies import MODALITY_SERVICE, MODALITY_SERVICE_POLICY
-from jacfusion_fed.rpc.server import RunningServer, ServiceHandle, own_identity, start_server
+from jacfusion_fed.rpc.serving import RunningServer, ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import DEFAULT_HOST, Security, TransportOptions
 
 from .modality_service import (
@@ -85,6 +87,7 @@ def serve_owner(
     health_interval: float = 1.0,
     metrics_port: int | None = None,
     limits: PeerLimits | None = None,
+    audit: AuditLog | None = None,
 ) -> OwnerServer:
     """Start serving ``workspace``'s modality; returns the running :class:`OwnerServer`.
 
@@ -104,6 +107,7 @@ def serve_owner(
         health_interval: seconds between checks for a current model.
         metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
         limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
+        audit: the owner's audit log (:mod:`jacfusion_fed.audit`), closed when it stops.
 
     Raises:
         ValueError: the certificate is not an owner certificate for this modality.
@@ -146,7 +150,10 @@ def serve_owner(
         max_workers=max_workers,
         options=options,
         guard=guard,
+        interceptors=[AuditInterceptor(audit, modality=workspace.modality)] if audit else (),
     )
+    if audit is not None:
+        rpc.on_stop(audit.close)
     guard.serve_metrics(metrics_port)
     running = OwnerServer(rpc, servicer)
     threading.Thread(

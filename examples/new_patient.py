@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the audio company's 
 
 import byom_nets
 
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.data import load_builtin
 from jacfusion_fed.owner import OwnerWorkspace
@@ -54,6 +53,7 @@ from jacfusion_fed.owner.input_spec import InputSpec
 from jacfusion_fed.owner.model_import import import_model
 from jacfusion_fed.privacy.certs import generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.predict_types import OwnerEndpoint

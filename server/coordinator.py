@@ -1,15 +1,16 @@
 """The coordinator's online-inference front: :class:`Coordinator`.
 
-One Predict goes through four parts, each with one job:
+One Predict is a straight line of five steps, each a function of the previous step's value
+(:meth:`Coordinator.predict`)::
 
-1. :mod:`~jacfusion_fed.server.request_plan` checks the ids and options (pure functions);
-2. :mod:`~jacfusion_fed.server.fanout` asks the selected owners for logits, concurrently, and
-   checks their answers (registering a new model version's head through
-   :mod:`~jacfusion_fed.server.owner_links` first);
-3. :mod:`~jacfusion_fed.server.fusing` fuses each group of samples through the fusion registry
-   (:func:`jacfusion_fed.fusion.fuse`), batched across concurrent requests;
-4. :mod:`~jacfusion_fed.server.assembly` builds the result (pure numpy): partial answers,
-   unknown ids, per-modality contributions.
+    plan = plan_request(ids, options, ...)   # request_plan.py: ids and options checked
+    gathered = fanout.gather(plan)           # fanout.py: the owners' logits, checked
+    grouped = group(gathered)                # grouping.py: samples grouped by modalities held
+    fused = fuser.fuse(grouped)              # fusing.py: the fusion registry, batched
+    return finish(fused)                     # assembly.py: the FusedAnswer
+
+(a new model version's head is registered by :mod:`~jacfusion_fed.server.owner_links` while
+the owners' answers are checked).
 
 :class:`Coordinator` is transport-agnostic towards requesters (the gRPC face is
 :mod:`jacfusion_fed.server.fusion_service`); towards owners it uses one injection point,
@@ -25,25 +26,25 @@ from pathlib import Path
 
 import torch
 
-from jacfusion_fed.rpc.fusion_codec import PredictOptions, SiteStatus
+from jacfusion_fed.answer import FusedAnswer, SiteStatus
+from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.tls import Security, TlsFiles, TransportOptions
 from jacfusion_fed.store import HeadRegistry
 
-from .assembly import assemble
-from .batching import FusionBatcher
-from .fanout import Answer, FanOut, Gathered
+from .assembly import finish
+from .fanout import FanOut
 from .fusing import Fuser
-from .owner_channel import ConnectOwner, OwnerFailure, grpc_connector
+from .grouping import group
+from .owner_channel import ConnectOwner, grpc_connector
 from .owner_links import OwnerLinks
 from .predict_types import (
     OWNER_RECONNECT,
     CoordinatorConfig,
     ModelInfo,
     OwnerEndpoint,
-    PredictResult,
     RegisteredHead,
 )
-from .request_plan import check_ids, plan_request
+from .request_plan import plan_request
 
 __all__ = ["Coordinator"]
 
@@ -103,9 +104,9 @@ class Coordinator:
         return self.owners.modalities
 
     @property
-    def batcher(self) -> FusionBatcher:
-        """The fusion batcher (its ``calls``/``jobs`` counters are read by benchmarks)."""
-        return self._fuser.batcher
+    def batcher(self) -> Fuser:
+        """The fusion step (its ``calls``/``jobs`` counters are read by benchmarks)."""
+        return self._fuser
 
     @property
     def sync_running(self) -> bool:
@@ -162,8 +163,8 @@ class Coordinator:
         options: PredictOptions | None = None,
         *,
         deadline: float | None = None,
-    ) -> PredictResult:
-        """Fuse the owners' logits for ``ids``.
+    ) -> FusedAnswer:
+        """Fuse the owners' logits for ``ids`` (the five steps of the module docstring).
 
         Args:
             ids: pseudonymous sample ids.
@@ -174,12 +175,13 @@ class Coordinator:
         Raises:
             PredictError: with the status code and message to return.
         """
-        ids = list(ids)
-        plan = plan_request(options or PredictOptions(), self.config, self.modalities)
-        index = check_ids(ids, self.config.max_batch, "Predict")
-        gathered = self._fanout.gather(ids, plan, deadline)
-        gathered.index = index
-        return self._finish(gathered)
+        plan = plan_request(
+            ids, options or PredictOptions(), self.config, self.modalities, deadline=deadline
+        )
+        gathered = self._fanout.gather(plan)
+        grouped = group(gathered)
+        fused = self._fuser.fuse(grouped)
+        return finish(fused)
 
     def predict_stream(
         self,
@@ -188,42 +190,25 @@ class Coordinator:
         *,
         chunk_size: int = 0,
         deadline: float | None = None,
-    ) -> Iterator[PredictResult]:
+    ) -> Iterator[FusedAnswer]:
         """:meth:`predict` in chunks of ``chunk_size`` ids (0: the configured default).
 
         All ids and options are validated before the first chunk; the owners of chunk i+1 are
         asked while chunk i is fused. Unknown ids fail the stream at the chunk that holds them
         (earlier chunks have been delivered by then) unless ``skip_unknown_ids``.
         """
-        ids = list(ids)
-        plan = plan_request(options or PredictOptions(), self.config, self.modalities)
-        check_ids(ids, self.config.max_stream_batch, "PredictStream")
-        chunk = min(chunk_size or self.config.stream_chunk, self.config.max_batch)
-        starts = list(range(0, len(ids), chunk))
-        pending = self._fanout.gather(ids[:chunk], plan, deadline, inline=False)
-        for i, _start in enumerate(starts):
-            current = pending
-            if i + 1 < len(starts):
-                nxt = starts[i + 1]
-                pending = self._fanout.gather(ids[nxt : nxt + chunk], plan, deadline, inline=False)
-            yield self._finish(current)
-
-    def _finish(self, gathered: Gathered) -> PredictResult:
-        plan = gathered.plan
-        answers: dict[str, Answer] = {}
-        failures: dict[str, OwnerFailure] = {}
-        for name in plan.modalities:
-            try:
-                answers[name] = self._fanout.collect(gathered, name)
-            except OwnerFailure as exc:
-                failures[name] = exc
-                if not self.owners[name].multi_site:  # several: each site's own last_error
-                    self.owners[name].last_error = exc.text
-        return assemble(
-            plan,
-            gathered.ids,
-            answers,
-            failures,
-            {m: self.owners[m].head for m in failures},
-            lambda members, heads, logits: self._fuser.fuse_group(plan, members, heads, logits),
+        plan = plan_request(
+            ids,
+            options or PredictOptions(),
+            self.config,
+            self.modalities,
+            deadline=deadline,
+            stream=True,
         )
+        size = min(chunk_size or self.config.stream_chunk, self.config.max_batch)
+        chunks = plan.chunks(size)
+        pending = self._fanout.ask(next(chunks))
+        for chunk in chunks:
+            current, pending = pending, self._fanout.ask(chunk)
+            yield finish(self._fuser.fuse(group(self._fanout.collect(current))))
+        yield finish(self._fuser.fuse(group(self._fanout.collect(pending))))

@@ -1,5 +1,8 @@
-"""Fan-out: ask every selected owner for the logits of a batch, concurrently, and check each
-answer (:class:`FanOut`).
+"""Step 2 of a Predict, gathering: :meth:`FanOut.gather` asks every selected owner for the
+logits of a plan's ids, concurrently, checks each answer and returns the :class:`Gathered`
+logits (an :class:`OwnerLogits` per modality that answered, an :class:`OwnerFailure` per
+modality that did not). A stream asks the owners of its next chunk (:meth:`FanOut.ask`) before
+it collects the current one (:meth:`FanOut.collect`).
 
 Owners are called with a deadline (the per-owner timeout, capped by the request's own
 deadline). An owner's answer is checked before anything reads it: one model version across
@@ -26,33 +29,32 @@ from typing import Any
 import grpc
 import numpy as np
 
-from jacfusion_fed.rpc.fusion_codec import SiteStatus
+from jacfusion_fed.answer import SiteStatus
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 
 from .owner_channel import OwnerFailure, rpc_failure
 from .owner_links import OwnerLink, OwnerLinks, pick_version
 from .predict_types import MAX_ABS_OWNER_VALUE, CoordinatorConfig, RegisteredHead
-from .request_plan import Plan, list_ids, owner_timeout
+from .request_plan import Plan, list_ids
 
-__all__ = ["Answer", "FanOut", "Gathered", "SitesFailure"]
+__all__ = ["Asked", "FanOut", "Gathered", "OwnerLogits", "SitesFailure"]
+
+#: modality -> site target -> [(start, stop, future of the GetLogits reply)]
+Calls = dict[str, dict[str, list[tuple[int, int, Any]]]]
 
 
-@dataclass
-class Gathered:
-    """Owner calls in flight for one batch."""
+@dataclass(frozen=True)
+class Asked:
+    """A plan's owner calls, in flight."""
 
-    ids: list[str]
     plan: Plan
-    #: modality -> site target -> [(start, stop, future)]
-    calls: dict[str, dict[str, list[tuple[int, int, Any]]]]
-    deadline: float
-    index: dict[str, int] | None = None
+    calls: Calls
 
 
-@dataclass
-class Answer:
-    """One modality's checked answer for a batch."""
+@dataclass(frozen=True)
+class OwnerLogits:
+    """One modality's checked logits for a plan's ids."""
 
     modality: str
     head: RegisteredHead
@@ -60,6 +62,23 @@ class Answer:
     known: np.ndarray | None  # (n,) bool; None when every id is known
     sites: list[SiteStatus] = field(default_factory=list)  # several sites only
     ambiguous: list[str] = field(default_factory=list)  # ids held by two or more sites
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What the owners answered for a plan (modalities in the plan's order).
+
+    Attributes:
+        answers: the checked logits of each modality that answered.
+        failures: why each other selected modality failed.
+        last_heads: the registered head of each failed modality (None: none yet), for its
+            contribution to the answer.
+    """
+
+    plan: Plan
+    answers: dict[str, OwnerLogits]
+    failures: dict[str, OwnerFailure]
+    last_heads: dict[str, RegisteredHead | None]
 
 
 class SitesFailure(OwnerFailure):
@@ -83,17 +102,19 @@ class FanOut:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def gather(
-        self, ids: list[str], plan: Plan, deadline: float | None, *, inline: bool = True
-    ) -> Gathered:
-        """Ask every selected owner for the logits of ``ids``, concurrently.
+    def gather(self, plan: Plan) -> Gathered:
+        """Ask the owners (:meth:`ask`, the last call on this thread) and collect the answers."""
+        return self.collect(self.ask(plan, inline=True))
+
+    def ask(self, plan: Plan, *, inline: bool = False) -> Asked:
+        """Ask every selected owner for the logits of the plan's ids, concurrently.
 
         The calls run on the fan-out pool as blocking unary calls (grpc's ``.future()``
         starts a channel thread per call when none is in flight, which costs more than a pool
         hand-off). With ``inline`` the last call runs on the caller's thread meanwhile, so a
         lone owner costs one round trip and no hand-off at all.
         """
-        timeout, until = owner_timeout(plan, deadline)
+        ids, timeout = plan.ids, plan.timeout
         step = self.config.owner_chunk
         requests = [
             (
@@ -109,7 +130,7 @@ class FanOut:
             for site in self.links[name].sites
             for start, stop, req in requests
         ]
-        calls: dict[str, dict[str, list[tuple[int, int, Any]]]] = {
+        calls: Calls = {
             name: {site.target: [] for site in self.links[name].sites} for name in plan.modalities
         }
         last = jobs.pop() if inline else None
@@ -125,23 +146,35 @@ class FanOut:
             except Exception as exc:
                 done.set_exception(exc)
             calls[name][target].append((start, stop, done))
-        return Gathered(ids, plan, calls, until)
+        return Asked(plan, calls)
 
-    def collect(self, gathered: Gathered, name: str) -> Answer:
-        """Wait for one modality's answers and check them; raises :class:`OwnerFailure`."""
-        link = self.links[name]
-        if link.multi_site:
-            return self._collect_sites(gathered, link)
-        target = link.endpoint.target
-        responses = self._responses(gathered, name, target, link.last_error)
-        head = self._head(gathered, name, self._version(name, responses), target)
-        return self._answer(gathered, name, head, responses)
+    def collect(self, asked: Asked) -> Gathered:
+        """Wait for the owners' answers and check them (a failed modality's error is kept as
+        its owner's ``last_error``, which health and metrics report)."""
+        answers: dict[str, OwnerLogits] = {}
+        failures: dict[str, OwnerFailure] = {}
+        for name in asked.plan.modalities:
+            link = self.links[name]
+            try:
+                if link.multi_site:
+                    answers[name] = self._collect_sites(asked, link)
+                else:
+                    target = link.endpoint.target
+                    responses = self._responses(asked, name, target, link.last_error)
+                    head = self._head(asked, name, self._version(name, responses), target)
+                    answers[name] = self._answer(asked.plan, name, head, responses)
+            except OwnerFailure as exc:
+                failures[name] = exc
+                if not link.multi_site:  # several: each site's own last_error
+                    link.last_error = exc.text
+        last_heads = {m: self.links[m].head for m in failures}
+        return Gathered(asked.plan, answers, failures, last_heads)
 
     def _responses(
-        self, gathered: Gathered, name: str, target: str, last_error: str
+        self, asked: Asked, name: str, target: str, last_error: str
     ) -> list[tuple[int, int, Any]]:
         """One site's replies, in request order; raises :class:`OwnerFailure`."""
-        calls = gathered.calls[name][target]
+        calls = asked.calls[name][target]
         responses = []
         for start, stop, future in calls:
             try:
@@ -169,28 +202,28 @@ class FanOut:
             )
         return version
 
-    def _head(self, gathered: Gathered, name: str, version: str, target: str) -> RegisteredHead:
+    def _head(self, asked: Asked, name: str, version: str, target: str) -> RegisteredHead:
         """The head of ``version`` (registered from the site at ``target`` when new)."""
         head = self.links[name].head
         if head is None or head.version != version:
-            timeout = max(gathered.deadline - time.monotonic(), 0.0) or 0.001
+            timeout = max(asked.plan.until - time.monotonic(), 0.0) or 0.001
             head = self.links.refresh(
                 name, version, min(timeout, self.config.registration_timeout_s), target
             )
         return head
 
-    def _collect_sites(self, gathered: Gathered, link: OwnerLink) -> Answer:
+    def _collect_sites(self, asked: Asked, link: OwnerLink) -> OwnerLogits:
         """A modality of several sites: every site's answer, merged (module docstring)."""
         name = link.modality
         failed: dict[str, OwnerFailure] = {}
         replies: dict[str, tuple[str, list[tuple[int, int, Any]]]] = {}
         for site in link.sites:
             try:
-                responses = self._responses(gathered, name, site.target, site.last_error)
+                responses = self._responses(asked, name, site.target, site.last_error)
                 replies[site.target] = (self._version(name, responses), responses)
             except OwnerFailure as exc:
                 failed[site.target] = exc
-        answers: dict[str, Answer] = {}
+        answers: dict[str, OwnerLogits] = {}
         if replies:
             versions = {t: v for t, (v, _r) in replies.items()}
             registered = link.head.version if link.head is not None else None
@@ -203,11 +236,11 @@ class FanOut:
                         f"{chosen} (sites of one modality must serve the same version)",
                     )
             first = next(t for t, v in versions.items() if v == chosen)
-            head = self._head(gathered, name, chosen, first)  # raises: the modality fails
+            head = self._head(asked, name, chosen, first)  # raises: the modality fails
             for t, (v, responses) in replies.items():
                 if v == chosen:
                     try:
-                        answers[t] = self._answer(gathered, name, head, responses)
+                        answers[t] = self._answer(asked.plan, name, head, responses)
                     except OwnerFailure as exc:
                         failed[t] = exc
         for site in link.sites:
@@ -223,17 +256,14 @@ class FanOut:
                 + "; ".join(f.text for f in failed.values()),
                 statuses,
             )
-        return _merge(gathered.ids, link, answers, failed)
+        return _merge(asked.plan.ids, link, answers, failed)
 
+    @staticmethod
     def _answer(
-        self,
-        gathered: Gathered,
-        name: str,
-        head: RegisteredHead,
-        responses: list[tuple[int, int, Any]],
-    ) -> Answer:
+        plan: Plan, name: str, head: RegisteredHead, responses: list[tuple[int, int, Any]]
+    ) -> OwnerLogits:
         """One site's checked logits for the batch (zero rows where not known)."""
-        ids = gathered.ids
+        ids = plan.ids
         version = head.version
         k = head.num_classes
         n = len(ids)
@@ -246,7 +276,7 @@ class FanOut:
             ):
                 # The common case: one call, every id known, in request order (a reply that
                 # also lists ids as unknown contradicts itself: checked below).
-                return Answer(name, head, logits_of(name, batch, n, k, version), None)
+                return OwnerLogits(name, head, logits_of(name, batch, n, k, version), None)
         logits = np.zeros((n, k))
         known = np.zeros(n, dtype=bool)
         for start, stop, resp in responses:
@@ -265,9 +295,7 @@ class FanOut:
                 logits[start:stop] = values
                 known[start:stop] = True
                 continue
-            if gathered.index is None:
-                gathered.index = dict(zip(ids, range(n), strict=True))
-            index = gathered.index
+            index = plan.index
             try:
                 rows = np.fromiter((index[s] for s in batch.sample_ids), np.int64, rows_known)
             except KeyError as exc:
@@ -283,12 +311,15 @@ class FanOut:
                 )
             logits[rows] = values
             known[rows] = True
-        return Answer(name, head, logits, None if known.all() else known)
+        return OwnerLogits(name, head, logits, None if known.all() else known)
 
 
 def _merge(
-    ids: list[str], link: OwnerLink, answers: dict[str, Answer], failed: dict[str, OwnerFailure]
-) -> Answer:
+    ids: list[str],
+    link: OwnerLink,
+    answers: dict[str, OwnerLogits],
+    failed: dict[str, OwnerFailure],
+) -> OwnerLogits:
     """The answers of a modality's sites as one: each id from the one site that holds it."""
     n = len(ids)
     everywhere = np.ones(n, dtype=bool)
@@ -309,7 +340,7 @@ def _merge(
         )
         for s in link.sites
     ]
-    return Answer(
+    return OwnerLogits(
         link.modality,
         head,
         logits,

@@ -34,7 +34,7 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,11 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from jacfusion_fed.evaluation import EvaluationResult, write_reports
 from jacfusion_fed.federation import wait_for_nodes, write_run_results
 from jacfusion_fed.federation.calibration import CALIBRATION_RECORD, calibration_from_record
+from jacfusion_fed.federation.private import PrivacySettings
 from jacfusion_fed.federation.protocol import (
     MSG_DESCRIBE,
     MSG_HEAD,
@@ -56,8 +56,6 @@ from jacfusion_fed.federation.protocol import (
     describe_reply_spec,
     head_reply_spec,
     head_request,
-    model_template,
-    round_reply_spec,
     train_request,
 )
 from jacfusion_fed.federation.run_config import RunConfig
@@ -66,6 +64,7 @@ from jacfusion_fed.store import HeadRecord, HeadRegistry
 
 from .federated_eval import EvalColumn, evaluate, parse_columns
 from .federated_exchange import CoordinatorError, OwnerInfo, _Exchange, _message
+from .federated_private import ModalityFedAvg, open_flow_audit
 
 __all__ = ["FlowConfig", "run_coordinator"]
 
@@ -93,6 +92,9 @@ class FlowConfig:
     gamma_candidates: tuple[float, ...]
     seed: int
     query_batch: int
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    audit_log: Path | None = None
+    audit_tls: Path | None = None
 
     @classmethod
     def from_context(cls, context: Context) -> FlowConfig:
@@ -122,6 +124,9 @@ class FlowConfig:
             gamma_candidates=rc.gamma_candidates,
             seed=rc.seed,
             query_batch=rc.query_batch_size,
+            privacy=PrivacySettings(rc.secagg, rc.dp_clip, rc.dp_noise),
+            audit_log=path(rc.audit_log),
+            audit_tls=path(rc.audit_tls),
         )
 
 
@@ -220,18 +225,15 @@ def train_heads(
     head_spec = head_reply_spec(cfg.head_kind)
     dims = {"K": k}
     fedavg = {m: nodes for m, nodes in groups.items() if len(nodes) > 1}
-    globals_: dict[str, ArrayRecord] = {}
-    templates: dict[str, dict[str, Any]] = {}
+    runs: dict[str, ModalityFedAvg] = {}
     for modality, nodes in fedavg.items():
         specs = {json.dumps(owners[n].model_spec, sort_keys=True) for n in nodes}
         if len(specs) != 1:
             raise CoordinatorError(f"sites of {modality!r} describe different architectures")
         torch.manual_seed(cfg.seed)
         init = build_from_spec(owners[nodes[0]].model_spec)
-        globals_[modality] = ArrayRecord(
-            {name: t.detach().cpu() for name, t in init.state_dict().items()}
-        )
-        templates[modality] = model_template(globals_[modality])
+        initial = ArrayRecord({name: t.detach().cpu() for name, t in init.state_dict().items()})
+        runs[modality] = ModalityFedAvg(ex, modality, nodes, initial, cfg.head_kind, cfg.privacy)
 
     heads: dict[str, ModalityHead] = {}
     local_msgs = {
@@ -245,13 +247,8 @@ def train_heads(
     }
     for r in range(1, cfg.fedavg_rounds + 1 if fedavg else 2):
         outgoing = dict(local_msgs) if r == 1 else {}
-        for modality, nodes in fedavg.items():
-            spec = round_reply_spec(templates[modality])
-            for n in nodes:
-                content = train_request(
-                    "round", round_=r, head_kind=cfg.head_kind, global_arrays=globals_[modality]
-                )
-                outgoing[n] = (_message(n, MSG_TRAIN, content), spec, {})
+        for run in runs.values():
+            outgoing.update(run.messages(r))
         t0 = time.perf_counter()
         replies = ex(f"train round {r}" if fedavg else "train", outgoing)
         for modality, nodes in groups.items():
@@ -259,17 +256,16 @@ def train_heads(
                 heads[modality] = _head_from_replies(
                     modality, owners, {nodes[0]: replies[nodes[0]]}, 0
                 )
-        for modality, nodes in fedavg.items():
-            site_replies = [replies[n] for n in nodes]
-            globals_[modality] = aggregate_arrayrecords(site_replies, "num-examples")
-            losses = [float(rep["metrics"].get("train-loss", float("nan"))) for rep in site_replies]  # type: ignore[arg-type]
+        for modality, run in runs.items():
+            losses = run.aggregate(r, replies)
             log(
                 INFO,
-                "FedAvg %s round %d/%d: %d sites, local train loss %s (%.1f s)",
+                "FedAvg %s round %d/%d (%s): %d sites, local train loss %s (%.1f s)",
                 modality,
                 r,
                 cfg.fedavg_rounds,
-                len(nodes),
+                cfg.privacy.describe(),
+                len(run.nodes),
                 ", ".join(f"{v:.3f}" for v in losses),
                 time.perf_counter() - t0,
             )
@@ -281,7 +277,7 @@ def train_heads(
                     "publish",
                     round_=cfg.fedavg_rounds,
                     head_kind=cfg.head_kind,
-                    global_arrays=globals_[modality],
+                    global_arrays=runs[modality].arrays,
                 )
                 outgoing[n] = (_message(n, MSG_TRAIN, content), head_spec, dims)
         replies = ex("publish FedAvg models", outgoing)
@@ -344,7 +340,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
         "run_config": dict(context.run_config),
         "timings": timings,
     }
-    ex = _Exchange(grid, cfg.reply_timeout)
+    ex = _Exchange(grid, cfg.reply_timeout, audit=open_flow_audit(cfg.audit_log, cfg.audit_tls))
     try:
         _flow(ex, cfg, results, timings)
     except Exception as exc:
@@ -354,6 +350,9 @@ def run_coordinator(grid: Grid, context: Context) -> dict[str, Any]:
         write_run_results(cfg.run_dir, results)
         log(WARNING, "Coordinator run failed: %s", exc)
         raise
+    finally:
+        if ex.audit is not None:
+            ex.audit.close()
     results["status"] = "completed"
     timings["total_s"] = time.perf_counter() - t_start
     results["privacy"] = {
@@ -401,6 +400,8 @@ def _flow(
     registry = HeadRegistry(cfg.registry_dir)
     records = register_heads(registry, heads)
     for modality, head in heads.items():
+        for node in head.sites:
+            ex.record(node, "RegisterHead", RecordDict(), model_versions={modality: head.version})
         log(
             INFO,
             "Registered head of %s: owner %s, version %s, K=%d (%s)",

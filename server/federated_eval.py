@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
+from jacfusion_fed.data.presets import BUILTIN_PRESETS
 from jacfusion_fed.evaluation import Column, Row, Table, select_gamma, table_to_markdown
 from jacfusion_fed.evaluation.config import METHOD_ABBREV, PRESETS
 from jacfusion_fed.evaluation.results import PAPER_MM_KINDS, ROW_NAMES
@@ -392,8 +393,6 @@ def build_table(
 def _default_perturbed(dataset: str, modalities: Iterable[str]) -> str:
     """The built-in dataset's perturbed modality (what ``simulate`` uses), else the last by
     name: an empty ``perturbed`` gives the same table on every path."""
-    from jacfusion_fed.federation.scenario import BUILTIN_PRESETS
-
     names = sorted(modalities)
     preset = BUILTIN_PRESETS.get(dataset)
     return preset.perturbed if preset is not None and preset.perturbed in names else names[-1]

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from jacfusion_fed.audit import AuditLog, Peer, access_fields
 from jacfusion_fed.federation import (
     NOT_ALLOWED_CODE,
     RecordSpec,
@@ -54,6 +55,20 @@ class _Exchange:
     replies_checked: int = 0
     record_names: set[str] = field(default_factory=set)
     round_trips: int = 0
+    audit: AuditLog | None = None
+
+    def record(self, node_id: int, event: str, request: RecordDict, **fields: Any) -> None:
+        """One audit entry for a message to ``node_id`` (no-op without an audit log): the
+        owner (its name, modality and node id: Flower gives the ServerApp no certificate)
+        and the pseudonyms of a query."""
+        if self.audit is None:
+            return
+        info = self.owners.get(node_id)
+        peer = Peer(info.owner if info else None, "owner", info.modality if info else None)
+        query = request.get("query") if "query" in request else None
+        ids = query.get("sample-ids", []) if isinstance(query, ConfigRecord) else []
+        fields.setdefault("detail", {})["node_id"] = node_id
+        self.audit.access(access_fields(f"flower:{event}", peer=peer, ids=ids, **fields))  # type: ignore[arg-type]
 
     def who(self, node_id: int) -> str:
         info = self.owners.get(node_id)
@@ -85,6 +100,17 @@ class _Exchange:
             self.replies_checked += 1
             self.record_names.update(reply.keys())
             good[node_id] = reply
+        for node_id, (msg, _, _) in outgoing.items():
+            reply_info = good[node_id].get("info") if node_id in good else None
+            version = reply_info.get("version", "") if isinstance(reply_info, ConfigRecord) else ""
+            info = self.owners.get(node_id)
+            self.record(
+                node_id,
+                msg.metadata.message_type,
+                msg.content,
+                model_versions={info.modality if info else "model": str(version)},
+                status="OK" if node_id in good else errors_name(errors.get(node_id)),
+            )
         if errors:
             lines = []
             for node_id, err in sorted(errors.items()):
@@ -94,6 +120,12 @@ class _Exchange:
                 f"{what}: {len(errors)} of {len(outgoing)} owners failed:\n" + "\n".join(lines)
             )
         return good
+
+
+def errors_name(err: ReplyError | None) -> str:
+    if err is None:
+        return "UNKNOWN"
+    return app_error_name(err.code) if err.code >= 100 else error_code_name(err.code)
 
 
 def _message(node_id: int, message_type: str, content: RecordDict) -> Message:

@@ -1,8 +1,9 @@
 """The coordinator's ``jacfusion.v1.FusionService`` (thin: proto <-> :class:`Coordinator`).
 
 Translation only, through the one codec (:mod:`jacfusion_fed.rpc.fusion_codec`): request
-options become :class:`PredictOptions`, a :class:`PredictResult` becomes ``Predictions``, a
-:class:`PredictError` becomes its status code. Who may call what (requesters predict) is
+options become :class:`PredictOptions`, the coordinator's
+:class:`~jacfusion_fed.answer.FusedAnswer` becomes ``Predictions``, a :class:`PredictError`
+becomes its status code. Who may call what (requesters predict) is
 enforced by the server's :class:`jacfusion_fed.rpc.auth.AuthInterceptor`, see
 :mod:`jacfusion_fed.server.serve`.
 """
@@ -59,7 +60,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self, request: fusion_pb2.PredictRequest, context: grpc.ServicerContext
     ) -> fusion_pb2.PredictResponse:
         try:
-            result = self.coordinator.predict(
+            answer = self.coordinator.predict(
                 request.sample_ids,
                 request_options(request.options),
                 deadline=_deadline(context),
@@ -69,19 +70,19 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         except Exception:
             log.exception("Predict failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator")
-        return fusion_pb2.PredictResponse(predictions=predictions_to_proto(result))
+        return fusion_pb2.PredictResponse(predictions=predictions_to_proto(answer))
 
     def PredictStream(
         self, request: fusion_pb2.PredictStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[fusion_pb2.PredictStreamResponse]:
         try:
-            for result in self.coordinator.predict_stream(
+            for answer in self.coordinator.predict_stream(
                 request.sample_ids,
                 request_options(request.options),
                 chunk_size=int(request.chunk_size),
                 deadline=_deadline(context),
             ):
-                yield fusion_pb2.PredictStreamResponse(predictions=predictions_to_proto(result))
+                yield fusion_pb2.PredictStreamResponse(predictions=predictions_to_proto(answer))
         except PredictError as exc:
             context.abort(exc.code, exc.message)
         except Exception:

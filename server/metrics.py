@@ -1,6 +1,6 @@
 """The coordinator's own Prometheus series: owner availability (per site too, for a modality
 served by several sites), the registered model version per owner (read at scrape time) and
-fusion time (observed by the fusion batcher).
+fusion time (observed by the fusion step, :class:`~jacfusion_fed.server.fusing.Fuser`).
 
 The generic RPC series (requests, latency, calls in flight, refusals) come from
 :class:`jacfusion_fed.rpc.metrics.ServiceMetrics`, which every server has.

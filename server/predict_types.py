@@ -1,6 +1,7 @@
 """Constants and value types of the coordinator's prediction API: owner endpoints, the
-coordinator's configuration, request options, results, registered heads and model info
-(used by :class:`jacfusion_fed.server.coordinator.Coordinator` and its gRPC face).
+coordinator's configuration, its errors, registered heads and model info (used by
+:class:`jacfusion_fed.server.coordinator.Coordinator` and its gRPC face). Its answer is the one
+answer type, :class:`jacfusion_fed.answer.FusedAnswer`.
 
 Status codes of :class:`PredictError`: ``INVALID_ARGUMENT`` (empty, oversized or duplicate
 batch; bad ids; unknown method or modality; gamma outside (0, 1]; options that do not apply to
@@ -26,9 +27,9 @@ from typing import Final
 import grpc
 import numpy as np
 
+from jacfusion_fed.answer import SiteStatus
 from jacfusion_fed.fusion import METHODS, GramFactor, ModalityCalibration, check_gamma
 from jacfusion_fed.privacy.certs import validate_modality_name
-from jacfusion_fed.rpc.fusion_codec import SiteStatus
 from jacfusion_fed.store import HeadRecord
 
 __all__ = [
@@ -37,12 +38,10 @@ __all__ = [
     "MAX_OWNER_TIMEOUT_S",
     "METHODS",
     "OWNER_RECONNECT",
-    "Contribution",
     "CoordinatorConfig",
     "ModelInfo",
     "OwnerEndpoint",
     "PredictError",
-    "PredictResult",
     "RegisteredHead",
 ]
 
@@ -149,38 +148,6 @@ class PredictError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass
-class Contribution:
-    """How one selected modality took part in a batch (see ``ModalityContribution``)."""
-
-    modality: str
-    owner: str
-    model_version: str
-    used: np.ndarray  # bool, aligned with PredictResult.sample_ids
-    gamma: float = 0.0
-    regularized: bool = False
-    error: str = ""
-    sites: list[SiteStatus] = field(default_factory=list)  # only with several sites
-    ambiguous_sample_ids: list[str] = field(default_factory=list)  # held by two sites
-    #: robust fusion: (n,) float64 reliability in [0, 1] per sample (0 where not used)
-    reliability: np.ndarray | None = None
-
-
-@dataclass
-class PredictResult:
-    """Fused predictions of a batch; rows follow ``sample_ids`` (the predicted ids)."""
-
-    sample_ids: list[str]
-    probabilities: np.ndarray  # (n, K) float64
-    labels: np.ndarray  # (n,) int64
-    modalities: list[Contribution]
-    unpredicted_sample_ids: list[str]
-    method: str
-    #: robust fusion: (n, K) bool prediction sets and (n,) bool abstain flags
-    prediction_sets: np.ndarray | None = None
-    abstain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Request planning (pure functions): a request's options checked against the coordinator's
-configuration and turned into a :class:`Plan`; sample ids checked; the owner timeout derived
-from the request's deadline. Every problem is a :class:`PredictError` with
-``INVALID_ARGUMENT`` (``DEADLINE_EXCEEDED`` for a deadline that leaves no time).
+"""Step 1 of a Predict, planning (pure functions): :func:`plan_request` checks a request's
+ids and options against the coordinator's configuration and returns its :class:`Plan`: the
+ids, the validated options, and the owner timeout derived from the request's deadline. Every
+problem is a :class:`PredictError` with ``INVALID_ARGUMENT`` (``DEADLINE_EXCEEDED`` for a
+deadline that leaves no time). A stream's plan is cut into one plan per chunk
+(:meth:`Plan.chunks`), each timed when its owners are asked.
 
 Which options apply to which method comes from the fusion registry
 (:class:`jacfusion_fed.fusion.FusionMethod.options`), not from a list of names here.
@@ -9,9 +11,11 @@ Which options apply to which method comes from the fusion registry
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -46,9 +50,16 @@ _METHOD_OPTIONS: Final = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """A request's validated options."""
+    """A request's (or a stream chunk's) checked ids and validated options.
+
+    Attributes:
+        ids: the sample ids (pseudonyms), in request order, each once.
+        deadline: the call's absolute ``time.monotonic()`` deadline (None: none).
+        timeout: seconds the owner calls may take (``owner_timeout_s`` capped by the
+            deadline, see :func:`owner_timeout`); ``until``: when they are due.
+    """
 
     method: str
     modalities: list[str]
@@ -58,6 +69,22 @@ class Plan:
     require_all: bool
     owner_timeout_s: float
     skip_unknown_ids: bool
+    ids: list[str]
+    deadline: float | None
+    timeout: float
+    until: float
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Id -> position in :attr:`ids` (built when an owner's answer needs it)."""
+        return dict(zip(self.ids, range(len(self.ids)), strict=True))
+
+    def chunks(self, size: int) -> Iterator[Plan]:
+        """Plans of ``size`` ids each, each timed when it is taken (its owners are asked)."""
+        for start in range(0, len(self.ids), size):
+            chunk = self.ids[start : start + size]
+            timeout, until = owner_timeout(self.owner_timeout_s, self.deadline)
+            yield dataclasses.replace(self, ids=chunk, timeout=timeout, until=until)
 
     @property
     def rule(self) -> FusionMethod:
@@ -110,9 +137,17 @@ def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
 
 
 def plan_request(
-    options: PredictOptions, cfg: CoordinatorConfig, configured: Sequence[str]
+    ids: Sequence[str],
+    options: PredictOptions,
+    cfg: CoordinatorConfig,
+    configured: Sequence[str],
+    *,
+    deadline: float | None = None,
+    stream: bool = False,
 ) -> Plan:
-    """Check ``options`` against ``cfg`` and the ``configured`` modalities."""
+    """Check ``options`` against ``cfg`` and the ``configured`` modalities, then the ids
+    (at most ``cfg.max_stream_batch`` with ``stream``, else ``cfg.max_batch``), then the time
+    ``deadline`` leaves for the owners."""
     known = ", ".join(configured)
     selected = list(options.modalities) or list(configured)
     for name in selected:
@@ -163,6 +198,12 @@ def plan_request(
         raise PredictError(
             _BAD, f"owner_timeout must be at most {MAX_OWNER_TIMEOUT_S:g} s, got {timeout:g} s"
         )
+    ids = list(ids)
+    if stream:
+        check_ids(ids, cfg.max_stream_batch, "PredictStream")
+    else:
+        check_ids(ids, cfg.max_batch, "Predict")
+    owner_s, until = owner_timeout(timeout, deadline)
     return Plan(
         method=rule.name,
         modalities=selected,
@@ -172,12 +213,16 @@ def plan_request(
         require_all=options.require_all,
         owner_timeout_s=timeout,
         skip_unknown_ids=options.skip_unknown_ids,
+        ids=ids,
+        deadline=deadline,
+        timeout=owner_s,
+        until=until,
     )
 
 
-def check_ids(ids: list[str], limit: int, what: str) -> dict[str, int]:
+def check_ids(ids: list[str], limit: int, what: str) -> None:
     """Check a batch of ids (non-empty, within ``limit``, no duplicates, no empty or overlong
-    id); returns id -> position."""
+    id)."""
     n = len(ids)
     if n == 0:
         raise PredictError(_BAD, "empty batch: no sample ids")
@@ -191,13 +236,13 @@ def check_ids(ids: list[str], limit: int, what: str) -> dict[str, int]:
             f"sample id at position {not_pseudonym} is not a pseudonym (HMAC-SHA256: 64 hex "
             "digits or 52 base32 characters); pseudonymize ids with the deployment key",
         )
-    index = dict(zip(ids, range(n), strict=True))
-    if len(index) != n:
+    distinct = set(ids)
+    if len(distinct) != n:
         seen: set[str] = set()
         dups = [s for s in ids if s in seen or seen.add(s)]  # type: ignore[func-returns-value]
         raise PredictError(_BAD, f"duplicate sample ids: {list_ids(sorted(set(dups)))}")
-    if "" in index:
-        raise PredictError(_BAD, f"empty sample id at position {index['']}")
+    if "" in distinct:
+        raise PredictError(_BAD, f"empty sample id at position {ids.index('')}")
     longest = max(map(len, ids))
     if longest > MAX_ID_LENGTH:
         raise PredictError(
@@ -205,13 +250,13 @@ def check_ids(ids: list[str], limit: int, what: str) -> dict[str, int]:
             f"sample ids must be pseudonyms of at most {MAX_ID_LENGTH} characters; "
             f"got one of {longest}",
         )
-    return index
 
 
-def owner_timeout(plan: Plan, deadline: float | None) -> tuple[float, float]:
-    """(seconds for the owner calls, absolute ``time.monotonic()`` deadline)."""
+def owner_timeout(owner_timeout_s: float, deadline: float | None) -> tuple[float, float]:
+    """(seconds for the owner calls, absolute ``time.monotonic()`` deadline): the per-owner
+    timeout, capped by what the request's ``deadline`` leaves (less a margin for fusion)."""
     now = time.monotonic()
-    timeout = plan.owner_timeout_s
+    timeout = owner_timeout_s
     if deadline is not None:
         left = deadline - now
         left -= min(DEADLINE_MARGIN_S, 0.1 * left)

@@ -13,12 +13,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from jacfusion_fed.audit import AuditLog
+from jacfusion_fed.audit.events import head_registrations
+from jacfusion_fed.audit.interceptor import AuditInterceptor
 from jacfusion_fed.rpc.guard import ServerGuard
 from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2_grpc
 from jacfusion_fed.rpc.limits import PeerLimits
 from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
-from jacfusion_fed.rpc.server import ServiceHandle, own_identity, start_server
+from jacfusion_fed.rpc.serving import ServiceHandle, own_identity, start_server
 from jacfusion_fed.rpc.tls import (
     DEFAULT_HOST,
     Security,
@@ -47,6 +50,11 @@ class CoordinatorServer(ServiceHandle):
             self.guard.close()
 
 
+def _heads(coordinator: Coordinator) -> dict[str, tuple[str, str]]:
+    heads = {m: coordinator.head(m) for m in coordinator.modalities}
+    return {m: (h.record.owner, h.record.model_version) for m, h in heads.items() if h}
+
+
 def serve_coordinator(
     coordinator: Coordinator,
     security: Security | str | Path,
@@ -58,6 +66,7 @@ def serve_coordinator(
     sync: bool = True,
     metrics_port: int | None = None,
     limits: PeerLimits | None = None,
+    audit: AuditLog | None = None,
 ) -> CoordinatorServer:
     """Start serving ``FusionService`` for ``coordinator``.
 
@@ -73,6 +82,8 @@ def serve_coordinator(
         sync: start the coordinator's background owner sync.
         metrics_port: serve Prometheus metrics on this loopback port (0: any; None: no).
         limits: per-peer limits (default :meth:`PeerLimits.for_workers` of ``max_workers``).
+        audit: the coordinator's audit log (:mod:`jacfusion_fed.audit`): Predict calls and
+            head registrations; closed when the server stops.
 
     Raises:
         ValueError: the certificate is not a coordinator certificate.
@@ -96,7 +107,11 @@ def serve_coordinator(
         max_workers=max_workers,
         options=options,
         guard=guard,
+        interceptors=[AuditInterceptor(audit)] if audit else (),
     )
+    if audit is not None:
+        rpc.on_stop(audit.close)
+        coordinator.on_change(head_registrations(audit, lambda: _heads(coordinator)))
     guard.serve_metrics(metrics_port)
     coordinator.on_change(lambda: rpc.set_serving(coordinator.has_heads()))
     if sync:

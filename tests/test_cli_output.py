@@ -20,13 +20,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from jacfusion_fed.answer import FusedAnswer
 from jacfusion_fed.cli import app, logs, plain_help
 from jacfusion_fed.cli.coordinator import info_payload
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.evaluate import _gamma_choice
 from jacfusion_fed.cli.options import DEFAULT_COORDINATOR_PORT, DEFAULT_OWNER_PORT
 from jacfusion_fed.cli.predict import _print_tables
-from jacfusion_fed.rpc.fusion_codec import Answer
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 
@@ -146,15 +147,15 @@ def _predictions() -> fusion_pb2.Predictions:
 
 
 def test_json_and_table_show_the_same_names(capsys: pytest.CaptureFixture[str]) -> None:
-    answer = Answer()
-    answer.add(_predictions())
     local = {"a" * 64: "patient-1"}
-    payload = answer.to_json(["cat", "dog"], local)
+    answer = answer_from_proto(_predictions(), local)
+    payload = answer.to_json(["cat", "dog"])
     assert payload["method"] == "confidence_mean"
     assert [s["label"] for s in payload["samples"]] == ["dog", "cat"]
     assert [s["label_index"] for s in payload["samples"]] == [1, 0]
     assert payload["modalities"][0]["model_version"] == "eb4f0123456789ab"
-    _print_tables(answer, ["cat", "dog"], local)
+    assert payload["samples"][0]["local_id"] == "patient-1"
+    _print_tables(answer, ["cat", "dog"])
     table = capsys.readouterr().out
     assert "(confidence_mean)" in table and "dog" in table and "cat" in table
     assert "eb4f0123456789ab" in table  # the one form of a model version, never cut
@@ -341,7 +342,7 @@ def test_predict_imports_no_torch_flower_or_coordinator() -> None:
         "import sys; from jacfusion_fed.cli import main; "
         "import jacfusion_fed.cli.predict, jacfusion_fed.rpc.fusion_codec, "
         "jacfusion_fed.cli.transport, jacfusion_fed.rpc.diagnose, jacfusion_fed.rpc.tls, "
-        "jacfusion_fed.client.requester, jacfusion_fed.rpc.channels; "
+        "jacfusion_fed.requester.requester, jacfusion_fed.answer, jacfusion_fed.rpc.channels; "
         "from jacfusion_fed.privacy.pseudonyms import Pseudonymizer; "
         "heavy = ('torch', 'flwr', 'scipy', 'ray', 'numpy', 'jacfusion_fed.server', "
         "'jacfusion_fed.fusion', 'jacfusion_fed.store'); "
@@ -396,21 +397,22 @@ def test_malformed_answers_are_refused() -> None:
     msg = _predictions()
     msg.probabilities.data = msg.probabilities.data[:-8]
     with pytest.raises(ValueError, match="malformed answer: probabilities 2 x 2"):
-        Answer().add(msg)
+        answer_from_proto(msg)
     msg = _predictions()
     msg.probabilities.CopyFrom(encode_matrix(np.array([[0.1, np.nan], [0.8, 0.2]])))
     with pytest.raises(ValueError, match="NaN"):
-        Answer().add(msg)
+        answer_from_proto(msg)
     msg = _predictions()
     msg.predicted_labels[:] = [1, 2]  # K = 2: label 2 does not exist
     with pytest.raises(ValueError, match="labels"):
-        Answer().add(msg)
+        answer_from_proto(msg)
 
 
 def test_streamed_chunks_are_appended() -> None:
-    answer = Answer()
-    answer.add(_predictions())
-    answer.add(_predictions())
-    assert answer.labels == [1, 0, 1, 0]
-    assert answer.probabilities[2] == [0.1, 0.9]
-    assert answer.contributions[0].used == [True] * 4
+    answer = FusedAnswer.join(
+        [answer_from_proto(_predictions()), answer_from_proto(_predictions())]
+    )
+    assert answer.predicted_labels == [1, 0, 1, 0]
+    assert answer.probability_rows()[2] == [0.1, 0.9]
+    assert answer.modalities[0].used == [True] * 4
+    np.testing.assert_array_equal(answer.probabilities[2], [0.1, 0.9])  # the numpy accessor

@@ -129,24 +129,24 @@ def test_import_submit_forget_rekey(tmp_path: Path) -> None:
 def test_labels_file_and_accuracy(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from jacfusion_fed.client import Prediction, load_labels
+    from jacfusion_fed.answer import FusedAnswer
     from jacfusion_fed.federation.scenario import write_eval_labels
+    from jacfusion_fed.requester import load_labels
 
     pz = Pseudonymizer(b"z" * 32)
     test = SimpleNamespace(sample_ids=["a", "b"], labels=np.array([0, 2]))
     path = write_eval_labels(tmp_path / "labels.json", pz, {"test": test})
     labels = load_labels(path)
     assert labels == {pz("a"): 0, pz("b"): 2}
-    pred = Prediction(
-        ids=["a", "b", "c"],
-        probabilities=np.eye(3),
-        labels=np.array([0, 1, 2]),
-        modalities_used=[[]] * 3,
-        model_versions={},
-        unpredicted=[],
+    sent = pz.many(["a", "b", "c"])
+    pred = FusedAnswer(
         method="statistical",
-        errors={},
-        pseudonyms=pz.many(["a", "b", "c"]),
+        num_classes=3,
+        sample_ids=sent,
+        probability_data=np.eye(3).astype("<f8").tobytes(),
+        predicted_labels=[0, 1, 2],
+        modalities=[],
+        local_ids=dict(zip(sent, ["a", "b", "c"], strict=True)),
     )
     assert pred.accuracy(labels) == 0.5  # keyed by pseudonym; "c" has no label
     assert pred.accuracy({"c": 2, "b": 1}) == 1.0  # keyed by local id

@@ -1,11 +1,13 @@
 """The README's multi-host walkthrough, run across Linux network namespaces.
 
-Four "machines" on a private range this test owns, 10.77.0.0/24 (nothing else routes there):
+Six "machines" on a private range this test owns, 10.77.0.0/24 (nothing else routes there):
 
-    coordinator 10.77.0.1   flower-superlink, flwr CLI, coordinator serve
+    coordinator 10.77.0.1   flower-superlink, flwr CLI, coordinator serve (replica 1)
     owner x     10.77.0.2   flower-supernode, owner serve (binds 10.77.0.2)
     owner y     10.77.0.3   flower-supernode, owner serve (binds 0.0.0.0)
-    hospital    10.77.0.4   predict
+    hospital    10.77.0.4   predict, coordinator info
+    database    10.77.0.5   PostgreSQL: the head registry both replicas share
+    replica 2   10.77.0.6   coordinator serve (replica 2)
 
 Each is a namespace with one veth into a bridge that lives in a fifth namespace, so nothing
 is created in the host's own namespace and no packet can leave: the namespaces have no route
@@ -13,7 +15,10 @@ but 10.77.0.0/24 and their own loopback. The commands are the README's (same arg
 those that need no network run in this process; TwoMoon instead of AV-Digits to keep it
 short): certificates per host (no loopback names), the pseudonym key and labels, the
 SuperLink with TLS and SuperNode authentication, registered SuperNodes, ``flwr run`` with a
-run config file, then online inference from the hospital.
+run config file, then online inference from the hospital through two coordinator replicas on
+two hosts that share one PostgreSQL registry (``--registry postgresql://...``): replica 2,
+started after replica 1 registered the heads, serves that registration (the same registration
+times) rather than making its own.
 Every process is stopped by PID and every namespace deleted in ``finally``; every wait is
 bounded. Needs root and ``ip netns``; skipped otherwise.
 """
@@ -26,19 +31,28 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jacfusion_fed.federation._env import child_env
 from jacfusion_fed.federation.flwr_cli import flower_executable
 from jacfusion_fed.processes import ManagedProcess, stop_all
+from jacfusion_fed.reliability.postgres import PostgresCluster, postgres_missing
 
 pytestmark = pytest.mark.e2e
 
 SUBNET = "10.77.0"
-HOSTS = {"co": f"{SUBNET}.1", "x": f"{SUBNET}.2", "y": f"{SUBNET}.3", "hosp": f"{SUBNET}.4"}
+HOSTS = {
+    "co": f"{SUBNET}.1",
+    "x": f"{SUBNET}.2",
+    "y": f"{SUBNET}.3",
+    "hosp": f"{SUBNET}.4",
+    "db": f"{SUBNET}.5",
+    "co2": f"{SUBNET}.6",
+}
 DATA = "builtin:twomoon?seed=0&quick=1"
 CLI = [sys.executable, "-c", "from jacfusion_fed.cli import main; main()"]
 _PROXY_VARS = ("http_proxy", "https_proxy", "grpc_proxy", "all_proxy")
@@ -52,7 +66,7 @@ def _skip_reason() -> str | None:
     probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         return f"`ip netns` does not work here: {probe.stderr.strip()}"
-    return None
+    return postgres_missing()
 
 
 def _ip(*args: str) -> None:
@@ -113,6 +127,7 @@ class Machines:
     def __init__(self, net: Net, root: Path) -> None:
         self.net, self.root = net, root
         self.procs: dict[str, ManagedProcess] = {}
+        self.cleanups: list[Callable[[], None]] = []  # e.g. the PostgreSQL server, by PID
 
     def env(self, flwr_home: Path) -> dict[str, str]:
         # Flower's SuperExec polls for tasks every 1 s by default; 0.25 s as `deploy local`
@@ -170,7 +185,11 @@ class Machines:
         )
 
     def stop(self) -> None:
-        stop_all(list(self.procs.values()), grace=5.0)
+        try:
+            stop_all(list(self.procs.values()), grace=5.0)
+        finally:
+            for cleanup in reversed(self.cleanups):
+                cleanup()
 
 
 @pytest.fixture
@@ -208,6 +227,52 @@ def _flwr(m: Machines, args: Sequence[str]) -> dict[str, object]:
     return data  # type: ignore[no-any-return]
 
 
+def _coordinator_args(registry: str, pki: Path, host: str) -> list[str]:
+    return [
+        "coordinator",
+        "serve",
+        "--registry",
+        registry,
+        "--owner",
+        f"x={HOSTS['x']}:50061",
+        "--owner",
+        f"y={HOSTS['y']}:50062",
+        "--tls",
+        str(pki / "coordinator"),
+        "--host",
+        host,
+        "--port",
+        "50050",
+    ]
+
+
+def _predict_eventually(m: Machines, pki: Path, hosp: Path, coordinator: str) -> dict[str, Any]:
+    """The hospital's ``predict`` until it answers (the coordinator may still fetch heads)."""
+    predict = [
+        *CLI,
+        "predict",
+        "twomoon-test-000000",
+        "twomoon-test-000001",
+        "--coordinator",
+        coordinator,
+        "--tls",
+        str(pki / "requesters" / "hospital"),
+        "--pseudonym-key",
+        str(hosp / "pseudonym.key"),
+        "--json",
+        "--require-all",
+    ]
+    deadline, last = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        try:
+            answer: dict[str, Any] = json.loads(m.run("hosp", predict, timeout=60))
+            return answer
+        except RuntimeError as exc:
+            last = str(exc)
+            time.sleep(1)
+    raise AssertionError(f"predict through {coordinator} never answered: {last}")
+
+
 def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
     m, root = machines, tmp_path
     t0, phases = time.monotonic(), {}
@@ -221,7 +286,7 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             "--out",
             str(pki),
             "--coordinator-name",
-            f"coordinator@{co}",
+            f"coordinator@{co},{HOSTS['co2']}",
             "--owner",
             f"x-owner=x@{hx}",
             "--owner",
@@ -370,54 +435,47 @@ def test_multi_host_walkthrough(machines: Machines, tmp_path: Path) -> None:
             ],
             root / "flwr-homes" / f"owner-{host}",
         )
-    m.spawn(
-        "coordinator",
-        "co",
-        [
-            *CLI,
-            "coordinator",
-            "serve",
-            "--registry",
-            str(results / "registry"),
-            "--owner",
-            f"x={hx}:50061",
-            "--owner",
-            f"y={hy}:50062",
-            "--tls",
-            str(pki / "coordinator"),
-            "--host",
-            co,
-            "--port",
-            "50050",
-        ],
-        root / "flwr-homes" / "coordinator",
-    )
-    m.wait_listening("owner-x", "co", hx, 50061, timeout=90)
-    m.wait_listening("owner-y", "co", hy, 50062, timeout=90)
+    # the head registry both coordinator replicas share: PostgreSQL on its own host
+    pg = PostgresCluster(HOSTS["db"], 5432, admit=f"{SUBNET}.0/24", wrap=m.argv("db", []))
+    m.cleanups.append(pg.stop)
+    registry = pg.start()
+    for name, host in (("coordinator", "co"), ("replica-2", "co2")):
+        m.spawn(
+            name,
+            host,
+            [*CLI, *_coordinator_args(registry, pki, HOSTS[host])],
+            root / "flwr-homes" / name,
+        )
+        if name == "coordinator":  # replica 2 starts once replica 1 has registered the heads
+            m.wait_listening("coordinator", "hosp", co, 50050, timeout=90)
+            _predict_eventually(m, pki, hosp, f"{co}:50050")
     assert "reachable from other machines" in m.procs["owner-y"].log_text()
-    m.wait_listening("coordinator", "hosp", co, 50050, timeout=90)
-    predict = [
-        *CLI,
-        "predict",
-        "twomoon-test-000000",
-        "twomoon-test-000001",
-        "--coordinator",
-        f"{co}:50050",
-        "--tls",
-        str(pki / "requesters" / "hospital"),
-        "--pseudonym-key",
-        str(hosp / "pseudonym.key"),
-        "--json",
-        "--require-all",
+    m.wait_listening("replica-2", "hosp", HOSTS["co2"], 50050, timeout=90)
+    infos = [
+        json.loads(
+            m.run(
+                "hosp",
+                [
+                    *CLI,
+                    "coordinator",
+                    "info",
+                    "--coordinator",
+                    f"{addr}:50050",
+                    "--tls",
+                    str(pki / "requesters" / "hospital"),
+                    "--json",
+                ],
+            )
+        )
+        for addr in (co, HOSTS["co2"])
     ]
-    deadline, answer, last = time.monotonic() + 60, None, ""
-    while answer is None and time.monotonic() < deadline:
-        try:
-            answer = json.loads(m.run("hosp", predict, timeout=60))
-        except RuntimeError as exc:  # the coordinator may still be fetching the heads
-            last = str(exc)
-            time.sleep(1)
-    assert answer is not None, last
+    registered = [
+        {x["modality"]: (x["model_version"], x["registered_at"]) for x in info["modalities"]}
+        for info in infos
+    ]
+    assert sorted(registered[0]) == ["x", "y"]
+    assert registered[1] == registered[0]  # replica 2 serves replica 1's registration
+    answer = _predict_eventually(m, pki, hosp, f"{co}:50050,{HOSTS['co2']}:50050")
     phases["online_s"] = time.monotonic() - t0 - phases["setup_s"] - phases["flwr_run_s"]
     print("phases:", {k: round(v, 1) for k, v in phases.items()})
     assert [x["local_id"] for x in answer["samples"]] == [

@@ -145,7 +145,7 @@ def test_robust_answer_is_robust_fusion_of_the_same_logits(setup: Any) -> None:
     """The coordinator's robust answer carries, per sample, what ``robust_fusion`` says on
     the same logits, calibrations and prior: probabilities, each modality's reliability, the
     prediction set and the abstain flag (and encodes and decodes them losslessly)."""
-    from jacfusion_fed.rpc.fusion_codec import decode_predictions, predictions_to_proto
+    from jacfusion_fed.rpc.fusion_codec import answer_from_proto, predictions_to_proto
 
     owners, coordinator = setup
     registry = HeadRegistry(coordinator.registry.root)
@@ -160,10 +160,7 @@ def test_robust_answer_is_robust_fusion_of_the_same_logits(setup: Any) -> None:
     np.testing.assert_array_equal(got.abstain, want.abstain.numpy())
     for j, c in enumerate(got.modalities):
         np.testing.assert_allclose(c.reliability, want.reliability[:, j].numpy(), atol=1e-12)
-    wire = decode_predictions(predictions_to_proto(got))
+    wire = answer_from_proto(predictions_to_proto(got))
     np.testing.assert_array_equal(wire.prediction_sets, got.prediction_sets)
     np.testing.assert_array_equal(wire.abstain, got.abstain)
-    assert [c.reliability.tolist() for c in wire.modalities] == [  # type: ignore[union-attr]
-        c.reliability.tolist()
-        for c in got.modalities  # type: ignore[union-attr]
-    ]
+    assert [c.reliability for c in wire.modalities] == [c.reliability for c in got.modalities]

@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from helpers_legacy_store import files_containing
 from torch import nn
 
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.fusion import jacobian_fusion, log_prior_from_counts, statistical_fusion
 from jacfusion_fed.owner import OwnerWorkspace
@@ -28,6 +28,7 @@ from jacfusion_fed.privacy.certs import (
     owner_server_name,
 )
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.tensor import encode_tensor
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
@@ -207,7 +208,9 @@ def test_forget_then_not_found(dep: Deployment) -> None:
         assert PATIENTS[4] not in msg
     ws_root = dep.root / "ws-image" / "live"
     sid = Pseudonymizer(KEY)(PATIENTS[4])
-    assert not list(ws_root.rglob(f"{sid}*"))  # input and cached logits erased on disk
+    assert not list(ws_root.rglob(f"{sid}*"))
+    row = np.ascontiguousarray(dep.x["image"][4], dtype="<f4").tobytes()
+    assert files_containing(ws_root, {"input": row}) == {}  # no byte of it in any file
 
 
 def test_roles_on_the_new_rpcs(dep: Deployment) -> None:
@@ -371,6 +374,7 @@ def test_expiry(tmp_path: Path) -> None:
     time.sleep(0.7)
     assert ws.logits([sid]).unknown_ids == [sid]
     assert not list((tmp_path / "ws" / "live").rglob(f"{sid}*"))
+    assert sid not in ws.live.store.ids(purge=False)  # erased, not only hidden
 
 
 def test_flower_query_does_not_echo_raw_ids() -> None:

@@ -5,7 +5,7 @@ and bit flip detected, stale temporary files removed -- are in ``test_store_atom
 * a damaged file of an owner's model store (pointer, model, logit cache) is reported
   (DATA_LOSS to the coordinator, the file named in the owner's log, health NOT_SERVING) and
   never used; the coordinator answers from the other owners and says so;
-* a damaged head-registry entry: the coordinator refuses to start and names the file; at
+* a damaged head-registry entry: the coordinator refuses to start and names the entry; at
   run time it is never used, and a failing registry write (a full disk) is a clear
   UNAVAILABLE that heals by itself, without killing the background sync;
 * processes killed (SIGKILL) at random moments while they publish model versions and register
@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers_registry import flip_entry, restore_entry
 from helpers_services import MODALITIES, Fed, build_fed
 from helpers_wait import wait_until
 from typer.testing import CliRunner
@@ -115,7 +116,7 @@ def test_damaged_model_pointer_is_reported_and_never_used(
         audio, image = got.modalities
         assert audio.error.startswith("DATA_LOSS")
         assert "model store of modality 'audio' failed verification" in audio.error
-        assert not audio.used.any() and image.used.all()
+        assert not audio.used_mask.any() and image.used_mask.all()
         assert reference.classify(ids, got).kind == "partial"
         # The owner's log names the file and what is wrong with it.
         assert f"failed verification: {current}: " in caplog.text
@@ -175,8 +176,7 @@ def test_coordinator_refuses_to_start_on_a_damaged_registry(fed: Fed, tmp_path: 
         registry.register(
             m, f"{m}-co", ws.current_version(), class_counts=ws.class_counts(), gram=ws.head().gram
         )
-    entry = next((tmp_path / "registry" / "heads" / "audio").glob("*.head"))
-    flip(entry)
+    flip_entry(tmp_path / "registry", "audio")
     result = CliRunner().invoke(
         app,
         [
@@ -197,7 +197,7 @@ def test_coordinator_refuses_to_start_on_a_damaged_registry(fed: Fed, tmp_path: 
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
     assert "head registry is damaged, refusing to start" in flat
-    assert entry.name in flat and "SHA-256 mismatch" in flat
+    assert "audio/00000001" in flat and "SHA-256 mismatch" in flat
 
 
 def test_damaged_registry_entry_at_run_time_is_never_used(fed: Fed, running: Running) -> None:
@@ -205,8 +205,9 @@ def test_damaged_registry_entry_at_run_time_is_never_used(fed: Fed, running: Run
     cannot be recorded (DATA_LOSS, the registry is damaged) and audio's new logits are not
     fused with any head; image still answers."""
     c = running.coordinator
-    image_entry = max((c.registry.root / "heads" / "image").glob("*.head"))
-    original = flip(image_entry)
+    registry_dir = Path(c.registry.location).parent
+    sequence = c.registry.get("image").sequence
+    original = flip_entry(registry_dir, "image", sequence)
     ws = fed.workspaces["audio"]
     old_version = ws.current_version()
     state = {k: v.clone() for k, v in ws.load_model()[1].state_dict().items()}
@@ -220,13 +221,13 @@ def test_damaged_registry_entry_at_run_time_is_never_used(fed: Fed, running: Run
         got = c.predict(fed.ids[:3])
         audio = got.modalities[0]
         assert audio.error.startswith("DATA_LOSS") and "head registry is damaged" in audio.error
-        assert not audio.used.any() and got.modalities[1].used.all()
+        assert not audio.used_mask.any() and got.modalities[1].used_mask.all()
         assert c.head("audio").version == old_version
     finally:
-        image_entry.write_bytes(original)
+        restore_entry(registry_dir, "image", sequence, original)
         ws.store.set_current(old_version)
     got = c.predict(fed.ids[:3])
-    assert all(m.used.all() for m in got.modalities)
+    assert all(m.used_mask.all() for m in got.modalities)
 
 
 def test_registry_write_failure_is_clear_and_heals(

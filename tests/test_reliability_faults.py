@@ -33,7 +33,7 @@ from helpers_wait import wait_until
 
 from jacfusion_fed.reliability import FaultProxy, LoadConfig, LoadResult
 from jacfusion_fed.rpc.channels import connect_coordinator
-from jacfusion_fed.rpc.fusion_codec import decode_predictions
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
 
 pytestmark = pytest.mark.e2e  # owners and coordinator as processes
@@ -187,7 +187,7 @@ def test_slow_owner_past_the_deadline(dep: Deployment) -> None:
         audio, image = got.predictions.modalities
         assert audio.error.startswith("DEADLINE_EXCEEDED") and not any(audio.used)
         assert all(image.used) and elapsed < delay / 2
-        verdict = reference.classify(ids, decode_predictions(got.predictions))
+        verdict = reference.classify(ids, answer_from_proto(got.predictions))
         assert verdict.kind == "partial", verdict.detail
         # The request's own deadline caps the owner timeout (5 s asked, 1 s deadline): a
         # partial answer in time, or (if the machine is too busy to reply within the
@@ -274,7 +274,7 @@ def test_requester_link_faults(dep: Deployment) -> None:
             """One request, its outcome counted; whether it was answered."""
             try:
                 resp = stub.Predict(fusion_pb2.PredictRequest(sample_ids=ids), timeout=timeout)
-                label = reference.classify(ids, decode_predictions(resp.predictions)).label
+                label = reference.classify(ids, answer_from_proto(resp.predictions)).label
             except grpc.RpcError as exc:
                 label = reference.classify_error(exc).label
             counts[label] = counts.get(label, 0) + 1
@@ -318,7 +318,7 @@ def test_fault_free_answers_are_exact(dep: Deployment) -> None:
         options = fusion_pb2.FusionOptions(method=method)
         ids = dep.fed.ids[20:60]
         resp = stub.Predict(fusion_pb2.PredictRequest(sample_ids=ids, options=options))
-        got = decode_predictions(resp.predictions)
+        got = answer_from_proto(resp.predictions)
         assert reference.classify(ids, got, options).kind == "correct"
         plan = reference.plan(options)
         want = reference.fuse(ids, list(MODALITIES), plan)

@@ -37,7 +37,7 @@ from jacfusion_fed.reliability import Reference, snapshot_workspace
 from jacfusion_fed.reliability.reference import CLEAR_ERROR_CODES
 from jacfusion_fed.rpc.auth import connect_owner
 from jacfusion_fed.rpc.channels import connect_coordinator
-from jacfusion_fed.rpc.fusion_codec import decode_predictions
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.server.coordinator import Coordinator
@@ -372,7 +372,7 @@ def _socket_fuzz(s: Sockets, data: Any) -> None:
         request = fusion_pb2.PredictRequest.FromString(payload)
         predictions = fusion_pb2.PredictResponse.FromString(out).predictions
         verdict = s.reference.classify(
-            list(request.sample_ids), decode_predictions(predictions), request.options
+            list(request.sample_ids), answer_from_proto(predictions), request.options
         )
         assert verdict.ok, verdict.detail
     elif method == "PredictStream":
@@ -382,7 +382,7 @@ def _socket_fuzz(s: Sockets, data: Any) -> None:
         for j, raw in enumerate(out):
             predictions = fusion_pb2.PredictStreamResponse.FromString(raw).predictions
             part = ids_all[j * size : (j + 1) * size]
-            verdict = s.reference.classify(part, decode_predictions(predictions), request.options)
+            verdict = s.reference.classify(part, answer_from_proto(predictions), request.options)
             assert verdict.ok, verdict.detail
 
 

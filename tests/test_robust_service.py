@@ -19,13 +19,13 @@ import grpc
 import numpy as np
 import pytest
 
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import OwnerServer, serve_owner
 from jacfusion_fed.fusion import RobustFusion, log_prior_from_counts, robust_fusion
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.owner.calibration import workspace_calibration
 from jacfusion_fed.privacy.certs import DeploymentCerts, generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, write_key
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.server.coordinator import Coordinator
 from jacfusion_fed.server.predict_types import OwnerEndpoint
@@ -135,8 +135,9 @@ def test_client_predict_robust_is_robust_fusion(dep: Deployment) -> None:
     assert got.prediction_sets is not None and got.abstain is not None
     np.testing.assert_array_equal(got.prediction_sets, want.prediction_set.numpy())
     np.testing.assert_array_equal(got.abstain, want.abstain.numpy())
-    assert got.reliability is not None
-    for i, per_modality in enumerate(got.reliability):
+    assert got.robust is not None
+    for i in range(len(got.ids)):
+        per_modality = got.reliability(i)
         assert list(per_modality) == list(OWNERS)
         np.testing.assert_allclose(
             list(per_modality.values()), want.reliability[i].numpy(), rtol=0, atol=1e-12
@@ -149,7 +150,8 @@ def test_client_predict_robust_is_robust_fusion(dep: Deployment) -> None:
 def test_other_methods_carry_no_robust_fields(dep: Deployment) -> None:
     with dep.requester() as client:
         got = client.predict(_test_ids(4), method="statistical")
-    assert got.reliability is None and got.prediction_sets is None and got.abstain is None
+    assert got.robust is None and got.prediction_sets is None and got.abstain is None
+    assert all(c.reliability is None for c in got.modalities)
 
 
 def test_cli_predict_method_robust(dep: Deployment) -> None:

@@ -37,7 +37,7 @@ from typer.testing import CliRunner
 from jacfusion_fed.cli import app
 from jacfusion_fed.privacy.certs import owner_server_name
 from jacfusion_fed.rpc.auth import connect_owner
-from jacfusion_fed.rpc.fusion_codec import decode_predictions
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix
 from jacfusion_fed.rpc.tls import TlsFiles, create_channel
@@ -74,7 +74,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
 
 def predict(fed: Fed, ids: list[str], **options: Any) -> Any:
     request = fusion_pb2.PredictRequest(sample_ids=ids, options=fusion_pb2.FusionOptions(**options))
-    return decode_predictions(fed.stub().Predict(request, timeout=TIMEOUT).predictions)
+    return answer_from_proto(fed.stub().Predict(request, timeout=TIMEOUT).predictions)
 
 
 # --- correct output ----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_fused_output_matches_the_library(fed: Fed, method: str) -> None:
     np.testing.assert_array_equal(got.labels, want.argmax(axis=1))
     assert [c.modality for c in got.modalities] == list(MODALITIES)
     for c in got.modalities:
-        assert c.used.all() and c.error == ""
+        assert c.used_mask.all() and c.error == ""
         assert c.model_version == fed.workspaces[c.modality].current_version()
         assert c.owner == f"{c.modality}-co"
         assert c.regularized == (method == "jacobian")
@@ -127,7 +127,7 @@ def test_jacobian_options_match_the_library(fed: Fed) -> None:
 def test_stream_matches_predict(fed: Fed) -> None:
     ids = fed.ids[:150]  # more than MAX_BATCH: only the stream takes it
     request = fusion_pb2.PredictStreamRequest(sample_ids=ids, chunk_size=40)
-    chunks = [decode_predictions(r.predictions) for r in fed.stub().PredictStream(request)]
+    chunks = [answer_from_proto(r.predictions) for r in fed.stub().PredictStream(request)]
     assert [len(c.sample_ids) for c in chunks] == [40, 40, 40, 30]
     assert [sid for c in chunks for sid in c.sample_ids] == ids
     probs = np.concatenate([c.probabilities for c in chunks])
@@ -389,7 +389,7 @@ def test_new_model_version_refreshes_the_head(fed: Fed) -> None:
     want = fed.reference(ids)  # also writes the new version's logit cache first
     got = predict(fed, ids)
     by_name = {c.modality: c for c in got.modalities}
-    assert by_name["audio"].model_version == new and by_name["audio"].used.all()
+    assert by_name["audio"].model_version == new and by_name["audio"].used_mask.all()
     np.testing.assert_allclose(got.probabilities, want, rtol=0, atol=TOL)
     info = fed.stub().GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=TIMEOUT)
     assert {m.modality: m.model_version for m in info.modalities}["audio"] == new
@@ -419,14 +419,14 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
         request = fusion_pb2.PredictRequest(sample_ids=ids)
         while not stop.is_set():
             try:
-                seen.append(decode_predictions(stub.Predict(request, timeout=5).predictions))
+                seen.append(answer_from_proto(stub.Predict(request, timeout=5).predictions))
             except BaseException as exc:  # none expected: image still answers
                 errors.append(exc)
 
     def answered(full: bool, since: int = 0) -> bool:
         """Whether an answer in full (or a partial one) came after ``seen[since]``."""
         return bool(errors) or any(
-            all(c.used.all() for c in got.modalities) == full for got in seen[since:]
+            all(c.used_mask.all() for c in got.modalities) == full for got in seen[since:]
         )
 
     worker = threading.Thread(target=hammer)
@@ -444,12 +444,12 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
     partial = 0
     for got in seen:  # never a silently wrong answer
         by_name = {c.modality: c for c in got.modalities}
-        assert by_name["image"].used.all()
-        if by_name["audio"].used.all():
+        assert by_name["image"].used_mask.all()
+        if by_name["audio"].used_mask.all():
             np.testing.assert_allclose(got.probabilities, both, rtol=0, atol=TOL)
         else:
             partial += 1
-            assert not by_name["audio"].used.any()
+            assert not by_name["audio"].used_mask.any()
             assert by_name["audio"].error.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
             np.testing.assert_allclose(got.probabilities, image_only, rtol=0, atol=TOL)
     assert partial > 0 and len(seen) > partial
@@ -462,7 +462,7 @@ def test_owner_killed_mid_run(fed: Fed) -> None:
 
     def recovered() -> Any:
         got = predict(fed, ids)
-        return got if all(c.used.all() for c in got.modalities) else None
+        return got if all(c.used_mask.all() for c in got.modalities) else None
 
     got = wait_until(recovered, "the coordinator to recover the owner", timeout=30, interval=0.2)
     np.testing.assert_allclose(got.probabilities, both, rtol=0, atol=TOL)

@@ -32,7 +32,7 @@ from jacfusion_fed.privacy.certs import (
 )
 from jacfusion_fed.reliability.abuse import StallResult, measure_stall
 from jacfusion_fed.rpc.channels import connect_coordinator
-from jacfusion_fed.rpc.fusion_codec import decode_predictions
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -74,8 +74,8 @@ def _bob(fed: Fed) -> Any:
     request = fusion_pb2.PredictRequest(sample_ids=fed.ids[:8])
 
     def call() -> None:
-        got = decode_predictions(stub.Predict(request, timeout=TIMEOUT).predictions)
-        assert all(c.used.all() for c in got.modalities), [c.error for c in got.modalities]
+        got = answer_from_proto(stub.Predict(request, timeout=TIMEOUT).predictions)
+        assert all(c.used_mask.all() for c in got.modalities), [c.error for c in got.modalities]
 
     return call
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -25,17 +25,19 @@ from jacfusion_fed.bench.deployment import ServeBenchConfig, make_dataset
 from jacfusion_fed.cli import app
 from jacfusion_fed.clients.modality_service import ModalityServicer
 from jacfusion_fed.clients.serve import serve_owner
+from jacfusion_fed.fusion import Fused
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.rpc.auth import AuthInterceptor
 from jacfusion_fed.rpc.channels import connect_coordinator
-from jacfusion_fed.rpc.fusion_codec import PredictOptions, decode_predictions
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import decode_matrix, encode_matrix
 from jacfusion_fed.rpc.policies import MODALITY_SERVICE_POLICY
 from jacfusion_fed.rpc.tls import INSECURE, create_channel, create_server
-from jacfusion_fed.server.batching import FusionBatcher, FusionKey
 from jacfusion_fed.server.coordinator import Coordinator
+from jacfusion_fed.server.fusing import Fuser
+from jacfusion_fed.server.grouping import FusionKey, Group, Grouped
 from jacfusion_fed.server.predict_types import (
     CoordinatorConfig,
     OwnerEndpoint,
@@ -131,7 +133,7 @@ def test_nonfinite_logits_are_never_fused(fed: Fed, tmp_path: Path) -> None:
         got = c.predict(ids)
         audio, image = got.modalities
         assert audio.error.startswith("DATA_LOSS") and "non-finite" in audio.error
-        assert ids[-1] in audio.error and not audio.used.any() and image.used.all()
+        assert ids[-1] in audio.error and not audio.used_mask.any() and image.used_mask.all()
         np.testing.assert_allclose(
             got.probabilities, fed.reference(ids, modalities=["image"]), rtol=0, atol=TOL
         )
@@ -162,8 +164,8 @@ def test_late_owner_is_left_out_and_deadlines_hold(fed: Fed, tmp_path: Path) -> 
         got = c.predict(ids)
         assert time.monotonic() - t0 < 0.9
         audio, image = got.modalities
-        assert audio.error.startswith("DEADLINE_EXCEEDED") and not audio.used.any()
-        assert image.used.all()
+        assert audio.error.startswith("DEADLINE_EXCEEDED") and not audio.used_mask.any()
+        assert image.used_mask.all()
         np.testing.assert_allclose(
             got.probabilities, fed.reference(ids, modalities=["image"]), rtol=0, atol=TOL
         )
@@ -209,7 +211,7 @@ def test_k_mismatch_between_owners(fed: Fed, tmp_path: Path) -> None:
         ids = fed.ids[:3]
         got = c.predict(ids)
         audio = next(m for m in got.modalities if m.modality == "audio")
-        assert "K mismatch" in audio.error and not audio.used.any()
+        assert "K mismatch" in audio.error and not audio.used_mask.any()
         with pytest.raises(PredictError) as info:
             c.predict(ids, PredictOptions(modalities=("audio",)))
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -238,7 +240,7 @@ def test_owner_holding_some_patients(fed: Fed, tmp_path: Path) -> None:
         held = np.array([half.logits([i]).unknown_ids == [] for i in ids])
         assert held.any() and not held.all()
         np.testing.assert_array_equal(audio.used, held)
-        assert image.used.all() and audio.error == ""
+        assert image.used_mask.all() and audio.error == ""
         counts = half.class_counts() + fed.workspaces["image"].class_counts()
         from jacfusion_fed.fusion import log_prior_from_counts, statistical_fusion
 
@@ -271,7 +273,7 @@ def test_version_that_moved_on_is_not_fused(fed: Fed, tmp_path: Path) -> None:
         got = c.predict(fed.ids[:3])
         audio = got.modalities[0]
         assert audio.error.startswith("ABORTED") and "f" * 16 in audio.error
-        assert not audio.used.any()
+        assert not audio.used_mask.any()
         assert c.head("audio") is not None  # the real current head got registered meanwhile
         assert c.head("audio").version == fed.workspaces["audio"].current_version()
     finally:
@@ -280,38 +282,45 @@ def test_version_that_moved_on_is_not_fused(fed: Fed, tmp_path: Path) -> None:
         good.stop()
 
 
-def test_fusion_batcher_merges_concurrent_jobs() -> None:
-    calls: list[int] = []
+def test_fusion_batches_concurrent_requests_on_their_own_threads() -> None:
+    """Leader/follower: the first request fuses at once; the six arriving meanwhile queue
+    and are fused by one of their own threads, one call per key (no thread of the Fuser's)."""
+    calls: list[tuple[int, str]] = []
     gate = threading.Event()
 
-    def compute(key: Any, logits: list[np.ndarray], spec: Any) -> np.ndarray:
-        calls.append(logits[0].shape[0])
+    def slow_fuse(method: str, zs: list[Any], *_: Any, **__: Any) -> Fused:
+        calls.append((zs[0].shape[0], threading.current_thread().name))
         gate.wait(5)
-        return logits[0] * 2.0
+        return Fused(zs[0] * 2.0)
 
-    batcher = FusionBatcher(compute)
+    fuser = Fuser(torch.device("cpu"), lambda: None, fuse_full=slow_fuse)
     key = FusionKey("mean", ("a",), ("v",))
     other = FusionKey("statistical", ("a",), ("v",))
     results: dict[int, np.ndarray] = {}
 
     def run(i: int, k: FusionKey) -> None:
-        results[i] = batcher.run(k, [np.full((i + 1, 3), float(i))], None)
+        group = Group(k, ("a",), None, (np.full((i + 1, 3), float(i)),), None)
+        grouped = Grouped(cast(Any, None), 3, None, {}, [], [group])
+        results[i] = fuser.fuse(grouped).groups[0].p
 
-    first = threading.Thread(target=run, args=(0, key))
-    first.start()
+    threads = [
+        threading.Thread(target=run, args=(i, key if i < 5 else other), name=f"request-{i}")
+        for i in range(7)
+    ]
+    threads[0].start()
     wait_until(lambda: calls, "the first job to reach the fusion call", interval=0.001)
-    rest = [threading.Thread(target=run, args=(i, key if i < 5 else other)) for i in range(1, 7)]
-    for t in rest:
+    for t in threads[1:]:
         t.start()
-    # all queued behind the first call (the batcher's queue: it has no public count)
-    wait_until(lambda: len(batcher._queue) == 6, "six jobs queued behind the first", interval=0.01)
+    wait_until(lambda: fuser.queued == 6, "six jobs queued behind the first", interval=0.01)
     gate.set()
-    for t in [first, *rest]:
+    for t in threads:
         t.join(5)
     for i in range(7):
         np.testing.assert_array_equal(results[i], np.full((i + 1, 3), 2.0 * i))
-    assert calls[0] == 1 and sorted(calls[1:]) == sorted([2 + 3 + 4 + 5, 6 + 7])
-    assert batcher.jobs == 7 and batcher.calls == 3
+    assert calls[0] == (1, "request-0")
+    assert sorted(n for n, _ in calls[1:]) == sorted([2 + 3 + 4 + 5, 6 + 7])
+    assert {name for _, name in calls[1:]} <= {f"request-{i}" for i in range(1, 7)}
+    assert fuser.jobs == 7 and fuser.calls == 3
 
 
 def test_concurrent_requests_are_fused_correctly(
@@ -431,7 +440,7 @@ def test_insecure_only_when_explicit(fed: Fed, tmp_path: Path) -> None:
     try:
         stub = fusion_pb2_grpc_stub(connect_coordinator(served.target, INSECURE))
         response = stub.Predict(fusion_pb2.PredictRequest(sample_ids=fed.ids[:2]), timeout=TIMEOUT)
-        got = decode_predictions(response.predictions)
+        got = answer_from_proto(response.predictions)
         np.testing.assert_allclose(
             got.probabilities, fed.reference(fed.ids[:2], modalities=["image"]), atol=TOL
         )

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from jacfusion_fed.answer import FusedAnswer
 from jacfusion_fed.cli import app
 from jacfusion_fed.cli.coordinator import info_payload
-from jacfusion_fed.rpc.fusion_codec import Answer as WireAnswer
-from jacfusion_fed.rpc.fusion_codec import PredictOptions, decode_predictions, predictions_to_proto
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, answer_from_proto, predictions_to_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 from jacfusion_fed.rpc.metrics import ServiceMetrics
 from jacfusion_fed.rpc.tls import INSECURE
@@ -37,7 +37,6 @@ from jacfusion_fed.server.predict_types import (
     CoordinatorConfig,
     OwnerEndpoint,
     PredictError,
-    PredictResult,
 )
 from jacfusion_fed.server.sites import load_sites, parse_owners
 
@@ -101,7 +100,7 @@ class World:
         stubs.update({t.replace("_", "."): s for t, s in overrides.items()})
         return self.coordinator(stubs, "split"), stubs
 
-    def reference(self, counts: Any = None, **options: Any) -> PredictResult:
+    def reference(self, counts: Any = None, **options: Any) -> FusedAnswer:
         """The answer of one owner per modality (audio with ``counts``, default all sites')."""
         whole = self.whole["audio"]
         if counts is not None:
@@ -122,13 +121,13 @@ def world(tmp_path: Path) -> Iterator[World]:
     w.close()
 
 
-def rows(result: PredictResult, ids: list[str]) -> np.ndarray:
+def rows(result: FusedAnswer, ids: list[str]) -> np.ndarray:
     index = {s: i for i, s in enumerate(result.sample_ids)}
     out: np.ndarray = result.probabilities[[index[i] for i in ids]]
     return out
 
 
-def audio(result: PredictResult) -> Any:
+def audio(result: FusedAnswer) -> Any:
     return next(c for c in result.modalities if c.modality == "audio")
 
 
@@ -162,7 +161,7 @@ def test_patients_split_over_sites_fuse_as_one_owner(world: World, owner_chunk: 
     image = next(c for c in got.modalities if c.modality == "image")
     assert image.sites == []
     # The site list crosses the wire (additive fields of ModalityContribution).
-    decoded = decode_predictions(predictions_to_proto(got))
+    decoded = answer_from_proto(predictions_to_proto(got))
     assert [s.samples for s in decoded.modalities[0].sites] == [s.samples for s in sites]
 
 
@@ -195,11 +194,10 @@ def test_site_down_removes_only_its_patients(world: World) -> None:
     assert a_site.error == "" and a_site.samples == len(a_ids)
     assert b_site.target == SITE_B and b_site.error.startswith("UNAVAILABLE: ")
     assert SITE_B in b_site.error and b_site.samples == 0
-    assert not any(contribution.used[[got.sample_ids.index(i) for i in b_with_image]])
+    assert not any(contribution.used_mask[[got.sample_ids.index(i) for i in b_with_image]])
     # The requester's side (predict --json) names the site too.
-    wire = WireAnswer()
-    wire.add(predictions_to_proto(got))
-    (site_error,) = wire.to_json([], {})["modalities"][0]["site_errors"]
+    wire = answer_from_proto(predictions_to_proto(got))
+    (site_error,) = wire.to_json([])["modalities"][0]["site_errors"]
     assert site_error.startswith(f"{SITE_B}: UNAVAILABLE: ")
     # PredictStream: every chunk says the same, and only b's audio-only patients are missing.
     chunks = list(
@@ -230,7 +228,7 @@ def test_every_site_down_fails_the_modality_naming_each(world: World) -> None:
     assert contribution.error.startswith("UNAVAILABLE: all 2 sites of 'audio' failed")
     assert [s.target for s in contribution.sites] == [SITE_A, SITE_B]
     assert all(s.error.startswith("UNAVAILABLE: ") for s in contribution.sites)
-    assert not contribution.used.any()
+    assert not contribution.used_mask.any()
     with pytest.raises(PredictError) as err:
         coordinator.predict(world.ids, PredictOptions(require_all=True))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -301,11 +299,10 @@ def test_pseudonym_on_two_sites_is_reported_per_sample(world: World) -> None:
     np.testing.assert_allclose(
         rows(got, others), rows(world.reference(), others), rtol=0, atol=1e-12
     )
-    decoded = decode_predictions(predictions_to_proto(got))
+    decoded = answer_from_proto(predictions_to_proto(got))
     assert sorted(decoded.modalities[0].ambiguous_sample_ids) == sorted([with_image, audio_only])
-    wire = WireAnswer()  # predict --json names them too
-    wire.add(predictions_to_proto(got))
-    assert "ambiguous_sample_ids" in wire.to_json([], {})["modalities"][0]
+    wire = answer_from_proto(predictions_to_proto(got))  # predict --json names them too
+    assert "ambiguous_sample_ids" in wire.to_json([])["modalities"][0]
 
 
 # --- configuration: --owner lists and sites files ----------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_registry import copy_entry, flip_entry
 
 from jacfusion_fed.store import CorruptFileError, HeadRegistry, ModelStore
 from jacfusion_fed.store.model_store import model_version, serialize_state_dict
@@ -260,19 +261,13 @@ def test_head_registry_corruption_is_refused(tmp_path: Path) -> None:
     reg = HeadRegistry(tmp_path)
     reg.register("ecg", "cardiology", "v1", class_counts=[1, 1, 1], gram=_gram())
     reg.register("ecg", "cardiology", "v2", class_counts=[1, 1, 1], gram=_gram(seed=3))
-    latest = tmp_path / "heads" / "ecg" / "00000002.head"
-    data = bytearray(latest.read_bytes())
-    data[-40] ^= 0x10
-    latest.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match=r"00000002\.head"):
+    flip_entry(tmp_path, "ecg", 2)
+    with pytest.raises(CorruptFileError, match=r"ecg/00000002"):
         HeadRegistry(tmp_path).get("ecg")  # no silent fallback to v1
     with pytest.raises(CorruptFileError):
         reg.class_prior()
-    # A valid envelope moved to the wrong modality is refused too.
-    (tmp_path / "heads" / "xray").mkdir()
-    shutil.copyfile(
-        tmp_path / "heads" / "ecg" / "00000001.head", tmp_path / "heads" / "xray" / "00000001.head"
-    )
+    # A valid entry copied under another modality's name is refused too.
+    copy_entry(tmp_path, "ecg", 1, "xray")
     with pytest.raises(CorruptFileError, match="belongs to 'ecg'"):
         reg.get("xray")
 

@@ -61,13 +61,13 @@ class ServeBenchConfig:
 
 def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 16) -> None:
     """Serve ``/jacfusion.bench.Echo/Echo`` with the coordinator's server settings until
-    SIGTERM/SIGINT (the services' one stop: :func:`jacfusion_fed.rpc.server.serve_until_signal`,
+    SIGTERM/SIGINT (the services' one stop: :func:`jacfusion_fed.rpc.serving.serve_until_signal`,
     port file written once the signals are handled, exit within a second)."""
     import grpc
 
     from jacfusion_fed.privacy.certs import ROLES
     from jacfusion_fed.rpc.auth import AuthInterceptor, RpcPolicy
-    from jacfusion_fed.rpc.server import serve_until_signal, write_port_file
+    from jacfusion_fed.rpc.serving import serve_until_signal, write_port_file
     from jacfusion_fed.rpc.tls import TlsFiles, create_server
 
     policy = RpcPolicy.of({"/jacfusion.bench.Echo/*": set(ROLES)})

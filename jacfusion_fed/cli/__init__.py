@@ -1,7 +1,7 @@
 """The one ``jacfusion-fed`` command.
 
 One module per command group (``simulate``, ``evaluate``, ``owner``, ``coordinator``,
-``predict``, ``certs``, ``deploy``, ``bench``, ``proxy``), each registering itself on
+``predict``, ``certs``, ``deploy``, ``bench``, ``proxy``, ``audit``), each registering itself on
 :data:`app`; shared options and their one meaning per name in :mod:`.options`, output in
 :mod:`.render`, the error path in :mod:`.errors`. Heavy imports (torch, Flower, the
 coordinator) happen inside the commands, so ``--help`` and ``predict`` start fast.
@@ -41,6 +41,8 @@ _COMMAND_MODULES = (
     "bench",
     "proxy",
     "records",
+    "audit",
+    "storage",
 )
 
 

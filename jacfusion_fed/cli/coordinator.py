@@ -7,10 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
+from jacfusion_fed.cli.audit import open_audit_log
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
     DEFAULT_COORDINATOR_PORT,
     FUSION_METHODS,
+    AuditFsyncOpt,
+    AuditLogOpt,
+    AuditRotateOpt,
     CoordinatorOpt,
     HostOpt,
     InsecureOpt,
@@ -35,11 +39,17 @@ from jacfusion_fed.cli.transport import (
     serve_until_signal,
 )
 
-__all__ = ["coordinator_info", "coordinator_serve", "register"]
+__all__ = ["coordinator_info", "coordinator_serve", "open_registry", "register"]
 
 
 def coordinator_serve(
-    registry: Annotated[Path, typer.Option(help="Head registry directory (persists heads).")],
+    registry: Annotated[
+        str,
+        typer.Option(
+            help="Head registry: a directory (SQLite inside), a .sqlite3 file, or a "
+            "postgresql:// URI shared by replicas on several hosts."
+        ),
+    ],
     owner: Annotated[
         list[str] | None,
         typer.Option(help="MODALITY=HOST:PORT[,HOST:PORT...]: a modality's sites (repeat)."),
@@ -74,6 +84,9 @@ def coordinator_serve(
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 16,
     max_streams_per_peer: MaxStreamsPerPeerOpt = None,
     metrics_port: MetricsPortOpt = None,
+    audit_log: AuditLogOpt = None,
+    audit_rotate: AuditRotateOpt = "64MiB",
+    audit_fsync: AuditFsyncOpt = "entry",
 ) -> None:
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     check_choice("--method", method, FUSION_METHODS)
@@ -104,14 +117,28 @@ def coordinator_serve(
         device=device,
         batch_fusion=fusion_batching,
     )
+    heads = open_registry(registry)
     try:
-        coordinator = Coordinator(registry, endpoints, sec, config)
+        coordinator = Coordinator(heads, endpoints, sec, config)
     except CorruptFileError as exc:  # refuse to start on a damaged registry, never use it
         raise CliError(
-            f"the head registry is damaged, refusing to start: {exc}; move the damaged entry "
-            "away (the previous entry of that modality becomes current and the owner's "
-            "current head is fetched again), then restart"
+            f"the head registry is damaged, refusing to start: {exc}; delete that entry "
+            "(the previous entry of that modality becomes current and the owner's current "
+            'head is fetched again), e.g. sqlite3 DIR/registry.sqlite3 "DELETE FROM heads '
+            "WHERE modality='M' AND sequence=N\" (in PostgreSQL: table jacfusion_heads), "
+            "then restart"
         ) from exc
+    from jacfusion_fed.audit import service_identity
+    from jacfusion_fed.rpc.tls import TlsFiles
+
+    cn = "coordinator"
+    if isinstance(sec, TlsFiles):
+        from jacfusion_fed.rpc.identity import principal_from_certificate
+
+        cn = principal_from_certificate(sec.cert).name
+    audit = open_audit_log(
+        audit_log, audit_rotate, sec, service_identity("coordinator", cn), fsync=audit_fsync
+    )
     try:
         running = serve_coordinator(
             coordinator,
@@ -121,6 +148,7 @@ def coordinator_serve(
             max_workers=max_workers,
             metrics_port=metrics_port,
             limits=limits,
+            audit=audit,
         )
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc
@@ -130,6 +158,23 @@ def coordinator_serve(
     )
     say_metrics_url(running)
     serve_until_signal(running, "coordinator", port_file)
+
+
+def open_registry(target: str) -> Any:
+    """The head registry ``--registry`` names (a directory, an SQLite file, a PostgreSQL URI;
+    the rule: :func:`jacfusion_fed.store.registry_backends.open_backend`), or a one-line
+    error: 2 for a bad value or a damaged registry, 1 when the database cannot be reached."""
+    from jacfusion_fed.store import CorruptFileError, HeadRegistry
+    from jacfusion_fed.store.sqlite_db import StoreUnavailableError
+
+    try:
+        return HeadRegistry(target)
+    except CorruptFileError as exc:
+        raise CliError(f"the head registry is damaged, refusing to start: {exc}") from exc
+    except (StoreUnavailableError, TimeoutError) as exc:
+        raise CliError(f"cannot open the head registry: {exc}", exit_code=1) from exc
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--registry {target}: {exc}") from exc
 
 
 def info_payload(info: Any) -> dict[str, Any]:

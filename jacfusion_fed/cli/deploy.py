@@ -20,7 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
-from jacfusion_fed.cli.options import deprecated
+from jacfusion_fed.cli.options import (
+    AuditLogOpt,
+    DpClipOpt,
+    DpNoiseOpt,
+    SecAggOpt,
+    deprecated,
+    private_fedavg,
+)
 from jacfusion_fed.cli.render import err, out, rich_table
 
 deploy_app = typer.Typer(help="Flower Deployment Engine helpers (keys, labels, a local run).")
@@ -137,6 +144,13 @@ def local(
         str,
         typer.Option(help="Address the SuperLink and SuperNodes bind (0.0.0.0: every interface)."),
     ] = "127.0.0.1",
+    sites_per_modality: Annotated[
+        int, typer.Option(min=1, help="SuperNodes (sites) per modality; >1: FedAvg.")
+    ] = 1,
+    secagg: SecAggOpt = False,
+    dp_clip: DpClipOpt = 0.0,
+    dp_noise: DpNoiseOpt = 0.0,
+    audit_log: AuditLogOpt = None,
 ) -> None:
     """SuperLink + one SuperNode per owner on --host, the app via ``flwr run``, the table."""
     from jacfusion_fed.federation import LocalDeployment, NodeKeys, TlsFiles, read_run_results
@@ -150,12 +164,14 @@ def local(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
-    overrides: dict[str, Any] = {}
+    overrides = private_fedavg(secagg, dp_clip, dp_noise, sites_per_modality, audit_log)
     if epochs is not None:
         overrides["epochs"] = epochs
     if columns is not None:
         overrides["columns"] = columns
-    scenario = Scenario.builtin(dataset, quick=quick, **overrides)
+    scenario = Scenario.builtin(
+        dataset, quick=quick, sites_per_modality=sites_per_modality, **overrides
+    )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = (out_dir or Path("runs") / f"deploy-{dataset}-{stamp}").resolve()
     prepared = prepare_run(scenario, folder)
@@ -176,6 +192,7 @@ def local(
         )
         c = pki.coordinator_dir
         tls = TlsFiles(c / "ca.pem", c / "cert.pem", c / "key.pem")
+
         keys = {
             n: NodeKeys(d / "supernode_auth.key", d / "supernode_auth.pub")
             for n, d in pki.owner_dirs.items()
@@ -183,6 +200,8 @@ def local(
     from jacfusion_fed.federation.scenario import DEFAULT_RUN_CONFIG
 
     run_config = {k: v for k, v in prepared.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
+    if tls is not None and audit_log is not None:  # the ServerApp signs with the SuperLink's key
+        run_config["audit-tls"] = str(tls.cert.parent)
     t0 = time.perf_counter()
     status = err()
     with LocalDeployment(

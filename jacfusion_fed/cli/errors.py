@@ -22,12 +22,9 @@ import click
 import typer
 
 from jacfusion_fed.cli import logs
+from jacfusion_fed.cli.cli_error import EXIT_FAILED, EXIT_USAGE, CliError
 
-__all__ = ["CliError", "describe", "fail", "guarded", "print_error"]
-
-#: Exit codes: 1 the remote side or the run failed, 2 the command line or a local file is wrong.
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "CliError", "describe", "fail", "guarded", "print_error"]
 
 LogLevelOpt = Annotated[
     str,
@@ -36,15 +33,6 @@ LogLevelOpt = Annotated[
         help="debug, info, warning or error; debug also shows tracebacks and gRPC/Flower logs.",
     ),
 ]
-
-
-class CliError(Exception):
-    """A mistake the user can fix, described in one line (``exit_code`` 2 by default)."""
-
-    def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
 
 
 def _one_line(text: str) -> str:

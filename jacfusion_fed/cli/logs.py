@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+
+from jacfusion_fed.cli.cli_error import CliError
 
 __all__ = ["configure_environment", "current_level", "peek_level", "quiet_flower", "setup"]
 
@@ -54,8 +57,6 @@ def configure_environment(level: str) -> None:
     user) and Python warnings from dependencies below ``debug``."""
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
     if level != "debug":
-        import warnings
-
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -65,8 +66,6 @@ def setup(level: str) -> None:
     from WARNING up, unless ``debug``: see :class:`_StderrHandler`)."""
     name = level.lower()
     if name not in LEVELS:
-        from jacfusion_fed.cli.errors import CliError
-
         raise CliError(f"--log-level must be one of {', '.join(LEVELS)}, got {level!r}")
     _state["level"] = name
     root = logging.getLogger()

@@ -6,8 +6,12 @@ Glossary (an option name means the same thing in every command that has it):
   ``certs``) or a file (``bench ...``, ``deploy key``, ``deploy labels``). Never read.
 - ``--workdir DIR``: keep the intermediate files of a run here (default: a temporary folder
   that is deleted at the end).
-- ``--workspace DIR``: an owner's persistent state (model store, logit cache), read and written
-  across runs. ``--registry DIR``: the coordinator's head registry, the same idea.
+- ``--workspace DIR``: an owner's persistent state (model store, logit cache, live records),
+  read and written across runs. ``--registry DIR|FILE.sqlite3|postgresql://...``: the
+  coordinator's head registry, the same idea (a directory holds ``registry.sqlite3``; replicas
+  on several hosts share a PostgreSQL database).
+- ``--batch N``: how many items one request carries (``submit``: records per ``PutRecords``;
+  ``bench``: ids per request).
 - ``--method NAME``: the fusion method, one of :data:`FUSION_METHODS`, spelled as in the tables
   and the JSON output. (``simulate --training`` names the owners' training add-on.)
 - ``--gamma VALUE``: gamma of the Jacobian fusion in (0, 1] for every modality, or ``auto``
@@ -34,6 +38,18 @@ Glossary (an option name means the same thing in every command that has it):
   (``owner serve``, ``coordinator serve``; 0: any free port; default: none).
   ``--max-streams-per-peer N``: streaming calls one peer may hold at once (default: a quarter
   of ``--max-workers``); more are answered ``RESOURCE_EXHAUSTED``.
+- ``--audit-log PATH``: append a hash-chained, signed record of every call that touches
+  patient data or a model to this file (``owner serve``, ``coordinator serve``, ``owner
+  import-model``, ``owner rekey``, ``simulate``, ``deploy local``); ``--audit-rotate SPEC``:
+  begin a new file at a size or age (``64MiB``, ``1d``, both: ``64MiB,1d``; ``none``). Read
+  with ``audit verify`` / ``audit show``. ``--audit-fsync entry|checkpoint``: sync every
+  entry to disk before the response (survives a power loss; the default) or only at
+  checkpoints (survives a crash of the service only; see docs/audit.md for what each costs).
+- ``--secagg``: FedAvg rounds of a modality held by several sites with Flower's SecAgg+
+  (the coordinator sees only the sum of the sites' updates); ``--dp-clip C --dp-noise SIGMA``:
+  central differential privacy on those rounds (each site's update clipped to L2 norm C,
+  Gaussian noise of standard deviation SIGMA * C / sites added to the average)
+  (``simulate``, ``deploy local``).
 - ``certs --coordinator-name NAME[@HOST,...]`` names the coordinator's certificate (not an
   address, hence not ``--coordinator``).
 
@@ -46,7 +62,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 
@@ -57,19 +73,26 @@ __all__ = [
     "DEFAULT_OWNER_PORT",
     "FUSION_METHODS",
     "LOG_LEVELS",
+    "AuditFsyncOpt",
+    "AuditLogOpt",
+    "AuditRotateOpt",
     "CoordinatorOpt",
+    "DpClipOpt",
+    "DpNoiseOpt",
     "HostOpt",
     "InsecureOpt",
     "JsonOpt",
     "MaxStreamsPerPeerOpt",
     "MetricsPortOpt",
     "PortFileOpt",
+    "SecAggOpt",
     "TimeoutOpt",
     "TlsOpt",
     "check_choice",
     "deprecated",
     "parse_gamma",
     "parse_gamma_or_auto",
+    "private_fedavg",
 ]
 
 #: The one default port of the coordinator (``coordinator serve``, ``predict``,
@@ -131,6 +154,36 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print JSON (same names as the tables) instead of tables.")
 ]
 TimeoutOpt = Annotated[float, typer.Option(help="Deadline of every call (s).", min=0.001)]
+AuditLogOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Append a tamper-evident record of every call touching patient data or models "
+        "to this file (see `jacfusion-fed audit`).",
+        show_default=False,
+    ),
+]
+AuditFsyncOpt = Annotated[
+    str,
+    typer.Option(help="Sync audit entries to disk: entry (before each response) or checkpoint."),
+]
+SecAggOpt = Annotated[
+    bool,
+    typer.Option("--secagg", help="FedAvg rounds with Flower's SecAgg+ (several sites each)."),
+]
+DpClipOpt = Annotated[
+    float,
+    typer.Option(
+        help="Central DP: clip each site's FedAvg update to this L2 norm (0: off).", min=0
+    ),
+]
+DpNoiseOpt = Annotated[
+    float,
+    typer.Option(help="Central DP: noise multiplier sigma (std sigma * clip / sites).", min=0),
+]
+AuditRotateOpt = Annotated[
+    str,
+    typer.Option(help="Begin a new audit file at this size or age: 64MiB, 1d, 64MiB,1d, none."),
+]
 
 
 def deprecated(old: str, new: str, value: T | None, current: T) -> T:
@@ -170,3 +223,21 @@ def parse_gamma_or_auto(text: str, *, option: str = "--gamma") -> float | None:
         return parse_gamma(text, option=option)
     except CliError:
         raise CliError(f"{option} must be 'auto' or a value in (0, 1], got {text!r}") from None
+
+
+def private_fedavg(
+    secagg: bool, dp_clip: float, dp_noise: float, sites: int, audit_log: Path | None
+) -> dict[str, Any]:
+    """Run config values of ``--secagg``, ``--dp-clip``, ``--dp-noise`` and ``--audit-log``
+    (``simulate``, ``deploy local``); :class:`CliError` when they cannot apply."""
+    if (secagg or dp_clip or dp_noise) and sites < 2:
+        raise CliError(
+            "--secagg and --dp-clip/--dp-noise protect FedAvg rounds: pass "
+            "--sites-per-modality 2 or more"
+        )
+    if dp_noise and not dp_clip:
+        raise CliError("--dp-noise needs --dp-clip (the noise is scaled by the clipping norm)")
+    out: dict[str, Any] = {"secagg": secagg, "dp_clip": dp_clip, "dp_noise": dp_noise}
+    if audit_log is not None:
+        out["audit_log"] = str(audit_log.expanduser().resolve())
+    return out

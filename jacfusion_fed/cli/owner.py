@@ -7,9 +7,13 @@ from typing import Annotated
 
 import typer
 
+from jacfusion_fed.cli.audit import open_audit_log
 from jacfusion_fed.cli.errors import CliError
 from jacfusion_fed.cli.options import (
     DEFAULT_OWNER_PORT,
+    AuditFsyncOpt,
+    AuditLogOpt,
+    AuditRotateOpt,
     HostOpt,
     InsecureOpt,
     MaxStreamsPerPeerOpt,
@@ -54,6 +58,9 @@ def owner_serve(
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
     max_streams_per_peer: MaxStreamsPerPeerOpt = None,
     metrics_port: MetricsPortOpt = None,
+    audit_log: AuditLogOpt = None,
+    audit_rotate: AuditRotateOpt = "64MiB",
+    audit_fsync: AuditFsyncOpt = "entry",
 ) -> None:
     """Serve this owner's ModalityService (head, logits) to the coordinator until SIGTERM."""
     sec = security(tls, insecure)
@@ -61,8 +68,9 @@ def owner_serve(
     from jacfusion_fed.rpc.auth import check_own_certificate
     from jacfusion_fed.rpc.tls import TlsFiles
 
+    owner_cn = name or f"{modality}-owner"
     if isinstance(sec, TlsFiles):  # never serve under another role's or modality's certificate
-        check_own_certificate(sec, "owner", modality)
+        owner_cn = check_own_certificate(sec, "owner", modality).name
     pseudonymizer = Pseudonymizer.from_file(pseudonym_key)
     host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
@@ -75,6 +83,10 @@ def owner_serve(
     if train_if_missing and ws.store.current_version() is None:
         err().print(f"training a {modality!r} model ({epochs} epochs) ...")
         ws.train(epochs=epochs)
+    from jacfusion_fed.audit import service_identity
+
+    service = service_identity("owner", owner_cn, modality)
+    audit = open_audit_log(audit_log, audit_rotate, sec, service, fsync=audit_fsync)
     try:
         running = serve_owner(
             ws,
@@ -86,6 +98,7 @@ def owner_serve(
             use_logit_cache=logit_cache,
             metrics_port=metrics_port,
             limits=limits,
+            audit=audit,
         )
     except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
         raise CliError(f"cannot serve on {host}:{port}: {exc}") from exc

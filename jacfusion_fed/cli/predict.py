@@ -3,15 +3,17 @@
 Start-up matters here (a requester may call it per patient): this module and what it imports
 at start stay free of torch, Flower, numpy and the coordinator (``tests/test_cli_output.py``
 checks). It pseudonymizes and calls through the requester's client,
-:meth:`jacfusion_fed.client.Requester.ask`, whose answers the one FusionService codec
-(:mod:`jacfusion_fed.rpc.fusion_codec`) decodes.
+:meth:`jacfusion_fed.requester.Requester.ask`, whose answers the one FusionService codec
+(:mod:`jacfusion_fed.rpc.fusion_codec`) decodes into the one answer type,
+:class:`jacfusion_fed.answer.FusedAnswer`. The requester, gRPC and the codec are imported by
+the command itself, once its options are checked: this is the predict start-up edge.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -27,8 +29,12 @@ from jacfusion_fed.cli.options import (
     deprecated,
     parse_gamma,
 )
-from jacfusion_fed.cli.render import new_table, out, print_json
+from jacfusion_fed.cli.records import print_accuracy
+from jacfusion_fed.cli.render import err, new_table, out, print_json
 from jacfusion_fed.cli.transport import coordinator_targets, rpc_failure, security
+
+if TYPE_CHECKING:
+    from jacfusion_fed.answer import FusedAnswer
 
 __all__ = ["predict", "register"]
 
@@ -133,7 +139,7 @@ def predict(
     targets = coordinator_targets(coordinator)
     import grpc
 
-    from jacfusion_fed.client.requester import Requester
+    from jacfusion_fed.requester.requester import Requester
     from jacfusion_fed.rpc.channels import replica_target
     from jacfusion_fed.rpc.fusion_codec import PredictOptions
 
@@ -160,88 +166,82 @@ def predict(
         ids_are_pseudonyms=not keyed,
         timeout=timeout,
     ) as client:
-        sent = client.pseudonyms(given)
+        sent = client.pseudonyms(given)  # once: the answer and an error both name them
         try:
-            answer, sent_to_local = client.ask(given, opts, stream=stream, chunk_size=chunk_size)
+            answer = client.ask(given, opts, stream=stream, chunk_size=chunk_size, pseudonyms=sent)
             info = client.model_info()
         except grpc.RpcError as exc:
             local = dict(zip(sent, given, strict=True)) if keyed else {}
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise _unknown_ids(exc, local, sent, keyed) from exc
             raise rpc_failure(exc, coordinator, sec) from exc
-    local = sent_to_local if keyed else {}
-    width = len(answer.probabilities[0]) if answer.probabilities else 0
-    names = list(info.class_names) or [str(k) for k in range(width)]
+    names = list(info.class_names) or [str(k) for k in range(answer.num_classes)]
     if labels is not None:  # to stderr: --json output stays one JSON document
-        from jacfusion_fed.cli.records import print_accuracy
-        from jacfusion_fed.cli.render import err
-
-        print_accuracy(answer.sample_ids, answer.labels, local, labels, err())
+        local = dict(answer.local_ids)
+        print_accuracy(answer.sample_ids, answer.predicted_labels, local, labels, err())
     if as_json:
-        print_json(answer.to_json(names, local))
+        print_json(answer.to_json(names))
         return
-    _print_tables(answer, names, local)
+    _print_tables(answer, names)
 
 
-def _print_tables(answer: Any, names: list[str], local: dict[str, str]) -> None:
+def _print_tables(answer: FusedAnswer, names: list[str]) -> None:
     console = out()
+    local = answer.local_ids
     table = new_table(
         f"fused predictions ({answer.method})",
         ["local id" if local else "sample id", "label", "p(label)", "modalities used"],
         right=("p(label)",),
     )
+    rows = answer.probability_rows()
+    used = answer.modalities_used
     for i, sid in enumerate(answer.sample_ids):
-        label = answer.labels[i]
+        label = answer.predicted_labels[i]
         table.add_row(
             local.get(sid, sid),
             names[label] if label < len(names) else str(label),
-            f"{answer.probabilities[i][label]:.4f}",
-            ", ".join(c.modality for c in answer.contributions if c.used[i]),
+            f"{rows[i][label]:.4f}",
+            ", ".join(used[i]),
         )
     console.print(table)
-    if answer.robust:
-        _print_robust(answer, names, local)
+    if answer.robust is not None:
+        _print_robust(answer, names)
     mods = new_table(
         "modalities",
         ["modality", "owner", "model version", "samples", "gamma", "error"],
         right=("samples", "gamma"),
     )
-    for c in answer.contributions:
+    for c in answer.modalities:
         shown_gamma = f"{c.gamma:g}{' (reg.)' if c.regularized else ''}"
         mods.add_row(
             c.modality,
             c.owner,
             c.model_version,
-            str(sum(c.used)),
+            str(c.samples_used),
             shown_gamma if answer.method == "jacobian" else "",
             c.error or "; ".join(c.site_errors),
         )
     console.print(mods)
-    if answer.unpredicted:
-        console.print(
-            "not predicted: " + ", ".join(local.get(s, s) for s in answer.unpredicted),
-            highlight=False,
-        )
+    if answer.unpredicted_sample_ids:
+        console.print("not predicted: " + ", ".join(answer.unpredicted), highlight=False)
 
 
-def _print_robust(answer: Any, names: list[str], local: dict[str, str]) -> None:
+def _print_robust(answer: FusedAnswer, names: list[str]) -> None:
     """Robust fusion: per sample each used modality's reliability, the conformal prediction
     set and whether to abstain (not trust the label)."""
+    assert answer.robust is not None
+    local = answer.local_ids
     table = new_table(
         "robust fusion", ["local id" if local else "sample id", "reliability", "set", "abstain"]
     )
     for i, sid in enumerate(answer.sample_ids):
-        rel = ", ".join(
-            f"{c.modality} {c.reliability[i]:.3f}"
-            for c in answer.contributions
-            if c.used[i] and c.reliability
-        )
-        members = [names[k] if k < len(names) else str(k) for k in answer.prediction_sets[i]]
+        rel = ", ".join(f"{m} {r:.3f}" for m, r in answer.reliability(i).items())
+        members = [names[k] if k < len(names) else str(k) for k in answer.robust.prediction_sets[i]]
         table.add_row(
             local.get(sid, sid),
             rel,
             "{" + ", ".join(members) + "}",
-            "yes" if answer.abstain[i] else "no",
+            "yes" if answer.robust.abstain[i] else "no",
         )
     out().print(table)
 

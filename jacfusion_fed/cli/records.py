@@ -2,7 +2,7 @@
 ``forget`` and ``rekey-map``.
 
 ``submit`` and ``forget`` pseudonymize the local ids with the deployment key before anything
-is sent (through :class:`jacfusion_fed.client.Requester`); raw ids never leave the requester.
+is sent (through :class:`jacfusion_fed.requester.Requester`); raw ids never leave the requester.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from jacfusion_fed.cli.audit import local_audit
+from jacfusion_fed.cli.options import AuditLogOpt
+
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 TlsOpt = Annotated[Path, typer.Option("--tls", help="Requester certificate directory.")]
 KeyOpt = Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")]
+AuditTlsOpt = Annotated[
+    Path | None, typer.Option("--tls", help="The owner's certificate directory (signs the audit).")
+]
 
 
 def _owner_group(app: typer.Typer) -> typer.Typer:
@@ -78,6 +84,8 @@ def import_model_cmd(
     ] = None,
     mean: Annotated[str | None, typer.Option(help="Normalisation mean(s), per channel.")] = None,
     std: Annotated[str | None, typer.Option(help="Normalisation std(s), per channel.")] = None,
+    audit_log: AuditLogOpt = None,
+    tls: AuditTlsOpt = None,
 ) -> None:
     """Publish an externally trained model as the owner's new current version (no training)."""
     from jacfusion_fed.owner import OwnerWorkspace
@@ -102,9 +110,11 @@ def import_model_cmd(
         elif data is None:
             raise typer.BadParameter("pass --input-shape (one record's shape) or --data")
         ws = OwnerWorkspace(workspace, modality, data, None)
-        report = import_model(
-            ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
-        )
+        with local_audit(audit_log, tls, modality, "ImportModel") as record:
+            report = import_model(
+                ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
+            )
+            record({modality: report.version}, format=report.format)
     except (ModelImportError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
     console.print(
@@ -126,6 +136,8 @@ def rekey_cmd(
         Path | None,
         typer.Option("--map", help="JSON {old pseudonym: new pseudonym} from `rekey-map`."),
     ] = None,
+    audit_log: AuditLogOpt = None,
+    tls: AuditTlsOpt = None,
 ) -> None:
     """Rotate the pseudonym key of a stopped owner: re-key its live records (by the requester's
     map; unmapped records are erased), drop every logit cache, retire the old pseudonyms."""
@@ -137,7 +149,12 @@ def rekey_cmd(
         if not isinstance(mapping, dict):
             raise ValueError(f"{map_file} must hold a JSON object {{old: new}}")
         ws = OwnerWorkspace(workspace, modality, data, Pseudonymizer.from_file(old_key))
-        renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+        old_fingerprint = ws.key_fingerprint
+        with local_audit(audit_log, tls, modality, "Rekey") as record:
+            renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+            record(
+                old_key=old_fingerprint, new_key=ws.key_fingerprint, renamed=renamed, erased=erased
+            )
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     console.print(
@@ -150,7 +167,7 @@ def rekey_cmd(
 
 
 def _requester(owners: dict[str, str], tls: Path, key: Path) -> Any:
-    from jacfusion_fed.client import Requester
+    from jacfusion_fed.requester import Requester
 
     return Requester(owners=owners, tls=tls, pseudonym_key=key)
 
@@ -173,8 +190,10 @@ def submit(
     pseudonym_key: KeyOpt,
     inputs: Annotated[Path, typer.Option(help=".npz with `ids` (strings) and `x` (records).")],
     replace: Annotated[bool, typer.Option(help="Overwrite records stored differently.")] = False,
+    batch: Annotated[int, typer.Option(help="Records per PutRecords call.", min=1)] = 1024,
 ) -> None:
-    """Send new records to an owner (ids pseudonymized here first)."""
+    """Send new records to an owner (ids pseudonymized here first), any number of them: in
+    batches, each stored whole or not at all; after a failure, rerun the same command."""
     import grpc
     import numpy as np
 
@@ -186,12 +205,12 @@ def submit(
         raise _fail(f"{inputs}: needs arrays `ids` (strings) and `x` ({exc})") from exc
     try:
         with _requester({modality: owner}, tls, pseudonym_key) as req:
-            result = req.submit(modality, ids, x, replace=replace)
+            result = req.submit(modality, ids, x, replace=replace, batch_size=batch)
     except grpc.RpcError as exc:
         raise _rpc_fail(exc) from exc
     console.print(
         f"{modality}: {result.stored} new, {result.replaced} replaced, {result.unchanged} "
-        f"unchanged (model version {result.model_version})"
+        f"unchanged in {result.batches} batch(es) (model version {result.model_version})"
     )
 
 
@@ -245,8 +264,8 @@ def print_accuracy(
     sample_ids: list[str], predicted: Any, local: dict[str, str], labels: Path, out: Console
 ) -> float | None:
     """Print (and return) the accuracy of ``predicted`` against a labels file, keyed by local
-    id or pseudonym (see :func:`jacfusion_fed.client.load_labels`)."""
-    from jacfusion_fed.client import load_labels
+    id or pseudonym (see :func:`jacfusion_fed.requester.load_labels`)."""
+    from jacfusion_fed.requester import load_labels
 
     try:
         truth = load_labels(labels)

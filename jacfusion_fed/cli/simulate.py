@@ -17,7 +17,15 @@ import typer
 
 from jacfusion_fed.cli import logs
 from jacfusion_fed.cli.errors import EXIT_FAILED, CliError
-from jacfusion_fed.cli.options import check_choice, deprecated
+from jacfusion_fed.cli.options import (
+    AuditLogOpt,
+    DpClipOpt,
+    DpNoiseOpt,
+    SecAggOpt,
+    check_choice,
+    deprecated,
+    private_fedavg,
+)
 from jacfusion_fed.cli.render import err, out, rich_table
 
 __all__ = ["register", "simulate"]
@@ -58,6 +66,10 @@ def simulate(
         typer.Option(min=1, help="Owners (sites, disjoint patients) per modality; >1: FedAvg."),
     ] = 1,
     fedavg_rounds: Annotated[int, typer.Option(min=1, help="FedAvg rounds (several sites).")] = 3,
+    secagg: SecAggOpt = False,
+    dp_clip: DpClipOpt = 0.0,
+    dp_noise: DpNoiseOpt = 0.0,
+    audit_log: AuditLogOpt = None,
     full_head: Annotated[
         bool, typer.Option("--full-head", help="Owners share W and b instead of only W W^T.")
     ] = False,
@@ -91,6 +103,7 @@ def simulate(
     from jacfusion_fed.federation.scenario import Scenario, run_scenario
 
     overrides: dict[str, Any] = {"training": training, "fedavg_rounds": fedavg_rounds}
+    overrides |= private_fedavg(secagg, dp_clip, dp_noise, sites_per_modality, audit_log)
     overrides["head_kind"] = "full" if full_head else "gram"
     overrides["gamma"] = gamma
     for key, value in (

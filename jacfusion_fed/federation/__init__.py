@@ -9,28 +9,28 @@ messages, and keep the coordinator's inbox to an allow-list. No ML in here.
 - `check_reply_allowed` with `RecordSpec` / `ArraySpec` / `ValueSpec`: reply allow-list.
 - `write_run_results` / `read_run_results`: ServerApp -> caller, through ``run-dir``.
 
-Importing this package sets Flower/Ray's offline, loopback-only environment variables
-(see ``_env``) before ``flwr`` or ``ray`` are imported through it.
+Importing this package changes nothing in the environment: Flower/Ray's offline,
+loopback-only environment variables (see ``_env``) are set where a simulation starts Ray
+(`run_simulation_app`) and where a deployment starts its processes (`LocalDeployment`, whose
+children get them through ``child_env``), with the copies in already imported ``flwr``/``ray``
+modules patched there too.
 """
 
-from ._env import OFFLINE_ENV, apply_offline_defaults
-
-apply_offline_defaults()
-
 # The processes and TLS files a deployment is made of, from the layers below (package API).
-from jacfusion_fed.processes import ManagedProcess, free_port  # noqa: E402
-from jacfusion_fed.rpc.tls import TlsFiles  # noqa: E402
+from jacfusion_fed.processes import ManagedProcess, free_port
+from jacfusion_fed.rpc.tls import TlsFiles
 
-from .allowlist import (  # noqa: E402
+from ._env import OFFLINE_ENV, apply_offline_defaults
+from .allowlist import (
     ArraySpec,
     RecordSpec,
     ReplyNotAllowedError,
     ValueSpec,
     check_reply_allowed,
 )
-from .config import format_config_arg, load_app_run_config, validate_config  # noqa: E402
-from .deployment import LocalDeployment, NodeKeys, SuperNodeHandle  # noqa: E402
-from .flwr_cli import (  # noqa: E402
+from .config import format_config_arg, load_app_run_config, validate_config
+from .deployment import LocalDeployment, NodeKeys, SuperNodeHandle
+from .flwr_cli import (
     CONNECTION_NAME,
     DeploymentError,
     FlwrCli,
@@ -38,7 +38,7 @@ from .flwr_cli import (  # noqa: E402
     RunFailedError,
     RunInfo,
 )
-from .messaging import (  # noqa: E402
+from .messaging import (
     NO_REPLY_CODE,
     NOT_ALLOWED_CODE,
     NodeReplyError,
@@ -47,15 +47,15 @@ from .messaging import (  # noqa: E402
     send_and_collect,
     wait_for_nodes,
 )
-from .results import (  # noqa: E402
+from .results import (
     RESULTS_FILE,
     RUN_DIR_KEY,
     read_run_results,
     run_dir_from_context,
     write_run_results,
 )
-from .run_config import RunConfig, RunConfigError  # noqa: E402
-from .simulation import (  # noqa: E402
+from .run_config import RunConfig, RunConfigError
+from .simulation import (
     SimulatedNodeClientApp,
     SimulationResult,
     WithRunConfigServerApp,

@@ -1,7 +1,10 @@
 """Process environment for Flower and Ray: offline, loopback-only.
 
-Imported (and applied) before anything in this package imports ``flwr`` or ``ray``, because
-both read some of these variables once, at import time:
+Applied where Ray or Flower start, not on import (importing the package changes no
+environment variable): :func:`apply_offline_defaults` by ``run_simulation_app`` before it
+imports and starts Ray, and by ``LocalDeployment``, whose children also get them through
+:func:`child_env`. Both libraries read some of these variables once, at import time, so the
+copies in modules already imported are patched as well:
 
 - ``FLWR_TELEMETRY_ENABLED=0``: Flower otherwise posts an event to telemetry.flower.ai on
   every ``run_simulation`` / ``flwr run``.
@@ -15,8 +18,8 @@ both read some of these variables once, at import time:
 - ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0``: silences a FutureWarning on every ``ray.init``.
 - ``RAY_ENABLE_UV_RUN_RUNTIME_ENV=0``: Ray must never try ``uv run`` for workers.
 
-For modules that were imported before this one (a caller may import ``ray`` first), the
-module-level copies are patched as well (`patch_imported_modules`).
+The module-level copies in ``flwr``/``ray`` modules imported earlier are patched by
+`patch_imported_modules`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ in the reply; every other occurrence must agree. So features of shape ``(N, H)``
 Arrays are deserialized here (``allow_pickle=False``) and the actual ndarray is checked,
 not only the metadata a client declares; trailing bytes after the array are rejected.
 
+SecAgg+'s masked messages carry arrays as ``.npy`` payloads inside a ConfigRecord (a list of
+bytes) and keys and secret shares as bytes: :class:`PackedArraysSpec` checks such a list
+exactly like arrays (count, order, shape, dtype, and a value range), and
+:meth:`ValueSpec.bytes_list` bounds lists of opaque bytes (see
+:mod:`jacfusion_fed.federation.private` for the four SecAgg+ replies).
+
 Example::
 
     HEAD_REPLY = {
@@ -40,6 +46,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 __all__ = [
     "ArraySpec",
+    "PackedArraysSpec",
     "RecordSpec",
     "ReplyNotAllowedError",
     "ValueSpec",
@@ -122,25 +129,47 @@ class ValueSpec:
         """A list of at most ``max_items`` ints (e.g. class counts)."""
         return cls((int,), max_items=max_items)
 
+    @classmethod
+    def bytes_list(cls, max_items: int, max_len: int) -> ValueSpec:
+        """A list of at most ``max_items`` byte strings of at most ``max_len`` bytes each
+        (e.g. SecAgg+'s encrypted key shares)."""
+        return cls((bytes,), max_items=max_items, max_len=max_len)
+
+
+@dataclass(frozen=True)
+class PackedArraysSpec:
+    """A ConfigRecord field holding exactly ``len(arrays)`` ``.npy`` payloads (bytes), in
+    order, each matching its :class:`ArraySpec`; with ``below``, every value in [0, below)
+    (e.g. SecAgg+'s masked vectors: integers modulo the protocol's range)."""
+
+    arrays: tuple[ArraySpec, ...]
+    below: int | None = None
+
 
 @dataclass(frozen=True)
 class RecordSpec:
     """An allowed record: its type and its fields (all required unless listed optional)."""
 
     kind: RecordKind
-    fields: Mapping[str, ArraySpec | ValueSpec]
+    fields: Mapping[str, ArraySpec | ValueSpec | PackedArraysSpec]
     optional_fields: frozenset[str] = field(default_factory=frozenset)
     required: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in _TYPE_NAME:
             raise ValueError(f"RecordSpec.kind must be one of {sorted(_TYPE_NAME)}")
-        want = ArraySpec if self.kind == "array" else ValueSpec
+        want: tuple[type, ...] = (
+            (ArraySpec,)
+            if self.kind == "array"
+            else (ValueSpec, PackedArraysSpec)
+            if self.kind == "config"
+            else (ValueSpec,)
+        )
         for name, spec in self.fields.items():
             if not isinstance(spec, want):
                 raise TypeError(
                     f"field {name!r} of a {_TYPE_NAME[self.kind]} spec must be a "
-                    f"{want.__name__}, got {type(spec).__name__}"
+                    f"{' or '.join(w.__name__ for w in want)}, got {type(spec).__name__}"
                 )
         unknown = set(self.optional_fields) - set(self.fields)
         if unknown:
@@ -171,7 +200,7 @@ class RecordSpec:
     @classmethod
     def configs(
         cls,
-        fields: Mapping[str, ValueSpec],
+        fields: Mapping[str, ValueSpec | PackedArraysSpec],
         *,
         optional: frozenset[str] | set[str] = frozenset(),
         required: bool = True,
@@ -184,7 +213,19 @@ def _load_array(arr: Array, where: str, problems: list[str]) -> np.ndarray | Non
     if arr.stype != "numpy.ndarray":
         problems.append(f"{where}: unsupported serialization type {arr.stype!r}")
         return None
-    buf = io.BytesIO(arr.data)
+    nd = _load_npy(arr.data, where, problems)
+    if nd is not None and (tuple(nd.shape) != tuple(arr.shape) or str(nd.dtype) != arr.dtype):
+        problems.append(
+            f"{where}: declared {arr.dtype}{tuple(arr.shape)} but payload is "
+            f"{nd.dtype}{tuple(nd.shape)}"
+        )
+        return None
+    return nd
+
+
+def _load_npy(data: bytes, where: str, problems: list[str]) -> np.ndarray | None:
+    """One ``.npy`` payload (no pickles, no object arrays, no trailing bytes)."""
+    buf = io.BytesIO(data)
     try:
         version = npy_format.read_magic(buf)
         if version == (1, 0):
@@ -206,19 +247,31 @@ def _load_array(arr: Array, where: str, problems: list[str]) -> np.ndarray | Non
     if not isinstance(nd, np.ndarray):
         problems.append(f"{where}: payload is not a single array")
         return None
-    if len(arr.data) != header_end + nd.nbytes:
+    if len(data) != header_end + nd.nbytes:
         problems.append(
-            f"{where}: payload has {len(arr.data) - header_end - nd.nbytes} unexpected "
+            f"{where}: payload has {len(data) - header_end - nd.nbytes} unexpected "
             "extra bytes after the array"
         )
         return None
-    if tuple(nd.shape) != tuple(arr.shape) or str(nd.dtype) != arr.dtype:
-        problems.append(
-            f"{where}: declared {arr.dtype}{tuple(arr.shape)} but payload is "
-            f"{nd.dtype}{tuple(nd.shape)}"
-        )
-        return None
     return nd
+
+
+def _check_packed(
+    value: Any, spec: PackedArraysSpec, where: str, dims: dict[str, int], problems: list[str]
+) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        problems.append(f"{where}: expected a list of .npy payloads (bytes)")
+        return
+    if len(value) != len(spec.arrays):
+        problems.append(f"{where}: {len(value)} arrays, allowed exactly {len(spec.arrays)}")
+        return
+    for i, (data, array_spec) in enumerate(zip(value, spec.arrays, strict=True)):
+        nd = _load_npy(data, f"{where}[{i}]", problems)
+        if nd is None:
+            continue
+        _check_array(nd, array_spec, f"{where}[{i}]", dims, problems)
+        if spec.below is not None and nd.size and (nd.min() < 0 or nd.max() >= spec.below):
+            problems.append(f"{where}[{i}]: values outside [0, {spec.below})")
 
 
 def _check_array(
@@ -313,7 +366,9 @@ def check_reply_allowed(
             where = f"{name}[{key!r}]"
             field_spec = spec.fields[key]
             value = record[key]
-            if isinstance(field_spec, ArraySpec):
+            if isinstance(field_spec, PackedArraysSpec):
+                _check_packed(value, field_spec, where, bound, problems)
+            elif isinstance(field_spec, ArraySpec):
                 if not isinstance(value, Array):
                     problems.append(f"{where}: not an Array ({type(value).__name__})")
                     continue

@@ -11,7 +11,8 @@ validation samples; both score arrays must have that one length):
                  conformity-scores (V,), all float64
 
 The coordinator checks a reply with ``check_reply_allowed(reply, {**head_spec,
-**calibration_reply_spec()})`` and rebuilds the calibration with
+**calibration_reply_spec()})`` (the allow-list entry lives in :mod:`.protocol` with the other
+reply specs, and is re-exported here) and rebuilds the calibration with
 :func:`calibration_from_record` (which also refuses unsorted scores: sorted, they carry no
 per-sample order).
 """
@@ -23,11 +24,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from jacfusion_fed.fusion import ModalityCalibration, fit_calibration
-from jacfusion_fed.fusion.robust import CALIBRATION_FIELDS
 from jacfusion_fed.training import predict_logits
 
-from .allowlist import ArraySpec, RecordSpec
-from .protocol import arrays_record
+from .protocol import CALIBRATION_RECORD, CALIBRATION_WIRE, arrays_record, calibration_reply_spec
 
 __all__ = [
     "CALIBRATION_RECORD",
@@ -37,21 +36,7 @@ __all__ = [
     "owner_calibration",
 ]
 
-CALIBRATION_RECORD = "calibration"
-_F64 = frozenset({"float64"})
-_WIRE = {f: f.replace("_", "-") for f in CALIBRATION_FIELDS}
-_SHAPES: dict[str, tuple[int | str, ...]] = {
-    "class_means": ("K", "K"),
-    "precision": ("K", "K"),
-    "typicality_scores": ("V",),
-    "conformity_scores": ("V",),
-}
-
-
-def calibration_reply_spec(*, required: bool = True) -> dict[str, RecordSpec]:
-    """Allow-list entry of the calibration record (dims ``K``, ``V``)."""
-    fields = {_WIRE[f]: ArraySpec(_SHAPES[f], _F64) for f in CALIBRATION_FIELDS}
-    return {CALIBRATION_RECORD: RecordSpec.arrays(fields, required=required)}
+_WIRE = CALIBRATION_WIRE
 
 
 def calibration_record(cal: ModalityCalibration) -> ArrayRecord:

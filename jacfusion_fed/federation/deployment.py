@@ -52,6 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from jacfusion_fed.processes import ManagedProcess, free_port, stop_all, wait_for_port
+from jacfusion_fed.rpc.bind import check_bind_host, connect_host
 from jacfusion_fed.rpc.tls import TlsFiles
 
 from ._env import LOOPBACK, apply_offline_defaults, child_env
@@ -126,8 +127,6 @@ class LocalDeployment:
             raise ValueError("TLS files are required; pass insecure=True to run without TLS")
         if insecure and node_auth:
             raise ValueError("SuperNode authentication needs TLS; pass node_auth=False too")
-        from jacfusion_fed.rpc.bind import check_bind_host, connect_host
-
         # Where every server binds (--host of SuperLink and SuperNodes) and the address
         # they are dialled at (loopback for 0.0.0.0); TLS certificates must name the latter.
         self.host = check_bind_host(host, what="Flower SuperLink and SuperNodes")

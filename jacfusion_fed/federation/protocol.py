@@ -57,9 +57,13 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from jacfusion_fed.fusion.robust import CALIBRATION_FIELDS
+
 from .allowlist import ArraySpec, RecordSpec, ValueSpec
 
 __all__ = [
+    "CALIBRATION_RECORD",
+    "CALIBRATION_WIRE",
     "CLEAN",
     "EVAL_LABELS_FORMAT",
     "MAX_QUERY_IDS",
@@ -74,6 +78,7 @@ __all__ = [
     "QueryRequest",
     "TrainRequest",
     "app_error_name",
+    "calibration_reply_spec",
     "describe_reply_spec",
     "head_reply_spec",
     "head_request",
@@ -347,14 +352,34 @@ def head_reply_spec(head_kind: str) -> dict[str, RecordSpec]:
         )
     else:
         raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {head_kind!r}")
-    from .calibration import calibration_reply_spec  # it imports this module
-
     return {
         "head": head,
         "metrics": _METRICS,
         "info": RecordSpec.configs(_INFO),
         **calibration_reply_spec(required=False),
     }
+
+
+#: Name of the owner's calibration record (published next to its head, for robust fusion).
+CALIBRATION_RECORD = "calibration"
+#: Wire names of the calibration's arrays (hyphens) and their shapes: ``K`` the head's classes,
+#: ``V`` the owner's validation samples (both score arrays have that one length).
+CALIBRATION_WIRE: dict[str, str] = {f: f.replace("_", "-") for f in CALIBRATION_FIELDS}
+_CALIBRATION_SHAPES: dict[str, tuple[int | str, ...]] = {
+    "class_means": ("K", "K"),
+    "precision": ("K", "K"),
+    "typicality_scores": ("V",),
+    "conformity_scores": ("V",),
+}
+
+
+def calibration_reply_spec(*, required: bool = True) -> dict[str, RecordSpec]:
+    """Allow-list entry of the calibration record (dims ``K``, ``V``; float64 only)."""
+    f64 = frozenset({"float64"})
+    fields = {
+        CALIBRATION_WIRE[f]: ArraySpec(_CALIBRATION_SHAPES[f], f64) for f in CALIBRATION_FIELDS
+    }
+    return {CALIBRATION_RECORD: RecordSpec.arrays(fields, required=required)}
 
 
 def model_template(arrays: ArrayRecord) -> dict[str, ArraySpec]:

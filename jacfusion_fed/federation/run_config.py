@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from jacfusion_fed.data.presets import AVDIGITS_COLUMNS
+from jacfusion_fed.owner.perturbation import PerturbationSpec
+
 __all__ = [
     "DEFAULT_COLUMNS",
     "GAMMA_AUTO",
@@ -34,9 +37,7 @@ __all__ = [
 ConfigValue = bool | int | float | str
 
 #: The paper's Table 1 columns (audio perturbed in the built-in AV-Digits preset).
-DEFAULT_COLUMNS: Final = (
-    "clean; gaussian w0=1; missing w1=8; fgsm w4=0.03; pgd w4=0.03 w5=0.001 w6=20"
-)
+DEFAULT_COLUMNS: Final = AVDIGITS_COLUMNS
 #: Written for ``gamma`` when it is chosen on the validation split.
 GAMMA_AUTO: Final = "auto"
 _GAMMA_AUTO_WORDS = frozenset({"auto", "", "select"})
@@ -44,7 +45,7 @@ _GAMMA_AUTO_WORDS = frozenset({"auto", "", "select"})
 #: listed here so that reading a run config never imports torch).
 TRAINING_METHODS: Final = ("regular", "adversarial", "free", "stability", "mixup")
 HEAD_KINDS: Final = ("gram", "full")
-_PATH_KEYS: Final = ("run_dir", "registry_dir", "labels_file")
+_PATH_KEYS: Final = ("run_dir", "registry_dir", "labels_file", "audit_log", "audit_tls")
 _AT_LEAST_ONE: Final = (
     "expected_nodes",
     "epochs",
@@ -156,6 +157,9 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "gamma": _as_gamma,
     "gamma_candidates": _as_candidates,
     "query_batch_size": _as_int,
+    "secagg": _as_bool,
+    "dp_clip": _as_float,
+    "dp_noise": _as_float,
 }
 
 
@@ -203,6 +207,16 @@ class RunConfig:
     """None ("auto") = chosen on the validation split, or a value in (0, 1]."""
     gamma_candidates: tuple[float, ...] = _PAPER_GAMMAS
     query_batch_size: int = 10_000
+    secagg: bool = False
+    """FedAvg rounds with Flower's SecAgg+ (federation.private)."""
+    dp_clip: float = 0.0
+    """Central DP: clip each site's update to this L2 norm (0 = no DP)."""
+    dp_noise: float = 0.0
+    """Central DP: Gaussian noise multiplier sigma (std sigma * dp-clip / sites)."""
+    audit_log: str = ""
+    """The coordinator's audit log (absolute; "" = none)."""
+    audit_tls: str = ""
+    """Certificate directory whose key signs the audit checkpoints ("" = unsigned)."""
 
     def __post_init__(self) -> None:
         for name in _PATH_KEYS:
@@ -214,6 +228,12 @@ class RunConfig:
                 raise _fail(_key(name), getattr(self, name), "must be >= 1")
         if self.local_epochs < 0:
             raise _fail("local-epochs", self.local_epochs, "must be >= 0 (0 = epochs / rounds)")
+        for name in ("dp_clip", "dp_noise"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise _fail(_key(name), value, "must be a finite number >= 0 (0 = off)")
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise _fail("dp-noise", self.dp_noise, "needs dp-clip > 0 (noise scales with it)")
         for name in ("node_timeout", "reply_timeout", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -238,8 +258,6 @@ class RunConfig:
         parts = [p.strip() for p in self.columns.split(";") if p.strip()]
         if not parts:
             raise _fail("columns", self.columns, "lists no column")
-        from jacfusion_fed.owner.perturbation import PerturbationSpec
-
         for part in parts:
             if part.lower() == "clean":
                 continue

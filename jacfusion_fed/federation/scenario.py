@@ -27,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from jacfusion_fed.atomicio import atomic_write_bytes
+from jacfusion_fed.data.presets import BUILTIN_PRESETS
+from jacfusion_fed.evaluation import Column, Row, Table
+from jacfusion_fed.owner.source import DataSource, load_records
+from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
 
 from .config import ConfigValue, validate_config
 from .protocol import EVAL_LABELS_FORMAT
 from .results import RUN_DIR_KEY, read_run_results
-from .run_config import DEFAULT_COLUMNS, RunConfig
+from .run_config import RunConfig
 from .simulation import SimulationResult, run_simulation_app
 
 __all__ = [
@@ -54,48 +58,6 @@ CLIENT_APP_REF = "jacfusion_fed.clients.client_app:app"
 #: same keys and values as ``[tool.flwr.app.config]`` of ``pyproject.toml``, a test keeps them
 #: equal), so a simulation sees what ``flwr run`` sees.
 DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = RunConfig().to_mapping()
-
-
-@dataclass(frozen=True)
-class BuiltinPreset:
-    """Per built-in dataset: modalities, owner names, the perturbed one, columns, training."""
-
-    modalities: tuple[str, ...]
-    owners: tuple[str, ...]
-    perturbed: str
-    columns: str
-    epochs: int
-    quick_epochs: int
-    lr: float
-    batch_size: int
-    repeats: int
-
-
-BUILTIN_PRESETS: dict[str, BuiltinPreset] = {
-    # Table 1 of the paper: audio perturbed (w0 = 1, w1 = 8, FGSM / PGD w4 = 0.03, w5 = 0.001)
-    "avdigits": BuiltinPreset(
-        modalities=("image", "audio"),
-        owners=("vision-co", "audio-co"),
-        perturbed="audio",
-        columns=DEFAULT_COLUMNS,
-        epochs=15,
-        quick_epochs=20,
-        lr=0.003,
-        batch_size=32,
-        repeats=3,
-    ),
-    "twomoon": BuiltinPreset(
-        modalities=("x", "y"),
-        owners=("x-owner", "y-owner"),
-        perturbed="y",
-        columns="clean; gaussian w0=0.5; missing w1=1; fgsm w4=0.1; pgd w4=0.1 w5=0.01 w6=20",
-        epochs=60,
-        quick_epochs=40,
-        lr=0.01,
-        batch_size=32,
-        repeats=3,
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -213,8 +175,6 @@ def write_eval_labels(path: Path, pseudonymizer: Any, splits: Mapping[str, Any])
 def requester_splits(source: str, modality: str) -> Mapping[str, Any]:
     """Val/test patients (ids, labels) of ``source`` as the requester knows them: the whole
     population, not one site's share."""
-    from jacfusion_fed.owner.source import DataSource, load_records
-
     parsed = dataclasses.replace(DataSource.parse(source), site=0, sites=1)
     records = load_records(parsed, modality)
     missing = [s for s in ("val", "test") if s not in records]
@@ -225,8 +185,6 @@ def requester_splits(source: str, modality: str) -> Mapping[str, Any]:
 
 def prepare_run(scenario: Scenario, run_dir: Path | str) -> PreparedRun:
     """Create the run folder (see the module docstring); return node and run configs."""
-    from jacfusion_fed.privacy import Pseudonymizer, generate_key, write_key
-
     run_dir = Path(run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     secrets = run_dir / "secrets"
@@ -278,8 +236,6 @@ class ScenarioResult:
 
     def table(self) -> Any:
         """The robustness table (:class:`jacfusion_fed.evaluation.Table`), or None."""
-        from jacfusion_fed.evaluation import Column, Row, Table
-
         data = (self.results.get("evaluation") or {}).get("table")
         if not data:
             return None

@@ -42,15 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.common.constant import PARTITION_ID_KEY
+from flwr.serverapp import Grid, ServerApp
+
 from ._env import LOOPBACK, apply_offline_defaults, scoped_environ
 from .config import RESERVED_SIM_KEYS, ConfigValue, validate_config
-
-apply_offline_defaults()
-
-from flwr.app import Context, Message  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import PARTITION_ID_KEY  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 __all__ = [
     "SimulatedNodeClientApp",

@@ -240,12 +240,6 @@ def _statistical(logits: Sequence[ArrayLike], log_prior: Any = None) -> torch.Te
     return statistical_fusion(logits, log_prior)
 
 
-def _jacobian(
-    logits: Sequence[ArrayLike], grams: Sequence[Any], log_prior: Any = None, **options: Any
-) -> torch.Tensor:
-    return jacobian_fusion(logits, grams, log_prior, **options)
-
-
 def _mean(logits: Sequence[ArrayLike]) -> torch.Tensor:
     return mean_fusion(logits)
 
@@ -265,7 +259,7 @@ register(
 register(
     FusionMethod(
         "jacobian",
-        _jacobian,
+        jacobian_fusion,  # called as it is: fuse_full -> jacobian_fusion, no wrapper
         needs=frozenset({"grams"}),
         uses=frozenset({"log_prior"}),
         options=("gamma", "regularize", "iterations", "solver", "tol"),

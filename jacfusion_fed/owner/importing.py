@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .input_spec import InputSpec
@@ -232,8 +233,6 @@ def load_model_file(path: str | Path, *, factory: str | None = None) -> LoadedMo
             raise ModelImportError(f"{path} is a {fmt} archive; --factory is only for weights")
         return _from_archive(fmt, path.read_bytes(), str(path))
     if fmt == "safetensors":
-        from safetensors.torch import load_file
-
         try:
             weights = load_file(str(path), device="cpu")
         except Exception as exc:

@@ -128,9 +128,34 @@ class InputSpec:
             )
         if max_records is not None and arr.shape[0] > max_records:
             raise ValueError(f"batch of {arr.shape[0]} records exceeds the limit {max_records}")
-        for i in range(arr.shape[0]):
-            self.validate_record(arr[i], i)
+        n = arr.shape[0]
+        if n:  # the checks of validate_record, on every record at once (same first error)
+            if tuple(arr.shape[1:]) != self.shape or arr.dtype.kind not in "fiu":
+                self.validate_record(arr[0], 0)
+            self._check_values(arr.reshape(n, -1))
         return np.ascontiguousarray(arr.astype(np.dtype(self.dtype), copy=False))
+
+    def _check_values(self, flat: np.ndarray) -> None:
+        """Vectorized value checks of a batch (rows = records), in validate_record's order."""
+        want = np.dtype(self.dtype)
+        if want.kind in "iu" and flat.dtype.kind == "f":
+            raise RecordError(0, f"dtype {flat.dtype}, expected {self.dtype} (integers)")
+        n = flat.shape[0]
+        bad_finite = n
+        if flat.dtype.kind == "f":
+            finite = np.isfinite(flat).all(axis=1)
+            if not finite.all():
+                bad_finite = int(np.argmin(finite))
+        bad_range = n
+        if self.value_range is not None and flat.shape[1]:
+            lo, hi = self.value_range
+            mins, maxs = flat.min(axis=1), flat.max(axis=1)
+            outside = (mins < lo) | (maxs > hi)
+            if outside.any():
+                bad_range = int(np.argmax(outside))
+        first = min(bad_finite, bad_range)
+        if first < n:  # that record's own checks, in their order, name the problem
+            self.validate_record(flat[first].reshape(self.shape), first)
 
     def validate_record(self, x: np.ndarray, index: int = 0) -> None:
         """Raise :class:`RecordError` unless ``x`` (one record) fits this spec."""

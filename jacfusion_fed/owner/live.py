@@ -1,26 +1,31 @@
 """An owner's live records (sent by requesters with ``PutRecords``) and their logits.
 
-Wraps the durable :class:`~jacfusion_fed.store.RecordStore` with what the serving hot path
-needs: an in-memory set of the stored ids with their expiry times (membership is a set
-lookup), an in-memory logit cache per model version in front of the store's per-record cache,
-and the pseudonyms retired by a key rotation (refused with :class:`RetiredPseudonymError`).
+Wraps the durable :class:`~jacfusion_fed.store.record_store.RecordStore` (one SQLite database,
+``live/records.sqlite3``) with what the serving hot path needs: membership is a lookup in the
+store's in-memory id index, an in-memory logit cache per model version sits in front of the
+store's per-record cache (batched reads and writes: one query per request), and pseudonyms
+retired by a key rotation are refused with :class:`RetiredPseudonymError`.
+
+A workspace still in the old one-file-per-record layout is migrated when its live records are
+first opened (:func:`~jacfusion_fed.store.record_migration.migrate_record_files`, also
+``jacfusion-fed owner migrate-store``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
+import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from jacfusion_fed.store.atomic import read_envelope_meta, read_verified, write_verified
+from jacfusion_fed.store.record_migration import MigrationReport, migrate_record_files
 from jacfusion_fed.store.record_store import PutResult, RecordStore
 
 __all__ = ["LiveRecords", "RetiredPseudonymError"]
+
+log = logging.getLogger(__name__)
 
 
 class RetiredPseudonymError(LookupError):
@@ -32,12 +37,6 @@ class RetiredPseudonymError(LookupError):
             "was rotated); derive the ids with the current pseudonym key"
         )
         self.index = index
-
-
-def _timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    return dt.datetime.fromisoformat(value).timestamp()
 
 
 class LiveRecords:
@@ -52,47 +51,46 @@ class LiveRecords:
     def __init__(
         self, root: str | Path, key_fingerprint: str, *, retention_s: float | None = None
     ) -> None:
+        self.migrated: MigrationReport | None = migrate_record_files(root, key_fingerprint)
+        if self.migrated is not None:
+            log.info(
+                "migrated %d live record(s) and %d cached logit(s) into %s in %.1f s",
+                self.migrated.records,
+                self.migrated.logits,
+                self.migrated.database,
+                self.migrated.seconds,
+            )
         self.store = RecordStore(root, key_fingerprint, retention_s=retention_s)
         self._lock = threading.Lock()
-        self._expires: dict[str, float | None] = {}
-        for sid in self.store.ids():
-            path = self.store.root / "records" / f"{sid}.rec"
-            self._expires[sid] = _timestamp(read_envelope_meta(path).get("expires_at"))
-        self._any_expiry = any(t is not None for t in self._expires.values())
         self._memo: dict[str, dict[str, np.ndarray]] = {}
-        self._retired_path = self.store.root / "RETIRED"
-        self.retired: frozenset[str] = frozenset()
-        if self._retired_path.exists():
-            payload, _ = read_verified(self._retired_path)
-            self.retired = frozenset(json.loads(payload.decode("utf-8")))
+
+    @property
+    def retired(self) -> frozenset[str]:
+        return self.store.retired
 
     def __contains__(self, sid: object) -> bool:
-        return sid in self._expires
+        return sid in self.store
 
     def __len__(self) -> int:
-        return len(self._expires)
+        return len(self.store)
 
     def check_not_retired(self, ids: Sequence[str]) -> None:
-        if self.retired:
+        retired = self.store.retired
+        if retired:
             for i, sid in enumerate(ids):
-                if sid in self.retired:
+                if sid in retired:
                     raise RetiredPseudonymError(i)
 
     def _forget(self, sids: Sequence[str]) -> None:
         with self._lock:
-            for sid in sids:
-                self._expires.pop(sid, None)
-                for table in self._memo.values():
+            for table in self._memo.values():
+                for sid in sids:
                     table.pop(sid, None)
 
     def expire(self) -> list[str]:
         """Erase the records whose retention ran out; returns their ids."""
-        if self.store.retention_s is None and not self._any_expiry:
-            return []  # nothing can expire (no retention now, none stored before)
-        now = time.time()
-        due = [s for s, t in list(self._expires.items()) if t is not None and t <= now]
+        due = self.store.purge_expired()
         if due:
-            self.store.delete(due)
             self._forget(due)
         return due
 
@@ -101,11 +99,8 @@ class LiveRecords:
         self.check_not_retired(ids)
         self.expire()
         result = self.store.put(ids, x, replace=replace)
-        self._forget(ids)  # replaced ones must not answer from the memo
-        with self._lock:
-            for sid in ids:
-                path = self.store.root / "records" / f"{sid}.rec"
-                self._expires[sid] = _timestamp(read_envelope_meta(path).get("expires_at"))
+        if result.replaced:
+            self._forget(ids)  # replaced ones must not answer from the memo
         return result
 
     def delete(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -128,54 +123,47 @@ class LiveRecords:
         records with no cached logits of this version (or always, with ``cache=False``).
         """
         self.expire()
-        out: dict[str, np.ndarray] = {}
-        todo: list[tuple[str, np.ndarray]] = []
         with self._lock:
             if version not in self._memo and len(self._memo) >= 2:  # keep the newest versions
                 self._memo.pop(next(iter(self._memo)))
             memo = self._memo.setdefault(version, {})
-        for sid in ids:
-            if sid not in self._expires:
-                continue
-            row = memo.get(sid) if cache else None
-            if row is None and cache:
-                row = self.store.cached_logits(version, sid)
-            if row is not None:
-                out[sid] = row
-                continue
-            x = self.store.get(sid)
-            if x is None:  # erased meanwhile
-                self._forget([sid])
-                continue
-            todo.append((sid, x))
+        held = self.store.held(ids)
+        out: dict[str, np.ndarray] = {}
+        todo = held
+        if cache:
+            todo, get = [], memo.get
+            for sid in held:  # one pass: the memo's rows, and what it lacks
+                row = get(sid)
+                if row is None:
+                    todo.append(sid)
+                else:
+                    out[sid] = row
+            if todo:
+                stored = self.store.cached_logits_many(version, todo)
+                out.update(stored)
+                with self._lock:
+                    memo.update(stored)
+                todo = [sid for sid in todo if sid not in stored]
         if todo:
-            values = forward(np.stack([x for _, x in todo]))
-            for (sid, _), row in zip(todo, values, strict=True):
-                out[sid] = row
-                if cache:
-                    self.store.save_logits(version, sid, row)
-                    with self._lock:
-                        if sid in self._expires:
-                            memo[sid] = row
+            inputs = self.store.get_many(todo)  # erased meanwhile: left out
+            todo = [sid for sid in todo if sid in inputs]
+        if todo:
+            values = forward(np.stack([inputs[sid] for sid in todo]))
+            fresh = dict(zip(todo, values, strict=True))
+            out.update(fresh)
+            if cache:
+                self.store.save_logits_many(version, fresh)
+                with self._lock:
+                    memo.update((sid, row) for sid, row in fresh.items() if sid in self.store)
         return out
 
     def rekey(
         self, mapping: Mapping[str, str], new_fingerprint: str, retired: Sequence[str]
     ) -> tuple[int, int]:
-        """Re-key the stored records (see :meth:`RecordStore.rekey`) and retire ``retired``
-        (the old key's pseudonyms: refused from now on). Returns ``(renamed, erased)``."""
-        old = set(self._expires) | set(self.retired) | set(retired)
-        renamed, erased = self.store.rekey(mapping, new_fingerprint)
-        keep = old - set(mapping.values())
-        payload = json.dumps(sorted(keep)).encode("utf-8")
-        write_verified(self._retired_path, payload, {"kind": "retired-pseudonyms"})
-        self.retired = frozenset(keep)
+        """Re-key the stored records and retire the old key's pseudonyms (``retired`` and
+        every stored id), in one transaction (see :meth:`RecordStore.rekey`). Returns
+        ``(renamed, erased)``."""
+        renamed_erased = self.store.rekey(mapping, new_fingerprint, retired)
         with self._lock:
             self._memo.clear()
-            self._expires = {
-                sid: _timestamp(
-                    read_envelope_meta(self.store.root / "records" / f"{sid}.rec").get("expires_at")
-                )
-                for sid in self.store.ids()
-            }
-        return renamed, erased
+        return renamed_erased

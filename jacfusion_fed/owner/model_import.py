@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jacfusion_fed.training import predict_logits
+
 from .importing import ModelImportError, imported_model, load_model_file
 from .input_spec import InputSpec
 from .workspace import OwnerWorkspace
@@ -113,8 +115,6 @@ def import_model(
         )
     accuracy: dict[str, float] = {}
     if has_data:
-        from jacfusion_fed.training import predict_logits
-
         for split, ds in workspace.records.items():
             x = torch.from_numpy(ds.modalities[workspace.modality].astype(np.float32))
             pred = predict_logits(model, x).argmax(1).numpy()

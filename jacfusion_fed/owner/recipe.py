@@ -1,7 +1,7 @@
 """The training recipe of ``owner serve --train-if-missing``: the simulation's own.
 
 A built-in dataset is trained with the hyper-parameters of its federated simulation preset
-(:data:`jacfusion_fed.federation.scenario.BUILTIN_PRESETS`: for AV-Digits 15 epochs, 20 on
+(:data:`jacfusion_fed.data.presets.BUILTIN_PRESETS`: for AV-Digits 15 epochs, 20 on
 the quick variant, lr 3e-3, batch 32), so an online owner reaches the accuracy the simulation
 reaches on the same data; other data gets the AV-Digits settings.
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from jacfusion_fed.data.presets import BUILTIN_PRESETS
+from jacfusion_fed.training import predict_logits
 
 from .workspace import OwnerWorkspace
 
@@ -28,8 +31,6 @@ class Recipe:
 
 def recipe_for(workspace: OwnerWorkspace) -> Recipe:
     """The simulation's settings for the workspace's data source."""
-    from jacfusion_fed.federation.scenario import BUILTIN_PRESETS
-
     source = workspace.source
     name = source.location if source is not None and source.kind == "builtin" else "avdigits"
     preset = BUILTIN_PRESETS.get(name, BUILTIN_PRESETS["avdigits"])
@@ -43,8 +44,6 @@ def train_recommended(
 ) -> dict[str, float]:
     """Train and publish with :func:`recipe_for` (``epochs`` overrides); returns the metrics
     with the accuracy on every split of the data source (``<split>_accuracy``)."""
-    from jacfusion_fed.training import predict_logits
-
     if workspace.source is None:
         raise ValueError("training needs a data source (--data); or import a model instead")
     recipe = recipe_for(workspace)

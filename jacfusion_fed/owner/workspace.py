@@ -6,8 +6,9 @@ train, publish the head, answer logit queries) and the long-lived gRPC ModalityS
 restart lives on disk under ``root``::
 
     root/store/          ModelStore: content-hashed model versions, CURRENT, logit caches
-    root/live/           RecordStore: records sent by requesters (PutRecords), their logits,
-                         the pseudonym key's fingerprint (KEY) and retired pseudonyms
+    root/live/           RecordStore: records.sqlite3 with the records sent by requesters
+                         (PutRecords), their logits, the pseudonym key's fingerprint and
+                         retired pseudonyms (migrated from the old file layout on open)
 
 An owner may have a data source (its own records), live records, or both; a live record
 shadows a data-source record of the same pseudonym. Model versions are trained here
@@ -34,7 +35,7 @@ from jacfusion_fed.models import UnimodalNet, build_from_spec, build_model, defa
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 from jacfusion_fed.robustness import AttackSpec, Corruption
 from jacfusion_fed.store import ModelStore
-from jacfusion_fed.store.record_store import PutResult
+from jacfusion_fed.store.record_store import DB_NAME, PutResult
 from jacfusion_fed.training import predict_logits, train_epochs
 
 from .importing import IMPORT_FORMATS, ImportedModel, rebuild
@@ -145,13 +146,12 @@ class OwnerWorkspace:
         """The live records; opening them checks the key fingerprint (``KeyMismatchError``)."""
         with self._lock:
             if self._live is None:
-                if not (self.root / "live" / "KEY").exists():
+                live = self.root / "live"
+                if not ((live / DB_NAME).exists() or (live / "KEY").exists()):
                     # A workspace from before key fingerprints: its logit caches may belong
                     # to any key, so they are recomputed rather than trusted.
                     self.store.drop_logit_caches()
-                self._live = LiveRecords(
-                    self.root / "live", self.key_fingerprint, retention_s=self.retention_s
-                )
+                self._live = LiveRecords(live, self.key_fingerprint, retention_s=self.retention_s)
             return self._live
 
     def class_names(self) -> list[str]:
@@ -456,7 +456,8 @@ class OwnerWorkspace:
         known = [sid for sid in pseudonyms if sid in found]
         unknown = [sid for sid in pseudonyms if sid not in found]
         k = self.num_classes
-        values = np.stack([found[sid] for sid in known]) if known else np.zeros((0, k))
+        rows = [found[sid] for sid in known]
+        values = np.concatenate(rows).reshape(len(rows), k) if rows else np.zeros((0, k))
         return LogitAnswer(version, known, values, unknown)
 
     # --- robustness evaluation -----------------------------------------------------------

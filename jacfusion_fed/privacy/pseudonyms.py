@@ -60,12 +60,23 @@ def is_pseudonym(value: object) -> bool:
     return isinstance(value, str) and bool(_PSEUDONYM_RE.match(value))
 
 
+_ONE = r"(?:[0-9a-f]{64}|[a-z2-7]{52})"
+_MANY_RE = re.compile(rf"{_ONE}(?:\n{_ONE})*")
+
+
 def first_non_pseudonym(values: Iterable[object]) -> int | None:
     """Position of the first value that is not a pseudonym, or ``None``.
 
-    Error messages name this position, never the value (it may be a raw patient id).
+    Error messages name this position, never the value (it may be a raw patient id). A batch
+    of valid ids is checked by one regular-expression match over the ids joined by newlines
+    (a value holding a newline itself changes the count and takes the one-by-one path).
     """
-    for i, value in enumerate(values):
+    items = values if isinstance(values, (list, tuple)) else list(values)
+    if items and all(type(v) is str for v in items):
+        joined = "\n".join(items)  # type: ignore[arg-type]
+        if joined.count("\n") == len(items) - 1 and _MANY_RE.fullmatch(joined):
+            return None
+    for i, value in enumerate(items):
         if not is_pseudonym(value):
             return i
     return None

@@ -123,7 +123,7 @@ def run_load(
         stop: when set, clients stop early (after their call in flight); for fault runs that
             send "until the scenario is over", with ``cfg.requests`` as the upper bound.
     """
-    from jacfusion_fed.rpc.fusion_codec import decode_predictions
+    from jacfusion_fed.rpc.fusion_codec import answer_from_proto
     from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2
 
     if cfg.batch > len(ids):
@@ -140,7 +140,7 @@ def run_load(
             return reference.classify_error(exc)
         if reference is None:
             return Verdict("correct", "answered (not checked)")
-        return reference.classify(req_ids, decode_predictions(resp.predictions), cfg.options)
+        return reference.classify(req_ids, answer_from_proto(resp.predictions), cfg.options)
 
     judge = classify or default_classify
     lock = threading.Lock()

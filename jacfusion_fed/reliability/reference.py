@@ -312,7 +312,7 @@ class Reference:
         return Verdict("neither", f"{name}: {details or exc!r}"[:500], name)
 
     def classify(self, ids: Sequence[str], result: Any, options: Any = None) -> Verdict:
-        """Classify an answer (``DecodedPredictions`` or ``PredictResult``) to a request for
+        """Classify an answer (a :class:`~jacfusion_fed.answer.FusedAnswer`) to a request for
         ``ids`` with ``options``: ``correct``, ``partial`` or ``neither``."""
         try:
             return self._classify(list(ids), result, self.plan(options))

@@ -10,7 +10,7 @@ call :func:`check_bind_host` on the address they are told to bind:
   Python prints it on stderr even when logging is not configured), because the port is then
   reachable from other machines and only TLS and the firewall stand in front of it.
 
-An explicit host given to :func:`jacfusion_fed.rpc.server.start_server` is the operator's
+An explicit host given to :func:`jacfusion_fed.rpc.serving.start_server` is the operator's
 choice, ``0.0.0.0`` included; :func:`jacfusion_fed.rpc.tls.create_server` alone keeps refusing
 wildcards that nobody asked for (``allow_all_interfaces``).
 """

@@ -23,6 +23,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from jacfusion_fed.privacy.cert_names import COORDINATOR_SERVER_NAME
+from jacfusion_fed.rpc.policies import FUSION_SERVICE
+from jacfusion_fed.rpc.tls import Insecure, TransportOptions, create_channel
+
 __all__ = [
     "FUSION_IDEMPOTENT_METHODS",
     "RetryPolicy",
@@ -130,8 +134,6 @@ def with_replica_config(
 ) -> Any:
     """``options`` (a :class:`~jacfusion_fed.rpc.tls.TransportOptions` or None) plus the
     service config of :func:`retry_service_config` and retries switched on."""
-    from jacfusion_fed.rpc.tls import TransportOptions
-
     base = options or TransportOptions()
     extra = [
         (k, v) for k, v in base.extra if k not in ("grpc.service_config", "grpc.enable_retries")
@@ -153,10 +155,6 @@ def connect_coordinator(target: str | Sequence[str], security: Any, *, options: 
     else's) certificate from the same CA is refused. Imports only gRPC and this package's
     small modules, so a requester command starts fast.
     """
-    from jacfusion_fed.privacy.certs import COORDINATOR_SERVER_NAME
-    from jacfusion_fed.rpc.policies import FUSION_SERVICE
-    from jacfusion_fed.rpc.tls import Insecure, create_channel
-
     options = with_replica_config(options, FUSION_SERVICE, FUSION_IDEMPOTENT_METHODS)
     name = None if isinstance(security, Insecure) else COORDINATOR_SERVER_NAME
     return create_channel(replica_target(target), security, server_name=name, options=options)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 __all__ = [
@@ -205,8 +206,6 @@ def check(
 
 def tool_versions() -> str:
     """Versions of the code generators, which the output depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
     parts = []
     for dist in ("grpcio-tools", "mypy-protobuf", "protobuf"):
         try:

@@ -1,57 +1,49 @@
 """The coordinator's durable record of each modality's head, with full history.
 
-Layout under ``root``::
+Entries live in a :class:`~jacfusion_fed.store.registry_backends.RegistryBackend`: SQLite by
+default (a registry directory ``DIR`` is the database ``DIR/registry.sqlite3``; a directory in
+the old one-file-per-entry layout is imported on first open), PostgreSQL for replicas on
+several hosts (``postgresql://...``); :func:`~jacfusion_fed.store.registry_backends.open_backend`
+has the rule. Each registration is one immutable entry ``(modality, sequence)``; the newest
+sequence of a modality is its current entry, older ones are kept as history.
 
-    heads/<modality>/<sequence:08d>.head    one verified envelope per registration
-
-The newest sequence number of a modality is its current entry; older ones are kept as history.
 A payload holds the head as float64 little-endian: the Gram matrix (K x K) for
 ``head_kind == "gram"``, or W (K x H) followed by b (K) for ``"full"``, then, when the owner
 published one, its calibration for robust fusion (class means K x K, precision K x K, the V
-sorted typicality scores, the V sorted conformity scores); the envelope header holds owner,
-model version, K, H, V, class counts and the registration time. Writes are atomic, reads
-verified: a damaged current entry raises :class:`~jacfusion_fed.store.atomic.CorruptFileError`
-(the registry never silently falls back to an older head).
+sorted typicality scores, the V sorted conformity scores); the metadata holds owner, model
+version, K, H, V, class counts and the registration time. Every read is verified: a damaged
+current entry raises :class:`~jacfusion_fed.store.atomic.CorruptFileError` (the registry never
+silently falls back to an older head).
 
-Shared by several processes (coordinator replicas on one directory, e.g. a shared volume with
-POSIX locks): a registration holds an exclusive ``flock`` on ``root/.registry.lock`` while it
-re-reads the current entries, checks K and the owner against them, picks the next sequence
-number and renames its verified file into place, so two replicas registering at once get
-sequences N and N+1 (or the second sees the first's identical head and adds nothing), never
-one overwriting the other. Readers take no lock: every entry appears by an atomic rename and
-is never rewritten, and every read lists the directory again, so a replica sees another's
-registration on its next read.
+Shared by several processes (coordinator replicas): a registration runs inside the backend's
+exclusive section (SQLite's write lock, PostgreSQL's advisory lock), where it re-reads the
+current entries, checks K and the owner against them, and appends the next sequence number, so
+two replicas registering at once get sequences N and N+1 (or the second sees the first's
+identical head and adds nothing), never one overwriting the other. Readers take no lock and
+read the backend again on every call, so a replica sees another's registration on its next
+read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import os
 import re
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from jacfusion_fed.store.atomic import (
-    CorruptFileError,
-    read_verified,
-    remove_stale_temp_files,
-    write_verified,
-)
+from jacfusion_fed.store.atomic import CorruptFileError
+from jacfusion_fed.store.registry_backends import RegistryBackend, StoredEntry, open_backend
 
 __all__ = ["HeadKind", "HeadRecord", "HeadRegistry"]
 
 HeadKind = Literal["gram", "full"]
 _MODALITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_ENTRY_RE = re.compile(r"^(\d{8})\.head$")
 _F8 = np.dtype("<f8")
-_LOCK_NAME = ".registry.lock"
 
 
 _CALIBRATION = ("class_means", "precision", "typicality_scores", "conformity_scores")
@@ -135,53 +127,31 @@ class HeadRecord:
 
 
 class HeadRegistry:
-    """Per-modality heads known to the coordinator (see the module docstring)."""
+    """Per-modality heads known to the coordinator (see the module docstring).
 
-    def __init__(self, root: str | Path, *, lock_timeout_s: float = 30.0) -> None:
-        self.root = Path(root)
-        self._heads = self.root / "heads"
-        self._heads.mkdir(parents=True, exist_ok=True)
+    Args:
+        target: a registry directory, an SQLite file, a ``postgresql://`` URI, or a backend.
+        lock_timeout_s: how long a registration waits for another process's
+            (``TimeoutError`` after it).
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | RegistryBackend,
+        *,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
+        self.backend = open_backend(target, lock_timeout_s=lock_timeout_s)
+        self.location = self.backend.location
+        #: The path given (a registry directory or an SQLite file; opening it again reaches the
+        #: same registry), ``None`` for PostgreSQL or a backend object.
+        self.root: Path | None = None
+        if isinstance(target, (str, os.PathLike)) and "://" not in os.fspath(target):
+            self.root = Path(target)
         self.lock_timeout_s = lock_timeout_s
-        # Under the lock: another replica's half-written temp file is never removed.
-        with self._locked():
-            for d in self._heads.iterdir():
-                if d.is_dir():
-                    remove_stale_temp_files(d)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive across processes (``flock``); ``TimeoutError`` after ``lock_timeout_s``."""
-        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + self.lock_timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(
-                            f"head registry {self.root} stayed locked for "
-                            f"{self.lock_timeout_s:g} s (another coordinator stuck?)"
-                        ) from None
-                    time.sleep(0.005)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    def _dir(self, modality: str) -> Path:
-        return self._heads / _check_modality(modality)
-
-    def _entries(self, modality: str) -> list[tuple[int, Path]]:
-        d = self._dir(modality)
-        if not d.is_dir():
-            return []
-        out = []
-        for p in d.iterdir():
-            m = _ENTRY_RE.match(p.name)
-            if m:
-                out.append((int(m.group(1)), p))
-        return sorted(out)
+    def close(self) -> None:
+        self.backend.close()
 
     def register(
         self,
@@ -245,7 +215,7 @@ class HeadRegistry:
         if names and len(names) != k:
             raise ValueError(f"class_names must have length K={k}, got {len(names)}")
         cal = _calibration_arrays(calibration, k)
-        with self._locked():  # re-read and write as one step across replicas
+        with self.backend.exclusive():  # re-read and write as one step across replicas
             return self._register_locked(
                 modality,
                 owner,
@@ -282,9 +252,9 @@ class HeadRegistry:
                     f"modality {modality!r} has K={k} but {other!r} is registered with "
                     f"K={rec.num_classes}"
                 )
-        entries = self._entries(modality)
+        entries = self.backend.entries(modality, latest=True)
         if entries:
-            latest = self.get(modality)
+            latest = self._load(entries[-1])
             if latest.owner != owner and not allow_owner_change:
                 raise ValueError(
                     f"modality {modality!r} is registered to owner {latest.owner!r}, not "
@@ -301,7 +271,7 @@ class HeadRegistry:
                 and _same_calibration(latest.calibration, cal)
             ):
                 return latest
-        sequence = entries[-1][0] + 1 if entries else 1
+        sequence = entries[-1].sequence + 1 if entries else 1
         when = (registered_at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
         meta = {
             "kind": "head",
@@ -321,19 +291,18 @@ class HeadRegistry:
             meta["calibration_samples"] = int(cal["typicality_scores"].size)
             arrays += [cal[f] for f in _CALIBRATION]
         payload = b"".join(np.ascontiguousarray(a, dtype=_F8).tobytes() for a in arrays)
-        path = self._dir(modality) / f"{sequence:08d}.head"
-        if path.exists():
-            raise FileExistsError(f"{path} already exists (concurrent registration?)")
-        write_verified(path, payload, meta)
-        return self._load(path, modality, sequence)
+        entry = StoredEntry(modality, sequence, meta, payload)
+        self.backend.append(entry)
+        return self._load(entry)
 
-    def _load(self, path: Path, modality: str, sequence: int) -> HeadRecord:
-        payload, meta = read_verified(path)
+    def _load(self, entry: StoredEntry) -> HeadRecord:
+        modality, sequence, meta = entry.modality, entry.sequence, entry.meta
+        payload = entry.payload
         try:
             if meta["kind"] != "head" or meta["modality"] != modality:
                 raise ValueError(f"entry belongs to {meta.get('modality')!r}")
             if int(meta["sequence"]) != sequence:
-                raise ValueError("sequence number does not match the file name")
+                raise ValueError("sequence number does not match the entry's")
             k = int(meta["num_classes"])
             values = np.frombuffer(payload, dtype=_F8).astype(np.float64)
             cal = None
@@ -376,27 +345,23 @@ class HeadRegistry:
                 calibration=cal,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptFileError(path, f"malformed head entry ({exc})") from exc
+            where = f"{self.location} entry {modality}/{sequence:08d}"
+            raise CorruptFileError(where, f"malformed head entry ({exc})") from exc
 
     def modalities(self) -> list[str]:
         """Registered modality names, sorted."""
-        return sorted(
-            d.name
-            for d in self._heads.iterdir()
-            if d.is_dir() and _MODALITY_RE.match(d.name) and self._entries(d.name)
-        )
+        return [m for m in self.backend.modalities() if _MODALITY_RE.match(m)]
 
     def get(self, modality: str) -> HeadRecord:
         """The current record of ``modality``; ``KeyError`` if unknown."""
-        entries = self._entries(modality)
+        entries = self.backend.entries(_check_modality(modality), latest=True)
         if not entries:
             raise KeyError(f"modality {modality!r} is not registered")
-        sequence, path = entries[-1]
-        return self._load(path, modality, sequence)
+        return self._load(entries[-1])
 
     def history(self, modality: str) -> list[HeadRecord]:
         """All records of ``modality``, oldest first (each verified)."""
-        return [self._load(p, modality, s) for s, p in self._entries(modality)]
+        return [self._load(e) for e in self.backend.entries(_check_modality(modality))]
 
     def current(self) -> dict[str, HeadRecord]:
         """The current record of every registered modality."""

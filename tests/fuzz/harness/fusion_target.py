@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from jacfusion_fed.reliability.reference import Reference
-from jacfusion_fed.rpc.fusion_codec import decode_predictions
+from jacfusion_fed.rpc.fusion_codec import answer_from_proto
 from jacfusion_fed.rpc.jacfusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -103,7 +103,7 @@ class FusionTarget:
             chunks = list(zip(parts, [r.predictions for r in outcome.responses], strict=True))
         for ids, predictions in chunks:
             try:
-                decoded = decode_predictions(predictions)
+                decoded = answer_from_proto(predictions)
             except ValueError as exc:
                 raise Finding(f"{method}: malformed Predictions: {exc}") from exc
             verdict = self.reference.classify(ids, decoded, req.options)

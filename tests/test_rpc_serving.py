@@ -1,4 +1,4 @@
-"""The shared gRPC start-up (jacfusion_fed.rpc.server): bind rules, health, fast SIGTERM stop."""
+"""The shared gRPC start-up (jacfusion_fed.rpc.serving): bind rules, health, fast SIGTERM stop."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from jacfusion_fed.privacy.certs import (
 from jacfusion_fed.processes import ProcessSet
 from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
-from jacfusion_fed.rpc.server import start_server, write_port_file
+from jacfusion_fed.rpc.serving import start_server, write_port_file
 from jacfusion_fed.rpc.tls import (
     INSECURE,
     PortInUseError,
@@ -153,7 +153,7 @@ import sys
 from pathlib import Path
 from jacfusion_fed.rpc.identity import Principal
 from jacfusion_fed.rpc.policies import FUSION_SERVICE, FUSION_SERVICE_POLICY
-from jacfusion_fed.rpc.server import serve_until_signal, start_server, write_port_file
+from jacfusion_fed.rpc.serving import serve_until_signal, start_server, write_port_file
 from jacfusion_fed.rpc.tls import INSECURE
 running = start_server(
     INSECURE, policy=FUSION_SERVICE_POLICY,

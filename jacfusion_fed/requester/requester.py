@@ -2,7 +2,7 @@
 
 ::
 
-    from jacfusion_fed.client import Requester
+    from jacfusion_fed.requester import Requester
 
     with Requester(
         coordinator="127.0.0.1:50060",
@@ -13,7 +13,7 @@
         hospital.submit("image", ["Jane Doe 1970-01-01"], x_image)   # (1, 1, 8, 8)
         hospital.submit("audio", ["Jane Doe 1970-01-01"], x_audio)
         answer = hospital.predict(["Jane Doe 1970-01-01"], method="jacobian")
-        answer.probabilities, answer.labels, answer.modalities_used
+        answer.ids, answer.probabilities, answer.labels, answer.modalities_used
         hospital.forget(["Jane Doe 1970-01-01"])
 
 Local patient ids never leave this object: every id is pseudonymized here (HMAC-SHA256 under
@@ -21,32 +21,38 @@ the deployment key) before it is sent, and answers are mapped back to the local 
 ``pseudonym_key=None`` and ``ids_are_pseudonyms=True`` the ids given already are pseudonyms).
 gRPC errors propagate as ``grpc.RpcError`` with the server's status code and message.
 
-``jacfusion-fed predict`` calls through :meth:`Requester.ask` (messages decoded by
-:mod:`jacfusion_fed.rpc.fusion_codec`, no numpy), so this module imports numpy, the tensor
-codec and the certificate code only where a verb needs them: the CLI starts fast.
+Answers are :class:`~jacfusion_fed.answer.FusedAnswer` (the one type of a fused answer,
+decoded by :mod:`jacfusion_fed.rpc.fusion_codec`), with the local ids attached. Each id is
+pseudonymized once per call. ``GetModelInfo`` is asked once per coordinator connection and kept
+(:meth:`Requester.model_info`) until an answer names other model versions than the kept info, or
+the coordinator refuses a call with ``FAILED_PRECONDITION`` (its heads, versions or K changed).
+
+``jacfusion-fed predict`` calls through :meth:`Requester.ask` (no numpy), so this module imports
+numpy and the tensor codec only in :meth:`Requester.submit`: the CLI starts fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from jacfusion_fed.answer import FusedAnswer
+from jacfusion_fed.privacy.cert_names import owner_server_name
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
-from jacfusion_fed.rpc.fusion_codec import Answer, PredictOptions, options_to_proto
+from jacfusion_fed.rpc.channels import connect_coordinator
+from jacfusion_fed.rpc.fusion_codec import PredictOptions, answer_from_proto, options_to_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc as mgrpc
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, create_channel
 
-if TYPE_CHECKING:
-    import numpy as np
-
-__all__ = ["Forgotten", "Prediction", "Requester", "Submitted", "load_labels"]
+__all__ = ["Forgotten", "Requester", "Submitted", "load_labels"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Submitted:
     replaced: int
     unchanged: int
     model_version: str
+    batches: int = 1  # PutRecords calls it took
 
 
 @dataclass(frozen=True)
@@ -66,39 +73,6 @@ class Forgotten:
 
     deleted: dict[str, list[str]]
     unknown: dict[str, list[str]]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Fused answers, rows in the order of ``ids`` (the predicted local ids)."""
-
-    ids: list[str]
-    probabilities: np.ndarray  # (n, K) float64, rows sum to 1
-    labels: np.ndarray  # (n,) int64
-    modalities_used: list[list[str]]  # per sample
-    model_versions: dict[str, str]  # modality -> version whose logits were used
-    unpredicted: list[str]  # local ids that could not be predicted (skip_unknown)
-    method: str
-    errors: dict[str, str]  # modality -> error of an owner that was left out
-    pseudonyms: list[str] = field(default_factory=list)  # what was sent for ``ids``
-    #: robust method only (else None): per sample the reliability of each modality used
-    #: ({modality: r in [0, 1]}), the prediction set (n, K) bool and the abstain flags (n,)
-    reliability: list[dict[str, float]] | None = None
-    prediction_sets: np.ndarray | None = None
-    abstain: np.ndarray | None = None
-
-    def accuracy(self, labels: Mapping[str, int]) -> float:
-        """Share of predicted samples whose label equals ``labels[id]``, keyed by local id or
-        by pseudonym (as in the requester's labels file); samples without a label skipped."""
-        pseudonyms = self.pseudonyms or self.ids
-        pairs = []
-        for local, sent, pred in zip(self.ids, pseudonyms, self.labels.tolist(), strict=True):
-            key = local if local in labels else sent
-            if key in labels:
-                pairs.append((int(pred), int(labels[key])))
-        if not pairs:
-            raise ValueError("no predicted sample has a label")
-        return sum(p == t for p, t in pairs) / len(pairs)
 
 
 def load_labels(path: str | Path) -> dict[str, int]:
@@ -166,6 +140,7 @@ class Requester:
         self.coordinator = [coordinator] if isinstance(coordinator, str) else coordinator
         self.owners = dict(owners or {})
         self._channels: dict[str, grpc.Channel] = {}
+        self._info: fusion_pb2.GetModelInfoResponse | None = None
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -194,8 +169,6 @@ class Requester:
         if modality not in self.owners:
             known = ", ".join(sorted(self.owners)) or "none"
             raise ValueError(f"no owner address for modality {modality!r} (known: {known})")
-        from jacfusion_fed.privacy.cert_names import owner_server_name
-
         channel = self._channel(
             f"owner:{modality}", self.owners[modality], owner_server_name(modality)
         )
@@ -205,8 +178,6 @@ class Requester:
         if not self.coordinator:
             raise ValueError("no coordinator address given")
         if "coordinator" not in self._channels:
-            from jacfusion_fed.rpc.channels import connect_coordinator
-
             self._channels["coordinator"] = connect_coordinator(self.coordinator, self._security)
         return fusion_pb2_grpc.FusionServiceStub(self._channels["coordinator"])
 
@@ -214,6 +185,7 @@ class Requester:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+        self._info = None
 
     def __enter__(self) -> Requester:
         return self
@@ -226,24 +198,41 @@ class Requester:
     # --- the three verbs -------------------------------------------------------------------
 
     def submit(
-        self, modality: str, ids: Sequence[str], x: Any, *, replace: bool = False
+        self,
+        modality: str,
+        ids: Sequence[str],
+        x: Any,
+        *,
+        replace: bool = False,
+        batch_size: int | None = None,
+        progress: bool | None = None,
     ) -> Submitted:
-        """Send records ``x`` (first axis = ``ids``) to the owner of ``modality``."""
-        import numpy as np
+        """Send records ``x`` (first axis = ``ids``, any number) to the owner of ``modality``,
+        in ``PutRecords`` batches (:func:`jacfusion_fed.rpc.record_batches.put_in_batches`:
+        a failure raises its ``SubmitError``; resending is idempotent). ``progress``: a bar on
+        stderr (default: when it is a terminal)."""
+        from jacfusion_fed.rpc import record_batches as rb
 
-        from jacfusion_fed.rpc.tensor import encode_tensor
-
-        arr = np.asarray(x)
-        if arr.ndim < 1 or arr.shape[0] != len(ids):
-            raise ValueError(f"{len(ids)} ids but inputs of shape {arr.shape}")
-        request = modality_pb2.PutRecordsRequest(
-            sample_ids=self.pseudonyms(ids),
-            inputs=encode_tensor(arr),
-            replace=replace,
-            key_fingerprint=self.key_fingerprint,
+        with rb.terminal_progress(f"{modality}: PutRecords", progress) as bar:
+            totals = rb.put_in_batches(
+                self._owner(modality).PutRecords,
+                ids,
+                x,
+                pseudonymize=self.pseudonyms,
+                replace=replace,
+                key_fingerprint=self.key_fingerprint,
+                timeout=self.timeout,
+                batch_size=batch_size or rb.DEFAULT_BATCH_SIZE,
+                progress=bar,
+            )
+        return Submitted(
+            modality,
+            totals.stored,
+            totals.replaced,
+            totals.unchanged,
+            totals.model_version,
+            totals.batches,
         )
-        resp = self._owner(modality).PutRecords(request, timeout=self.timeout)
-        return Submitted(modality, resp.stored, resp.replaced, resp.unchanged, resp.model_version)
 
     def forget(self, ids: Sequence[str], modalities: Sequence[str] | None = None) -> Forgotten:
         """Erase the records of ``ids`` at every (or the given) owner."""
@@ -274,18 +263,14 @@ class Requester:
         require_all: bool = False,
         skip_unknown: bool = False,
         owner_timeout: float | None = None,
-    ) -> Prediction:
+    ) -> FusedAnswer:
         """Fused predictions for local ``ids`` from the coordinator (``method="robust"``:
-        also each modality's reliability, the prediction sets and the abstain flags)."""
-        import numpy as np
-
-        from jacfusion_fed.rpc.fusion_codec import decode_predictions
-
-        gammas = dict(gamma) if isinstance(gamma, Mapping) else {}
+        also each modality's reliability, the prediction sets and the abstain flags); the
+        answer's :attr:`~FusedAnswer.ids` are the local ids."""
         options = PredictOptions(
             method=method,
             default_gamma=None if isinstance(gamma, Mapping) else gamma,
-            gammas=gammas,
+            gammas=dict(gamma) if isinstance(gamma, Mapping) else {},
             regularize=tuple(regularize),
             iterations=iterations,
             require_all=require_all,
@@ -293,32 +278,7 @@ class Requester:
             owner_timeout_s=owner_timeout,
             skip_unknown_ids=skip_unknown,
         )
-        answer, local = self.ask(ids, options)
-        result = decode_predictions(answer)
-        used = [
-            [c.modality for c in result.modalities if c.used[i]]
-            for i in range(len(result.sample_ids))
-        ]
-        reliability = None
-        if answer.abstain:
-            reliability = [
-                {c.modality: c.reliability[i] for c in answer.contributions if c.used[i]}
-                for i in range(len(answer.sample_ids))
-            ]
-        return Prediction(
-            ids=[local[s] for s in result.sample_ids],
-            probabilities=result.probabilities,
-            labels=result.labels,
-            modalities_used=used,
-            model_versions={c.modality: c.model_version for c in result.modalities},
-            unpredicted=[local[s] for s in result.unpredicted_sample_ids],
-            method=result.method,
-            errors={c.modality: c.error for c in result.modalities if c.error},
-            pseudonyms=list(result.sample_ids),
-            reliability=reliability,
-            prediction_sets=result.prediction_sets,
-            abstain=None if result.abstain is None else np.asarray(result.abstain),
-        )
+        return self.ask(ids, options)
 
     def ask(
         self,
@@ -327,31 +287,49 @@ class Requester:
         *,
         stream: bool = False,
         chunk_size: int = 0,
-    ) -> tuple[Answer, dict[str, str]]:
+        pseudonyms: Sequence[str] | None = None,
+    ) -> FusedAnswer:
         """The coordinator's checked answer for local ``ids`` (``Predict``, or
-        ``PredictStream`` with ``stream``) and ``{pseudonym: local id}``; what
-        :meth:`predict` and ``jacfusion-fed predict`` share (no numpy)."""
-        sent = self.pseudonyms(ids)
-        local = dict(zip(sent, ids, strict=True))
+        ``PredictStream`` with ``stream``), with the local ids attached; what :meth:`predict`
+        and ``jacfusion-fed predict`` share (no numpy). ``pseudonyms``: those of ``ids``
+        when the caller already has them (ids are pseudonymized once)."""
+        sent = self.pseudonyms(ids) if pseudonyms is None else list(pseudonyms)
+        local = {} if self._pz is None else dict(zip(sent, ids, strict=True))
         opts = options_to_proto(options)
-        answer = Answer()
-        if stream:
-            request = fusion_pb2.PredictStreamRequest(
-                sample_ids=sent, options=opts, chunk_size=chunk_size
-            )
-            for response in self._fusion().PredictStream(request, timeout=self.timeout):
-                answer.add(response.predictions)
-        else:
-            single = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
-            answer.add(self._fusion().Predict(single, timeout=self.timeout).predictions)
-        return answer, local
+        try:
+            if stream:
+                request = fusion_pb2.PredictStreamRequest(
+                    sample_ids=sent, options=opts, chunk_size=chunk_size
+                )
+                chunks = self._fusion().PredictStream(request, timeout=self.timeout)
+                parts = [answer_from_proto(r.predictions) for r in chunks]
+                answer = dataclasses.replace(FusedAnswer.join(parts), local_ids=local)
+            else:
+                single = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
+                reply = self._fusion().Predict(single, timeout=self.timeout)
+                answer = answer_from_proto(reply.predictions, local)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self._info = None  # heads, versions, K or calibrations changed: ask again
+            raise
+        if self._info is not None:
+            kept = {m.modality: m.model_version for m in self._info.modalities}
+            if any(
+                c.model_version and kept.get(c.modality) != c.model_version
+                for c in answer.modalities
+            ):
+                self._info = None  # the answer used model versions the kept info lacks
+        return answer
 
-    def model_info(self) -> fusion_pb2.GetModelInfoResponse:
-        """The coordinator's ``GetModelInfo`` (classes, registered modalities, prior)."""
-        info: fusion_pb2.GetModelInfoResponse = self._fusion().GetModelInfo(
-            fusion_pb2.GetModelInfoRequest(), timeout=self.timeout
-        )
-        return info
+    def model_info(self, *, refresh: bool = False) -> fusion_pb2.GetModelInfoResponse:
+        """The coordinator's ``GetModelInfo`` (classes, registered modalities, prior), asked
+        once and kept until an answer names other model versions, a call fails with
+        ``FAILED_PRECONDITION``, or ``refresh``."""
+        if self._info is None or refresh:
+            self._info = self._fusion().GetModelInfo(
+                fusion_pb2.GetModelInfoRequest(), timeout=self.timeout
+            )
+        return self._info
 
     def rekey_map(self, ids: Sequence[str], new_key: bytes | Pseudonymizer) -> dict[str, str]:
         """``{old pseudonym: new pseudonym}`` of local ``ids`` for an owner's key rotation
