@@ -1,8 +1,9 @@
 """Check the hospital's answer in the compose deployment against an independent reference.
 
 Run by ``test_compose.py`` inside the image (for the library), with every party's volume
-mounted read-only under ``/parties/<party>`` (a test's view: no party of the deployment sees
-another's volume) and the requester's ``predict --json`` output on stdin:
+mounted under ``/parties/<party>`` (read-only but the owners', whose stores are SQLite; a
+test's view: no party of the deployment sees another's volume) and the requester's
+``predict --json`` output on stdin:
 
     python check_answers.py /parties < answer.json
 
