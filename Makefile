@@ -28,6 +28,13 @@ test: $(STAMP) lint typecheck proto-check proto-lint
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'e2e and not slow' || test $$? -eq 5
 
+## The container image and the compose deployment (tests/containers): build, up, flwr run,
+## predict, check, down -v. Needs a Docker engine; as root, scripts/with-dockerd.sh starts one
+## (CI: `scripts/with-dockerd.sh make test-containers`).
+.PHONY: test-containers
+test-containers: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m containers --timeout=3600 tests/containers
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 

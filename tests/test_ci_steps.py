@@ -1,5 +1,6 @@
-"""CI runs every test that is not slow: the default run (neither slow nor e2e) in ``make test``,
-then the end-to-end tests in ``make test-e2e``; nothing falls between the two steps."""
+"""CI runs every test that is not slow: the default run (neither slow nor e2e nor containers) in
+``make test``, then the end-to-end tests in ``make test-e2e``, then the containers test in
+``make test-containers`` (with a Docker engine); nothing falls between the steps."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def _marker_expression(command: str) -> str | None:
 def test_the_default_run_leaves_out_slow_and_e2e() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
     opts = config["ini_options"]
-    assert _marker_expression(opts["addopts"]) == "not slow and not e2e"
+    assert _marker_expression(opts["addopts"]) == "not slow and not e2e and not containers"
     names = {m.split(":")[0] for m in opts["markers"]}
-    assert {"slow", "e2e"} <= names
+    assert {"slow", "e2e", "containers"} <= names
 
 
 def test_ci_runs_the_fast_step_then_the_e2e_step() -> None:
@@ -74,3 +75,21 @@ def test_type_and_import_checks_see_the_installed_layout() -> None:
         assert "$(MIRROR)" in " ".join(_recipe(target))
     (mypy,) = [c for c in " ".join(_recipe("typecheck")).split("&&") if "/mypy" in c]
     assert shlex.split(mypy.split("2>&1")[0])[-2:] == ["-p", "jacfusion_fed"]
+
+
+def test_ci_runs_the_containers_step_with_a_docker_engine() -> None:
+    """Its own step, after the others: ``scripts/with-dockerd.sh`` starts an engine (as root)
+    and stops it by PID; ``make test-containers`` runs every test marked ``containers``."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "scripts/with-dockerd.sh make test-containers" in lines
+    (containers,) = [c for c in _recipe("test-containers") if "pytest" in c]
+    assert _marker_expression(containers) == "containers"
+    assert "||" not in containers  # selecting no test is a failure here
+    marked = [
+        p
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if "pytest.mark.containers" in p.read_text() and p != Path(__file__).resolve()
+    ]
+    assert marked and all(
+        str(p.parent).startswith(str(ROOT / "tests" / "containers")) for p in marked
+    )
