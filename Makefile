@@ -28,6 +28,12 @@ test: $(STAMP) lint typecheck proto-check proto-lint
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'e2e and not slow' || test $$? -eq 5
 
+## README.md and the docs/ walkthroughs run as written, from a clean clone of HEAD, in a fresh
+## network namespace when root (conventions: tests/readme_runner.py, docs/readme-runner.md).
+.PHONY: test-readme
+test-readme: $(STAMP)
+	$(BIN)/python tests/readme_runner.py
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 
