@@ -40,17 +40,25 @@ Skipping (VISIBLE: a reader must see that a block is not run)
     full-size runs, installing from the network, CI's own steps); everything else runs.
 
 Directives (invisible HTML comments, ``<!-- readme-run: ... -->``, shell-style words)
-    ``background ready=REGEX [timeout=S]``
-        The block is a long-running server: it starts in the background in its own process
-        group, and the next block that is not a background one first waits until every
-        server started before it has printed a line matching REGEX (stdout or stderr; default
-        timeout 300 s). A server that exits or times out fails the run. Servers are stopped
-        (SIGTERM to their process group, by PID; SIGKILL after 10 s) at the end of the
-        document. Variables set in a background block do not carry on.
+    ``background ready=REGEX [parallel] [timeout=S]``
+        The block is a long-running server, typed in its own terminal: it starts in the
+        background in its own process group once every server started before it is ready
+        (with ``parallel``: at once, e.g. two owners that train side by side). A block that
+        is not a background one first waits until every server is ready: it has printed a
+        line matching REGEX (stdout or stderr; ``timeout`` default 300 s). A server that
+        exits or is not ready in time fails the run. Servers are stopped (SIGTERM to their
+        process group, by PID; SIGKILL after 10 s) at the end of the document. Variables set
+        in a background block do not carry on.
+    ``stop=REGEX``
+        Before this block runs, stop the running servers whose block text matches REGEX, as a
+        user would press Ctrl-C in their terminals (the prose must say so).
+    ``status=N expect=REGEX``
+        The block must end with exit status N (default 0), and its output must match REGEX:
+        for blocks that show an error (say, Predict after ``forget``: NOT_FOUND).
     ``figures=REGEX quoted=V1[,V2...] tolerance=T``
-        Checks a figure the prose quotes: the n-th match of REGEX (group 1, a number) in the
+        Checks figures the prose quotes: the n-th match of REGEX (group 1, a number) in the
         block's output must lie within T of Vn. The quoted values must be the ones the prose
-        shows (a test keeps them equal to their results file).
+        shows (tests keep them equal to their results files).
     ``timeout=S``
         Seconds a foreground block may take (default 300).
 
@@ -81,6 +89,8 @@ from markdown_it.token import Token
 ROOT = Path(__file__).resolve().parents[1]
 SHELLS = {"bash", "sh", "shell"}
 SKIP_PREFIX = "Not run by `make test-readme`:"
+_KEYS = {"background", "parallel", "ready", "timeout", "stop", "status", "expect"}
+_KEYS |= {"figures", "quoted", "tolerance"}
 DIRECTIVE = re.compile(r"<!--\s*readme-run:(?P<body>.*?)-->", re.S)
 DEFAULT_TIMEOUT = 300.0
 READY_TIMEOUT = 300.0
@@ -117,9 +127,12 @@ class Block:
     code: str
     skip: str | None = None  # the visible marker's reason
     background: bool = False
+    parallel: bool = False
     ready: str | None = None
-    ready_timeout: float = READY_TIMEOUT
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT  # foreground: run time; background: time to be ready
+    stop: str | None = None
+    status: int = 0
+    expect: str | None = None
     figures: Figures | None = None
 
     @property
@@ -132,7 +145,7 @@ def _parse_directive(text: str, where: str) -> dict[str, str]:
     for match in DIRECTIVE.finditer(text):
         for word in shlex.split(match.group("body")):
             key, sep, value = word.partition("=")
-            if key not in {"background", "ready", "timeout", "figures", "quoted", "tolerance"}:
+            if key not in _KEYS:
                 raise ReadmeError(f"{where}: unknown readme-run directive {key!r}")
             words[key] = value if sep else ""
     return words
@@ -141,27 +154,35 @@ def _parse_directive(text: str, where: str) -> dict[str, str]:
 def _block(doc: str, line: int, code: str, skip: str | None, words: dict[str, str]) -> Block:
     where = f"{doc}:{line}"
     figures = None
-    if "figures" in words:
-        if "quoted" not in words or "tolerance" not in words:
-            raise ReadmeError(f"{where}: figures= needs quoted= and tolerance=")
-        re.compile(words["figures"])
-        quoted = tuple(float(v) for v in words["quoted"].split(","))
-        figures = Figures(words["figures"], quoted, float(words["tolerance"]))
-    background = "background" in words
-    if background and not words.get("ready"):
-        raise ReadmeError(f"{where}: a background block needs ready=REGEX")
-    timeout = float(words.get("timeout") or (READY_TIMEOUT if background else DEFAULT_TIMEOUT))
-    return Block(
-        doc=doc,
-        line=line,
-        code=code,
-        skip=skip,
-        background=background,
-        ready=words.get("ready"),
-        ready_timeout=timeout if background else READY_TIMEOUT,
-        timeout=DEFAULT_TIMEOUT if background else timeout,
-        figures=figures,
-    )
+    try:
+        for key in ("figures", "ready", "stop", "expect"):
+            if key in words:
+                re.compile(words[key])
+        if "figures" in words:
+            if "quoted" not in words or "tolerance" not in words:
+                raise ReadmeError(f"{where}: figures= needs quoted= and tolerance=")
+            quoted = tuple(float(v) for v in words["quoted"].split(","))
+            figures = Figures(words["figures"], quoted, float(words["tolerance"]))
+        background = "background" in words
+        if background and not words.get("ready"):
+            raise ReadmeError(f"{where}: a background block needs ready=REGEX")
+        default = READY_TIMEOUT if background else DEFAULT_TIMEOUT
+        return Block(
+            doc=doc,
+            line=line,
+            code=code,
+            skip=skip,
+            background=background,
+            parallel="parallel" in words,
+            ready=words.get("ready"),
+            timeout=float(words.get("timeout") or default),
+            stop=words.get("stop"),
+            status=int(words.get("status") or 0),
+            expect=words.get("expect"),
+            figures=figures,
+        )
+    except (re.error, ValueError) as exc:
+        raise ReadmeError(f"{where}: bad readme-run directive: {exc}") from None
 
 
 def parse(text: str, doc: str) -> list[Block]:
@@ -314,7 +335,7 @@ class DocumentRun:
                 continue
             assert server.block.ready is not None
             pattern = re.compile(server.block.ready)
-            deadline = time.monotonic() + server.block.ready_timeout
+            deadline = time.monotonic() + server.block.timeout
             while True:
                 if pattern.search(server.log.read_text(errors="replace")):
                     server.ready = True
@@ -326,54 +347,65 @@ class DocumentRun:
                     )
                 if time.monotonic() > deadline:
                     raise ReadmeError(
-                        f"{server.block.where}: not ready within {server.block.ready_timeout:g} s "
+                        f"{server.block.where}: not ready within {server.block.timeout:g} s "
                         f"(waiting for {server.block.ready!r}):\n{_tail(server.log)}"
                     )
                 time.sleep(0.2)
 
-    def run(self, block: Block) -> list[str]:
-        script = self._script(block)
-        log = self.work / f"block-{self.count:03d}.log"
-        if block.background:
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    ["bash", "-e", "-o", "pipefail", str(script)],
-                    cwd=self.cwd,
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            self.servers.append(Server(block, process, log))
-            return []
-        self._wait_ready()
+    def _start(self, script: Path, log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 ["bash", "-e", "-o", "pipefail", str(script)],
                 cwd=self.cwd,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True,  # its own process group: stopped by its PID
             )
-            try:
-                code = process.wait(timeout=block.timeout)
-            except subprocess.TimeoutExpired:
-                _stop_group(process)
-                raise ReadmeError(
-                    f"{block.where}: still running after {block.timeout:g} s:\n{_tail(log)}"
-                ) from None
-        if code != 0:
-            raise ReadmeError(f"{block.where}: exit status {code}:\n{_tail(log)}")
+
+    def _stop_matching(self, pattern: str) -> None:
+        keep = []
+        for server in self.servers:
+            if re.search(pattern, server.block.code):
+                _stop_group(server.process)
+            else:
+                keep.append(server)
+        self.servers = keep
+
+    def run(self, block: Block) -> list[str]:
+        """Run (or start) one block; the figure checks it passed. ReadmeError on failure."""
+        if block.stop is not None:
+            self._stop_matching(block.stop)
+        script = self._script(block)
+        log = self.work / f"block-{self.count:03d}.log"
+        if not (block.background and block.parallel):
+            self._wait_ready()
+        if block.background:
+            self.servers.append(Server(block, self._start(script, log), log))
+            return []
+        process = self._start(script, log)
+        try:
+            code = process.wait(timeout=block.timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(process)
+            raise ReadmeError(
+                f"{block.where}: still running after {block.timeout:g} s:\n{_tail(log)}"
+            ) from None
+        output = log.read_text(errors="replace")
+        if code != block.status:
+            raise ReadmeError(
+                f"{block.where}: exit status {code} (expected {block.status}):\n{_tail(log)}"
+            )
+        if block.expect is not None and not re.search(block.expect, output):
+            raise ReadmeError(f"{block.where}: no {block.expect!r} in the output:\n{_tail(log)}")
         for server in self.servers:  # a server that died meanwhile fails the block after it
             if server.process.poll() is not None:
                 raise ReadmeError(
                     f"{server.block.where}: the server exited ({server.process.returncode}) "
                     f"while {block.where} ran:\n{_tail(server.log)}"
                 )
-        return check_figures(block, log.read_text(errors="replace"))
+        return check_figures(block, output)
 
     def stop(self) -> None:
         """Stop every server of this document by PID (its process group)."""

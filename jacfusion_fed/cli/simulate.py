@@ -147,6 +147,14 @@ def simulate(
         ),
         highlight=False,
     )
+    pooled = [m for m, h in heads.items() if int(h.get("sites", 1) or 1) > 1]
+    if pooled and not any(row.kind == "robust" for row in table.rows):
+        console.print(
+            f"No Robust row: {', '.join(pooled)} trained on several FedAvg sites, each of which "
+            "calibrates on its own data (robust fusion needs one owner's calibration per "
+            "modality; docs/calibration.md).",
+            highlight=False,
+        )
     coord = result.prepared.coordinator_dir
     console.print(
         f"Results: {coord / 'results.json'}; reports: {coord / 'reports'}", highlight=False
