@@ -519,7 +519,7 @@ def _isolate(argv: Sequence[str]) -> None:
         return
     env = dict(os.environ) | {"JF_README_NETNS": "1"}
     script = 'ip link set lo up && exec "$@"'
-    command = ["unshare", "--net", "--", "sh", "-c", script, "sh", sys.executable, *argv]
+    command = ["unshare", "--net", "--", "sh", "-c", script, "sh", sys.executable, __file__, *argv]
     sys.exit(subprocess.run(command, env=env).returncode)
 
 
