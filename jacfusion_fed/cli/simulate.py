@@ -122,8 +122,8 @@ def simulate(
     logs.quiet_flower()
     t0 = time.perf_counter()
     try:
-        with err().status("owners training, coordinator fusing ..."):
-            result = run_scenario(scenario, folder, verbose=debug)
+        err().print("owners training, coordinator fusing ...")
+        result = run_scenario(scenario, folder, verbose=debug)
     except Exception as exc:
         if debug:
             raise
