@@ -454,7 +454,11 @@ def run_documents(
     outcome = Outcome()
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
+    # HOME in the scratch folder (a block must not write the user's ~/.flwr); the built-in
+    # data's cache stays the user's (it is a cache: content-addressed, safe to share)
+    cache = os.environ.get("JACFUSION_CACHE") or str(Path.home() / ".cache" / "jacfusion-fed")
     env = dict(os.environ) | {"HOME": str(home), "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    env["JACFUSION_CACHE"] = cache
     for key in ("VIRTUAL_ENV", "PYTHONPATH", "COLUMNS"):
         env.pop(key, None)
     env["PATH"] = os.pathsep.join(
