@@ -8,6 +8,9 @@ Glossary (an option name means the same thing in every command that has it):
   that is deleted at the end).
 - ``--workspace DIR``: an owner's persistent state (model store, logit cache), read and written
   across runs. ``--registry DIR``: the coordinator's head registry, the same idea.
+- ``--data SOURCE``: a data source, ``builtin:NAME[?seed=..&quick=1&site=..&sites=..]`` or
+  ``npz:FILE`` (an owner's own records; ``owner serve`` without it answers only for records
+  requesters ``submit``, kept ``--retention SECONDS``, default until forgotten).
 - ``--method NAME``: the fusion method, one of :data:`FUSION_METHODS`, spelled as in the tables
   and the JSON output. (``simulate --training`` names the owners' training add-on.)
 - ``--gamma VALUE``: gamma of the Jacobian fusion in (0, 1] for every modality, or ``auto``
