@@ -538,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.no_netns:
         _isolate(sys.argv[1:] if argv is None else list(argv))
+    # SIGTERM (CI's timeout, kill PID) unwinds like Ctrl-C: the servers are stopped by PID
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
     repo = args.repo.resolve()
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="readme-run-"))

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -252,3 +252,64 @@ def test_evaluate_unknown_prints_its_table(tmp_path: Path, monkeypatch: pytest.M
     assert "perturbed modality unknown" in result.output
     assert "Stat-w/o" in result.output and "robust" in result.output
     assert "PosixPath" not in result.output and "twomoon-unknown.md" in result.output
+
+
+def test_deploy_local_says_what_it_is_doing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step of ``deploy local`` is a line on stderr before it starts (the SuperLink, the
+    SuperNodes and ``flwr run`` are faked here: their own tests start the real processes)."""
+    import jacfusion_fed.federation as federation
+
+    steps: list[str] = []
+
+    class Proc:
+        argv: ClassVar[list[str]] = ["fake"]
+
+    class Handle:
+        process = Proc()
+        node_id = 1
+
+    class FakeDeployment:
+        address = "127.0.0.1:9093"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __enter__(self) -> FakeDeployment:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def start_superlink(self) -> Proc:
+            return Proc()
+
+        def start_supernode(self, *args: Any, **kwargs: Any) -> Handle:
+            return Handle()
+
+        def wait_online(self, *args: Any, **kwargs: Any) -> None:
+            steps.append("online")
+
+        def run_app(self, *args: Any, **kwargs: Any) -> None:
+            steps.append("run")
+
+    results = json.loads((ROOT / "docs/results/simulate-quick.json").read_text())
+    monkeypatch.setattr(federation, "LocalDeployment", FakeDeployment)
+    monkeypatch.setattr(federation, "read_run_results", lambda _folder: results)
+    result = _invoke(
+        *("deploy", "local", "--dataset", "twomoon", "--quick", "--out", str(tmp_path / "run"))
+    )
+    assert result.exit_code == 0, result.output
+    said = result.output
+    for words in (
+        "run folder",
+        "certificates and SuperNode keys",
+        "SuperLink on 127.0.0.1:9093",
+        "waiting for 2 SuperNodes",
+        "flwr run: owners training",
+        "flwr run finished",
+    ):
+        assert words in said, (words, said)
+    assert steps == ["online", "run"]
+    assert said.index("waiting for 2 SuperNodes") < said.index("flwr run: owners training")
