@@ -267,4 +267,20 @@ def test_a_renamed_option_in_a_copy_of_the_readme_fails_the_run(tmp_path: Path) 
     run = _runner(broken, select)
     assert run.returncode == 1, run.stdout + run.stderr
     assert re.search(r"FAILED +B\.md:\d+", run.stdout), run.stdout
-    assert "No such option: --owners" in run.stderr, run.stderr
+    assert "No such option '--owners'" in run.stderr, run.stderr
+
+
+def test_deploy_and_simulate_are_equal_as_the_readme_says() -> None:
+    """The multi-host walkthrough's claim (same table, same model versions as `simulate
+    --quick`) is the measured results file's."""
+    data = json.loads((ROOT / "docs/results/deploy-vs-simulate.json").read_text())
+    assert data["same_model_versions"] and data["same_table"] and not data["differing_cells"]
+    runs = data["runs"]
+    assert runs["simulate"]["model_versions"] == runs["deploy_local"]["model_versions"]
+    sim = json.loads((ROOT / "docs/results/simulate-quick.json").read_text())
+    assert {m: h["version"] for m, h in sim["heads"].items()} == runs["simulate"]["model_versions"]
+    text = README.read_text()
+    assert "docs/results/deploy-vs-simulate.json" in text and "cell for cell" in text
+    walk = json.loads((ROOT / "docs/results/walkthrough.json").read_text())
+    # "the owners train the very models simulate --quick trains": the walkthrough's versions
+    assert walk["model_versions"]["fused_jacobian"] == runs["simulate"]["model_versions"]
