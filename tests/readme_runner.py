@@ -513,11 +513,12 @@ def summary(outcome: Outcome) -> str:
 
 def _isolate(argv: Sequence[str]) -> None:
     """Re-run this command in a fresh network namespace when we can (root and unshare)."""
-    if os.environ.get("JF_README_NETNS") or os.geteuid() != 0 or not shutil.which("unshare"):
+    tools = shutil.which("unshare") and shutil.which("ip")
+    if os.environ.get("JF_README_NETNS") or os.geteuid() != 0 or not tools:
         if not os.environ.get("JF_README_NETNS"):
             print(
-                "note: not root (or no unshare): running on the host's network; the README's "
-                "fixed ports must be free",
+                "note: not root (or no unshare/ip): running on the host's network; the "
+                "README's fixed ports must be free (one run at a time)",
                 file=sys.stderr,
             )
         return
