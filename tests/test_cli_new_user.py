@@ -313,3 +313,19 @@ def test_deploy_local_says_what_it_is_doing(
         assert words in said, (words, said)
     assert steps == ["online", "run"]
     assert said.index("waiting for 2 SuperNodes") < said.index("flwr run: owners training")
+
+
+def test_scenario_examples_print_their_table_once() -> None:
+    """Each example that runs a simulation quiets Flower's own log first (its table would be
+    printed twice, the second time with colour codes even in a pipe); its table is printed
+    once, by the example."""
+    checked = []
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        text = path.read_text()
+        if "run_scenario(" not in text:
+            continue
+        assert "quiet_flower()" in text, path.name
+        assert text.index("quiet_flower()") < text.index("run_scenario("), path.name
+        assert text.count("table_to_markdown(result.table())") == 1, path.name
+        checked.append(path.name)
+    assert len(checked) >= 4, checked
