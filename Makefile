@@ -35,6 +35,12 @@ test-e2e: $(STAMP)
 test-containers: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m containers --timeout=3600 tests/containers
 
+## README.md and the docs/ walkthroughs run as written, from a clean clone of HEAD, in a fresh
+## network namespace when root (conventions: tests/readme_runner.py, docs/readme-runner.md).
+.PHONY: test-readme
+test-readme: $(STAMP)
+	$(BIN)/python tests/readme_runner.py
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 

@@ -1,8 +1,9 @@
 """Wall time of the README's commands, measured by running them in a checkout.
 
 Runs, in order and each once: ``make demo`` (set-up on first use, then ``simulate --quick``),
-``make test`` (lint, types, generated-code check, buf lint, the fast tests) and
-``make test-e2e`` (the end-to-end tests), and writes their wall times with what they depend
+``make test`` (lint, types, generated-code check, buf lint, the fast tests),
+``make test-e2e`` (the end-to-end tests) and ``make test-readme`` (the README run as written),
+and writes their wall times with what they depend
 on (machine, load, package versions, git commit) as JSON. The README quotes that file, and
 ``tests/test_docs_results_consistency.py`` checks the quotes.
 
@@ -27,6 +28,7 @@ STEPS = (
     ("make demo", ["make", "demo"]),
     ("make test", ["make", "test"]),
     ("make test-e2e", ["make", "test-e2e"]),
+    ("make test-readme", ["make", "test-readme"]),
 )
 
 

@@ -162,5 +162,5 @@ def serve_owner(
         name=f"jacfusion-owner-health-{workspace.modality}",
         daemon=True,
     ).start()
-    log.info("owner %r serving modality %r on %s", name, workspace.modality, running.target)
+    log.debug("owner %r serving modality %r on %s", name, workspace.modality, running.target)
     return running

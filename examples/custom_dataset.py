@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jacfusion_fed.cli.logs import quiet_flower
 from jacfusion_fed.evaluation import table_to_markdown
 from jacfusion_fed.federation.scenario import OwnerSpec, Scenario, run_scenario
 
@@ -61,5 +62,6 @@ if __name__ == "__main__":
             "columns": "clean; gaussian w0=1; missing w1=8; fgsm w4=0.05",
         },
     )
+    quiet_flower()  # the table once (printed below), no colour codes in pipes
     result = run_scenario(scenario, run_dir)
     print(table_to_markdown(result.table()))

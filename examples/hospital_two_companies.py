@@ -13,6 +13,7 @@ Run:  python examples/hospital_two_companies.py        (about a minute on 2 CPU 
 
 from pathlib import Path
 
+from jacfusion_fed.cli.logs import quiet_flower
 from jacfusion_fed.evaluation import table_to_markdown
 from jacfusion_fed.federation.scenario import Scenario, run_scenario
 
@@ -20,6 +21,7 @@ if __name__ == "__main__":
     scenario = Scenario.builtin(
         "avdigits", quick=True, owner_names=["vision-co", "audio-co"], perturbed="audio"
     )
+    quiet_flower()  # the table once (printed below), no colour codes in pipes
     result = run_scenario(scenario, Path("runs/examples/hospital-two-companies"))
     print(table_to_markdown(result.table()))
     for modality, head in result.results["heads"].items():

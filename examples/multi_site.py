@@ -9,6 +9,7 @@ Run:  python examples/multi_site.py        (about two minutes on 2 CPU cores)
 
 from pathlib import Path
 
+from jacfusion_fed.cli.logs import quiet_flower
 from jacfusion_fed.evaluation import table_to_markdown
 from jacfusion_fed.federation.scenario import Scenario, run_scenario
 
@@ -22,6 +23,7 @@ if __name__ == "__main__":
     )
     for owner in scenario.owners:
         print(f"{owner.name:14s} {owner.modality:6s} {owner.data}")
+    quiet_flower()  # the table once (printed below), no colour codes in pipes
     result = run_scenario(scenario, Path("runs/examples/multi-site"))
     print(table_to_markdown(result.table()))
     audio = result.results["heads"]["audio"]

@@ -9,23 +9,8 @@ recording to the other, asks the coordinator for the fused answer, then has the 
 forgotten. Every id is pseudonymized inside the hospital's client; neither company nor the
 coordinator ever sees "Jane Doe 1970-01-01".
 
-The same with the CLI (one process each)::
-
-    jacfusion-fed owner import-model --workspace ws-image --modality image --model image.pt \
-        --class-counts image-counts.json --input-shape 1,8,8 --value-range 0,1
-    jacfusion-fed owner import-model --workspace ws-audio --modality audio \
-        --model audio.safetensors --factory byom_nets:audio_net \
-        --class-counts audio-counts.json --input-shape 1,32,32 --value-range 0,1
-    jacfusion-fed owner serve --workspace ws-image --modality image --tls certs/owners/radiology \
-        --pseudonym-key pseudonym.key --port 50061                      # (and audio: 50062)
-    jacfusion-fed coordinator serve --registry registry --owner image=127.0.0.1:50061 \
-        --owner audio=127.0.0.1:50062 --tls certs/coordinator --port 50060
-    jacfusion-fed submit --owner 127.0.0.1:50061 --modality image --tls certs/requesters/clinic \
-        --pseudonym-key pseudonym.key --inputs jane-image.npz          # (and audio)
-    jacfusion-fed predict "Jane Doe 1970-01-01" --coordinator 127.0.0.1:50060 \
-        --tls certs/requesters/clinic --pseudonym-key pseudonym.key
-    jacfusion-fed forget "Jane Doe 1970-01-01" --owner 127.0.0.1:50061 --owner 127.0.0.1:50062 \
-        --tls certs/requesters/clinic --pseudonym-key pseudonym.key
+The same with the CLI, one process per server, is the README's "New patients" section (which
+``make test-readme`` runs as written, with the stand-ins of ``examples/byom_files.py``).
 
 Run:  python examples/new_patient.py        (about a minute on 2 CPU cores)
 """
@@ -37,14 +22,13 @@ import tempfile
 from pathlib import Path
 
 import grpc
-import numpy as np
 import safetensors.torch
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the audio company's byom_nets
 
 import byom_nets
+from byom_files import train_elsewhere
 
 from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.data import load_builtin
@@ -62,28 +46,15 @@ from jacfusion_fed.server.serve import serve_coordinator
 PATIENT = "Jane Doe 1970-01-01"
 
 
-def train_elsewhere(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 20) -> nn.Module:
-    """What a company did long before: plain PyTorch, nothing from this project."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(32):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return net.eval()
-
-
 def main(root: Path) -> dict[str, float]:
     train = load_builtin("avdigits", "train", 0, quick=True)
     test = load_builtin("avdigits", "test", 0, quick=True)
     counts = [int(c) for c in train.class_counts()]
 
     # --- the two companies, before this project -----------------------------------------
-    image_net = train_elsewhere(byom_nets.image_net(), train.modalities["image"], train.labels)
+    image_net = train_elsewhere(byom_nets.image_net(), train.modalities["image"], train.labels, 20)
     torch.jit.save(torch.jit.script(image_net), root / "image.pt")
-    audio_net = train_elsewhere(byom_nets.audio_net(), train.modalities["audio"], train.labels)
+    audio_net = train_elsewhere(byom_nets.audio_net(), train.modalities["audio"], train.labels, 20)
     safetensors.torch.save_file(audio_net.state_dict(), str(root / "audio.safetensors"))
 
     # --- the deployment -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jacfusion_fed.cli.logs import quiet_flower
 from jacfusion_fed.evaluation import table_to_markdown
 from jacfusion_fed.federation.scenario import OwnerSpec, Scenario, run_scenario
 
@@ -50,5 +51,6 @@ if __name__ == "__main__":
             "columns": "clean; gaussian w0=1.5; missing w1=12; fgsm w4=0.1; pgd w4=0.1 w5=0.02",
         },
     )
+    quiet_flower()  # the table once (printed below), no colour codes in pipes
     result = run_scenario(scenario, run_dir)
     print(table_to_markdown(result.table()))

@@ -116,7 +116,7 @@ def serve_coordinator(
     coordinator.on_change(lambda: rpc.set_serving(coordinator.has_heads()))
     if sync:
         coordinator.start_sync()
-    log.info(
+    log.debug(
         "coordinator serving FusionService on %s for modalities %s",
         rpc.target,
         ", ".join(coordinator.modalities),

@@ -46,7 +46,8 @@ def test_ci_runs_the_fast_step_then_the_e2e_step() -> None:
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip().startswith("make")
     ]
-    assert steps == ["make test", "make test-e2e"]
+    assert steps == ["make test", "make test-e2e", "make test-readme"]
+    assert _recipe("test-readme") == ["$(BIN)/python tests/readme_runner.py"]
     (fast,) = [c for c in _recipe("test") if "pytest" in c]
     assert _marker_expression(fast.split("||")[0]) is None  # the default: addopts
     (e2e,) = [c for c in _recipe("test-e2e") if "pytest" in c]

@@ -79,7 +79,7 @@ def test_import_submit_forget_rekey(tmp_path: Path) -> None:
             np.testing.assert_allclose(answer.logits, net(torch.from_numpy(x)).double(), rtol=1e-5)
         result = runner.invoke(app, ["forget", IDS[0], "--owner", server.target, *who])
         assert result.exit_code == 0, result.output
-        assert "ecg: erased 1" in result.output
+        assert f"ecg ({server.target}): erased 1" in result.output
         assert ws.logits(pz.many(IDS)).unknown_ids == [pz(IDS[0])]
     finally:
         server.stop(0)

@@ -14,13 +14,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from jacfusion_fed.cli import app
-from jacfusion_fed.client import Requester
 from jacfusion_fed.clients.serve import serve_owner
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.owner.input_spec import InputSpec
 from jacfusion_fed.owner.model_import import import_model
 from jacfusion_fed.privacy.certs import generate_deployment_certs
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+from jacfusion_fed.requester import Requester
 from jacfusion_fed.rpc.tls import TlsFiles
 from jacfusion_fed.store.record_store import DB_NAME
 

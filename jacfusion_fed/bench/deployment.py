@@ -80,8 +80,14 @@ def serve_echo(tls_dir: Path, port_file: Path | None = None, max_workers: int = 
     )
     server.add_generic_rpc_handlers((handler,))
     server.start()
+
+    def stop(grace: float) -> None:
+        server.stop(grace).wait()
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
+
     serve_until_signal(
-        lambda grace: server.stop(grace).wait(),
+        stop,
         "echo server",
         ready=lambda: write_port_file(port_file, port),
     )

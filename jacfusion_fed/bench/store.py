@@ -188,7 +188,7 @@ def _owner(root: Path, cfg: StoreBenchConfig) -> Iterator[dict[str, Any]]:
 
 
 def _services(root: Path, cfg: StoreBenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
-    from jacfusion_fed.client import Requester
+    from jacfusion_fed.requester import Requester
     from jacfusion_fed.rpc.auth import connect_owner
     from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
     from jacfusion_fed.rpc.tls import TlsFiles

@@ -32,6 +32,13 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
+def _progress(message: str) -> None:
+    """A progress line on stderr: the time and the message (no source location)."""
+    import time
+
+    err().print(f"[{time.strftime('%H:%M:%S')}] {message}", highlight=False, markup=False)
+
+
 def _rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -72,7 +79,7 @@ def fusion(
         dtype=getattr(torch, dtype),
         tol=tol,
         budget_s=budget,
-        progress=lambda msg: err().log(msg),
+        progress=_progress,
     )
     from rich.table import Table
 
@@ -147,7 +154,7 @@ def bench_serve(
         method=method,
         uncached=uncached,
     )
-    results = run_serve_bench(config, workdir=workdir, progress=lambda m: err().log(m))
+    results = run_serve_bench(config, workdir=workdir, progress=_progress)
     print_results(results, out())
     write_json(out_file, results)
 
@@ -197,7 +204,7 @@ def bench_load(
         timeout_s=timeout,
         rss_bound_mb=rss_bound_mb,
     )
-    results = run_load_bench(cfg, workdir=workdir, progress=lambda m: err().log(m))
+    results = run_load_bench(cfg, workdir=workdir, progress=_progress)
     print_load_results(results, out())
     write_json(out_file, results)
     if not results["passed"]:

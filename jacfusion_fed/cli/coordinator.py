@@ -200,7 +200,12 @@ def info_payload(info: Any) -> dict[str, Any]:
                 **(
                     {
                         "sites": [
-                            {"target": s.target, "model_version": s.model_version, "error": s.error}
+                            {
+                                "target": s.target,
+                                "model_version": s.model_version,
+                                "error": s.error,
+                                "status": site_status(s.error, s.model_version, m.model_version),
+                            }
                             for s in m.sites
                         ]
                     }
@@ -211,6 +216,18 @@ def info_payload(info: Any) -> dict[str, Any]:
             for m in info.modalities
         ],
     }
+
+
+def site_status(error: str, site_version: str, registered: str) -> str:
+    """What a site's line says: its error, or that its model version is refused (another
+    version than the modality's registered one: the site is left out of answers), or ok."""
+    if error:
+        return error
+    if not site_version:
+        return "no model version yet (left out of answers)"
+    if registered and site_version != registered:
+        return f"refused: serves version {site_version}, not the registered {registered} (left out)"
+    return "ok"
 
 
 def coordinator_info(
@@ -253,7 +270,7 @@ def coordinator_info(
     console.print(table)
     for m in payload["modalities"]:
         for site in m.get("sites", []):
-            state = site["error"] or "ok"
+            state = site["status"]
             console.print(
                 f"{m['modality']} site {site['target']}: {site['model_version'] or '-'}, {state}",
                 highlight=False,

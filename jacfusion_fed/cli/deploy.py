@@ -174,6 +174,8 @@ def local(
     )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = (out_dir or Path("runs") / f"deploy-{dataset}-{stamp}").resolve()
+    status = err()
+    status.print(f"run folder {folder}: data, pseudonym key, the requester's labels ...")
     prepared = prepare_run(scenario, folder)
     app_dir = folder / "app"
     write_app_manifest(app_dir)
@@ -182,6 +184,7 @@ def local(
     if not insecure:
         from jacfusion_fed.privacy.certs import DEFAULT_HOSTS, generate_deployment_certs
 
+        status.print("certificates and SuperNode keys ...")
         dial = connect_host(host)  # what the SuperNodes and the SuperExec dial: in the cert
         pki = generate_deployment_certs(
             folder / "pki",
@@ -203,7 +206,6 @@ def local(
     if tls is not None and audit_log is not None:  # the ServerApp signs with the SuperLink's key
         run_config["audit-tls"] = str(tls.cert.parent)
     t0 = time.perf_counter()
-    status = err()
     with LocalDeployment(
         folder / "deploy", tls=tls, insecure=insecure, node_auth=not insecure, host=host
     ) as dep:
@@ -219,9 +221,15 @@ def local(
             status.print(f"SuperNode {owner.name} ({owner.modality})")
             status.print("  $ " + shlex.join(handle.process.argv))
         if not insecure:
+            status.print(f"waiting for {len(handles)} SuperNodes to connect ...")
             dep.wait_online([h.node_id for h in handles], timeout=120)  # type: ignore[misc]
-        with status.status("flwr run: owners training, coordinator fusing ..."):
-            dep.run_app(app_dir, run_config, timeout=timeout)
+        status.print(
+            "flwr run: owners training, coordinator fusing (three round trips of several "
+            "seconds each, plus training) ..."
+        )
+        t_run = time.perf_counter()
+        dep.run_app(app_dir, run_config, timeout=timeout)
+        status.print(f"flwr run finished in {time.perf_counter() - t_run:.0f} s")
     results = read_run_results(prepared.coordinator_dir)
     from jacfusion_fed.evaluation import Column, Row, Table
 

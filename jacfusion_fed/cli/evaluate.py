@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -48,10 +48,16 @@ def evaluate(
 ) -> None:
     """Paper-style tables (Tables 1-2 layout), Figure 4 curves, TwoMoon heatmaps."""
     if unknown:  # issue 11: seeds seed..seed+seeds-1, hyperparameters chosen on validation
-        from jacfusion_fed.evaluation.unknown_report import run_unknown, write_unknown
+        from jacfusion_fed.evaluation.unknown_report import (
+            run_unknown,
+            unknown_markdown,
+            write_unknown,
+        )
 
         res = run_unknown(dataset, range(seed, seed + seeds), quick=quick, repeats=repeats or 2)
-        err().print(f"{dataset}: wrote {write_unknown(res, out_dir)}")
+        out().print(markdown_table(unknown_markdown(res), f"{dataset}: perturbed modality unknown"))
+        paths = write_unknown(res, out_dir)
+        err().print(f"{dataset}: wrote {', '.join(str(p) for p in paths)}", highlight=False)
         return
     from jacfusion_fed.evaluation import config_from_options, run_evaluation, write_reports
 
@@ -92,3 +98,23 @@ def _gamma_choice(gamma: list[str], grid: str | None) -> float | tuple[float, ..
     if not values:
         raise CliError("--gamma-grid needs at least one value")
     return tuple(parse_gamma(v, option="--gamma-grid") for v in values)
+
+
+def markdown_table(markdown: str, title: str) -> Any:
+    """The first Markdown table of ``markdown`` as a rich table (the file's own rendering, so
+    the terminal and the written report show the same cells)."""
+    from rich.table import Table
+
+    lines = [line.strip() for line in markdown.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(rows[0]):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows[2:]:  # rows[1] is the |---| separator
+        table.add_row(*row)
+    return table

@@ -12,6 +12,9 @@ Glossary (an option name means the same thing in every command that has it):
   on several hosts share a PostgreSQL database).
 - ``--batch N``: how many items one request carries (``submit``: records per ``PutRecords``;
   ``bench``: ids per request).
+- ``--data SOURCE``: a data source, ``builtin:NAME[?seed=..&quick=1&site=..&sites=..]`` or
+  ``npz:FILE`` (an owner's own records; ``owner serve`` without it answers only for records
+  requesters ``submit``, kept ``--retention SECONDS``, default until forgotten).
 - ``--method NAME``: the fusion method, one of :data:`FUSION_METHODS`, spelled as in the tables
   and the JSON output. (``simulate --training`` names the owners' training add-on.)
 - ``--gamma VALUE``: gamma of the Jacobian fusion in (0, 1] for every modality, or ``auto``

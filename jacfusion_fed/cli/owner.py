@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,8 +37,23 @@ __all__ = ["owner_serve", "register"]
 def owner_serve(
     workspace: Annotated[Path, typer.Option(help="The owner's workspace directory (model store).")],
     modality: Annotated[str, typer.Option(help="The modality this owner serves.")],
-    data: Annotated[str, typer.Option(help="Data source, e.g. builtin:avdigits or npz:FILE.")],
     pseudonym_key: Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Data source (builtin:avdigits?quick=1, npz:FILE); without it the owner "
+            "answers only for records requesters send (submit).",
+            show_default=False,
+        ),
+    ] = None,
+    retention: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a submitted record is kept (default: until forgotten).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     tls: TlsOpt = None,
     insecure: InsecureOpt = False,
     name: Annotated[str | None, typer.Option(help="Owner name (default: certificate CN).")] = None,
@@ -52,9 +67,20 @@ def owner_serve(
         bool, typer.Option(help="Answer from the per-version logit cache (off: benchmarks).")
     ] = True,
     train_if_missing: Annotated[
-        bool, typer.Option(help="Train a model first when the workspace has none.")
+        bool,
+        typer.Option(
+            help="Train a model first when the workspace has none (the simulation's recipe; "
+            "prints each split's accuracy)."
+        ),
     ] = False,
-    epochs: Annotated[int, typer.Option(help="Epochs for --train-if-missing.", min=1)] = 8,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Epochs for --train-if-missing (default: the simulation's recipe).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
     max_streams_per_peer: MaxStreamsPerPeerOpt = None,
     metrics_port: MetricsPortOpt = None,
@@ -71,18 +97,34 @@ def owner_serve(
     owner_cn = name or f"{modality}-owner"
     if isinstance(sec, TlsFiles):  # never serve under another role's or modality's certificate
         owner_cn = check_own_certificate(sec, "owner", modality).name
+    if train_if_missing and data is None:
+        raise CliError("--train-if-missing needs --data (the records to train on)")
     pseudonymizer = Pseudonymizer.from_file(pseudonym_key)
     host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
     limits = peer_limits(max_workers, metrics_port, max_streams_per_peer)
 
     from jacfusion_fed.clients.serve import serve_owner
-    from jacfusion_fed.owner import OwnerWorkspace
+    from jacfusion_fed.owner import DataSource, OwnerWorkspace
+    from jacfusion_fed.owner.startup import check_can_serve
 
-    ws = OwnerWorkspace(workspace, modality, data, pseudonymizer, allow_full_head=allow_full_head)
-    if train_if_missing and ws.store.current_version() is None:
-        err().print(f"training a {modality!r} model ({epochs} epochs) ...")
-        ws.train(epochs=epochs)
+    try:
+        source = None if data is None else DataSource.parse(data)
+    except ValueError as exc:
+        raise CliError(f"--data: {exc}") from None
+    ws = OwnerWorkspace(
+        workspace,
+        modality,
+        source,
+        pseudonymizer,
+        allow_full_head=allow_full_head,
+        retention_s=retention,
+    )
+    version = check_can_serve(ws)  # a bad data source or model: one line now, not per call
+    if train_if_missing and version is None:
+        _train(ws, epochs)
+    elif version is None:
+        err().print(f"no model yet: {modality!r} is NOT_SERVING until `owner import-model`")
     from jacfusion_fed.audit import service_identity
 
     service = service_identity("owner", owner_cn, modality)
@@ -106,6 +148,26 @@ def owner_serve(
     err().print(f"owner {owner!r} serving {modality!r} on {running.target}")
     say_metrics_url(running)
     serve_until_signal(running, f"owner {owner!r}", port_file)
+
+
+def _train(ws: Any, epochs: int | None) -> None:
+    """``--train-if-missing``: the simulation's recipe, then each split's accuracy."""
+    from jacfusion_fed.owner.recipe import recipe_for, train_recommended
+
+    recipe = recipe_for(ws)
+    err().print(
+        f"training a {ws.modality!r} model ({epochs or recipe.epochs} epochs, lr {recipe.lr:g}, "
+        f"batch {recipe.batch_size}: the simulation's recipe) ...",
+        highlight=False,
+    )
+    metrics = train_recommended(ws, epochs=epochs)
+    splits = [k.removesuffix("_accuracy") for k in metrics if k.endswith("_accuracy")]
+    shown = [s for s in ("train", "val", "test") if s in splits]
+    err().print(
+        f"{ws.modality} accuracy: "
+        + ", ".join(f"{s} {100 * metrics[f'{s}_accuracy']:.1f} %" for s in shown),
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

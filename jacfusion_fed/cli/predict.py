@@ -108,7 +108,13 @@ def predict(
         list[str] | None, typer.Option(help="Modality to regularize (repeat).")
     ] = None,
     iterations: Annotated[int | None, typer.Option(help="Solver iterations.", min=1)] = None,
-    modality: Annotated[list[str] | None, typer.Option(help="Use only these (repeat).")] = None,
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Use only these modalities (repeat). One alone is that modality's own "
+            "prediction (its softmax: --method statistical) unless --method says otherwise."
+        ),
+    ] = None,
     require_all: Annotated[bool, typer.Option(help="Fail unless every owner answers.")] = False,
     skip_unknown: Annotated[
         bool, typer.Option(help="Predict the known ids, list the rest.")
@@ -131,6 +137,8 @@ def predict(
         )
     if method is not None:
         check_choice("--method", method, FUSION_METHODS)
+    elif modality is not None and len(set(modality)) == 1:
+        method = "statistical"  # one modality alone: its own softmax, no regularization
     items = list(gamma or [])
     if default_gamma is not None:
         items.append(str(deprecated("--default-gamma", "--gamma", default_gamma, 0.0)))

@@ -3,6 +3,8 @@
 
 ``submit`` and ``forget`` pseudonymize the local ids with the deployment key before anything
 is sent (through :class:`jacfusion_fed.requester.Requester`); raw ids never leave the requester.
+A call that cannot get through names its likely cause like ``predict`` does (an owner of
+another modality, nothing listening, another CA: :func:`jacfusion_fed.rpc.diagnose.likely_cause`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import typer
 from rich.console import Console
 
 from jacfusion_fed.cli.audit import local_audit
+from jacfusion_fed.cli.errors import EXIT_FAILED, CliError
 from jacfusion_fed.cli.options import AuditLogOpt
-
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+from jacfusion_fed.cli.render import err, out
 
 TlsOpt = Annotated[Path, typer.Option("--tls", help="Requester certificate directory.")]
 KeyOpt = Annotated[Path, typer.Option(help="The deployment's HMAC pseudonym key.")]
@@ -43,17 +44,24 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+        raise CliError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
-def _fail(exc: BaseException | str) -> typer.Exit:
-    err_console.print(f"error: {exc}")
-    return typer.Exit(2)
+def _owner_failure(exc: Any, target: str, tls: Path, modality: str | None) -> CliError:
+    """A failed call to an owner as one line; for ``UNAVAILABLE`` with the likely cause
+    checked locally (the same diagnosis as ``predict``'s for the coordinator)."""
+    from jacfusion_fed.rpc.diagnose import likely_cause
 
-
-def _rpc_fail(exc: Any) -> typer.Exit:
-    err_console.print(f"error: {exc.code().name}: {exc.details()}")
-    return typer.Exit(1)
+    code = exc.code().name
+    if code == "UNAVAILABLE":
+        cause = likely_cause(
+            target, tls, expected_role="owner", modality=modality, own_role="requester"
+        )
+        if cause:
+            return CliError(
+                f"{code}: cannot call the owner at {target}: {cause}", exit_code=EXIT_FAILED
+            )
+    return CliError(f"{code}: {exc.details()}", exit_code=EXIT_FAILED)
 
 
 # --- owner side -----------------------------------------------------------------------------
@@ -87,43 +95,68 @@ def import_model_cmd(
     audit_log: AuditLogOpt = None,
     tls: AuditTlsOpt = None,
 ) -> None:
-    """Publish an externally trained model as the owner's new current version (no training)."""
+    """Publish an externally trained model as the owner's new current version (no training).
+
+    A ``.pt2`` export records its input shape (``--input-shape`` is then optional); a
+    safetensors model's ``--factory`` must be importable here and wherever the owner serves.
+    """
     from jacfusion_fed.owner import OwnerWorkspace
     from jacfusion_fed.owner.importing import ModelImportError
     from jacfusion_fed.owner.input_spec import InputSpec
     from jacfusion_fed.owner.model_import import import_model, load_class_counts
+    from jacfusion_fed.owner.startup import FACTORY_HINT
 
     if (class_counts is None) == (data is None):
-        raise typer.BadParameter("pass exactly one of --class-counts FILE.json or --data SOURCE")
+        raise CliError("pass exactly one of --class-counts FILE.json or --data SOURCE")
+    value_range_, mean_, std_ = (
+        _floats(value_range, "--value-range"),
+        _floats(mean, "--mean"),
+        _floats(std, "--std"),
+    )
+
+    def spec_for(shape: tuple[int, ...]) -> Any:
+        return InputSpec.create(list(shape), dtype, value_range_, mean_, std_)
+
     try:
         counts = None if class_counts is None else load_class_counts(class_counts)
         spec = None
         if input_shape is not None:
-            shape = [int(d) for d in input_shape.split(",")]
-            spec = InputSpec.create(
-                shape,
-                dtype,
-                _floats(value_range, "--value-range"),
-                _floats(mean, "--mean"),
-                _floats(std, "--std"),
-            )
-        elif data is None:
-            raise typer.BadParameter("pass --input-shape (one record's shape) or --data")
+            try:
+                shape = tuple(int(d) for d in input_shape.split(","))
+            except ValueError:
+                raise CliError(f"--input-shape must look like 1,8,8, got {input_shape!r}") from None
+            spec = spec_for(shape)
         ws = OwnerWorkspace(workspace, modality, data, None)
         with local_audit(audit_log, tls, modality, "ImportModel") as record:
             report = import_model(
-                ws, model, factory=factory, head=head, class_counts=counts, input_spec=spec
+                ws,
+                model,
+                factory=factory,
+                head=head,
+                class_counts=counts,
+                input_spec=spec,
+                spec_from_shape=spec_for,
             )
             record({modality: report.version}, format=report.format)
-    except (ModelImportError, ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from exc
+    except ModelImportError as exc:
+        hint = f"; {FACTORY_HINT}" if factory and "cannot be imported" in str(exc) else ""
+        raise CliError(f"{exc}{hint}") from None
+    console = out()
     console.print(
         f"imported {model.name} ({report.format}) as version {report.version} of {modality!r}: "
-        f"head {report.head!r}, K={report.num_classes}, H={report.feature_dim}, "
-        f"probe max |logits - head(features)| = {report.probe_max_error:.2e}"
+        f"head {report.head!r}, K={report.num_classes}, H={report.feature_dim}, input shape "
+        f"{','.join(str(d) for d in report.input_spec.shape)}, probe max |logits - "
+        f"head(features)| = {report.probe_max_error:.2e}",
+        highlight=False,
     )
+    if factory:
+        err().print(
+            f"note: owner serve imports {factory.partition(':')[0]!r} again when it loads this "
+            f"version: {FACTORY_HINT}",
+            highlight=False,
+        )
     for split, acc in report.accuracy.items():
-        console.print(f"  {split} accuracy on the owner's data: {acc:.1%}")
+        console.print(f"  {split} accuracy on the owner's data: {acc:.1%}", highlight=False)
 
 
 def rekey_cmd(
@@ -144,23 +177,26 @@ def rekey_cmd(
     from jacfusion_fed.owner import OwnerWorkspace
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
 
-    try:
-        mapping = {} if map_file is None else json.loads(map_file.read_text())
-        if not isinstance(mapping, dict):
-            raise ValueError(f"{map_file} must hold a JSON object {{old: new}}")
-        ws = OwnerWorkspace(workspace, modality, data, Pseudonymizer.from_file(old_key))
-        old_fingerprint = ws.key_fingerprint
-        with local_audit(audit_log, tls, modality, "Rekey") as record:
-            renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
-            record(
-                old_key=old_fingerprint, new_key=ws.key_fingerprint, renamed=renamed, erased=erased
-            )
-    except (ValueError, OSError) as exc:
-        raise _fail(exc) from exc
-    console.print(
+    mapping = {} if map_file is None else _read_json(map_file, "--map")
+    if not isinstance(mapping, dict):
+        raise CliError(f"--map {map_file} must hold a JSON object {{old: new}}")
+    ws = OwnerWorkspace(workspace, modality, data, Pseudonymizer.from_file(old_key))
+    old_fingerprint = ws.key_fingerprint
+    with local_audit(audit_log, tls, modality, "Rekey") as record:
+        renamed, erased = ws.rekey(Pseudonymizer.from_file(new_key), mapping)
+        record(old_key=old_fingerprint, new_key=ws.key_fingerprint, renamed=renamed, erased=erased)
+    out().print(
         f"re-keyed {workspace}: {renamed} live record(s) renamed, {erased} erased (no mapping); "
-        f"key fingerprint now {ws.key_fingerprint}; the old key's pseudonyms are refused"
+        f"key fingerprint now {ws.key_fingerprint}; the old key's pseudonyms are refused",
+        highlight=False,
     )
+
+
+def _read_json(path: Path, option: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{option} {path}: not JSON ({exc})") from None
 
 
 # --- requester side -------------------------------------------------------------------------
@@ -201,45 +237,61 @@ def submit(
         with np.load(inputs, allow_pickle=False) as npz:
             ids = [str(i) for i in npz["ids"]]
             x = npz["x"]
+    except FileNotFoundError:
+        raise
     except (OSError, KeyError, ValueError) as exc:
-        raise _fail(f"{inputs}: needs arrays `ids` (strings) and `x` ({exc})") from exc
+        raise CliError(f"--inputs {inputs}: needs arrays `ids` (strings) and `x` ({exc})") from None
     try:
         with _requester({modality: owner}, tls, pseudonym_key) as req:
             result = req.submit(modality, ids, x, replace=replace, batch_size=batch)
     except grpc.RpcError as exc:
-        raise _rpc_fail(exc) from exc
-    console.print(
+        raise _owner_failure(exc, owner, tls, modality) from None
+    out().print(
         f"{modality}: {result.stored} new, {result.replaced} replaced, {result.unchanged} "
-        f"unchanged in {result.batches} batch(es) (model version {result.model_version})"
+        f"unchanged in {result.batches} batch(es) (model version {result.model_version})",
+        highlight=False,
     )
 
 
 def forget(
     ids: Annotated[list[str], typer.Argument(help="Local patient ids to erase.")],
-    owner: Annotated[list[str], typer.Option(help="HOST:PORT or MODALITY=HOST:PORT (repeat).")],
+    owner: Annotated[
+        list[str],
+        typer.Option(
+            help="HOST:PORT or MODALITY=HOST:PORT (repeat: every site that may hold the patients)."
+        ),
+    ],
     tls: TlsOpt,
     pseudonym_key: KeyOpt,
 ) -> None:
-    """Erase patients' records (inputs and cached logits) at the owners."""
+    """Erase patients' records (inputs and cached logits) at every owner named (all sites)."""
     import grpc
 
-    owners: dict[str, str] = {}
-    try:
-        for item in owner:
-            name, sep, target = item.partition("=")
-            if not sep:
+    sites: list[tuple[str, str]] = []
+    for item in owner:
+        name, sep, target = item.partition("=")
+        if not sep:
+            try:
                 name, target = _modality_of(item, tls), item
-            owners[name] = target
-        with _requester(owners, tls, pseudonym_key) as req:
-            result = req.forget(ids)
-    except grpc.RpcError as exc:
-        raise _rpc_fail(exc) from exc
-    except (ValueError, OSError) as exc:
-        raise _fail(exc) from exc
-    for modality in sorted(owners):
-        gone, unknown = result.deleted[modality], result.unknown[modality]
-        line = f"{modality}: erased {len(gone)}"
-        console.print(line + (f"; not held: {', '.join(unknown)}" if unknown else ""))
+            except OSError as exc:  # no TLS handshake: say why, as for a failed call
+                from jacfusion_fed.rpc.diagnose import likely_cause
+
+                cause = likely_cause(item, tls, expected_role="owner", own_role="requester")
+                raise CliError(
+                    f"cannot reach the owner at {item}: {cause or exc}", exit_code=EXIT_FAILED
+                ) from None
+        sites.append((name, target))
+    console = out()
+    for name, target in sites:  # one call per site: several sites may serve one modality
+        try:
+            with _requester({name: target}, tls, pseudonym_key) as req:
+                result = req.forget(ids)
+        except grpc.RpcError as exc:
+            raise _owner_failure(exc, target, tls, name) from None
+        gone, unknown = result.deleted[name], result.unknown[name]
+        line = f"{name} ({target}): erased {len(gone)}"
+        line += f"; not held: {', '.join(unknown)}" if unknown else ""
+        console.print(line, highlight=False)
 
 
 def rekey_map(
@@ -257,7 +309,7 @@ def rekey_map(
     from jacfusion_fed.atomicio import atomic_write_bytes
 
     atomic_write_bytes(out, json.dumps(mapping, indent=1, sort_keys=True).encode())
-    console.print(f"wrote {len(mapping)} pseudonym pair(s) to {out}")
+    err().print(f"wrote {len(mapping)} pseudonym pair(s) to {out}", highlight=False)
 
 
 def print_accuracy(
@@ -270,7 +322,7 @@ def print_accuracy(
     try:
         truth = load_labels(labels)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _fail(f"--labels {labels}: {exc}") from exc
+        raise CliError(f"--labels {labels}: {exc}") from None
     scored = []
     for sid, label in zip(sample_ids, [int(v) for v in predicted], strict=True):
         key = local.get(sid, sid)

@@ -135,8 +135,8 @@ def simulate(
     logs.quiet_flower()
     t0 = time.perf_counter()
     try:
-        with err().status("owners training, coordinator fusing ..."):
-            result = run_scenario(scenario, folder, verbose=debug)
+        err().print("owners training, coordinator fusing ...")
+        result = run_scenario(scenario, folder, verbose=debug)
     except Exception as exc:
         if debug:
             raise
@@ -160,6 +160,14 @@ def simulate(
         ),
         highlight=False,
     )
+    pooled = [m for m, h in heads.items() if int(h.get("sites", 1) or 1) > 1]
+    if pooled and not any(row.kind == "robust" for row in table.rows):
+        console.print(
+            f"No Robust row: {', '.join(pooled)} trained on several FedAvg sites, each of which "
+            "calibrates on its own data (robust fusion needs one owner's calibration per "
+            "modality; docs/calibration.md).",
+            highlight=False,
+        )
     coord = result.prepared.coordinator_dir
     console.print(
         f"Results: {coord / 'results.json'}; reports: {coord / 'reports'}", highlight=False

@@ -82,11 +82,17 @@ def say_metrics_url(running: Any) -> None:
 
 def serve_until_signal(running: Any, what: str, port_file: Path | None) -> None:
     """Serve until SIGTERM/SIGINT; the port file is written once the signal is handled (a
-    SIGTERM right after start is a clean stop); ``<what> stopped`` on stderr; exits in < 1 s."""
+    SIGTERM right after start is a clean stop) and removed when the server stops (a stale file
+    never names a port nobody serves); ``<what> stopped`` on stderr; exits in < 1 s."""
     from jacfusion_fed.rpc.serving import serve_until_signal as library_serve
     from jacfusion_fed.rpc.serving import write_port_file
 
-    library_serve(running.stop, what, ready=lambda: write_port_file(port_file, running.port))
+    def stop(grace: float) -> None:
+        running.stop(grace)
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
+
+    library_serve(stop, what, ready=lambda: write_port_file(port_file, running.port))
 
 
 def coordinator_targets(text: str) -> list[str]:

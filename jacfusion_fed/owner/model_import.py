@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +74,15 @@ def import_model(
     head: str | None = None,
     class_counts: Sequence[int] | None = None,
     input_spec: InputSpec | None = None,
+    spec_from_shape: Callable[[tuple[int, ...]], InputSpec] | None = None,
 ) -> ImportReport:
     """Load, check and publish ``model_file`` as the current version of ``workspace``.
 
     Without ``input_spec`` it is taken from the owner's data source (shape, float32, the
-    training inputs' range), and the probe batch is made of real training records; without
-    ``class_counts`` they are counted in the data source's train split.
+    training inputs' range), and the probe batch is made of real training records; else, for a
+    ``torch.export`` archive, from the sample shape the export records (through
+    ``spec_from_shape``, default: that shape, float32). Without ``class_counts`` they are
+    counted in the data source's train split.
 
     Raises:
         ModelImportError: the file, the head or the probe check is refused (clear message).
@@ -95,9 +98,15 @@ def import_model(
             raise ValueError(
                 f"input shape {input_spec.shape} differs from the data source's {data_spec.shape}"
             )
-    if input_spec is None:
-        raise ValueError("pass an input spec (shape) or a data source to import a model")
     loaded = load_model_file(model_file, factory=factory)
+    if input_spec is None and loaded.sample_shape is not None:
+        make = spec_from_shape or (lambda shape: InputSpec.create(list(shape)))
+        input_spec = make(tuple(loaded.sample_shape))
+    if input_spec is None:
+        raise ValueError(
+            f"{Path(model_file).name} ({loaded.format}) records no input shape: pass "
+            "--input-shape (one record's shape, e.g. 1,8,8) or --data"
+        )
     if probe is not None:
         probe = probe.to(getattr(torch, input_spec.dtype))
     model, err = imported_model(loaded, input_spec, head=head, probe=probe)

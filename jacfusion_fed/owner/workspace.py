@@ -290,7 +290,7 @@ class OwnerWorkspace:
             lr=lr,
             seed=seed,
             progress=progress,
-            **method_params,
+            **{"num_threads": 1, **method_params},  # one thread: the same model in every process
         )
         metrics = {
             "train_loss": float(report.losses[-1]) if report.losses else float("nan"),

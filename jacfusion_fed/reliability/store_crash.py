@@ -108,10 +108,10 @@ def _owner_args(root: Path, certs: Any, key: Path, port_file: Path) -> list[str]
 
 def owner_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
     """SIGKILL an ``owner serve`` process during a stream of PutRecords batches (see above)."""
-    from jacfusion_fed.client import Requester
     from jacfusion_fed.privacy.cert_names import owner_server_name
     from jacfusion_fed.privacy.certs import generate_deployment_certs
     from jacfusion_fed.privacy.pseudonyms import Pseudonymizer, generate_key, write_key
+    from jacfusion_fed.requester import Requester
     from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
     from jacfusion_fed.rpc.tensor import encode_tensor
     from jacfusion_fed.rpc.tls import TlsFiles, create_channel
