@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,11 +88,29 @@ def record(name: str, result: LoadResult, **extra: Any) -> None:
     assert result.neither == 0, result.neither_examples
 
 
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _file_digest(path: Path) -> str:
+    """A file's content digest; an SQLite database by its rows, not its bytes.
+
+    A reader of a WAL-mode database rewrites the shared-memory index (``-shm``) and may
+    checkpoint the WAL into the main file, so the bytes move while nothing was written.
+    """
+    if path.suffix in (".sqlite3", ".sqlite", ".db"):
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            dump = "\n".join(db.iterdump())
+        return hashlib.sha256(dump.encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): _file_digest(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.startswith(".")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_SQLITE_SIDE_FILES)
     }
 
 
