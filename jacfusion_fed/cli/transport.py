@@ -147,14 +147,16 @@ def bind_host(host: str, what: str) -> str:
 
 
 def rpc_failure(exc: Any, target: str, sec: Any) -> CliError:
-    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally
+    """A failed call as one line (with its status details: field violations, retry delay);
+    for ``UNAVAILABLE`` with the likely cause checked locally
     (:func:`jacfusion_fed.rpc.diagnose.likely_cause`, for each address of ``--coordinator``
     until one names a cause)."""
     from jacfusion_fed.rpc.diagnose import likely_cause
+    from jacfusion_fed.rpc.status_details import with_details
 
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    message = f"{code}: {details}"
+    message = with_details(f"{code}: {details}", exc)  # field violations, retry delay
     if code == "UNAVAILABLE":
         for address in coordinator_targets(target):
             cause = likely_cause(address, sec, expected_role="coordinator", own_role="requester")

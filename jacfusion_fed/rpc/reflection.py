@@ -44,7 +44,11 @@ def _v1_file() -> descriptor_pb2.FileDescriptorProto:
 
     def rename(type_name: str) -> str:
         prefix = f".{_ALPHA_PACKAGE}."
-        return f".{_V1_PACKAGE}." + type_name[len(prefix) :] if type_name.startswith(prefix) else type_name
+        return (
+            f".{_V1_PACKAGE}." + type_name[len(prefix) :]
+            if type_name.startswith(prefix)
+            else type_name
+        )
 
     for message in proto.message_type:
         for field in message.field:

@@ -40,9 +40,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from jacfusion_fed.atomicio import atomic_write_bytes
 from jacfusion_fed.privacy.cert_names import Role
 
+from . import tracing
 from .auth import AuthInterceptor, RpcPolicy, check_own_certificate
 from .bind import check_bind_host
-from . import tracing
 from .guard import ServerGuard
 from .identity import Principal
 from .reflection import enable_reflection

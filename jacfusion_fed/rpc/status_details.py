@@ -12,7 +12,8 @@ Python):
 
 Servers abort through :func:`abort_with_violations` and :func:`abort_with_retry`; clients
 read the details with :func:`read_details` (a :class:`ErrorDetails`, empty when the call
-carried none), which the requester's client and the CLI use to show them.
+carried none). The requester's client raises :class:`DetailedRpcError` (a ``grpc.RpcError``
+whose ``str`` adds the details) and the CLI's one ``error:`` line ends with them.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 __all__ = [
+    "DetailedRpcError",
     "ErrorDetails",
     "FieldViolation",
     "abort_with_retry",
     "abort_with_violations",
     "bad_request_status",
+    "detailed",
     "read_details",
     "retry_status",
+    "with_details",
 ]
 
 #: ``(field, description)``: the field as a path into the request (``sample_ids[3]``).
@@ -127,3 +131,58 @@ def read_details(call: Any) -> ErrorDetails:
             detail.Unpack(info)
             retry = info.retry_delay.ToNanoseconds() / 1e9
     return ErrorDetails(tuple(violations), retry)
+
+
+def with_details(message: str, call: Any) -> str:
+    """``message``, followed by the call's details in parentheses when it carried any."""
+    details = read_details(call)
+    return f"{message} ({details.describe()})" if details else message
+
+
+class DetailedRpcError(grpc.RpcError):  # type: ignore[misc]
+    """A failed call, its status details read (:attr:`violations`, :attr:`retry_after_s`).
+
+    ``code()``, ``details()`` and the metadata are the call's (so ``rpc_status.from_call``
+    still reads it); ``str()`` is ``CODE: message (field: description; retry after N s)``.
+    """
+
+    def __init__(self, call: Any) -> None:
+        super().__init__(call)
+        self.call = call
+        self.error_details = read_details(call)
+
+    @property
+    def violations(self) -> tuple[FieldViolation, ...]:
+        return self.error_details.violations
+
+    @property
+    def retry_after_s(self) -> float | None:
+        return self.error_details.retry_after_s
+
+    def code(self) -> grpc.StatusCode:
+        code: grpc.StatusCode = self.call.code()
+        return code
+
+    def details(self) -> str | None:
+        details: str | None = self.call.details()
+        return details
+
+    def trailing_metadata(self) -> Any:
+        return self.call.trailing_metadata() if hasattr(self.call, "trailing_metadata") else None
+
+    def initial_metadata(self) -> Any:
+        return self.call.initial_metadata() if hasattr(self.call, "initial_metadata") else None
+
+    def debug_error_string(self) -> str:
+        debug = getattr(self.call, "debug_error_string", None)
+        return str(debug()) if debug is not None else ""
+
+    def __str__(self) -> str:
+        return with_details(f"{self.code().name}: {self.details()}", self.call)
+
+
+def detailed(exc: grpc.RpcError) -> grpc.RpcError:
+    """``exc`` as a :class:`DetailedRpcError` (unchanged when it is one, or is no call)."""
+    if isinstance(exc, DetailedRpcError) or not hasattr(exc, "code"):
+        return exc
+    return DetailedRpcError(exc)

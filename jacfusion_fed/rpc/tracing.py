@@ -310,7 +310,9 @@ class TracingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     code = grpc.StatusCode.UNKNOWN
                     current.record_exception(exc)
                 details = context.details() if hasattr(context, "details") else None
-                _end_status(current, code, details.decode() if isinstance(details, bytes) else details)
+                _end_status(
+                    current, code, details.decode() if isinstance(details, bytes) else details
+                )
                 raise
             code = context.code() if hasattr(context, "code") else None
             _end_status(current, code or grpc.StatusCode.OK, None)
