@@ -18,6 +18,7 @@ __all__ = [
     "say_metrics_url",
     "security",
     "serve_until_signal",
+    "start_tracing",
 ]
 
 
@@ -42,6 +43,20 @@ def security(tls: Path | None, insecure: bool) -> Any:
     files.read()  # FileNotFoundError / PermissionError name the file
     check_private_file(files.key)
     return files
+
+
+def start_tracing(service: str, trace_file: Path | None) -> bool:
+    """``--trace-file`` and the ``OTEL_*`` variables (:func:`jacfusion_fed.rpc.tracing.configure`):
+    whether spans are recorded; a bad exporter setting is one line. Imports nothing of
+    OpenTelemetry when neither asks for spans."""
+    from jacfusion_fed.rpc import tracing
+
+    try:
+        return tracing.configure(service, trace_file)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"--trace-file {trace_file}: {exc.strerror or exc}") from None
 
 
 def check_port_free(host: str, port: int, option: str = "--port") -> None:

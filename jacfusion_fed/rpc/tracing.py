@@ -121,6 +121,7 @@ def configure(
     export = env_requests_export(env)
     if trace_file is None and not export:
         return False
+    exporters = _exporters(env) if export else []  # a bad setting fails before any change
     from opentelemetry import trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -134,9 +135,8 @@ def configure(
         trace_file.parent.mkdir(parents=True, exist_ok=True)
         # Written as each span ends: a service stopped by a signal loses nothing.
         provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(trace_file)))
-    if export:
-        for exporter in _exporters(env):
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
     return True
