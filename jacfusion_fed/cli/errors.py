@@ -55,8 +55,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if _is_rpc_error(exc):
         from jacfusion_fed.rpc.status_details import with_details
 
-        text = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-        return _one_line(with_details(text, exc)), EXIT_FAILED
+        said = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        return _one_line(with_details(said, exc)), EXIT_FAILED
     if isinstance(exc, FileNotFoundError):
         name = exc.filename
         return (f"file not found: {name}" if name else _one_line(str(exc))), EXIT_USAGE

@@ -175,7 +175,10 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> AbstractCont
     off."""
     if not enabled():
         return nullcontext()
-    return _tracer().start_as_current_span(name, attributes=dict(attributes or {}))
+    manager: AbstractContextManager[Any] = _tracer().start_as_current_span(
+        name, attributes=dict(attributes or {})
+    )
+    return manager
 
 
 def _rpc_attributes(method: str) -> dict[str, Any]:
