@@ -309,7 +309,9 @@ class TracingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 yield
             except BaseException as exc:
                 code = context.code() if hasattr(context, "code") else None
-                if code is None:  # not an abort: the servicer raised
+                if code is None and isinstance(exc, GeneratorExit):  # a stream cut short
+                    code = grpc.StatusCode.CANCELLED
+                elif code is None:  # not an abort: the servicer raised
                     code = grpc.StatusCode.UNKNOWN
                     current.record_exception(exc)
                 details = context.details() if hasattr(context, "details") else None
