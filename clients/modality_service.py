@@ -12,6 +12,8 @@ Status codes:
   unknown head kind, a sample id that is not a pseudonym (the message names its position,
   never its value: it may be a raw patient id), a ``PutRecords`` batch that does not fit the
   model's input spec (naming the record and the problem; nothing of the batch is stored).
+  The status carries a ``google.rpc.BadRequest`` whose field violations name the field and
+  the index (``sample_ids[3]``, ``inputs[2]``; :mod:`jacfusion_fed.rpc.status_details`).
 * ``ALREADY_EXISTS``: ``PutRecords`` of an id stored with other content, without ``replace``.
 * ``FAILED_PRECONDITION``: no trained model yet, or ``expected_model_version`` is set and is
   not the current version (the message names both); a pseudonym of a rotated-out key; a
@@ -45,6 +47,7 @@ from jacfusion_fed.privacy.pseudonyms import first_non_pseudonym
 from jacfusion_fed.rpc.calibration_codec import encode_calibration
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2, modality_pb2_grpc
 from jacfusion_fed.rpc.matrix import encode_matrix
+from jacfusion_fed.rpc.status_details import FieldViolation, abort_with_violations
 from jacfusion_fed.rpc.tensor import TensorDecodeError, decode_tensor
 from jacfusion_fed.store import CorruptFileError
 from jacfusion_fed.store.record_store import RecordConflictError
@@ -72,21 +75,35 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    """A refused call; ``violations`` (field, description) become the ``INVALID_ARGUMENT``
+    status's ``google.rpc.BadRequest`` details."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        violations: tuple[FieldViolation, ...] = (),
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.violations = violations
 
 
 def _fail(servicer: ModalityServicer, context: grpc.ServicerContext, exc: Exception) -> None:
     """Abort the RPC with the status code for ``exc`` (the one place that maps them)."""
     modality = servicer.modality
     if isinstance(exc, _Abort):
+        if exc.violations and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            abort_with_violations(context, exc.details, exc.violations)
         context.abort(exc.code, exc.details)
     if isinstance(exc, (UnknownVersionError, RetiredPseudonymError)):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, (RecordError, TensorDecodeError)):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"PutRecords: {exc}")
+    if isinstance(exc, RecordError):  # the record's position in the batch, and its problem
+        violation = (f"inputs[{exc.index}]", exc.problem)
+        abort_with_violations(context, f"PutRecords: {exc}", [violation])
+    if isinstance(exc, TensorDecodeError):
+        abort_with_violations(context, f"PutRecords: {exc}", [("inputs", str(exc))])
     if isinstance(exc, RecordConflictError):
         context.abort(grpc.StatusCode.ALREADY_EXISTS, f"PutRecords: {exc}")
     if isinstance(exc, PermissionError):
@@ -213,28 +230,36 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
 
     def _check_ids(self, ids: Any, limit: int, method: str) -> list[str]:
         n = len(ids)
+        bad_request = grpc.StatusCode.INVALID_ARGUMENT
         if n == 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: empty batch (no sample ids)")
+            raise _Abort(
+                bad_request,
+                f"{method}: empty batch (no sample ids)",
+                (("sample_ids", "empty: at least one sample id is needed"),),
+            )
         if n > limit:
             hint = " (use StreamLogits for large batches)" if method == "GetLogits" else ""
             raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                bad_request,
                 f"{method}: batch of {n} sample ids exceeds the limit of {limit}{hint}",
+                (("sample_ids", f"{n} ids, at most {limit}{hint}"),),
             )
         out = list(ids)
         bad = first_non_pseudonym(out)
         if bad is not None:  # name the position only: the value may be a raw patient id
             raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                bad_request,
                 f"{method}: sample id at position {bad} is not a pseudonym (HMAC-SHA256: 64 hex "
                 "digits or 52 base32 characters); pseudonymize ids with the deployment key",
+                ((f"sample_ids[{bad}]", "not a pseudonym (HMAC-SHA256 of the local id)"),),
             )
         if method in ("PutRecords", "DeleteRecords") and len(set(out)) != len(out):
             first: dict[str, int] = {}
             dup = next(i for i, sid in enumerate(out) if first.setdefault(sid, i) != i)
             raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                bad_request,
                 f"{method}: sample id at position {dup} repeats an earlier one",
+                ((f"sample_ids[{dup}]", f"repeats sample_ids[{first[out[dup]]}]"),),
             )
         return out
 
@@ -335,12 +360,17 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         self._check_key(request.key_fingerprint, "PutRecords")
         version = self._current.get()
         if not request.HasField("inputs"):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "PutRecords: no inputs tensor")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "PutRecords: no inputs tensor",
+                (("inputs", "missing"),),
+            )
         x = decode_tensor(request.inputs)
         if x.shape[0] != len(ids):
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"PutRecords: {len(ids)} sample ids but the inputs' first axis is {x.shape[0]}",
+                (("inputs", f"first axis {x.shape[0]}, expected {len(ids)} (one per sample id)"),),
             )
         try:
             result = self.workspace.put_records(ids, x, replace=request.replace)

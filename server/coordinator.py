@@ -10,7 +10,8 @@ One Predict is a straight line of five steps, each a function of the previous st
     return finish(fused)                     # assembly.py: the FusedAnswer
 
 (a new model version's head is registered by :mod:`~jacfusion_fed.server.owner_links` while
-the owners' answers are checked).
+the owners' answers are checked). With tracing on (:mod:`jacfusion_fed.rpc.tracing`) each step
+is a span of the Predict's trace, and ``gather`` has one client span per owner call.
 
 :class:`Coordinator` is transport-agnostic towards requesters (the gRPC face is
 :mod:`jacfusion_fed.server.fusion_service`); towards owners it uses one injection point,
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from jacfusion_fed.answer import FusedAnswer, SiteStatus
+from jacfusion_fed.rpc import tracing
 from jacfusion_fed.rpc.fusion_codec import PredictOptions
 from jacfusion_fed.rpc.tls import Security, TlsFiles, TransportOptions
 from jacfusion_fed.store import HeadRegistry
@@ -175,13 +177,18 @@ class Coordinator:
         Raises:
             PredictError: with the status code and message to return.
         """
-        plan = plan_request(
-            ids, options or PredictOptions(), self.config, self.modalities, deadline=deadline
-        )
-        gathered = self._fanout.gather(plan)
-        grouped = group(gathered)
-        fused = self._fuser.fuse(grouped)
-        return finish(fused)
+        with tracing.span("plan", {"jacfusion.ids": len(ids)}):
+            plan = plan_request(
+                ids, options or PredictOptions(), self.config, self.modalities, deadline=deadline
+            )
+        with tracing.span("gather", {"jacfusion.modalities": plan.modalities}):
+            gathered = self._fanout.gather(plan)
+        with tracing.span("group"):
+            grouped = group(gathered)
+        with tracing.span("fuse", {"jacfusion.method": plan.method}):
+            fused = self._fuser.fuse(grouped)
+        with tracing.span("finish"):
+            return finish(fused)
 
     def predict_stream(
         self,

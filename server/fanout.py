@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 
 from jacfusion_fed.answer import SiteStatus
+from jacfusion_fed.rpc import tracing
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import MatrixDecodeError, decode_matrix
 
@@ -89,6 +90,16 @@ class SitesFailure(OwnerFailure):
         self.sites = sites
 
 
+def _get_logits(stub: Any, modality: str, target: str) -> Any:
+    """``stub.GetLogits``; with tracing on, in a client span (child of the span current now,
+    the Predict's ``gather``, whichever pool thread runs it) whose context goes to the owner."""
+    return tracing.traced_call(
+        stub.GetLogits,
+        "jacfusion.v1.ModalityService/GetLogits",
+        {"jacfusion.modality": modality, "server.address": target},
+    )
+
+
 class FanOut:
     """Concurrent ``GetLogits`` calls to the owners of :class:`OwnerLinks`."""
 
@@ -125,7 +136,7 @@ class FanOut:
             for s in range(0, len(ids), step)
         ]
         jobs = [
-            (name, site.target, start, stop, site.channel.stub.GetLogits, req)
+            (name, site.target, start, stop, _get_logits(site.channel.stub, name, site.target), req)
             for name in plan.modalities
             for site in self.links[name].sites
             for start, stop, req in requests

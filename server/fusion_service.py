@@ -25,6 +25,7 @@ from jacfusion_fed.rpc.fusion_codec import (
     site_to_proto,
 )
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
+from jacfusion_fed.rpc.status_details import abort_with_violations
 
 from .coordinator import Coordinator
 from .predict_types import PredictError
@@ -40,7 +41,17 @@ def request_options(options: fusion_pb2.FusionOptions) -> PredictOptions:
     try:
         return options_from_proto(options)
     except UnknownMethodError as exc:
-        raise PredictError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        raise PredictError(
+            grpc.StatusCode.INVALID_ARGUMENT, str(exc), (("options.method", str(exc)),)
+        ) from None
+
+
+def _abort(context: grpc.ServicerContext, exc: PredictError) -> None:
+    """Abort with ``exc``'s code and message, and its field violations as
+    ``google.rpc.BadRequest`` details."""
+    if exc.violations and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        abort_with_violations(context, exc.message, exc.violations)
+    context.abort(exc.code, exc.message)
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -66,7 +77,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 deadline=_deadline(context),
             )
         except PredictError as exc:
-            context.abort(exc.code, exc.message)
+            _abort(context, exc)
         except Exception:
             log.exception("Predict failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator")
@@ -84,7 +95,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             ):
                 yield fusion_pb2.PredictStreamResponse(predictions=predictions_to_proto(answer))
         except PredictError as exc:
-            context.abort(exc.code, exc.message)
+            _abort(context, exc)
         except Exception:
             log.exception("PredictStream failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator")

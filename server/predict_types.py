@@ -142,12 +142,20 @@ class CoordinatorConfig:
 
 
 class PredictError(Exception):
-    """A request that cannot be answered; ``code`` is the gRPC status to return."""
+    """A request that cannot be answered; ``code`` is the gRPC status to return;
+    ``violations`` (field, description), for ``INVALID_ARGUMENT``, name the request fields at
+    fault (``sample_ids[3]``, ``options.iterations``) as ``google.rpc.BadRequest`` details."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        violations: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.violations = violations
 
 
 @dataclass(frozen=True)

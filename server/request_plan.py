@@ -111,7 +111,9 @@ def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
     method = options.method or cfg.default_method
     if method not in METHODS:
         raise PredictError(
-            _BAD, f"unknown fusion method {method!r}; expected one of {', '.join(METHODS)}"
+            _BAD,
+            f"unknown fusion method {method!r}; expected one of {', '.join(METHODS)}",
+            (("options.method", f"unknown method {method!r}"),),
         )
     rule = get_method(method)
     given = {
@@ -152,9 +154,17 @@ def plan_request(
     selected = list(options.modalities) or list(configured)
     for name in selected:
         if name not in configured:
-            raise PredictError(_BAD, f"unknown modality {name!r}; registered: {known}")
+            raise PredictError(
+                _BAD,
+                f"unknown modality {name!r}; registered: {known}",
+                ((f"options.modalities[{selected.index(name)}]", f"unknown modality {name!r}"),),
+            )
     if len(set(selected)) != len(selected):
-        raise PredictError(_BAD, f"modalities lists a modality twice: {selected}")
+        raise PredictError(
+            _BAD,
+            f"modalities lists a modality twice: {selected}",
+            (("options.modalities", "lists a modality twice"),),
+        )
     rule = _method(options, cfg)
 
     def where(name: str) -> str:
@@ -190,10 +200,18 @@ def plan_request(
         raise PredictError(_BAD, f"regularize lists a modality twice: {regularize}")
     iterations = cfg.default_iterations if options.iterations is None else options.iterations
     if not 1 <= iterations <= cfg.max_iterations:
-        raise PredictError(_BAD, f"iterations must be in 1..{cfg.max_iterations}, got {iterations}")
+        raise PredictError(
+            _BAD,
+            f"iterations must be in 1..{cfg.max_iterations}, got {iterations}",
+            (("options.iterations", f"must be in 1..{cfg.max_iterations}, got {iterations}"),),
+        )
     timeout = cfg.owner_timeout_s if options.owner_timeout_s is None else options.owner_timeout_s
     if not (timeout > 0 and math.isfinite(timeout)):
-        raise PredictError(_BAD, f"owner_timeout must be positive, got {timeout}")
+        raise PredictError(
+            _BAD,
+            f"owner_timeout must be positive, got {timeout}",
+            (("options.owner_timeout", f"must be positive, got {timeout}"),),
+        )
     if timeout > MAX_OWNER_TIMEOUT_S:
         raise PredictError(
             _BAD, f"owner_timeout must be at most {MAX_OWNER_TIMEOUT_S:g} s, got {timeout:g} s"
@@ -225,30 +243,49 @@ def check_ids(ids: list[str], limit: int, what: str) -> None:
     id)."""
     n = len(ids)
     if n == 0:
-        raise PredictError(_BAD, "empty batch: no sample ids")
+        raise PredictError(
+            _BAD, "empty batch: no sample ids", (("sample_ids", "empty: at least one id"),)
+        )
     if n > limit:
         hint = " (use PredictStream for large batches)" if what == "Predict" else ""
-        raise PredictError(_BAD, f"batch of {n} sample ids exceeds the limit of {limit}{hint}")
+        raise PredictError(
+            _BAD,
+            f"batch of {n} sample ids exceeds the limit of {limit}{hint}",
+            (("sample_ids", f"{n} ids, at most {limit}{hint}"),),
+        )
     not_pseudonym = first_non_pseudonym(ids)  # before any message could echo a raw id
     if not_pseudonym is not None:
         raise PredictError(
             _BAD,
             f"sample id at position {not_pseudonym} is not a pseudonym (HMAC-SHA256: 64 hex "
             "digits or 52 base32 characters); pseudonymize ids with the deployment key",
+            ((f"sample_ids[{not_pseudonym}]", "not a pseudonym (HMAC-SHA256 of the local id)"),),
         )
     distinct = set(ids)
     if len(distinct) != n:
-        seen: set[str] = set()
-        dups = [s for s in ids if s in seen or seen.add(s)]  # type: ignore[func-returns-value]
-        raise PredictError(_BAD, f"duplicate sample ids: {list_ids(sorted(set(dups)))}")
+        first: dict[str, int] = {}
+        repeats = [(i, first[s]) for i, s in enumerate(ids) if first.setdefault(s, i) != i]
+        dups = sorted({ids[i] for i, _ in repeats})
+        raise PredictError(
+            _BAD,
+            f"duplicate sample ids: {list_ids(dups)}",
+            tuple(
+                (f"sample_ids[{i}]", f"repeats sample_ids[{j}]") for i, j in repeats[:LISTED_IDS]
+            ),
+        )
     if "" in distinct:
-        raise PredictError(_BAD, f"empty sample id at position {ids.index('')}")
+        at = ids.index("")
+        raise PredictError(
+            _BAD, f"empty sample id at position {at}", ((f"sample_ids[{at}]", "empty"),)
+        )
     longest = max(map(len, ids))
     if longest > MAX_ID_LENGTH:
+        at = next(i for i, s in enumerate(ids) if len(s) == longest)
         raise PredictError(
             _BAD,
             f"sample ids must be pseudonyms of at most {MAX_ID_LENGTH} characters; "
             f"got one of {longest}",
+            ((f"sample_ids[{at}]", f"{longest} characters, at most {MAX_ID_LENGTH}"),),
         )
 
 

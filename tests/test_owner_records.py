@@ -388,3 +388,108 @@ def test_flower_query_does_not_echo_raw_ids() -> None:
     with pytest.raises(MalformedRequestError, match="position 1") as info:
         parse_query_request(query_request(ids, "0123456789abcdef"))
     assert "Jane" not in str(info.value)
+
+
+def _violations(call: object) -> list[tuple[str, str]]:
+    """The ``google.rpc.BadRequest`` field violations of a refused call, read by a plain
+    client (``rpc_status.from_call``)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    else:
+        raise AssertionError("the call succeeded; expected INVALID_ARGUMENT")
+    assert status is not None, "no google.rpc.Status details"
+    out = []
+    for detail in status.details:
+        assert detail.Is(error_details_pb2.BadRequest.DESCRIPTOR), detail.type_url
+        request = error_details_pb2.BadRequest()
+        detail.Unpack(request)
+        out += [(v.field, v.description) for v in request.field_violations]
+    return out
+
+
+def test_invalid_argument_names_record_and_field(dep: Deployment, tmp_path: Path) -> None:
+    """Plain gRPC clients read BadRequest field violations naming the record index and the
+    field; the requester's exceptions and the CLI's one line show them."""
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+    from jacfusion_fed.privacy.pseudonyms import write_key
+    from jacfusion_fed.rpc.channels import connect_coordinator
+    from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc
+    from jacfusion_fed.rpc.record_batches import SubmitError
+    from jacfusion_fed.rpc.status_details import DetailedRpcError
+
+    tls = TlsFiles.from_dir(dep.certs.requester_dirs["alice"])
+    owner = modality_pb2_grpc.ModalityServiceStub(
+        create_channel(dep.owners["audio"].target, tls, server_name=owner_server_name("audio"))
+    )
+    pz = Pseudonymizer(KEY)
+    x = np.random.default_rng(3).random((3, *SHAPES["audio"])).astype(np.float32)
+    x[2, 4] = np.inf
+    request = modality_pb2.PutRecordsRequest(
+        sample_ids=pz.many(["Rich A", "Rich B", "Rich C"]), inputs=encode_tensor(x)
+    )
+    [(field, text)] = _violations(lambda: owner.PutRecords(request, timeout=5))
+    assert field == "inputs[2]" and "infinite" in text
+    request = modality_pb2.PutRecordsRequest(
+        sample_ids=[pz("ok"), "Jane Doe 1970-01-01"], inputs=encode_tensor(x[:2])
+    )
+    [(field, text)] = _violations(lambda: owner.PutRecords(request, timeout=5))
+    assert field == "sample_ids[1]" and "pseudonym" in text and "Jane" not in text
+
+    fusion = fusion_pb2_grpc.FusionServiceStub(connect_coordinator(dep.coordinator.target, tls))
+    ids = pz.many(["Rich A", "Rich B"])
+    predict = fusion_pb2.PredictRequest(sample_ids=[ids[0], ids[1], ids[0]])
+    assert _violations(lambda: fusion.Predict(predict, timeout=5)) == [
+        ("sample_ids[2]", "repeats sample_ids[0]")
+    ]
+    predict = fusion_pb2.PredictRequest(
+        sample_ids=ids, options=fusion_pb2.FusionOptions(iterations=999)
+    )
+    [(field, text)] = _violations(lambda: fusion.Predict(predict, timeout=5))
+    assert field == "options.iterations" and "999" in text
+
+    with dep.requester() as req:  # the requester's exceptions carry and show them
+        try:
+            req.submit(
+                "audio", ["Rich A", "Rich B", "Rich C", "Rich D"], np.concatenate([x, x[:1]])
+            )
+        except SubmitError as exc:
+            assert exc.violations[0][0] == "inputs[2]"
+            assert "inputs[2]: " in str(exc)
+        else:
+            raise AssertionError("submit succeeded")
+        try:
+            req.predict(["Rich A", "Rich B"], iterations=999)
+        except DetailedRpcError as exc:
+            assert exc.violations[0][0] == "options.iterations"
+            assert "(options.iterations: must be in 1.." in str(exc)
+        else:
+            raise AssertionError("predict succeeded")
+
+    key = write_key(tmp_path / "k.key", KEY)
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "Rich A",
+            "--coordinator",
+            dep.coordinator.target,
+            "--tls",
+            str(dep.certs.requester_dirs["alice"]),
+            "--pseudonym-key",
+            str(key),
+            "--iterations",
+            "999",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    [line] = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: INVALID_ARGUMENT: iterations must be in 1..")
+    assert "(options.iterations: must be in 1.." in line, line

@@ -24,6 +24,7 @@ from jacfusion_fed.cli.options import (
     PortFileOpt,
     TimeoutOpt,
     TlsOpt,
+    TraceFileOpt,
     check_choice,
     parse_gamma,
 )
@@ -37,6 +38,7 @@ from jacfusion_fed.cli.transport import (
     say_metrics_url,
     security,
     serve_until_signal,
+    start_tracing,
 )
 
 __all__ = ["coordinator_info", "coordinator_serve", "open_registry", "register"]
@@ -87,6 +89,7 @@ def coordinator_serve(
     audit_log: AuditLogOpt = None,
     audit_rotate: AuditRotateOpt = "64MiB",
     audit_fsync: AuditFsyncOpt = "entry",
+    trace_file: TraceFileOpt = None,
 ) -> None:
     """Serve FusionService (Predict, PredictStream, GetModelInfo) until SIGTERM."""
     check_choice("--method", method, FUSION_METHODS)
@@ -95,6 +98,7 @@ def coordinator_serve(
     host = bind_host(host, "coordinator FusionService")
     check_port_free(host, port)
     limits = peer_limits(max_workers, metrics_port, max_streams_per_peer)
+    start_tracing("jacfusion-coordinator", trace_file)
     from jacfusion_fed.server.coordinator import Coordinator
     from jacfusion_fed.server.predict_types import CoordinatorConfig
     from jacfusion_fed.server.serve import serve_coordinator

@@ -53,7 +53,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, click.ClickException):
         return _one_line(exc.format_message()), EXIT_USAGE
     if _is_rpc_error(exc):
-        return _one_line(f"{exc.code().name}: {exc.details()}"), EXIT_FAILED  # type: ignore[attr-defined]
+        from jacfusion_fed.rpc.status_details import with_details
+
+        said = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        return _one_line(with_details(said, exc)), EXIT_FAILED
     if isinstance(exc, FileNotFoundError):
         name = exc.filename
         return (f"file not found: {name}" if name else _one_line(str(exc))), EXIT_USAGE

@@ -53,6 +53,10 @@ Glossary (an option name means the same thing in every command that has it):
   central differential privacy on those rounds (each site's update clipped to L2 norm C,
   Gaussian noise of standard deviation SIGMA * C / sites added to the average)
   (``simulate``, ``deploy local``).
+- ``--trace-file PATH``: append this process's OpenTelemetry spans to PATH as OTLP JSON lines
+  (``owner serve``, ``coordinator serve``, ``predict``); the ``OTEL_*`` environment variables
+  (``OTEL_EXPORTER_OTLP_ENDPOINT``, ...) send them to an OTLP collector as well
+  (:mod:`jacfusion_fed.rpc.tracing`). Without either, nothing is traced.
 - ``certs --coordinator-name NAME[@HOST,...]`` names the coordinator's certificate (not an
   address, hence not ``--coordinator``).
 
@@ -91,6 +95,7 @@ __all__ = [
     "SecAggOpt",
     "TimeoutOpt",
     "TlsOpt",
+    "TraceFileOpt",
     "check_choice",
     "deprecated",
     "parse_gamma",
@@ -182,6 +187,14 @@ DpClipOpt = Annotated[
 DpNoiseOpt = Annotated[
     float,
     typer.Option(help="Central DP: noise multiplier sigma (std sigma * clip / sites).", min=0),
+]
+TraceFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Append this process's OpenTelemetry spans to this file as OTLP JSON lines "
+        "(OTEL_* variables configure an OTLP exporter as well).",
+        show_default=False,
+    ),
 ]
 AuditRotateOpt = Annotated[
     str,

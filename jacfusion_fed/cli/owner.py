@@ -20,6 +20,7 @@ from jacfusion_fed.cli.options import (
     MetricsPortOpt,
     PortFileOpt,
     TlsOpt,
+    TraceFileOpt,
 )
 from jacfusion_fed.cli.render import err
 from jacfusion_fed.cli.transport import (
@@ -29,6 +30,7 @@ from jacfusion_fed.cli.transport import (
     say_metrics_url,
     security,
     serve_until_signal,
+    start_tracing,
 )
 
 __all__ = ["owner_serve", "register"]
@@ -87,6 +89,7 @@ def owner_serve(
     audit_log: AuditLogOpt = None,
     audit_rotate: AuditRotateOpt = "64MiB",
     audit_fsync: AuditFsyncOpt = "entry",
+    trace_file: TraceFileOpt = None,
 ) -> None:
     """Serve this owner's ModalityService (head, logits) to the coordinator until SIGTERM."""
     sec = security(tls, insecure)
@@ -103,6 +106,7 @@ def owner_serve(
     host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
     limits = peer_limits(max_workers, metrics_port, max_streams_per_peer)
+    start_tracing("jacfusion-owner", trace_file)
 
     from jacfusion_fed.clients.serve import serve_owner
     from jacfusion_fed.owner import DataSource, OwnerWorkspace

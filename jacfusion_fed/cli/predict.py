@@ -25,13 +25,19 @@ from jacfusion_fed.cli.options import (
     JsonOpt,
     TimeoutOpt,
     TlsOpt,
+    TraceFileOpt,
     check_choice,
     deprecated,
     parse_gamma,
 )
 from jacfusion_fed.cli.records import print_accuracy
 from jacfusion_fed.cli.render import err, new_table, out, print_json
-from jacfusion_fed.cli.transport import coordinator_targets, rpc_failure, security
+from jacfusion_fed.cli.transport import (
+    coordinator_targets,
+    rpc_failure,
+    security,
+    start_tracing,
+)
 
 if TYPE_CHECKING:
     from jacfusion_fed.answer import FusedAnswer
@@ -127,6 +133,7 @@ def predict(
     labels: Annotated[
         Path | None, typer.Option(help="Labels file (`deploy labels` or {id: label}): accuracy.")
     ] = None,
+    trace_file: TraceFileOpt = None,
 ) -> None:
     """Fused predictions for a batch of samples, as a table or JSON."""
     given = _read_ids(ids, ids_file)
@@ -145,6 +152,7 @@ def predict(
     common, per_modality = _gammas(items, list(modality_gamma or []))
     sec = security(tls, insecure)
     targets = coordinator_targets(coordinator)
+    start_tracing("jacfusion-requester", trace_file)
     import grpc
 
     from jacfusion_fed.requester.requester import Requester

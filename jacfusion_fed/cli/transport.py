@@ -18,6 +18,7 @@ __all__ = [
     "say_metrics_url",
     "security",
     "serve_until_signal",
+    "start_tracing",
 ]
 
 
@@ -42,6 +43,20 @@ def security(tls: Path | None, insecure: bool) -> Any:
     files.read()  # FileNotFoundError / PermissionError name the file
     check_private_file(files.key)
     return files
+
+
+def start_tracing(service: str, trace_file: Path | None) -> bool:
+    """``--trace-file`` and the ``OTEL_*`` variables (:func:`jacfusion_fed.rpc.tracing.configure`):
+    whether spans are recorded; a bad exporter setting is one line. Imports nothing of
+    OpenTelemetry when neither asks for spans."""
+    from jacfusion_fed.rpc import tracing
+
+    try:
+        return tracing.configure(service, trace_file)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"--trace-file {trace_file}: {exc.strerror or exc}") from None
 
 
 def check_port_free(host: str, port: int, option: str = "--port") -> None:
@@ -147,14 +162,16 @@ def bind_host(host: str, what: str) -> str:
 
 
 def rpc_failure(exc: Any, target: str, sec: Any) -> CliError:
-    """A failed call as one line; for ``UNAVAILABLE`` with the likely cause checked locally
+    """A failed call as one line (with its status details: field violations, retry delay);
+    for ``UNAVAILABLE`` with the likely cause checked locally
     (:func:`jacfusion_fed.rpc.diagnose.likely_cause`, for each address of ``--coordinator``
     until one names a cause)."""
     from jacfusion_fed.rpc.diagnose import likely_cause
+    from jacfusion_fed.rpc.status_details import with_details
 
     code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    message = f"{code}: {details}"
+    message = with_details(f"{code}: {details}", exc)  # field violations, retry delay
     if code == "UNAVAILABLE":
         for address in coordinator_targets(target):
             cause = likely_cause(address, sec, expected_role="coordinator", own_role="requester")

@@ -19,7 +19,11 @@
 Local patient ids never leave this object: every id is pseudonymized here (HMAC-SHA256 under
 the deployment key) before it is sent, and answers are mapped back to the local ids (with
 ``pseudonym_key=None`` and ``ids_are_pseudonyms=True`` the ids given already are pseudonyms).
-gRPC errors propagate as ``grpc.RpcError`` with the server's status code and message.
+gRPC errors propagate as ``grpc.RpcError`` with the server's status code and message: a
+:class:`~jacfusion_fed.rpc.status_details.DetailedRpcError` whose ``violations`` (the request
+fields at fault, e.g. ``sample_ids[3]``) and ``retry_after_s`` come from the status details,
+and whose ``str`` shows them. With tracing on (:mod:`jacfusion_fed.rpc.tracing`) a predict is
+a client span whose trace context travels with the call.
 
 Answers are :class:`~jacfusion_fed.answer.FusedAnswer` (the one type of a fused answer,
 decoded by :mod:`jacfusion_fed.rpc.fusion_codec`), with the local ids attached. Each id is
@@ -46,10 +50,12 @@ import grpc
 from jacfusion_fed.answer import FusedAnswer
 from jacfusion_fed.privacy.cert_names import owner_server_name
 from jacfusion_fed.privacy.pseudonyms import Pseudonymizer
+from jacfusion_fed.rpc import tracing
 from jacfusion_fed.rpc.channels import connect_coordinator
 from jacfusion_fed.rpc.fusion_codec import PredictOptions, answer_from_proto, options_to_proto
 from jacfusion_fed.rpc.jacfusion.v1 import fusion_pb2, fusion_pb2_grpc, modality_pb2
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2_grpc as mgrpc
+from jacfusion_fed.rpc.status_details import detailed
 from jacfusion_fed.rpc.tls import Insecure, Security, TlsFiles, create_channel
 
 __all__ = ["Forgotten", "Requester", "Submitted", "load_labels"]
@@ -241,12 +247,15 @@ class Requester:
         deleted: dict[str, list[str]] = {}
         unknown: dict[str, list[str]] = {}
         for modality in modalities or sorted(self.owners):
-            resp = self._owner(modality).DeleteRecords(
-                modality_pb2.DeleteRecordsRequest(
-                    sample_ids=sent, key_fingerprint=self.key_fingerprint
-                ),
-                timeout=self.timeout,
-            )
+            try:
+                resp = self._owner(modality).DeleteRecords(
+                    modality_pb2.DeleteRecordsRequest(
+                        sample_ids=sent, key_fingerprint=self.key_fingerprint
+                    ),
+                    timeout=self.timeout,
+                )
+            except grpc.RpcError as exc:
+                raise detailed(exc) from exc
             deleted[modality] = [local[s] for s in resp.deleted_sample_ids]
             unknown[modality] = [local[s] for s in resp.unknown_sample_ids]
         return Forgotten(deleted, unknown)
@@ -296,22 +305,28 @@ class Requester:
         sent = self.pseudonyms(ids) if pseudonyms is None else list(pseudonyms)
         local = {} if self._pz is None else dict(zip(sent, ids, strict=True))
         opts = options_to_proto(options)
+        method = "PredictStream" if stream else "Predict"
         try:
-            if stream:
-                request = fusion_pb2.PredictStreamRequest(
-                    sample_ids=sent, options=opts, chunk_size=chunk_size
-                )
-                chunks = self._fusion().PredictStream(request, timeout=self.timeout)
-                parts = [answer_from_proto(r.predictions) for r in chunks]
-                answer = dataclasses.replace(FusedAnswer.join(parts), local_ids=local)
-            else:
-                single = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
-                reply = self._fusion().Predict(single, timeout=self.timeout)
-                answer = answer_from_proto(reply.predictions, local)
+            with tracing.client_call(
+                f"jacfusion.v1.FusionService/{method}", {"jacfusion.ids": len(sent)}
+            ) as metadata:
+                if stream:
+                    request = fusion_pb2.PredictStreamRequest(
+                        sample_ids=sent, options=opts, chunk_size=chunk_size
+                    )
+                    chunks = self._fusion().PredictStream(
+                        request, timeout=self.timeout, metadata=metadata
+                    )
+                    parts = [answer_from_proto(r.predictions) for r in chunks]
+                    answer = dataclasses.replace(FusedAnswer.join(parts), local_ids=local)
+                else:
+                    single = fusion_pb2.PredictRequest(sample_ids=sent, options=opts)
+                    reply = self._fusion().Predict(single, timeout=self.timeout, metadata=metadata)
+                    answer = answer_from_proto(reply.predictions, local)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self._info = None  # heads, versions, K or calibrations changed: ask again
-            raise
+            raise detailed(exc) from exc
         if self._info is not None:
             kept = {m.modality: m.model_version for m in self._info.modalities}
             if any(
@@ -326,9 +341,12 @@ class Requester:
         once and kept until an answer names other model versions, a call fails with
         ``FAILED_PRECONDITION``, or ``refresh``."""
         if self._info is None or refresh:
-            self._info = self._fusion().GetModelInfo(
-                fusion_pb2.GetModelInfoRequest(), timeout=self.timeout
-            )
+            try:
+                self._info = self._fusion().GetModelInfo(
+                    fusion_pb2.GetModelInfoRequest(), timeout=self.timeout
+                )
+            except grpc.RpcError as exc:
+                raise detailed(exc) from exc
         return self._info
 
     def rekey_map(self, ids: Sequence[str], new_key: bytes | Pseudonymizer) -> dict[str, str]:

@@ -12,9 +12,11 @@ every other call, health checks included, waits until its deadline.
 * **per-peer limits** (:class:`PeerLimits`): a peer (its client certificate's identity, else
   its address) may run at most ``max_streams_per_peer`` streaming calls and at most
   ``max_calls_per_peer`` calls of any kind at once; beyond that it is answered
-  ``RESOURCE_EXHAUSTED`` naming the limit. A unary call over the limit first waits up to
-  ``admission_wait_s`` for one of the peer's own calls to finish (unary calls end by
-  themselves; this keeps a busy but honest client from being refused in bursts);
+  ``RESOURCE_EXHAUSTED`` naming the limit, with a ``google.rpc.RetryInfo`` detail
+  (``retry_after_s``, :mod:`~jacfusion_fed.rpc.status_details`). A unary call over the
+  limit first waits up to ``admission_wait_s`` for one of the peer's own calls to finish
+  (unary calls end by themselves; this keeps a busy but honest client from being refused in
+  bursts);
 * **stalled writes are bounded**: a stream whose client has not taken a reply for
   ``stall_timeout_s`` is cancelled, which frees its thread;
 * **health checks are exempt** and the handler pool gets ``reserve_workers`` threads beyond
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from jacfusion_fed.rpc.identity import AuthError, principal_from_context
+from jacfusion_fed.rpc.status_details import abort_with_retry
 from jacfusion_fed.rpc.tls import TransportOptions
 
 if TYPE_CHECKING:
@@ -67,6 +70,8 @@ class PeerLimits:
     reserve_workers: int
     stall_timeout_s: float = 10.0
     admission_wait_s: float = 2.0
+    #: The delay a refused peer is told to wait (RetryInfo of RESOURCE_EXHAUSTED).
+    retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_calls_per_peer", "max_streams_per_peer"):
@@ -78,6 +83,8 @@ class PeerLimits:
             raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if not self.admission_wait_s >= 0:
             raise ValueError(f"admission_wait_s must be >= 0, got {self.admission_wait_s}")
+        if not self.retry_after_s >= 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
 
     @classmethod
     def for_workers(cls, max_workers: int, **overrides: Any) -> PeerLimits:
@@ -306,10 +313,11 @@ class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if self.metrics is not None:
                 self.metrics.refused(peer, "streams" if refused.startswith("streams") else "calls")
                 self.metrics.finished(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            abort_with_retry(
+                context,
                 f"{method}: too many concurrent {refused} from {peer}; retry when some of "
                 "your calls have finished",
+                self.limits.retry_after_s,
             )
         return peer
 

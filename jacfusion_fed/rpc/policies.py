@@ -17,15 +17,17 @@ __all__ = [
     "MODALITY_SERVICE",
     "MODALITY_SERVICE_POLICY",
     "REFLECTION_METHODS",
+    "REFLECTION_V1_METHODS",
 ]
 
 MODALITY_SERVICE = "jacfusion.v1.ModalityService"
 FUSION_SERVICE = "jacfusion.v1.FusionService"
 
-#: Health checks and server reflection (grpcio-reflection serves v1alpha): open to every
-#: authenticated principal of the deployment, on every server.
+#: Health checks and server reflection (v1 and v1alpha, :mod:`jacfusion_fed.rpc.reflection`):
+#: open to every authenticated principal of the deployment, on every server.
 HEALTH_METHODS = "/grpc.health.v1.Health/*"
 REFLECTION_METHODS = "/grpc.reflection.v1alpha.ServerReflection/*"
+REFLECTION_V1_METHODS = "/grpc.reflection.v1.ServerReflection/*"
 
 #: Owner servers: only the coordinator may call ModalityService, except the live-record
 #: methods, which only requesters may call.
@@ -36,6 +38,7 @@ MODALITY_SERVICE_POLICY = RpcPolicy.of(
         f"/{MODALITY_SERVICE}/DeleteRecords": {"requester"},
         HEALTH_METHODS: set(ROLES),
         REFLECTION_METHODS: set(ROLES),
+        REFLECTION_V1_METHODS: set(ROLES),
     }
 )
 
@@ -48,5 +51,6 @@ FUSION_SERVICE_POLICY = RpcPolicy.of(
         f"/{FUSION_SERVICE}/GetModelInfo": {"requester", "coordinator"},
         HEALTH_METHODS: set(ROLES),
         REFLECTION_METHODS: set(ROLES),
+        REFLECTION_V1_METHODS: set(ROLES),
     }
 )

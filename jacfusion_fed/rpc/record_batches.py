@@ -36,6 +36,7 @@ import grpc
 import numpy as np
 
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
+from jacfusion_fed.rpc.status_details import read_details
 from jacfusion_fed.rpc.tensor import encode_tensor
 
 __all__ = [
@@ -55,7 +56,17 @@ _LIMIT_RE = re.compile(r"exceeds the limit of (\d+)")
 _RECORD_RE = re.compile(r"\b(?:record|position) (\d+)\b")
 _RETRIED = (grpc.StatusCode.UNAVAILABLE,)
 
+_INDEX_RE = re.compile(r"^(sample_ids|inputs)\[(\d+)\]")
+
 Progress = Callable[[int, int], None]
+
+
+def _shift_index(field_path: str, start: int) -> str:
+    """``inputs[2]`` of a batch starting at record ``start`` -> ``inputs[start + 2]``."""
+    m = _INDEX_RE.match(field_path)
+    if m is None:
+        return field_path
+    return f"{m.group(1)}[{start + int(m.group(2))}]" + field_path[m.end() :]
 
 
 class _Future(Protocol):
@@ -103,6 +114,8 @@ class SubmitError(grpc.RpcError):  # type: ignore[misc]
     stop: int
     record: int | None  # position of the record the server named, in the whole input
     stored: list[tuple[int, int]] = field(default_factory=list)  # record ranges stored
+    #: The server's field violations (google.rpc.BadRequest), indices in the whole input.
+    violations: tuple[tuple[str, str], ...] = ()
 
     def code(self) -> grpc.StatusCode:
         return self.status
@@ -114,10 +127,15 @@ class SubmitError(grpc.RpcError):  # type: ignore[misc]
             if self.stored
             else "nothing stored so far"
         )
+        fields = (
+            " (" + "; ".join(f"{name}: {text}" for name, text in self.violations) + ")"
+            if self.violations
+            else ""
+        )
         return (
             f"PutRecords batch {self.batch} of {self.batches} failed at {where}records "
-            f"{self.start}-{self.stop - 1}): {self.server_details}; {stored}; every batch is "
-            "whole or absent, so sending the same records again finishes the job"
+            f"{self.start}-{self.stop - 1}): {self.server_details}{fields}; {stored}; every "
+            "batch is whole or absent, so sending the same records again finishes the job"
         )
 
     def __str__(self) -> str:
@@ -185,6 +203,9 @@ def put_in_batches(
     def fail(exc: grpc.RpcError, number: int, start: int, stop: int) -> SubmitError:
         details = exc.details() or "" if hasattr(exc, "details") else str(exc)
         m = _RECORD_RE.search(details)
+        violations = tuple(
+            (_shift_index(name, start), text) for name, text in read_details(exc).violations
+        )
         return SubmitError(
             exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN,
             details,
@@ -194,6 +215,7 @@ def put_in_batches(
             stop,
             None if m is None else start + int(m.group(1)),
             list(stored),
+            violations,
         )
 
     failure: SubmitError | None = None

@@ -6,9 +6,10 @@
    :data:`~jacfusion_fed.rpc.tls.INSECURE` (loopback only), with the shared message-size and
    keepalive settings of :func:`~jacfusion_fed.rpc.tls.create_server`;
 2. the :class:`~jacfusion_fed.rpc.auth.AuthInterceptor` with the service's policy (plus any
-   further interceptors);
+   further interceptors), after the tracing interceptor (:mod:`~jacfusion_fed.rpc.tracing`,
+   a no-op while tracing is off) and the guard;
 3. health (``grpc.health.v1``: ``""`` and every service name, ``SERVING`` or
-   ``NOT_SERVING``) and reflection;
+   ``NOT_SERVING``) and reflection v1 and v1alpha (:mod:`~jacfusion_fed.rpc.reflection`);
 4. the bind: an explicit ``host`` (default 127.0.0.1); a wildcard such as ``0.0.0.0`` is
    accepted with a one-line warning that it is not loopback; a port taken by another process
    raises :class:`~jacfusion_fed.rpc.tls.PortInUseError` saying so.
@@ -35,15 +36,16 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jacfusion_fed.atomicio import atomic_write_bytes
 from jacfusion_fed.privacy.cert_names import Role
 
+from . import tracing
 from .auth import AuthInterceptor, RpcPolicy, check_own_certificate
 from .bind import check_bind_host
 from .guard import ServerGuard
 from .identity import Principal
+from .reflection import enable_reflection
 from .tls import (
     DEFAULT_HOST,
     Insecure,
@@ -199,9 +201,11 @@ def start_server(
     auth = AuthInterceptor(
         policy, insecure_principal=insecure_principal if isinstance(security, Insecure) else None
     )
-    first: list[grpc.ServerInterceptor] = []
+    # Tracing first (refused calls are traced too; a no-op while tracing is off).
+    first: list[grpc.ServerInterceptor] = [tracing.TracingInterceptor()]
     if guard is not None:
-        max_workers, options, first = guard.pool, guard.options, [guard.interceptor]
+        max_workers, options = guard.pool, guard.options
+        first.append(guard.interceptor)
     server, bound = create_server(
         security,
         host=host,
@@ -219,9 +223,7 @@ def start_server(
         running.on_stop(guard.close)
     running.set_serving(serving)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*services, health.SERVICE_NAME), server)
     server.start()
     return running
 
@@ -272,6 +274,7 @@ def serve_until_signal(
             signal.signal(sig, old)
     if not exit_process:
         return None
+    tracing.shutdown()  # exported spans flushed (os._exit runs no atexit hook)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -38,6 +38,17 @@ class FakeContext:
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
 
+    def abort_with_status(self, status: Any) -> None:
+        """A status with details (``grpc_status.rpc_status.to_status``): its code and message;
+        the details must decode as a ``google.rpc.Status`` of the same code and message."""
+        from google.rpc import status_pb2
+
+        [(key, raw)] = [(k, v) for k, v in status.trailing_metadata]
+        assert key == "grpc-status-details-bin", key
+        decoded = status_pb2.Status.FromString(raw)
+        assert decoded.code == status.code.value[0] and decoded.message == status.details
+        raise Aborted(status.code, status.details)
+
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
 
