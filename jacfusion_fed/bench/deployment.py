@@ -49,6 +49,8 @@ def modality_names(owners: int) -> tuple[str, ...]:
         raise ValueError(f"owners must be at least 1, got {owners}")
     extra = tuple(f"synth{j + 1}" for j in range(len(MODALITIES), owners))
     return (MODALITIES + extra)[:owners]
+
+
 CLI_ENTRY = "from jacfusion_fed.cli import main; main()"
 
 

@@ -3,8 +3,8 @@
 Everything runs as real processes on 127.0.0.1 with mTLS, started by this benchmark:
 
 * ``owners`` owners (``jacfusion-fed owner serve``; two by default, ``--owners N``), each
-  with its own modality of a synthetic K-class dataset (Gaussian class means plus noise; an MLP trained for a few epochs), so that
-  batches of ``batch`` distinct ids exist;
+  with its own modality of a synthetic K-class dataset (Gaussian class means plus noise; an
+  MLP trained for a few epochs), so that batches of ``batch`` distinct ids exist;
 * the coordinator (``jacfusion-fed coordinator serve``);
 * an echo server (``python -m jacfusion_fed.bench.serve echo``, see :mod:`.deployment`) built
   with the very same :func:`jacfusion_fed.rpc.tls.create_server` settings, certificate, auth
@@ -56,9 +56,9 @@ __all__ = [
     "environment",
     "load_average",
     "measure",
-    "start_echo",
     "print_results",
     "run_serve_bench",
+    "start_echo",
     "target_summary",
     "throughput",
 ]
@@ -297,7 +297,8 @@ def print_results(results: dict[str, Any], console: Any) -> None:
     env = results["environment"]
     tags = [t for t in ("cached", "uncached") if t in results]
     table = Table(
-        title=f"online path: {cfg.get('owners', 2)} owners, K={cfg['classes']}, {cfg['method']}, mTLS on loopback"
+        title=f"online path: {cfg.get('owners', 2)} owners, K={cfg['classes']}, "
+        f"{cfg['method']}, mTLS on loopback"
     )
     table.add_column("")
     for tag in tags:

@@ -208,9 +208,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
         left.plot(
             x, [r["latency"]["p50_ratio_vs_two_echo"] for r in mine], "o-", label=f"{n} owners"
         )
-        right.plot(
-            x, [r["throughput"]["samples_per_s"] for r in mine], "o-", label=f"{n} owners"
-        )
+        right.plot(x, [r["throughput"]["samples_per_s"] for r in mine], "o-", label=f"{n} owners")
     for k, (ratio_target, rate_target) in SWEEP_TARGETS.items():
         if k in ks:
             left.plot([k], [ratio_target], "k_", markersize=18, mew=2)
