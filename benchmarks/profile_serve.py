@@ -9,7 +9,8 @@ the thread that enabled it, and gRPC serves on a pool of threads); idle threads 
 counted, so the shares are of the samples where a thread was running Python code (gRPC's C
 core is counted at the Python frame that called into it). Per process the JSON has the top
 functions by self samples (the function itself was running) and by cumulative samples (the
-function was on the stack), as shares of all samples.
+function was on the stack), and the project's own functions by cumulative samples, as shares
+of all samples.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from jacfusion_fed.bench.deployment import (
 from jacfusion_fed.bench.serve import load_average, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
+_PROJECT = ("jacfusion_fed/", "server/", "clients/")
 
 
 def _frame(raw: str) -> str:
@@ -76,7 +78,15 @@ def summarize(raw_file: Path, top: int) -> dict[str, Any]:
             for f, c in counter.most_common(top)
         ]
 
-    return {"samples": total, "self": rows(own), "cumulative": rows(cumulative)}
+    project = collections.Counter(
+        {f: c for f, c in cumulative.items() if f.split(" (", 1)[1].startswith(_PROJECT)}
+    )
+    return {
+        "samples": total,
+        "self": rows(own),
+        "cumulative": rows(cumulative),
+        "project_cumulative": rows(project),
+    }
 
 
 def _predict_caller(target: str, requester: Any, method: str) -> Any:
@@ -157,7 +167,7 @@ def main() -> None:
     parser.add_argument("--ks", default="10,100", help="comma-separated K values")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds profiled per K")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    parser.add_argument("--top", type=int, default=15, help="functions listed per ranking")
+    parser.add_argument("--top", type=int, default=25, help="functions listed per ranking")
     parser.add_argument("--out", type=Path, default=Path("profile-serve.json"))
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
