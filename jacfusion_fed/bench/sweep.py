@@ -16,7 +16,8 @@ Every row records the load average when it was measured. The targets of issue 24
 from the measured figures (:func:`sweep_targets`): at K=10 p50 <= 2.2x two echo round trips and
 >= 250,000 samples/s, at K=100 <= 3x and >= 60,000 samples/s (both with the fewest owners of
 the sweep, 2 by default), and with the most owners at least half the throughput of the fewest,
-per K.
+per K. A point that fails (an owner that does not answer in time, say) is recorded with its
+error instead of figures, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "OWNER_SCALING_TARGET",
     "SWEEP_TARGETS",
     "SweepConfig",
+    "measured_rows",
     "plot_sweep",
     "run_sweep",
     "sweep_targets",
@@ -107,19 +109,22 @@ def run_sweep(
                     for n in cfg.owners:
                         subset = dict(list(owner_targets.items())[:n])
                         progress(f"K={k}, {n} owners: starting the coordinator")
-                        with start_coordinator(
-                            procs, setup.root, setup.certs, f"k{k}-owners{n}", subset
-                        ) as coordinator:
-                            row_cfg = replace(serve_cfg, owners=n)
-                            load_before = load_average()
-                            measured = measure(
-                                row_cfg,
-                                {"owners": subset, "coordinator": coordinator},
-                                echo,
-                                setup.requester,
-                                setup.ids,
-                                progress,
-                            )
+                        load_before = load_average()
+                        try:
+                            with start_coordinator(
+                                procs, setup.root, setup.certs, f"k{k}-owners{n}", subset
+                            ) as coordinator:
+                                measured = measure(
+                                    replace(serve_cfg, owners=n),
+                                    {"owners": subset, "coordinator": coordinator},
+                                    echo,
+                                    setup.requester,
+                                    setup.ids,
+                                    progress,
+                                )
+                        except Exception as exc:  # one point failed: say so, measure the rest
+                            progress(f"K={k}, {n} owners failed: {exc}")
+                            measured = {"error": f"{type(exc).__name__}: {exc}"}
                         results["rows"].append(
                             {
                                 "classes": k,
@@ -132,12 +137,17 @@ def run_sweep(
             finally:
                 procs.stop_all()
     results["environment"]["load_avg_after"] = load_average()
-    results["targets"] = sweep_targets(results["rows"])
+    results["targets"] = sweep_targets(measured_rows(results))
     return results
 
 
 def _row(rows: list[dict[str, Any]], k: int, owners: int) -> dict[str, Any] | None:
     return next((r for r in rows if r["classes"] == k and r["owners"] == owners), None)
+
+
+def measured_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows that were measured (a failed point has an ``error`` instead)."""
+    return [r for r in results["rows"] if "error" not in r]
 
 
 def sweep_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -199,7 +209,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
+    rows = measured_rows(results)
     ks = sorted({r["classes"] for r in rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for n in sorted({r["owners"] for r in rows}):

@@ -280,6 +280,9 @@ def bench_sweep(
     for col in ("K", "owners", "p50 (ms)", "echo p50 (ms)", "p50 / 2 echo", "samples/s", "load"):
         table.add_column(col, justify="right")
     for row in results["rows"]:
+        if "error" in row:
+            table.add_row(str(row["classes"]), str(row["owners"]), "failed", row["error"])
+            continue
         lat, thr = row["latency"], row["throughput"]
         table.add_row(
             str(row["classes"]),
