@@ -22,6 +22,7 @@ error instead of figures, and the sweep goes on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -80,6 +81,7 @@ def run_sweep(
     if cfg.samples < cfg.batch:
         raise ValueError(f"samples ({cfg.samples}) must be >= batch ({cfg.batch})")
     results: dict[str, Any] = {"config": asdict(cfg), "environment": environment(), "rows": []}
+    started = time.monotonic()
     most = max(cfg.owners)
     for k in cfg.ks:
         serve_cfg = ServeBenchConfig(
@@ -137,6 +139,7 @@ def run_sweep(
             finally:
                 procs.stop_all()
     results["environment"]["load_avg_after"] = load_average()
+    results["seconds"] = round(time.monotonic() - started, 1)
     results["targets"] = sweep_targets(measured_rows(results))
     return results
 
