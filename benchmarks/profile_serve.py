@@ -4,7 +4,7 @@ answering from their logit cache), at each K asked for.
 
 Run:  python benchmarks/profile_serve.py --ks 10,100 --out docs/results/profile-serve.json
 
-py-spy (``pip install py-spy``) samples every Python thread of a process (cProfile sees only
+py-spy (``pip install -e '.[profile]'``) samples every Python thread of a process (cProfile sees only
 the thread that enabled it, and gRPC serves on a pool of threads); idle threads are not
 counted, so the shares are of the samples where a thread was running Python code (gRPC's C
 core is counted at the Python frame that called into it). Per process the JSON has the top
@@ -172,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
-        raise SystemExit("py-spy not found: pip install py-spy")
+        raise SystemExit("py-spy not found: pip install -e '.[profile]'")
     import grpc
     import torch
 
