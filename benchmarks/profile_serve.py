@@ -4,8 +4,8 @@ answering from their logit cache), at each K asked for.
 
 Run:  python benchmarks/profile_serve.py --ks 10,100 --out docs/results/profile-serve.json
 
-py-spy (``pip install -e '.[profile]'``) samples every Python thread of a process (cProfile sees only
-the thread that enabled it, and gRPC serves on a pool of threads); idle threads are not
+py-spy (``pip install -e '.[profile]'``) samples every Python thread of a process (cProfile
+sees only the thread that enabled it, and gRPC serves on a pool of threads); idle threads are not
 counted, so the shares are of the samples where a thread was running Python code (gRPC's C
 core is counted at the Python frame that called into it). Per process the JSON has the top
 functions by self samples (the function itself was running) and by cumulative samples (the
