@@ -380,6 +380,17 @@ def logits_of(name: str, batch: Any, rows: int, k: int, version: str) -> np.ndar
             f"K mismatch: owner of {name!r} sent {matrix.cols} logits per sample, but its "
             f"registered head (version {version}) has K={k}",
         )
+    # The common case in one pass over the message's bytes (read once: each read of a bytes
+    # field copies it): a view, its range checked by max and min (a NaN fails both
+    # comparisons, an infinity the bound), then one copy into a writable native float64 array
+    # for the fusion. Anything else takes the path below, which names the bad rows.
+    data = matrix.data
+    if matrix.rows == rows and len(data) == rows * k * 8:
+        view = np.frombuffer(data, dtype="<f8").reshape(rows, k)
+        if not view.size or (
+            float(view.min()) >= -MAX_ABS_OWNER_VALUE and float(view.max()) <= MAX_ABS_OWNER_VALUE
+        ):
+            return view.astype(np.float64)
     try:
         values = decode_matrix(matrix, shape=(rows, k), name=f"logits of {name!r}")
     except MatrixDecodeError as exc:

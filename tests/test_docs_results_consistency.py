@@ -248,3 +248,43 @@ def test_readme_bench_serve_table() -> None:
         assert rows[ratio][col] == f"{lat['p50_ratio_vs_two_echo']:.2f}x"
         samples = "samples/s, batches of 1024 (target ≥ 50,000)"
         assert rows[samples][col] == f"{thr['samples_per_s']:,.0f}"
+
+
+def test_readme_bench_sweep_tables() -> None:
+    """The README's `bench sweep` tables are `docs/results/bench-serve-sweep.json`: every
+    (K, owners) row, and each target with its measured figure and verdict."""
+    data = _json("bench-serve-sweep.json")
+    readme = (ROOT / "README.md").read_text()
+    rows = _table_after(readme, "| K | owners | Predict p50")
+    want = [
+        [
+            str(r["classes"]),
+            str(r["owners"]),
+            f"{r['latency']['predict']['p50_us'] / 1e3:.2f}",
+            f"{r['latency']['echo']['p50_us'] / 1e3:.2f}",
+            f"{r['latency']['p50_ratio_vs_two_echo']:.2f}x",
+            f"{r['throughput']['samples_per_s']:,.0f}",
+            f"{r['load_avg_before'][0]:.2f}",
+        ]
+        for r in data["rows"]
+        if "error" not in r
+    ]
+    assert rows == want
+    targets = _table_after(readme, "| target (issue 24) | measured")
+    assert len(targets) == len(data["targets"]) > 0
+    for row, t in zip(targets, data["targets"], strict=True):
+        k, n = t["classes"], t["owners"]
+        if t["what"] == "p50_ratio_vs_two_echo":
+            label = f"K = {k}, {n} owners: p50 ≤ {t['target']:g}x two echo round trips"
+            measured = f"{t['measured']:.2f}x"
+        elif t["what"] == "samples_per_s":
+            label = f"K = {k}, {n} owners: ≥ {t['target']:,.0f} samples/s"
+            measured = f"{t['measured']:,.0f}"
+        else:
+            fewest = min(r["owners"] for r in data["rows"] if "error" not in r)
+            label = f"K = {k}: {n} owners ≥ {t['target']:g}x the samples/s of {fewest}"
+            measured = f"{t['measured']:.2f}x"
+        assert row == [label, measured, "met" if t["met"] else "missed"]
+    env = data["environment"]
+    load = f"load average {env['load_avg_before'][0]:.2f} before and {env['load_avg_after'][0]:.2f}"
+    assert load in " ".join(readme.split())

@@ -205,6 +205,7 @@ def test_the_walkthroughs_the_issue_names_run_unmarked() -> None:
         "127.0.0.1:50060,127.0.0.2:50060": "replicas",
         "--owner audio=127.0.0.1:50062,127.0.0.1:50063": "several sites",
         "bench serve": "bench serve",
+        "bench sweep --ks 10 --owners 2,3": "bench sweep",
         "bench fusion": "bench fusion",
     }
     for needle, what in must_run.items():

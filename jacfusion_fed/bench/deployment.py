@@ -28,15 +28,29 @@ __all__ = [
     "bench_setup",
     "coordinator_serve_args",
     "make_dataset",
+    "modality_names",
     "owner_serve_args",
     "python_procs",
     "serve_echo",
+    "start_coordinator",
     "start_deployment",
+    "start_owners",
     "wait_serving",
 ]
 
 ECHO_METHOD = "/jacfusion.bench.Echo/Echo"
 MODALITIES = ("audio", "image")
+
+
+def modality_names(owners: int) -> tuple[str, ...]:
+    """The modalities of a benchmark deployment of ``owners`` owners (one site each):
+    :data:`MODALITIES`, then synthetic ones (``synth3``, ``synth4``, ...)."""
+    if owners < 1:
+        raise ValueError(f"owners must be at least 1, got {owners}")
+    extra = tuple(f"synth{j + 1}" for j in range(len(MODALITIES), owners))
+    return (MODALITIES + extra)[:owners]
+
+
 CLI_ENTRY = "from jacfusion_fed.cli import main; main()"
 
 
@@ -54,6 +68,7 @@ class ServeBenchConfig:
     epochs: int = 3
     seed: int = 0
     block: int = 100
+    owners: int = 2
 
 
 # --- echo server -------------------------------------------------------------------------------
@@ -123,7 +138,8 @@ def wait_serving(channel: Any, timeout: float = 180.0) -> None:
 
 
 def make_dataset(out_dir: Path, cfg: ServeBenchConfig) -> dict[str, Path]:
-    """One ``.npz`` per modality of a synthetic K-class dataset with shared patient ids."""
+    """One ``.npz`` per modality (``cfg.owners`` of them, :func:`modality_names`) of a
+    synthetic K-class dataset with shared patient ids."""
     rng = np.random.default_rng(cfg.seed)
     n = cfg.samples
     labels = rng.integers(0, cfg.classes, n)
@@ -131,9 +147,10 @@ def make_dataset(out_dir: Path, cfg: ServeBenchConfig) -> dict[str, Path]:
     n_train = max(n // 2, cfg.classes)
     splits = {"train": slice(0, n_train), "test": slice(n_train, n)}
     paths = {}
-    for j, modality in enumerate(MODALITIES):
+    for j, modality in enumerate(modality_names(cfg.owners)):
         means = rng.normal(0.0, 1.0, (cfg.classes, cfg.features))
-        x = means[labels] + rng.normal(0.0, 1.5 + j, (n, cfg.features))
+        noise = 1.5 + (j if j < len(MODALITIES) else j % 2)
+        x = means[labels] + rng.normal(0.0, noise, (n, cfg.features))
         arrays: dict[str, np.ndarray] = {}
         for split, sl in splits.items():
             arrays[f"x_{split}"] = x[sl].astype(np.float32)
@@ -179,7 +196,7 @@ def bench_setup(
             root.mkdir(parents=True, exist_ok=True)
         progress("certificates, pseudonym key and data")
         certs = generate_deployment_certs(
-            root / "certs", {f"{m}-co": m for m in MODALITIES}, [requester]
+            root / "certs", {f"{m}-co": m for m in modality_names(data_cfg.owners)}, [requester]
         )
         key_path = root / "pseudonym.key"
         if not key_path.exists():
@@ -259,6 +276,67 @@ def coordinator_serve_args(
 
 
 @contextlib.contextmanager
+def start_owners(
+    procs: ProcessSet,
+    root: Path,
+    certs: Any,
+    data: dict[str, Path],
+    key: Path,
+    tag: str,
+    *,
+    cached: bool,
+) -> Iterator[dict[str, str]]:
+    """Start one owner per modality of ``data`` (in parallel); yield modality -> target; stop
+    them."""
+    names = []
+    try:
+        for modality in data:
+            name = f"{tag}-owner-{modality}"
+            port_file = root / f"{name}.port"
+            args = owner_serve_args(
+                root / f"ws-{modality}",
+                modality,
+                data[modality],
+                key,
+                certs.owner_dirs[f"{modality}-co"],
+                port_file,
+                epochs=3,
+            )
+            if not cached:
+                args.append("--no-logit-cache")
+            procs.start_serving(name, args, port_file)
+            names.append((name, port_file))
+        yield {
+            modality: f"127.0.0.1:{procs.wait_port(name, port_file)}"
+            for (name, port_file), modality in zip(names, data, strict=True)
+        }
+    finally:
+        for name, _ in names:
+            procs.stop(name)
+
+
+@contextlib.contextmanager
+def start_coordinator(
+    procs: ProcessSet, root: Path, certs: Any, tag: str, owner_targets: dict[str, str]
+) -> Iterator[str]:
+    """Start a coordinator of ``owner_targets`` (modality -> target); yield its target; stop
+    it."""
+    coord = f"{tag}-coordinator"
+    coord_port = root / f"{coord}.port"
+    procs.start_serving(
+        coord,
+        coordinator_serve_args(
+            root / f"registry-{tag}", certs.coordinator_dir, coord_port, owner_targets
+        ),
+        coord_port,
+    )
+    try:
+        yield f"127.0.0.1:{procs.wait_port(coord, coord_port)}"
+    finally:
+        procs.stop(coord)
+
+
+@contextlib.contextmanager
 def start_deployment(
     procs: ProcessSet,
     root: Path,
@@ -269,40 +347,10 @@ def start_deployment(
     *,
     cached: bool,
 ) -> Iterator[dict[str, Any]]:
-    """Start two owners and a coordinator; yield their targets; stop them."""
-    names = []
-    owner_targets = {}
-    for modality in MODALITIES:
-        name = f"{tag}-owner-{modality}"
-        port_file = root / f"{name}.port"
-        args = owner_serve_args(
-            root / f"ws-{modality}",
-            modality,
-            data[modality],
-            key,
-            certs.owner_dirs[f"{modality}-co"],
-            port_file,
-            epochs=3,
-        )
-        if not cached:
-            args.append("--no-logit-cache")
-        procs.start_serving(name, args, port_file)
-        names.append((name, port_file))
-    for (name, port_file), modality in zip(names, MODALITIES, strict=True):
-        owner_targets[modality] = f"127.0.0.1:{procs.wait_port(name, port_file)}"
-    coord = f"{tag}-coordinator"
-    coord_port = root / f"{coord}.port"
-    procs.start_serving(
-        coord,
-        coordinator_serve_args(
-            root / f"registry-{tag}", certs.coordinator_dir, coord_port, owner_targets
-        ),
-        coord_port,
-    )
-    coordinator = f"127.0.0.1:{procs.wait_port(coord, coord_port)}"
-    try:
+    """Start one owner per modality of ``data`` and a coordinator; yield their targets; stop
+    them."""
+    with (
+        start_owners(procs, root, certs, data, key, tag, cached=cached) as owner_targets,
+        start_coordinator(procs, root, certs, tag, owner_targets) as coordinator,
+    ):
         yield {"owners": owner_targets, "coordinator": coordinator}
-    finally:
-        procs.stop(coord)
-        for name, _ in names:
-            procs.stop(name)

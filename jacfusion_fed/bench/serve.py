@@ -2,9 +2,9 @@
 
 Everything runs as real processes on 127.0.0.1 with mTLS, started by this benchmark:
 
-* two owners (``jacfusion-fed owner serve``), each with its own modality of a synthetic
-  K-class dataset (Gaussian class means plus noise; an MLP trained for a few epochs), so that
-  batches of ``batch`` distinct ids exist;
+* ``owners`` owners (``jacfusion-fed owner serve``; two by default, ``--owners N``), each
+  with its own modality of a synthetic K-class dataset (Gaussian class means plus noise; an
+  MLP trained for a few epochs), so that batches of ``batch`` distinct ids exist;
 * the coordinator (``jacfusion-fed coordinator serve``);
 * an echo server (``python -m jacfusion_fed.bench.serve echo``, see :mod:`.deployment`) built
   with the very same :func:`jacfusion_fed.rpc.tls.create_server` settings, certificate, auth
@@ -42,7 +42,6 @@ import numpy as np
 
 from jacfusion_fed.bench.deployment import (
     ECHO_METHOD,
-    MODALITIES,
     ServeBenchConfig,
     bench_setup,
     python_procs,
@@ -54,9 +53,12 @@ from jacfusion_fed.bench.deployment import (
 __all__ = [
     "P50_RATIO_TARGET",
     "THROUGHPUT_TARGET",
+    "environment",
     "load_average",
+    "measure",
     "print_results",
     "run_serve_bench",
+    "start_echo",
     "target_summary",
     "throughput",
 ]
@@ -151,7 +153,7 @@ def load_average() -> list[float]:
         return []
 
 
-def _measure(
+def measure(
     cfg: ServeBenchConfig,
     targets: dict[str, Any],
     echo_target: str,
@@ -159,6 +161,8 @@ def _measure(
     ids: list[str],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Latency (single-sample Predict against echo round trips, interleaved) and throughput
+    of the coordinator at ``targets["coordinator"]``, once it knows ``cfg.owners`` heads."""
     import grpc
 
     from jacfusion_fed.rpc.channels import connect_coordinator
@@ -173,7 +177,7 @@ def _measure(
     deadline = time.monotonic() + 120
     while True:
         info = stub.GetModelInfo(fusion_pb2.GetModelInfoRequest(), timeout=10)
-        if len(info.modalities) == len(MODALITIES) or time.monotonic() > deadline:
+        if len(info.modalities) == cfg.owners or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     echo_channel = connect_coordinator(echo_target, requester)
@@ -184,6 +188,20 @@ def _measure(
         fusion_pb2.PredictRequest(sample_ids=[rng.choice(ids)], options=options) for _ in range(512)
     ]
     payload = singles[0].SerializeToString()  # the echo carries a request of the same size
+    # Owners build their logit cache on the first request (a forward pass over all their
+    # records, longer than the owner timeout at large K on a busy machine): wait until one
+    # request uses every modality before anything is timed.
+    while True:
+        resp = stub.Predict(singles[0], timeout=60)
+        if all(all(m.used) for m in resp.predictions.modalities):
+            break
+        if time.monotonic() > deadline + 120:
+            left = [m.modality for m in resp.predictions.modalities if not all(m.used)]
+            raise RuntimeError(
+                f"modalities {left} were left out: "
+                + "; ".join(m.error for m in resp.predictions.modalities if m.error)
+            )
+        time.sleep(0.5)
     turn = iter(range(1 << 62))
 
     def predict_one() -> Any:
@@ -223,6 +241,37 @@ def _measure(
     return {"latency": lat, "throughput": thr}
 
 
+def environment() -> dict[str, Any]:
+    """Versions, threads, machine and the load average now (the ``environment`` of the JSON)."""
+    import grpc
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "os": platform.platform(),
+        "fusion_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "load_avg_before": load_average(),
+    }
+
+
+def start_echo(procs: Any, root: Path, tls_dir: Path) -> str:
+    """Start the bare gRPC echo server (coordinator's settings); its target."""
+    echo_port = root / "echo.port"
+    procs.start_serving(
+        "echo",
+        ["-m", "jacfusion_fed.bench.serve", "echo", str(tls_dir), str(echo_port)],
+        echo_port,
+    )
+    return f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
+
+
 def run_serve_bench(
     cfg: ServeBenchConfig,
     *,
@@ -230,46 +279,21 @@ def run_serve_bench(
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns the results as JSON-able dict."""
-    import grpc
-    import torch
-
     if cfg.samples < cfg.batch:
         raise ValueError(f"samples ({cfg.samples}) must be >= batch ({cfg.batch})")
-    results: dict[str, Any] = {
-        "config": asdict(cfg),
-        "environment": {
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "fusion_device": "cuda" if torch.cuda.is_available() else "cpu",
-            "load_avg_before": load_average(),
-        },
-    }
+    results: dict[str, Any] = {"config": asdict(cfg), "environment": environment()}
     with bench_setup(workdir, cfg, "bench-requester", progress) as setup:
         root, certs = setup.root, setup.certs
         procs = python_procs(root)
         try:
-            echo_port = root / "echo.port"
-            procs.start_serving(
-                "echo",
-                [
-                    "-m",
-                    "jacfusion_fed.bench.serve",
-                    "echo",
-                    str(certs.coordinator_dir),
-                    str(echo_port),
-                ],
-                echo_port,
-            )
-            echo_target = f"127.0.0.1:{procs.wait_port('echo', echo_port)}"
+            echo_target = start_echo(procs, root, certs.coordinator_dir)
             runs = [("cached", True)] + ([("uncached", False)] if cfg.uncached else [])
             for tag, cached in runs:
                 progress(f"{tag}: starting owners (training on first start) and the coordinator")
                 with start_deployment(
                     procs, root, certs, setup.data, setup.key_path, tag, cached=cached
                 ) as targets:
-                    results[tag] = _measure(
+                    results[tag] = measure(
                         cfg, targets, echo_target, setup.requester, setup.ids, progress
                     )
             results["environment"]["load_avg_after"] = load_average()
@@ -287,7 +311,8 @@ def print_results(results: dict[str, Any], console: Any) -> None:
     env = results["environment"]
     tags = [t for t in ("cached", "uncached") if t in results]
     table = Table(
-        title=f"online path: 2 owners, K={cfg['classes']}, {cfg['method']}, mTLS on loopback"
+        title=f"online path: {cfg.get('owners', 2)} owners, K={cfg['classes']}, "
+        f"{cfg['method']}, mTLS on loopback"
     )
     table.add_column("")
     for tag in tags:

@@ -134,6 +134,12 @@ def bench_serve(
     uncached: Annotated[
         bool, typer.Option(help="Also run with the owners' logit cache off.")
     ] = True,
+    owners: Annotated[
+        int,
+        typer.Option(
+            help="Owners, one modality each (audio, image, then synthetic ones).", min=2, max=64
+        ),
+    ] = 2,
     workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
     out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
         "bench-serve.json"
@@ -153,6 +159,7 @@ def bench_serve(
         clients=clients,
         method=method,
         uncached=uncached,
+        owners=owners,
     )
     results = run_serve_bench(config, workdir=workdir, progress=_progress)
     print_results(results, out())
@@ -209,3 +216,89 @@ def bench_load(
     write_json(out_file, results)
     if not results["passed"]:
         raise typer.Exit(1)
+
+
+def _parse_counts(option: str, text: str, least: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise CliError(f"{option} must be comma-separated integers, got {text!r}") from exc
+    if not values or any(v < least for v in values):
+        raise CliError(f"{option} needs at least one value, each >= {least}")
+    return values
+
+
+@bench_app.command("sweep")
+def bench_sweep(
+    ks: Annotated[str, typer.Option(help="Comma-separated class counts K.")] = "10,100,1000",
+    owners: Annotated[
+        str, typer.Option(help="Comma-separated owner counts (one modality each).")
+    ] = "2,4,8",
+    samples: Annotated[
+        int, typer.Option(help="Records per owner (distinct ids).", min=1024)
+    ] = 4096,
+    batch: Annotated[int, typer.Option(help="Batch size for the throughput run.", min=1)] = 1024,
+    latency_requests: Annotated[
+        int, typer.Option(help="Single-sample requests timed per point.", min=10)
+    ] = 400,
+    duration: Annotated[float, typer.Option(help="Seconds per throughput run.")] = 3.0,
+    clients: Annotated[int, typer.Option(help="Concurrent requester threads.", min=1)] = 2,
+    method: Annotated[str, typer.Option(help="Fusion method timed.")] = "jacobian",
+    workdir: Annotated[Path | None, typer.Option(help="Keep the run's files here.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path(
+        "bench-serve-sweep.json"
+    ),
+    plot: Annotated[
+        Path | None, typer.Option(help="Plot file (.png or .svg; default: --out with .png).")
+    ] = None,
+) -> None:
+    """bench serve's p50 ratio and throughput (logit cache on) over K x owners, in one run."""
+    check_choice("--method", method, FUSION_METHODS)
+    from jacfusion_fed.bench.sweep import SweepConfig, plot_sweep, run_sweep
+
+    config = SweepConfig(
+        ks=_parse_counts("--ks", ks, 2),
+        owners=_parse_counts("--owners", owners, 2),
+        samples=samples,
+        batch=batch,
+        latency_requests=latency_requests,
+        duration_s=duration,
+        clients=clients,
+        method=method,
+    )
+    if batch > samples:
+        raise CliError("--batch must not exceed --samples")
+    plot_path = plot or out_file.with_suffix(".png")
+    if plot_path.suffix not in (".png", ".svg"):
+        raise CliError(f"--plot must end in .png or .svg, got {plot_path.name!r}")
+    results = run_sweep(config, workdir=workdir, progress=_progress)
+    write_json(out_file, results)
+    plot_sweep(results, plot_path)
+    from rich.table import Table
+
+    table = Table(title=f"bench sweep: {method}, batches of {batch}, logit cache on")
+    for col in ("K", "owners", "p50 (ms)", "echo p50 (ms)", "p50 / 2 echo", "samples/s", "load"):
+        table.add_column(col, justify="right")
+    for row in results["rows"]:
+        if "error" in row:
+            table.add_row(str(row["classes"]), str(row["owners"]), "failed", row["error"])
+            continue
+        lat, thr = row["latency"], row["throughput"]
+        table.add_row(
+            str(row["classes"]),
+            str(row["owners"]),
+            f"{lat['predict']['p50_us'] / 1e3:.2f}",
+            f"{lat['echo']['p50_us'] / 1e3:.2f}",
+            f"{lat['p50_ratio_vs_two_echo']:.2f}x",
+            f"{thr['samples_per_s']:,.0f}",
+            f"{row['load_avg_before'][0] if row['load_avg_before'] else ''}",
+        )
+    console = out()
+    console.print(table)
+    for t in results["targets"]:
+        console.print(
+            f"K={t['classes']}, {t['owners']} owners, {t['what']}: {t['measured']:,.2f} "
+            f"(target {t['target']:,}) {'met' if t['met'] else 'missed'}",
+            highlight=False,
+        )
+    console.print(f"plot: {plot_path}", highlight=False)

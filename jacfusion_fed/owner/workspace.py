@@ -62,6 +62,16 @@ class Head:
     bias: np.ndarray | None = None  # (K,)
 
 
+class _LogitTable:
+    """A version's cached logits: ``values[index[pseudonym]]`` is that record's K logits."""
+
+    __slots__ = ("index", "values")
+
+    def __init__(self, index: dict[str, int], values: np.ndarray) -> None:
+        self.index = index
+        self.values = values
+
+
 @dataclass(frozen=True)
 class LogitAnswer:
     """Logits for the known ids (in request order), the version used, the ids not found."""
@@ -120,7 +130,7 @@ class OwnerWorkspace:
         self._index: dict[str, tuple[str, int]] | None = None
         self._lock = threading.Lock()
         self._models: dict[str, UnimodalNet | ImportedModel] = {}
-        self._logit_cache: dict[str, dict[str, np.ndarray]] = {}
+        self._logit_cache: dict[str, _LogitTable] = {}
 
     # --- records -------------------------------------------------------------------------
 
@@ -367,9 +377,10 @@ class OwnerWorkspace:
             bias=model.head.bias.detach().to(torch.float64).numpy() if full else None,
         )
 
-    def _all_logits(self, version: str) -> dict[str, np.ndarray]:
-        """Logits of every local record under ``version``, keyed by pseudonym; computed once
-        per version and kept in memory and in the store's logit cache (survives restarts)."""
+    def _all_logits(self, version: str) -> _LogitTable:
+        """Logits of every local record under ``version``: one (n, K) float64 matrix and the
+        row of each pseudonym; computed once per version and kept in memory and in the store's
+        logit cache (survives restarts)."""
         with self._lock:
             cached = self._logit_cache.get(version)
         if cached is not None:
@@ -385,7 +396,10 @@ class OwnerWorkspace:
                 blocks.append(predict_logits(model, x).to(torch.float64).numpy())
             values = np.concatenate(blocks)
             self.store.save_logits(version, ids, values)
-        table = dict(zip(ids, values, strict=True))
+        table = _LogitTable(
+            {sid: i for i, sid in enumerate(ids)},
+            np.ascontiguousarray(values, dtype=np.float64),
+        )
         with self._lock:
             self._logit_cache[version] = table
         return table
@@ -433,10 +447,13 @@ class OwnerWorkspace:
         if not cache:
             return self._fresh_logits(pseudonyms, version)
         table = self._all_logits(version)
-        known = [sid for sid in pseudonyms if sid in table]
-        unknown = [sid for sid in pseudonyms if sid not in table]
-        k = self.num_classes
-        values = np.stack([table[sid] for sid in known]) if known else np.zeros((0, k))
+        index = table.index
+        rows = [index.get(sid, -1) for sid in pseudonyms]
+        if -1 not in rows:  # the common case: every id is held; one gather of the rows
+            return LogitAnswer(version, list(pseudonyms), table.values[rows], [])
+        known = [sid for sid, row in zip(pseudonyms, rows, strict=True) if row >= 0]
+        unknown = [sid for sid, row in zip(pseudonyms, rows, strict=True) if row < 0]
+        values = table.values[[row for row in rows if row >= 0]]
         return LogitAnswer(version, known, values, unknown)
 
     def _with_live(self, pseudonyms: list[str], version: str, cache: bool) -> LogitAnswer:
