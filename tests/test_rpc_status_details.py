@@ -41,8 +41,10 @@ def _server(handler: Any, interceptors: list[Any]) -> tuple[grpc.Server, str]:
 
 def test_resource_exhausted_carries_retry_info() -> None:
     release = threading.Event()
+    entered = threading.Event()
 
     def wait(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        entered.set()
         release.wait(10)
         return b"done"
 
@@ -59,13 +61,12 @@ def test_resource_exhausted_carries_retry_info() -> None:
         with grpc.insecure_channel(target) as channel:
             call = channel.unary_unary(METHOD)
             first = call.future(b"", timeout=10)
+            assert entered.wait(10)  # the first call holds the peer's one slot
             refused: grpc.RpcError | None = None
-            for _ in range(50):  # until the first call holds the peer's one slot
-                try:
-                    call(b"", timeout=10)
-                except grpc.RpcError as exc:
-                    refused = exc
-                    break
+            try:
+                call(b"", timeout=10)
+            except grpc.RpcError as exc:
+                refused = exc
             assert refused is not None
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             status = rpc_status.from_call(refused)  # type: ignore[arg-type]
