@@ -22,7 +22,14 @@ from .methods import (
     prior_from_counts,
     register,
 )
-from .robust import ModalityCalibration, RobustFusion, fit_calibration, robust_fusion
+from .robust import (
+    ModalityCalibration,
+    RobustFusion,
+    aps_scores,
+    aps_sets,
+    fit_calibration,
+    robust_fusion,
+)
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
@@ -34,6 +41,8 @@ __all__ = [
     "GramFactor",
     "ModalityCalibration",
     "RobustFusion",
+    "aps_scores",
+    "aps_sets",
     "check_gamma",
     "confidence_mean_fusion",
     "factor_gram",
