@@ -54,7 +54,7 @@ def _avdigits_marks(perturbed: str) -> dict[str, str]:
 
     result = EvaluationResult.from_json_dict(_json("avdigits.json"))
     table = next(t for t in result.tables if t.perturbed == perturbed)
-    return {c: m for (g, c), m in arrows(table).items() if g == "MM (0, 1)"}
+    return {c: m for (g, k, c), m in arrows(table).items() if g == "MM (0, 1)" and k == "jacobian"}
 
 
 def test_readme_robustness_lab_table() -> None:
@@ -91,6 +91,7 @@ def test_paper_tables_are_the_rendering_of_their_json(dataset: str) -> None:
     """docs/results/<dataset>-<perturbed>.{md,csv} are written from the committed JSON, and
     every mark in them is backed by a paired bootstrap interval (per-sample data present)."""
     from jacfusion_fed.evaluation import EvaluationResult, arrows, table_to_csv, table_to_markdown
+    from jacfusion_fed.evaluation.tables import MARKED_KINDS, intervals
 
     result = EvaluationResult.from_json_dict(_json(f"{dataset}.json"))
     summary = (RESULTS / f"{dataset}.md").read_text()
@@ -100,9 +101,19 @@ def test_paper_tables_are_the_rendering_of_their_json(dataset: str) -> None:
         assert (RESULTS / f"{dataset}-{table.perturbed}.csv").read_text() == table_to_csv(table)
         assert md in summary
         marks = arrows(table)
-        ours = [(r.group, c.key) for r in table.rows if r.kind == "jacobian" for c in table.columns]
-        assert set(marks) == set(ours), "every Stat-w/ (ours) cell needs its interval"
+        ours = [
+            (r.group, r.kind, c.key)
+            for r in table.rows
+            if r.kind in MARKED_KINDS
+            for c in table.columns
+        ]
+        assert set(marks) == set(ours), "every marked cell needs its interval"
         assert md.count("(↑)") + md.count("(↓)") + md.count("(=)") == len(ours)
+        # issue 19: at least 3 training seeds, each marked cell with its seed spread
+        assert result.config["seeds"] >= 3, "Tables 1/2 need at least 3 training seeds"
+        ci = intervals(table)
+        assert all(v["seeds"] == result.config["seeds"] for v in ci.values())
+        assert "Holm" in md and "Arrow on" not in md and "Bold" not in md
 
 
 def _close(text: str, value: float, rel: float) -> bool:
@@ -160,14 +171,15 @@ def test_readme_unknown_summary_table() -> None:
         d = _json(f"{row[0]}-unknown.json")
         assert len(d["seeds"]) >= 3, "headline tables need at least 3 training seeds"
         m, c = d["mean"], d["pooled"]["clean"]
-        mean, lo, hi = m["robust-stat"]
+        ci = m["robust-stat"]
         want = [
             f"{m['stat']:.1f}",
             f"{m['jac_oracle']:.1f}",
             f"{m['robust']:.1f}",
-            f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            f"{ci['mean']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] ({ci['seed_sd']:.1f})",
             f"{100 * c['coverage']:.1f}",
             f"{c['set_size']:.2f}",
+            f"{100 * c['empty_sets']:.1f}",
         ]
         assert row[1:] == want, row[0]
 
@@ -182,7 +194,7 @@ def test_results_readme_unknown_table() -> None:
         d = _json(f"{row[0]}-unknown.json")
         t = targets(d)
         m, c = d["mean"], d["pooled"]["clean"]
-        mean, lo, hi = m["robust-stat"]
+        ci = m["robust-stat"]
         modalities = sum(r.startswith("alone:") for r in d["rows"])
         want = [
             str(modalities),
@@ -191,9 +203,10 @@ def test_results_readme_unknown_table() -> None:
             f"{m['stat']:.1f}",
             f"{m['jac_oracle']:.1f}",
             f"{m['robust']:.1f}",
-            f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+            f"{ci['mean']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] ({ci['seed_sd']:.1f})",
             f"{100 * c['coverage']:.1f}",
             f"{c['set_size']:.2f}",
+            f"{100 * c['empty_sets']:.1f}",
             f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}",
         ]
         assert row[1:] == want, row[0]
@@ -207,7 +220,7 @@ def test_paper_table_mark_counts_in_results_readme() -> None:
 
     text = (RESULTS / "README.md").read_text()
     for table in EvaluationResult.from_json_dict(_json("avdigits.json")).tables:
-        n = Counter(arrows(table).values())
+        n = Counter(m for (_g, k, _c), m in arrows(table).items() if k == "jacobian")
         quoted = f"{table.perturbed} perturbed: {n['↑']} ↑, {n['=']} =, {n['↓']} ↓"
         assert quoted in text, quoted
 

@@ -27,6 +27,7 @@ from .robust import (
     RobustFusion,
     aps_scores,
     aps_sets,
+    calibration_split,
     fit_calibration,
     robust_fusion,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "RobustFusion",
     "aps_scores",
     "aps_sets",
+    "calibration_split",
     "check_gamma",
     "confidence_mean_fusion",
     "factor_gram",
