@@ -41,13 +41,19 @@ def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
     md = paths[0].read_text()
     for key in data["settings"] + ["mean"]:
         cell = data["mean"] if key == "mean" else data["pooled"][key]
-        _, lo, hi = cell["robust-stat"]
-        mark = "↑" if lo > 0 else ("↓" if hi < 0 else "=")
-        assert f"{cell['robust']:.1f} {mark}" in md
-        assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
+        ci = cell["robust-stat"]
+        assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1
+        mark = cell["robust-stat:mark"]  # Holm-corrected over the table
+        assert mark in ("↑", "↓", "=")
+        if mark != "=":  # a Holm mark implies the unadjusted interval excludes 0
+            assert ci["low"] > 0 or ci["high"] < 0
+        assert f"{cell['robust']:.1f} ±{cell['robust:seed_sd']:.1f} {mark}" in md
+        assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 1.0
+        assert cell["empty_sets"] == 0.0  # the fused RAPS set always holds the arg-max
     params = data["per_seed"]["0"]["params"]
     keys = {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
-    assert set(params["robust"]) == keys
+    assert set(params) == set(data["settings"])
+    assert all(set(p["robust"]) == keys for p in params.values())
 
 
 def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
