@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/evaluate_paper_results.py [--out docs/results] [--quick] [--cold]
+    python benchmarks/evaluate_paper_results.py [--out docs/results] [--quick] [--cold] [--seeds 3]
 
 ``--cold`` trains every net into a fresh temporary cache (the run time then includes training);
 by default the model cache (``$JACFUSION_CACHE/models``) is used. Prints the wall time of each
@@ -25,13 +25,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cold", action="store_true", help="train into a fresh cache")
     parser.add_argument("--datasets", nargs="+", default=["avdigits", "twomoon"])
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="jf-models-") as tmp:
         cache = Path(tmp) if args.cold else None
         for dataset in args.datasets:
             start = time.perf_counter()
             result = run_evaluation(
-                EvaluationConfig(dataset=dataset, quick=args.quick, cache_dir=cache)
+                EvaluationConfig(
+                    dataset=dataset, quick=args.quick, cache_dir=cache, seeds=args.seeds
+                )
             )
             elapsed = time.perf_counter() - start
             write_reports(result, args.out)

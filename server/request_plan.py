@@ -47,6 +47,7 @@ _METHOD_OPTIONS: Final = {
     "default_gamma": "gamma",
     "regularize": "regularize",
     "iterations": "iterations",
+    "center_logits": "center_logits",
 }
 
 
@@ -73,6 +74,7 @@ class Plan:
     deadline: float | None
     timeout: float
     until: float
+    center_logits: bool = False
 
     @functools.cached_property
     def index(self) -> dict[str, int]:
@@ -97,6 +99,7 @@ class Plan:
             gamma=[self.gammas[m] for m in members],
             regularize=[j for j, m in enumerate(members) if m in self.regularize],
             iterations=self.iterations,
+            center_logits=self.center_logits,
         )
 
 
@@ -121,6 +124,7 @@ def _method(options: PredictOptions, cfg: CoordinatorConfig) -> FusionMethod:
         "default_gamma": options.default_gamma is not None,
         "regularize": bool(options.regularize),
         "iterations": options.iterations is not None,
+        "center_logits": options.center_logits is not None,
     }
     unused = [k for k, v in given.items() if v and not rule.takes(_METHOD_OPTIONS[k])]
     if unused:
@@ -228,6 +232,7 @@ def plan_request(
         gammas=gammas,
         regularize=set(regularize),
         iterations=iterations,
+        center_logits=bool(options.center_logits),
         require_all=options.require_all,
         owner_timeout_s=timeout,
         skip_unknown_ids=options.skip_unknown_ids,

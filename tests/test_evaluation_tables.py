@@ -78,19 +78,19 @@ def _synthetic_table() -> Table:
 def test_marks_need_a_paired_interval_that_excludes_zero() -> None:
     table = _synthetic_table()
     assert arrows(table) == {
-        ("MM (0, 1)", "clean"): "↑",
-        ("MM (0, 1)", "w0"): "=",
-        ("MM (0, 2)", "clean"): "↓",
+        ("MM (0, 1)", "jacobian", "clean"): "↑",
+        ("MM (0, 1)", "jacobian", "w0"): "=",
+        ("MM (0, 2)", "jacobian", "clean"): "↓",
     }
     ci = intervals(table)
-    assert ci[("MM (0, 1)", "clean")][0] == pytest.approx(20.0)
-    assert ci[("MM (0, 1)", "w0")][0] == pytest.approx(0.0)
-    lo, hi = ci[("MM (0, 1)", "w0")][1:]
-    assert lo < 0 < hi
-    assert ci[("MM (0, 2)", "clean")][2] < 0
+    assert ci[("MM (0, 1)", "jacobian", "clean")]["mean"] == pytest.approx(20.0)
+    assert ci[("MM (0, 1)", "jacobian", "w0")]["mean"] == pytest.approx(0.0)
+    w0 = ci[("MM (0, 1)", "jacobian", "w0")]
+    assert w0["low"] < 0 < w0["high"]
+    assert ci[("MM (0, 2)", "jacobian", "clean")]["high"] < 0
     # the displayed means do not matter, only the paired per-sample differences: a row that
     # shows a higher mean but carries no per-sample data gets no mark
-    assert ("MM (0, 2)", "w0") not in arrows(table)
+    assert ("MM (0, 2)", "jacobian", "w0") not in arrows(table)
 
 
 def test_markdown_layout_rows_columns_marks_and_std() -> None:
@@ -118,8 +118,10 @@ def test_csv_long_format() -> None:
     assert len(rows) == 18  # 9 rows x 2 columns
     ours = [r for r in rows if r["model"] == "Stat-w/ (ours)" and r["group"] == "MM (0, 1)"]
     assert [r["arrow"] for r in ours] == ["↑", "="]
-    mean, lo, hi = json.loads(ours[0]["diff_vs_stat_pct"])
+    ci = json.loads(ours[0]["diff_vs_stat_pct"])
+    mean, lo, hi = ci["mean"], ci["low"], ci["high"]
     assert mean == pytest.approx(20.0) and 0 < lo < mean < hi
+    assert 0 <= ci["p"] < 0.05 and ci["seed_sd"] == 0.0 and ci["seeds"] == 1
     assert ours[1]["gamma"] == "0.1" and ours[1]["mean_pct"] == "70.00"
     assert json.loads(ours[1]["values"]) == [0.7, 0.7]
     assert rows[0]["column_label"] == "Clean"

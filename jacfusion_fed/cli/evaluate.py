@@ -44,7 +44,14 @@ def evaluate(
     unknown: Annotated[
         bool, typer.Option("--unknown", help="Perturbed-modality-unknown table (robust fusion).")
     ] = False,
-    seeds: Annotated[int, typer.Option(help="Training seeds of --unknown.", min=1)] = 3,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            help="Training seeds seed..seed+N-1 (same data): the tables report their mean, "
+            "spread and clustered intervals.",
+            min=1,
+        ),
+    ] = 3,
 ) -> None:
     """Paper-style tables (Tables 1-2 layout), Figure 4 curves, TwoMoon heatmaps."""
     if unknown:  # issue 11: seeds seed..seed+seeds-1, hyperparameters chosen on validation
@@ -68,6 +75,7 @@ def evaluate(
         repeats=repeats,
         gamma=chosen,
         seed=seed,
+        seeds=seeds,
         perturbed=tuple(perturbed) if perturbed else None,
         adaptive=adaptive,
         curves=curves,

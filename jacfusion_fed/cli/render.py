@@ -84,6 +84,7 @@ def method_name(proto_name: str) -> str:
 def rich_table(table: Any) -> Table:
     """A :class:`jacfusion_fed.evaluation.Table` as a rich table (same marks as the Markdown
     reports: an arrow only where a paired interval excludes 0, no bold "best" cell)."""
+    import numpy as np
     from rich.table import Table
 
     from jacfusion_fed.evaluation.tables import arrows
@@ -106,10 +107,13 @@ def rich_table(table: Any) -> Table:
                 cells.append("–")
                 continue
             text = f"{100 * row.mean(col.key):.1f}"
-            if len(row.acc[col.key]) > 1:
+            seeds = row.seed_acc.get(col.key, [])
+            if len(seeds) > 1:  # the seed spread
+                text += f" ± {100 * float(np.std(seeds, ddof=1)):.1f}"
+            elif len(row.acc[col.key]) > 1:
                 text += f" ± {100 * row.std(col.key):.1f}"
-            if row.kind == "jacobian" and (row.group, col.key) in arrow:
-                text += f" {arrow[(row.group, col.key)]}"
+            if (row.group, row.kind, col.key) in arrow:
+                text += f" {arrow[(row.group, row.kind, col.key)]}"
             cells.append(text)
         rendered.add_row(group, row.name, *cells)
     return rendered

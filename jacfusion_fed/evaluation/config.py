@@ -45,8 +45,13 @@ class EvaluationConfig:
             (a TwoMoon table, Figures 2-3 heatmaps).
         quick: small data, fewer epochs and repeats, short sweeps (for tests and demos; the
             numbers are not meant to be reported).
-        seed: data generation, weight initialization, training order and all perturbation
-            draws derive from it. Models are trained once per seed.
+        seed: data generation (and, with one training seed, weight initialization, training
+            order and all perturbation draws) derive from it.
+        seeds: training seeds ``seed, seed + 1, ..., seed + seeds - 1``: every net is trained
+            once per training seed on the same data (those of ``seed``), the perturbation
+            draws follow the training seed, and the tables report the mean over the seeds,
+            the seed spread and cluster bootstrap intervals (test samples resampled with all
+            their seeds together).
         repeats: how often the random corruptions (Gaussian noise, missing entries, bias
             patches) are redrawn on the test split; the tables report mean +- std over these
             draws. None: the preset's default (5 full, 2 quick).
@@ -74,6 +79,7 @@ class EvaluationConfig:
     dataset: str = "avdigits"
     quick: bool = False
     seed: int = 0
+    seeds: int = 1
     repeats: int | None = None
     attack_repeats: int = 1
     gamma: float | None = None
@@ -96,7 +102,7 @@ class EvaluationConfig:
             isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1
         ):
             raise ValueError(f"repeats must be an integer >= 1, got {self.repeats!r}")
-        for name in ("attack_repeats", "workers"):
+        for name in ("attack_repeats", "workers", "seeds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

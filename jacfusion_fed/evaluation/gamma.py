@@ -38,6 +38,7 @@ def gamma_scores(
     log_prior: torch.Tensor | np.ndarray | None = None,
     regularize: Sequence[int] | None = None,
     draws: int = 1,
+    center_logits: bool = False,
 ) -> dict[float, float]:
     """Validation accuracy of Jacobian fusion for every candidate gamma.
 
@@ -54,6 +55,7 @@ def gamma_scores(
         regularize: modality indices given a W_m (default: every modality with a Gram matrix).
         draws: random draws of the perturbation averaged per candidate (all candidates see the
             same draws).
+        center_logits: score the centered variant (:func:`jacobian_fusion`'s option).
 
     Returns:
         ``{gamma: mean validation accuracy}`` in candidate order.
@@ -68,7 +70,15 @@ def gamma_scores(
     for gamma in candidates:
         accs = [
             _accuracy(
-                jacobian_fusion(view, grams, log_prior, gamma=gamma, regularize=regularize), y
+                jacobian_fusion(
+                    view,
+                    grams,
+                    log_prior,
+                    gamma=gamma,
+                    regularize=regularize,
+                    center_logits=center_logits,
+                ),
+                y,
             )
             for view in views
         ]

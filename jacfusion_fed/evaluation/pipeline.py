@@ -36,8 +36,13 @@ E2E_SUFFIX = ":e2e_only"
 case of it and the setting-1 attack)."""
 
 Perturbation = Corruption | AttackSpec
-_REGULARIZE = {"jacobian": (1,), "jacobian_clean": (0,), "jacobian_all": (0, 1)}
-_PER_SAMPLE = ("statistical", "jacobian")
+_REGULARIZE = {
+    "jacobian": (1,),
+    "jacobian_centered": (1,),
+    "jacobian_clean": (0,),
+    "jacobian_all": (0, 1),
+}
+_PER_SAMPLE = ("statistical", "jacobian", "jacobian_centered")
 """Rows whose per-sample correctness is kept (the tables mark their paired difference)."""
 
 
@@ -134,6 +139,7 @@ class TableRun:
             self.log_prior,
             gamma,
             _REGULARIZE[kind],
+            center_logits=kind == "jacobian_centered",
         )
 
     def draws(self, spec: Perturbation | None) -> int:
@@ -193,6 +199,7 @@ class TableRun:
                 self.candidates,
                 log_prior=self.log_prior,
                 regularize=_REGULARIZE[kind],
+                center_logits=kind == "jacobian_centered",
             )
         return self._gammas[key]
 

@@ -26,11 +26,17 @@ RowKind = Literal[
     "jacobian",
     "jacobian_clean",
     "jacobian_all",
+    "jacobian_centered",
 ]
 
 PAPER_MM_KINDS: tuple[str, ...] = ("mean", "confidence_mean", "statistical", "jacobian")
 """The four multimodal rows of the paper's tables, in order."""
-MM_ROW_KINDS: tuple[str, ...] = (*PAPER_MM_KINDS, "jacobian_clean", "jacobian_all")
+MM_ROW_KINDS: tuple[str, ...] = (
+    *PAPER_MM_KINDS,
+    "jacobian_centered",
+    "jacobian_clean",
+    "jacobian_all",
+)
 ROW_NAMES: dict[str, str] = {
     "mean": "Mean-w/o",
     "confidence_mean": "Mean-w/",
@@ -38,6 +44,7 @@ ROW_NAMES: dict[str, str] = {
     "jacobian": "Stat-w/ (ours)",
     "jacobian_clean": "Stat-w/ on clean mod.",
     "jacobian_all": "Stat-w/ on all mods",
+    "jacobian_centered": "Stat-w/ centered logits",
 }
 
 
@@ -61,8 +68,12 @@ class Row:
         acc: column key -> one accuracy per repeat.
         gamma: column key -> the gamma used (Jacobian rows only).
         correct: column key -> per-test-sample correctness (N,), the mean over the draws of
-            the column's perturbation (Stat-w/o and Stat-w/ (ours) rows, which the tables mark
-            by a paired bootstrap interval of their difference).
+            the column's perturbation (Stat-w/o, Stat-w/ (ours) and the centered row, which
+            the tables mark by a bootstrap interval of their difference to Stat-w/o); with
+            several training seeds the mean over the seeds.
+        correct_seeds: column key -> per seed its per-sample correctness (seeds, N): the
+            cluster bootstrap resamples test samples with their seeds together.
+        seed_acc: column key -> per training seed the mean accuracy (the seed spread).
     """
 
     group: str
@@ -71,6 +82,8 @@ class Row:
     acc: dict[str, list[float]] = field(default_factory=dict)
     gamma: dict[str, float] = field(default_factory=dict)
     correct: dict[str, list[float]] = field(default_factory=dict)
+    correct_seeds: dict[str, list[list[float]]] = field(default_factory=dict)
+    seed_acc: dict[str, list[float]] = field(default_factory=dict)
 
     def mean(self, key: str) -> float:
         return float(np.mean(self.acc[key])) if self.acc.get(key) else float("nan")

@@ -29,7 +29,33 @@ TWOMOON_NOISE = (GaussianNoise(0.5), GaussianNoise(1.5))
 """Figure 3's small and large noise on the Y coordinate (Figure 2 uses the small one on both)."""
 
 
-def _table_notes(config: EvaluationConfig, repeats: int) -> list[str]:
+def merge_seeds(tables: list[Table]) -> Table:
+    """One table from the same table of several training seeds (same rows, columns, data):
+    per cell the repeats of every seed, each seed's mean (``seed_acc``), the per-sample
+    correctness per seed (``correct_seeds``, for the cluster bootstrap) and its mean over the
+    seeds (``correct``); the gammas are the first seed's."""
+    first = tables[0]
+    if len(tables) == 1:
+        for row in first.rows:
+            row.seed_acc = {k: [float(np.mean(v))] for k, v in row.acc.items() if v}
+            row.correct_seeds = {k: [v] for k, v in row.correct.items()}
+        return first
+    for j, row in enumerate(first.rows):
+        others = [t.rows[j] for t in tables]
+        assert all((r.group, r.kind, r.name) == (row.group, row.kind, row.name) for r in others)
+        row.seed_acc = {
+            k: [float(np.mean(r.acc[k])) for r in others] for k in row.acc if row.acc[k]
+        }
+        row.acc = {k: [a for r in others for a in r.acc[k]] for k in row.acc}
+        row.correct_seeds = {k: [r.correct[k] for r in others] for k in row.correct}
+        row.correct = {
+            k: [round(float(x), 6) for x in np.mean(v, axis=0)]
+            for k, v in row.correct_seeds.items()
+        }
+    return first
+
+
+def _table_notes(config: EvaluationConfig, repeats: int, seeds: list[int]) -> list[str]:
     gamma = (
         f"gamma fixed at {config.gamma:g}"
         if config.gamma is not None
@@ -41,11 +67,12 @@ def _table_notes(config: EvaluationConfig, repeats: int) -> list[str]:
     return [
         f"Accuracy in %, mean ± std over {repeats} test-time draws of the random corruptions "
         f"(Gaussian noise, missing entries, bias patches) and {config.attack_repeats} draw(s) "
-        f"of PGD's random start; nets are trained once (seed {config.seed}); FGSM is "
-        "deterministic and computed once.",
+        f"of PGD's random start, per training seed; nets are trained once per training seed "
+        f"{seeds} (data of seed {config.seed}; torch threads pinned to {config.threads}); "
+        "FGSM is deterministic and computed once per seed. With several seeds a cell shows "
+        "the mean over the seeds ± the seed spread (sd of the per-seed means); gammas shown "
+        "are the first seed's.",
         gamma + ".",
-        "Arrow on Stat-w/ (ours): ↑ if its displayed mean is >= the best of Mean-w/o, Mean-w/, "
-        "Stat-w/o of the same pair, else ↓. Bold: best displayed mean of the column.",
         "Setting 1 (FGSM, PGD): attack computed on the perturbed modality's own net. Adaptive: "
         "white-box attack through the whole fused prediction of each row (Jacobian solve "
         "included, other modality fixed, same budget), combined per sample with the setting-1 "
@@ -91,45 +118,55 @@ def _run(config: EvaluationConfig, start: float) -> EvaluationResult:
     timings: dict[str, float] = {}
     data = _load_data(config)
     timings["data_s"] = time.perf_counter() - start
-    zoo = NetZoo(preset, config, data)
+    seeds = [config.seed + i for i in range(config.seeds)]
+    zoos = {t: NetZoo(preset, replace(config, seed=t), data) for t in seeds}
+    zoo = zoos[seeds[0]]
     t0 = time.perf_counter()
-    zoo.prefetch(_jobs(preset, config))
+    for z in zoos.values():
+        z.prefetch(_jobs(preset, config))
     timings["train_parallel_s"] = time.perf_counter() - t0
     tables: list[Table] = []
     curves = []
     for perturbed in config.perturbed or tuple(preset.tables):
         tp = preset.tables[perturbed]
-        t0 = time.perf_counter()
-        clean_net = zoo.get(tp.clean, "regular")
-        nets = [zoo.get(perturbed, m) for m in config.methods]
-        timings[f"train_{perturbed}_s"] = time.perf_counter() - t0
         names = [f"0: {preset.abbrev[tp.clean]}-regT"] + [
             f"{i}: {preset.abbrev[perturbed]}-{METHOD_ABBREV[m]}"
             for i, m in enumerate(config.methods, start=1)
         ]
-        run = TableRun(
-            tp,
-            data,
-            clean_net,
-            nets,
-            names,
-            seed=config.seed,
-            repeats=repeats,
-            attack_repeats=config.attack_repeats,
-            gamma=config.gamma,
-            candidates=config.gamma_candidates,
-            dataset=config.dataset,
-        )
-        t0 = time.perf_counter()
-        table = run.table(adaptive=config.adaptive)
-        table.notes = _table_notes(config, repeats)
-        tables.append(table)
-        timings[f"table_{perturbed}_s"] = time.perf_counter() - t0
-        if config.curves:
+        per_seed: list[Table] = []
+        for t in seeds:
             t0 = time.perf_counter()
-            pair = config.methods.index("regular") if "regular" in config.methods else 0
-            curves += run.curves(tp.quick_sweeps if config.quick else tp.sweeps, pair)
-            timings[f"curves_{perturbed}_s"] = time.perf_counter() - t0
+            clean_net = zoos[t].get(tp.clean, "regular")
+            nets = [zoos[t].get(perturbed, m) for m in config.methods]
+            timings[f"train_{perturbed}_s"] = timings.get(f"train_{perturbed}_s", 0.0) + (
+                time.perf_counter() - t0
+            )
+            run = TableRun(
+                tp,
+                data,
+                clean_net,
+                nets,
+                names,
+                seed=t,
+                repeats=repeats,
+                attack_repeats=config.attack_repeats,
+                gamma=config.gamma,
+                candidates=config.gamma_candidates,
+                dataset=config.dataset,
+            )
+            t0 = time.perf_counter()
+            per_seed.append(run.table(adaptive=config.adaptive))
+            timings[f"table_{perturbed}_s"] = timings.get(f"table_{perturbed}_s", 0.0) + (
+                time.perf_counter() - t0
+            )
+            if config.curves and t == seeds[0]:
+                t0 = time.perf_counter()
+                pair = config.methods.index("regular") if "regular" in config.methods else 0
+                curves += run.curves(tp.quick_sweeps if config.quick else tp.sweeps, pair)
+                timings[f"curves_{perturbed}_s"] = time.perf_counter() - t0
+        table = merge_seeds(per_seed)
+        table.notes = _table_notes(config, repeats, seeds)
+        tables.append(table)
     heatmaps: dict[str, Any] = {}
     if config.heatmaps and config.dataset == "twomoon":
         t0 = time.perf_counter()
@@ -145,7 +182,10 @@ def _run(config: EvaluationConfig, start: float) -> EvaluationResult:
         tables=tables,
         curves=curves,
         timings=timings,
-        models=zoo.info,
+        models={
+            **zoo.info,
+            **{f"seed {t}: {k}": v for t in seeds[1:] for k, v in zoos[t].info.items()},
+        },
         heatmaps=heatmaps,
         environment={
             "torch": torch.__version__,

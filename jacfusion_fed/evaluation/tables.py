@@ -1,13 +1,15 @@
 """Render :class:`Table` objects the way the paper prints Tables 1-7 (Markdown, CSV).
 
 Marks (interval-backed, not the paper's rule): in each ``MM (0, i)`` group, the ``Stat-w/ (ours)``
-cell gets ``↑`` / ``↓`` when the 95 % paired bootstrap interval of its per-sample difference to
-``Stat-w/o`` of the same group and column (same test samples, same perturbation draws) lies
-above / below 0, and ``=`` (a tie) otherwise (:mod:`jacfusion_fed.evaluation.stats`, the same
-code as the "perturbed modality unknown" table). A cell without per-sample correctness of both
-rows (e.g. a table built by the federated evaluation, or an old results file) gets no mark: a
-mark needs an interval. The extra rows (Jacobian on the clean modality, on all modalities) get
-no mark. Bold marks the best displayed mean of a column over all rows (not a significance claim).
+and ``Stat-w/ centered logits`` cells get ``↑`` / ``↓`` / ``=`` from the cluster bootstrap of
+their per-sample difference to ``Stat-w/o`` of the same group and column (same test samples,
+same perturbation draws; with several training seeds every seed of a test sample is resampled
+together), Holm-corrected over all the marks of the table
+(:mod:`jacfusion_fed.evaluation.stats`, the same code as the "perturbed modality unknown"
+table). A cell without per-sample correctness of both rows (e.g. a table built by the
+federated evaluation, or an old results file) gets no mark: a mark needs an interval. The
+other extra rows (Jacobian on the clean modality, on all modalities) get no mark. No cell is
+bold: the best mean of a column is often a tie within noise.
 """
 
 from __future__ import annotations
@@ -16,15 +18,33 @@ import csv
 import io
 import json
 import math
+from typing import Any
+
+import numpy as np
 
 from .results import Row, Table
-from .stats import mark, paired_bootstrap
+from .stats import cluster_bootstrap, holm_marks
 
-__all__ = ["MARK_NOTE", "arrows", "intervals", "table_to_csv", "table_to_markdown"]
+__all__ = [
+    "MARKED_KINDS",
+    "MARK_NOTE",
+    "arrows",
+    "centered_summary",
+    "compare_rows",
+    "intervals",
+    "table_to_csv",
+    "table_to_markdown",
+]
+
+MARKED_KINDS: tuple[str, ...] = ("jacobian", "jacobian_centered")
+"""Rows marked against Stat-w/o of the same pair."""
 
 MARK_NOTE = (
-    "Marks: Stat-w/ (ours) − Stat-w/o of the same pair, ↑ / ↓ when the 95 % paired bootstrap "
-    "interval over the test samples excludes 0, = otherwise (a tie); intervals in the CSV."
+    "Marks: Stat-w/ (ours) and Stat-w/ centered logits − Stat-w/o of the same pair; the "
+    "cluster bootstrap over test samples (every training seed of a sample resampled together); "
+    "↑ / ↓ when the Holm-adjusted p-value over all the marks of this table is below 0.05, "
+    "= otherwise (a tie); the 95 % intervals (not adjusted), p-values and the seed spread of "
+    "each difference are in the CSV (diff_vs_stat_pct)."
 )
 
 
@@ -32,26 +52,67 @@ def _pct(value: float) -> float:
     return round(100.0 * value, 1) if math.isfinite(value) else value
 
 
-def intervals(table: Table) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """``{(group, column key): (mean, low, high)}`` of Stat-w/ (ours) − Stat-w/o in points,
-    for every cell where both rows carry per-sample correctness."""
-    out: dict[tuple[str, str], tuple[float, float, float]] = {}
+def intervals(table: Table) -> dict[tuple[str, str, str], dict[str, float]]:
+    """``{(group, row kind, column key): cluster bootstrap result}`` (points) of each marked
+    row (:data:`MARKED_KINDS`) − Stat-w/o, for every cell where both rows carry per-sample
+    correctness (per seed when the table has several training seeds)."""
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
     for group in table.groups():
         rows = {r.kind: r for r in table.rows if r.group == group}
-        ours, base = rows.get("jacobian"), rows.get("statistical")
-        if ours is None or base is None:
+        base = rows.get("statistical")
+        if base is None:
             continue
-        for col in table.columns:
-            a, b = ours.correct.get(col.key), base.correct.get(col.key)
-            if a and b and len(a) == len(b):
-                out[(group, col.key)] = paired_bootstrap(a, b)
+        for kind in MARKED_KINDS:
+            ours = rows.get(kind)
+            if ours is None:
+                continue
+            for col in table.columns:
+                a, b = _per_seed(ours, col.key), _per_seed(base, col.key)
+                if a and b and len(a) == len(b) and len(a[0]) == len(b[0]):
+                    out[(group, kind, col.key)] = cluster_bootstrap(a, b)
     return out
 
 
-def arrows(table: Table) -> dict[tuple[str, str], str]:
-    """``{(group, column key): "↑" | "↓" | "="}`` for every Stat-w/ (ours) cell with an
-    interval (see :func:`intervals`)."""
-    return {key: mark(ci) for key, ci in intervals(table).items()}
+def _per_seed(row: Row, key: str) -> list[list[float]] | None:
+    if row.correct_seeds.get(key):
+        return row.correct_seeds[key]
+    return [row.correct[key]] if row.correct.get(key) else None
+
+
+def compare_rows(table: Table, kind_a: str, kind_b: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(group, column key): cluster bootstrap result}`` of row ``kind_a`` − row ``kind_b``
+    of the same pair (e.g. the centered-logits row against the paper's Stat-w/ (ours)), with
+    its Holm-corrected mark over the table under ``"mark"``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for group in table.groups():
+        rows = {r.kind: r for r in table.rows if r.group == group}
+        if kind_a not in rows or kind_b not in rows:
+            continue
+        for col in table.columns:
+            a, b = _per_seed(rows[kind_a], col.key), _per_seed(rows[kind_b], col.key)
+            if a and b and len(a) == len(b) and len(a[0]) == len(b[0]):
+                out[(group, col.key)] = cluster_bootstrap(a, b)
+    marks = holm_marks(out)
+    return {k: {**v, "mark": marks[k]} for k, v in out.items()}
+
+
+def centered_summary(table: Table) -> str | None:
+    """One line: how the centered-logits row compares with the paper's Stat-w/ (ours), cell by
+    cell (None when the table has no centered row)."""
+    cmp = compare_rows(table, "jacobian_centered", "jacobian")
+    if not cmp:
+        return None
+    n = {m: sum(v["mark"] == m for v in cmp.values()) for m in ("↑", "=", "↓")}
+    return (
+        "Stat-w/ centered logits − Stat-w/ (ours), per pair and column (cluster bootstrap, "
+        f"Holm over the {len(cmp)} cells): {n['↑']} ↑, {n['=']} =, {n['↓']} ↓."
+    )
+
+
+def arrows(table: Table) -> dict[tuple[str, str, str], str]:
+    """``{(group, row kind, column key): "↑" | "↓" | "="}`` for every marked cell with an
+    interval (see :func:`intervals`), Holm-corrected over the table."""
+    return holm_marks(intervals(table))
 
 
 def _cell(row: Row, key: str, arrow: str | None, with_std: bool) -> str:
@@ -60,7 +121,10 @@ def _cell(row: Row, key: str, arrow: str | None, with_std: bool) -> str:
     if not row.acc.get(key):
         return "–"
     text = f"{_pct(row.mean(key)):.1f}"
-    if with_std and len(row.acc[key]) > 1:
+    seeds = row.seed_acc.get(key, [])
+    if with_std and len(seeds) > 1:  # the seed spread
+        text += f" ± {_pct(float(np.std(seeds, ddof=1))):.1f}"
+    elif with_std and len(row.acc[key]) > 1:
         text += f" ± {_pct(row.std(key)):.1f}"
     if arrow:
         text += f" ({arrow})"
@@ -85,7 +149,7 @@ def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool =
             _cell(
                 row,
                 c.key,
-                arrow.get((row.group, c.key)) if row.kind == "jacobian" else None,
+                arrow.get((row.group, row.kind, c.key)),
                 with_std,
             )
             for c in table.columns
@@ -93,6 +157,9 @@ def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool =
         lines.append("| " + " | ".join([group, row.name, *cells]) + " |")
     if arrow:
         lines += ["", MARK_NOTE]
+    centered = centered_summary(table)
+    if centered:
+        lines += ["", centered]
     if with_gamma:
         lines += ["", *_gamma_lines(table)]
     if table.notes:
@@ -120,8 +187,10 @@ def _gamma_lines(table: Table) -> list[str]:
 def table_to_csv(table: Table) -> str:
     """Long format: one line per (row, column) with mean, std, repeats, gamma, mark, the
     interval behind the mark (``diff_vs_stat_pct``: mean, low, high of Stat-w/ − Stat-w/o)
-    and the per-repeat values."""
+    with its p-value, seed spread and Holm-corrected mark, the per-seed means and the
+    per-repeat values)."""
     ci = intervals(table)
+    marks = holm_marks(ci)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
@@ -139,6 +208,7 @@ def table_to_csv(table: Table) -> str:
             "gamma",
             "arrow",
             "diff_vs_stat_pct",
+            "seed_means_pct",
             "values",
         ]
     )
@@ -146,7 +216,7 @@ def table_to_csv(table: Table) -> str:
         for col in table.columns:
             if not row.acc.get(col.key):
                 continue
-            cell_ci = ci.get((row.group, col.key)) if row.kind == "jacobian" else None
+            cell_ci = ci.get((row.group, row.kind, col.key))
             writer.writerow(
                 [
                     table.title,
@@ -160,8 +230,9 @@ def table_to_csv(table: Table) -> str:
                     f"{100 * row.std(col.key):.2f}",
                     len(row.acc[col.key]),
                     row.gamma.get(col.key, ""),
-                    mark(cell_ci) if cell_ci else "",
-                    json.dumps([round(v, 2) for v in cell_ci]) if cell_ci else "",
+                    marks.get((row.group, row.kind, col.key), ""),
+                    json.dumps({k: round(v, 4) for k, v in cell_ci.items()}) if cell_ci else "",
+                    json.dumps([round(100 * v, 2) for v in row.seed_acc.get(col.key, [])]),
                     json.dumps([round(v, 6) for v in row.acc[col.key]]),
                 ]
             )

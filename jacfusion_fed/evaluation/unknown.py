@@ -25,6 +25,9 @@ from jacfusion_fed.data import MultimodalDataset, load_builtin
 from jacfusion_fed.fusion import (
     GramFactor,
     ModalityCalibration,
+    aps_scores,
+    aps_sets,
+    calibration_split,
     factor_gram,
     fit_calibration,
     gram_of,
@@ -67,6 +70,8 @@ JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
     (0.6, 0.5),
 )
 """(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
+RAPS_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5)
+"""RAPS size penalties robust's fused conformal set chooses from (0: plain APS)."""
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_ANSWERED = 0.85
 """Abstention threshold: the largest validation accuracy on answered samples among thresholds
@@ -93,6 +98,15 @@ def settings_for(preset: DatasetPreset) -> list[Setting]:
                 name = preset.abbrev[modality]
                 out.append(Setting(f"{modality}:{col.key}", f"{name} {spec.label}", modality, spec))
     return out
+
+
+def perturbation_type(setting: Setting) -> str | None:
+    """The kind of a setting's perturbation, whichever modality it hits (None: clean):
+    ``"fgsm"`` / ``"pgd"`` for attacks, the corruption's class name otherwise."""
+    spec = setting.spec
+    if spec is None:
+        return None
+    return spec.kind if isinstance(spec, AttackSpec) else type(spec).__name__
 
 
 def _acc(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -137,7 +151,14 @@ class SeedRun:
         config = replace(config_from_options(base, quick=quick, seed=seed), workers=1)
         zoo = NetZoo(self.preset, config, self.data)
         self.modalities = [m for m in self.preset.abbrev if m not in self.preset.derived]
-        self.nets: list[UnimodalNet] = [zoo.get(m, "regular") for m in self.modalities]
+        # the nets train in this process: pin torch's threads (config.threads), or the weights
+        # depend on how many cores the machine happens to have
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads or 1)
+        try:
+            self.nets: list[UnimodalNet] = [zoo.get(m, "regular") for m in self.modalities]
+        finally:
+            torch.set_num_threads(prev_threads)
         self.models = zoo.info
         self.settings = settings_for(self.preset)
         counts = np.maximum(self.data["train"].class_counts().astype(np.float64), 1.0)
@@ -158,6 +179,8 @@ class SeedRun:
             fit_calibration(z, self.y["val"]) for z in self.clean["val"]
         ]
         self.params: dict[str, Any] = {}
+        self.params_by_setting: dict[str, dict[str, Any]] = {}
+        self._aps: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
         self.attack_log: dict[str, dict[str, list[dict[str, float]]]] = {}
 
     # ------------------------------------------------------------------------- logits
@@ -204,7 +227,10 @@ class SeedRun:
             )
         return lambda zs: self.robust(zs, **hp).p
 
-    def robust(self, zs: Sequence[torch.Tensor], **hp: float) -> Any:
+    def robust(self, zs: Sequence[torch.Tensor], **hp: Any) -> Any:
+        """robust_fusion with the selected (or given) hyperparameters and, unless ``aps=False``
+        is given, the fused RAPS set calibrated by :meth:`_raps`."""
+        aps = bool(hp.pop("aps", True))
         hp = {**self.params.get("robust", {}), **hp}
         return robust_fusion(
             zs,
@@ -217,42 +243,87 @@ class SeedRun:
             confidence=hp.get("confidence", 0.5),
             jacobian_level=hp.get("jacobian_level", 0.0),
             gamma=hp.get("gamma", 1.0),
+            **(self._raps(hp) if aps else {}),
         )
 
+    def _raps(self, hp: dict[str, float]) -> dict[str, Any]:
+        """RAPS calibration of robust's fused probabilities with ``hp`` on the clean validation
+        split (labelled, no modality perturbed: the calibration does not know which one will
+        be broken). The split is halved (:func:`calibration_split`): the size penalty is the
+        one of :data:`RAPS_LAMBDAS` with the smallest mean set size on the first half when
+        calibrated on the second; the scores are those of the second half."""
+        key = tuple(sorted((k, float(v)) for k, v in hp.items() if k != "confidence"))
+        if key not in self._aps:
+            p = self.robust(self.clean["val"], aps=False, **hp).p.detach()
+            y = self.y["val"]
+            tune, cal = calibration_split(y)
+
+            def size(lam: float) -> float:
+                scores = aps_scores(p[cal], y[cal], raps_lambda=lam)
+                sets = aps_sets(p[tune], scores, self.alpha, raps_lambda=lam)
+                return float(sets.double().sum(1).mean())
+
+            lam = min(RAPS_LAMBDAS, key=lambda v: (size(v), v))
+            self._aps[key] = {
+                "fused_scores": aps_scores(p[cal], y[cal], raps_lambda=lam),
+                "raps_lambda": lam,
+            }
+        return self._aps[key]
+
     def select(self) -> dict[str, Any]:
-        """Choose every row's hyperparameters once, by mean validation accuracy over all
-        settings (setting-1 attacks on validation; ties: the first in grid order)."""
+        """Choose every row's hyperparameters per test column on validation without that
+        column's perturbation type: by mean validation accuracy over the validation settings
+        whose perturbation type differs from the column's (the clean column: over all
+        settings; setting-1 attacks on validation; ties: the first in grid order). Returns
+        the choice of each column (also in :attr:`params_by_setting`)."""
         val = {s.key: self.logits(s, "val", 0) for s in self.settings}
         y = self.y["val"]
+        keys = [s.key for s in self.settings]
 
-        def score(row: str, **hp: float) -> float:
-            return float(
-                np.mean(
-                    [
-                        float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean())
-                        for s in self.settings
-                    ]
-                )
+        def scores(row: str, **hp: float) -> np.ndarray:
+            return np.array(
+                [float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean()) for s in self.settings]
             )
 
-        for row in ("jac_oracle", "jac_all"):
-            best = max(GAMMAS, key=lambda g, r=row: (score(r, gamma=g), g))  # type: ignore[misc]
-            self.params[row] = {"gamma": best}
         grid = [
             {**dict(zip(ROBUST_GRID, v, strict=True)), "jacobian_level": j, "gamma": g}
             for j, g in JACOBIAN_GRID
             for v in itertools.product(*ROBUST_GRID.values())
         ]
-        scores = [score("robust", **hp) for hp in grid]
-        self.params["robust"] = dict(grid[int(np.argmax(scores))])
-        self.params["robust"]["confidence"] = self._select_confidence(val)
-        return self.params
+        per_row: dict[str, tuple[list[dict[str, float]], np.ndarray]] = {
+            row: ([{"gamma": g} for g in GAMMAS], np.stack([scores(row, gamma=g) for g in GAMMAS]))
+            for row in ("jac_oracle", "jac_all")
+        }
+        per_row["robust"] = (grid, np.stack([scores("robust", **hp) for hp in grid]))
+        for s in self.settings:
+            allowed = np.array(
+                [
+                    s.spec is None or perturbation_type(o) != perturbation_type(s)
+                    for o in self.settings
+                ]
+            )
+            chosen: dict[str, Any] = {}
+            for row, (cands, table) in per_row.items():
+                mean = table[:, allowed].mean(axis=1)
+                if row == "robust":
+                    chosen[row] = dict(cands[int(np.argmax(mean))])
+                else:  # ties: the larger gamma
+                    chosen[row] = {"gamma": max(zip(mean.tolist(), GAMMAS, strict=True))[1]}
+            self.params = chosen
+            chosen["robust"]["confidence"] = self._select_confidence(
+                val, [o for o, ok in zip(self.settings, allowed, strict=True) if ok]
+            )
+            self.params_by_setting[s.key] = chosen
+        self.params = self.params_by_setting[keys[0]]
+        return self.params_by_setting
 
-    def _select_confidence(self, val: dict[str, list[torch.Tensor]]) -> float:
+    def _select_confidence(
+        self, val: dict[str, list[torch.Tensor]], settings: Sequence[Setting]
+    ) -> float:
         best, best_acc = 0.0, -1.0
         for c in CONFIDENCES:
             answered, acc = [], []
-            for s in self.settings:
+            for s in settings:
                 out = self.robust(val[s.key], confidence=c)
                 keep = ~out.abstain
                 answered.append(float(keep.double().mean()))
@@ -266,15 +337,18 @@ class SeedRun:
     def evaluate(self) -> dict[str, Any]:
         """Per setting: per-sample correctness (mean over draws) of every row, plus the robust
         row's coverage, set size, abstention; returned as plain lists (JSON-ready)."""
-        if not self.params:
+        if not self.params_by_setting:
             self.select()
         y = self.y["test"]
         out: dict[str, Any] = {}
         for s in self.settings:
+            self.params = self.params_by_setting[s.key]  # chosen without s's perturbation type
             rows: dict[str, list[torch.Tensor]] = {}
             extra: dict[str, list[float]] = {
                 "coverage": [],
                 "set_size": [],
+                "empty_sets": [],
+                "raps_lambda": [],
                 "answered": [],
                 "acc_answered": [],
             }
@@ -291,7 +365,12 @@ class SeedRun:
                         extra["coverage"].append(
                             float(res.prediction_set[torch.arange(len(y)), y].double().mean())
                         )
-                        extra["set_size"].append(float(res.prediction_set.double().sum(1).mean()))
+                        sizes = res.prediction_set.double().sum(1)
+                        extra["set_size"].append(float(sizes.mean()))
+                        extra["empty_sets"].append(float((sizes == 0).double().mean()))
+                        extra["raps_lambda"].append(
+                            self._raps(self.params["robust"])["raps_lambda"]
+                        )
                         extra["answered"].append(float(keep.double().mean()))
                         right = _acc(res.p, y)[keep]
                         extra["acc_answered"].append(float(right.mean()) if right.numel() else 0)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .provenance import provenance
-from .stats import mark, paired_bootstrap
+from .stats import cluster_bootstrap, holm_marks, paired_bootstrap, seed_spread
 from .unknown import ROW_LABELS, ROWS, SeedRun
 from .unknown_targets import targets_markdown
 
@@ -31,31 +32,42 @@ def run_unknown(
     quick: bool = False,
     repeats: int = 2,
     alpha: float = 0.1,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Every seed's :meth:`SeedRun.evaluate`, pooled statistics and bootstrap intervals."""
+    """Every seed's :meth:`SeedRun.evaluate`, per-seed means, their spread, and cluster
+    bootstrap intervals over test samples (seeds kept together), Holm-corrected marks.
+    ``threads``: torch threads for the whole run (pinned: training depends on it)."""
     start = time.perf_counter()
     per_seed: dict[str, Any] = {}
     runs = []
-    for seed in seeds:
-        run = SeedRun(dataset, seed, quick=quick, repeats=repeats, alpha=alpha)
-        params = run.select()
-        per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
-        runs.append(run)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # training and attacks: the same numbers on any machine
+    try:
+        for seed in seeds:
+            run = SeedRun(dataset, seed, quick=quick, repeats=repeats, alpha=alpha)
+            params = run.select()
+            per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
+            runs.append(run)
+    finally:
+        torch.set_num_threads(prev_threads)
     settings = [s.key for s in runs[0].settings]
     labels = {s.key: s.label for s in runs[0].settings}
     rows = [f"alone:{m}" for m in runs[0].modalities] + list(ROWS)
     pooled: dict[str, dict[str, Any]] = {}
+    extra_keys = ("coverage", "set_size", "empty_sets", "raps_lambda", "answered", "acc_answered")
     for key in settings:
         cols = [per_seed[str(s)]["table"][key] for s in seeds]
         cell: dict[str, Any] = {"label": labels[key]}
         for r in rows:
-            cell[r] = 100 * float(np.mean(np.concatenate([c["correct"][r] for c in cols])))
-        for k in ("coverage", "set_size", "answered", "acc_answered"):
-            cell[k] = float(np.mean([c[k] for c in cols]))
-        for a, b in MARKED:
-            ca = np.concatenate([c["correct"][a] for c in cols])
-            cb = np.concatenate([c["correct"][b] for c in cols])
-            cell[f"{a}-{b}"] = paired_bootstrap(ca, cb)
+            per = [100 * float(np.mean(c["correct"][r])) for c in cols]
+            cell[r] = float(np.mean(per))
+            cell[f"{r}:seed_sd"] = seed_spread(per)
+        for k in extra_keys:
+            cell[k] = float(np.mean([c.get(k, 0.0) for c in cols]))
+        for a, b in MARKED:  # (seeds, N): test samples resampled with their seeds together
+            ca = np.stack([c["correct"][a] for c in cols])
+            cb = np.stack([c["correct"][b] for c in cols])
+            cell[f"{a}-{b}"] = cluster_bootstrap(ca, cb)
         attacks: dict[str, list[float]] = {}
         for c in cols:
             for name, entries in c.get("robust_attacks", {}).items():
@@ -67,22 +79,34 @@ def run_unknown(
     mean_cell: dict[str, Any] = {"label": "Mean"}
     for r in rows:
         mean_cell[r] = float(np.mean([pooled[k][r] for k in settings]))
-    for a, b in MARKED:  # per sample: mean over the settings, then paired over samples
-        ca = np.concatenate(
-            [
-                np.mean([per_seed[str(s)]["table"][k]["correct"][a] for k in settings], axis=0)
-                for s in seeds
-            ]
+        per = [
+            100
+            * float(
+                np.mean([np.mean(per_seed[str(s)]["table"][k]["correct"][r]) for k in settings])
+            )
+            for s in seeds
+        ]
+        mean_cell[f"{r}:seed_sd"] = seed_spread(per)
+    for a, b in MARKED:  # per sample: mean over the settings, then clustered over samples
+        ca, cb = (
+            np.stack(
+                [
+                    np.mean([per_seed[str(s)]["table"][k]["correct"][x] for k in settings], axis=0)
+                    for s in seeds
+                ]
+            )
+            for x in (a, b)
         )
-        cb = np.concatenate(
-            [
-                np.mean([per_seed[str(s)]["table"][k]["correct"][b] for k in settings], axis=0)
-                for s in seeds
-            ]
-        )
-        mean_cell[f"{a}-{b}"] = paired_bootstrap(ca, cb)
-    for k in ("coverage", "set_size", "answered", "acc_answered"):
+        mean_cell[f"{a}-{b}"] = cluster_bootstrap(ca, cb)
+    for k in extra_keys:
         mean_cell[k] = float(np.mean([pooled[s][k] for s in settings]))
+    tests = {
+        (c, f"{a}-{b}"): cell[f"{a}-{b}"]
+        for c, cell in [*pooled.items(), ("mean", mean_cell)]
+        for a, b in MARKED
+    }
+    for (c, name), m in holm_marks(tests).items():
+        (mean_cell if c == "mean" else pooled[c])[f"{name}:mark"] = m
     return {
         "dataset": dataset,
         "data_seed": 1 if dataset == "emergency" else 0,  # the example's seed
@@ -90,6 +114,7 @@ def run_unknown(
         "quick": quick,
         "repeats": repeats,
         "alpha": alpha,
+        "threads": threads,
         "settings": settings,
         "rows": rows,
         "pooled": pooled,
@@ -100,8 +125,12 @@ def run_unknown(
     }
 
 
-def _mark(ci: Sequence[float]) -> str:
-    return " " + mark(ci)
+def _mark(cell: dict[str, Any], name: str) -> str:
+    return " " + str(cell[f"{name}:mark"])
+
+
+def _ci(t: dict[str, float]) -> str:
+    return f"{t['mean']:+.1f} [{t['low']:+.1f}, {t['high']:+.1f}] (seed sd {t['seed_sd']:.1f})"
 
 
 def unknown_markdown(result: dict[str, Any]) -> str:
@@ -113,30 +142,22 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         label = f"{r.split(':', 1)[1]} alone" if r.startswith("alone:") else ROW_LABELS[r]
         cells = []
         for c in cols:
-            mark = next(
-                (
-                    _mark(c[f"{a}-{b}"])
-                    for a, b in (("jac_oracle", "stat"), ("robust", "stat"))
-                    if a == r
-                ),
-                "",
-            )
-            cells.append(f"{c[r]:.1f}{mark}")
+            mark = next((_mark(c, f"{a}-{b}") for a, b in MARKED if a == r), "")
+            cells.append(f"{c[r]:.1f} ±{c[f'{r}:seed_sd']:.1f}{mark}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     fmt: dict[str, Callable[[dict[str, Any]], str]] = {
         "robust with abstention: acc. on answered": lambda c: f"{100 * c['acc_answered']:.1f}",
         "robust with abstention: fraction answered": lambda c: f"{100 * c['answered']:.1f}",
         f"conformal coverage (alpha = {result['alpha']})": lambda c: f"{100 * c['coverage']:.1f}",
         "mean set size": lambda c: f"{c['set_size']:.2f}",
+        "empty-set rate %": lambda c: f"{100 * c['empty_sets']:.1f}",
+        "RAPS size penalty (validation, mean over seeds)": lambda c: f"{c['raps_lambda']:.2f}",
     }
     for name, f in fmt.items():
         lines.append(f"| {name} | " + " | ".join(f(c) for c in cols) + " |")
     ci_lines = []
     for c in cols:
-        parts = [
-            f"{a} − {b} {c[f'{a}-{b}'][0]:+.1f} [{c[f'{a}-{b}'][1]:+.1f}, {c[f'{a}-{b}'][2]:+.1f}]"
-            for a, b in (("jac_oracle", "stat"), ("robust", "stat"))
-        ]
+        parts = [f"{a} − {b} {_ci(c[f'{a}-{b}'])}" for a, b in MARKED]
         ci_lines.append(f"- {c['label']}: " + "; ".join(parts))
     att = [(c["label"], c.get("robust_attacks", {})) for c in cols[:-1]]
     att_lines = [
@@ -152,14 +173,20 @@ def unknown_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     notes = [
         "",
-        f"Accuracy %, pooled over training seeds {result['seeds']} (data seed "
+        f"Accuracy %, mean over training seeds {result['seeds']} (data seed "
         f"{result.get('data_seed', 1 if result['dataset'] == 'emergency' else 0)}"
         f"{', quick data' if result['quick'] else ''}), {result['repeats']} draw(s) of each "
         "random corruption. Attacked columns: per sample the worst of the setting-1 attack and "
         "an end-to-end attack through the row's fusion (robust also: the detector-aware "
-        "attack). Hyperparameters chosen once per seed on validation over all settings.",
-        "Marks: ↑ / ↓ when the 95 % paired bootstrap interval of the difference to Stat-w/o "
-        "excludes 0, = otherwise (a tie). Intervals (points):",
+        "attack). Hyperparameters chosen once per seed and test column on validation, "
+        "leaving out every validation setting of the column's perturbation type (the clean "
+        "column: all settings); robust's conformal set is RAPS on the fused probabilities "
+        "(the arg-max always in), its size penalty and calibration from two halves of the clean "
+        "validation data. Cells: mean over seeds ± the seed spread (sd).",
+        "Marks: the cluster bootstrap over test samples (every seed of a sample kept together) "
+        "of the difference to Stat-w/o; ↑ / ↓ when its Holm-adjusted p-value over all "
+        f"{2 * len(cols)} marks of this table is below 0.05, = otherwise (a tie). "
+        "Intervals (points, 95 %, not adjusted) and the seed spread of the difference:",
         *ci_lines,
         "",
         *targets_markdown(result),

@@ -26,14 +26,20 @@ def best_clean_alone(result: dict[str, Any], key: str) -> float:
     return max(float(cell[r]) for r in alone)
 
 
+def _ci(v: Any) -> list[float]:
+    """``[mean, low, high]`` of a cluster bootstrap result (or an old ``(mean, low, high)``)."""
+    return [v["mean"], v["low"], v["high"]] if isinstance(v, dict) else list(v)
+
+
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     """Every target's measured value and whether it is met (JSON-ready)."""
     settings, pooled, mean = result["settings"], result["pooled"], result["mean"]
     oracle_alone = sum(best_clean_alone(result, k) for k in settings) / len(settings)
     bar = max(oracle_alone, float(mean["jac_oracle"]))
     clean = pooled["clean"]
-    below = {k: pooled[k]["robust-stat"] for k in settings if pooled[k]["robust-stat"][2] < -1.0}
-    point = {k: pooled[k]["robust-stat"] for k in settings if pooled[k]["robust-stat"][0] < -1.0}
+    cis = {k: _ci(pooled[k]["robust-stat"]) for k in settings}
+    below = {k: v for k, v in cis.items() if v[2] < -1.0}
+    point = {k: v for k, v in cis.items() if v[0] < -1.0}
     cov_min = 1.0 - float(result["alpha"]) - 0.02
     abst = {
         k: (100 * pooled[k]["acc_answered"] >= best_clean_alone(result, k) - 1e-9)
@@ -49,7 +55,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             "met": float(mean["robust"]) >= bar,
         },
         "clean": {
-            "robust_minus_stat": list(clean["robust-stat"]),
+            "robust_minus_stat": _ci(clean["robust-stat"]),
             "met": abs(float(clean["robust"]) - float(clean["stat"])) <= 0.5,
         },
         "no_setting_1_below": {"violations": below, "point_below": point, "met": not below},

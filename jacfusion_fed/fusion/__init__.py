@@ -22,7 +22,15 @@ from .methods import (
     prior_from_counts,
     register,
 )
-from .robust import ModalityCalibration, RobustFusion, fit_calibration, robust_fusion
+from .robust import (
+    ModalityCalibration,
+    RobustFusion,
+    aps_scores,
+    aps_sets,
+    calibration_split,
+    fit_calibration,
+    robust_fusion,
+)
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
@@ -34,6 +42,9 @@ __all__ = [
     "GramFactor",
     "ModalityCalibration",
     "RobustFusion",
+    "aps_scores",
+    "aps_sets",
+    "calibration_split",
     "check_gamma",
     "confidence_mean_fusion",
     "factor_gram",

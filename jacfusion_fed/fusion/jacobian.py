@@ -146,6 +146,7 @@ def jacobian_fusion(
     *,
     solver: Solver = "auto",
     tol: float = DEFAULT_TOL,
+    center_logits: bool = False,
 ) -> torch.Tensor:
     """Algorithm 1 for M modalities: statistical fusion with sample-wise Jacobian regularization.
 
@@ -185,6 +186,10 @@ def jacobian_fusion(
     if not (isinstance(tol, (int, float)) and tol > 0 and tol == tol):
         raise FusionInputError(f"tol must be a positive number, got {tol!r}")
     zs = check_logits(logits)
+    if not isinstance(center_logits, bool):
+        raise FusionInputError(f"center_logits must be True or False, got {center_logits!r}")
+    if center_logits:
+        zs = [z - z.mean(dim=-1, keepdim=True) for z in zs]
     num_modalities, num_classes = len(zs), zs[0].shape[1]
     if isinstance(grams, (torch.Tensor, GramFactor)) or len(grams) != num_modalities:
         got = "a single matrix" if isinstance(grams, (torch.Tensor, GramFactor)) else len(grams)

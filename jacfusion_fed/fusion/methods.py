@@ -262,7 +262,7 @@ register(
         jacobian_fusion,  # called as it is: fuse_full -> jacobian_fusion, no wrapper
         needs=frozenset({"grams"}),
         uses=frozenset({"log_prior"}),
-        options=("gamma", "regularize", "iterations", "solver", "tol"),
+        options=("gamma", "regularize", "iterations", "solver", "tol", "center_logits"),
         summary="sample-wise Jacobian-regularized statistical fusion (Stat-w/, Algorithm 1)",
     )
 )

@@ -16,9 +16,15 @@ split-conformal p-value of class k is
 
 and, for a clean test sample exchangeable with the validation split, P(pi_m(y) <= a) <= a.
 
-**Typicality.** With class means mu_k (K, K) and the shared (pooled within-class) covariance
-Sigma of the validation logits, t_m(z) = min_k (z - mu_k)^T Sigma^-1 (z - mu_k); its p-value
-against the published sorted validation scores is label-free, so it is valid for unlabeled
+**Typicality (split conformal).** :func:`fit_calibration` splits the validation samples in
+two disjoint halves (stratified by class, a fixed interleaving): the class means mu_k (K, K)
+and the shared (pooled within-class) covariance Sigma are fitted on the first half, and the
+published reference scores t(z_i) = min_k (z_i - mu_k)^T Sigma^-1 (z_i - mu_k) are those of
+the *second* half, which the fit never saw. A clean test sample is then exchangeable with the
+reference scores, so its typicality p-value is a valid conformal p-value,
+P(u <= a) <= a (the reference scores of the same points that fitted mu and Sigma would be too
+small, and the p-values of new clean samples too often small). The conformity scores are
+published for the same second half. The p-value is label-free, so it applies to unlabeled
 test samples as well.
 
 **Reliability** r_m in [0, 1]: the typicality p-value u_m; for M >= 3 times the cross-modal
@@ -46,11 +52,17 @@ modality that looks fully reliable keeps its logits; the less reliable, the clos
 paper's Stat-w/ at ``gamma``, per sample, without knowing which modality is perturbed.
 Reliability and the prediction set always use the raw logits (the calibration is theirs).
 
-**Prediction set** (Bonferroni over trusted modalities): k is in the set unless some trusted
-modality has pi_m(k) <= alpha / M. On clean data the set contains the set that uses every
-modality, whose miss probability is at most sum_m alpha / M = alpha, whatever the gating:
-coverage >= 1 - alpha. **Abstain** when the arg-max of p is not in the set or max_k p(k) is
-below ``confidence``.
+**Prediction set.** With ``fused_scores`` (the sorted APS scores of the fused rule on labelled
+clean calibration data, :func:`aps_scores`; the calibration does not know which modality will be
+broken), the set is the conformal APS set of the fused probabilities: k is in it when the
+conformal p-value of its APS score s(p, k) = sum_{j: p_j >= p_k} p_j (RAPS with ``raps_lambda``
+> 0: plus raps_lambda * max(0, rank(k) - 1), which keeps the sets small when the fused
+probabilities have long tails) exceeds alpha, and the arg-max is always added, so no set is
+empty (coverage >= 1 - alpha on clean data, the arg-max only adds to it). Without them (the
+served path, where the coordinator holds no labels): Bonferroni over trusted modalities, k is in
+the set unless some trusted modality has pi_m(k) <= alpha / M; this set can be empty, and then
+the sample abstains. **Abstain** when the arg-max of p is not in the set or max_k p(k) is below
+``confidence``; an answered sample therefore never has an empty set.
 """
 
 from __future__ import annotations
@@ -78,6 +90,9 @@ __all__ = [
     "CALIBRATION_FIELDS",
     "ModalityCalibration",
     "RobustFusion",
+    "aps_scores",
+    "aps_sets",
+    "calibration_split",
     "fit_calibration",
     "robust_fusion",
 ]
@@ -168,16 +183,32 @@ def _typicality(z: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -
     return torch.einsum("nci,ij,ncj->nc", d, precision, d).min(dim=1).values
 
 
+def calibration_split(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the fit half and the reference half of ``labels`` (n,): within every class,
+    in order of appearance, the samples alternate fit, reference, fit, ... (deterministic,
+    stratified, disjoint)."""
+    fit, ref = [], []
+    for k in torch.unique(labels):
+        idx = (labels == k).nonzero().flatten()
+        fit.append(idx[0::2])
+        ref.append(idx[1::2])
+    return torch.cat(fit).sort().values, torch.cat(ref).sort().values
+
+
 def fit_calibration(
     logits_val: ArrayLike, labels_val: ArrayLike, *, ridge: float = 1e-3
 ) -> ModalityCalibration:
     """Clean calibration statistics of one modality from its validation logits.
 
-    Sigma = (1 / (n - K)) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T + ridge * (tr / K) I
-    (pooled within-class covariance; the ridge keeps it invertible, logits being shift-free).
+    The samples are split by :func:`calibration_split`: class means and
+    Sigma = (1 / (n_fit - K)) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T + ridge * (tr / K) I
+    (pooled within-class covariance; the ridge keeps it invertible, logits being shift-free)
+    are fitted on the first half; the published typicality and conformity scores are those of
+    the disjoint second half (split conformal: valid p-values, module docstring).
 
     Args:
-        logits_val: (n, K) clean validation logits; every class must occur, n > K.
+        logits_val: (n, K) clean validation logits; every class must occur at least twice,
+            and the fit half must hold more samples than classes.
         labels_val: (n,) integer labels in [0, K).
         ridge: relative ridge added to Sigma, > 0.
 
@@ -199,18 +230,32 @@ def fit_calibration(
     if bool((counts == 0).any()):
         absent = [int(c) for c in (counts == 0).nonzero().flatten()]
         raise FusionInputError(f"labels_val has no sample of class(es) {absent}")
-    if n <= k:
-        raise FusionInputError(f"need more validation samples than classes, got n={n}, K={k}")
+    if bool((counts < 2).any()):
+        few = [int(c) for c in (counts < 2).nonzero().flatten()]
+        raise FusionInputError(
+            f"labels_val needs at least 2 samples of every class (one to fit, one to "
+            f"calibrate); class(es) {few} have one"
+        )
+    fit_idx, ref_idx = calibration_split(labels)
+    n_fit = int(fit_idx.shape[0])
+    if n_fit <= k or ref_idx.shape[0] < 2:
+        raise FusionInputError(
+            f"need more validation samples than classes in the fit half, got n={n} "
+            f"(fit half {n_fit}), K={k}"
+        )
+    z_fit, y_fit = z[fit_idx], labels[fit_idx]
+    fit_counts = torch.bincount(y_fit, minlength=k)
     means = torch.zeros(k, k, dtype=torch.float64, device=z.device)
-    means.index_add_(0, labels, z)
-    means = means / counts.unsqueeze(1).to(torch.float64)
-    resid = z - means[labels]
-    cov = resid.T @ resid / (n - k)
+    means.index_add_(0, y_fit, z_fit)
+    means = means / fit_counts.unsqueeze(1).to(torch.float64)
+    resid = z_fit - means[y_fit]
+    cov = resid.T @ resid / (n_fit - k)
     cov = cov + ridge * max(float(torch.trace(cov)) / k, 1e-12) * torch.eye(k, dtype=cov.dtype)
     precision = torch.linalg.inv(cov)
     precision = (precision + precision.T) / 2
-    typ = _typicality(z, means, precision).sort().values
-    conf = (-torch.log_softmax(z, dim=1).gather(1, labels[:, None]).squeeze(1)).sort().values
+    z_ref, y_ref = z[ref_idx], labels[ref_idx]
+    typ = _typicality(z_ref, means, precision).sort().values
+    conf = (-torch.log_softmax(z_ref, dim=1).gather(1, y_ref[:, None]).squeeze(1)).sort().values
     return ModalityCalibration(means, precision, typ, conf)
 
 
@@ -236,6 +281,65 @@ def smooth_pvalues(scores: torch.Tensor, sorted_cal: torch.Tensor) -> torch.Tens
     return torch.where(s > sorted_cal[-1], tail, p.clamp(max=1.0))
 
 
+def _aps_all(p: torch.Tensor, lam: float = 0.0, k_reg: int = 1) -> torch.Tensor:
+    """(R)APS score of every class, (N, K): s(p, k) = sum of p_j over classes j with
+    p_j >= p_k, plus lam * max(0, rank(k) - k_reg) (rank 1: the arg-max; lam = 0: APS)."""
+    p = p.detach().to(torch.float64)
+    above = p.unsqueeze(1) >= p.unsqueeze(2)  # [n, k, j]: p_j >= p_k
+    score = (p.unsqueeze(1) * above).sum(dim=2)
+    if lam > 0:
+        rank = above.sum(dim=2).to(torch.float64)
+        score = score + lam * (rank - k_reg).clamp(min=0.0)
+    return score
+
+
+def _check_lam(lam: float) -> float:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise FusionInputError(f"raps_lambda must be a number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def aps_scores(probs: ArrayLike, labels: ArrayLike, *, raps_lambda: float = 0.0) -> torch.Tensor:
+    """Sorted (ascending) APS scores of the true labels: the calibration record of the fused
+    conformal set (``fused_scores`` of :func:`robust_fusion`).
+
+    Args:
+        probs: (n, K) fused probabilities of labelled clean calibration samples.
+        labels: (n,) integer labels in [0, K).
+        raps_lambda: RAPS's size penalty per rank past the first (0: plain APS).
+    """
+    lam = _check_lam(raps_lambda)
+    p = to_tensor(probs, "probs", device=None, dtype=torch.float64)
+    if p.ndim != 2 or p.shape[0] < 2:
+        raise FusionInputError(f"probs must have shape (n, K) with n >= 2, got {tuple(p.shape)}")
+    y = to_tensor(labels, "labels", device=p.device, dtype=torch.float64)
+    if (
+        y.shape != (p.shape[0],)
+        or bool((y != y.round()).any())
+        or bool((y < 0).any())
+        or bool((y >= p.shape[1]).any())
+    ):
+        raise FusionInputError(f"labels must be {p.shape[0]} integers in [0, {p.shape[1]})")
+    return _aps_all(p, lam).gather(1, y.long()[:, None]).squeeze(1).sort().values
+
+
+def aps_sets(
+    probs: ArrayLike, fused_scores: ArrayLike, alpha: float, *, raps_lambda: float = 0.0
+) -> torch.Tensor:
+    """Conformal APS sets (N, K) bool of ``probs``: class k is in when its conformal p-value
+    (1 + #{c_i >= s(p, k)}) / (n + 1) exceeds ``alpha``; the arg-max is always in (no set is
+    empty; coverage >= 1 - alpha for samples exchangeable with the calibration)."""
+    p = to_tensor(probs, "probs", device=None, dtype=torch.float64)
+    cal = to_tensor(fused_scores, "fused_scores", device=p.device, dtype=torch.float64)
+    if cal.ndim != 1 or cal.shape[0] < 2 or bool((cal[1:] < cal[:-1]).any()):
+        raise FusionInputError("fused_scores must be a 1-D ascending array of at least 2 scores")
+    if not 0.0 < float(alpha) < 1.0:
+        raise FusionInputError(f"alpha must lie in (0, 1), got {alpha!r}")
+    in_set = conformal_pvalues(_aps_all(p, _check_lam(raps_lambda)), cal) > alpha
+    top = p.argmax(dim=1, keepdim=True)
+    return in_set.scatter(1, top, True)
+
+
 @dataclass(frozen=True)
 class RobustFusion:
     """Result of :func:`robust_fusion` (N samples, M modalities, K classes).
@@ -244,7 +348,8 @@ class RobustFusion:
         p: fused probabilities (N, K), differentiable in the logits.
         reliability: r (N, M) in [0, 1], differentiable.
         trust: 1 - epsilon (N, M), the weight each modality's evidence got.
-        prediction_set: (N, K) bool, split-conformal, coverage >= 1 - alpha on clean data.
+        prediction_set: (N, K) bool, split-conformal, coverage >= 1 - alpha on clean data
+            (APS of the fused probabilities with ``fused_scores``: never empty).
         abstain: (N,) bool.
     """
 
@@ -298,6 +403,8 @@ def robust_fusion(
     consistency: bool | None = None,
     jacobian_level: float = 0.0,
     gamma: float = 0.1,
+    fused_scores: ArrayLike | None = None,
+    raps_lambda: float = 0.0,
 ) -> RobustFusion:
     """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
 
@@ -316,6 +423,10 @@ def robust_fusion(
         jacobian_level: reliability below which a modality's logits move towards the
             Jacobian-regularized W_m z_m (module docstring), in [0, 1); 0 turns it off.
         gamma: the Jacobian gamma of that regularization, in (0, 1].
+        fused_scores: sorted APS calibration scores of this fused rule (:func:`aps_scores`
+            on labelled clean calibration data); the prediction set is then the fused APS
+            set (:func:`aps_sets`). None: the per-modality Bonferroni set.
+        raps_lambda: RAPS's size penalty of that set (the value the scores were computed with).
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.
@@ -398,11 +509,14 @@ def robust_fusion(
             log_ratios[m] = log_ratios[m] + math.log(k)
     fused = lp + torch.stack(evidence(reliability)).sum(dim=0)
     p = torch.softmax(fused, dim=1)
-    in_set = torch.ones(n, k, dtype=torch.bool, device=device)
-    trusted = reliability.detach() >= trust_level
-    for m in range(m_count):
-        keep = conformal_pvalues(scores[m], cals[m].conformity_scores) > alpha / m_count
-        in_set &= keep | ~trusted[:, m : m + 1]
+    if fused_scores is not None:
+        in_set = aps_sets(p.detach(), fused_scores, alpha, raps_lambda=raps_lambda).to(device)
+    else:
+        in_set = torch.ones(n, k, dtype=torch.bool, device=device)
+        trusted = reliability.detach() >= trust_level
+        for m in range(m_count):
+            keep = conformal_pvalues(scores[m], cals[m].conformity_scores) > alpha / m_count
+            in_set &= keep | ~trusted[:, m : m + 1]
     top = p.detach().argmax(dim=1, keepdim=True)
     abstain = ~in_set.gather(1, top).squeeze(1) | (p.detach().max(dim=1).values < confidence)
     return RobustFusion(

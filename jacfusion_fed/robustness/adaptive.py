@@ -47,6 +47,7 @@ class FusionRule:
         log_prior: ln freq (K,) or None; used by the statistical rules only.
         gamma: gamma of the Jacobian rule.
         regularize: modality indices given a W_m (``"jacobian"`` only).
+        center_logits: ``"jacobian"`` only: subtract each modality's mean logit first.
     """
 
     method: str
@@ -54,6 +55,7 @@ class FusionRule:
     log_prior: torch.Tensor | None = None
     gamma: float = 0.5
     regularize: tuple[int, ...] = field(default=())
+    center_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in FUSION_METHODS:
@@ -63,7 +65,9 @@ class FusionRule:
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         rule = get_method(self.method)
-        options = rule.pick(gamma=self.gamma, regularize=list(self.regularize))
+        options = rule.pick(
+            gamma=self.gamma, regularize=list(self.regularize), center_logits=self.center_logits
+        )
         grams = list(self.factors) if self.factors else None
         return fuse(rule, logits, grams, self.log_prior, options)
 

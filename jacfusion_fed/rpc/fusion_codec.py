@@ -90,6 +90,7 @@ class PredictOptions:
     modalities: tuple[str, ...] = ()
     owner_timeout_s: float | None = None
     skip_unknown_ids: bool = False
+    center_logits: bool | None = None
 
 
 def options_from_proto(options: fusion_pb2.FusionOptions) -> PredictOptions:
@@ -117,6 +118,7 @@ def options_from_proto(options: fusion_pb2.FusionOptions) -> PredictOptions:
         modalities=tuple(options.modalities),
         owner_timeout_s=timeout,
         skip_unknown_ids=options.skip_unknown_ids,
+        center_logits=options.center_logits if options.HasField("center_logits") else None,
     )
 
 
@@ -142,6 +144,8 @@ def options_to_proto(options: PredictOptions) -> fusion_pb2.FusionOptions:
     )
     if options.default_gamma is not None:
         msg.default_gamma = options.default_gamma
+    if options.center_logits is not None:
+        msg.center_logits = options.center_logits
     if options.owner_timeout_s is not None:
         msg.owner_timeout.FromNanoseconds(round(options.owner_timeout_s * 1e9))
     return msg

@@ -28,7 +28,7 @@ from jacfusion_fed.rpc.jacfusion.v1 import common_pb2 as jacfusion_dot_v1_dot_co
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2 as jacfusion_dot_v1_dot_modality__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jacfusion/v1/fusion.proto\x12\x0cjacfusion.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19jacfusion/v1/common.proto\x1a\x1bjacfusion/v1/modality.proto\"\xee\x02\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\x12\x1a\n\rdefault_gamma\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x37\n\x06gammas\x18\x03 \x03(\x0b\x32\'.jacfusion.v1.FusionOptions.GammasEntry\x12\x12\n\nregularize\x18\x04 \x03(\t\x12\x12\n\niterations\x18\x05 \x01(\r\x12\x13\n\x0brequire_all\x18\x06 \x01(\x08\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\x30\n\rowner_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10skip_unknown_ids\x18\t \x01(\x08\x1a-\n\x0bGammasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x10\n\x0e_default_gamma\"R\n\x0ePredictRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.jacfusion.v1.FusionOptions\"A\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x01(\x0b\x32\x19.jacfusion.v1.Predictions\"l\n\x14PredictStreamRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.jacfusion.v1.FusionOptions\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"G\n\x15PredictStreamResponse\x12.\n\x0bpredictions\x18\x01 \x01(\x0b\x32\x19.jacfusion.v1.Predictions\"\xb3\x02\n\x0bPredictions\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\x18\n\x10predicted_labels\x18\x03 \x03(\r\x12\x36\n\nmodalities\x18\x04 \x03(\x0b\x32\".jacfusion.v1.ModalityContribution\x12\x1e\n\x16unpredicted_sample_ids\x18\x05 \x03(\t\x12*\n\x06method\x18\x06 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\x12\x34\n\x0fprediction_sets\x18\x07 \x03(\x0b\x32\x1b.jacfusion.v1.PredictionSet\x12\x0f\n\x07\x61\x62stain\x18\x08 \x03(\x08\"\x1f\n\rPredictionSet\x12\x0e\n\x06labels\x18\x01 \x03(\r\"\xeb\x01\n\x14ModalityContribution\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04used\x18\x04 \x03(\x08\x12\r\n\x05gamma\x18\x05 \x01(\x01\x12\x13\n\x0bregularized\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\'\n\x05sites\x18\x08 \x03(\x0b\x32\x18.jacfusion.v1.SiteStatus\x12\x1c\n\x14\x61mbiguous_sample_ids\x18\t \x03(\t\x12\x13\n\x0breliability\x18\n \x03(\x01\"S\n\nSiteStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xbf\x01\n\x14GetModelInfoResponse\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\x13\n\x0b\x63lass_prior\x18\x02 \x03(\x01\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x34\n\nmodalities\x18\x04 \x03(\x0b\x32 .jacfusion.v1.RegisteredModality\x12\x32\n\x0e\x64\x65\x66\x61ult_method\x18\x05 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\"\xfe\x01\n\x12RegisteredModality\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x14\n\x0c\x63lass_counts\x18\x05 \x03(\x04\x12)\n\thead_kind\x18\x06 \x01(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x31\n\rregistered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05sites\x18\x08 \x03(\x0b\x32\x18.jacfusion.v1.SiteStatus*\xbd\x01\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46USION_METHOD_STATISTICAL\x10\x01\x12\x1a\n\x16\x46USION_METHOD_JACOBIAN\x10\x02\x12\x16\n\x12\x46USION_METHOD_MEAN\x10\x03\x12!\n\x1d\x46USION_METHOD_CONFIDENCE_MEAN\x10\x04\x12\x18\n\x14\x46USION_METHOD_ROBUST\x10\x05\x32\x8a\x02\n\rFusionService\x12\x46\n\x07Predict\x12\x1c.jacfusion.v1.PredictRequest\x1a\x1d.jacfusion.v1.PredictResponse\x12Z\n\rPredictStream\x12\".jacfusion.v1.PredictStreamRequest\x1a#.jacfusion.v1.PredictStreamResponse0\x01\x12U\n\x0cGetModelInfo\x12!.jacfusion.v1.GetModelInfoRequest\x1a\".jacfusion.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jacfusion/v1/fusion.proto\x12\x0cjacfusion.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19jacfusion/v1/common.proto\x1a\x1bjacfusion/v1/modality.proto\"\x9c\x03\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\x12\x1a\n\rdefault_gamma\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x37\n\x06gammas\x18\x03 \x03(\x0b\x32\'.jacfusion.v1.FusionOptions.GammasEntry\x12\x12\n\nregularize\x18\x04 \x03(\t\x12\x12\n\niterations\x18\x05 \x01(\r\x12\x13\n\x0brequire_all\x18\x06 \x01(\x08\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\x30\n\rowner_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10skip_unknown_ids\x18\t \x01(\x08\x12\x1a\n\rcenter_logits\x18\n \x01(\x08H\x01\x88\x01\x01\x1a-\n\x0bGammasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x10\n\x0e_default_gammaB\x10\n\x0e_center_logits\"R\n\x0ePredictRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.jacfusion.v1.FusionOptions\"A\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x01(\x0b\x32\x19.jacfusion.v1.Predictions\"l\n\x14PredictStreamRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.jacfusion.v1.FusionOptions\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"G\n\x15PredictStreamResponse\x12.\n\x0bpredictions\x18\x01 \x01(\x0b\x32\x19.jacfusion.v1.Predictions\"\xb3\x02\n\x0bPredictions\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.jacfusion.v1.Matrix\x12\x18\n\x10predicted_labels\x18\x03 \x03(\r\x12\x36\n\nmodalities\x18\x04 \x03(\x0b\x32\".jacfusion.v1.ModalityContribution\x12\x1e\n\x16unpredicted_sample_ids\x18\x05 \x03(\t\x12*\n\x06method\x18\x06 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\x12\x34\n\x0fprediction_sets\x18\x07 \x03(\x0b\x32\x1b.jacfusion.v1.PredictionSet\x12\x0f\n\x07\x61\x62stain\x18\x08 \x03(\x08\"\x1f\n\rPredictionSet\x12\x0e\n\x06labels\x18\x01 \x03(\r\"\xeb\x01\n\x14ModalityContribution\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04used\x18\x04 \x03(\x08\x12\r\n\x05gamma\x18\x05 \x01(\x01\x12\x13\n\x0bregularized\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\'\n\x05sites\x18\x08 \x03(\x0b\x32\x18.jacfusion.v1.SiteStatus\x12\x1c\n\x14\x61mbiguous_sample_ids\x18\t \x03(\t\x12\x13\n\x0breliability\x18\n \x03(\x01\"S\n\nSiteStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xbf\x01\n\x14GetModelInfoResponse\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\x13\n\x0b\x63lass_prior\x18\x02 \x03(\x01\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x34\n\nmodalities\x18\x04 \x03(\x0b\x32 .jacfusion.v1.RegisteredModality\x12\x32\n\x0e\x64\x65\x66\x61ult_method\x18\x05 \x01(\x0e\x32\x1a.jacfusion.v1.FusionMethod\"\xfe\x01\n\x12RegisteredModality\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x14\n\x0c\x63lass_counts\x18\x05 \x03(\x04\x12)\n\thead_kind\x18\x06 \x01(\x0e\x32\x16.jacfusion.v1.HeadKind\x12\x31\n\rregistered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05sites\x18\x08 \x03(\x0b\x32\x18.jacfusion.v1.SiteStatus*\xbd\x01\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46USION_METHOD_STATISTICAL\x10\x01\x12\x1a\n\x16\x46USION_METHOD_JACOBIAN\x10\x02\x12\x16\n\x12\x46USION_METHOD_MEAN\x10\x03\x12!\n\x1d\x46USION_METHOD_CONFIDENCE_MEAN\x10\x04\x12\x18\n\x14\x46USION_METHOD_ROBUST\x10\x05\x32\x8a\x02\n\rFusionService\x12\x46\n\x07Predict\x12\x1c.jacfusion.v1.PredictRequest\x1a\x1d.jacfusion.v1.PredictResponse\x12Z\n\rPredictStream\x12\".jacfusion.v1.PredictStreamRequest\x1a#.jacfusion.v1.PredictStreamResponse0\x01\x12U\n\x0cGetModelInfo\x12!.jacfusion.v1.GetModelInfoRequest\x1a\".jacfusion.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FUSIONOPTIONS_GAMMASENTRY']._loaded_options = None
   _globals['_FUSIONOPTIONS_GAMMASENTRY']._serialized_options = b'8\001'
-  _globals['_FUSIONMETHOD']._serialized_start=2008
-  _globals['_FUSIONMETHOD']._serialized_end=2197
+  _globals['_FUSIONMETHOD']._serialized_start=2054
+  _globals['_FUSIONMETHOD']._serialized_end=2243
   _globals['_FUSIONOPTIONS']._serialized_start=165
-  _globals['_FUSIONOPTIONS']._serialized_end=531
-  _globals['_FUSIONOPTIONS_GAMMASENTRY']._serialized_start=468
-  _globals['_FUSIONOPTIONS_GAMMASENTRY']._serialized_end=513
-  _globals['_PREDICTREQUEST']._serialized_start=533
-  _globals['_PREDICTREQUEST']._serialized_end=615
-  _globals['_PREDICTRESPONSE']._serialized_start=617
-  _globals['_PREDICTRESPONSE']._serialized_end=682
-  _globals['_PREDICTSTREAMREQUEST']._serialized_start=684
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=792
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=794
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=865
-  _globals['_PREDICTIONS']._serialized_start=868
-  _globals['_PREDICTIONS']._serialized_end=1175
-  _globals['_PREDICTIONSET']._serialized_start=1177
-  _globals['_PREDICTIONSET']._serialized_end=1208
-  _globals['_MODALITYCONTRIBUTION']._serialized_start=1211
-  _globals['_MODALITYCONTRIBUTION']._serialized_end=1446
-  _globals['_SITESTATUS']._serialized_start=1448
-  _globals['_SITESTATUS']._serialized_end=1531
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1533
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1554
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1557
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1748
-  _globals['_REGISTEREDMODALITY']._serialized_start=1751
-  _globals['_REGISTEREDMODALITY']._serialized_end=2005
-  _globals['_FUSIONSERVICE']._serialized_start=2200
-  _globals['_FUSIONSERVICE']._serialized_end=2466
+  _globals['_FUSIONOPTIONS']._serialized_end=577
+  _globals['_FUSIONOPTIONS_GAMMASENTRY']._serialized_start=496
+  _globals['_FUSIONOPTIONS_GAMMASENTRY']._serialized_end=541
+  _globals['_PREDICTREQUEST']._serialized_start=579
+  _globals['_PREDICTREQUEST']._serialized_end=661
+  _globals['_PREDICTRESPONSE']._serialized_start=663
+  _globals['_PREDICTRESPONSE']._serialized_end=728
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=730
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=838
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=840
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=911
+  _globals['_PREDICTIONS']._serialized_start=914
+  _globals['_PREDICTIONS']._serialized_end=1221
+  _globals['_PREDICTIONSET']._serialized_start=1223
+  _globals['_PREDICTIONSET']._serialized_end=1254
+  _globals['_MODALITYCONTRIBUTION']._serialized_start=1257
+  _globals['_MODALITYCONTRIBUTION']._serialized_end=1492
+  _globals['_SITESTATUS']._serialized_start=1494
+  _globals['_SITESTATUS']._serialized_end=1577
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1579
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1600
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1603
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1794
+  _globals['_REGISTEREDMODALITY']._serialized_start=1797
+  _globals['_REGISTEREDMODALITY']._serialized_end=2051
+  _globals['_FUSIONSERVICE']._serialized_start=2246
+  _globals['_FUSIONSERVICE']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

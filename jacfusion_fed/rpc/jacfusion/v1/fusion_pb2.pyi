@@ -100,6 +100,7 @@ class FusionOptions(_message.Message):
     MODALITIES_FIELD_NUMBER: _builtins.int
     OWNER_TIMEOUT_FIELD_NUMBER: _builtins.int
     SKIP_UNKNOWN_IDS_FIELD_NUMBER: _builtins.int
+    CENTER_LOGITS_FIELD_NUMBER: _builtins.int
     method: Global___FusionMethod.ValueType
     """Fusion rule."""
     default_gamma: _builtins.float
@@ -115,6 +116,11 @@ class FusionOptions(_message.Message):
     them (or, with require_all, because a selected owner lacks them). When false (the
     default) the call fails with NOT_FOUND, listing them; when true the other samples are
     predicted and those ids are listed in Predictions.unpredicted_sample_ids.
+    """
+    center_logits: _builtins.bool
+    """Jacobian fusion only: subtract each modality's mean logit per sample before the
+    regularization (not the paper's method; makes the fused answer invariant to a constant
+    offset of one modality's logits). Unset means false (the paper's method).
     """
     @_builtins.property
     def gammas(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -146,13 +152,19 @@ class FusionOptions(_message.Message):
         modalities: _abc.Iterable[_builtins.str] | None = ...,
         owner_timeout: _duration_pb2.Duration | None = ...,
         skip_unknown_ids: _builtins.bool = ...,
+        center_logits: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma", "default_gamma", b"default_gamma", "owner_timeout", b"owner_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_center_logits", b"_center_logits", "_default_gamma", b"_default_gamma", "center_logits", b"center_logits", "default_gamma", b"default_gamma", "owner_timeout", b"owner_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma", "default_gamma", b"default_gamma", "gammas", b"gammas", "iterations", b"iterations", "method", b"method", "modalities", b"modalities", "owner_timeout", b"owner_timeout", "regularize", b"regularize", "require_all", b"require_all", "skip_unknown_ids", b"skip_unknown_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_center_logits", b"_center_logits", "_default_gamma", b"_default_gamma", "center_logits", b"center_logits", "default_gamma", b"default_gamma", "gammas", b"gammas", "iterations", b"iterations", "method", b"method", "modalities", b"modalities", "owner_timeout", b"owner_timeout", "regularize", b"regularize", "require_all", b"require_all", "skip_unknown_ids", b"skip_unknown_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__center_logits: _TypeAlias = _typing.Literal["center_logits"]  # noqa: Y015
+    _WhichOneofArgType__center_logits: _TypeAlias = _typing.Literal["_center_logits", b"_center_logits"]  # noqa: Y015
     _WhichOneofReturnType__default_gamma: _TypeAlias = _typing.Literal["default_gamma"]  # noqa: Y015
     _WhichOneofArgType__default_gamma: _TypeAlias = _typing.Literal["_default_gamma", b"_default_gamma"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__center_logits) -> _WhichOneofReturnType__center_logits | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_gamma) -> _WhichOneofReturnType__default_gamma | None: ...
 
 Global___FusionOptions: _TypeAlias = FusionOptions  # noqa: Y015
