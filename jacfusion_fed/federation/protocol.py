@@ -38,7 +38,8 @@ Messages (coordinator -> owner; the reply records are *all* an owner may send ba
     request: ``query`` (ConfigRecord: sample-ids (pseudonyms), version, settings (list of
     "clean" or a perturbation's JSON), seed, allow-partial).
     reply: ``logits`` (ArrayRecord: ``s0`` .. ``s{S-1}`` of shape (N, K), one per setting in
-    request order, and ``known`` (N,) bool) and ``info`` (modality, owner, version). N is the
+    request order, optionally ``u0`` .. ``u{S-1}`` (N,) float64, the owner's detector
+    p-value of each row (issue 20; 1 where not known), and ``known`` (N,) bool) and ``info`` (modality, owner, version). N is the
     number of requested ids; rows of ids the owner does not hold are zero and ``known`` is
     false there. Without ``allow-partial`` an owner refuses a request with unknown ids.
 
@@ -90,6 +91,7 @@ __all__ = [
     "query_reply_spec",
     "query_request",
     "round_reply_spec",
+    "pvalue_field",
     "setting_field",
     "train_request",
 ]
@@ -316,6 +318,12 @@ def setting_field(index: int) -> str:
     return f"s{index}"
 
 
+def pvalue_field(index: int) -> str:
+    """Name of the detector p-values (N,) of the ``index``-th setting in a query reply
+    (issue 20; optional: an owner without a detector sends none)."""
+    return f"u{index}"
+
+
 # ------------------------------------------------------------------------ allow-lists
 _INFO = {
     "modality": ValueSpec.string(128),
@@ -404,8 +412,13 @@ def query_reply_spec(num_settings: int) -> dict[str, RecordSpec]:
     fields: dict[str, ArraySpec] = {
         setting_field(i): ArraySpec(("N", "K")) for i in range(num_settings)
     }
+    pvalues = {pvalue_field(i): ArraySpec(("N",), frozenset({"float64"})) for i in range(num_settings)}
+    fields.update(pvalues)
     fields["known"] = ArraySpec(("N",), frozenset({"bool"}))
-    return {"logits": RecordSpec.arrays(fields), "info": RecordSpec.configs(_INFO)}
+    return {
+        "logits": RecordSpec.arrays(fields, optional=set(pvalues)),
+        "info": RecordSpec.configs(_INFO),
+    }
 
 
 # ------------------------------------------------------------------------ reply helpers

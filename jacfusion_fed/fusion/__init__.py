@@ -8,6 +8,14 @@ Pick a rule by name through the registry (:mod:`jacfusion_fed.fusion.methods`): 
 """
 
 from ._validation import FusionInputError, check_gamma
+from .detection import (
+    ConsistencyCalibration,
+    FeatureDetector,
+    consistency_pvalues,
+    feature_pvalues,
+    fit_consistency,
+    fit_feature_detector,
+)
 from .gram import GramFactor, factor_gram, gram_of
 from .jacobian import SOLVERS, jacobian_fusion, solve_jacobian_weights
 from .methods import (
@@ -30,9 +38,13 @@ from .robust import (
     fit_calibration,
     robust_fusion,
 )
+from .pvalues import COMBINERS, combine_pvalues
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
+    "COMBINERS",
+    "ConsistencyCalibration",
+    "FeatureDetector",
     "METHODS",
     "SOLVERS",
     "Fused",
@@ -44,6 +56,11 @@ __all__ = [
     "aps_scores",
     "aps_sets",
     "check_gamma",
+    "combine_pvalues",
+    "consistency_pvalues",
+    "feature_pvalues",
+    "fit_consistency",
+    "fit_feature_detector",
     "confidence_mean_fusion",
     "factor_gram",
     "fit_calibration",
