@@ -165,6 +165,8 @@ def run_detection(
                     continue
                 m = run.position(setting)
                 aucs: dict[str, list[float]] = {s: [] for s in SIGNALS}
+                aucs_flipped: dict[str, list[float]] = {s: [] for s in SIGNALS}
+                flipped_frac: list[float] = []
                 accs: list[float] = []
                 accs_detect: list[float] = []
                 for draw in range(run.draws(setting)):
@@ -174,13 +176,23 @@ def run_detection(
                     xs = list(run.x["test"])
                     xs[m] = x_m
                     pert_p = sig.pvalues(zs, xs)
+                    # samples whose own-modality prediction the perturbation changed
+                    flipped = (zs[m].argmax(1) != run.clean["test"][m].argmax(1)).numpy()
+                    flipped_frac.append(float(flipped.mean()))
                     for s in SIGNALS:
-                        aucs[s].append(auroc(1 - pert_p[s][:, m].numpy(), 1 - clean_p[s][:, m].numpy()))
+                        pos, neg = 1 - pert_p[s][:, m].numpy(), 1 - clean_p[s][:, m].numpy()
+                        aucs[s].append(auroc(pos, neg))
+                        if flipped.any():
+                            aucs_flipped[s].append(auroc(pos[flipped], neg))
                     extra = torch.stack([pert_p["feature"], pert_p["consistency"]], dim=2)
                     accs.append(_robust_acc(run, zs, None))
                     accs_detect.append(_robust_acc(run, zs, extra))
                 cells[setting.key] = {
                     "auroc": {s: float(np.mean(v)) for s, v in aucs.items()},
+                    "auroc_flipped": {
+                        s: float(np.mean(v)) if v else float("nan") for s, v in aucs_flipped.items()
+                    },
+                    "flipped": float(np.mean(flipped_frac)),
                     "robust_acc": float(np.mean(accs)),
                     "robust_acc_detect": float(np.mean(accs_detect)),
                 }
@@ -198,7 +210,9 @@ def run_detection(
         cols = [per_seed[str(s)][key] for s in seeds]
         cell: dict[str, Any] = dict(labels[key])
         if "auroc" in cols[0]:
-            cell["auroc"] = {s: float(np.mean([c["auroc"][s] for c in cols])) for s in SIGNALS}
+            for a in ("auroc", "auroc_flipped"):
+                cell[a] = {s: float(np.mean([c[a][s] for c in cols])) for s in SIGNALS}
+            cell["flipped"] = float(np.mean([c["flipped"] for c in cols]))
         for a in ("robust_acc", "robust_acc_detect"):
             cell[a] = float(np.mean([c[a] for c in cols]))
         table[key] = cell
@@ -218,7 +232,15 @@ def run_detection(
 
 def detection_markdown(result: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in result["seeds"])
-    head = ["Setting", "type", *result["signals"], "robust acc", "robust acc + detectors"]
+    head = [
+        "Setting",
+        "type",
+        *result["signals"],
+        "flipped %",
+        "fisher, flipped only",
+        "robust acc",
+        "robust acc + detectors",
+    ]
     lines = [
         f"Detection AUROC (x100) of \"this modality is perturbed\", {result['dataset']}, "
         f"training seed(s) {seeds}, non-adaptive (setting-1 attacks on the modality's own net).",
@@ -237,6 +259,8 @@ def detection_markdown(result: dict[str, Any]) -> str:
                     cell["label"],
                     cell["type"] or "-",
                     *vals,
+                    f"{100 * cell['flipped']:.1f}" if auc else "-",
+                    f"{100 * cell['auroc_flipped']['fisher']:.1f}" if auc else "-",
                     f"{100 * cell['robust_acc']:.1f}",
                     f"{100 * cell['robust_acc_detect']:.1f}",
                 ]
@@ -247,7 +271,9 @@ def detection_markdown(result: dict[str, Any]) -> str:
         "",
         "Signals: typicality (logits, issue 11), feature (owner's Mahalanobis on penultimate "
         "features), consistency (logits of both modalities), fisher / cauchy (the three "
-        "combined). robust acc: fixed default hyperparameters (floor 0.05, trust_level 0.05, "
+        "combined). flipped %: test samples whose own-modality prediction the perturbation "
+        "changed; \"fisher, flipped only\": AUROC of the Fisher combination over those "
+        "against all clean samples. robust acc: fixed default hyperparameters (floor 0.05, trust_level 0.05, "
         "no Jacobian term), not selected; \"+ detectors\" adds the feature and consistency "
         "p-values (Fisher). The detector-aware adaptive attack on the new signals is not done. "
         f"{result['seconds']:.0f} s, load average {result['load_average'][0]:.1f}.",

@@ -1,0 +1,70 @@
+"""Issue 20: the detection table is written by the code, and the figures quoted in
+docs/calibration.md are those of the committed results file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jacfusion_fed.evaluation.detection import SIGNALS, auroc, detection_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "docs" / "results" / "avdigits-detection.json"
+
+
+def test_auroc_matches_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, 40).round(1), rng.normal(0, 1, 50).round(1)  # with ties
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auroc(pos, neg) == pytest.approx(pairs)
+    assert auroc(np.ones(3), np.zeros(3)) == 1.0 and auroc(np.zeros(3), np.ones(3)) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(np.ones(0), np.ones(3))
+
+
+def test_committed_markdown_is_the_json_rendered() -> None:
+    result = json.loads(RESULT.read_text())
+    md = (RESULT.parent / "avdigits-detection.md").read_text()
+    assert md == detection_markdown(result)
+    assert result["adaptive_attack"] == "not done"
+    for key in result["settings"]:
+        auc = result["table"][key].get("auroc")
+        if auc:
+            assert set(auc) == set(SIGNALS)
+            assert all(0.0 <= v <= 1.0 for v in auc.values())
+
+
+def test_docs_quote_the_committed_detection_figures() -> None:
+    result = json.loads(RESULT.read_text())
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    block = text.split("<!-- detection-quote -->", 1)[1]
+    rows = [line for line in block.splitlines()[3:] if line.startswith("|")]
+    assert len(rows) == 4
+    keys = {"Aud FGSM": "audio:fgsm", "Aud PGD": "audio:pgd", "Img FGSM": "image:fgsm",
+            "Img PGD": "image:pgd"}
+    for row in rows:
+        name, fisher, best = (c.strip() for c in row.strip().strip("|").split("|"))
+        cell = result["table"][keys[name]]
+        assert fisher == f"{100 * cell['auroc']['fisher']:.1f}"
+        assert best == f"{100 * cell['auroc']['consistency']:.1f}"
+        singles = {s: cell["auroc"][s] for s in ("typicality", "feature", "consistency")}
+        assert max(singles, key=lambda s: singles[s]) == "consistency"
+        # the doc says the target is missed
+        assert cell["auroc"]["fisher"] < 0.9
+    assert "**missed**" in text
+    assert not any(math.isnan(v) for v in result["table"]["audio:fgsm"]["auroc"].values())
+
+
+@pytest.mark.slow
+def test_run_detection_on_twomoon_quick() -> None:
+    from jacfusion_fed.evaluation.detection import run_detection
+
+    res = run_detection("twomoon", (0,), quick=True)
+    assert res["settings"][0] == "clean" and len(res["settings"]) > 1
+    missing = res["table"][next(k for k in res["settings"] if "w1" in k)]
+    assert missing["auroc"]["fisher"] > 0.9  # missing entries are easy to see
+    assert detection_markdown(res).count("\n|") == len(res["settings"]) + 2  # header, rule, rows
