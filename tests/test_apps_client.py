@@ -166,7 +166,11 @@ def test_query_clean_and_perturbed(trained: tuple[Owner, str]) -> None:
     assert all(x.shape == (len(ids),) and x.dtype == np.float64 for x in u)
     assert all(((x > 0) & (x <= 1)).all() for x in u)
     assert float(np.median(u[1])) < float(np.median(u[0]))  # noisy inputs look atypical
-    assert set(arrays.keys()) == {"known", *(f"s{i}" for i in range(4)), *(f"u{i}" for i in range(4))}
+    assert set(arrays.keys()) == {
+        "known",
+        *(f"s{i}" for i in range(4)),
+        *(f"u{i}" for i in range(4)),
+    }
 
 
 def test_query_reply_allow_list_covers_pvalues() -> None:

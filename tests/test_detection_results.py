@@ -44,8 +44,12 @@ def test_docs_quote_the_committed_detection_figures() -> None:
     block = text.split("<!-- detection-quote -->", 1)[1]
     rows = [line for line in block.splitlines()[3:] if line.startswith("|")]
     assert len(rows) == 4
-    keys = {"Aud FGSM": "audio:fgsm", "Aud PGD": "audio:pgd", "Img FGSM": "image:fgsm",
-            "Img PGD": "image:pgd"}
+    keys = {
+        "Aud FGSM": "audio:fgsm",
+        "Aud PGD": "audio:pgd",
+        "Img FGSM": "image:fgsm",
+        "Img PGD": "image:pgd",
+    }
     for row in rows:
         name, fisher, best = (c.strip() for c in row.strip().strip("|").split("|"))
         cell = result["table"][keys[name]]

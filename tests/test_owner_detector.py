@@ -15,12 +15,13 @@ from jacfusion_fed.clients.modality_service import ModalityServicer
 from jacfusion_fed.fusion import fit_feature_detector
 from jacfusion_fed.fusion.detection import feature_pvalues
 from jacfusion_fed.owner import OwnerWorkspace
-from jacfusion_fed.owner.detector import model_features, workspace_detector
+from jacfusion_fed.owner.detector import workspace_detector
 from jacfusion_fed.privacy import Pseudonymizer
 from jacfusion_fed.robustness.perturbations import GaussianNoise
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.server.fanout import OwnerFailure, logits_of
+from jacfusion_fed.training import predict_features
 
 DATA = "builtin:twomoon?quick=1&seed=0"
 
@@ -50,9 +51,9 @@ def test_get_logits_carries_one_pvalue_per_row(ws: OwnerWorkspace) -> None:
     version, model = ws.load_model()
     val = ws.records["val"]
     x_val, y_val = val.tensors("y")
-    det = fit_feature_detector(model_features(model, x_val), y_val, 2)
+    det = fit_feature_detector(predict_features(model, x_val), y_val, 2)
     x = torch.from_numpy(ws.records["test"].modalities["y"][:40])
-    np.testing.assert_allclose(pv, feature_pvalues(det, model_features(model, x)).numpy())
+    np.testing.assert_allclose(pv, feature_pvalues(det, predict_features(model, x)).numpy())
     # the response holds nothing else about the features (the proto's fields, by name)
     assert {f.name for f in batch.DESCRIPTOR.fields} == {
         "sample_ids",
@@ -90,3 +91,22 @@ def test_coordinator_checks_the_pvalues() -> None:
             logits_of("y", _batch(3, bad), 3, 2, "v")
         assert info.value.code == grpc.StatusCode.DATA_LOSS
         assert "detector p-values" in str(info.value)
+
+
+def test_detector_split_is_the_calibration_split() -> None:
+    from jacfusion_fed.owner.calibration import CALIBRATION_SPLIT
+    from jacfusion_fed.owner.detector import DETECTOR_SPLIT
+
+    assert DETECTOR_SPLIT == CALIBRATION_SPLIT
+
+
+def test_logits_batch_change_is_additive() -> None:
+    fields = [
+        (f.name, f.number, f.type, f.label) for f in modality_pb2.LogitsBatch.DESCRIPTOR.fields
+    ]
+    assert fields == [
+        ("sample_ids", 1, 9, 3),
+        ("logits", 2, 11, 1),
+        ("unknown_sample_ids", 3, 9, 3),
+        ("pvalues", 4, 1, 3),  # repeated double, new in issue 20
+    ]

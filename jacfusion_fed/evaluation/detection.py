@@ -45,11 +45,10 @@ from jacfusion_fed.fusion import (
     fit_feature_detector,
     robust_fusion,
 )
-from jacfusion_fed.fusion.robust import conformal_pvalues
 from jacfusion_fed.fusion.robust import _typicality as typicality_scores
-from jacfusion_fed.owner.detector import model_features
+from jacfusion_fed.fusion.robust import conformal_pvalues
 from jacfusion_fed.robustness import AttackSpec
-from jacfusion_fed.training import predict_logits
+from jacfusion_fed.training import predict_features, predict_logits
 
 from .unknown import SeedRun, Setting, perturbation_type
 
@@ -76,12 +75,19 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(u / (pos.size * neg.size))
 
 
+def _features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    feats = predict_features(net, x)
+    if feats is None:  # the built-in nets always expose them
+        raise ValueError("the detection table needs nets that expose their features")
+    return feats
+
+
 class _Signals:
     """The detectors of one seed, fitted on its clean validation split."""
 
     def __init__(self, run: SeedRun) -> None:
         self.run = run
-        feats_val = [model_features(net, x) for net, x in zip(run.nets, run.x["val"], strict=True)]
+        feats_val = [_features(net, x) for net, x in zip(run.nets, run.x["val"], strict=True)]
         k = int(run.nets[0].head.out_features)
         self.detectors = [fit_feature_detector(f, run.y["val"], k) for f in feats_val]
         self.consistency = fit_consistency(run.clean["val"], run.y["val"], run.log_prior)
@@ -102,7 +108,7 @@ class _Signals:
         )
         feat = torch.stack(
             [
-                feature_pvalues(d, model_features(net, x))
+                feature_pvalues(d, _features(net, x))
                 for d, net, x in zip(self.detectors, self.run.nets, xs, strict=True)
             ],
             dim=1,
@@ -155,7 +161,10 @@ def run_detection(
                 "robust_acc": _robust_acc(run, run.clean["test"], None),
                 "robust_acc_detect": _robust_acc(run, run.clean["test"], clean_extra),
                 "false_alarm_0.05": {
-                    s: [float((clean_p[s][:, m] <= 0.05).double().mean()) for m in range(len(run.nets))]
+                    s: [
+                        float((clean_p[s][:, m] <= 0.05).double().mean())
+                        for m in range(len(run.nets))
+                    ]
                     for s in SIGNALS
                 },
             }
@@ -242,7 +251,7 @@ def detection_markdown(result: dict[str, Any]) -> str:
         "robust acc + detectors",
     ]
     lines = [
-        f"Detection AUROC (x100) of \"this modality is perturbed\", {result['dataset']}, "
+        f'Detection AUROC (x100) of "this modality is perturbed", {result["dataset"]}, '
         f"training seed(s) {seeds}, non-adaptive (setting-1 attacks on the modality's own net).",
         "",
         "| " + " | ".join(head) + " |",
@@ -272,9 +281,10 @@ def detection_markdown(result: dict[str, Any]) -> str:
         "Signals: typicality (logits, issue 11), feature (owner's Mahalanobis on penultimate "
         "features), consistency (logits of both modalities), fisher / cauchy (the three "
         "combined). flipped %: test samples whose own-modality prediction the perturbation "
-        "changed; \"fisher, flipped only\": AUROC of the Fisher combination over those "
-        "against all clean samples. robust acc: fixed default hyperparameters (floor 0.05, trust_level 0.05, "
-        "no Jacobian term), not selected; \"+ detectors\" adds the feature and consistency "
+        'changed; "fisher, flipped only": AUROC of the Fisher combination over those '
+        "against all clean samples. robust acc: fixed default hyperparameters (floor 0.05, "
+        "trust_level 0.05, "
+        'no Jacobian term), not selected; "+ detectors" adds the feature and consistency '
         "p-values (Fisher). The detector-aware adaptive attack on the new signals is not done. "
         f"{result['seconds']:.0f} s, load average {result['load_average'][0]:.1f}.",
     ]

@@ -30,6 +30,7 @@ from .methods import (
     prior_from_counts,
     register,
 )
+from .pvalues import COMBINERS, combine_pvalues
 from .robust import (
     ModalityCalibration,
     RobustFusion,
@@ -38,15 +39,14 @@ from .robust import (
     fit_calibration,
     robust_fusion,
 )
-from .pvalues import COMBINERS, combine_pvalues
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
     "COMBINERS",
-    "ConsistencyCalibration",
-    "FeatureDetector",
     "METHODS",
     "SOLVERS",
+    "ConsistencyCalibration",
+    "FeatureDetector",
     "Fused",
     "FusionInputError",
     "FusionMethod",
@@ -57,13 +57,13 @@ __all__ = [
     "aps_sets",
     "check_gamma",
     "combine_pvalues",
+    "confidence_mean_fusion",
     "consistency_pvalues",
+    "factor_gram",
     "feature_pvalues",
+    "fit_calibration",
     "fit_consistency",
     "fit_feature_detector",
-    "confidence_mean_fusion",
-    "factor_gram",
-    "fit_calibration",
     "fuse",
     "fuse_full",
     "get_method",

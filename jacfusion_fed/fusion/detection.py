@@ -22,15 +22,16 @@ Only the owner sees h; it publishes u_F per requested sample, nothing else.
 (K, K) and precision P_m of each modality's logits (fit half), and the predictive score of
 modality m given the others,
 
-    s_C,m(z) = -ln sum_k q_{-m}(k) exp(-d2_{m,k}(z_m) / 2),   d2_{m,k} = (z_m - mu_{m,k})^T P_m (z_m - mu_{m,k})
+    s_C,m(z) = -ln sum_k q_{-m}(k) exp(-d2_{m,k}(z_m) / 2),
+    d2_{m,k}(z_m) = (z_m - mu_{m,k})^T P_m (z_m - mu_{m,k})
     q_{-m} = softmax( ln freq + sum_{j != m} (ln softmax(z_j) - ln freq) )
 
 (how plausible modality m's logits are under the class distribution the other modalities
 predict; for M = 2, q_{-m} is the other modality's posterior). An attack that keeps z_m typical
 on its own but moves it to another class's region breaks it. With M = 2 the disagreement is
 nearly symmetric (both modalities look inconsistent); which one is broken is for the
-per-modality signals (typicality, feature p-values) to say once combined. Reference scores come from the
-paired clean validation logits of the reference half.
+per-modality signals (typicality, feature p-values) to say once combined. Reference scores
+come from the paired clean validation logits of the reference half.
 
 **Combination.** S p-values u_1..u_S of one sample and modality, by Fisher,
 
@@ -60,8 +61,8 @@ from .robust import calibration_split, conformal_pvalues, smooth_pvalues
 
 __all__ = [
     "COMBINERS",
-    "ConsistencyCalibration",
     "FEATURE_DETECTOR_FIELDS",
+    "ConsistencyCalibration",
     "FeatureDetector",
     "combine_pvalues",
     "consistency_pvalues",
@@ -197,9 +198,9 @@ def feature_scores(detector: FeatureDetector, features: ArrayLike) -> torch.Tens
             f"features must have shape (N, {detector.feature_dim}), got {tuple(h.shape)}"
         )
     dev = h.device
-    return _mahalanobis(h, detector.class_means.to(dev), detector.precision.to(dev)).min(
-        dim=1
-    ).values
+    return (
+        _mahalanobis(h, detector.class_means.to(dev), detector.precision.to(dev)).min(dim=1).values
+    )
 
 
 def feature_pvalues(

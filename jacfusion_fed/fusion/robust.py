@@ -302,8 +302,11 @@ def aps_scores(probs: ArrayLike, labels: ArrayLike) -> torch.Tensor:
     if p.ndim != 2 or p.shape[0] < 2:
         raise FusionInputError(f"probs must have shape (n, K) with n >= 2, got {tuple(p.shape)}")
     y = to_tensor(labels, "labels", device=p.device, dtype=torch.float64)
-    if y.shape != (p.shape[0],) or bool((y != y.round()).any()) or bool((y < 0).any()) or bool(
-        (y >= p.shape[1]).any()
+    if (
+        y.shape != (p.shape[0],)
+        or bool((y != y.round()).any())
+        or bool((y < 0).any())
+        or bool((y >= p.shape[1]).any())
     ):
         raise FusionInputError(f"labels must be {p.shape[0]} integers in [0, {p.shape[1]})")
     return _aps_all(p).gather(1, y.long()[:, None]).squeeze(1).sort().values
@@ -416,7 +419,8 @@ def robust_fusion(
             consistency, :mod:`jacfusion_fed.fusion.detection`); combined with the typicality
             p-value by ``combine`` into the reliability r_m, which then sets both the
             contamination and the Jacobian gate. None: typicality alone (as before).
-        combine: ``"fisher"`` or ``"cauchy"`` (:func:`~jacfusion_fed.fusion.pvalues.combine_pvalues`).
+        combine: ``"fisher"`` or ``"cauchy"``
+            (:func:`~jacfusion_fed.fusion.pvalues.combine_pvalues`).
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,41 +30,39 @@ from torch import nn
 
 from jacfusion_fed.fusion import FeatureDetector, FusionInputError, fit_feature_detector
 from jacfusion_fed.fusion.detection import feature_pvalues
+from jacfusion_fed.training import predict_features
 
-from .calibration import CALIBRATION_SPLIT
+#: The split the detector is fitted on: the calibration's (``owner.calibration.CALIBRATION_SPLIT``,
+#: not imported: that module imports the workspace, which imports this one).
+DETECTOR_SPLIT = "val"
 
-if TYPE_CHECKING:
-    from .workspace import OwnerWorkspace
 
-__all__ = ["model_features", "pvalues_of_inputs", "workspace_detector"]
+class DetectorWorkspace(Protocol):
+    """What the detector needs of :class:`~jacfusion_fed.owner.workspace.OwnerWorkspace`
+    (a protocol: the workspace imports this module)."""
+
+    @property
+    def modality(self) -> str: ...
+
+    @property
+    def records(self) -> Mapping[str, Any]: ...
+
+    def current_version(self) -> str: ...
+
+    def load_model(self, version: str | None = None) -> tuple[str, Any]: ...
+
+
+__all__ = ["DETECTOR_SPLIT", "DetectorWorkspace", "pvalues_of_inputs", "workspace_detector"]
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_cache: weakref.WeakKeyDictionary[OwnerWorkspace, dict[str, FeatureDetector | None]] = (
+_cache: weakref.WeakKeyDictionary[DetectorWorkspace, dict[str, FeatureDetector | None]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def model_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor | None:
-    """Penultimate features (N, H) float64 of ``x``, or None when the model exposes none."""
-    features = getattr(model, "features", None)
-    if not isinstance(features, nn.Module):
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            xt = x.to(torch.float32)
-            outs = [features(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
-    finally:
-        model.train(was_training)
-    if not outs:
-        return torch.zeros((0, 0), dtype=torch.float64)
-    return torch.cat(outs).flatten(1).to(torch.float64)
-
-
-def workspace_detector(ws: OwnerWorkspace, version: str | None = None) -> FeatureDetector | None:
+def workspace_detector(ws: DetectorWorkspace, version: str | None = None) -> FeatureDetector | None:
     """The detector of model ``version`` (current if None), fitted once per version on the
     owner's validation split; None without a usable split or features."""
     version = version or ws.current_version()
@@ -72,11 +71,11 @@ def workspace_detector(ws: OwnerWorkspace, version: str | None = None) -> Featur
         if version in known:
             return known[version]
     det: FeatureDetector | None = None
-    split = ws.records.get(CALIBRATION_SPLIT)
+    split = ws.records.get(DETECTOR_SPLIT)
     if split is not None and len(split.labels):
         _, model = ws.load_model(version)
         x, y = split.tensors(ws.modality)
-        feats = model_features(model, x)
+        feats = predict_features(model, x)
         if feats is not None:
             try:
                 det = fit_feature_detector(feats, y, int(model.head.out_features))
@@ -88,14 +87,14 @@ def workspace_detector(ws: OwnerWorkspace, version: str | None = None) -> Featur
 
 
 def pvalues_of_inputs(
-    ws: OwnerWorkspace, version: str, model: nn.Module, x: torch.Tensor
+    ws: DetectorWorkspace, version: str, model: nn.Module, x: torch.Tensor
 ) -> np.ndarray | None:
     """Exact conformal p-values (N,) float64 of inputs ``x`` under ``version``'s detector;
     None when the owner has no detector."""
     det = workspace_detector(ws, version)
     if det is None:
         return None
-    feats = model_features(model, x)
+    feats = predict_features(model, x)
     if feats is None or feats.shape[1] != det.feature_dim:
         return None
     if feats.shape[0] == 0:

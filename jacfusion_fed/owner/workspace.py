@@ -38,8 +38,8 @@ from jacfusion_fed.store import ModelStore
 from jacfusion_fed.store.record_store import DB_NAME, PutResult
 from jacfusion_fed.training import predict_logits, train_epochs
 
-from .importing import IMPORT_FORMATS, ImportedModel, rebuild
 from .detector import pvalues_of_inputs, workspace_detector
+from .importing import IMPORT_FORMATS, ImportedModel, rebuild
 from .input_spec import InputSpec
 from .live import LiveRecords
 from .source import DataSource, load_records
@@ -481,7 +481,9 @@ class OwnerWorkspace:
             if len(self._source_pvalues) > 2:  # keep the newest versions
                 self._source_pvalues.pop(next(iter(self._source_pvalues)))
         is_live = [sid in self.live for sid in sample_ids] if len(self.live) else None
-        live = self.live.store.get_many([s for s in sample_ids if s in self.live]) if is_live else {}
+        live = (
+            self.live.store.get_many([s for s in sample_ids if s in self.live]) if is_live else {}
+        )
         todo, rows = [], []
         for pos, sid in enumerate(sample_ids):
             if sid in live:
@@ -547,4 +549,6 @@ class OwnerWorkspace:
         else:
             x = perturbation(x, generator)
         values = predict_logits(model, x).to(torch.float64).numpy()
-        return LogitAnswer(version, known, values, unknown, pvalues_of_inputs(self, version, model, x))
+        return LogitAnswer(
+            version, known, values, unknown, pvalues_of_inputs(self, version, model, x)
+        )
