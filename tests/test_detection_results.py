@@ -60,6 +60,24 @@ def test_docs_quote_the_committed_detection_figures() -> None:
         # the doc says the target is missed
         assert cell["auroc"]["fisher"] < 0.9
     assert "**missed**" in text
+    t = result["table"]
+    prose = block.split("The random corruptions", 1)[1]
+    for key in ("audio:w0", "image:w0", "image:w23", "audio:w1"):
+        assert f"{100 * t[key]['auroc']['fisher']:.1f}" in prose, key
+    clean = t["clean"]
+    assert (
+        f"from {100 * clean['robust_acc']:.1f} to {100 * clean['robust_acc_detect']:.1f}" in prose
+    )
+    alarms = [result["per_seed"][s]["clean"]["false_alarm_0.05"] for s in result["per_seed"]]
+    single = max(
+        v
+        for a in alarms
+        for sig, vals in a.items()
+        if sig in ("typicality", "feature", "consistency")
+        for v in vals
+    )
+    fisher = max(v for a in alarms for v in a["fisher"])
+    assert f"up to {single:.2f} at 0.05" in prose and f"{fisher:.2f} for the Fisher" in prose
     assert not any(math.isnan(v) for v in result["table"]["audio:fgsm"]["auroc"].values())
 
 

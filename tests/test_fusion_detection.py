@@ -145,3 +145,24 @@ def test_robust_fusion_pvalues_lower_reliability_and_gate() -> None:
         robust_fusion(test, cals, pvalues=torch.ones(200, 3))
     with pytest.raises(FusionInputError, match="unknown combination"):
         robust_fusion(test, cals, combine="min")
+
+
+def test_combined_reliability_gates_the_jacobian_term() -> None:
+    from jacfusion_fed.fusion import gram_of
+
+    zs, y = _paired_logits(300, 4, seed=5)
+    cals = [fit_calibration(z[:200], y[:200]) for z in zs]
+    test = [z[200:] for z in zs]
+    g = torch.Generator().manual_seed(0)
+    grams = [gram_of(torch.randn(4, 6, generator=g, dtype=torch.float64)) for _ in range(2)]
+    tiny = torch.ones(100, 2, dtype=torch.float64)
+    tiny[:, 0] = 1e-12
+    kw = {"grams": grams, "gamma": 0.5, "floor": 0.0, "trust_level": 1e-30}
+    # trust_level so small that contamination stays off: only the Jacobian gate can move p
+    on = robust_fusion(test, cals, jacobian_level=0.5, pvalues=tiny, **kw)  # type: ignore[arg-type]
+    off = robust_fusion(test, cals, jacobian_level=0.0, pvalues=tiny, **kw)  # type: ignore[arg-type]
+    assert not torch.allclose(on.p, off.p)
+    # the p-values reach the gate differentiably
+    pv = tiny.clone().requires_grad_(True)
+    robust_fusion(test, cals, jacobian_level=0.5, pvalues=pv, **kw).p[:, 0].sum().backward()  # type: ignore[arg-type]
+    assert pv.grad is not None and bool(torch.isfinite(pv.grad).all())

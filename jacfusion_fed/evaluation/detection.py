@@ -142,7 +142,7 @@ def _robust_acc(run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | 
 
 
 def run_detection(
-    dataset: str = "avdigits", seeds: Sequence[int] = (0,), *, quick: bool = False
+    dataset: str = "avdigits", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False
 ) -> dict[str, Any]:
     """AUROC of every signal per setting, averaged over ``seeds`` (module docstring)."""
     start = time.perf_counter()
@@ -303,6 +303,6 @@ def write_detection(result: dict[str, Any], out_dir: Path) -> list[Path]:
 if __name__ == "__main__":  # python -m jacfusion_fed.evaluation.detection [out_dir]
     import sys
 
-    res = run_detection("avdigits", (0,))
+    res = run_detection("avdigits", (0, 1, 2))
     for path in write_detection(res, Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")):
         print(path)
