@@ -199,6 +199,7 @@ class Fed:
         gammas: Sequence[float] | None = None,
         regularize: Sequence[str] | None = None,
         iterations: int = 1,
+        center_logits: bool = False,
     ) -> np.ndarray:
         logits = [self.workspaces[m].logits(ids).logits for m in modalities]
         if method == "statistical":
@@ -216,6 +217,7 @@ class Fed:
             gamma=list(gammas) if gammas is not None else 0.5,
             regularize=[j for j, m in enumerate(modalities) if m in reg],
             iterations=iterations,
+            center_logits=center_logits,
         ).numpy()
 
 

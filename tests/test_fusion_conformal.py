@@ -28,15 +28,17 @@ def _binomial_band(n: int, p: float = 0.1, z: float = 3.29) -> tuple[float, floa
 
 def test_typicality_pvalues_are_uniform_on_clean_held_out_data() -> None:
     # 100 independent validation sets of 400 samples (K = 10: 200 fit, 200 reference), 200
-    # clean held-out samples each. The share of p <= 0.1 lies in the 99.9 % binomial band around 0.1.
+    # clean held-out samples each. The share of p <= 0.1 lies in the 99.9 % binomial band
+    # around 0.1.
     gen = torch.Generator().manual_seed(0)
     split, in_sample, total = 0, 0, 0
     for _ in range(100):
         z_val, y_val = _draw(400, gen)
         z_test, _ = _draw(200, gen)
         cal = fit_calibration(z_val, y_val)
-        p = conformal_pvalues(_typicality(z_test, cal.class_means, cal.precision),
-                              cal.typicality_scores)
+        p = conformal_pvalues(
+            _typicality(z_test, cal.class_means, cal.precision), cal.typicality_scores
+        )
         split += int((p <= 0.1).sum())
         # the old record: reference scores of the very points that fitted the means and Sigma
         fit_idx = torch.cat([(y_val == k).nonzero().flatten()[0::2] for k in range(K)])

@@ -108,9 +108,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): _file_digest(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(_SQLITE_SIDE_FILES)
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_SQLITE_SIDE_FILES)
     }
 
 

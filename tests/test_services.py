@@ -124,6 +124,19 @@ def test_jacobian_options_match_the_library(fed: Fed) -> None:
     assert [c.modality for c in got.modalities] == ["image"]
 
 
+def test_center_logits_option_matches_the_library(fed: Fed) -> None:
+    """FusionOptions.center_logits (issue 19) reaches jacobian_fusion's option; unset and
+    false are the paper's method."""
+    ids = fed.ids[:30]
+    got = predict(fed, ids, method=METHOD["jacobian"], center_logits=True)
+    want = fed.reference(ids, center_logits=True)
+    np.testing.assert_allclose(got.probabilities, want, rtol=0, atol=TOL)
+    assert np.abs(want - fed.reference(ids)).max() > 0  # a different method
+    for options in ({}, {"center_logits": False}):
+        got = predict(fed, ids, method=METHOD["jacobian"], **options)
+        np.testing.assert_allclose(got.probabilities, fed.reference(ids), rtol=0, atol=TOL)
+
+
 def test_stream_matches_predict(fed: Fed) -> None:
     ids = fed.ids[:150]  # more than MAX_BATCH: only the stream takes it
     request = fusion_pb2.PredictStreamRequest(sample_ids=ids, chunk_size=40)
@@ -192,6 +205,7 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
         (None, {"regularize": ["ecg"]}, BAD, "unknown modality 'ecg'"),
         (None, {"iterations": 100}, BAD, "iterations must be in 1..16"),
         (None, {"method": 1, "default_gamma": 0.5}, BAD, "only apply to the jacobian method"),
+        (None, {"method": 1, "center_logits": True}, BAD, "only apply to the jacobian method"),
         (["e" * 64, "f" * 64], {}, grpc.StatusCode.NOT_FOUND, "2 unknown sample id(s)"),
     ],
 )

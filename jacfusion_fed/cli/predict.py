@@ -108,6 +108,14 @@ def predict(
         list[str] | None, typer.Option(help="Modality to regularize (repeat).")
     ] = None,
     iterations: Annotated[int | None, typer.Option(help="Solver iterations.", min=1)] = None,
+    center_logits: Annotated[
+        bool | None,
+        typer.Option(
+            "--center-logits/--no-center-logits",
+            help="Jacobian fusion: subtract each modality's mean logit first (offset-invariant; "
+            "not the paper's method). Unset: the paper's method.",
+        ),
+    ] = None,
     modality: Annotated[
         list[str] | None,
         typer.Option(
@@ -165,6 +173,7 @@ def predict(
         modalities=tuple(modality or []),
         owner_timeout_s=owner_timeout,
         skip_unknown_ids=skip_unknown,
+        center_logits=center_logits,
     )
     keyed = pseudonym_key is not None
     with Requester(

@@ -17,7 +17,8 @@ def _summary(result: EvaluationResult) -> str:
     lines = [
         f"# Evaluation: {cfg['dataset']}" + (" (quick)" if cfg.get("quick") else ""),
         "",
-        f"seed {cfg['seed']}, repeats {cfg['repeats']}, "
+        f"data seed {cfg['seed']}, {cfg.get('seeds', 1)} training seed(s) from it, "
+        f"repeats {cfg['repeats']}, "
         f"gamma {cfg['gamma'] if cfg['gamma'] is not None else 'selected on validation'}, "
         f"torch {result.environment.get('torch')}, {result.environment.get('threads')} threads.",
         "",

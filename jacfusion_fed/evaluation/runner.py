@@ -43,11 +43,14 @@ def merge_seeds(tables: list[Table]) -> Table:
     for j, row in enumerate(first.rows):
         others = [t.rows[j] for t in tables]
         assert all((r.group, r.kind, r.name) == (row.group, row.kind, row.name) for r in others)
-        row.seed_acc = {k: [float(np.mean(r.acc[k])) for r in others] for k in row.acc if row.acc[k]}
+        row.seed_acc = {
+            k: [float(np.mean(r.acc[k])) for r in others] for k in row.acc if row.acc[k]
+        }
         row.acc = {k: [a for r in others for a in r.acc[k]] for k in row.acc}
         row.correct_seeds = {k: [r.correct[k] for r in others] for k in row.correct}
         row.correct = {
-            k: [round(float(x), 6) for x in np.mean(v, axis=0)] for k, v in row.correct_seeds.items()
+            k: [round(float(x), 6) for x in np.mean(v, axis=0)]
+            for k, v in row.correct_seeds.items()
         }
     return first
 

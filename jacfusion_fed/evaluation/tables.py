@@ -18,13 +18,23 @@ import csv
 import io
 import json
 import math
+from typing import Any
 
 import numpy as np
 
 from .results import Row, Table
 from .stats import cluster_bootstrap, holm_marks
 
-__all__ = ["MARK_NOTE", "MARKED_KINDS", "arrows", "intervals", "table_to_csv", "table_to_markdown"]
+__all__ = [
+    "MARKED_KINDS",
+    "MARK_NOTE",
+    "arrows",
+    "centered_summary",
+    "compare_rows",
+    "intervals",
+    "table_to_csv",
+    "table_to_markdown",
+]
 
 MARKED_KINDS: tuple[str, ...] = ("jacobian", "jacobian_centered")
 """Rows marked against Stat-w/o of the same pair."""
@@ -67,6 +77,36 @@ def _per_seed(row: Row, key: str) -> list[list[float]] | None:
     if row.correct_seeds.get(key):
         return row.correct_seeds[key]
     return [row.correct[key]] if row.correct.get(key) else None
+
+
+def compare_rows(table: Table, kind_a: str, kind_b: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(group, column key): cluster bootstrap result}`` of row ``kind_a`` − row ``kind_b``
+    of the same pair (e.g. the centered-logits row against the paper's Stat-w/ (ours)), with
+    its Holm-corrected mark over the table under ``"mark"``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for group in table.groups():
+        rows = {r.kind: r for r in table.rows if r.group == group}
+        if kind_a not in rows or kind_b not in rows:
+            continue
+        for col in table.columns:
+            a, b = _per_seed(rows[kind_a], col.key), _per_seed(rows[kind_b], col.key)
+            if a and b and len(a) == len(b) and len(a[0]) == len(b[0]):
+                out[(group, col.key)] = cluster_bootstrap(a, b)
+    marks = holm_marks(out)
+    return {k: {**v, "mark": marks[k]} for k, v in out.items()}
+
+
+def centered_summary(table: Table) -> str | None:
+    """One line: how the centered-logits row compares with the paper's Stat-w/ (ours), cell by
+    cell (None when the table has no centered row)."""
+    cmp = compare_rows(table, "jacobian_centered", "jacobian")
+    if not cmp:
+        return None
+    n = {m: sum(v["mark"] == m for v in cmp.values()) for m in ("↑", "=", "↓")}
+    return (
+        "Stat-w/ centered logits − Stat-w/ (ours), per pair and column (cluster bootstrap, "
+        f"Holm over the {len(cmp)} cells): {n['↑']} ↑, {n['=']} =, {n['↓']} ↓."
+    )
 
 
 def arrows(table: Table) -> dict[tuple[str, str, str], str]:
@@ -117,6 +157,9 @@ def table_to_markdown(table: Table, *, with_std: bool = True, with_gamma: bool =
         lines.append("| " + " | ".join([group, row.name, *cells]) + " |")
     if arrow:
         lines += ["", MARK_NOTE]
+    centered = centered_summary(table)
+    if centered:
+        lines += ["", centered]
     if with_gamma:
         lines += ["", *_gamma_lines(table)]
     if table.notes:

@@ -26,6 +26,8 @@ from jacfusion_fed.fusion import (
     GramFactor,
     ModalityCalibration,
     aps_scores,
+    aps_sets,
+    calibration_split,
     factor_gram,
     fit_calibration,
     gram_of,
@@ -68,6 +70,8 @@ JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
     (0.6, 0.5),
 )
 """(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
+RAPS_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5)
+"""RAPS size penalties robust's fused conformal set chooses from (0: plain APS)."""
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_ANSWERED = 0.85
 """Abstention threshold: the largest validation accuracy on answered samples among thresholds
@@ -176,7 +180,7 @@ class SeedRun:
         ]
         self.params: dict[str, Any] = {}
         self.params_by_setting: dict[str, dict[str, Any]] = {}
-        self._aps: dict[tuple[tuple[str, float], ...], torch.Tensor] = {}
+        self._aps: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
         self.attack_log: dict[str, dict[str, list[dict[str, float]]]] = {}
 
     # ------------------------------------------------------------------------- logits
@@ -223,7 +227,10 @@ class SeedRun:
             )
         return lambda zs: self.robust(zs, **hp).p
 
-    def robust(self, zs: Sequence[torch.Tensor], *, aps: bool = True, **hp: float) -> Any:
+    def robust(self, zs: Sequence[torch.Tensor], **hp: Any) -> Any:
+        """robust_fusion with the selected (or given) hyperparameters and, unless ``aps=False``
+        is given, the fused RAPS set calibrated by :meth:`_raps`."""
+        aps = bool(hp.pop("aps", True))
         hp = {**self.params.get("robust", {}), **hp}
         return robust_fusion(
             zs,
@@ -236,17 +243,31 @@ class SeedRun:
             confidence=hp.get("confidence", 0.5),
             jacobian_level=hp.get("jacobian_level", 0.0),
             gamma=hp.get("gamma", 1.0),
-            fused_scores=self._aps_scores(hp) if aps else None,
+            **(self._raps(hp) if aps else {}),
         )
 
-    def _aps_scores(self, hp: dict[str, float]) -> torch.Tensor:
-        """APS calibration of robust's fused probabilities with ``hp`` on the clean validation
+    def _raps(self, hp: dict[str, float]) -> dict[str, Any]:
+        """RAPS calibration of robust's fused probabilities with ``hp`` on the clean validation
         split (labelled, no modality perturbed: the calibration does not know which one will
-        be broken)."""
+        be broken). The split is halved (:func:`calibration_split`): the size penalty is the
+        one of :data:`RAPS_LAMBDAS` with the smallest mean set size on the first half when
+        calibrated on the second; the scores are those of the second half."""
         key = tuple(sorted((k, float(v)) for k, v in hp.items() if k != "confidence"))
         if key not in self._aps:
-            p = self.robust(self.clean["val"], aps=False, **hp).p
-            self._aps[key] = aps_scores(p.detach(), self.y["val"])
+            p = self.robust(self.clean["val"], aps=False, **hp).p.detach()
+            y = self.y["val"]
+            tune, cal = calibration_split(y)
+
+            def size(lam: float) -> float:
+                scores = aps_scores(p[cal], y[cal], raps_lambda=lam)
+                sets = aps_sets(p[tune], scores, self.alpha, raps_lambda=lam)
+                return float(sets.double().sum(1).mean())
+
+            lam = min(RAPS_LAMBDAS, key=lambda v: (size(v), v))
+            self._aps[key] = {
+                "fused_scores": aps_scores(p[cal], y[cal], raps_lambda=lam),
+                "raps_lambda": lam,
+            }
         return self._aps[key]
 
     def select(self) -> dict[str, Any]:
@@ -276,7 +297,10 @@ class SeedRun:
         per_row["robust"] = (grid, np.stack([scores("robust", **hp) for hp in grid]))
         for s in self.settings:
             allowed = np.array(
-                [s.spec is None or perturbation_type(o) != perturbation_type(s) for o in self.settings]
+                [
+                    s.spec is None or perturbation_type(o) != perturbation_type(s)
+                    for o in self.settings
+                ]
             )
             chosen: dict[str, Any] = {}
             for row, (cands, table) in per_row.items():
@@ -324,6 +348,7 @@ class SeedRun:
                 "coverage": [],
                 "set_size": [],
                 "empty_sets": [],
+                "raps_lambda": [],
                 "answered": [],
                 "acc_answered": [],
             }
@@ -343,6 +368,9 @@ class SeedRun:
                         sizes = res.prediction_set.double().sum(1)
                         extra["set_size"].append(float(sizes.mean()))
                         extra["empty_sets"].append(float((sizes == 0).double().mean()))
+                        extra["raps_lambda"].append(
+                            self._raps(self.params["robust"])["raps_lambda"]
+                        )
                         extra["answered"].append(float(keep.double().mean()))
                         right = _acc(res.p, y)[keep]
                         extra["acc_answered"].append(float(right.mean()) if right.numel() else 0)

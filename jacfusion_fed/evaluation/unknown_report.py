@@ -54,7 +54,7 @@ def run_unknown(
     labels = {s.key: s.label for s in runs[0].settings}
     rows = [f"alone:{m}" for m in runs[0].modalities] + list(ROWS)
     pooled: dict[str, dict[str, Any]] = {}
-    extra_keys = ("coverage", "set_size", "empty_sets", "answered", "acc_answered")
+    extra_keys = ("coverage", "set_size", "empty_sets", "raps_lambda", "answered", "acc_answered")
     for key in settings:
         cols = [per_seed[str(s)]["table"][key] for s in seeds]
         cell: dict[str, Any] = {"label": labels[key]}
@@ -80,7 +80,10 @@ def run_unknown(
     for r in rows:
         mean_cell[r] = float(np.mean([pooled[k][r] for k in settings]))
         per = [
-            100 * float(np.mean([np.mean(per_seed[str(s)]["table"][k]["correct"][r]) for k in settings]))
+            100
+            * float(
+                np.mean([np.mean(per_seed[str(s)]["table"][k]["correct"][r]) for k in settings])
+            )
             for s in seeds
         ]
         mean_cell[f"{r}:seed_sd"] = seed_spread(per)
@@ -148,6 +151,7 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         f"conformal coverage (alpha = {result['alpha']})": lambda c: f"{100 * c['coverage']:.1f}",
         "mean set size": lambda c: f"{c['set_size']:.2f}",
         "empty-set rate %": lambda c: f"{100 * c['empty_sets']:.1f}",
+        "RAPS size penalty (validation, mean over seeds)": lambda c: f"{c['raps_lambda']:.2f}",
     }
     for name, f in fmt.items():
         lines.append(f"| {name} | " + " | ".join(f(c) for c in cols) + " |")
@@ -169,15 +173,16 @@ def unknown_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     notes = [
         "",
-        f"Accuracy %, pooled over training seeds {result['seeds']} (data seed "
+        f"Accuracy %, mean over training seeds {result['seeds']} (data seed "
         f"{result.get('data_seed', 1 if result['dataset'] == 'emergency' else 0)}"
         f"{', quick data' if result['quick'] else ''}), {result['repeats']} draw(s) of each "
         "random corruption. Attacked columns: per sample the worst of the setting-1 attack and "
         "an end-to-end attack through the row's fusion (robust also: the detector-aware "
         "attack). Hyperparameters chosen once per seed and test column on validation, "
         "leaving out every validation setting of the column's perturbation type (the clean "
-        "column: all settings); robust's conformal set is APS on the fused probabilities, "
-        "calibrated on clean validation data. Cells: mean over seeds ± the seed spread (sd).",
+        "column: all settings); robust's conformal set is RAPS on the fused probabilities "
+        "(the arg-max always in), its size penalty and calibration from two halves of the clean "
+        "validation data. Cells: mean over seeds ± the seed spread (sd).",
         "Marks: the cluster bootstrap over test samples (every seed of a sample kept together) "
         "of the difference to Stat-w/o; ↑ / ↓ when its Holm-adjusted p-value over all "
         f"{2 * len(cols)} marks of this table is below 0.05, = otherwise (a tie). "

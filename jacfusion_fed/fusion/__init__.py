@@ -36,6 +36,7 @@ from .robust import (
     RobustFusion,
     aps_scores,
     aps_sets,
+    calibration_split,
     fit_calibration,
     robust_fusion,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "RobustFusion",
     "aps_scores",
     "aps_sets",
+    "calibration_split",
     "check_gamma",
     "combine_pvalues",
     "confidence_mean_fusion",

@@ -56,15 +56,16 @@ paper's Stat-w/ at ``gamma``, per sample, without knowing which modality is pert
 Reliability and the prediction set always use the raw logits (the calibration is theirs).
 
 **Prediction set.** With ``fused_scores`` (the sorted APS scores of the fused rule on labelled
-clean calibration data, :func:`aps_scores`; the calibration does not know which modality will
-be broken), the set is the conformal APS set of the fused probabilities: k is in it when the
-conformal p-value of its APS score s(p, k) = sum_{j: p_j >= p_k} p_j exceeds alpha, and the
-arg-max is always added, so no set is empty (coverage >= 1 - alpha on clean data, the
-arg-max only adds to it). Without them (the served path, where the coordinator holds no
-labels): Bonferroni over trusted modalities, k is in the set unless some trusted modality has
-pi_m(k) <= alpha / M; this set can be empty, and then the sample abstains. **Abstain** when
-the arg-max of p is not in the set or max_k p(k) is below ``confidence``; an answered sample
-therefore never has an empty set.
+clean calibration data, :func:`aps_scores`; the calibration does not know which modality will be
+broken), the set is the conformal APS set of the fused probabilities: k is in it when the
+conformal p-value of its APS score s(p, k) = sum_{j: p_j >= p_k} p_j (RAPS with ``raps_lambda``
+> 0: plus raps_lambda * max(0, rank(k) - 1), which keeps the sets small when the fused
+probabilities have long tails) exceeds alpha, and the arg-max is always added, so no set is
+empty (coverage >= 1 - alpha on clean data, the arg-max only adds to it). Without them (the
+served path, where the coordinator holds no labels): Bonferroni over trusted modalities, k is in
+the set unless some trusted modality has pi_m(k) <= alpha / M; this set can be empty, and then
+the sample abstains. **Abstain** when the arg-max of p is not in the set or max_k p(k) is below
+``confidence``; an answered sample therefore never has an empty set.
 """
 
 from __future__ import annotations
@@ -284,20 +285,34 @@ def smooth_pvalues(scores: torch.Tensor, sorted_cal: torch.Tensor) -> torch.Tens
     return torch.where(s > sorted_cal[-1], tail, p.clamp(max=1.0))
 
 
-def _aps_all(p: torch.Tensor) -> torch.Tensor:
-    """APS score of every class, (N, K): s(p, k) = sum of p_j over classes j with p_j >= p_k."""
+def _aps_all(p: torch.Tensor, lam: float = 0.0, k_reg: int = 1) -> torch.Tensor:
+    """(R)APS score of every class, (N, K): s(p, k) = sum of p_j over classes j with
+    p_j >= p_k, plus lam * max(0, rank(k) - k_reg) (rank 1: the arg-max; lam = 0: APS)."""
     p = p.detach().to(torch.float64)
-    return (p.unsqueeze(1) * (p.unsqueeze(1) >= p.unsqueeze(2))).sum(dim=2)
+    above = p.unsqueeze(1) >= p.unsqueeze(2)  # [n, k, j]: p_j >= p_k
+    score = (p.unsqueeze(1) * above).sum(dim=2)
+    if lam > 0:
+        rank = above.sum(dim=2).to(torch.float64)
+        score = score + lam * (rank - k_reg).clamp(min=0.0)
+    return score
 
 
-def aps_scores(probs: ArrayLike, labels: ArrayLike) -> torch.Tensor:
+def _check_lam(lam: float) -> float:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise FusionInputError(f"raps_lambda must be a number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def aps_scores(probs: ArrayLike, labels: ArrayLike, *, raps_lambda: float = 0.0) -> torch.Tensor:
     """Sorted (ascending) APS scores of the true labels: the calibration record of the fused
     conformal set (``fused_scores`` of :func:`robust_fusion`).
 
     Args:
         probs: (n, K) fused probabilities of labelled clean calibration samples.
         labels: (n,) integer labels in [0, K).
+        raps_lambda: RAPS's size penalty per rank past the first (0: plain APS).
     """
+    lam = _check_lam(raps_lambda)
     p = to_tensor(probs, "probs", device=None, dtype=torch.float64)
     if p.ndim != 2 or p.shape[0] < 2:
         raise FusionInputError(f"probs must have shape (n, K) with n >= 2, got {tuple(p.shape)}")
@@ -309,10 +324,12 @@ def aps_scores(probs: ArrayLike, labels: ArrayLike) -> torch.Tensor:
         or bool((y >= p.shape[1]).any())
     ):
         raise FusionInputError(f"labels must be {p.shape[0]} integers in [0, {p.shape[1]})")
-    return _aps_all(p).gather(1, y.long()[:, None]).squeeze(1).sort().values
+    return _aps_all(p, lam).gather(1, y.long()[:, None]).squeeze(1).sort().values
 
 
-def aps_sets(probs: ArrayLike, fused_scores: ArrayLike, alpha: float) -> torch.Tensor:
+def aps_sets(
+    probs: ArrayLike, fused_scores: ArrayLike, alpha: float, *, raps_lambda: float = 0.0
+) -> torch.Tensor:
     """Conformal APS sets (N, K) bool of ``probs``: class k is in when its conformal p-value
     (1 + #{c_i >= s(p, k)}) / (n + 1) exceeds ``alpha``; the arg-max is always in (no set is
     empty; coverage >= 1 - alpha for samples exchangeable with the calibration)."""
@@ -322,7 +339,7 @@ def aps_sets(probs: ArrayLike, fused_scores: ArrayLike, alpha: float) -> torch.T
         raise FusionInputError("fused_scores must be a 1-D ascending array of at least 2 scores")
     if not 0.0 < float(alpha) < 1.0:
         raise FusionInputError(f"alpha must lie in (0, 1), got {alpha!r}")
-    in_set = conformal_pvalues(_aps_all(p), cal) > alpha
+    in_set = conformal_pvalues(_aps_all(p, _check_lam(raps_lambda)), cal) > alpha
     top = p.argmax(dim=1, keepdim=True)
     return in_set.scatter(1, top, True)
 
@@ -391,6 +408,7 @@ def robust_fusion(
     jacobian_level: float = 0.0,
     gamma: float = 0.1,
     fused_scores: ArrayLike | None = None,
+    raps_lambda: float = 0.0,
     pvalues: ArrayLike | None = None,
     combine: str = "fisher",
 ) -> RobustFusion:
@@ -414,6 +432,7 @@ def robust_fusion(
         fused_scores: sorted APS calibration scores of this fused rule (:func:`aps_scores`
             on labelled clean calibration data); the prediction set is then the fused APS
             set (:func:`aps_sets`). None: the per-modality Bonferroni set.
+        raps_lambda: RAPS's size penalty of that set (the value the scores were computed with).
         pvalues: further detection p-values per sample and modality, (N, M) or (N, M, S)
             (issue 20: the owners' feature p-values, the coordinator's cross-modal
             consistency, :mod:`jacfusion_fed.fusion.detection`); combined with the typicality
@@ -516,7 +535,7 @@ def robust_fusion(
     fused = lp + torch.stack(evidence(reliability)).sum(dim=0)
     p = torch.softmax(fused, dim=1)
     if fused_scores is not None:
-        in_set = aps_sets(p.detach(), fused_scores, alpha).to(device)
+        in_set = aps_sets(p.detach(), fused_scores, alpha, raps_lambda=raps_lambda).to(device)
     else:
         in_set = torch.ones(n, k, dtype=torch.bool, device=device)
         trusted = reliability.detach() >= trust_level

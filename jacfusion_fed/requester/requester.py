@@ -263,10 +263,12 @@ class Requester:
         require_all: bool = False,
         skip_unknown: bool = False,
         owner_timeout: float | None = None,
+        center_logits: bool | None = None,
     ) -> FusedAnswer:
         """Fused predictions for local ``ids`` from the coordinator (``method="robust"``:
         also each modality's reliability, the prediction sets and the abstain flags); the
-        answer's :attr:`~FusedAnswer.ids` are the local ids."""
+        answer's :attr:`~FusedAnswer.ids` are the local ids. ``center_logits`` (Jacobian
+        fusion only): subtract each modality's mean logit first (None: the paper's method)."""
         options = PredictOptions(
             method=method,
             default_gamma=None if isinstance(gamma, Mapping) else gamma,
@@ -277,6 +279,7 @@ class Requester:
             modalities=tuple(modalities),
             owner_timeout_s=owner_timeout,
             skip_unknown_ids=skip_unknown,
+            center_logits=center_logits,
         )
         return self.ask(ids, options)
 
