@@ -41,7 +41,8 @@ Messages (coordinator -> owner; the reply records are *all* an owner may send ba
     request order, optionally ``u0`` .. ``u{S-1}`` (N,) float64, the owner's detector
     p-value of each row (issue 20; 1 where not known), and ``known`` (N,) bool) and ``info``
     (modality, owner, version). N is the number of requested ids; rows of ids the owner does
-    not hold are zero and ``known`` is false there. Without ``allow-partial`` an owner refuses a request with unknown ids.
+    not hold are zero and ``known`` is false there. Without ``allow-partial`` an owner refuses
+    a request with unknown ids.
 
 Errors come back as Flower error replies (``Message(Error(code, reason), reply_to=msg)``) with
 the codes of `AppErrorCode`, never as a crash of the owner.
