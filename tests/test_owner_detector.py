@@ -102,11 +102,29 @@ def test_detector_split_is_the_calibration_split() -> None:
 
 def test_logits_batch_change_is_additive() -> None:
     fields = [
-        (f.name, f.number, f.type, f.label) for f in modality_pb2.LogitsBatch.DESCRIPTOR.fields
+        (f.name, f.number, f.type, f.is_repeated)
+        for f in modality_pb2.LogitsBatch.DESCRIPTOR.fields
     ]
     assert fields == [
-        ("sample_ids", 1, 9, 3),
-        ("logits", 2, 11, 1),
-        ("unknown_sample_ids", 3, 9, 3),
-        ("pvalues", 4, 1, 3),  # repeated double, new in issue 20
+        ("sample_ids", 1, 9, True),
+        ("logits", 2, 11, False),
+        ("unknown_sample_ids", 3, 9, True),
+        ("pvalues", 4, 1, True),  # repeated double, new in issue 20
     ]
+
+
+def test_live_records_get_pvalues_of_their_current_content(ws: OwnerWorkspace) -> None:
+    pz = Pseudonymizer(b"k" * 32)
+    ids = [pz(f"live-{i}") for i in range(4)]
+    x = ws.records["test"].modalities["y"][:4].copy()
+    ws.put_records(ids, x)
+    version = ws.current_version()
+    servicer = ModalityServicer(ws, "y-owner")
+    resp = servicer.GetLogits(modality_pb2.GetLogitsRequest(sample_ids=ids), _Context())  # type: ignore[arg-type]
+    first = np.array(resp.batch.pvalues)
+    src = ws.detection_pvalues(ws.pseudonyms("test")[:4], version)
+    np.testing.assert_allclose(first, src)  # same inputs, same p-values
+    far = np.clip(x + 0.9 * np.sign(0.5 - x), 0, 1).astype(x.dtype)  # very different content
+    ws.put_records(ids, far, replace=True)
+    again = ws.detection_pvalues(ids, version)
+    assert again is not None and not np.allclose(again, first)  # nothing stale

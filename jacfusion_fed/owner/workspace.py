@@ -480,9 +480,10 @@ class OwnerWorkspace:
             memo = self._source_pvalues.setdefault(version, {})
             if len(self._source_pvalues) > 2:  # keep the newest versions
                 self._source_pvalues.pop(next(iter(self._source_pvalues)))
-        is_live = [sid in self.live for sid in sample_ids] if len(self.live) else None
         live = (
-            self.live.store.get_many([s for s in sample_ids if s in self.live]) if is_live else {}
+            self.live.store.get_many([s for s in sample_ids if s in self.live])
+            if len(self.live)
+            else {}
         )
         todo, rows = [], []
         for pos, sid in enumerate(sample_ids):
@@ -495,8 +496,8 @@ class OwnerWorkspace:
                 split, row = index[sid]
                 todo.append(pos)
                 rows.append(self.records[split].modalities[self.modality][row])
-            else:
-                raise KeyError("detection_pvalues: an id is not held by this owner")
+            else:  # erased or expired since its logits were read: no p-values this time
+                return None
         fresh: dict[int, float] = {}
         if rows:
             _, model = self.load_model(version)
