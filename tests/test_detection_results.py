@@ -30,7 +30,7 @@ def test_committed_markdown_is_the_json_rendered() -> None:
     result = json.loads(RESULT.read_text())
     md = (RESULT.parent / "avdigits-detection.md").read_text()
     assert md == detection_markdown(result)
-    assert result["adaptive_attack"] == "not done"
+    assert result["adaptive_attack"]["done"] is True
     for key in result["settings"]:
         auc = result["table"][key].get("auroc")
         if auc:
@@ -51,10 +51,13 @@ def test_docs_quote_the_committed_detection_figures() -> None:
         "Img PGD": "image:pgd",
     }
     for row in rows:
-        name, fisher, best = (c.strip() for c in row.strip().strip("|").split("|"))
+        name, fisher, best, adaptive, worst = (c.strip() for c in row.strip().strip("|").split("|"))
         cell = result["table"][keys[name]]
         assert fisher == f"{100 * cell['auroc']['fisher']:.1f}"
         assert best == f"{100 * cell['auroc']['consistency']:.1f}"
+        assert adaptive == f"{100 * cell['adaptive']['auroc']['fisher']:.1f}"
+        assert worst == f"{100 * cell['adaptive']['robust_acc_detect_worst']:.1f}"
+        assert cell["adaptive"]["auroc"]["fisher"] < 0.5  # "below 50", as the doc says
         singles = {s: cell["auroc"][s] for s in ("typicality", "feature", "consistency")}
         assert max(singles, key=lambda s: singles[s]) == "consistency"
         # the doc says the target is missed
@@ -89,4 +92,11 @@ def test_run_detection_on_twomoon_quick() -> None:
     assert res["settings"][0] == "clean" and len(res["settings"]) > 1
     missing = res["table"][next(k for k in res["settings"] if "w1" in k)]
     assert missing["auroc"]["fisher"] > 0.9  # missing entries are easy to see
+    attacks = [k for k in res["settings"] if res["table"][k]["type"] in ("fgsm", "pgd")]
+    assert attacks and all("adaptive" in res["table"][k] for k in attacks)
+    for k in attacks:
+        cell = res["table"][k]["adaptive"]
+        # the per-sample worst case of two attacks is never better than either
+        assert cell["robust_acc_detect_worst"] <= cell["robust_acc_detect"] + 1e-12
+        assert cell["robust_acc_detect_worst"] <= res["table"][k]["robust_acc_detect"] + 1e-12
     assert detection_markdown(res).count("\n|") == len(res["settings"]) + 2  # header, rule, rows
