@@ -84,12 +84,20 @@ def test_docs_quote_the_committed_detection_figures() -> None:
     assert not any(math.isnan(v) for v in result["table"]["audio:fgsm"]["auroc"].values())
 
 
-@pytest.mark.slow
-def test_run_detection_on_twomoon_quick() -> None:
-    from jacfusion_fed.evaluation.detection import run_detection
+def test_cli_evaluate_detection_twomoon_quick(tmp_path: Path) -> None:
+    """The user's path: ``jacfusion-fed evaluate --detection`` prints and writes the table."""
+    from typer.testing import CliRunner
 
-    res = run_detection("twomoon", (0,), quick=True)
-    assert res["settings"][0] == "clean" and len(res["settings"]) > 1
+    from jacfusion_fed.cli import app
+
+    out = tmp_path / "det"
+    args = ["evaluate", "--detection", "--dataset", "twomoon", "--quick", "--seeds", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "detection AUROC" in result.output and "fisher" in result.output
+    res = json.loads((out / "twomoon-detection.json").read_text())
+    assert (out / "twomoon-detection.md").read_text() == detection_markdown(res)
+    assert res["seeds"] == [0] and res["settings"][0] == "clean" and len(res["settings"]) > 1
     missing = res["table"][next(k for k in res["settings"] if "w1" in k)]
     assert missing["auroc"]["fisher"] > 0.9  # missing entries are easy to see
     attacks = [k for k in res["settings"] if res["table"][k]["type"] in ("fgsm", "pgd")]
@@ -99,4 +107,15 @@ def test_run_detection_on_twomoon_quick() -> None:
         # the per-sample worst case of two attacks is never better than either
         assert cell["robust_acc_detect_worst"] <= cell["robust_acc_detect"] + 1e-12
         assert cell["robust_acc_detect_worst"] <= res["table"][k]["robust_acc_detect"] + 1e-12
-    assert detection_markdown(res).count("\n|") == len(res["settings"]) + 2  # header, rule, rows
+
+
+def test_cli_detection_and_unknown_exclude_each_other(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+
+    args = ["evaluate", "--detection", "--unknown", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "either --unknown or --detection" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--detection", "--dataset", "emergency"])
+    assert result.exit_code != 0 and "unknown dataset" in result.output

@@ -339,7 +339,7 @@ def run_detection(
         table[key] = cell
     return {
         "dataset": dataset,
-        "seeds": list(seeds),
+        "seeds": [int(s) for s in seeds],
         "quick": quick,
         "signals": list(SIGNALS),
         "settings": keys,
@@ -427,11 +427,3 @@ def write_detection(result: dict[str, Any], out_dir: Path) -> list[Path]:
     atomic_write_bytes(md, detection_markdown(result).encode())
     atomic_write_bytes(js, (json.dumps(result, sort_keys=True, indent=1) + "\n").encode())
     return [md, js]
-
-
-if __name__ == "__main__":  # python -m jacfusion_fed.evaluation.detection [out_dir]
-    import sys
-
-    res = run_detection("avdigits", (0, 1, 2), adaptive=True)
-    for path in write_detection(res, Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")):
-        print(path)
