@@ -10,10 +10,11 @@ Neither the features, nor the detector's statistics, nor the inputs leave the ow
 p-value reveals: ``docs/calibration.md``).
 
 Built-in nets (:class:`~jacfusion_fed.models.UnimodalNet`) expose ``features``. Imported models
-(:class:`~jacfusion_fed.owner.importing.ImportedModel`) are not wired yet: their features are
-recoverable by the import's head probe (H / K forward passes with the head's weights swapped,
-which is not safe while other requests run on the same module), so they publish no p-value
-(the field stays empty; the coordinator then uses the logits-only signals).
+(:class:`~jacfusion_fed.owner.importing.ImportedModel`) give the head's input through
+``recover_features`` (a per-thread forward pre-hook on the head) when the format allows hooks
+(a plain module built by a factory: safetensors); TorchScript and export archives do not, and
+their owners publish no p-value (the field stays empty). The import's head probe could recover
+them too, but it swaps the head's weights in place, which is not safe while other requests run.
 """
 
 from __future__ import annotations

@@ -63,11 +63,21 @@ def evaluate_accuracy(
 
 
 def predict_features(model: nn.Module, x: Any, batch_size: int = 512) -> torch.Tensor | None:
-    """Penultimate features ``(N, H)`` float64 on the CPU (``model.features``, eval mode), or
-    None when the model exposes no ``features`` module (an imported model)."""
+    """Penultimate features ``(N, H)`` float64 on the CPU (``model.features``, eval mode; an
+    imported model's ``recover_features``), or None when the model exposes neither (or an
+    imported archive whose features cannot be read)."""
     features = getattr(model, "features", None)
+    recover = getattr(model, "recover_features", None)
     if not isinstance(features, nn.Module):
-        return None
+        if not callable(recover):
+            return None
+        xt = as_tensor(x, torch.float32)
+        parts = [recover(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
+        if any(p is None for p in parts):
+            return None
+        if not parts:
+            return torch.zeros((0, 0), dtype=torch.float64)
+        return torch.cat(parts).to(torch.float64)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = model_device(model)
