@@ -28,6 +28,12 @@ def test_evaluate_twomoon_quick_writes_reports(tmp_path: Path) -> None:
     payload = json.loads((out / "twomoon.json").read_text())
     assert payload["tables"], "no table written"
     assert any(p.suffix == ".png" for p in out.iterdir())
+    # issue 19: three training seeds by default, each cell with its per-seed means
+    assert payload["config"]["seeds"] == 3
+    ours = next(r for r in payload["tables"][0]["rows"] if r["kind"] == "jacobian")
+    assert all(len(v) == 3 for v in ours["seed_acc"].values())
+    assert all(len(v) == 3 for v in ours["correct_seeds"].values())
+    assert any(r["kind"] == "jacobian_centered" for r in payload["tables"][0]["rows"])
 
 
 def test_evaluate_rejects_unknown_dataset(tmp_path: Path) -> None:

@@ -94,8 +94,8 @@ def test_reports_are_written(twomoon: tuple[EvaluationResult, Path], tmp_path: P
     assert back.tables[0].rows[7].acc == result.tables[0].rows[7].acc
     md = (tmp_path / "out/twomoon-y.md").read_text()
     table = back.tables[0]
-    ours = [r for r in table.rows if r.kind == "jacobian"]
-    # every Stat-w/ (ours) cell carries an interval-backed mark (↑, ↓ or = for a tie)
+    ours = [r for r in table.rows if r.kind in ("jacobian", "jacobian_centered")]
+    # every Stat-w/ (ours) and centered cell carries an interval-backed mark (↑, ↓ or =)
     assert "Stat-w/ (ours)" in md
     marks = md.count("(↑)") + md.count("(↓)") + md.count("(=)")
     assert marks == len(ours) * len(table.columns)

@@ -46,7 +46,7 @@ def test_head_reply_with_calibration_is_accepted_and_round_trips() -> None:
     reply = RecordDict({**_head(), CALIBRATION_RECORD: rd[CALIBRATION_RECORD]})
     spec = {**head_reply_spec("gram"), **calibration_reply_spec()}
     dims = check_reply_allowed(reply, spec, {"K": K})
-    assert dims["V"] == V
+    assert dims["V"] == V // 2  # split conformal: the reference half's scores (issue 19)
     cal = calibration_from_record(reply[CALIBRATION_RECORD])
     out = robust_fusion([z, z], [cal, cal])
     assert out.p.shape == (V, K)
