@@ -239,11 +239,12 @@ def run_detection(
             cells["clean"] = {
                 "robust_acc": _robust_acc(run, run.clean["test"], None),
                 "robust_acc_detect": _robust_acc(run, run.clean["test"], clean_extra),
+                # per modality (by name): the share of clean test samples with p <= 0.05
                 "false_alarm_0.05": {
-                    s: [
-                        float((clean_p[s][:, m] <= 0.05).double().mean())
-                        for m in range(len(run.nets))
-                    ]
+                    s: {
+                        name: float((clean_p[s][:, m] <= 0.05).double().mean())
+                        for m, name in enumerate(run.modalities)
+                    }
                     for s in SIGNALS
                 },
             }
