@@ -101,7 +101,7 @@ def test_reports_are_written(twomoon: tuple[EvaluationResult, Path], tmp_path: P
     assert marks == len(ours) * len(table.columns)
     # the per-sample correctness behind the marks is kept (mean over draws = the accuracy)
     for row in table.rows:
-        if row.kind in ("statistical", "jacobian"):
+        if row.kind in ("statistical", "jacobian", "jacobian_centered"):
             for col in table.columns:
                 mean = sum(row.correct[col.key]) / len(row.correct[col.key])
                 assert abs(mean - row.mean(col.key)) < 1e-6

@@ -41,13 +41,19 @@ def test_unknown_table_twomoon_quick(tmp_path: Path) -> None:
     md = paths[0].read_text()
     for key in data["settings"] + ["mean"]:
         cell = data["mean"] if key == "mean" else data["pooled"][key]
-        _, lo, hi = cell["robust-stat"]
-        mark = "↑" if lo > 0 else ("↓" if hi < 0 else "=")
-        assert f"{cell['robust']:.1f} {mark}" in md
-        assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 0.0
+        ci = cell["robust-stat"]
+        assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1
+        mark = cell["robust-stat:mark"]  # Holm-corrected over the table
+        assert mark in ("↑", "↓", "=")
+        if mark != "=":  # a Holm mark implies the unadjusted interval excludes 0
+            assert ci["low"] > 0 or ci["high"] < 0
+        assert f"{cell['robust']:.1f} ±{cell['robust:seed_sd']:.1f} {mark}" in md
+        assert 0.0 <= cell["coverage"] <= 1.0 and cell["set_size"] >= 1.0
+        assert cell["empty_sets"] == 0.0  # the fused RAPS set always holds the arg-max
     params = data["per_seed"]["0"]["params"]
     keys = {"floor", "trust_level", "confidence", "jacobian_level", "gamma"}
-    assert set(params["robust"]) == keys
+    assert set(params) == set(data["settings"])
+    assert all(set(p["robust"]) == keys for p in params.values())
 
 
 def test_detector_aware_attack_keeps_reliability_and_raises_loss() -> None:
@@ -168,3 +174,47 @@ def test_targets_met_and_missed() -> None:
     result["pooled"]["clean"]["coverage"] = 0.85  # type: ignore[index]
     t = targets(result)
     assert not t["no_setting_1_below"]["met"] and not t["clean_coverage"]["met"]
+
+
+def test_seed_run_pins_torch_threads_while_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: the nets are trained with config.threads torch threads whatever the caller's
+    setting (2 threads instead of 1 changed a trained net's accuracy by 2 points)."""
+    import torch
+
+    from jacfusion_fed.evaluation import nets as nets_mod
+    from jacfusion_fed.evaluation.unknown import SeedRun
+
+    seen: list[int] = []
+    real_get = nets_mod.NetZoo.get
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real_get(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nets_mod.NetZoo, "get", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        SeedRun("twomoon", 0, quick=True)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_hyperparameters_never_see_the_columns_perturbation_type() -> None:
+    """Issue 19, item 5: per test column, robust's hyperparameters are chosen on the
+    validation settings of the other perturbation types (any modality)."""
+    from jacfusion_fed.evaluation.config import PRESETS
+    from jacfusion_fed.evaluation.unknown import perturbation_type, settings_for
+
+    settings = settings_for(PRESETS["avdigits"])
+    types = {s.key: perturbation_type(s) for s in settings}
+    assert types["clean"] is None
+    assert types["audio:w0"] == types["image:w0"] == "GaussianNoise"
+    assert types["audio:fgsm"] == types["image:fgsm"] == "fgsm"
+    root = Path(__file__).resolve().parents[1]
+    d = json.loads((root / "docs" / "results" / "twomoon-unknown.json").read_text())
+    for seed in d["seeds"]:
+        params = d["per_seed"][str(seed)]["params"]
+        assert set(params) == set(d["settings"])  # one choice per test column
