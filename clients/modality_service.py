@@ -276,10 +276,13 @@ class ModalityServicer(modality_pb2_grpc.ModalityServiceServicer):
         answer = self.workspace.logits(ids, version=version, cache=self.use_logit_cache)
         if answer.version != version:  # the workspace tags what it computed; never mislabel
             raise RuntimeError(f"asked for version {version}, got logits of {answer.version}")
+        # the detector's p-value per row (issue 20); nothing when the owner has no detector
+        pvalues = self.workspace.detection_pvalues(answer.sample_ids, answer.version)
         return modality_pb2.LogitsBatch(
             sample_ids=answer.sample_ids,
             logits=encode_matrix(answer.logits),
             unknown_sample_ids=answer.unknown_ids,
+            pvalues=[] if pvalues is None else [float(v) for v in pvalues],
         )
 
     # --- RPCs ------------------------------------------------------------------------------

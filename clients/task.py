@@ -40,6 +40,7 @@ from jacfusion_fed.federation.protocol import (
     parse_head_request,
     parse_query_request,
     parse_train_request,
+    pvalue_field,
     setting_field,
 )
 from jacfusion_fed.federation.run_config import RunConfig
@@ -290,6 +291,16 @@ def query_logits(content: RecordDict, ws: OwnerWorkspace, context: Context) -> R
         full = np.zeros((n, k), dtype=np.float64)
         full[rows] = answer.logits
         arrays[setting_field(i)] = full
+        # the detector's p-value per row (issue 20): of the input the logits came from
+        pvalues = (
+            ws.detection_pvalues(clean.sample_ids, clean.version)
+            if spec is None
+            else answer.pvalues
+        )
+        if pvalues is not None:
+            column = np.ones(n, dtype=np.float64)  # unknown rows: 1 (and ``known`` false)
+            column[rows] = pvalues
+            arrays[pvalue_field(i)] = column
     return RecordDict(
         {
             "logits": arrays_record(arrays),

@@ -160,6 +160,45 @@ def test_query_clean_and_perturbed(trained: tuple[Owner, str]) -> None:
     assert not np.allclose(clean, fgsm)
     again = owner.send(MSG_QUERY, query_request(ids, version, settings, seed=3)).content
     np.testing.assert_array_equal(again["logits"]["s1"].numpy(), d0)  # same request, same draw
+    # issue 20: the owner's detector p-value per row and setting, of the input the logits came
+    # from, and nothing else of the features
+    u = [arrays[f"u{i}"].numpy() for i in range(4)]
+    assert all(x.shape == (len(ids),) and x.dtype == np.float64 for x in u)
+    assert all(((x > 0) & (x <= 1)).all() for x in u)
+    assert float(np.median(u[1])) < float(np.median(u[0]))  # noisy inputs look atypical
+    assert set(arrays.keys()) == {
+        "known",
+        *(f"s{i}" for i in range(4)),
+        *(f"u{i}" for i in range(4)),
+    }
+
+
+def test_query_reply_allow_list_covers_pvalues() -> None:
+    """The p-value arrays are optional, (N,) float64 only; a features array is refused."""
+    from flwr.app import Array, ArrayRecord
+
+    from jacfusion_fed.federation import ReplyNotAllowedError
+
+    def reply(**arrays: np.ndarray) -> RecordDict:
+        base = {"s0": np.zeros((3, K)), "known": np.ones(3, dtype=bool), **arrays}
+        return RecordDict(
+            {
+                "logits": ArrayRecord({k: Array(v) for k, v in base.items()}),
+                "info": ConfigRecord({"modality": "y", "owner": "o", "version": "0" * 16}),
+            }
+        )
+
+    spec, dims = query_reply_spec(1), {"N": 3, "K": K}
+    check_reply_allowed(reply(), spec, dims)  # an owner without a detector
+    check_reply_allowed(reply(u0=np.full(3, 0.5)), spec, dims)
+    for bad in (
+        {"u0": np.full(3, 0.5, dtype=np.float32)},
+        {"u0": np.full(4, 0.5)},
+        {"u1": np.full(3, 0.5)},
+        {"features": np.zeros((3, 8))},
+    ):
+        with pytest.raises(ReplyNotAllowedError):
+            check_reply_allowed(reply(**bad), spec, dims)
 
 
 def test_error_replies_not_crashes(trained: tuple[Owner, str]) -> None:

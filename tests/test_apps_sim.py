@@ -144,7 +144,15 @@ def test_simulation_end_to_end_privacy(tmp_path: Path) -> None:
     # logits replies: one matrix per requested setting, for exactly the requested ids
     query_replies = [r for r in replies if "logits" in r.content]
     widths = sorted(len(r.content["logits"]) for r in query_replies)
-    assert widths == [1 + 1, 4 + 1]  # known + clean for x; known + clean, w0, fgsm, pgd for y
+    # known + clean (+ its detector p-values, issue 20) for x; known + clean, w0, fgsm, pgd
+    # (+ one p-value array each) for y
+    assert widths == [1 + 2 * 1, 1 + 2 * 4]
+    for r in query_replies:  # the p-values: one float64 in (0, 1] per requested id, nothing else
+        record = r.content["logits"]
+        for field in (f for f in record if f.startswith("u")):
+            u = record[field].numpy()
+            assert u.dtype == np.float64 and u.shape == (n_eval,)
+            assert ((u > 0) & (u <= 1)).all()
 
     # --- the coordinator never held the key, never saw a local patient id
     key_file = result.prepared.key_file

@@ -266,3 +266,52 @@ def test_input_spec_validation() -> None:
     with pytest.raises(ValueError, match="exceeds the limit"):
         SPEC.validate_batch(good, max_records=2)
     assert InputSpec.from_dict(SPEC.to_dict()) == SPEC
+
+
+def test_imported_features_for_the_owner_detector(tmp_path: Path, factory_module: str) -> None:
+    """Issue 20: a factory (safetensors) import gives the head's input as features, per thread;
+    a TorchScript archive gives none (its detector p-values are then left out)."""
+    import threading
+
+    from jacfusion_fed.training import predict_features
+
+    net = _net(2)
+    path = tmp_path / "net.safetensors"
+    safetensors.torch.save_file(net.state_dict(), str(path))
+    import_model(
+        _ws(tmp_path / "ws"),
+        path,
+        factory=f"{factory_module}:make_net",
+        class_counts=COUNTS,
+        input_spec=SPEC,
+    )
+    _, model = _ws(tmp_path / "ws").load_model()
+    x = _x(7)
+    with torch.no_grad():
+        want = net[:-1](x).double()
+    feats = predict_features(model, x)
+    assert feats is not None and feats.shape == (7, 12)
+    np.testing.assert_allclose(feats.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    # plain forward passes capture nothing; concurrent callers each get their own rows
+    model(x)
+    results: dict[int, torch.Tensor | None] = {}
+
+    def work(i: int) -> None:
+        results[i] = predict_features(model, _x(3 + i, seed=i))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in results.items():
+        assert got is not None and got.shape == (3 + i, 12)
+        with torch.no_grad():
+            ref = net[:-1](_x(3 + i, seed=i)).double()
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+    script = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(net), script)
+    import_model(_ws(tmp_path / "ws2"), script, class_counts=COUNTS, input_spec=SPEC)
+    _, scripted = _ws(tmp_path / "ws2").load_model()
+    assert predict_features(scripted, x) is None

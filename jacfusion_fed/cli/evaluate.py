@@ -52,8 +52,32 @@ def evaluate(
             min=1,
         ),
     ] = 3,
+    detection: Annotated[
+        bool,
+        typer.Option(
+            "--detection",
+            help="Detection table (issue 20): AUROC of each reliability signal for 'this "
+            "modality is perturbed' (with --adaptive: also under the detector-aware attack).",
+        ),
+    ] = False,
 ) -> None:
     """Paper-style tables (Tables 1-2 layout), Figure 4 curves, TwoMoon heatmaps."""
+    if detection and unknown:
+        raise CliError("pass either --unknown or --detection, not both")
+    if detection:  # issue 20: seeds seed..seed+seeds-1, the nets and data of --unknown
+        from jacfusion_fed.evaluation.detection import (
+            detection_markdown,
+            run_detection,
+            write_detection,
+        )
+
+        if dataset not in ("avdigits", "twomoon"):
+            raise CliError(f"unknown dataset {dataset!r}; valid: avdigits, twomoon")
+        res = run_detection(dataset, range(seed, seed + seeds), quick=quick, adaptive=adaptive)
+        out().print(markdown_table(detection_markdown(res), f"{dataset}: detection AUROC"))
+        paths = write_detection(res, out_dir)
+        err().print(f"{dataset}: wrote {', '.join(str(p) for p in paths)}", highlight=False)
+        return
     if unknown:  # issue 11: seeds seed..seed+seeds-1, hyperparameters chosen on validation
         from jacfusion_fed.evaluation.unknown_report import (
             run_unknown,

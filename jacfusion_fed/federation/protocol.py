@@ -38,9 +38,11 @@ Messages (coordinator -> owner; the reply records are *all* an owner may send ba
     request: ``query`` (ConfigRecord: sample-ids (pseudonyms), version, settings (list of
     "clean" or a perturbation's JSON), seed, allow-partial).
     reply: ``logits`` (ArrayRecord: ``s0`` .. ``s{S-1}`` of shape (N, K), one per setting in
-    request order, and ``known`` (N,) bool) and ``info`` (modality, owner, version). N is the
-    number of requested ids; rows of ids the owner does not hold are zero and ``known`` is
-    false there. Without ``allow-partial`` an owner refuses a request with unknown ids.
+    request order, optionally ``u0`` .. ``u{S-1}`` (N,) float64, the owner's detector
+    p-value of each row (issue 20; 1 where not known), and ``known`` (N,) bool) and ``info``
+    (modality, owner, version). N is the number of requested ids; rows of ids the owner does
+    not hold are zero and ``known`` is false there. Without ``allow-partial`` an owner refuses
+    a request with unknown ids.
 
 Errors come back as Flower error replies (``Message(Error(code, reason), reply_to=msg)``) with
 the codes of `AppErrorCode`, never as a crash of the owner.
@@ -87,6 +89,7 @@ __all__ = [
     "parse_head_request",
     "parse_query_request",
     "parse_train_request",
+    "pvalue_field",
     "query_reply_spec",
     "query_request",
     "round_reply_spec",
@@ -316,6 +319,12 @@ def setting_field(index: int) -> str:
     return f"s{index}"
 
 
+def pvalue_field(index: int) -> str:
+    """Name of the detector p-values (N,) of the ``index``-th setting in a query reply
+    (issue 20; optional: an owner without a detector sends none)."""
+    return f"u{index}"
+
+
 # ------------------------------------------------------------------------ allow-lists
 _INFO = {
     "modality": ValueSpec.string(128),
@@ -404,8 +413,15 @@ def query_reply_spec(num_settings: int) -> dict[str, RecordSpec]:
     fields: dict[str, ArraySpec] = {
         setting_field(i): ArraySpec(("N", "K")) for i in range(num_settings)
     }
+    pvalues = {
+        pvalue_field(i): ArraySpec(("N",), frozenset({"float64"})) for i in range(num_settings)
+    }
+    fields.update(pvalues)
     fields["known"] = ArraySpec(("N",), frozenset({"bool"}))
-    return {"logits": RecordSpec.arrays(fields), "info": RecordSpec.configs(_INFO)}
+    return {
+        "logits": RecordSpec.arrays(fields, optional=set(pvalues)),
+        "info": RecordSpec.configs(_INFO),
+    }
 
 
 # ------------------------------------------------------------------------ reply helpers

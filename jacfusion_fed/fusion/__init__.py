@@ -8,6 +8,14 @@ Pick a rule by name through the registry (:mod:`jacfusion_fed.fusion.methods`): 
 """
 
 from ._validation import FusionInputError, check_gamma
+from .detection import (
+    ConsistencyCalibration,
+    FeatureDetector,
+    consistency_pvalues,
+    feature_pvalues,
+    fit_consistency,
+    fit_feature_detector,
+)
 from .gram import GramFactor, factor_gram, gram_of
 from .jacobian import SOLVERS, jacobian_fusion, solve_jacobian_weights
 from .methods import (
@@ -22,6 +30,7 @@ from .methods import (
     prior_from_counts,
     register,
 )
+from .pvalues import COMBINERS, combine_pvalues
 from .robust import (
     ModalityCalibration,
     RobustFusion,
@@ -34,8 +43,11 @@ from .robust import (
 from .statistical import confidence_mean_fusion, mean_fusion, statistical_fusion
 
 __all__ = [
+    "COMBINERS",
     "METHODS",
     "SOLVERS",
+    "ConsistencyCalibration",
+    "FeatureDetector",
     "Fused",
     "FusionInputError",
     "FusionMethod",
@@ -46,9 +58,14 @@ __all__ = [
     "aps_sets",
     "calibration_split",
     "check_gamma",
+    "combine_pvalues",
     "confidence_mean_fusion",
+    "consistency_pvalues",
     "factor_gram",
+    "feature_pvalues",
     "fit_calibration",
+    "fit_consistency",
+    "fit_feature_detector",
     "fuse",
     "fuse_full",
     "get_method",

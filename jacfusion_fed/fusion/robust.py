@@ -30,6 +30,9 @@ test samples as well.
 **Reliability** r_m in [0, 1]: the typicality p-value u_m; for M >= 3 times the cross-modal
 consistency min(1, 2 sum_k q_{-m}(k) pi_m(k)), where q_{-m} is the fusion below of the other
 modalities gated by typicality alone (how plausible modality m finds what the others say).
+With further detection p-values (``pvalues``: the owners' feature p-values and the
+coordinator's cross-modal consistency, issue 20, :mod:`jacfusion_fed.fusion.detection`), u_m is
+first replaced by their Fisher (or Cauchy) combination with u_m.
 The p-values inside r_m are interpolated between the published scores (and decay
 exponentially past the largest one, continuously) so that gradients flow for adaptive attacks;
 the prediction set uses the exact ones.
@@ -83,6 +86,7 @@ from ._validation import (
 )
 from .gram import GramFactor, factor_gram
 from .implicit import implicit_apply
+from .pvalues import COMBINERS, combine_pvalues
 from .solver import flush_tiny
 from .statistical import combine_logits
 
@@ -405,6 +409,8 @@ def robust_fusion(
     gamma: float = 0.1,
     fused_scores: ArrayLike | None = None,
     raps_lambda: float = 0.0,
+    pvalues: ArrayLike | None = None,
+    combine: str = "fisher",
 ) -> RobustFusion:
     """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
 
@@ -427,6 +433,13 @@ def robust_fusion(
             on labelled clean calibration data); the prediction set is then the fused APS
             set (:func:`aps_sets`). None: the per-modality Bonferroni set.
         raps_lambda: RAPS's size penalty of that set (the value the scores were computed with).
+        pvalues: further detection p-values per sample and modality, (N, M) or (N, M, S)
+            (issue 20: the owners' feature p-values, the coordinator's cross-modal
+            consistency, :mod:`jacfusion_fed.fusion.detection`); combined with the typicality
+            p-value by ``combine`` into the reliability r_m, which then sets both the
+            contamination and the Jacobian gate. None: typicality alone (as before).
+        combine: ``"fisher"`` or ``"cauchy"``
+            (:func:`~jacfusion_fed.fusion.pvalues.combine_pvalues`).
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.
@@ -488,7 +501,19 @@ def robust_fusion(
             for m, lr in enumerate(log_ratios)
         ]
 
+    if combine not in COMBINERS:
+        raise FusionInputError(f"unknown combination {combine!r}; valid: {', '.join(COMBINERS)}")
     reliability = typ
+    if pvalues is not None:
+        extra = to_tensor(pvalues, "pvalues", device=device, dtype=torch.float64)
+        if extra.ndim == 2:
+            extra = extra.unsqueeze(2)
+        if extra.ndim != 3 or extra.shape[:2] != (n, m_count):
+            raise FusionInputError(
+                f"pvalues must have shape ({n}, {m_count}) or ({n}, {m_count}, S), "
+                f"got {tuple(extra.shape)}"
+            )
+        reliability = combine_pvalues(torch.cat([typ.unsqueeze(2), extra], dim=2), combine)
     if consistency if consistency is not None else m_count >= 3:
         # the others' opinion is itself gated by their typicality, so one broken modality
         # does not make the clean ones look inconsistent

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -99,6 +100,19 @@ class ImportedModel(nn.Module):
         self.head = head
         if loaded.format != "export":  # an exported program has no train/eval mode
             self.module.eval()
+        # the head's input (the features) of the calling thread's forward pass, for the
+        # owner's detector (issue 20): a permanent hook that stores only when that thread
+        # asked, so concurrent forward passes never see each other's features
+        self._capture = threading.local()
+        self._hooked = False
+        if not isinstance(self.module, torch.jit.ScriptModule):
+            try:
+                target = self.module.get_submodule(head_name)
+            except AttributeError:
+                target = None
+            if isinstance(target, nn.Module) and not isinstance(target, torch.jit.ScriptModule):
+                target.register_forward_pre_hook(self._store_features)
+                self._hooked = True
 
     @property
     def num_classes(self) -> int:
@@ -124,6 +138,30 @@ class ImportedModel(nn.Module):
         """Imported models only ever run in eval mode (an export has no train mode)."""
         self.training = False
         return self
+
+    def _store_features(self, _module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        rows = getattr(self._capture, "rows", None)
+        if rows is not None and inputs and isinstance(inputs[0], torch.Tensor):
+            rows.append(inputs[0].detach())
+
+    def recover_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The head's input (N, H) for inputs ``x`` (one forward pass), or None when the
+        format does not allow it (TorchScript and export archives: no hooks; their features
+        are only recoverable by the import's head probe, which swaps the head's weights and is
+        not safe while other requests run)."""
+        if not self._hooked:
+            return None
+        self._capture.rows = []
+        try:
+            with torch.no_grad():
+                self.forward(x)
+            rows: list[torch.Tensor] = self._capture.rows
+        finally:
+            self._capture.rows = None
+        if not rows:
+            return None
+        feats = torch.cat(rows).flatten(1)
+        return feats if feats.shape == (x.shape[0], self.feature_dim) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_spec.normalise(x)

@@ -38,6 +38,7 @@ from jacfusion_fed.store import ModelStore
 from jacfusion_fed.store.record_store import DB_NAME, PutResult
 from jacfusion_fed.training import predict_logits, train_epochs
 
+from .detector import pvalues_of_inputs, workspace_detector
 from .importing import IMPORT_FORMATS, ImportedModel, rebuild
 from .input_spec import InputSpec
 from .live import LiveRecords
@@ -80,6 +81,8 @@ class LogitAnswer:
     sample_ids: list[str]
     logits: np.ndarray  # (len(sample_ids), K) float64
     unknown_ids: list[str]
+    #: the owner's detector p-value per known id (issue 20), None when it has no detector
+    pvalues: np.ndarray | None = None
 
 
 def choose_arch(dataset: str, modality: str, input_shape: tuple[int, ...]) -> str:
@@ -130,6 +133,8 @@ class OwnerWorkspace:
         self._index: dict[str, tuple[str, int]] | None = None
         self._lock = threading.Lock()
         self._models: dict[str, UnimodalNet | ImportedModel] = {}
+        # detector p-values of data-source records per model version (they never change)
+        self._source_pvalues: dict[str, dict[str, float]] = {}
         self._logit_cache: dict[str, _LogitTable] = {}
 
     # --- records -------------------------------------------------------------------------
@@ -258,6 +263,7 @@ class OwnerWorkspace:
             self._pseudonymizer = new
             self._index = None
             self._logit_cache.clear()
+            self._source_pvalues.clear()
         return renamed_erased
 
     # --- training ------------------------------------------------------------------------
@@ -477,6 +483,55 @@ class OwnerWorkspace:
         values = np.concatenate(rows).reshape(len(rows), k) if rows else np.zeros((0, k))
         return LogitAnswer(version, known, values, unknown)
 
+    # --- detection (issue 20) -------------------------------------------------------------
+
+    def detection_pvalues(self, sample_ids: list[str], version: str) -> np.ndarray | None:
+        """The feature detector's conformal p-value (float64) of each of ``sample_ids`` (ids
+        this owner holds, e.g. a :class:`LogitAnswer`'s), in order; None without a detector
+        (no validation split, or a model that exposes no features). Data-source records are
+        computed once per version; live records every time (they can be replaced)."""
+        if workspace_detector(self, version) is None:
+            return None
+        index = self._pseudonym_index()
+        with self._lock:
+            memo = self._source_pvalues.setdefault(version, {})
+            if len(self._source_pvalues) > 2:  # keep the newest versions
+                self._source_pvalues.pop(next(iter(self._source_pvalues)))
+        live = (
+            self.live.store.get_many([s for s in sample_ids if s in self.live])
+            if len(self.live)
+            else {}
+        )
+        todo, rows = [], []
+        for pos, sid in enumerate(sample_ids):
+            if sid in live:
+                todo.append(pos)
+                rows.append(np.asarray(live[sid]))
+            elif sid in memo:
+                continue
+            elif sid in index:
+                split, row = index[sid]
+                todo.append(pos)
+                rows.append(self.records[split].modalities[self.modality][row])
+            else:  # erased or expired since its logits were read: no p-values this time
+                return None
+        fresh: dict[int, float] = {}
+        if rows:
+            _, model = self.load_model(version)
+            x = torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+            values = pvalues_of_inputs(self, version, model, x)
+            if values is None:
+                return None
+            fresh = dict(zip(todo, (float(v) for v in values), strict=True))
+            with self._lock:
+                for pos, v in fresh.items():
+                    if sample_ids[pos] not in live:
+                        memo[sample_ids[pos]] = v
+        return np.array(
+            [fresh[pos] if pos in fresh else memo[sid] for pos, sid in enumerate(sample_ids)],
+            dtype=np.float64,
+        )
+
     # --- robustness evaluation -----------------------------------------------------------
 
     def perturbed_logits(
@@ -512,4 +567,6 @@ class OwnerWorkspace:
         else:
             x = perturbation(x, generator)
         values = predict_logits(model, x).to(torch.float64).numpy()
-        return LogitAnswer(version, known, values, unknown)
+        return LogitAnswer(
+            version, known, values, unknown, pvalues_of_inputs(self, version, model, x)
+        )

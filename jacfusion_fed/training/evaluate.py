@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["as_tensor", "evaluate_accuracy", "model_device", "predict_logits"]
+__all__ = ["as_tensor", "evaluate_accuracy", "model_device", "predict_features", "predict_logits"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -60,3 +60,38 @@ def evaluate_accuracy(
     if len(logits) != len(yt):
         raise ValueError(f"{len(logits)} inputs but {len(yt)} labels")
     return float((logits.argmax(dim=1) == yt).float().mean())
+
+
+def predict_features(model: nn.Module, x: Any, batch_size: int = 512) -> torch.Tensor | None:
+    """Penultimate features ``(N, H)`` float64 on the CPU (``model.features``, eval mode; an
+    imported model's ``recover_features``), or None when the model exposes neither (or an
+    imported archive whose features cannot be read)."""
+    features = getattr(model, "features", None)
+    recover = getattr(model, "recover_features", None)
+    if not isinstance(features, nn.Module):
+        if not callable(recover):
+            return None
+        xt = as_tensor(x, torch.float32)
+        parts = [recover(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
+        if any(p is None for p in parts):
+            return None
+        if not parts:
+            return torch.zeros((0, 0), dtype=torch.float64)
+        return torch.cat(parts).to(torch.float64)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = model_device(model)
+    xt = as_tensor(x, torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outs = [
+                features(xt[i : i + batch_size].to(dev)).cpu()
+                for i in range(0, len(xt), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.zeros((0, 0), dtype=torch.float64)
+    return torch.cat(outs).flatten(1).to(torch.float64)

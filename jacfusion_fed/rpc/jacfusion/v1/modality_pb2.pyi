@@ -417,6 +417,7 @@ class LogitsBatch(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _builtins.int
     LOGITS_FIELD_NUMBER: _builtins.int
     UNKNOWN_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    PVALUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the samples in `logits`, in row order (a subsequence of the requested ids)."""
@@ -429,16 +430,27 @@ class LogitsBatch(_message.Message):
     def unknown_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requested ids the owner holds no data for (no row in `logits`)."""
 
+    @_builtins.property
+    def pvalues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The owner's detector p-value of each row of `logits` (same order, in (0, 1]): a
+        split-conformal p-value of a class-conditional Mahalanobis score on the owner's
+        penultimate features, fitted on its clean validation split. Small: the input looks
+        atypical to the owner's net. Empty when the owner has no detector (no validation split,
+        an imported model); otherwise exactly len(sample_ids) values. Nothing else of the
+        features leaves the owner (docs/calibration.md).
+        """
+
     def __init__(
         self,
         *,
         sample_ids: _abc.Iterable[_builtins.str] | None = ...,
         logits: _common_pb2.Matrix | None = ...,
         unknown_sample_ids: _abc.Iterable[_builtins.str] | None = ...,
+        pvalues: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits", "sample_ids", b"sample_ids", "unknown_sample_ids", b"unknown_sample_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits", "pvalues", b"pvalues", "sample_ids", b"sample_ids", "unknown_sample_ids", b"unknown_sample_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,118 @@
+"""Issue 20: the detection table is written by the code, and the figures quoted in
+docs/calibration.md are those of the committed results file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jacfusion_fed.evaluation.detection import SIGNALS, auroc, detection_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "docs" / "results" / "avdigits-detection.json"
+
+
+def test_auroc_matches_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, 40).round(1), rng.normal(0, 1, 50).round(1)  # with ties
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auroc(pos, neg) == pytest.approx(pairs)
+    assert auroc(np.ones(3), np.zeros(3)) == 1.0 and auroc(np.zeros(3), np.ones(3)) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(np.ones(0), np.ones(3))
+
+
+def test_committed_markdown_is_the_json_rendered() -> None:
+    result = json.loads(RESULT.read_text())
+    md = (RESULT.parent / "avdigits-detection.md").read_text()
+    assert md == detection_markdown(result)
+    assert result["adaptive_attack"]["done"] is True
+    for key in result["settings"]:
+        auc = result["table"][key].get("auroc")
+        if auc:
+            assert set(auc) == set(SIGNALS)
+            assert all(0.0 <= v <= 1.0 for v in auc.values())
+
+
+def test_docs_quote_the_committed_detection_figures() -> None:
+    result = json.loads(RESULT.read_text())
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    block = text.split("<!-- detection-quote -->", 1)[1]
+    rows = [line for line in block.splitlines()[3:] if line.startswith("|")]
+    assert len(rows) == 4
+    keys = {
+        "Aud FGSM": "audio:fgsm",
+        "Aud PGD": "audio:pgd",
+        "Img FGSM": "image:fgsm",
+        "Img PGD": "image:pgd",
+    }
+    for row in rows:
+        name, fisher, best, adaptive, worst = (c.strip() for c in row.strip().strip("|").split("|"))
+        cell = result["table"][keys[name]]
+        assert fisher == f"{100 * cell['auroc']['fisher']:.1f}"
+        assert best == f"{100 * cell['auroc']['consistency']:.1f}"
+        assert adaptive == f"{100 * cell['adaptive']['auroc']['fisher']:.1f}"
+        assert worst == f"{100 * cell['adaptive']['robust_acc_detect_worst']:.1f}"
+        assert cell["adaptive"]["auroc"]["fisher"] < 0.5  # "below 50", as the doc says
+        singles = {s: cell["auroc"][s] for s in ("typicality", "feature", "consistency")}
+        assert max(singles, key=lambda s: singles[s]) == "consistency"
+        # the doc says the target is missed
+        assert cell["auroc"]["fisher"] < 0.9
+    assert "**missed**" in text
+    t = result["table"]
+    prose = " ".join(block.split("The random corruptions", 1)[1].split())  # one line
+    for key in ("audio:w0", "image:w0", "image:w23", "audio:w1"):
+        assert f"{100 * t[key]['auroc']['fisher']:.1f}" in prose, key
+    clean = t["clean"]
+    assert (
+        f"from {100 * clean['robust_acc']:.1f} to {100 * clean['robust_acc_detect']:.1f}" in prose
+    )
+    alarms = [result["per_seed"][s]["clean"]["false_alarm_0.05"] for s in result["per_seed"]]
+    singles = ("typicality", "feature", "consistency")
+    single = max(v for a in alarms for sig in singles for v in a[sig].values())
+    fisher = {m: max(a["fisher"][m] for a in alarms) for m in alarms[0]["fisher"]}
+    worst = max(fisher, key=lambda m: fisher[m])
+    assert f"up to {single:.2f} at 0.05" in prose
+    assert f"{fisher[worst]:.2f} for the Fisher combination on the {worst} modality" in prose
+    assert not any(math.isnan(v) for v in result["table"]["audio:fgsm"]["auroc"].values())
+
+
+def test_cli_evaluate_detection_twomoon_quick(tmp_path: Path) -> None:
+    """The user's path: ``jacfusion-fed evaluate --detection`` prints and writes the table."""
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+
+    out = tmp_path / "det"
+    args = ["evaluate", "--detection", "--dataset", "twomoon", "--quick", "--seeds", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "detection AUROC" in result.output and "fisher" in result.output
+    res = json.loads((out / "twomoon-detection.json").read_text())
+    assert (out / "twomoon-detection.md").read_text() == detection_markdown(res)
+    assert res["seeds"] == [0] and res["settings"][0] == "clean" and len(res["settings"]) > 1
+    missing = res["table"][next(k for k in res["settings"] if "w1" in k)]
+    assert missing["auroc"]["fisher"] > 0.9  # missing entries are easy to see
+    attacks = [k for k in res["settings"] if res["table"][k]["type"] in ("fgsm", "pgd")]
+    assert attacks and all("adaptive" in res["table"][k] for k in attacks)
+    for k in attacks:
+        cell = res["table"][k]["adaptive"]
+        # the per-sample worst case of two attacks is never better than either
+        assert cell["robust_acc_detect_worst"] <= cell["robust_acc_detect"] + 1e-12
+        assert cell["robust_acc_detect_worst"] <= res["table"][k]["robust_acc_detect"] + 1e-12
+
+
+def test_cli_detection_and_unknown_exclude_each_other(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from jacfusion_fed.cli import app
+
+    args = ["evaluate", "--detection", "--unknown", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "either --unknown or --detection" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--detection", "--dataset", "emergency"])
+    assert result.exit_code != 0 and "unknown dataset" in result.output

@@ -1,0 +1,130 @@
+"""Issue 20: an owner's detector p-values next to its logits (gRPC), and the coordinator's
+check of them. (The Flower query reply and its allow-list: tests/test_apps_client.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from jacfusion_fed.clients.modality_service import ModalityServicer
+from jacfusion_fed.fusion import fit_feature_detector
+from jacfusion_fed.fusion.detection import feature_pvalues
+from jacfusion_fed.owner import OwnerWorkspace
+from jacfusion_fed.owner.detector import workspace_detector
+from jacfusion_fed.privacy import Pseudonymizer
+from jacfusion_fed.robustness.perturbations import GaussianNoise
+from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
+from jacfusion_fed.rpc.matrix import encode_matrix
+from jacfusion_fed.server.fanout import OwnerFailure, logits_of
+from jacfusion_fed.training import predict_features
+
+DATA = "builtin:twomoon?quick=1&seed=0"
+
+
+class _Context:
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> OwnerWorkspace:
+    root: Path = tmp_path_factory.mktemp("owner")
+    workspace = OwnerWorkspace(root / "ws", "y", DATA, Pseudonymizer(b"k" * 32))
+    workspace.train(epochs=2, seed=0)
+    return workspace
+
+
+def test_get_logits_carries_one_pvalue_per_row(ws: OwnerWorkspace) -> None:
+    ids = ws.pseudonyms("test")[:40]
+    servicer = ModalityServicer(ws, "y-owner")
+    resp = servicer.GetLogits(modality_pb2.GetLogitsRequest(sample_ids=ids), _Context())  # type: ignore[arg-type]
+    batch = resp.batch
+    pv = np.array(batch.pvalues)
+    assert pv.shape == (len(batch.sample_ids),) == (40,)
+    assert ((pv > 0) & (pv <= 1)).all()
+    # the same numbers as the detector fitted here on the owner's validation features
+    version, model = ws.load_model()
+    val = ws.records["val"]
+    x_val, y_val = val.tensors("y")
+    det = fit_feature_detector(predict_features(model, x_val), y_val, 2)
+    x = torch.from_numpy(ws.records["test"].modalities["y"][:40])
+    np.testing.assert_allclose(pv, feature_pvalues(det, predict_features(model, x)).numpy())
+    # the response holds nothing else about the features (the proto's fields, by name)
+    assert {f.name for f in batch.DESCRIPTOR.fields} == {
+        "sample_ids",
+        "logits",
+        "unknown_sample_ids",
+        "pvalues",
+    }
+    # a second call (the per-version memo) answers the same
+    again = servicer.GetLogits(modality_pb2.GetLogitsRequest(sample_ids=ids), _Context())  # type: ignore[arg-type]
+    assert list(again.batch.pvalues) == list(batch.pvalues)
+    assert workspace_detector(ws, version) is not None
+
+
+def test_perturbed_inputs_get_their_own_pvalues(ws: OwnerWorkspace) -> None:
+    ids = ws.pseudonyms("test")[:60]
+    clean = ws.detection_pvalues(ids, ws.current_version())
+    noisy = ws.perturbed_logits(ids, GaussianNoise(0.5), generator=torch.Generator().manual_seed(0))
+    assert clean is not None and noisy.pvalues is not None
+    assert noisy.pvalues.shape == (60,)
+    assert float(np.median(noisy.pvalues)) < float(np.median(clean))
+
+
+def _batch(rows: int, pvalues: list[float]) -> Any:
+    ids = [f"{i:064x}" for i in range(rows)]
+    return modality_pb2.LogitsBatch(
+        sample_ids=ids, logits=encode_matrix(np.zeros((rows, 2))), pvalues=pvalues
+    )
+
+
+def test_coordinator_checks_the_pvalues() -> None:
+    assert logits_of("y", _batch(3, []), 3, 2, "v").shape == (3, 2)  # none: fine
+    assert logits_of("y", _batch(3, [0.1, 1.0, 0.5]), 3, 2, "v").shape == (3, 2)
+    for bad in ([0.1, 0.2], [0.1, 0.2, 0.0], [0.1, 0.2, 1.5], [0.1, 0.2, float("nan")]):
+        with pytest.raises(OwnerFailure) as info:
+            logits_of("y", _batch(3, bad), 3, 2, "v")
+        assert info.value.code == grpc.StatusCode.DATA_LOSS
+        assert "detector p-values" in str(info.value)
+
+
+def test_detector_split_is_the_calibration_split() -> None:
+    from jacfusion_fed.owner.calibration import CALIBRATION_SPLIT
+    from jacfusion_fed.owner.detector import DETECTOR_SPLIT
+
+    assert DETECTOR_SPLIT == CALIBRATION_SPLIT
+
+
+def test_logits_batch_change_is_additive() -> None:
+    fields = [
+        (f.name, f.number, f.type, f.is_repeated)
+        for f in modality_pb2.LogitsBatch.DESCRIPTOR.fields
+    ]
+    assert fields == [
+        ("sample_ids", 1, 9, True),
+        ("logits", 2, 11, False),
+        ("unknown_sample_ids", 3, 9, True),
+        ("pvalues", 4, 1, True),  # repeated double, new in issue 20
+    ]
+
+
+def test_live_records_get_pvalues_of_their_current_content(ws: OwnerWorkspace) -> None:
+    pz = Pseudonymizer(b"k" * 32)
+    ids = [pz(f"live-{i}") for i in range(4)]
+    x = ws.records["test"].modalities["y"][:4].copy()
+    ws.put_records(ids, x)
+    version = ws.current_version()
+    servicer = ModalityServicer(ws, "y-owner")
+    resp = servicer.GetLogits(modality_pb2.GetLogitsRequest(sample_ids=ids), _Context())  # type: ignore[arg-type]
+    first = np.array(resp.batch.pvalues)
+    src = ws.detection_pvalues(ws.pseudonyms("test")[:4], version)
+    np.testing.assert_allclose(first, src)  # same inputs, same p-values
+    far = np.clip(x + 0.9 * np.sign(0.5 - x), 0, 1).astype(x.dtype)  # very different content
+    ws.put_records(ids, far, replace=True)
+    again = ws.detection_pvalues(ids, version)
+    assert again is not None and not np.allclose(again, first)  # nothing stale
