@@ -380,6 +380,16 @@ def logits_of(name: str, batch: Any, rows: int, k: int, version: str) -> np.ndar
             f"K mismatch: owner of {name!r} sent {matrix.cols} logits per sample, but its "
             f"registered head (version {version}) has K={k}",
         )
+    pvalues = batch.pvalues  # the owner's detector p-values (issue 20): checked, not used yet
+    if len(pvalues) and (
+        len(pvalues) != rows
+        or not all(0.0 < v <= 1.0 for v in pvalues)  # NaN fails both comparisons
+    ):
+        raise OwnerFailure(
+            grpc.StatusCode.DATA_LOSS,
+            f"owner of {name!r} sent {len(pvalues)} detector p-values for {rows} rows, or "
+            "values outside (0, 1]",
+        )
     # The common case in one pass over the message's bytes (read once: each read of a bytes
     # field copies it): a view, its range checked by max and min (a NaN fails both
     # comparisons, an infinity the bound), then one copy into a writable native float64 array
@@ -406,16 +416,6 @@ def logits_of(name: str, batch: Any, rows: int, k: int, version: str) -> np.ndar
             f"owner of {name!r} sent non-finite logits (NaN or Inf) for {len(bad)} "
             f"sample(s): {list_ids(bad)}",
         ) from exc
-    pvalues = batch.pvalues  # the owner's detector p-values (issue 20): checked, not used yet
-    if len(pvalues) and (
-        len(pvalues) != rows
-        or not all(0.0 < v <= 1.0 for v in pvalues)  # NaN fails both comparisons
-    ):
-        raise OwnerFailure(
-            grpc.StatusCode.DATA_LOSS,
-            f"owner of {name!r} sent {len(pvalues)} detector p-values for {rows} rows, or "
-            "values outside (0, 1]",
-        )
     if values.size and (largest := float(np.abs(values).max())) > MAX_ABS_OWNER_VALUE:
         out = np.abs(values).max(axis=1) > MAX_ABS_OWNER_VALUE
         bad = [batch.sample_ids[i] for i in np.flatnonzero(out)]
