@@ -250,7 +250,8 @@ def store_batch(b: int, size: int, seed: int) -> tuple[list[str], np.ndarray]:
 def store_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
     """SIGKILL a process calling ``RecordStore.put`` in a loop, ``store_kills`` times."""
     size = cfg.store_batch_records
-    batches = max(cfg.batches, 4 * cfg.store_kills)
+    # Each round acknowledges at most 8 batches before its kill, so this many never run out.
+    batches = max(cfg.batches, 8 * cfg.store_kills + 8)
     parts = [store_batch(b, size, cfg.seed) for b in range(batches)]
     ids = [sid for part_ids, _ in parts for sid in part_ids]
     x = np.concatenate([part_x for _, part_x in parts])
@@ -263,7 +264,15 @@ def store_crash_run(root: Path, cfg: CrashConfig) -> dict[str, Any]:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the writer did not start")
-        time.sleep(timer.uniform(0.2, 1.5))
+        # Killed after a random number of acknowledged batches, a random moment into the next
+        # put: independent of how fast the machine writes (a time-based kill let a quiet
+        # machine finish every batch before the last kill).
+        for _ in range(timer.randint(1, 8)):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acked.add(int(line))
+        time.sleep(timer.uniform(0.0, 0.02))
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
         acked |= {int(line) for line in out.split()}
