@@ -41,7 +41,7 @@ def test_committed_markdown_is_the_json_rendered() -> None:
 def test_docs_quote_the_committed_detection_figures() -> None:
     result = json.loads(RESULT.read_text())
     text = (ROOT / "docs" / "calibration.md").read_text()
-    block = text.split("<!-- detection-quote -->", 1)[1]
+    block = text.split("<!-- detection-quote -->", 1)[1].split("\n### ", 1)[0]
     rows = [line for line in block.splitlines()[3:] if line.startswith("|")]
     assert len(rows) == 4
     keys = {
@@ -116,3 +116,77 @@ def test_cli_detection_and_unknown_exclude_each_other(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "either --unknown or --detection" in result.output
     result = CliRunner().invoke(app, ["evaluate", "--detection", "--dataset", "emergency"])
     assert result.exit_code != 0 and "unknown dataset" in result.output
+
+
+def test_auroc_interval_keeps_seeds_and_pairs_together() -> None:
+    """Identical seeds add no information: the clustered interval of three copies of one seed
+    is that seed's interval, where pooling the copies as independent samples would narrow it."""
+    from jacfusion_fed.evaluation.detection import auroc_interval
+
+    rng = np.random.default_rng(1)
+    neg = rng.normal(0.0, 1.0, 200)
+    pos = neg + rng.normal(0.4, 1.0, 200)  # paired with its clean score, like a perturbation
+    one = auroc_interval([pos], [neg], resamples=400)
+    three = auroc_interval([pos] * 3, [neg] * 3, resamples=400)
+    assert one["mean"] == pytest.approx(auroc(pos, neg))
+    assert one["low"] < one["mean"] < one["high"]
+    assert three["low"] == pytest.approx(one["low"]) and three["high"] == pytest.approx(one["high"])
+    assert three["seed_sd"] == 0.0
+    pooled = auroc_interval([np.tile(pos, 3)], [np.tile(neg, 3)], resamples=400)
+    assert pooled["high"] - pooled["low"] < 0.75 * (one["high"] - one["low"])
+    with pytest.raises(ValueError, match="same N"):
+        auroc_interval([pos], [neg[:10]])
+
+
+@pytest.mark.parametrize("a", [0.5, 0.7, 0.9, 0.99])
+def test_synthetic_detector_has_the_asked_auroc(a: float) -> None:
+    import torch
+
+    from jacfusion_fed.evaluation.detection import synthetic_pvalues
+
+    gen = torch.Generator().manual_seed(0)
+    u = synthetic_pvalues(20000, 2, 1, a, gen)
+    clean = synthetic_pvalues(20000, 2, None, a, gen)
+    assert auroc(1 - u[:, 1].numpy(), 1 - clean[:, 1].numpy()) == pytest.approx(a, abs=0.01)
+    assert auroc(1 - u[:, 0].numpy(), 1 - clean[:, 0].numpy()) == pytest.approx(0.5, abs=0.01)
+    assert bool((synthetic_pvalues(5, 3, 2, 1.0, gen)[:, 2] == 0).all())
+    with pytest.raises(ValueError, match=r"\[0.5, 1\]"):
+        synthetic_pvalues(5, 2, 0, 0.3, gen)
+
+
+def test_docs_quote_the_oracle_bound() -> None:
+    result = json.loads(RESULT.read_text())
+    syn = result["synthetic"]
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    block = text.split("<!-- detection-oracle-quote -->", 1)[1]
+    rows = [line for line in block.splitlines()[3:] if line.startswith("|")]
+
+    def ci(x: dict[str, float]) -> str:
+        return f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
+
+    assert len(rows) == 4
+    for row in rows:
+        name, mean, vs_alone, clean = (c.strip() for c in row.strip().strip("|").split("|"))
+        r = syn["rows"][name.split()[0]]
+        assert mean == f"{r['mean']:.1f}"
+        assert vs_alone == ci(r["mean_minus_best_clean_alone"])
+        assert clean == ci(r["clean_minus_robust"])
+    section = text.split("### What a perfect detector would buy", 1)[1].split("\n## ", 1)[0]
+    prose = " ".join(section.split())
+    assert f"({syn['best_clean_alone_mean']:.1f}, the issue's oracle" in prose
+    oracle = syn["rows"]["1"]["mean_minus_best_clean_alone"]
+    # "only ties": the oracle's interval includes 0
+    assert "Even the oracle detector only ties" in prose and oracle["low"] <= 0 <= oracle["high"]
+    assert syn["rows"]["0.9"]["mean_minus_best_clean_alone"]["low"] <= 0
+    t = result["table"]
+    attacks = [
+        t[k]["auroc"]["fisher"] for k in result["settings"] if t[k]["type"] in ("fgsm", "pgd")
+    ]
+    assert f"{100 * min(attacks):.1f} to {100 * max(attacks):.1f}" in prose
+    clean = t["clean"]["detect_minus_plain"]
+    assert f"loses {-clean['mean']:.1f} points on clean data ({ci(clean)})" in prose
+    assert clean["high"] < 0  # "loses": the whole interval is below 0
+    unknown = json.loads((RESULT.parent / "avdigits-unknown.json").read_text())["pooled"]
+    image = [k for k in unknown if k.startswith("image:")]
+    beats = sum(unknown[k]["jac_oracle"] > unknown[k]["alone:audio"] for k in image)
+    assert f"{['no', 'one', 'two', 'three', 'four'][beats]} of the four image columns" in prose
