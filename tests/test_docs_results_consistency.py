@@ -166,6 +166,10 @@ def test_unknown_tables_match_their_json(dataset: str) -> None:
     assert md == unknown_markdown(json.loads(path.read_text()))
 
 
+def _ci_cell(ci: dict[str, float]) -> str:
+    return f"{ci['mean']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] ({ci['seed_sd']:.1f})"
+
+
 def test_readme_unknown_summary_table() -> None:
     rows = _table_after((ROOT / "README.md").read_text(), "| dataset | Stat-w/o | Stat-w/ (oracle)")
     assert [r[0] for r in rows] == ["avdigits", "twomoon", "emergency"]
@@ -173,12 +177,13 @@ def test_readme_unknown_summary_table() -> None:
         d = _json(f"{row[0]}-unknown.json")
         assert len(d["seeds"]) >= 3, "headline tables need at least 3 training seeds"
         m, c = d["mean"], d["pooled"]["clean"]
-        ci = m["robust-stat"]
         want = [
             f"{m['stat']:.1f}",
             f"{m['jac_oracle']:.1f}",
             f"{m['robust']:.1f}",
-            f"{ci['mean']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] ({ci['seed_sd']:.1f})",
+            _ci_cell(m["robust-stat"]),
+            f"{m['robust_detect']:.1f}",
+            _ci_cell(m["robust_detect-robust"]),
             f"{100 * c['coverage']:.1f}",
             f"{c['set_size']:.2f}",
             f"{100 * c['empty_sets']:.1f}",
@@ -196,7 +201,6 @@ def test_results_readme_unknown_table() -> None:
         d = _json(f"{row[0]}-unknown.json")
         t = targets(d)
         m, c = d["mean"], d["pooled"]["clean"]
-        ci = m["robust-stat"]
         modalities = sum(r.startswith("alone:") for r in d["rows"])
         want = [
             str(modalities),
@@ -205,13 +209,59 @@ def test_results_readme_unknown_table() -> None:
             f"{m['stat']:.1f}",
             f"{m['jac_oracle']:.1f}",
             f"{m['robust']:.1f}",
-            f"{ci['mean']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] ({ci['seed_sd']:.1f})",
+            _ci_cell(m["robust-stat"]),
+            f"{m['robust_detect']:.1f}",
+            _ci_cell(m["robust_detect-robust"]),
             f"{100 * c['coverage']:.1f}",
             f"{c['set_size']:.2f}",
             f"{100 * c['empty_sets']:.1f}",
             f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}",
         ]
         assert row[1:] == want, row[0]
+        # "below robust on all three datasets": the whole interval is below 0
+        assert m["robust_detect-robust"]["high"] < 0, row[0]
+
+
+def test_unknown_reading_quotes_the_files() -> None:
+    """The figures and marks of the "Reading" paragraph (docs/results/README.md) and of the
+    README's paragraph under the same table are those of the committed files."""
+    av, tm, em = (
+        _json(f"{d}-unknown.json")["pooled"] for d in ("avdigits", "twomoon", "emergency")
+    )
+    reading = " ".join((RESULTS / "README.md").read_text().split("**Reading.**", 1)[1].split())
+    reading = reading.split("## Run time", 1)[0]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    g, w1, tg = av["image:w0"], av["audio:w1"], tm["y:w0"]
+    mark = "robust-stat:mark"
+    assert (
+        f"AV-Digits image Gaussian {g['robust']:.1f} against Stat-w/o {g['stat']:.1f} and the "
+        f"oracle Stat-w/ {g['jac_oracle']:.1f}" in reading
+    )
+    assert (
+        f"(w1 = 8) {w1['robust']:.1f} {w1[mark]} against Stat-w/o {w1['stat']:.1f} and the "
+        f"oracle {w1['jac_oracle']:.1f}" in reading
+    )
+    assert (
+        f"TwoMoon Gaussian {tg['robust']:.1f} {tg[mark]} against Stat-w/o {tg['stat']:.1f} and "
+        f"the oracle {tg['jac_oracle']:.1f}" in reading
+    )
+    attacks = [k for k in av if k.split(":")[-1] in ("fgsm", "pgd")]
+    assert all(av[k][mark] == "=" for k in attacks)  # "ties Stat-w/o under every attack"
+    assert tm["y:pgd"][mark] == "↓"  # "significantly below Stat-w/o under TwoMoon's PGD"
+    assert em["scan:fgsm"][mark] == em["scan:pgd"][mark] == "↑"
+    v = em["vitals:w1"]
+    assert v[mark] == "=" and v["robust"] < v["stat"]
+    tie = f"({v['robust']:.1f} against {v['stat']:.1f}, a tie after Holm's correction"
+    assert tie in reading and tie in readme
+    marks = sum(k.endswith(":mark") for c in em.values() for k in c) + 3  # + the Mean column
+    assert f"over the table's {marks} marks" in reading
+    fg, pg = av["image:fgsm"], av["image:pgd"]
+    assert fg["robust_detect-stat:mark"] == pg["robust_detect-stat:mark"] == "↓"
+    assert (
+        f"image FGSM {fg['robust_detect']:.1f} and PGD {pg['robust_detect']:.1f} against "
+        f"Stat-w/o {fg['stat']:.1f} and {pg['stat']:.1f}" in reading
+    )
+    assert "significantly below Stat-w/o under both AV-Digits image attacks" in readme
 
 
 def test_paper_table_mark_counts_in_results_readme() -> None:

@@ -218,3 +218,36 @@ def test_hyperparameters_never_see_the_columns_perturbation_type() -> None:
     for seed in d["seeds"]:
         params = d["per_seed"][str(seed)]["params"]
         assert set(params) == set(d["settings"])  # one choice per test column
+
+
+def test_robust_detect_row_is_the_per_sample_worst_of_its_attacks() -> None:
+    """Issue 20's row: hyperparameters selected like robust's, and in an attacked column a
+    sample counts as right only if it survives the setting-1 attack, the end-to-end attack
+    through robust + detectors and the detector-aware attack on them."""
+    from jacfusion_fed.evaluation.signals import SignalAwarePGD
+    from jacfusion_fed.evaluation.unknown import SeedRun, perturbation_type
+    from jacfusion_fed.robustness import AttackSpec
+
+    run = SeedRun("twomoon", 0, quick=True, repeats=1)
+    run.select()
+    s = next(s for s in run.settings if perturbation_type(s) == "pgd")
+    run.params = run.params_by_setting[s.key]
+    assert set(run.params["robust_detect"]) == {"floor", "trust_level", "jacobian_level", "gamma"}
+    xs, zs = run.inputs(s, "test", 0)
+    right = run._detect_correct(s, xs, zs, 0)
+    log = run.detect_attack_log[s.key]
+    assert set(log) == {"setting1", "e2e", "detector_aware"}
+    assert float(right.mean()) <= min(v[0] for v in log.values()) + 1e-12
+    clean = run._detect_correct(run.settings[0], run.x["test"], run.clean["test"], 0)
+    assert float(clean.mean()) > float(right.mean())
+    # the end-to-end attack (lam = 0) raises the cross-entropy of robust + detectors
+    m = run.position(s)
+    assert isinstance(s.spec, AttackSpec)
+    attack = SignalAwarePGD(
+        run.signals(), run.clean["test"], m, lam=0.0, spec=s.spec, hp=run.params["robust_detect"]
+    )
+    x, y = run.x["test"][m], run.y["test"]
+    x_adv = attack(x, y, torch.Generator().manual_seed(0))
+    assert float((x_adv - x).abs().max()) <= s.spec.w4 + 1e-6
+    before, after = attack.objective(x, y).mean(), attack.objective(x_adv, y).mean()
+    assert float(after.detach()) > float(before.detach())

@@ -60,20 +60,13 @@ import torch
 
 from jacfusion_fed.atomicio import atomic_write_bytes
 from jacfusion_fed.fusion import (
-    combine_pvalues,
-    consistency_pvalues,
-    feature_pvalues,
-    fit_consistency,
-    fit_feature_detector,
     robust_fusion,
 )
-from jacfusion_fed.fusion.robust import _typicality as typicality_scores
-from jacfusion_fed.fusion.robust import conformal_pvalues
 from jacfusion_fed.robustness import AttackSpec
-from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
-from jacfusion_fed.training import predict_features, predict_logits
+from jacfusion_fed.training import predict_logits
 
 from .provenance import provenance
+from .signals import SIGNALS, SignalAwarePGD, Signals
 from .stats import cluster_bootstrap
 from .unknown import SeedRun, Setting, perturbation_type
 
@@ -89,7 +82,6 @@ __all__ = [
     "write_detection",
 ]
 
-SIGNALS: tuple[str, ...] = ("typicality", "feature", "consistency", "fisher", "cauchy")
 SYNTHETIC_AUROCS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 RESAMPLES = 2000
 
@@ -176,107 +168,17 @@ def synthetic_pvalues(
     return u
 
 
-def _features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    feats = predict_features(net, x)
-    if feats is None:  # the built-in nets always expose them
-        raise ValueError("the detection table needs nets that expose their features")
-    return feats
-
-
-class _Signals:
-    """The detectors of one seed, fitted on its clean validation split."""
-
-    def __init__(self, run: SeedRun) -> None:
-        self.run = run
-        feats_val = [_features(net, x) for net, x in zip(run.nets, run.x["val"], strict=True)]
-        k = int(run.nets[0].head.out_features)
-        self.detectors = [fit_feature_detector(f, run.y["val"], k) for f in feats_val]
-        self.consistency = fit_consistency(run.clean["val"], run.y["val"], run.log_prior)
-        self.clean_feature = torch.stack(  # (N test, M): the fixed modalities' own p-values
-            [
-                feature_pvalues(d, _features(net, x), smooth=True)
-                for d, net, x in zip(self.detectors, run.nets, run.x["test"], strict=True)
-            ],
-            dim=1,
-        )
-
-    def smooth_pvalues(
-        self, zs: Sequence[torch.Tensor], feats_m: torch.Tensor, m: int
-    ) -> torch.Tensor:
-        """Differentiable (feature, consistency) p-values (N, M, 2); modality m's feature
-        p-value from ``feats_m``, the others' those of their clean test inputs (fixed)."""
-        cons = consistency_pvalues(list(zs), self.consistency, smooth=True)
-        feat = self.clean_feature
-        feat_m = feature_pvalues(self.detectors[m], feats_m, smooth=True)
-        feat = torch.cat([feat[:, :m], feat_m[:, None], feat[:, m + 1 :]], dim=1)
-        return torch.stack([feat, cons], dim=2)
-
-    def pvalues(
-        self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Every signal's exact p-values (N, M) for logits ``zs`` of inputs ``xs``."""
-        typ = torch.stack(
-            [
-                conformal_pvalues(
-                    typicality_scores(z.to(torch.float64), c.class_means, c.precision),
-                    c.typicality_scores,
-                )
-                for z, c in zip(zs, self.run.calibrations, strict=True)
-            ],
-            dim=1,
-        )
-        feat = torch.stack(
-            [
-                feature_pvalues(d, _features(net, x))
-                for d, net, x in zip(self.detectors, self.run.nets, xs, strict=True)
-            ],
-            dim=1,
-        )
-        cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
-        three = torch.stack([typ, feat, cons], dim=2)
-        return {
-            "typicality": typ,
-            "feature": feat,
-            "consistency": cons,
-            "fisher": combine_pvalues(three, "fisher"),
-            "cauchy": combine_pvalues(three, "cauchy"),
-        }
-
-
-class SignalAwarePGD(DetectorAwarePGD):
-    """:class:`DetectorAwarePGD` whose reliability term is the Fisher combination of the
-    attacked modality's typicality, feature and consistency p-values (module docstring)."""
-
-    def __init__(self, signals: _Signals, position: int, *, lam: float, spec: AttackSpec) -> None:
-        run = signals.run
-        net = run.nets[position]
-        steps = 1 if spec.kind == "fgsm" else spec.w6
-        step = spec.w4 if spec.kind == "fgsm" else spec.w5
-        super().__init__(
-            net,
-            run.clean["test"],
-            position,
-            lambda z: (torch.zeros(0), torch.zeros(0)),  # unused: objective is overridden
-            eps=spec.w4,
-            alpha=step,
-            steps=steps,
-            lam=lam,
-            random_start=spec.kind == "pgd",
-        )
-        self.signals = signals
-        self.unet = net  # the built-in net: features and head
-
-    def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        run, m = self.signals.run, self.position
-        feats = self.unet.features(x).flatten(1).to(torch.float64)
-        logits = list(self.fixed)
-        logits[m] = self.unet.head(feats.to(torch.float32)).to(torch.float64)
-        pv = self.signals.smooth_pvalues(logits, feats, m)
-        out = robust_fusion(
-            logits, run.calibrations, run.log_prior, floor=0.05, trust_level=0.05, pvalues=pv
-        )
-        ce = -torch.log(out.p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-300))
-        return ce + self.lam * torch.log(out.reliability[:, m].clamp_min(1e-300))
+def seed_signals(run: SeedRun) -> Signals:
+    """The detectors of one seed (:class:`~.signals.Signals`), fitted on its validation split."""
+    return Signals(
+        run.nets,
+        run.x["val"],
+        run.y["val"],
+        run.clean["val"],
+        run.x["test"],
+        run.calibrations,
+        run.log_prior,
+    )
 
 
 def _perturbed_input(run: SeedRun, setting: Setting, draw: int) -> torch.Tensor:
@@ -358,7 +260,7 @@ def run_detection(
         for seed in seeds:
             run = SeedRun(dataset, seed, quick=quick)
             environment = environment or {**provenance(run.data), "threads": 1}
-            sig = _Signals(run)
+            sig = seed_signals(run)
             clean_p = sig.pvalues(run.clean["test"], run.x["test"])
             cells: dict[str, Any] = {}
             clean_extra = torch.stack([clean_p["feature"], clean_p["consistency"]], dim=2)
@@ -432,7 +334,7 @@ def run_detection(
                 )
                 adaptive_cell: dict[str, Any] | None = None
                 if adaptive and isinstance(setting.spec, AttackSpec):
-                    attack = SignalAwarePGD(sig, m, lam=lam, spec=setting.spec)
+                    attack = SignalAwarePGD(sig, run.clean["test"], m, lam=lam, spec=setting.spec)
                     x_m = attack(run.x["test"][m], run.y["test"], run._gen("h20", key))
                     zs = list(run.clean["test"])
                     zs[m] = predict_logits(run.nets[m], x_m)

@@ -8,6 +8,16 @@ measures per-sample correctness on the test split. Attacked columns are adaptive
 fusion row the worst case, per sample, of the setting-1 attack (on the modality's own net) and
 an end-to-end attack through that row's fusion; ``robust`` also faces the detector-aware attack
 (:class:`~jacfusion_fed.robustness.detector_aware.DetectorAwarePGD`).
+
+``robust_detect`` (issue 20) is ``robust`` with the detectors of :mod:`.signals` as extra
+p-values: each owner's feature p-value of the input it holds (under the setting: of the
+perturbed input) and the cross-modal consistency of the logits, combined with the typicality
+p-value by Fisher's method. Its hyperparameters are selected like robust's (same grid, same
+leave-the-test's-type-out rule, the validation p-values computed from the perturbed
+validation inputs), and in attacked columns it faces, per sample, the worst of the setting-1
+attack, the end-to-end attack through its own fusion and detectors
+(:class:`~.signals.SignalAwarePGD` with lam = 0) and the detector-aware attack on them (lam of
+the run). It answers every sample (no abstention, no conformal set).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from jacfusion_fed.training import predict_logits
 from .config import PRESETS, DatasetPreset, config_from_options
 from .emergency import EMERGENCY, make_emergency
 from .nets import NetZoo
+from .signals import SignalAwarePGD, Signals, robust_with
 
 __all__ = ["DATASETS", "ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
 
@@ -50,12 +61,13 @@ DATASETS: tuple[str, ...] = ("avdigits", "twomoon", "emergency")
 """Datasets of the table: the two built-ins and the three-modality example (M = 3)."""
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
-ROWS: tuple[str, ...] = ("stat", "jac_oracle", "jac_all", "robust")
+ROWS: tuple[str, ...] = ("stat", "jac_oracle", "jac_all", "robust", "robust_detect")
 ROW_LABELS = {
     "stat": "Stat-w/o",
     "jac_oracle": "Stat-w/ (oracle: knows the perturbed modality)",
     "jac_all": "Stat-w/ on all modalities",
     "robust": "robust",
+    "robust_detect": "robust + detectors (owners' feature p-values, consistency)",
 }
 GAMMAS: tuple[float, ...] = (0.1, 0.5, 0.9)
 ROBUST_GRID: dict[str, tuple[float, ...]] = {
@@ -182,6 +194,8 @@ class SeedRun:
         self.params_by_setting: dict[str, dict[str, Any]] = {}
         self._aps: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
         self.attack_log: dict[str, dict[str, list[dict[str, float]]]] = {}
+        self.detect_attack_log: dict[str, dict[str, list[float]]] = {}
+        self._signals: Signals | None = None
 
     # ------------------------------------------------------------------------- logits
     def _gen(self, *parts: object) -> torch.Generator:
@@ -194,16 +208,47 @@ class SeedRun:
 
     def logits(self, setting: Setting, split: str, draw: int) -> list[torch.Tensor]:
         """Every modality's logits under ``setting`` (setting-1 attack for attacks)."""
-        zs = list(self.clean[split])
+        return self.inputs(setting, split, draw)[1]
+
+    def inputs(
+        self, setting: Setting, split: str, draw: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every modality's inputs and logits under ``setting`` (setting-1 attack for
+        attacks): ``(xs, zs)``."""
+        xs, zs = list(self.x[split]), list(self.clean[split])
         if setting.spec is None:
-            return zs
+            return xs, zs
         i = self.position(setting)
         x, net, gen = self.x[split][i], self.nets[i], self._gen(setting.key, split, draw)
         if isinstance(setting.spec, AttackSpec):
-            zs[i] = predict_logits(net, setting.spec.build(net)(x, self.y[split], gen))
+            xs[i] = setting.spec.build(net)(x, self.y[split], gen)
         else:
-            zs[i] = predict_logits(net, setting.spec(x, gen))
-        return zs
+            xs[i] = setting.spec(x, gen)
+        zs[i] = predict_logits(net, xs[i])
+        return xs, zs
+
+    def signals(self) -> Signals:
+        """The seed's detectors (:class:`~.signals.Signals`), fitted on the clean validation
+        split once."""
+        if self._signals is None:
+            self._signals = Signals(
+                self.nets,
+                self.x["val"],
+                self.y["val"],
+                self.clean["val"],
+                self.x["test"],
+                self.calibrations,
+                self.log_prior,
+            )
+        return self._signals
+
+    def robust_detect(
+        self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], **hp: float
+    ) -> Any:
+        """robust + detectors (module docstring) with the selected (or given) hyperparameters."""
+        hp = {**self.params.get("robust_detect", {}), **hp}
+        extra = self.signals().extra(zs, xs)
+        return robust_with(zs, self.calibrations, self.log_prior, self.factors, extra, hp)
 
     def draws(self, setting: Setting) -> int:
         spec = setting.spec
@@ -276,7 +321,9 @@ class SeedRun:
         whose perturbation type differs from the column's (the clean column: over all
         settings; setting-1 attacks on validation; ties: the first in grid order). Returns
         the choice of each column (also in :attr:`params_by_setting`)."""
-        val = {s.key: self.logits(s, "val", 0) for s in self.settings}
+        val_inputs = {s.key: self.inputs(s, "val", 0) for s in self.settings}
+        val = {k: v[1] for k, v in val_inputs.items()}
+        val_extra = {k: self.signals().extra(zs, xs) for k, (xs, zs) in val_inputs.items()}
         y = self.y["val"]
         keys = [s.key for s in self.settings]
 
@@ -295,6 +342,28 @@ class SeedRun:
             for row in ("jac_oracle", "jac_all")
         }
         per_row["robust"] = (grid, np.stack([scores("robust", **hp) for hp in grid]))
+
+        def detect_scores(hp: dict[str, float]) -> np.ndarray:
+            return np.array(
+                [
+                    float(
+                        _acc(
+                            robust_with(
+                                val[k],
+                                self.calibrations,
+                                self.log_prior,
+                                self.factors,
+                                val_extra[k],
+                                hp,
+                            ).p,
+                            y,
+                        ).mean()
+                    )
+                    for k in keys
+                ]
+            )
+
+        per_row["robust_detect"] = (grid, np.stack([detect_scores(hp) for hp in grid]))
         for s in self.settings:
             allowed = np.array(
                 [
@@ -305,7 +374,7 @@ class SeedRun:
             chosen: dict[str, Any] = {}
             for row, (cands, table) in per_row.items():
                 mean = table[:, allowed].mean(axis=1)
-                if row == "robust":
+                if row in ("robust", "robust_detect"):
                     chosen[row] = dict(cands[int(np.argmax(mean))])
                 else:  # ties: the larger gamma
                     chosen[row] = {"gamma": max(zip(mean.tolist(), GAMMAS, strict=True))[1]}
@@ -353,10 +422,13 @@ class SeedRun:
                 "acc_answered": [],
             }
             for draw in range(self.draws(s)):
-                zs = self.logits(s, "test", draw)
+                xs, zs = self.inputs(s, "test", draw)
                 for m, name in enumerate(self.modalities):
                     rows.setdefault(f"alone:{name}", []).append(_acc(zs[m], y))
                 for row in ROWS:
+                    if row == "robust_detect":
+                        rows.setdefault(row, []).append(self._detect_correct(s, xs, zs, draw))
+                        continue
                     z_row = self._adaptive(row, s, zs, draw) if self._attacked(s) else zs
                     rows.setdefault(row, []).append(_acc(self.rule(row, s)(z_row), y))
                     if row == "robust":
@@ -379,6 +451,7 @@ class SeedRun:
             out[s.key] = {
                 "label": s.label,
                 "robust_attacks": self.attack_log.get(s.key, {}),
+                "robust_detect_attacks": self.detect_attack_log.get(s.key, {}),
                 "correct": {r: torch.stack(v).mean(0).tolist() for r, v in rows.items()},
                 **{k: float(np.mean(v)) for k, v in extra.items()},
             }
@@ -432,6 +505,39 @@ class SeedRun:
         out = list(clean)
         out[i] = worst
         return out
+
+    def _detect_correct(
+        self, s: Setting, xs: list[torch.Tensor], zs: list[torch.Tensor], draw: int
+    ) -> torch.Tensor:
+        """Per-sample correctness (N,) of robust + detectors; in attacked columns the worst,
+        per sample, of the setting-1 attack, the end-to-end attack through robust + detectors
+        and the detector-aware attack on them (module docstring)."""
+        y = self.y["test"]
+        right = _acc(self.robust_detect(zs, xs).p, y)
+        if not self._attacked(s):
+            return right
+        spec = s.spec
+        assert isinstance(spec, AttackSpec)
+        i, clean = self.position(s), self.clean["test"]
+        log = self.detect_attack_log.setdefault(s.key, {})
+        log.setdefault("setting1", []).append(float(right.mean()))
+        for name, lam in (("e2e", 0.0), ("detector_aware", self.lam)):
+            attack = SignalAwarePGD(
+                self.signals(),
+                clean,
+                i,
+                lam=lam,
+                spec=spec,
+                hp=self.params["robust_detect"],
+                factors=self.factors,
+            )
+            x_adv = attack(self.x["test"][i], y, self._gen("h20", name, s.key, draw))
+            xs_a, zs_a = list(self.x["test"]), list(clean)
+            xs_a[i], zs_a[i] = x_adv, predict_logits(self.nets[i], x_adv)
+            r = _acc(self.robust_detect(zs_a, xs_a).p, y)
+            log.setdefault(name, []).append(float(r.mean()))
+            right = right * r
+        return right
 
     def _gated(self, zs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         res = self.robust(zs)

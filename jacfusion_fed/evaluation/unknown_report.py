@@ -21,8 +21,10 @@ from .unknown_targets import targets_markdown
 
 __all__ = ["paired_bootstrap", "run_unknown", "unknown_markdown", "write_unknown"]
 
-MARKED = (("jac_oracle", "stat"), ("robust", "stat"))
-"""Differences the table marks: Stat-w/ (oracle) - Stat-w/o and robust - Stat-w/o."""
+MARKED = (("jac_oracle", "stat"), ("robust", "stat"), ("robust_detect", "stat"))
+"""Differences the table marks: Stat-w/ (oracle), robust and robust + detectors - Stat-w/o."""
+COMPARED = (("robust_detect", "robust"),)
+"""Differences with an interval but no mark (outside the Holm family): what the detectors add."""
 
 
 def run_unknown(
@@ -64,7 +66,7 @@ def run_unknown(
             cell[f"{r}:seed_sd"] = seed_spread(per)
         for k in extra_keys:
             cell[k] = float(np.mean([c.get(k, 0.0) for c in cols]))
-        for a, b in MARKED:  # (seeds, N): test samples resampled with their seeds together
+        for a, b in MARKED + COMPARED:  # (seeds, N): samples resampled with their seeds together
             ca = np.stack([c["correct"][a] for c in cols])
             cb = np.stack([c["correct"][b] for c in cols])
             cell[f"{a}-{b}"] = cluster_bootstrap(ca, cb)
@@ -75,6 +77,11 @@ def run_unknown(
                     attacks.setdefault(name, []).append(e["acc"])
                     attacks.setdefault(name + ":reliability", []).append(e["reliability"])
         cell["robust_attacks"] = {k: float(np.mean(v)) for k, v in attacks.items()}
+        detect: dict[str, list[float]] = {}
+        for c in cols:
+            for name, accs in c.get("robust_detect_attacks", {}).items():
+                detect.setdefault(name, []).extend(accs)
+        cell["robust_detect_attacks"] = {k: float(np.mean(v)) for k, v in detect.items()}
         pooled[key] = cell
     mean_cell: dict[str, Any] = {"label": "Mean"}
     for r in rows:
@@ -87,7 +94,7 @@ def run_unknown(
             for s in seeds
         ]
         mean_cell[f"{r}:seed_sd"] = seed_spread(per)
-    for a, b in MARKED:  # per sample: mean over the settings, then clustered over samples
+    for a, b in MARKED + COMPARED:  # per sample: mean over the settings, then clustered
         ca, cb = (
             np.stack(
                 [
@@ -157,9 +164,18 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f(c) for c in cols) + " |")
     ci_lines = []
     for c in cols:
-        parts = [f"{a} − {b} {_ci(c[f'{a}-{b}'])}" for a, b in MARKED]
+        parts = [f"{a} − {b} {_ci(c[f'{a}-{b}'])}" for a, b in MARKED + COMPARED if f"{a}-{b}" in c]
         ci_lines.append(f"- {c['label']}: " + "; ".join(parts))
     att = [(c["label"], c.get("robust_attacks", {})) for c in cols[:-1]]
+    det = [(c["label"], c.get("robust_detect_attacks", {})) for c in cols[:-1]]
+    det_lines = [
+        f"- {label}: "
+        + "; ".join(
+            f"{n} {100 * a[n]:.1f} %" for n in ("setting1", "e2e", "detector_aware") if n in a
+        )
+        for label, a in det
+        if a
+    ]
     att_lines = [
         f"- {label}: "
         + "; ".join(
@@ -178,15 +194,19 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         f"{', quick data' if result['quick'] else ''}), {result['repeats']} draw(s) of each "
         "random corruption. Attacked columns: per sample the worst of the setting-1 attack and "
         "an end-to-end attack through the row's fusion (robust also: the detector-aware "
-        "attack). Hyperparameters chosen once per seed and test column on validation, "
+        "attack; robust + detectors: through its detectors too, and the detector-aware attack "
+        "on them). robust + detectors adds each owner's feature-detector p-value and the "
+        "cross-modal consistency p-value to robust's typicality (Fisher). Hyperparameters "
+        "chosen once per seed and test column on validation, "
         "leaving out every validation setting of the column's perturbation type (the clean "
         "column: all settings); robust's conformal set is RAPS on the fused probabilities "
         "(the arg-max always in), its size penalty and calibration from two halves of the clean "
         "validation data. Cells: mean over seeds ± the seed spread (sd).",
         "Marks: the cluster bootstrap over test samples (every seed of a sample kept together) "
         "of the difference to Stat-w/o; ↑ / ↓ when its Holm-adjusted p-value over all "
-        f"{2 * len(cols)} marks of this table is below 0.05, = otherwise (a tie). "
-        "Intervals (points, 95 %, not adjusted) and the seed spread of the difference:",
+        f"{len(MARKED) * len(cols)} marks of this table is below 0.05, = otherwise (a tie). "
+        "Intervals (points, 95 %, not adjusted) and the seed spread of the difference "
+        "(robust_detect − robust: what the detectors add, not marked):",
         *ci_lines,
         "",
         *targets_markdown(result),
@@ -194,6 +214,11 @@ def unknown_markdown(result: dict[str, Any]) -> str:
         "robust under each attack alone (accuracy, mean reliability of the attacked modality; "
         "the table takes the per-sample worst of the three):",
         *att_lines,
+        "",
+        "robust + detectors under each attack alone (accuracy; the table takes the per-sample "
+        "worst of the three: setting 1, end to end through robust + detectors, detector-aware "
+        "on the detectors):",
+        *det_lines,
         "",
         (f"eSpeak NG {env['espeak_ng_version']}, " if env.get("espeak_ng_version") else "")
         + f"data sha256 {env['data_sha256'][:16]}…, "

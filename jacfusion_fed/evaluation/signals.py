@@ -1,0 +1,223 @@
+"""Issue 20's detectors in the evaluation: the owners' feature p-values and the coordinator's
+cross-modal consistency, fitted on one seed's clean validation split, and the detector-aware
+attack on them (:class:`SignalAwarePGD`).
+
+Used by the detection table (:mod:`.detection`) and by the ``robust + detectors`` row of the
+"perturbed modality unknown" table (:mod:`.unknown`). Shapes: N samples, M modalities,
+K classes; p-values lie in (0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from jacfusion_fed.fusion import (
+    GramFactor,
+    ModalityCalibration,
+    combine_pvalues,
+    consistency_pvalues,
+    feature_pvalues,
+    fit_consistency,
+    fit_feature_detector,
+    robust_fusion,
+)
+from jacfusion_fed.fusion.robust import _typicality as typicality_scores
+from jacfusion_fed.fusion.robust import conformal_pvalues
+from jacfusion_fed.models import UnimodalNet
+from jacfusion_fed.robustness import AttackSpec
+from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
+from jacfusion_fed.training import predict_features
+
+__all__ = ["DEFAULT_HP", "SIGNALS", "SignalAwarePGD", "Signals", "features", "robust_with"]
+
+SIGNALS: tuple[str, ...] = ("typicality", "feature", "consistency", "fisher", "cauchy")
+DEFAULT_HP: dict[str, float] = {"floor": 0.05, "trust_level": 0.05}
+"""robust's fixed hyperparameters in the detection table (not selected)."""
+
+
+def features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features (N, D) of ``x``; the built-in nets always expose them."""
+    feats = predict_features(net, x)
+    if feats is None:
+        raise ValueError("the detectors need nets that expose their features")
+    return feats
+
+
+def robust_with(
+    zs: Sequence[torch.Tensor],
+    calibrations: Sequence[ModalityCalibration],
+    log_prior: torch.Tensor,
+    factors: Sequence[GramFactor | None] | None,
+    extra: torch.Tensor | None,
+    hp: Mapping[str, float],
+) -> Any:
+    """``robust_fusion`` of logits ``zs`` with detection p-values ``extra`` (N, M, S) and
+    hyperparameters ``hp`` (floor, trust_level, optional jacobian_level and gamma)."""
+    level = float(hp.get("jacobian_level", 0.0))
+    return robust_fusion(
+        list(zs),
+        calibrations,
+        log_prior,
+        factors if level > 0 else None,
+        floor=float(hp["floor"]),
+        trust_level=float(hp["trust_level"]),
+        jacobian_level=level,
+        gamma=float(hp.get("gamma", 1.0)),
+        pvalues=extra,
+    )
+
+
+class Signals:
+    """The detectors of one seed, fitted on its clean validation split: per modality a feature
+    detector (class-conditional Mahalanobis on penultimate features, split conformal), and the
+    cross-modal consistency of the paired validation logits.
+
+    Args:
+        nets: the M owners' nets.
+        x_val, y_val, z_val: the clean validation inputs (per modality), labels (N_val,) and
+            logits (per modality, (N_val, K)).
+        x_test: the clean test inputs (per modality): the fixed modalities' own feature
+            p-values in :meth:`smooth_pvalues`.
+        calibrations, log_prior: robust's typicality calibration and ln freq (K,).
+    """
+
+    def __init__(
+        self,
+        nets: Sequence[UnimodalNet],
+        x_val: Sequence[torch.Tensor],
+        y_val: torch.Tensor,
+        z_val: Sequence[torch.Tensor],
+        x_test: Sequence[torch.Tensor],
+        calibrations: Sequence[ModalityCalibration],
+        log_prior: torch.Tensor,
+    ) -> None:
+        self.nets, self.calibrations, self.log_prior = list(nets), list(calibrations), log_prior
+        k = int(self.nets[0].head.out_features)
+        self.detectors = [
+            fit_feature_detector(features(net, x), y_val, k)
+            for net, x in zip(self.nets, x_val, strict=True)
+        ]
+        self.consistency = fit_consistency(list(z_val), y_val, log_prior)
+        self.clean_feature = torch.stack(  # (N test, M): the fixed modalities' own p-values
+            [
+                feature_pvalues(d, features(net, x), smooth=True)
+                for d, net, x in zip(self.detectors, self.nets, x_test, strict=True)
+            ],
+            dim=1,
+        )
+
+    def smooth_pvalues(
+        self, zs: Sequence[torch.Tensor], feats_m: torch.Tensor, m: int
+    ) -> torch.Tensor:
+        """Differentiable (feature, consistency) p-values (N, M, 2) of the test samples;
+        modality m's feature p-value from ``feats_m``, the others' those of their clean test
+        inputs (fixed)."""
+        cons = consistency_pvalues(list(zs), self.consistency, smooth=True)
+        feat = self.clean_feature
+        feat_m = feature_pvalues(self.detectors[m], feats_m, smooth=True)
+        feat = torch.cat([feat[:, :m], feat_m[:, None], feat[:, m + 1 :]], dim=1)
+        return torch.stack([feat, cons], dim=2)
+
+    def pvalues(
+        self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Every signal's exact p-values (N, M) for logits ``zs`` of inputs ``xs``."""
+        typ = torch.stack(
+            [
+                conformal_pvalues(
+                    typicality_scores(z.to(torch.float64), c.class_means, c.precision),
+                    c.typicality_scores,
+                )
+                for z, c in zip(zs, self.calibrations, strict=True)
+            ],
+            dim=1,
+        )
+        feat = torch.stack(
+            [
+                feature_pvalues(d, features(net, x))
+                for d, net, x in zip(self.detectors, self.nets, xs, strict=True)
+            ],
+            dim=1,
+        )
+        cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
+        three = torch.stack([typ, feat, cons], dim=2)
+        return {
+            "typicality": typ,
+            "feature": feat,
+            "consistency": cons,
+            "fisher": combine_pvalues(three, "fisher"),
+            "cauchy": combine_pvalues(three, "cauchy"),
+        }
+
+    def extra(self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (feature, consistency) p-values (N, M, 2) ``robust_fusion`` takes as
+        ``pvalues``."""
+        feat = torch.stack(
+            [
+                feature_pvalues(d, features(net, x))
+                for d, net, x in zip(self.detectors, self.nets, xs, strict=True)
+            ],
+            dim=1,
+        )
+        cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
+        return torch.stack([feat, cons], dim=2)
+
+
+class SignalAwarePGD(DetectorAwarePGD):
+    """:class:`DetectorAwarePGD` on ``robust`` + detectors: white box, it maximises
+    CE(robust fused with the detectors) + lam ln r_m, where r_m is the Fisher combination of the
+    attacked modality m's typicality, feature (through the owner's net: features of x') and
+    consistency p-values (smooth interpolations, differentiable), at the setting's budget,
+    step and steps. lam = 0 is the end-to-end attack through that fusion.
+
+    Args:
+        signals: the seed's detectors.
+        clean: every modality's clean test logits (the others stay fixed).
+        position: the attacked modality m.
+        lam: weight of the reliability term.
+        spec: the setting's attack (budget w4, step w5, steps w6).
+        hp: robust's hyperparameters (:func:`robust_with`), ``factors`` its Gram factors.
+    """
+
+    def __init__(
+        self,
+        signals: Signals,
+        clean: Sequence[torch.Tensor],
+        position: int,
+        *,
+        lam: float,
+        spec: AttackSpec,
+        hp: Mapping[str, float] = DEFAULT_HP,
+        factors: Sequence[GramFactor | None] | None = None,
+    ) -> None:
+        net = signals.nets[position]
+        steps = 1 if spec.kind == "fgsm" else spec.w6
+        step = spec.w4 if spec.kind == "fgsm" else spec.w5
+        super().__init__(
+            net,
+            clean,
+            position,
+            lambda z: (torch.zeros(0), torch.zeros(0)),  # unused: objective is overridden
+            eps=spec.w4,
+            alpha=step,
+            steps=steps,
+            lam=lam,
+            random_start=spec.kind == "pgd",
+        )
+        self.signals, self.hp, self.factors = signals, dict(hp), factors
+        self.unet = net  # the built-in net: features and head
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sig, m = self.signals, self.position
+        feats = self.unet.features(x).flatten(1).to(torch.float64)
+        logits = list(self.fixed)
+        logits[m] = self.unet.head(feats.to(torch.float32)).to(torch.float64)
+        pv = sig.smooth_pvalues(logits, feats, m)
+        out = robust_with(logits, sig.calibrations, sig.log_prior, self.factors, pv, self.hp)
+        ce = -torch.log(out.p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-300))
+        if self.lam == 0:
+            return ce
+        return ce + self.lam * torch.log(out.reliability[:, m].clamp_min(1e-300))
