@@ -128,3 +128,27 @@ def test_live_records_get_pvalues_of_their_current_content(ws: OwnerWorkspace) -
     ws.put_records(ids, far, replace=True)
     again = ws.detection_pvalues(ids, version)
     assert again is not None and not np.allclose(again, first)  # nothing stale
+
+
+def test_an_imported_torchscript_archive_publishes_pvalues(
+    ws: OwnerWorkspace, tmp_path: Path
+) -> None:
+    """Issue 20 for imported models: an archive (no hooks) gets its features from the head
+    probe on a private copy, so its GetLogits carries p-values like a built-in net's."""
+    from jacfusion_fed.owner.model_import import import_model
+
+    _, net = ws.load_model()
+    archive = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(net.eval()), archive)
+    imported = OwnerWorkspace(tmp_path / "imp", "y", DATA, Pseudonymizer(b"k" * 32))
+    import_model(imported, archive)
+    ids = imported.pseudonyms("test")[:30]
+    resp = ModalityServicer(imported, "y-owner").GetLogits(
+        modality_pb2.GetLogitsRequest(sample_ids=ids),
+        _Context(),  # type: ignore[arg-type]
+    )
+    got = np.array(resp.batch.pvalues)
+    assert got.shape == (30,) and bool(((got > 0) & (got <= 1)).all())
+    want = ws.detection_pvalues(ids, ws.current_version())  # the same net, built in
+    assert want is not None
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -269,8 +269,8 @@ def test_input_spec_validation() -> None:
 
 
 def test_imported_features_for_the_owner_detector(tmp_path: Path, factory_module: str) -> None:
-    """Issue 20: a factory (safetensors) import gives the head's input as features, per thread;
-    a TorchScript archive gives none (its detector p-values are then left out)."""
+    """Issue 20: a factory (safetensors) import gives the head's input as features, per
+    thread; archives through the head probe on a private copy (tested below)."""
     import threading
 
     from jacfusion_fed.training import predict_features
@@ -310,8 +310,44 @@ def test_imported_features_for_the_owner_detector(tmp_path: Path, factory_module
             ref = net[:-1](_x(3 + i, seed=i)).double()
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
 
-    script = tmp_path / "net.pt"
-    torch.jit.save(torch.jit.script(net), script)
-    import_model(_ws(tmp_path / "ws2"), script, class_counts=COUNTS, input_spec=SPEC)
-    _, scripted = _ws(tmp_path / "ws2").load_model()
-    assert predict_features(scripted, x) is None
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export-static", "export-dynamic"])
+def test_archive_features_come_from_a_private_copy(tmp_path: Path, fmt: str) -> None:
+    """TorchScript and export archives have no hooks: their features are read by the head
+    probe on a private copy of the module, so logits served at the same time never change."""
+    import threading
+
+    from jacfusion_fed.training import predict_features
+
+    net = _net(3)
+    if fmt == "torchscript":
+        path = tmp_path / "net.pt"
+        torch.jit.save(torch.jit.script(net), path)
+    else:
+        shapes = ({0: torch.export.Dim("batch")},) if fmt == "export-dynamic" else None
+        path = tmp_path / "net.pt2"
+        torch.export.save(torch.export.export(net, (_x(4),), dynamic_shapes=shapes), path)
+    import_model(_ws(tmp_path / "ws"), path, class_counts=COUNTS, input_spec=SPEC)
+    _, model = _ws(tmp_path / "ws").load_model()
+    x = _x(7)
+    with torch.no_grad():
+        want_feats, want_logits = net[:-1](x).double(), net(x)
+    feats = predict_features(model, x)
+    assert feats is not None and feats.shape == (7, 12)
+    np.testing.assert_allclose(feats.numpy(), want_feats.numpy(), rtol=1e-5, atol=1e-6)
+    stop, seen = threading.Event(), []
+
+    def serve() -> None:  # logits requests while features are probed
+        while not stop.is_set():
+            with torch.no_grad():
+                seen.append(float((model(x) - want_logits).abs().max()))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        for _ in range(5):
+            assert predict_features(model, x) is not None
+    finally:
+        stop.set()
+        t.join()
+    assert seen and max(seen) < 1e-5  # the serving module's head was never swapped

@@ -11,10 +11,11 @@ p-value reveals: ``docs/calibration.md``).
 
 Built-in nets (:class:`~jacfusion_fed.models.UnimodalNet`) expose ``features``. Imported models
 (:class:`~jacfusion_fed.owner.importing.ImportedModel`) give the head's input through
-``recover_features`` (a per-thread forward pre-hook on the head) when the format allows hooks
-(a plain module built by a factory: safetensors); TorchScript and export archives do not, and
-their owners publish no p-value (the field stays empty). The import's head probe could recover
-them too, but it swaps the head's weights in place, which is not safe while other requests run.
+``recover_features``: a per-thread forward pre-hook on the head for a plain module built by a
+factory (safetensors); for TorchScript and export archives (no hooks) the import's head probe
+(ceil(H / K) forward passes with unit rows as the head's weights) on a private copy of the
+module loaded from the stored archive, one probe at a time, so the serving module is never
+modified.
 """
 
 from __future__ import annotations

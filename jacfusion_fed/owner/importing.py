@@ -51,6 +51,7 @@ __all__ = [
     "find_head",
     "imported_model",
     "load_model_file",
+    "probe_features",
     "rebuild",
 ]
 
@@ -105,7 +106,12 @@ class ImportedModel(nn.Module):
         # asked, so concurrent forward passes never see each other's features
         self._capture = threading.local()
         self._hooked = False
-        if not isinstance(self.module, torch.jit.ScriptModule):
+        # archives (no hooks): the head probe on a private copy of the module, loaded from the
+        # stored archive, so the serving module's weights are never touched; one at a time
+        self._probe_lock = threading.Lock()
+        self._probe_module: nn.Module | None = None
+        # (an export's graph calls the head's op, not the submodule: hooks would not fire)
+        if loaded.format not in ("torchscript", "export"):
             try:
                 target = self.module.get_submodule(head_name)
             except AttributeError:
@@ -145,12 +151,15 @@ class ImportedModel(nn.Module):
             rows.append(inputs[0].detach())
 
     def recover_features(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The head's input (N, H) for inputs ``x`` (one forward pass), or None when the
-        format does not allow it (TorchScript and export archives: no hooks; their features
-        are only recoverable by the import's head probe, which swaps the head's weights and is
-        not safe while other requests run)."""
+        """The head's input (N, H) for inputs ``x``, or None when it cannot be read.
+
+        Factory-built modules: one forward pass, the head's input read by a per-thread forward
+        pre-hook. TorchScript and export archives (no hooks): the import's head probe
+        (:func:`probe_features`, ceil(H / K) forward passes with unit rows as the head's
+        weights) on a private copy of the module loaded from the stored archive, so the
+        serving module is never modified; probes run one at a time."""
         if not self._hooked:
-            return None
+            return self._probe_archive(x)
         self._capture.rows = []
         try:
             with torch.no_grad():
@@ -163,17 +172,38 @@ class ImportedModel(nn.Module):
         feats = torch.cat(rows).flatten(1)
         return feats if feats.shape == (x.shape[0], self.feature_dim) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_spec.normalise(x)
+    def _probe_archive(self, x: torch.Tensor) -> torch.Tensor | None:
+        data = self.loaded.state.get("archive")
+        if self.loaded.format not in ("torchscript", "export") or data is None:
+            return None
+        with self._probe_lock, torch.no_grad():
+            if self._probe_module is None:
+                copy = _from_archive(self.loaded.format, data.numpy().tobytes(), "stored")
+                if copy.format != "export":
+                    copy.module.eval()
+                self._probe_module = copy.module
+            module = self._probe_module
+            feats = probe_features(
+                module,
+                self.head_name,
+                lambda z: self._run_module(module, z),
+                self.input_spec.normalise(x),
+            )
+        return feats.to(torch.float32) if feats.shape == (x.shape[0], self.feature_dim) else None
+
+    def _run_module(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         b = self.loaded.static_batch
         if b is None:
-            out: torch.Tensor = self.module(x)
+            out: torch.Tensor = module(x)
             return out
         n = x.shape[0]  # an export with a static batch size: pad to a multiple of it
         pad = (-n) % b
         if pad:
             x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
-        return torch.cat([self.module(x[i : i + b]) for i in range(0, len(x), b)])[:n]
+        return torch.cat([module(x[i : i + b]) for i in range(0, len(x), b)])[:n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_module(self.module, self.input_spec.normalise(x))
 
 
 # --- reading files ---------------------------------------------------------------------------
@@ -359,11 +389,42 @@ def _head_params(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tens
     return params[f"{name}.weight"], params.get(f"{name}.bias")
 
 
+def probe_features(
+    module: nn.Module,
+    name: str,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """The head's input f (N, H) float64 of ``x``, read through the outputs: W is set to unit
+    rows e_j (j = s .. s+K-1) and b to 0, so ``run(x)`` = f[s .. s+K-1], for s = 0, K, 2K, ...
+    (ceil(H / K) passes). ``run`` calls ``module``; W and b are restored afterwards. It changes
+    the module's weights while it runs: never on a module that serves other requests."""
+    weight, bias = _head_params(module, name)
+    k, h = weight.shape
+    w0 = weight.detach().clone()
+    b0 = None if bias is None else bias.detach().clone()
+    feats = torch.zeros((x.shape[0], h), dtype=torch.float64)
+    with torch.no_grad():
+        try:
+            for start in range(0, h, k):
+                rows = min(k, h - start)
+                unit = torch.zeros_like(w0)
+                unit[torch.arange(rows), start + torch.arange(rows)] = 1
+                weight.copy_(unit)
+                if bias is not None:
+                    bias.zero_()
+                feats[:, start : start + rows] = run(x)[:, :rows].to(torch.float64)
+        finally:
+            weight.copy_(w0)
+            if bias is not None and b0 is not None:
+                bias.copy_(b0)
+    return feats
+
+
 def check_head(module: nn.Module, name: str, probe: torch.Tensor) -> tuple[nn.Linear, float]:
     """Check ``module(probe) == W f + b`` for the head ``name``; return (head copy, max error).
 
-    The features f are recovered by setting W to unit rows e_j (j = s .. s+K-1) and b to 0:
-    the output is then f[s .. s+K-1]. W and b are restored afterwards.
+    The features f are recovered by :func:`probe_features` (unit rows as the head's weights).
     """
     weight, bias = _head_params(module, name)
     k, h = weight.shape
@@ -373,20 +434,7 @@ def check_head(module: nn.Module, name: str, probe: torch.Tensor) -> tuple[nn.Li
         logits = module(probe).to(torch.float64)
         if logits.shape != (probe.shape[0], k) or not torch.isfinite(logits).all():
             raise ModelImportError(f"the model's logits are not finite (N, K={k}) on a probe")
-        feats = torch.zeros((probe.shape[0], h), dtype=torch.float64)
-        try:
-            for start in range(0, h, k):
-                rows = min(k, h - start)
-                unit = torch.zeros_like(w0)
-                unit[torch.arange(rows), start + torch.arange(rows)] = 1
-                weight.copy_(unit)
-                if bias is not None:
-                    bias.zero_()
-                feats[:, start : start + rows] = module(probe)[:, :rows].to(torch.float64)
-        finally:
-            weight.copy_(w0)
-            if bias is not None and b0 is not None:
-                bias.copy_(b0)
+    feats = probe_features(module, name, module, probe)
     w64 = w0.to(torch.float64)
     b64 = torch.zeros(k, dtype=torch.float64) if b0 is None else b0.to(torch.float64)
     expected = feats @ w64.T + b64
