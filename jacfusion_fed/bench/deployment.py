@@ -206,7 +206,30 @@ def bench_setup(
             [f"patient-{i:07d}" for i in range(data_cfg.samples)]
         )
         requester_tls = TlsFiles.from_dir(certs.requester_dirs[requester])
-        yield BenchSetup(root, certs, key_path, data, ids, requester_tls)
+        try:
+            yield BenchSetup(root, certs, key_path, data, ids, requester_tls)
+        except BaseException:
+            if workdir is None:  # the folder goes: keep the servers' logs for the diagnosis
+                kept = keep_logs(root)
+                if kept is not None:
+                    progress(f"failed; the servers' logs are kept in {kept}")
+            raise
+
+
+def keep_logs(root: Path) -> Path | None:
+    """Copy the ``*.log`` files under ``root`` (the servers' logs, nothing else: no keys, no
+    certificates) to a new folder in the system's temporary folder; None when there are none."""
+    import shutil
+
+    logs = sorted(root.rglob("*.log"))
+    if not logs:
+        return None
+    out = Path(tempfile.mkdtemp(prefix="jacfusion-bench-logs-"))
+    for path in logs:
+        dest = out / path.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    return out
 
 
 def owner_serve_args(
