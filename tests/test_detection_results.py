@@ -4,7 +4,6 @@ docs/calibration.md are those of the committed results file."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +49,45 @@ def test_docs_quote_the_committed_detection_figures() -> None:
         "Img FGSM": "image:fgsm",
         "Img PGD": "image:pgd",
     }
-    for row in rows:
-        name, fisher, best, adaptive, worst = (c.strip() for c in row.strip().strip("|").split("|"))
-        cell = result["table"][keys[name]]
-        assert fisher == f"{100 * cell['auroc']['fisher']:.1f}"
-        assert best == f"{100 * cell['auroc']['consistency']:.1f}"
-        assert adaptive == f"{100 * cell['adaptive']['auroc']['fisher']:.1f}"
-        assert worst == f"{100 * cell['adaptive']['robust_acc_detect_worst']:.1f}"
-        assert cell["adaptive"]["auroc"]["fisher"] < 0.5  # "below 50", as the doc says
-        singles = {s: cell["auroc"][s] for s in ("typicality", "feature", "consistency")}
-        assert max(singles, key=lambda s: singles[s]) == "consistency"
-        # the doc says the target is missed
-        assert cell["auroc"]["fisher"] < 0.9
-    assert "**missed**" in text
     t = result["table"]
+    for row in rows:
+        name, feat, last, fisher, cons, adv_feat, adv_fisher, worst = (
+            c.strip() for c in row.strip().strip("|").split("|")
+        )
+        cell = t[keys[name]]
+        assert feat == f"{100 * cell['auroc']['feature']:.1f}"
+        assert last == f"{100 * cell['auroc']['penultimate']:.1f}"
+        assert fisher == f"{100 * cell['auroc']['fisher']:.1f}"
+        assert cons == f"{100 * cell['auroc']['consistency']:.1f}"
+        assert adv_feat == f"{100 * cell['adaptive']['auroc']['feature']:.1f}"
+        assert adv_fisher == f"{100 * cell['adaptive']['auroc']['fisher']:.1f}"
+        assert worst == f"{100 * cell['adaptive']['robust_acc_detect_worst']:.1f}"
+        # the doc's verdicts: the combined reliability misses 0.9 on all four
+        assert cell["auroc"]["fisher"] < 0.9
+        image = name.startswith("Img")
+        # the owner's feature p-value meets 0.9 on the image attacks only
+        assert (cell["auroc"]["feature"] >= 0.9) == image
+        # under the adaptive attack, >= 0.8 on image FGSM only
+        assert (cell["adaptive"]["auroc"]["feature"] >= 0.8) == (name == "Img FGSM")
+        if name != "Img FGSM":  # "more typical than clean ones in every signal"
+            assert all(v < 0.5 for v in cell["adaptive"]["auroc"].values()), name
+    assert "**missed**" in text
     prose = " ".join(block.split("The random corruptions", 1)[1].split())  # one line
     for key in ("audio:w0", "image:w0", "image:w23", "audio:w1"):
         assert f"{100 * t[key]['auroc']['fisher']:.1f}" in prose, key
+    i_f, i_p = t["image:fgsm"]["auroc"], t["image:pgd"]["auroc"]
+    a_f, a_p = t["audio:fgsm"]["auroc"], t["audio:pgd"]["auroc"]
+
+    def two(a: dict[str, float], b: dict[str, float], s: str) -> str:
+        return f"{100 * a[s]:.1f} and {100 * b[s]:.1f}"
+
+    assert f"({two(i_f, i_p, 'feature')} over every layer)" in prose
+    assert f"penultimate features ({two(i_f, i_p, 'penultimate')})" in prose
+    assert f"(typicality {two(i_f, i_p, 'typicality')})" in prose
+    assert f"(Fisher {two(i_f, i_p, 'fisher')})" in prose
+    assert f"audio net typical ({two(a_f, a_p, 'feature')})" in prose
+    assert max(a_f["feature"], a_p["feature"]) < 0.6  # "typical": near chance
+    assert f"earlier layers ({100 * t['image:fgsm']['adaptive']['auroc']['feature']:.1f})" in prose
     clean = t["clean"]
     assert (
         f"from {100 * clean['robust_acc']:.1f} to {100 * clean['robust_acc_detect']:.1f}" in prose
@@ -75,10 +96,16 @@ def test_docs_quote_the_committed_detection_figures() -> None:
     singles = ("typicality", "feature", "consistency")
     single = max(v for a in alarms for sig in singles for v in a[sig].values())
     fisher = {m: max(a["fisher"][m] for a in alarms) for m in alarms[0]["fisher"]}
-    worst = max(fisher, key=lambda m: fisher[m])
+    worst_m = max(fisher, key=lambda m: fisher[m])
     assert f"up to {single:.2f} at 0.05" in prose
-    assert f"{fisher[worst]:.2f} for the Fisher combination on the {worst} modality" in prose
-    assert not any(math.isnan(v) for v in result["table"]["audio:fgsm"]["auroc"].values())
+    assert f"{fisher[worst_m]:.2f} for the Fisher combination on the {worst_m} modality" in prose
+    img_single = max(a[sig]["image"] for a in alarms for sig in singles)
+    img_fisher = min(a["fisher"]["image"] for a in alarms)
+    assert img_fisher > img_single  # "each signal ... at most, but Fisher at least"
+    assert f"at most {img_single:.2f} of the clean samples" in prose
+    assert f"Fisher's combination at least {img_fisher:.2f}" in prose
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "detectors see the AV-Digits image attacks but not the audio ones" in readme
 
 
 def test_cli_evaluate_detection_twomoon_quick(tmp_path: Path) -> None:

@@ -166,3 +166,60 @@ def test_combined_reliability_gates_the_jacobian_term() -> None:
     pv = tiny.clone().requires_grad_(True)
     robust_fusion(test, cals, jacobian_level=0.5, pvalues=pv, **kw).p[:, 0].sum().backward()  # type: ignore[arg-type]
     assert pv.grad is not None and bool(torch.isfinite(pv.grad).all())
+
+
+def test_layered_pvalues_one_layer_equals_the_feature_detector() -> None:
+    from jacfusion_fed.fusion import fit_layered_detector, layered_pvalues
+
+    x, y = _gaussian_classes(600, 3, 5, seed=3)
+    det = fit_layered_detector([x[:300]], y[:300], 3)
+    single = fit_feature_detector(x[:300], y[:300], 3)
+    torch.testing.assert_close(layered_pvalues(det, [x[300:]]), feature_pvalues(single, x[300:]))
+    with pytest.raises(FusionInputError, match="2 activations"):
+        layered_pvalues(det, [x[300:], x[300:]])
+    with pytest.raises(FusionInputError, match="non-empty sequence"):
+        fit_layered_detector([], y[:300], 3)
+
+
+def test_layered_pvalues_are_valid_and_see_a_shift_in_any_one_layer() -> None:
+    """Two dependent layers (the second a noisy linear map of the first): clean samples keep
+    P(u <= a) near a (Cauchy: valid under dependence, asymptotically), and a shift that only
+    the first layer shows is seen although the second layer (the "penultimate") looks typical."""
+    from jacfusion_fed.fusion import fit_layered_detector, layered_pvalues
+
+    g = torch.Generator().manual_seed(4)
+    x, y = _gaussian_classes(4000, 4, 6, seed=4)
+    mix = torch.randn(6, 3, generator=g, dtype=torch.float64)
+
+    def second(h: torch.Tensor) -> torch.Tensor:
+        return h @ mix + 0.5 * torch.randn(h.shape[0], 3, generator=g, dtype=torch.float64)
+
+    det = fit_layered_detector([x[:2000], second(x[:2000])], y[:2000], 4)
+    test = x[2000:]
+    u = layered_pvalues(det, [test, second(test)])
+    for a in (0.05, 0.1, 0.3):
+        assert float((u <= a).double().mean()) <= a + 0.03
+    # a shift in the null space of the map: invisible in the second layer, not in the first
+    null = torch.linalg.svd(mix.T).Vh[-1]
+    shifted = test + 8.0 * null
+    last_only = feature_pvalues(det.layers[1], second(shifted))
+    assert float(last_only.median()) > 0.2
+    assert float(layered_pvalues(det, [shifted, second(shifted)]).median()) < 0.05
+
+
+def test_unimodal_net_layers_end_with_the_features() -> None:
+    from torch import nn
+
+    from jacfusion_fed.models import UnimodalNet
+    from jacfusion_fed.models.unimodal import MAX_LAYER_DIM
+
+    wide = MAX_LAYER_DIM + 8
+    features = nn.Sequential(nn.Linear(4, wide), nn.ReLU(), nn.Linear(wide, 6), nn.ReLU())
+    net = UnimodalNet(features, nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    acts = net.layers(x)
+    assert [a.shape[1] for a in acts] == [6, 6]  # the two wide blocks are left out
+    torch.testing.assert_close(acts[-1], features(x))
+    torch.testing.assert_close(net.head(acts[-1]), net(x))
+    plain = UnimodalNet(nn.Linear(4, 6), nn.Linear(6, 3))  # not a Sequential: one layer
+    assert [a.shape for a in plain.layers(x)] == [torch.Size([5, 6])]

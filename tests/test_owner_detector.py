@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jacfusion_fed.clients.modality_service import ModalityServicer
-from jacfusion_fed.fusion import fit_feature_detector
+from jacfusion_fed.fusion import combine_pvalues, fit_feature_detector, fit_layered_detector
 from jacfusion_fed.fusion.detection import feature_pvalues
 from jacfusion_fed.owner import OwnerWorkspace
 from jacfusion_fed.owner.detector import workspace_detector
@@ -21,7 +21,7 @@ from jacfusion_fed.robustness.perturbations import GaussianNoise
 from jacfusion_fed.rpc.jacfusion.v1 import modality_pb2
 from jacfusion_fed.rpc.matrix import encode_matrix
 from jacfusion_fed.server.fanout import OwnerFailure, logits_of
-from jacfusion_fed.training import predict_features
+from jacfusion_fed.training import predict_features, predict_layers
 
 DATA = "builtin:twomoon?quick=1&seed=0"
 
@@ -47,13 +47,22 @@ def test_get_logits_carries_one_pvalue_per_row(ws: OwnerWorkspace) -> None:
     pv = np.array(batch.pvalues)
     assert pv.shape == (len(batch.sample_ids),) == (40,)
     assert ((pv > 0) & (pv <= 1)).all()
-    # the same numbers as the detector fitted here on the owner's validation features
+    # the same numbers as the layered detector fitted here on the owner's validation split:
+    # one Mahalanobis p-value per layer of the net, combined by Cauchy
     version, model = ws.load_model()
     val = ws.records["val"]
     x_val, y_val = val.tensors("y")
-    det = fit_feature_detector(predict_features(model, x_val), y_val, 2)
+    layers_val = predict_layers(model, x_val)
+    assert layers_val is not None and len(layers_val) >= 2  # every block, not only the last
+    det = fit_layered_detector(layers_val, y_val, 2)
     x = torch.from_numpy(ws.records["test"].modalities["y"][:40])
-    np.testing.assert_allclose(pv, feature_pvalues(det, predict_features(model, x)).numpy())
+    layers = predict_layers(model, x)
+    assert layers is not None
+    np.testing.assert_allclose(layers[-1].numpy(), predict_features(model, x).numpy())
+    per_layer = torch.stack(
+        [feature_pvalues(d, h) for d, h in zip(det.layers, layers, strict=True)], 1
+    )
+    np.testing.assert_allclose(pv, combine_pvalues(per_layer, "cauchy").numpy())
     # the response holds nothing else about the features (the proto's fields, by name)
     assert {f.name for f in batch.DESCRIPTOR.fields} == {
         "sample_ids",
@@ -149,6 +158,10 @@ def test_an_imported_torchscript_archive_publishes_pvalues(
     )
     got = np.array(resp.batch.pvalues)
     assert got.shape == (30,) and bool(((got > 0) & (got <= 1)).all())
-    want = ws.detection_pvalues(ids, ws.current_version())  # the same net, built in
-    assert want is not None
+    # an archive exposes the head's input only: a one-layer detector on the penultimate
+    # features of the same net, fitted on the same validation split
+    x_val, y_val = ws.records["val"].tensors("y")
+    det = fit_feature_detector(predict_features(net, x_val), y_val, 2)
+    x = torch.from_numpy(ws.records["test"].modalities["y"][:30])
+    want = feature_pvalues(det, predict_features(net, x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6)

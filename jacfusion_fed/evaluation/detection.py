@@ -8,8 +8,11 @@ samples under the setting and the negatives the same test samples clean; the sco
 sample is 1 - u, where u is one of the p-values of modality m:
 
 * ``typicality``: the logits-only typicality p-value already used by ``robust`` (issue 11);
+* ``penultimate``: the owner's detector on the penultimate features alone (a diagnostic: what
+  the last layer sees; not published);
 * ``feature``: the owner's feature-detector p-value
-  (:func:`~jacfusion_fed.fusion.detection.feature_pvalues`, penultimate features of the
+  (:func:`~jacfusion_fed.fusion.detection.layered_pvalues`: Mahalanobis on every layer of the
+  owner's net, the penultimate features last, Cauchy over the layers; activations of the
   perturbed input, computed as the owner computes it);
 * ``consistency``: cross-modal consistency from logits alone
   (:func:`~jacfusion_fed.fusion.detection.consistency_pvalues`, fitted on paired clean
@@ -24,7 +27,7 @@ as an indication only: the selected-hyperparameter table is ``evaluate --unknown
 **Adaptive** (``adaptive=True``): for every attack setting, the detector-aware attack extended
 to the new signals (:class:`SignalAwarePGD`): white box, it maximises
 CE(robust fused with the detectors) + lam ln r_a, where r_a is the Fisher combination of the
-attacked modality's typicality, feature (through the owner's net: features of x') and
+attacked modality's typicality, feature (through the owner's net: every layer of x') and
 consistency p-values (smooth interpolations, differentiable), same budget, step and steps as
 the setting. Its AUROC (Fisher) and the accuracy of ``robust`` + detectors under it are the
 honest figures.
@@ -521,18 +524,20 @@ def detection_markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Signals: typicality (logits, issue 11), feature (owner's Mahalanobis on penultimate "
-        "features), consistency (logits of both modalities), fisher / cauchy (the three "
-        "combined). flipped %: test samples whose own-modality prediction the perturbation "
-        'changed; "fisher, flipped only": AUROC of the Fisher combination over those '
-        "against all clean samples. robust acc: fixed default hyperparameters (floor 0.05, "
-        "trust_level 0.05, "
+        "Signals: typicality (logits, issue 11), penultimate (the owner's Mahalanobis on its "
+        "penultimate features alone: a diagnostic, not published), feature (the owner's "
+        "Mahalanobis on every layer of its net, Cauchy over the layers: what it publishes), "
+        "consistency (logits of both modalities), "
+        "fisher / cauchy (the three combined). flipped %: test samples whose own-modality "
+        'prediction the perturbation changed; "fisher, flipped only": AUROC of the Fisher '
+        "combination over those against all clean samples. robust acc: fixed default "
+        "hyperparameters (floor 0.05, trust_level 0.05, "
         'no Jacobian term), not selected; "+ detectors" adds the feature and consistency '
         "p-values (Fisher). adaptive: white-box PGD (the setting's budget, step and steps) on "
         "CE(robust + detectors) + lam ln(Fisher reliability of the attacked modality), through "
-        f"the owner's features, lam {result['adaptive_attack']['lam']:g}; its Fisher AUROC and "
-        "the accuracy of robust + detectors under it, and per sample under the worse of it "
-        "and the setting-1 attack. "
+        f"every layer of the owner's net, lam {result['adaptive_attack']['lam']:g}; its Fisher "
+        "AUROC and the accuracy of robust + detectors under it, and per sample under the "
+        "worse of it and the setting-1 attack. "
         f"{result['seconds']:.0f} s, load average {result['load_average'][0]:.1f}.",
     ]
     if "synthetic" in result:

@@ -21,7 +21,8 @@ from jacfusion_fed.fusion import (
     consistency_pvalues,
     feature_pvalues,
     fit_consistency,
-    fit_feature_detector,
+    fit_layered_detector,
+    layered_pvalues,
     robust_fusion,
 )
 from jacfusion_fed.fusion.robust import _typicality as typicality_scores
@@ -29,21 +30,32 @@ from jacfusion_fed.fusion.robust import conformal_pvalues
 from jacfusion_fed.models import UnimodalNet
 from jacfusion_fed.robustness import AttackSpec
 from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
-from jacfusion_fed.training import predict_features
+from jacfusion_fed.training import predict_layers
 
-__all__ = ["DEFAULT_HP", "SIGNALS", "SignalAwarePGD", "Signals", "features", "robust_with"]
+__all__ = ["DEFAULT_HP", "SIGNALS", "SignalAwarePGD", "Signals", "layers", "robust_with"]
 
-SIGNALS: tuple[str, ...] = ("typicality", "feature", "consistency", "fisher", "cauchy")
+SIGNALS: tuple[str, ...] = (
+    "typicality",
+    "penultimate",
+    "feature",
+    "consistency",
+    "fisher",
+    "cauchy",
+)
+"""The detection table's signals: ``penultimate`` (the owner's detector on the penultimate
+features alone) is a diagnostic, not published; ``fisher`` / ``cauchy`` combine typicality,
+feature (every layer) and consistency."""
 DEFAULT_HP: dict[str, float] = {"floor": 0.05, "trust_level": 0.05}
 """robust's fixed hyperparameters in the detection table (not selected)."""
 
 
-def features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate features (N, D) of ``x``; the built-in nets always expose them."""
-    feats = predict_features(net, x)
-    if feats is None:
+def layers(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's activations (N, D_l) of ``x``, the penultimate features last (what the
+    owner's detector reads, :func:`~jacfusion_fed.training.predict_layers`)."""
+    acts = predict_layers(net, x)
+    if acts is None:
         raise ValueError("the detectors need nets that expose their features")
-    return feats
+    return acts
 
 
 def robust_with(
@@ -71,9 +83,10 @@ def robust_with(
 
 
 class Signals:
-    """The detectors of one seed, fitted on its clean validation split: per modality a feature
-    detector (class-conditional Mahalanobis on penultimate features, split conformal), and the
-    cross-modal consistency of the paired validation logits.
+    """The detectors of one seed, fitted on its clean validation split: per modality the
+    owner's layered feature detector (class-conditional Mahalanobis on every layer, split
+    conformal, Cauchy over the layers), and the cross-modal consistency of the paired
+    validation logits.
 
     Args:
         nets: the M owners' nets.
@@ -97,27 +110,27 @@ class Signals:
         self.nets, self.calibrations, self.log_prior = list(nets), list(calibrations), log_prior
         k = int(self.nets[0].head.out_features)
         self.detectors = [
-            fit_feature_detector(features(net, x), y_val, k)
+            fit_layered_detector(layers(net, x), y_val, k)
             for net, x in zip(self.nets, x_val, strict=True)
         ]
         self.consistency = fit_consistency(list(z_val), y_val, log_prior)
         self.clean_feature = torch.stack(  # (N test, M): the fixed modalities' own p-values
             [
-                feature_pvalues(d, features(net, x), smooth=True)
+                layered_pvalues(d, layers(net, x), smooth=True)
                 for d, net, x in zip(self.detectors, self.nets, x_test, strict=True)
             ],
             dim=1,
         )
 
     def smooth_pvalues(
-        self, zs: Sequence[torch.Tensor], feats_m: torch.Tensor, m: int
+        self, zs: Sequence[torch.Tensor], layers_m: Sequence[torch.Tensor], m: int
     ) -> torch.Tensor:
         """Differentiable (feature, consistency) p-values (N, M, 2) of the test samples;
-        modality m's feature p-value from ``feats_m``, the others' those of their clean test
-        inputs (fixed)."""
+        modality m's feature p-value from its activations ``layers_m``, the others' those of
+        their clean test inputs (fixed)."""
         cons = consistency_pvalues(list(zs), self.consistency, smooth=True)
         feat = self.clean_feature
-        feat_m = feature_pvalues(self.detectors[m], feats_m, smooth=True)
+        feat_m = layered_pvalues(self.detectors[m], layers_m, smooth=True)
         feat = torch.cat([feat[:, :m], feat_m[:, None], feat[:, m + 1 :]], dim=1)
         return torch.stack([feat, cons], dim=2)
 
@@ -135,10 +148,14 @@ class Signals:
             ],
             dim=1,
         )
+        acts = [layers(net, x) for net, x in zip(self.nets, xs, strict=True)]
         feat = torch.stack(
+            [layered_pvalues(d, a) for d, a in zip(self.detectors, acts, strict=True)], dim=1
+        )
+        last = torch.stack(
             [
-                feature_pvalues(d, features(net, x))
-                for d, net, x in zip(self.detectors, self.nets, xs, strict=True)
+                feature_pvalues(d.layers[-1], a[-1])
+                for d, a in zip(self.detectors, acts, strict=True)
             ],
             dim=1,
         )
@@ -146,6 +163,7 @@ class Signals:
         three = torch.stack([typ, feat, cons], dim=2)
         return {
             "typicality": typ,
+            "penultimate": last,
             "feature": feat,
             "consistency": cons,
             "fisher": combine_pvalues(three, "fisher"),
@@ -157,7 +175,7 @@ class Signals:
         ``pvalues``."""
         feat = torch.stack(
             [
-                feature_pvalues(d, features(net, x))
+                layered_pvalues(d, layers(net, x))
                 for d, net, x in zip(self.detectors, self.nets, xs, strict=True)
             ],
             dim=1,
@@ -169,7 +187,7 @@ class Signals:
 class SignalAwarePGD(DetectorAwarePGD):
     """:class:`DetectorAwarePGD` on ``robust`` + detectors: white box, it maximises
     CE(robust fused with the detectors) + lam ln r_m, where r_m is the Fisher combination of the
-    attacked modality m's typicality, feature (through the owner's net: features of x') and
+    attacked modality m's typicality, feature (through the owner's net: every layer of x') and
     consistency p-values (smooth interpolations, differentiable), at the setting's budget,
     step and steps. lam = 0 is the end-to-end attack through that fusion.
 
@@ -212,10 +230,10 @@ class SignalAwarePGD(DetectorAwarePGD):
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         sig, m = self.signals, self.position
-        feats = self.unet.features(x).flatten(1).to(torch.float64)
+        acts = self.unet.layers(x)
         logits = list(self.fixed)
-        logits[m] = self.unet.head(feats.to(torch.float32)).to(torch.float64)
-        pv = sig.smooth_pvalues(logits, feats, m)
+        logits[m] = self.unet.head(acts[-1]).to(torch.float64)
+        pv = sig.smooth_pvalues(logits, [h.to(torch.float64) for h in acts], m)
         out = robust_with(logits, sig.calibrations, sig.log_prior, self.factors, pv, self.hp)
         ce = -torch.log(out.p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-300))
         if self.lam == 0:

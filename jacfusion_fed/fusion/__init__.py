@@ -11,10 +11,13 @@ from ._validation import FusionInputError, check_gamma
 from .detection import (
     ConsistencyCalibration,
     FeatureDetector,
+    LayeredDetector,
     consistency_pvalues,
     feature_pvalues,
     fit_consistency,
     fit_feature_detector,
+    fit_layered_detector,
+    layered_pvalues,
 )
 from .gram import GramFactor, factor_gram, gram_of
 from .jacobian import SOLVERS, jacobian_fusion, solve_jacobian_weights
@@ -52,6 +55,7 @@ __all__ = [
     "FusionInputError",
     "FusionMethod",
     "GramFactor",
+    "LayeredDetector",
     "ModalityCalibration",
     "RobustFusion",
     "aps_scores",
@@ -66,11 +70,13 @@ __all__ = [
     "fit_calibration",
     "fit_consistency",
     "fit_feature_detector",
+    "fit_layered_detector",
     "fuse",
     "fuse_full",
     "get_method",
     "gram_of",
     "jacobian_fusion",
+    "layered_pvalues",
     "log_prior_from_counts",
     "mean_fusion",
     "methods",

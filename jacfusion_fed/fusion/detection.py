@@ -18,6 +18,16 @@ the fit half; the score is the class-conditional Mahalanobis distance (Lee et al
 
 Only the owner sees h; it publishes u_F per requested sample, nothing else.
 
+**Layered feature typicality.** With L layers of the owner's net (h^(1) .. h^(L), the output of
+each block of its feature extractor, h^(L) the penultimate features), one such detector per
+layer gives u^(1) .. u^(L), combined by Cauchy (valid under the layers' dependence,
+asymptotically in the tail):
+
+    u_F = 1/2 - arctan( (1/L) sum_l tan((1/2 - u^(l)) pi) ) / pi
+
+(Lee et al. 2018 use every layer too: a small perturbation of the input can leave the
+penultimate features typical and still be atypical in an early layer).
+
 **Cross-modal consistency (coordinator side, M >= 2).** From logits alone: class means mu_{m,k}
 (K, K) and precision P_m of each modality's logits (fit half), and the predictive score of
 modality m given the others,
@@ -64,6 +74,7 @@ __all__ = [
     "FEATURE_DETECTOR_FIELDS",
     "ConsistencyCalibration",
     "FeatureDetector",
+    "LayeredDetector",
     "combine_pvalues",
     "consistency_pvalues",
     "consistency_scores",
@@ -71,6 +82,8 @@ __all__ = [
     "feature_scores",
     "fit_consistency",
     "fit_feature_detector",
+    "fit_layered_detector",
+    "layered_pvalues",
 ]
 
 FEATURE_DETECTOR_FIELDS: tuple[str, ...] = ("class_means", "precision", "reference_scores")
@@ -211,6 +224,55 @@ def feature_pvalues(
     s = feature_scores(detector, features)
     ref = detector.reference_scores.to(s.device)
     return smooth_pvalues(s, ref) if smooth else conformal_pvalues(s, ref)
+
+
+@dataclass(frozen=True)
+class LayeredDetector:
+    """One :class:`FeatureDetector` per layer of the owner's net (module docstring), the
+    penultimate features last."""
+
+    layers: tuple[FeatureDetector, ...]
+
+    @property
+    def layer_dims(self) -> tuple[int, ...]:
+        return tuple(d.feature_dim for d in self.layers)
+
+
+def fit_layered_detector(
+    layers_val: Sequence[ArrayLike], labels_val: ArrayLike, num_classes: int, *, ridge: float = 1e-3
+) -> LayeredDetector:
+    """:func:`fit_feature_detector` on each layer's clean validation activations.
+
+    Args:
+        layers_val: L >= 1 arrays (n, D_l), the same n validation samples in every layer.
+        labels_val: (n,) integer labels in [0, num_classes).
+        num_classes: K.
+        ridge: relative ridge of each layer's covariance, > 0.
+    """
+    if isinstance(layers_val, (torch.Tensor, np.ndarray)) or len(layers_val) == 0:
+        raise FusionInputError("layers_val must be a non-empty sequence of (n, D) arrays")
+    return LayeredDetector(
+        tuple(fit_feature_detector(f, labels_val, num_classes, ridge=ridge) for f in layers_val)
+    )
+
+
+def layered_pvalues(
+    detector: LayeredDetector, layers: Sequence[ArrayLike], *, smooth: bool = False
+) -> torch.Tensor:
+    """u_F (N,) in (0, 1]: the Cauchy combination over layers of each layer's
+    :func:`feature_pvalues` (module docstring); one layer: that layer's p-value."""
+    if len(layers) != len(detector.layers):
+        raise FusionInputError(
+            f"the detector has {len(detector.layers)} layers, got {len(layers)} activations"
+        )
+    u = torch.stack(
+        [
+            feature_pvalues(d, f, smooth=smooth)
+            for d, f in zip(detector.layers, layers, strict=True)
+        ],
+        dim=-1,
+    )
+    return combine_pvalues(u, "cauchy")
 
 
 # --------------------------------------------------------------------------- consistency

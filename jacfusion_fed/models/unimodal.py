@@ -7,7 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["UnimodalNet"]
+__all__ = ["MAX_LAYER_DIM", "UnimodalNet"]
+
+MAX_LAYER_DIM = 1024
+"""Widest intermediate layer :meth:`UnimodalNet.layers` returns (a class-conditional Gaussian
+of a wider layer needs more validation samples than an owner has)."""
 
 
 class UnimodalNet(nn.Module):
@@ -40,6 +44,22 @@ class UnimodalNet(nn.Module):
         """Logits ``(N, K)``."""
         logits: torch.Tensor = self.head(self.features(x))
         return logits
+
+    def layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Activations (N, D_l) of every block of ``features`` (each child of an
+        ``nn.Sequential``, flattened; intermediate ones wider than :data:`MAX_LAYER_DIM` left
+        out), the penultimate features (N, H) last. Differentiable."""
+        if not isinstance(self.features, nn.Sequential):
+            return [self.features(x).flatten(1)]
+        out: list[torch.Tensor] = []
+        h = x
+        children = list(self.features)
+        for i, block in enumerate(children):
+            h = block(h)
+            flat = h.flatten(1)
+            if i == len(children) - 1 or flat.shape[1] <= MAX_LAYER_DIM:
+                out.append(flat)
+        return out
 
     @property
     def feature_dim(self) -> int:

@@ -4,7 +4,7 @@
 ``stability`` (Zheng et al.) and ``mixup`` (Zhang et al.); see :mod:`.methods`.
 """
 
-from .evaluate import evaluate_accuracy, predict_features, predict_logits
+from .evaluate import evaluate_accuracy, predict_features, predict_layers, predict_logits
 from .loop import TrainReport, train_epochs, train_model
 from .methods import METHODS, resolve_params
 
@@ -13,6 +13,7 @@ __all__ = [
     "TrainReport",
     "evaluate_accuracy",
     "predict_features",
+    "predict_layers",
     "predict_logits",
     "resolve_params",
     "train_epochs",

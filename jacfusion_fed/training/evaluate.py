@@ -95,3 +95,31 @@ def predict_features(model: nn.Module, x: Any, batch_size: int = 512) -> torch.T
     if not outs:
         return torch.zeros((0, 0), dtype=torch.float64)
     return torch.cat(outs).flatten(1).to(torch.float64)
+
+
+def predict_layers(model: nn.Module, x: Any, batch_size: int = 512) -> list[torch.Tensor] | None:
+    """Every layer's activations, a list of ``(N, D_l)`` float64 on the CPU, the penultimate
+    features last: ``model.layers`` in eval mode (built-in nets,
+    :meth:`~jacfusion_fed.models.UnimodalNet.layers`), else ``[predict_features(...)]``
+    (imported models: the head's input only); None when the model exposes no features."""
+    layers = getattr(model, "layers", None)
+    if not callable(layers) or not isinstance(getattr(model, "features", None), nn.Module):
+        feats = predict_features(model, x, batch_size)
+        return None if feats is None else [feats]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = model_device(model)
+    xt = as_tensor(x, torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [
+                [h.cpu() for h in layers(xt[i : i + batch_size].to(dev))]
+                for i in range(0, len(xt), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    if not parts:
+        return None
+    return [torch.cat(col).to(torch.float64) for col in zip(*parts, strict=True)]
