@@ -218,8 +218,12 @@ def test_results_readme_unknown_table() -> None:
             f"{len(t['abstention']['columns_met'])} / {len(d['settings'])}",
         ]
         assert row[1:] == want, row[0]
-        # "below robust on all three datasets": the whole interval is below 0
-        assert m["robust_detect-robust"]["high"] < 0, row[0]
+        # the README's reading: ties robust on AV-Digits, just above on TwoMoon, below on
+        # the three-modality example
+        d_r = m["robust_detect-robust"]
+        want_sign = {"avdigits": 0, "twomoon": 1, "emergency": -1}[row[0]]
+        sign = 1 if d_r["low"] > 0 else (-1 if d_r["high"] < 0 else 0)
+        assert sign == want_sign, row[0]
 
 
 def test_unknown_reading_quotes_the_files() -> None:
@@ -255,13 +259,26 @@ def test_unknown_reading_quotes_the_files() -> None:
     assert tie in reading and tie in readme
     marks = sum(k.endswith(":mark") for c in em.values() for k in c) + 3  # + the Mean column
     assert f"over the table's {marks} marks" in reading
-    pg = av["image:pgd"]
-    below = [k for k, c in av.items() if c["robust_detect-stat:mark"] == "↓"]
-    assert below == ["image:pgd"]  # "significantly below Stat-w/o under AV-Digits image PGD"
-    assert f"under AV-Digits image PGD ({pg['robust_detect']:.1f} against {pg['stat']:.1f})" in (
-        reading
-    )
-    assert "significantly below Stat-w/o under AV-Digits image PGD" in readme
+
+    def ci(x: dict[str, float]) -> str:
+        return f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
+
+    means = {
+        d: _json(f"{d}-unknown.json")["mean"]["robust_detect-robust"]
+        for d in ("avdigits", "twomoon", "emergency")
+    }
+    assert f"ties robust on AV-Digits ({ci(means['avdigits'])})" in reading
+    assert f"just above it on TwoMoon ({ci(means['twomoon'])}," in reading
+    assert f"three-modality example ({ci(means['emergency'])})" in reading
+    assert round(means["twomoon"]["mean"], 1) == 0.1  # "0.1 points above it on TwoMoon"
+    assert "is 0.1 points above it on TwoMoon" in readme
+    # "significantly below Stat-w/o under the (FGSM and PGD) attacks on the vital signs and
+    # the lab panel"; nowhere else, and nowhere on AV-Digits
+    below = sorted(k for k, c in em.items() if c["robust_detect-stat:mark"] == "↓")
+    assert below == ["labs:fgsm", "labs:pgd", "vitals:fgsm", "vitals:pgd"]
+    assert not any(c["robust_detect-stat:mark"] == "↓" for c in av.values())
+    assert "under the FGSM and PGD attacks on the vital signs and the lab panel" in reading
+    assert "under the attacks on the vital signs and the lab panel" in readme
 
 
 def test_paper_table_mark_counts_in_results_readme() -> None:

@@ -232,7 +232,8 @@ def test_robust_detect_row_is_the_per_sample_worst_of_its_attacks() -> None:
     run.select()
     s = next(s for s in run.settings if perturbation_type(s) == "pgd")
     run.params = run.params_by_setting[s.key]
-    assert set(run.params["robust_detect"]) == {"floor", "trust_level", "jacobian_level", "gamma"}
+    keys = {"floor", "trust_level", "jacobian_level", "gamma", "combine"}
+    assert set(run.params["robust_detect"]) == keys
     xs, zs = run.inputs(s, "test", 0)
     right = run._detect_correct(s, xs, zs, 0)
     log = run.detect_attack_log[s.key]

@@ -45,7 +45,7 @@ SIGNALS: tuple[str, ...] = (
 """The detection table's signals: ``penultimate`` (the owner's detector on the penultimate
 features alone) is a diagnostic, not published; ``fisher`` / ``cauchy`` combine typicality,
 feature (every layer) and consistency."""
-DEFAULT_HP: dict[str, float] = {"floor": 0.05, "trust_level": 0.05}
+DEFAULT_HP: dict[str, Any] = {"floor": 0.05, "trust_level": 0.05}
 """robust's fixed hyperparameters in the detection table (not selected)."""
 
 
@@ -64,10 +64,11 @@ def robust_with(
     log_prior: torch.Tensor,
     factors: Sequence[GramFactor | None] | None,
     extra: torch.Tensor | None,
-    hp: Mapping[str, float],
+    hp: Mapping[str, Any],
 ) -> Any:
     """``robust_fusion`` of logits ``zs`` with detection p-values ``extra`` (N, M, S) and
-    hyperparameters ``hp`` (floor, trust_level, optional jacobian_level and gamma)."""
+    hyperparameters ``hp`` (floor, trust_level, optional jacobian_level, gamma and combine:
+    ``"fisher"`` by default, or ``"cauchy"``)."""
     level = float(hp.get("jacobian_level", 0.0))
     return robust_fusion(
         list(zs),
@@ -79,6 +80,7 @@ def robust_with(
         jacobian_level=level,
         gamma=float(hp.get("gamma", 1.0)),
         pvalues=extra,
+        combine=str(hp.get("combine", "fisher")),
     )
 
 
@@ -186,10 +188,11 @@ class Signals:
 
 class SignalAwarePGD(DetectorAwarePGD):
     """:class:`DetectorAwarePGD` on ``robust`` + detectors: white box, it maximises
-    CE(robust fused with the detectors) + lam ln r_m, where r_m is the Fisher combination of the
-    attacked modality m's typicality, feature (through the owner's net: every layer of x') and
-    consistency p-values (smooth interpolations, differentiable), at the setting's budget,
-    step and steps. lam = 0 is the end-to-end attack through that fusion.
+    CE(robust fused with the detectors) + lam ln r_m, where r_m is the combination (``hp``'s
+    ``combine``, Fisher by default) of the attacked modality m's typicality, feature (through
+    the owner's net: every layer of x') and consistency p-values (smooth interpolations,
+    differentiable), at the setting's budget, step and steps. lam = 0 is the end-to-end attack
+    through that fusion.
 
     Args:
         signals: the seed's detectors.
@@ -208,7 +211,7 @@ class SignalAwarePGD(DetectorAwarePGD):
         *,
         lam: float,
         spec: AttackSpec,
-        hp: Mapping[str, float] = DEFAULT_HP,
+        hp: Mapping[str, Any] = DEFAULT_HP,
         factors: Sequence[GramFactor | None] | None = None,
     ) -> None:
         net = signals.nets[position]

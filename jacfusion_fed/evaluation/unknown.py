@@ -12,7 +12,8 @@ an end-to-end attack through that row's fusion; ``robust`` also faces the detect
 ``robust_detect`` (issue 20) is ``robust`` with the detectors of :mod:`.signals` as extra
 p-values: each owner's feature p-value of the input it holds (under the setting: of the
 perturbed input) and the cross-modal consistency of the logits, combined with the typicality
-p-value by Fisher's method. Its hyperparameters are selected like robust's (same grid, same
+p-value by Fisher's or the Cauchy method. Its hyperparameters, the combination included, are
+selected like robust's (robust's grid times :data:`COMBINATIONS`, the same
 leave-the-test's-type-out rule, the validation p-values computed from the perturbed
 validation inputs), and in attacked columns it faces, per sample, the worst of the setting-1
 attack, the end-to-end attack through its own fusion and detectors
@@ -82,6 +83,8 @@ JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
     (0.6, 0.5),
 )
 """(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
+COMBINATIONS: tuple[str, ...] = ("fisher", "cauchy")
+"""How robust + detectors combines the p-values (selected with its other hyperparameters)."""
 RAPS_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5)
 """RAPS size penalties robust's fused conformal set chooses from (0: plain APS)."""
 CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -243,7 +246,7 @@ class SeedRun:
         return self._signals
 
     def robust_detect(
-        self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], **hp: float
+        self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], **hp: Any
     ) -> Any:
         """robust + detectors (module docstring) with the selected (or given) hyperparameters."""
         hp = {**self.params.get("robust_detect", {}), **hp}
@@ -337,13 +340,13 @@ class SeedRun:
             for j, g in JACOBIAN_GRID
             for v in itertools.product(*ROBUST_GRID.values())
         ]
-        per_row: dict[str, tuple[list[dict[str, float]], np.ndarray]] = {
+        per_row: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {
             row: ([{"gamma": g} for g in GAMMAS], np.stack([scores(row, gamma=g) for g in GAMMAS]))
             for row in ("jac_oracle", "jac_all")
         }
         per_row["robust"] = (grid, np.stack([scores("robust", **hp) for hp in grid]))
 
-        def detect_scores(hp: dict[str, float]) -> np.ndarray:
+        def detect_scores(hp: dict[str, Any]) -> np.ndarray:
             return np.array(
                 [
                     float(
@@ -363,7 +366,11 @@ class SeedRun:
                 ]
             )
 
-        per_row["robust_detect"] = (grid, np.stack([detect_scores(hp) for hp in grid]))
+        detect_grid = [{**hp, "combine": c} for c in COMBINATIONS for hp in grid]
+        per_row["robust_detect"] = (
+            detect_grid,
+            np.stack([detect_scores(hp) for hp in detect_grid]),
+        )
         for s in self.settings:
             allowed = np.array(
                 [
