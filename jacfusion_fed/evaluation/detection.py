@@ -62,16 +62,13 @@ import numpy as np
 import torch
 
 from jacfusion_fed.atomicio import atomic_write_bytes
-from jacfusion_fed.fusion import (
-    robust_fusion,
-)
 from jacfusion_fed.robustness import AttackSpec
 from jacfusion_fed.training import predict_logits
 
 from .provenance import provenance
-from .signals import SIGNALS, SignalAwarePGD, Signals
+from .signals import DEFAULT_HP, SIGNALS, SignalAwarePGD, robust_with
 from .stats import cluster_bootstrap
-from .unknown import SeedRun, Setting, perturbation_type
+from .unknown import SeedRun, perturbation_type
 
 __all__ = [
     "SIGNALS",
@@ -171,44 +168,22 @@ def synthetic_pvalues(
     return u
 
 
-def seed_signals(run: SeedRun) -> Signals:
-    """The detectors of one seed (:class:`~.signals.Signals`), fitted on its validation split."""
-    return Signals(
-        run.nets,
-        run.x["val"],
-        run.y["val"],
-        run.clean["val"],
-        run.x["test"],
-        run.calibrations,
-        run.log_prior,
-    )
-
-
-def _perturbed_input(run: SeedRun, setting: Setting, draw: int) -> torch.Tensor:
-    """The perturbed test inputs of the setting's modality (the draw ``SeedRun.logits`` uses)."""
-    i = run.position(setting)
-    x, net, gen = run.x["test"][i], run.nets[i], run._gen(setting.key, "test", draw)
-    if isinstance(setting.spec, AttackSpec):
-        return setting.spec.build(net)(x, run.y["test"], gen)
-    assert setting.spec is not None
-    return setting.spec(x, gen)
-
-
-def _robust_correct(
-    run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None
-) -> torch.Tensor:
-    out = robust_fusion(
-        list(zs), run.calibrations, run.log_prior, floor=0.05, trust_level=0.05, pvalues=extra
-    )
-    return out.p.argmax(dim=1) == run.y["test"]
-
-
-def _robust_acc(run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None) -> float:
-    return float(_robust_correct(run, zs, extra).double().mean())
-
-
-def _correct(run: SeedRun, p: torch.Tensor) -> np.ndarray:
+def _right(run: SeedRun, p: torch.Tensor) -> np.ndarray:
+    """Per-sample correctness (N,) float64 of probabilities or logits ``p`` on the test split."""
     return (p.argmax(dim=1) == run.y["test"]).double().numpy()
+
+
+def _robust_right(
+    run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None
+) -> np.ndarray:
+    """Per-sample correctness of robust at the fixed defaults, with detection p-values
+    ``extra`` (N, M, S) or without (None)."""
+    return _right(run, robust_with(zs, run.calibrations, run.log_prior, None, extra, DEFAULT_HP).p)
+
+
+def _extra(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (feature, consistency) p-values (N, M, 2) robust gets, from :meth:`Signals.pvalues`."""
+    return torch.stack([p["feature"], p["consistency"]], dim=2)
 
 
 def _synthetic(
@@ -220,19 +195,8 @@ def _synthetic(
     out = {}
     for a in SYNTHETIC_AUROCS:
         u = synthetic_pvalues(n, m_count, m, a, run._gen("h20-synthetic", key, draw, a))
-        out[a] = _correct(run, _robust_p(run, zs, u))
+        out[a] = _robust_right(run, zs, u)
     return out
-
-
-def _robust_p(run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None) -> torch.Tensor:
-    out = robust_fusion(
-        list(zs), run.calibrations, run.log_prior, floor=0.05, trust_level=0.05, pvalues=extra
-    )
-    return out.p
-
-
-def _interval(x: dict[str, float], scale: float = 100.0) -> dict[str, float]:
-    return {k: (v * scale if k in ("mean", "low", "high", "seed_sd") else v) for k, v in x.items()}
 
 
 def run_detection(
@@ -263,13 +227,17 @@ def run_detection(
         for seed in seeds:
             run = SeedRun(dataset, seed, quick=quick)
             environment = environment or {**provenance(run.data), "threads": 1}
-            sig = seed_signals(run)
+            sig = run.signals()
             clean_p = sig.pvalues(run.clean["test"], run.x["test"])
             cells: dict[str, Any] = {}
-            clean_extra = torch.stack([clean_p["feature"], clean_p["consistency"]], dim=2)
+            rows = correct.setdefault("clean", {})
+            rows.setdefault("robust", []).append(_robust_right(run, run.clean["test"], None))
+            rows.setdefault("robust_detect", []).append(
+                _robust_right(run, run.clean["test"], _extra(clean_p))
+            )
             cells["clean"] = {
-                "robust_acc": _robust_acc(run, run.clean["test"], None),
-                "robust_acc_detect": _robust_acc(run, run.clean["test"], clean_extra),
+                "robust_acc": float(rows["robust"][-1].mean()),
+                "robust_acc_detect": float(rows["robust_detect"][-1].mean()),
                 # per modality (by name): the share of clean test samples with p <= 0.05
                 "false_alarm_0.05": {
                     s: {
@@ -280,14 +248,7 @@ def run_detection(
                 },
             }
             labels["clean"] = {"label": "Clean", "type": None, "modality": None}
-            alone_clean = [_correct(run, z) for z in run.clean["test"]]
-            rows = correct.setdefault("clean", {})
-            rows.setdefault("robust", []).append(
-                _correct(run, _robust_p(run, run.clean["test"], None))
-            )
-            rows.setdefault("robust_detect", []).append(
-                _correct(run, _robust_p(run, run.clean["test"], clean_extra))
-            )
+            alone_clean = [_right(run, z) for z in run.clean["test"]]
             best_alone.setdefault("clean", []).append(alone_clean)
             for a, c in _synthetic(run, run.clean["test"], None, "clean", 0).items():
                 synth.setdefault("clean", {}).setdefault(a, []).append(c)
@@ -302,13 +263,8 @@ def run_detection(
                 draws_pos: dict[str, list[np.ndarray]] = {s: [] for s in SIGNALS}
                 draws_correct: dict[str, list[np.ndarray]] = {"robust": [], "robust_detect": []}
                 draws_synth: dict[float, list[np.ndarray]] = {a: [] for a in SYNTHETIC_AUROCS}
-                correct_detect = torch.zeros(0, dtype=torch.bool)
                 for draw in range(run.draws(setting)):
-                    x_m = _perturbed_input(run, setting, draw)
-                    zs = list(run.clean["test"])
-                    zs[m] = predict_logits(run.nets[m], x_m)
-                    xs = list(run.x["test"])
-                    xs[m] = x_m
+                    xs, zs = run.inputs(setting, "test", draw)
                     pert_p = sig.pvalues(zs, xs)
                     # samples whose own-modality prediction the perturbation changed
                     flipped = (zs[m].argmax(1) != run.clean["test"][m].argmax(1)).numpy()
@@ -319,10 +275,8 @@ def run_detection(
                         draws_pos[s].append(p_s)
                         if flipped.any():
                             aucs_flipped[s].append(auroc(p_s[flipped], n_s))
-                    extra = torch.stack([pert_p["feature"], pert_p["consistency"]], dim=2)
-                    draws_correct["robust"].append(_correct(run, _robust_p(run, zs, None)))
-                    correct_detect = _robust_correct(run, zs, extra)
-                    draws_correct["robust_detect"].append(correct_detect.double().numpy())
+                    draws_correct["robust"].append(_robust_right(run, zs, None))
+                    draws_correct["robust_detect"].append(_robust_right(run, zs, _extra(pert_p)))
                     for a, c in _synthetic(run, zs, m, key, draw).items():
                         draws_synth[a].append(c)
                 for s in SIGNALS:
@@ -344,18 +298,16 @@ def run_detection(
                     xs = list(run.x["test"])
                     xs[m] = x_m
                     adv_p = sig.pvalues(zs, xs)
-                    extra = torch.stack([adv_p["feature"], adv_p["consistency"]], dim=2)
-                    adv_correct = _robust_correct(run, zs, extra)
+                    adv_right = _robust_right(run, zs, _extra(adv_p))
                     for s in SIGNALS:
                         adv.setdefault(key, {}).setdefault(s, []).append(1 - adv_p[s][:, m].numpy())
-                    worst = (correct_detect & adv_correct).double().numpy()
-                    correct[key].setdefault("adaptive_worst", []).append(worst)
+                    worst = draws_correct["robust_detect"][-1] * adv_right
                     adaptive_cell = {
                         "auroc": {
                             s: auroc(1 - adv_p[s][:, m].numpy(), 1 - clean_p[s][:, m].numpy())
                             for s in SIGNALS
                         },
-                        "robust_acc_detect": float(adv_correct.double().mean()),
+                        "robust_acc_detect": float(adv_right.mean()),
                         # per sample the worse of this and the setting-1 attack (last draw)
                         "robust_acc_detect_worst": float(worst.mean()),
                     }

@@ -25,8 +25,7 @@ from jacfusion_fed.fusion import (
     layered_pvalues,
     robust_fusion,
 )
-from jacfusion_fed.fusion.robust import _typicality as typicality_scores
-from jacfusion_fed.fusion.robust import conformal_pvalues
+from jacfusion_fed.fusion.robust import typicality_pvalues
 from jacfusion_fed.models import UnimodalNet
 from jacfusion_fed.robustness import AttackSpec
 from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
@@ -142,18 +141,12 @@ class Signals:
         """Every signal's exact p-values (N, M) for logits ``zs`` of inputs ``xs``."""
         typ = torch.stack(
             [
-                conformal_pvalues(
-                    typicality_scores(z.to(torch.float64), c.class_means, c.precision),
-                    c.typicality_scores,
-                )
+                typicality_pvalues(z.to(torch.float64), c)
                 for z, c in zip(zs, self.calibrations, strict=True)
             ],
             dim=1,
         )
-        acts = [layers(net, x) for net, x in zip(self.nets, xs, strict=True)]
-        feat = torch.stack(
-            [layered_pvalues(d, a) for d, a in zip(self.detectors, acts, strict=True)], dim=1
-        )
+        feat, acts = self._feature(xs)
         last = torch.stack(
             [
                 feature_pvalues(d.layers[-1], a[-1])
@@ -172,18 +165,18 @@ class Signals:
             "cauchy": combine_pvalues(three, "cauchy"),
         }
 
+    def _feature(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """The owners' feature p-values (N, M) of inputs ``xs``, and every modality's
+        activations."""
+        acts = [layers(net, x) for net, x in zip(self.nets, xs, strict=True)]
+        feat = [layered_pvalues(d, a) for d, a in zip(self.detectors, acts, strict=True)]
+        return torch.stack(feat, dim=1), acts
+
     def extra(self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The (feature, consistency) p-values (N, M, 2) ``robust_fusion`` takes as
         ``pvalues``."""
-        feat = torch.stack(
-            [
-                layered_pvalues(d, layers(net, x))
-                for d, net, x in zip(self.detectors, self.nets, xs, strict=True)
-            ],
-            dim=1,
-        )
         cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
-        return torch.stack([feat, cons], dim=2)
+        return torch.stack([self._feature(xs)[0], cons], dim=2)
 
 
 class SignalAwarePGD(DetectorAwarePGD):

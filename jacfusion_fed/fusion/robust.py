@@ -99,6 +99,7 @@ __all__ = [
     "calibration_split",
     "fit_calibration",
     "robust_fusion",
+    "typicality_pvalues",
 ]
 
 CALIBRATION_FIELDS: tuple[str, ...] = (
@@ -283,6 +284,16 @@ def smooth_pvalues(scores: torch.Tensor, sorted_cal: torch.Tensor) -> torch.Tens
     spread = max(float(sorted_cal[-1] - sorted_cal[0]) / n, 1e-6)
     tail = 2.0 / (n + 1.0) * torch.exp(-(s - sorted_cal[-1]).clamp(min=0.0) / spread)
     return torch.where(s > sorted_cal[-1], tail, p.clamp(max=1.0))
+
+
+def typicality_pvalues(
+    logits: torch.Tensor, calibration: ModalityCalibration, *, smooth: bool = False
+) -> torch.Tensor:
+    """Typicality p-values u (N,) of float64 logits (N, K) against one modality's calibration
+    (module docstring); ``smooth``: the differentiable interpolation, else the exact ones."""
+    t = _typicality(logits, calibration.class_means, calibration.precision)
+    pv = smooth_pvalues if smooth else conformal_pvalues
+    return pv(t, calibration.typicality_scores)
 
 
 def _aps_all(p: torch.Tensor, lam: float = 0.0, k_reg: int = 1) -> torch.Tensor:
@@ -473,11 +484,7 @@ def robust_fusion(
     log_p = [torch.log_softmax(z, dim=1) for z in z64]
     scores = [-x for x in log_p]  # s_m(z, k), (N, K)
     typ = torch.stack(
-        [
-            smooth_pvalues(_typicality(z, c.class_means, c.precision), c.typicality_scores)
-            for z, c in zip(z64, cals, strict=True)
-        ],
-        dim=1,
+        [typicality_pvalues(z, c, smooth=True) for z, c in zip(z64, cals, strict=True)], dim=1
     )
     log_ratios = [torch.log_softmax(x - lp, dim=1) + math.log(k) for x in log_p]  # ln l_m(k)
     regularized = (

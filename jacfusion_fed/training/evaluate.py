@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["as_tensor", "evaluate_accuracy", "model_device", "predict_features", "predict_logits"]
+__all__ = [
+    "as_tensor",
+    "evaluate_accuracy",
+    "model_device",
+    "predict_features",
+    "predict_layers",
+    "predict_logits",
+]
+
+R = TypeVar("R")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -24,11 +34,15 @@ def as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(np.asarray(value)).to(dtype)
 
 
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, x: Any, batch_size: int = 512, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Logits ``(N, K)`` on the CPU, computed in eval mode (the model's mode is restored)."""
+def _eval_batches(
+    model: nn.Module,
+    x: Any,
+    fn: Callable[[torch.Tensor], R],
+    batch_size: int,
+    device: torch.device | str | None = None,
+) -> list[R]:
+    """``fn`` of each batch of ``x`` (float32, on the model's device), in eval mode and without
+    gradients; the model's mode is restored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = torch.device(device) if device is not None else model_device(model)
@@ -36,9 +50,17 @@ def predict_logits(
     was_training = model.training
     model.eval()
     try:
-        outs = [model(xt[i : i + batch_size].to(dev)).cpu() for i in range(0, len(xt), batch_size)]
+        with torch.no_grad():
+            return [fn(xt[i : i + batch_size].to(dev)) for i in range(0, len(xt), batch_size)]
     finally:
         model.train(was_training)
+
+
+def predict_logits(
+    model: nn.Module, x: Any, batch_size: int = 512, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Logits ``(N, K)`` on the CPU, computed in eval mode (the model's mode is restored)."""
+    outs = _eval_batches(model, x, lambda b: model(b).cpu(), batch_size, device)
     if not outs:
         k = getattr(model, "num_classes", 0)
         return torch.zeros((0, int(k)), dtype=torch.float32)
@@ -78,20 +100,7 @@ def predict_features(model: nn.Module, x: Any, batch_size: int = 512) -> torch.T
         if not parts:
             return torch.zeros((0, 0), dtype=torch.float64)
         return torch.cat(parts).to(torch.float64)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = model_device(model)
-    xt = as_tensor(x, torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outs = [
-                features(xt[i : i + batch_size].to(dev)).cpu()
-                for i in range(0, len(xt), batch_size)
-            ]
-    finally:
-        model.train(was_training)
+    outs = _eval_batches(model, x, lambda b: features(b).cpu(), batch_size)
     if not outs:
         return torch.zeros((0, 0), dtype=torch.float64)
     return torch.cat(outs).flatten(1).to(torch.float64)
@@ -106,20 +115,7 @@ def predict_layers(model: nn.Module, x: Any, batch_size: int = 512) -> list[torc
     if not callable(layers) or not isinstance(getattr(model, "features", None), nn.Module):
         feats = predict_features(model, x, batch_size)
         return None if feats is None else [feats]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = model_device(model)
-    xt = as_tensor(x, torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            parts = [
-                [h.cpu() for h in layers(xt[i : i + batch_size].to(dev))]
-                for i in range(0, len(xt), batch_size)
-            ]
-    finally:
-        model.train(was_training)
+    parts = _eval_batches(model, x, lambda b: [h.cpu() for h in layers(b)], batch_size)
     if not parts:
         return None
     return [torch.cat(col).to(torch.float64) for col in zip(*parts, strict=True)]
