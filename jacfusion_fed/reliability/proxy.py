@@ -91,7 +91,6 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._cuts = 0  # how many times cut() ran (a connection that opened across one is reset)
         self._flowing: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -213,7 +212,6 @@ class FaultProxy:
         count = [0]
 
         def reset_all() -> None:
-            self._cuts += 1  # connections still opening upstream are reset when they open
             for writer in list(self._writers):
                 _rst(writer)
                 count[0] += 1
@@ -230,17 +228,11 @@ class FaultProxy:
             self.stats.refused += 1
             _rst(writer)
             return
-        cuts = self._cuts
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             self.stats.refused += 1
             _rst(writer)
-            return
-        if self.refuse or self._cuts != cuts:  # cut or refused while it was opening
-            self.stats.refused += 1
-            _rst(writer)
-            _rst(up_writer)
             return
         self.stats.connections += 1
         self._writers.update((writer, up_writer))
