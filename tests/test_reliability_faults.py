@@ -308,9 +308,10 @@ def test_requester_link_faults(dep: Deployment) -> None:
         proxy.set(stalled=True)
         for _ in range(3):
             call(0.5)
-        proxy.set(stalled=False)
+        # refused before the cut, so that the client's reconnect after the cut cannot slip
+        # through to the coordinator before the proxy starts refusing
+        proxy.set(stalled=False, refuse=True)
         proxy.cut()
-        proxy.set(refuse=True)
         for _ in range(3):
             call(0.5)
         proxy.heal()
