@@ -232,7 +232,7 @@ def test_robust_detect_row_is_the_per_sample_worst_of_its_attacks() -> None:
     run.select()
     s = next(s for s in run.settings if perturbation_type(s) == "pgd")
     run.params = run.params_by_setting[s.key]
-    keys = {"floor", "trust_level", "jacobian_level", "gamma", "combine"}
+    keys = {"floor", "trust_level", "retain", "jacobian_level", "gamma", "combine"}
     assert set(run.params["robust_detect"]) == keys
     xs, zs = run.inputs(s, "test", 0)
     right = run._detect_correct(s, xs, zs, 0)
@@ -252,3 +252,22 @@ def test_robust_detect_row_is_the_per_sample_worst_of_its_attacks() -> None:
     assert float((x_adv - x).abs().max()) <= s.spec.w4 + 1e-6
     before, after = attack.objective(x, y).mean(), attack.objective(x_adv, y).mean()
     assert float(after.detach()) > float(before.detach())
+
+
+def test_retain_grid_is_what_robust_selects_from() -> None:
+    """The tables select retain from RETAINS (0 only: robust drops a distrusted modality);
+    a wider grid (benchmarks/retain_selection.py) is searched by both robust rows."""
+    from jacfusion_fed.evaluation.unknown import RETAINS, SeedRun
+
+    assert RETAINS == (0.0,)
+    run = SeedRun("twomoon", 0, quick=True, repeats=1)
+    chosen = run.select()
+    assert {p[r]["retain"] for p in chosen.values() for r in ("robust", "robust_detect")} == {0.0}
+    wide = SeedRun("twomoon", 0, quick=True, repeats=1, retains=(0.0, 0.9))
+    picked = {p[r]["retain"] for p in wide.select().values() for r in ("robust", "robust_detect")}
+    assert picked <= {0.0, 0.9}
+    # the option reaches the fusion: a distrusted modality's evidence is not dropped
+    zs = wide.logits(next(s for s in wide.settings if s.spec is not None), "test", 0)
+    p0 = wide.robust(zs, aps=False, retain=0.0, floor=0.0, trust_level=0.1).p
+    p9 = wide.robust(zs, aps=False, retain=0.9, floor=0.0, trust_level=0.1).p
+    assert not torch.allclose(p0, p9)

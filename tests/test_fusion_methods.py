@@ -59,6 +59,9 @@ def test_fuse_is_each_rule(problem: dict[str, Any]) -> None:
     assert torch.equal(full.prediction_set, robust.prediction_set)
     assert full.abstain is not None and torch.equal(full.abstain, robust.abstain)
     assert fuse_full("mean", z).reliability is None
+    kept = robust_fusion(z, cals, prior, retain=0.25, trust_level=0.5)
+    got = fuse("robust", z, None, prior, {"retain": 0.25, "trust_level": 0.5}, calibrations=cals)
+    torch.testing.assert_close(got, kept.p, rtol=0, atol=0)
     with pytest.raises(FusionInputError, match="robust method needs calibrations"):
         fuse("robust", z, log_prior=prior)
 

@@ -149,6 +149,35 @@ def test_jacobian_regularization_follows_reliability() -> None:
     assert z.grad is not None and bool(torch.isfinite(z.grad).all())
 
 
+def test_retain_keeps_a_share_of_a_distrusted_modality() -> None:
+    """retain = kappa: a fully distrusted modality (eps = 1) contributes kappa ln l_m, i.e.
+    kappa times its statistical-fusion evidence; a fully trusted one with floor 0 its whole
+    evidence, whatever kappa; retain = 0 is the rule without the option (dropped)."""
+    cals, zs, _ = _problem(2, 200, 60, seed=8)
+    prior = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15], dtype=torch.float64))
+    # modality 1 looks broken (reliability ~ 0), modality 0 is itself
+    gen = torch.Generator().manual_seed(3)
+    broken = [zs[0], 40.0 * torch.randn(zs[1].shape, generator=gen, dtype=torch.float64)]
+    base = robust_fusion(broken, cals, prior, floor=0.0)
+    torch.testing.assert_close(robust_fusion(broken, cals, prior, floor=0.0, retain=0.0).p, base.p)
+    distrusted = base.trust[:, 1] < 1e-9
+    trusted = base.trust[:, 0] > 1 - 1e-9
+    rows = distrusted & trusted
+    assert int(rows.sum()) > 20
+    for kappa in (0.25, 0.5, 0.9):
+        out = robust_fusion(broken, cals, prior, floor=0.0, retain=kappa)
+        # statistical fusion with modality 1's log-likelihood ratio scaled by kappa:
+        # ln p = ln freq + (z_0 part) + kappa (ln softmax(z_1) - ln freq) + const
+        lr = [torch.log_softmax(torch.log_softmax(z, 1) - prior, 1) for z in broken]
+        expect = torch.softmax(prior + lr[0] + kappa * lr[1], dim=1)
+        torch.testing.assert_close(out.p[rows], expect[rows])
+        # the reliability does not depend on retain (it gates, it is not gated)
+        torch.testing.assert_close(out.reliability, base.reliability)
+    # kappa -> 1 approaches statistical fusion for the distrusted rows
+    near = robust_fusion(broken, cals, prior, floor=0.0, retain=0.999).p[rows]
+    torch.testing.assert_close(near, statistical_fusion(broken, prior)[rows], atol=0.02, rtol=0)
+
+
 def test_numpy_in_torch_out_dtype_and_shapes() -> None:
     cals, zs, _ = _problem(2, 100, 20, seed=5)
     out = robust_fusion([z.float().numpy() for z in zs], cals)
@@ -189,6 +218,9 @@ def test_bad_input() -> None:
         robust_fusion(zs, cals, grams=[None, torch.eye(3)], jacobian_level=0.5)
     with pytest.raises(FusionInputError, match="jacobian_level"):
         robust_fusion(zs, cals, jacobian_level=1.0)
+    for bad in (-0.1, 1.0, "0.5"):
+        with pytest.raises(FusionInputError, match="retain must lie in"):
+            robust_fusion(zs, cals, retain=bad)  # type: ignore[arg-type]
     with pytest.raises(FusionInputError, match="gamma"):
         robust_fusion(zs, cals, jacobian_level=0.5, gamma=0.0)
     with pytest.raises(FusionInputError, match="K="):

@@ -46,11 +46,15 @@ knows the perturbed modality), so that P(1 - u_perturbed > 1 - u_clean) = c / (c
 (:func:`synthetic_pvalues`); its mean accuracy over the settings is compared with the best
 clean modality alone (the issue's oracle) in the same run, per sample, with the cluster
 bootstrap. The synthetic p-values are drawn independently of the input, so this measures the
-gate, not a detector: how good a detector must be before gating on it beats the oracle.
+gate, not a detector: how good a detector must be before gating on it beats the oracle. The
+bound is computed for robust's gate (a distrusted modality dropped) and for gates that keep a
+share kappa of a distrusted modality's evidence (:data:`SYNTHETIC_RETAINS`,
+``robust_fusion(retain=kappa)``), on the same draws.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -73,6 +77,7 @@ from .unknown import SeedRun, perturbation_type
 __all__ = [
     "SIGNALS",
     "SYNTHETIC_AUROCS",
+    "SYNTHETIC_RETAINS",
     "SignalAwarePGD",
     "auroc",
     "auroc_interval",
@@ -83,6 +88,9 @@ __all__ = [
 ]
 
 SYNTHETIC_AUROCS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SYNTHETIC_RETAINS: tuple[float, ...] = (0.0, 0.25, 0.5)
+"""Gates of the bound: the share of its evidence a distrusted modality keeps
+(``robust_fusion(retain=)``; 0 drops it, robust's gate in the tables)."""
 RESAMPLES = 2000
 
 
@@ -174,11 +182,12 @@ def _right(run: SeedRun, p: torch.Tensor) -> np.ndarray:
 
 
 def _robust_right(
-    run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None
+    run: SeedRun, zs: Sequence[torch.Tensor], extra: torch.Tensor | None, retain: float = 0.0
 ) -> np.ndarray:
-    """Per-sample correctness of robust at the fixed defaults, with detection p-values
-    ``extra`` (N, M, S) or without (None)."""
-    return _right(run, robust_with(zs, run.calibrations, run.log_prior, None, extra, DEFAULT_HP).p)
+    """Per-sample correctness of robust at the fixed defaults (and ``retain``), with detection
+    p-values ``extra`` (N, M, S) or without (None)."""
+    hp = {**DEFAULT_HP, "retain": retain}
+    return _right(run, robust_with(zs, run.calibrations, run.log_prior, None, extra, hp).p)
 
 
 def _extra(p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,14 +197,16 @@ def _extra(p: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _synthetic(
     run: SeedRun, zs: Sequence[torch.Tensor], m: int | None, key: str, draw: int
-) -> dict[float, np.ndarray]:
+) -> dict[tuple[float, float], np.ndarray]:
     """Per-sample correctness of robust (fixed hyperparameters) with a synthetic detector of
-    every AUROC in :data:`SYNTHETIC_AUROCS` (module docstring)."""
+    every AUROC in :data:`SYNTHETIC_AUROCS`, for every gate in :data:`SYNTHETIC_RETAINS`
+    (module docstring), by ``(retain, a)``; every gate sees the same draws."""
     n, m_count = int(zs[0].shape[0]), len(zs)
     out = {}
     for a in SYNTHETIC_AUROCS:
         u = synthetic_pvalues(n, m_count, m, a, run._gen("h20-synthetic", key, draw, a))
-        out[a] = _robust_right(run, zs, u)
+        for retain in SYNTHETIC_RETAINS:
+            out[(retain, a)] = _robust_right(run, zs, u, retain)
     return out
 
 
@@ -221,7 +232,7 @@ def run_detection(
     adv: dict[str, dict[str, list[np.ndarray]]] = {}  # adaptive attack's scores (N,)
     neg_m: dict[str, dict[str, list[np.ndarray]]] = {}  # clean scores (N,) of its modality
     correct: dict[str, dict[str, list[np.ndarray]]] = {}  # row -> per seed (N,)
-    synth: dict[str, dict[float, list[np.ndarray]]] = {}
+    synth: dict[str, dict[tuple[float, float], list[np.ndarray]]] = {}
     best_alone: dict[str, list[list[np.ndarray]]] = {}  # per seed, the unperturbed modalities
     try:
         for seed in seeds:
@@ -262,7 +273,7 @@ def run_detection(
                 flipped_frac: list[float] = []
                 draws_pos: dict[str, list[np.ndarray]] = {s: [] for s in SIGNALS}
                 draws_correct: dict[str, list[np.ndarray]] = {"robust": [], "robust_detect": []}
-                draws_synth: dict[float, list[np.ndarray]] = {a: [] for a in SYNTHETIC_AUROCS}
+                draws_synth: dict[tuple[float, float], list[np.ndarray]] = {}
                 for draw in range(run.draws(setting)):
                     xs, zs = run.inputs(setting, "test", draw)
                     pert_p = sig.pvalues(zs, xs)
@@ -278,7 +289,7 @@ def run_detection(
                     draws_correct["robust"].append(_robust_right(run, zs, None))
                     draws_correct["robust_detect"].append(_robust_right(run, zs, _extra(pert_p)))
                     for a, c in _synthetic(run, zs, m, key, draw).items():
-                        draws_synth[a].append(c)
+                        draws_synth.setdefault(a, []).append(c)
                 for s in SIGNALS:
                     pos.setdefault(key, {}).setdefault(s, []).append(np.stack(draws_pos[s]))
                     neg_m.setdefault(key, {}).setdefault(s, []).append(1 - clean_p[s][:, m].numpy())
@@ -387,13 +398,15 @@ def run_detection(
 
 def _synthetic_summary(
     keys: Sequence[str],
-    synth: dict[str, dict[float, list[np.ndarray]]],
+    synth: dict[str, dict[tuple[float, float], list[np.ndarray]]],
     best_alone: dict[str, list[list[np.ndarray]]],
     clean_robust: np.ndarray,
     resamples: int,
 ) -> dict[str, Any]:
     """Mean accuracy (%) of robust with each synthetic detector, per setting and over the
-    settings, and its difference to the best clean modality alone (module docstring)."""
+    settings, and its difference to the best clean modality alone (module docstring):
+    ``rows`` for robust's gate (retain 0), ``retain_rows[retain]`` for the others of
+    :data:`SYNTHETIC_RETAINS`."""
 
     def best(key: str) -> np.ndarray:  # (S, N): the best unperturbed modality, pooled over seeds
         per_seed = best_alone[key]  # per seed: a list of (N,) per candidate modality
@@ -407,12 +420,15 @@ def _synthetic_summary(
         "aurocs": list(SYNTHETIC_AUROCS),
         "best_clean_alone": {k: 100 * float(alone[k].mean()) for k in keys},
         "best_clean_alone_mean": 100 * float(alone_mean.mean()),
+        "retains": list(SYNTHETIC_RETAINS),
         "rows": {},
+        "retain_rows": {f"{r:g}": {} for r in SYNTHETIC_RETAINS if r != 0.0},
     }
-    for a in SYNTHETIC_AUROCS:
-        acc = {k: np.stack(synth[k][a]) for k in keys}
+    for retain, a in itertools.product(SYNTHETIC_RETAINS, SYNTHETIC_AUROCS):
+        acc = {k: np.stack(synth[k][(retain, a)]) for k in keys}
         mean = np.mean([acc[k] for k in keys], axis=0)
-        out["rows"][f"{a:g}"] = {
+        rows = out["rows"] if retain == 0.0 else out["retain_rows"][f"{retain:g}"]
+        rows[f"{a:g}"] = {
             "per_setting": {k: 100 * float(acc[k].mean()) for k in keys},
             "mean": 100 * float(mean.mean()),
             "mean_minus_best_clean_alone": cluster_bootstrap(mean, alone_mean, resamples=resamples),
@@ -543,15 +559,30 @@ def _synthetic_markdown(result: dict[str, Any]) -> list[str]:
         + " | ".join(f"{syn['best_clean_alone'][k]:.1f}" for k in keys)
         + f" | {syn['best_clean_alone_mean']:.1f} | - | - |",
     ]
-    for a in syn["aurocs"]:
-        row = syn["rows"][f"{a:g}"]
-        name = "1 (oracle)" if a == 1.0 else f"{a:g}"
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{row['per_setting'][k]:.1f}" for k in keys)
-            + f" | {row['mean']:.1f} | {_ci(row['mean_minus_best_clean_alone'], 1.0, '+')}"
-            + f" | {_ci(row['clean_minus_robust'], 1.0, '+')} |"
-        )
+    gates = [("", syn["rows"])] + [
+        (f", retain {r}", rows) for r, rows in syn.get("retain_rows", {}).items()
+    ]
+    for i, (gate, rows) in enumerate(gates):
+        if i == 1:
+            lines += [
+                "",
+                "The same synthetic detectors with a gate that keeps the share kappa of a "
+                "distrusted modality's evidence (`robust_fusion(retain=kappa)`: contamination "
+                "by l^kappa instead of 1; robust's gate above drops it, kappa = 0). Same "
+                "draws, same columns.",
+                "",
+                "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head),
+            ]
+        for a in syn["aurocs"]:
+            row = rows[f"{a:g}"]
+            name = ("1 (oracle)" if a == 1.0 else f"{a:g}") + gate
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{row['per_setting'][k]:.1f}" for k in keys)
+                + f" | {row['mean']:.1f} | {_ci(row['mean_minus_best_clean_alone'], 1.0, '+')}"
+                + f" | {_ci(row['clean_minus_robust'], 1.0, '+')} |"
+            )
     return lines
 
 

@@ -80,6 +80,7 @@ def robust_with(
         gamma=float(hp.get("gamma", 1.0)),
         pvalues=extra,
         combine=str(hp.get("combine", "fisher")),
+        retain=float(hp.get("retain", 0.0)),
     )
 
 

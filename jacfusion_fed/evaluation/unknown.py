@@ -56,7 +56,7 @@ from .emergency import EMERGENCY, make_emergency
 from .nets import NetZoo
 from .signals import SignalAwarePGD, Signals, robust_with
 
-__all__ = ["DATASETS", "ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
+__all__ = ["DATASETS", "RETAINS", "ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
 
 DATASETS: tuple[str, ...] = ("avdigits", "twomoon", "emergency")
 """Datasets of the table: the two built-ins and the three-modality example (M = 3)."""
@@ -75,6 +75,10 @@ ROBUST_GRID: dict[str, tuple[float, ...]] = {
     "floor": (0.0, 0.01, 0.05),
     "trust_level": (0.005, 0.02, 0.1),
 }
+RETAINS: tuple[float, ...] = (0.0,)
+"""The share of its evidence a distrusted modality keeps (``robust_fusion(retain=)``) that the
+tables select from: 0 only, robust drops a distrusted modality. A wider grid is measured in
+``benchmarks/retain_selection.py`` (``docs/results/retain-selection.json``)."""
 JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
     (0.0, 1.0),
     (0.1, 0.1),
@@ -138,6 +142,7 @@ class SeedRun:
         repeats: draws of every random corruption on the test split.
         alpha: miscoverage level of the conformal sets.
         lam: weight of the reliability term of the detector-aware attack.
+        retains: the values of ``retain`` robust and robust + detectors select from.
     """
 
     def __init__(
@@ -149,10 +154,12 @@ class SeedRun:
         repeats: int = 2,
         alpha: float = 0.1,
         lam: float = 1.0,
+        retains: Sequence[float] = RETAINS,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         self.seed, self.repeats, self.alpha, self.lam = seed, repeats, alpha, lam
+        self.retains = tuple(float(r) for r in retains)
         splits = ("train", "val", "test")
         if dataset == "emergency":  # not a built-in: the example's generator (no quick form)
             self.preset = EMERGENCY
@@ -291,6 +298,7 @@ class SeedRun:
             confidence=hp.get("confidence", 0.5),
             jacobian_level=hp.get("jacobian_level", 0.0),
             gamma=hp.get("gamma", 1.0),
+            retain=hp.get("retain", 0.0),
             **(self._raps(hp) if aps else {}),
         )
 
@@ -335,10 +343,11 @@ class SeedRun:
                 [float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean()) for s in self.settings]
             )
 
+        gate = {**ROBUST_GRID, "retain": self.retains}
         grid = [
-            {**dict(zip(ROBUST_GRID, v, strict=True)), "jacobian_level": j, "gamma": g}
+            {**dict(zip(gate, v, strict=True)), "jacobian_level": j, "gamma": g}
             for j, g in JACOBIAN_GRID
-            for v in itertools.product(*ROBUST_GRID.values())
+            for v in itertools.product(*gate.values())
         ]
         per_row: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {
             row: ([{"gamma": g} for g in GAMMAS], np.stack([scores(row, gamma=g) for g in GAMMAS]))

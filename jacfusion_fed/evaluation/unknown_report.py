@@ -16,7 +16,7 @@ from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .provenance import provenance
 from .stats import cluster_bootstrap, holm_marks, paired_bootstrap, seed_spread
-from .unknown import ROW_LABELS, ROWS, SeedRun
+from .unknown import RETAINS, ROW_LABELS, ROWS, SeedRun
 from .unknown_targets import targets_markdown
 
 __all__ = ["paired_bootstrap", "run_unknown", "unknown_markdown", "write_unknown"]
@@ -35,10 +35,12 @@ def run_unknown(
     repeats: int = 2,
     alpha: float = 0.1,
     threads: int = 1,
+    retains: Sequence[float] = RETAINS,
 ) -> dict[str, Any]:
     """Every seed's :meth:`SeedRun.evaluate`, per-seed means, their spread, and cluster
     bootstrap intervals over test samples (seeds kept together), Holm-corrected marks.
-    ``threads``: torch threads for the whole run (pinned: training depends on it)."""
+    ``threads``: torch threads for the whole run (pinned: training depends on it);
+    ``retains``: the ``retain`` values robust selects from (:data:`~.unknown.RETAINS`)."""
     start = time.perf_counter()
     per_seed: dict[str, Any] = {}
     runs = []
@@ -46,7 +48,7 @@ def run_unknown(
     torch.set_num_threads(threads)  # training and attacks: the same numbers on any machine
     try:
         for seed in seeds:
-            run = SeedRun(dataset, seed, quick=quick, repeats=repeats, alpha=alpha)
+            run = SeedRun(dataset, seed, quick=quick, repeats=repeats, alpha=alpha, retains=retains)
             params = run.select()
             per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
             runs.append(run)
@@ -122,6 +124,7 @@ def run_unknown(
         "repeats": repeats,
         "alpha": alpha,
         "threads": threads,
+        "retains": [float(r) for r in retains],
         "settings": settings,
         "rows": rows,
         "pooled": pooled,

@@ -291,7 +291,7 @@ register(
         _robust,
         needs=frozenset({"calibrations"}),
         uses=frozenset({"log_prior"}),
-        options=("alpha", "floor", "trust_level", "confidence", "consistency"),
+        options=("alpha", "floor", "trust_level", "confidence", "consistency", "retain"),
         summary="reliability-gated statistical fusion with a conformal set and abstention",
     )
 )

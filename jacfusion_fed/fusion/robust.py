@@ -47,6 +47,17 @@ which is statistical fusion (Lemma 1) when every epsilon_m = 0. The floor bounds
 single modality can veto a class: an attacked modality that looks typical still cannot push
 a class below epsilon_m times its odds.
 
+**What a distrusted modality keeps** (``retain`` = kappa in [0, 1), issue 20). The
+contamination above replaces a distrusted modality's evidence by "no information" (1), so a
+fully distrusted modality (epsilon_m = 1) is dropped, even though a perturbed modality usually
+still carries some class information. With kappa > 0 the contamination is the tempered
+evidence l_m^kappa instead:
+
+    l'_m = (1 - epsilon_m) l_m + epsilon_m l_m^kappa,
+
+so a fully distrusted modality contributes kappa ln l_m (its evidence down-weighted, not
+dropped), a fully trusted one (epsilon_m = floor = 0) all of it; kappa = 0 is the rule above.
+
 **Jacobian regularization that follows reliability** (optional: ``grams`` and
 ``jacobian_level`` > 0). With s_m = min(1, r_m / jacobian_level) per sample, the logits that
 enter l_m are z'_m = s_m z_m + (1 - s_m) W_m z_m, where W_m z_m is Algorithm 1's regularized
@@ -422,6 +433,7 @@ def robust_fusion(
     raps_lambda: float = 0.0,
     pvalues: ArrayLike | None = None,
     combine: str = "fisher",
+    retain: float = 0.0,
 ) -> RobustFusion:
     """Reliability-gated statistical fusion with a conformal prediction set (module docstring).
 
@@ -451,6 +463,9 @@ def robust_fusion(
             contamination and the Jacobian gate. None: typicality alone (as before).
         combine: ``"fisher"`` or ``"cauchy"``
             (:func:`~jacfusion_fed.fusion.pvalues.combine_pvalues`).
+        retain: the share kappa of its evidence a distrusted modality keeps, in [0, 1): the
+            contamination is l_m^kappa instead of 1 (module docstring); 0 drops a fully
+            distrusted modality (as before).
 
     Returns:
         :class:`RobustFusion` on the first array's device, in the logits' result dtype.
@@ -467,6 +482,8 @@ def robust_fusion(
         got = 1 if isinstance(calibrations, ModalityCalibration) else len(calibrations)
         raise FusionInputError(f"need one calibration per modality: M={m_count}, got {got}")
     _check_options(alpha, floor, trust_level, confidence)
+    if not (isinstance(retain, (int, float)) and 0.0 <= retain < 1.0):
+        raise FusionInputError(f"retain must lie in [0, 1), got {retain!r}")
     n, k = zs[0].shape
     factors = _factors(grams, m_count, k)
     prior = check_log_prior(log_prior, k, zs[0])
@@ -498,13 +515,13 @@ def robust_fusion(
 
     def evidence(rel: torch.Tensor) -> list[torch.Tensor]:
         """ln l'_m per modality, (N, K) each, for reliabilities ``rel`` (N, M); computed as
-        logaddexp(ln(1 - eps) + ln l, ln eps) so that eps = 0 or 1 stays finite (and so do
-        the gradients: both clamps are inactive wherever eps moves)."""
+        logaddexp(ln(1 - eps) + ln l, ln eps + kappa ln l) so that eps = 0 or 1 stays finite
+        (and so do the gradients: both clamps are inactive wherever eps moves)."""
         eps = floor + (1.0 - floor) * (1.0 - (rel / trust_level).clamp(max=1.0))
         keep = torch.log1p(-eps.clamp(max=1.0 - 1e-12))
         drop = torch.log(eps.clamp(min=1e-300))
         return [
-            torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1])
+            torch.logaddexp(keep[:, m : m + 1] + lr, drop[:, m : m + 1] + retain * lr)
             for m, lr in enumerate(log_ratios)
         ]
 

@@ -1,0 +1,130 @@
+"""The `retain` gate's figures in docs/calibration.md and the README come from the committed
+results files (avdigits-detection.json's bound, retain-selection.json), and the selection
+benchmark's baseline is the committed tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _ci(x: dict[str, float]) -> str:
+    return f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
+
+
+def _rows(text: str, marker: str) -> list[list[str]]:
+    block = text.split(marker, 1)[1]
+    lines = [line for line in block.strip().splitlines()]
+    table = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return table
+
+
+def _prose(text: str, heading: str) -> str:
+    return " ".join(text.split(heading, 1)[1].split("\n## ", 1)[0].split())
+
+
+def test_calibration_quotes_the_retain_bound() -> None:
+    syn = _load("avdigits-detection.json")["synthetic"]
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    rows = _rows(text, "<!-- retain-bound-quote -->")
+    assert len(rows) == 5
+    for gate, a, mean, vs_alone, clean in rows:
+        kappa = "0" if gate.startswith("drop") else gate.split()[1]
+        table = syn["rows"] if kappa == "0" else syn["retain_rows"][kappa]
+        r = table[a.split()[0]]
+        assert mean == f"{r['mean']:.1f}", (gate, a)
+        assert vs_alone == _ci(r["mean_minus_best_clean_alone"])
+        assert clean == _ci(r["clean_minus_robust"])
+    prose = _prose(text, "### A gate that keeps a share")
+    oracle, nine = syn["retain_rows"]["0.25"]["1"], syn["retain_rows"]["0.25"]["0.9"]
+    # "clears ... by 5.6 points, and a detector of AUROC 0.9 by 4.2": both intervals above 0
+    alone = oracle["mean_minus_best_clean_alone"]
+    assert f"clears the best clean modality alone by {alone['mean']:.1f} points" in prose
+    assert alone["low"] > 0 and nine["mean_minus_best_clean_alone"]["low"] > 0
+    assert f"AUROC 0.9 by {nine['mean_minus_best_clean_alone']['mean']:.1f}" in prose
+    none_keep, none_drop = syn["retain_rows"]["0.25"]["0.5"]["mean"], syn["rows"]["0.5"]["mean"]
+    assert f"adds {none_keep - none_drop:.1f} points" in prose
+    assert f"({none_keep:.1f} against {none_drop:.1f})" in prose
+    table = _load("avdigits-detection.json")["table"]
+    assert f"AUROC {100 * table['image:w23']['auroc']['typicality']:.1f}" in prose
+    drop = syn["rows"]["1"]["per_setting"]["image:w23"]
+    keep = syn["retain_rows"]["0.25"]["1"]["per_setting"]["image:w23"]
+    assert f"drop gate {drop:.1f}, retain 0.25 {keep:.1f}" in prose
+    adaptive = [table[k]["adaptive"]["auroc"]["fisher"] for k in table if "adaptive" in table[k]]
+    below = sum(a < 0.5 for a in adaptive)
+    assert len(adaptive) == 4
+    assert f"below 0.5 on {['no', 'one', 'two', 'three', 'all'][below]} of the four" in prose
+
+
+def test_calibration_and_readme_quote_the_retain_selection() -> None:
+    sel = _load("retain-selection.json")
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    rows = _rows(text, "<!-- retain-selection-quote -->")
+    assert sorted(r[0] for r in rows) == sorted(sel["datasets"]) and len(rows) == 3
+    for ds, base, wide, diff, dbase, dwide, ddiff in rows:
+        d = sel["datasets"][ds]["rows"]
+        assert [base, wide, diff] == [
+            f"{d['robust']['mean']['base']:.1f}",
+            f"{d['robust']['mean']['wide']:.1f}",
+            _ci(d["robust"]["mean_wide_minus_base"]),
+        ]
+        assert [dbase, dwide, ddiff] == [
+            f"{d['robust_detect']['mean']['base']:.1f}",
+            f"{d['robust_detect']['mean']['wide']:.1f}",
+            _ci(d["robust_detect"]["mean_wide_minus_base"]),
+        ]
+    assert sel["retains"] == {"base": [0.0], "wide": [0.0, 0.25, 0.5]}
+    prose = _prose(text, "### A gate that keeps a share")
+    av = sel["datasets"]["avdigits"]
+    assert (
+        f"({av['rows']['robust']['mean']['wide']:.1f} against {av['jac_oracle_mean']:.1f})" in prose
+    )
+    assert av["rows"]["robust"]["mean"]["wide"] > av["jac_oracle_mean"]
+    assert f"best clean modality alone ({av['best_clean_alone_mean']:.1f})" in prose
+    assert av["rows"]["robust"]["mean"]["wide"] < av["best_clean_alone_mean"]
+    for ds, col in (("twomoon", "y:w1"), ("emergency", "scan:w0")):
+        cell = sel["datasets"][ds]["rows"]["robust"]["per_setting"][col]
+        assert f"{cell['base']:.1f} → {cell['wide']:.1f}" in prose, (ds, col)
+    tm = _load("twomoon-unknown.json")["pooled"]["y:w1"]["alone:y"]
+    assert f"is at chance alone ({tm:.1f})" in prose
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    syn = _load("avdigits-detection.json")["synthetic"]
+    assert (
+        f"from {syn['rows']['1']['mean']:.1f} to {syn['retain_rows']['0.25']['1']['mean']:.1f}"
+        in readme
+    )
+    diffs = [
+        f"{sel['datasets'][ds]['rows']['robust']['mean_wide_minus_base']['mean']:+.1f}"
+        for ds in ("avdigits", "twomoon", "emergency")
+    ]
+    assert (
+        f"by {diffs[0]} points on AV-Digits, {diffs[1]} on TwoMoon and {diffs[2]} on the "
+        "three-modality example" in readme
+    )
+
+
+def test_selection_baseline_is_the_committed_tables() -> None:
+    """The benchmark's retain-0 run reproduces the committed unknown tables' means."""
+    from jacfusion_fed.evaluation.unknown import RETAINS
+
+    sel = _load("retain-selection.json")
+    assert sel["retains"]["base"] == list(RETAINS)
+    for ds, d in sel["datasets"].items():
+        table = _load(f"{ds}-unknown.json")
+        assert table["retains"] == list(RETAINS)
+        for row in ("robust", "robust_detect"):
+            assert d["rows"][row]["mean"]["base"] == table["mean"][row], (ds, row)
+            for k, cell in d["rows"][row]["per_setting"].items():
+                assert cell["base"] == table["pooled"][k][row], (ds, row, k)
