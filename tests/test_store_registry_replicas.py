@@ -132,6 +132,44 @@ def test_a_stuck_lock_times_out_with_a_clear_error(tmp_path: Path, target: str) 
     assert reg.register("audio", "site", "v1", class_counts=[1, 1], gram=np.eye(2)).sequence == 1
 
 
+def test_opening_waits_out_a_writer_on_a_database_not_yet_in_wal_mode(tmp_path: Path) -> None:
+    """Switching to WAL while another connection writes is answered "locked" at once (SQLite
+    skips its busy handler there); connect retries until the busy timeout, so a second
+    replica opening a fresh registry together with the first one does not fail (a CI run of
+    the race test above saw it fail so)."""
+    import threading
+
+    from jacfusion_fed.store.sqlite_db import StoreLockedError, connect
+
+    path = tmp_path / "fresh.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")  # still in rollback-journal mode
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    commit = threading.Timer(0.3, writer.execute, ("COMMIT",))
+    start = time.monotonic()
+    commit.start()
+    try:
+        con = connect(path, busy_timeout_s=10.0)
+    finally:
+        commit.join()
+    assert time.monotonic() - start >= 0.25  # it waited for the writer, then switched
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
+    con.close()
+    # a writer that never lets go: the same clear error as any stuck lock, after the timeout
+    other = tmp_path / "stuck.sqlite3"
+    writer = sqlite3.connect(other, isolation_level=None)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    start = time.monotonic()
+    with pytest.raises(StoreLockedError, match="stayed locked"):
+        connect(other, busy_timeout_s=0.3)
+    assert time.monotonic() - start >= 0.25
+    writer.execute("ROLLBACK")
+    writer.close()
+
+
 @contextlib.contextmanager
 def _another_process_holds_the_lock(target: str) -> Iterator[None]:
     """What a registration waits for: SQLite's write lock, PostgreSQL's advisory lock."""

@@ -10,7 +10,11 @@ Every database is opened with the same settings:
   zeros, so erased content does not linger in the database file's free space;
 * ``temp_store=MEMORY``: sorts and temporary tables never spill record bytes to temp files;
 * ``busy_timeout``: another process holding the write lock is waited for, then
-  :class:`StoreLockedError` (a ``TimeoutError``) is raised.
+  :class:`StoreLockedError` (a ``TimeoutError``) is raised. Switching a database to WAL
+  needs an exclusive lock, and SQLite answers that switch "locked" at once, without its busy
+  handler, while another connection writes (to avoid a deadlock); :func:`connect` retries it
+  with a backoff until the same timeout (two processes opening a fresh registry together hit
+  this, about 1 in 240 opens in a 6-process race here).
 
 :func:`erase_wal` checkpoints and truncates the WAL (``wal_checkpoint(TRUNCATE)``): after an
 erasure, the old page images that still held the erased rows leave the ``-wal`` file too.
@@ -66,7 +70,7 @@ def connect(path: Path, *, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
         path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
     )
     try:
-        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _switch_to_wal(con, busy_timeout_s)
         if str(mode).lower() != "wal":
             raise StoreUnavailableError(f"{path}: cannot switch to WAL mode (got {mode!r})")
         for pragma in (
@@ -86,6 +90,22 @@ def connect(path: Path, *, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
         con.close()
         raise
     return con
+
+
+def _switch_to_wal(con: sqlite3.Connection, busy_timeout_s: float) -> str:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock (module
+    docstring), up to ``busy_timeout_s``; returns the journal mode SQLite reports."""
+    deadline = time.monotonic() + busy_timeout_s
+    delay = 0.001
+    while True:
+        try:
+            return str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if ("locked" not in text and "busy" not in text) or time.monotonic() >= deadline:
+                raise
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(2 * delay, 0.05)
 
 
 def translate(exc: sqlite3.Error, path: Path) -> Exception:
