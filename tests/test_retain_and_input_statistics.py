@@ -1,6 +1,6 @@
-"""The `retain` gate's figures in docs/calibration.md and the README come from the committed
-results files (avdigits-detection.json's bound, retain-selection.json), and the selection
-benchmark's baseline is the committed tables."""
+"""Issue 20's follow-up figures in docs/calibration.md and the README come from the committed
+results files: the `retain` gate (avdigits-detection.json's bound, retain-selection.json, whose
+baseline is the committed tables) and the input statistics (avdigits-input-statistics.json)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,31 @@ def test_selection_baseline_is_the_committed_tables() -> None:
             assert d["rows"][row]["mean"]["base"] == table["mean"][row], (ds, row)
             for k, cell in d["rows"][row]["per_setting"].items():
                 assert cell["base"] == table["pooled"][k][row], (ds, row, k)
+
+
+def test_calibration_quotes_the_input_statistics() -> None:
+    """The audio attacks are invisible to the input statistics too (the quoted AUROCs and
+    sizes come from avdigits-input-statistics.json); the image's perfect input score is
+    stated as a property of the data."""
+    res = _load("avdigits-input-statistics.json")
+    assert res["seeds"] == [0, 1, 2]
+    t = res["table"]
+    text = " ".join((ROOT / "docs" / "calibration.md").read_text().split())
+    fgsm, pgd = t["audio:fgsm"], t["audio:pgd"]
+
+    def auc(cell: dict[str, Any], stat: str) -> str:
+        return f"{100 * cell['auroc'][stat]:.1f}"
+
+    assert (
+        f"reach AUROC {auc(fgsm, 'roughness')} and {auc(fgsm, 'input_mahalanobis')} on audio "
+        f"FGSM, {auc(pgd, 'roughness')} and {auc(pgd, 'input_mahalanobis')} on audio PGD" in text
+    )
+    assert all(c["auroc_interval"][s]["high"] < 0.65 for c in (fgsm, pgd) for s in c["auroc"])
+    assert (
+        f"RMS ({fgsm['perturbation']['rms']:.3f} and {pgd['perturbation']['rms']:.3f}) is small "
+        f"next to the clean spectrograms' ({fgsm['perturbation']['input_rms']:.3f})" in text
+    )
+    image = [c for c in t.values() if c["modality"] == "image"]
+    assert len(image) == 4
+    assert all(f"{100 * c['auroc']['input_mahalanobis']:.1f}" == "100.0" for c in image)
+    assert "Mahalanobis score reaches 100.0 on every perturbation" in text
