@@ -14,7 +14,7 @@ Every database is opened with the same settings:
   needs an exclusive lock, and SQLite answers that switch "locked" at once, without its busy
   handler, while another connection writes (to avoid a deadlock); :func:`connect` retries it
   with a backoff until the same timeout (two processes opening a fresh registry together hit
-  this, about 1 in 240 opens in a 6-process race here).
+  this: a CI run of the registry's replica race test did).
 
 :func:`erase_wal` checkpoints and truncates the WAL (``wal_checkpoint(TRUNCATE)``): after an
 erasure, the old page images that still held the erased rows leave the ``-wal`` file too.
