@@ -546,6 +546,7 @@ def _synthetic_markdown(result: dict[str, Any]) -> list[str]:
     keys = result["settings"]
     labels = [result["table"][k]["label"] for k in keys]
     head = ["detector AUROC", *labels, "Mean", "Mean − best clean alone", "Clean − robust"]
+    table_head = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines = [
         "",
         "What a better detector would buy: robust (same fixed hyperparameters) given a synthetic "
@@ -553,8 +554,7 @@ def _synthetic_markdown(result: dict[str, Any]) -> list[str]:
         "the others' uniform; a = 1 is the oracle that knows the perturbed modality). Accuracy "
         "%, mean over seeds; the last two columns: points, 95 % cluster bootstrap interval.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *table_head,
         "| best clean modality alone | "
         + " | ".join(f"{syn['best_clean_alone'][k]:.1f}" for k in keys)
         + f" | {syn['best_clean_alone_mean']:.1f} | - | - |",
@@ -571,8 +571,7 @@ def _synthetic_markdown(result: dict[str, Any]) -> list[str]:
                 "by l^kappa instead of 1; robust's gate above drops it, kappa = 0). Same "
                 "draws, same columns.",
                 "",
-                "| " + " | ".join(head) + " |",
-                "|" + "---|" * len(head),
+                *table_head,
             ]
         for a in syn["aurocs"]:
             row = rows[f"{a:g}"]
