@@ -33,23 +33,12 @@ import numpy as np
 
 from jacfusion_fed.evaluation.stats import cluster_bootstrap
 from jacfusion_fed.evaluation.unknown import RETAINS
-from jacfusion_fed.evaluation.unknown_report import run_unknown
+from jacfusion_fed.evaluation.unknown_report import per_sample_correct, run_unknown
 from jacfusion_fed.evaluation.unknown_targets import best_clean_alone
 
 DATASETS = ("avdigits", "twomoon", "emergency")
 WIDE: tuple[float, ...] = (0.0, 0.25, 0.5)
 ROWS = ("robust", "robust_detect")
-
-
-def _correct(result: dict[str, Any], row: str, key: str | None) -> np.ndarray:
-    """(S, N) per-sample correctness of ``row`` in setting ``key`` (None: mean over them)."""
-    keys = result["settings"] if key is None else [key]
-    return np.stack(
-        [
-            np.mean([result["per_seed"][str(s)]["table"][k]["correct"][row] for k in keys], axis=0)
-            for s in result["seeds"]
-        ]
-    )
 
 
 def compare(base: dict[str, Any], wide: dict[str, Any]) -> dict[str, Any]:
@@ -74,18 +63,22 @@ def compare(base: dict[str, Any], wide: dict[str, Any]) -> dict[str, Any]:
                 for k in settings
             },
             "mean_wide_minus_base": cluster_bootstrap(
-                _correct(wide, row, None), _correct(base, row, None)
+                per_sample_correct(wide, row, None), per_sample_correct(base, row, None)
             ),
             "per_setting_wide_minus_base": {
-                k: cluster_bootstrap(_correct(wide, row, k), _correct(base, row, k))
+                k: cluster_bootstrap(
+                    per_sample_correct(wide, row, k), per_sample_correct(base, row, k)
+                )
                 for k in settings
             },
             "clean_minus_stat": {
                 "base": cluster_bootstrap(
-                    _correct(base, row, "clean"), _correct(base, "stat", "clean")
+                    per_sample_correct(base, row, "clean"),
+                    per_sample_correct(base, "stat", "clean"),
                 ),
                 "wide": cluster_bootstrap(
-                    _correct(wide, row, "clean"), _correct(wide, "stat", "clean")
+                    per_sample_correct(wide, row, "clean"),
+                    per_sample_correct(wide, "stat", "clean"),
                 ),
             },
             # (seed, test column) choices of the selection, by retain value

@@ -56,7 +56,18 @@ from .emergency import EMERGENCY, make_emergency
 from .nets import NetZoo
 from .signals import SignalAwarePGD, Signals, robust_with
 
-__all__ = ["DATASETS", "RETAINS", "ROBUST_GRID", "ROWS", "SeedRun", "Setting", "settings_for"]
+__all__ = [
+    "DATASETS",
+    "JACOBIAN_GRID",
+    "RETAINS",
+    "ROBUST_GRID",
+    "ROWS",
+    "TIED_JACOBIAN_GRID",
+    "TRUST",
+    "SeedRun",
+    "Setting",
+    "settings_for",
+]
 
 DATASETS: tuple[str, ...] = ("avdigits", "twomoon", "emergency")
 """Datasets of the table: the two built-ins and the three-modality example (M = 3)."""
@@ -79,14 +90,28 @@ RETAINS: tuple[float, ...] = (0.0,)
 """The share of its evidence a distrusted modality keeps (``robust_fusion(retain=)``) that the
 tables select from: 0 only, robust drops a distrusted modality. A wider grid is measured in
 ``benchmarks/retain_selection.py`` (``docs/results/retain-selection.json``)."""
-JACOBIAN_GRID: tuple[tuple[float, float], ...] = (
+JACOBIAN_GRID: tuple[tuple[float | None, float], ...] = (
     (0.0, 1.0),
     (0.1, 0.1),
     (0.3, 0.1),
     (0.3, 0.5),
     (0.6, 0.5),
 )
-"""(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off."""
+"""(jacobian_level, gamma) of robust's reliability-driven Jacobian regularization; (0, 1): off.
+A level of :data:`TRUST` is the candidate's trust level (:data:`TIED_JACOBIAN_GRID`)."""
+TRUST = None
+"""A ``jacobian_level`` that is the candidate's trust level."""
+TIED_JACOBIAN_GRID: tuple[tuple[float | None, float], ...] = (
+    (0.0, 1.0),
+    (TRUST, 0.1),
+    (TRUST, 0.5),
+)
+"""The Jacobian term only where the gate distrusts a modality, on the same ramp (issue 20: "the
+regularization applies only where the evidence says so"). A clean sample's reliability is a
+p-value, so a level of 0.3 regularizes about 30 % of the clean samples by construction; the
+trust levels of :data:`ROBUST_GRID` are 0.005-0.1. Not the tables' grid:
+``benchmarks/jacobian_evidence.py`` (``docs/results/jacobian-evidence.json``) measures it
+against :data:`JACOBIAN_GRID`; it removes AV-Digits' clean loss and costs attacked columns."""
 COMBINATIONS: tuple[str, ...] = ("fisher", "cauchy")
 """How robust + detectors combines the p-values (selected with its other hyperparameters)."""
 RAPS_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5)
@@ -143,6 +168,8 @@ class SeedRun:
         alpha: miscoverage level of the conformal sets.
         lam: weight of the reliability term of the detector-aware attack.
         retains: the values of ``retain`` robust and robust + detectors select from.
+        jacobian_grid: the (jacobian_level, gamma) pairs they select from
+            (:data:`JACOBIAN_GRID`; a level of :data:`TRUST`: the candidate's trust level).
     """
 
     def __init__(
@@ -155,11 +182,13 @@ class SeedRun:
         alpha: float = 0.1,
         lam: float = 1.0,
         retains: Sequence[float] = RETAINS,
+        jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         self.seed, self.repeats, self.alpha, self.lam = seed, repeats, alpha, lam
         self.retains = tuple(float(r) for r in retains)
+        self.jacobian_grid = tuple(jacobian_grid)
         splits = ("train", "val", "test")
         if dataset == "emergency":  # not a built-in: the example's generator (no quick form)
             self.preset = EMERGENCY
@@ -344,11 +373,12 @@ class SeedRun:
             )
 
         gate = {**ROBUST_GRID, "retain": self.retains}
-        grid = [
-            {**dict(zip(gate, v, strict=True)), "jacobian_level": j, "gamma": g}
-            for j, g in JACOBIAN_GRID
-            for v in itertools.product(*gate.values())
-        ]
+        grid = []
+        for j, g in self.jacobian_grid:
+            for v in itertools.product(*gate.values()):
+                hp = dict(zip(gate, v, strict=True))
+                level = hp["trust_level"] if j is TRUST else j
+                grid.append({**hp, "jacobian_level": level, "gamma": g})
         per_row: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {
             row: ([{"gamma": g} for g in GAMMAS], np.stack([scores(row, gamma=g) for g in GAMMAS]))
             for row in ("jac_oracle", "jac_all")

@@ -16,15 +16,33 @@ from jacfusion_fed.atomicio import atomic_write_bytes
 
 from .provenance import provenance
 from .stats import cluster_bootstrap, holm_marks, paired_bootstrap, seed_spread
-from .unknown import RETAINS, ROW_LABELS, ROWS, SeedRun
+from .unknown import JACOBIAN_GRID, RETAINS, ROW_LABELS, ROWS, SeedRun
 from .unknown_targets import targets_markdown
 
-__all__ = ["paired_bootstrap", "run_unknown", "unknown_markdown", "write_unknown"]
+__all__ = [
+    "paired_bootstrap",
+    "per_sample_correct",
+    "run_unknown",
+    "unknown_markdown",
+    "write_unknown",
+]
 
 MARKED = (("jac_oracle", "stat"), ("robust", "stat"), ("robust_detect", "stat"))
 """Differences the table marks: Stat-w/ (oracle), robust and robust + detectors - Stat-w/o."""
 COMPARED = (("robust_detect", "robust"),)
 """Differences with an interval but no mark (outside the Holm family): what the detectors add."""
+
+
+def per_sample_correct(result: dict[str, Any], row: str, key: str | None = None) -> np.ndarray:
+    """Per-sample correctness (S, N) of ``row`` in setting ``key`` of a :func:`run_unknown`
+    result, one row per training seed (``key`` None: the mean over every setting)."""
+    keys = result["settings"] if key is None else [key]
+    return np.stack(
+        [
+            np.mean([result["per_seed"][str(s)]["table"][k]["correct"][row] for k in keys], axis=0)
+            for s in result["seeds"]
+        ]
+    )
 
 
 def run_unknown(
@@ -36,11 +54,13 @@ def run_unknown(
     alpha: float = 0.1,
     threads: int = 1,
     retains: Sequence[float] = RETAINS,
+    jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
 ) -> dict[str, Any]:
     """Every seed's :meth:`SeedRun.evaluate`, per-seed means, their spread, and cluster
     bootstrap intervals over test samples (seeds kept together), Holm-corrected marks.
     ``threads``: torch threads for the whole run (pinned: training depends on it);
-    ``retains``: the ``retain`` values robust selects from (:data:`~.unknown.RETAINS`)."""
+    ``retains``: the ``retain`` values robust selects from (:data:`~.unknown.RETAINS`);
+    ``jacobian_grid``: its (jacobian_level, gamma) pairs (:data:`~.unknown.JACOBIAN_GRID`)."""
     start = time.perf_counter()
     per_seed: dict[str, Any] = {}
     runs = []
@@ -48,7 +68,15 @@ def run_unknown(
     torch.set_num_threads(threads)  # training and attacks: the same numbers on any machine
     try:
         for seed in seeds:
-            run = SeedRun(dataset, seed, quick=quick, repeats=repeats, alpha=alpha, retains=retains)
+            run = SeedRun(
+                dataset,
+                seed,
+                quick=quick,
+                repeats=repeats,
+                alpha=alpha,
+                retains=retains,
+                jacobian_grid=jacobian_grid,
+            )
             params = run.select()
             per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
             runs.append(run)
@@ -125,6 +153,9 @@ def run_unknown(
         "alpha": alpha,
         "threads": threads,
         "retains": [float(r) for r in retains],
+        "jacobian_grid": [
+            ["trust_level" if j is None else float(j), float(g)] for j, g in jacobian_grid
+        ],
         "settings": settings,
         "rows": rows,
         "pooled": pooled,
