@@ -32,7 +32,7 @@ coordinator's test split.
 
 Run:  python benchmarks/exchangeable_reference.py \
           --out docs/results/avdigits-exchangeable-reference.json
-      (about a minute on 2 cores with the nets in the model cache)
+      (about 20 seconds on 2 cores with the nets in the model cache)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ clean data, the issue's bars, which (jacobian_level, gamma) the selection chose,
 runs' targets (issues 11 and 20) as the tables state them.
 
 Run:  python benchmarks/jacobian_evidence.py --out docs/results/jacobian-evidence.json
-      (about 5 minutes on 2 cores with the nets in the model cache)
+      (about 4 minutes on 2 cores with the nets in the model cache)
 """
 
 from __future__ import annotations

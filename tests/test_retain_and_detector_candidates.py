@@ -255,6 +255,10 @@ def test_calibration_and_readme_quote_the_jacobian_evidence() -> None:
     from jacfusion_fed.evaluation.unknown import ROBUST_GRID
 
     assert min(rel) > max(ROBUST_GRID["trust_level"])  # "above every trust level"
+    detection = _load("avdigits-detection.json")["table"]
+    hidden = [v["adaptive"]["auroc"]["fisher"] < 0.5 for v in detection.values() if "adaptive" in v]
+    assert len(hidden) == 4 and sum(hidden) == 3
+    assert "more* typical than clean ones on three of the four attacks" in prose
     readme = " ".join((ROOT / "README.md").read_text().split())
     own = av["rows"]["robust_detect"]["clean_minus_stat"]["own_levels"]
     assert f"(robust + detectors {_ci(detect)} against Stat-w/o, from {_ci(own)})" in readme
