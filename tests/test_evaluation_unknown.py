@@ -271,3 +271,29 @@ def test_retain_grid_is_what_robust_selects_from() -> None:
     p0 = wide.robust(zs, aps=False, retain=0.0, floor=0.0, trust_level=0.1).p
     p9 = wide.robust(zs, aps=False, retain=0.9, floor=0.0, trust_level=0.1).p
     assert not torch.allclose(p0, p9)
+
+
+def test_robust_candidates_tie_the_jacobian_level_to_the_trust_level() -> None:
+    """TIED_JACOBIAN_GRID's level is each candidate's own trust level; the tables' grid keeps
+    its levels; the Jacobian pairs are the outer loop (the order ties are broken in)."""
+    from jacfusion_fed.evaluation.unknown import (
+        JACOBIAN_GRID,
+        ROBUST_GRID,
+        TIED_JACOBIAN_GRID,
+        robust_candidates,
+    )
+
+    gate = {**ROBUST_GRID, "retain": (0.0,)}
+    combos = int(np.prod([len(v) for v in gate.values()]))
+    tied = robust_candidates(gate, TIED_JACOBIAN_GRID)
+    assert len(tied) == len(TIED_JACOBIAN_GRID) * combos
+    for c in tied:
+        if c["gamma"] < 1.0:
+            assert c["jacobian_level"] == c["trust_level"], c
+        else:
+            assert c["jacobian_level"] == 0.0, c
+    own = robust_candidates(gate, JACOBIAN_GRID)
+    assert len(own) == len(JACOBIAN_GRID) * combos
+    pairs = [(c["jacobian_level"], c["gamma"]) for c in own[::combos]]
+    assert pairs == list(JACOBIAN_GRID)
+    assert all(c["jacobian_level"] in (0.0, 0.1, 0.3, 0.6) for c in own)

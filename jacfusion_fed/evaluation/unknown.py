@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,6 +66,7 @@ __all__ = [
     "TRUST",
     "SeedRun",
     "Setting",
+    "robust_candidates",
     "settings_for",
 ]
 
@@ -120,6 +121,22 @@ CONFIDENCES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_ANSWERED = 0.85
 """Abstention threshold: the largest validation accuracy on answered samples among thresholds
 that answer at least this fraction of the validation samples on average over all settings."""
+
+
+def robust_candidates(
+    gate: Mapping[str, Sequence[float]], jacobian_grid: Sequence[tuple[float | None, float]]
+) -> list[dict[str, Any]]:
+    """robust's hyperparameter candidates: every combination of the ``gate`` values (floor,
+    trust_level, retain) times every (jacobian_level, gamma) pair, a level of :data:`TRUST`
+    replaced by the candidate's trust level; Jacobian pairs outermost (the grid order ties
+    are broken in)."""
+    out = []
+    for level, gamma in jacobian_grid:
+        for values in itertools.product(*gate.values()):
+            hp = dict(zip(gate, values, strict=True))
+            tied = hp["trust_level"] if level is TRUST else level
+            out.append({**hp, "jacobian_level": tied, "gamma": gamma})
+    return out
 
 
 @dataclass(frozen=True)
@@ -372,13 +389,7 @@ class SeedRun:
                 [float(_acc(self.rule(row, s, **hp)(val[s.key]), y).mean()) for s in self.settings]
             )
 
-        gate = {**ROBUST_GRID, "retain": self.retains}
-        grid = []
-        for j, g in self.jacobian_grid:
-            for v in itertools.product(*gate.values()):
-                hp = dict(zip(gate, v, strict=True))
-                level = hp["trust_level"] if j is TRUST else j
-                grid.append({**hp, "jacobian_level": level, "gamma": g})
+        grid = robust_candidates({**ROBUST_GRID, "retain": self.retains}, self.jacobian_grid)
         per_row: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {
             row: ([{"gamma": g} for g in GAMMAS], np.stack([scores(row, gamma=g) for g in GAMMAS]))
             for row in ("jac_oracle", "jac_all")
