@@ -279,3 +279,36 @@ def table_targets_hold(av: dict[str, Any], em: dict[str, Any]) -> bool:
         and em["rows"]["robust_detect"]["clean_minus_stat"]["tied"]["mean"]
         < em["rows"]["robust_detect"]["clean_minus_stat"]["own_levels"]["mean"]
     )
+
+
+def test_calibration_and_readme_quote_the_adaptive_bound() -> None:
+    """The bound under the table's attacks (avdigits-adaptive-bound.json): the quoted table,
+    the prose's figures and the direction of each claim."""
+    b = _load("avdigits-adaptive-bound.json")
+    labels = _load("avdigits-unknown.json")["pooled"]
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    rows = _rows(text, "<!-- adaptive-bound-quote -->")
+    names = {
+        "drop (retain 0)": "drop",
+        "retain 0.25": "retain_0.25",
+        "retain 0.25, Jacobian term tied to the gate": "retain_0.25_tied_jacobian",
+    }
+    assert len(rows) == 9
+    for gate, a, mean, vs_alone, below in rows:
+        r = b["rows"][a.split()[0]][names[gate]]
+        assert mean == f"{r['mean']:.1f}", (gate, a)
+        assert vs_alone == _ci(r["mean_minus_best_clean_alone"]), (gate, a)
+        want = ", ".join(labels[k]["label"] for k in r["wholly_below_minus_1"]) or "none"
+        assert below == want, (gate, a)
+    assert abs(b["best_clean_alone_mean"] - 77.1) < 0.05  # the issue's bar, as in the table
+    prose = _prose(text, "### A gate that keeps a share")
+    nine, one = b["rows"]["0.9"]["retain_0.25"], b["rows"]["1"]
+    x = nine["mean_minus_best_clean_alone"]
+    assert f"clears the best clean modality alone by {x['mean']:.1f} points under" in prose
+    assert x["low"] > 0 and not nine["wholly_below_minus_1"]
+    assert one["drop"]["mean_minus_best_clean_alone"]["low"] < 0  # "does not clear it"
+    clean = [b["rows"][a]["retain_0.25"]["clean_minus_stat"] for a in ("0.5", "0.9", "1")]
+    assert f"retain 0.25 is at {_ci(clean[0])}, {_ci(clean[1])} and {_ci(clean[2])}" in prose
+    assert all(c["low"] < 0 < c["high"] for c in clean)  # "within noise"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{one['retain_0.25']['mean']:.1f} under the table's end-to-end attacks" in readme
