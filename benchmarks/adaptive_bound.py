@@ -28,17 +28,14 @@ Run:  python benchmarks/adaptive_bound.py --out docs/results/avdigits-adaptive-b
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from jacfusion_fed.evaluation.analysis import arguments, stamp, write_result
 from jacfusion_fed.evaluation.detection import synthetic_pvalues
 from jacfusion_fed.evaluation.provenance import provenance
 from jacfusion_fed.evaluation.signals import DEFAULT_HP, robust_with
@@ -169,30 +166,28 @@ def run(seeds: list[int]) -> dict[str, Any]:
         "stat_mean": 100 * float(np.mean([stat[k] for k in keys], axis=0).mean()),
         "best_clean_alone_mean": 100 * float(best_mean.mean()),
         "environment": {**runs[seeds[0]]["environment"], "threads": torch.get_num_threads()},
-        "load_average": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
+        **stamp(start),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(1)  # the attacks: the same numbers on any machine
-    res = run(list(range(args.seeds)))
-    args.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print(f"AV-Digits, best clean modality alone {res['best_clean_alone_mean']:.1f}")
+def summary(res: dict[str, Any]) -> Iterator[str]:
+    yield f"AV-Digits, best clean modality alone {res['best_clean_alone_mean']:.1f}"
     for a, rows in res["rows"].items():
         for row, d in rows.items():
             x, c = d["mean_minus_best_clean_alone"], d["clean_minus_stat"]
-            print(
+            yield (
                 f"  AUROC {a:>3s} {row:26s} mean {d['mean']:.1f} ({x['mean']:+.1f} "
                 f"[{x['low']:+.1f}, {x['high']:+.1f}])  clean - Stat-w/o {c['mean']:+.1f} "
                 f"[{c['low']:+.1f}, {c['high']:+.1f}]  wholly below -1: "
                 f"{', '.join(d['wholly_below_minus_1']) or 'none'}"
             )
-    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    torch.set_num_threads(1)  # the attacks: the same numbers on any machine
+    res = run(list(range(args.seeds)))
+    write_result(args.out, res, summary(res))
 
 
 if __name__ == "__main__":

@@ -30,16 +30,14 @@ Run:  python benchmarks/detector_candidates.py --out docs/results/avdigits-detec
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from jacfusion_fed.evaluation.analysis import arguments, stamp, write_result
 from jacfusion_fed.evaluation.detection import auroc_interval
 from jacfusion_fed.evaluation.provenance import provenance
 from jacfusion_fed.evaluation.unknown import SeedRun, perturbation_type
@@ -101,7 +99,9 @@ def run(seeds: list[int], resamples: int) -> dict[str, Any]:
             x_val, x_test = r.x["val"][m].double(), r.x["test"][m].double()
             det = fit_feature_detector(x_val.reshape(len(x_val), -1), r.y["val"], 10)
 
-            def scores(x: torch.Tensor, net: Any = net, net_b: Any = net_b, det: Any = det):
+            def scores(
+                x: torch.Tensor, net: Any = net, net_b: Any = net_b, det: Any = det
+            ) -> dict[str, np.ndarray]:
                 out = {
                     "roughness": roughness(x),
                     "input_mahalanobis": feature_scores(
@@ -148,32 +148,31 @@ def run(seeds: list[int], resamples: int) -> dict[str, Any]:
         "table": table,
         "resamples": resamples,
         "environment": env,
-        "load_average": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
+        **stamp(start),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--resamples", type=int, default=2000)
-    args = ap.parse_args()
-    res = run(list(range(args.seeds)), args.resamples)
-    args.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+def summary(res: dict[str, Any]) -> Iterator[str]:
     for c in res["table"].values():
         p = c["perturbation"]
-        print(
+        yield (
             f"{c['label']}  (|dx|inf {p['linf']:.3f}, rms {p['rms']:.3f}; "
             f"input rms {p['input_rms']:.3f})"
         )
         for name in CANDIDATES:
             ci = c["auroc_interval"][name]
-            print(
+            yield (
                 f"  {name:22s} {100 * ci['mean']:5.1f} [{100 * ci['low']:.1f}, "
                 f"{100 * ci['high']:.1f}]"
             )
-    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    ap = arguments(__doc__)
+    ap.add_argument("--resamples", type=int, default=2000)
+    args = ap.parse_args()
+    res = run(list(range(args.seeds)), args.resamples)
+    write_result(args.out, res, summary(res))
 
 
 if __name__ == "__main__":

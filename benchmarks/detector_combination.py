@@ -14,16 +14,14 @@ Run:  python benchmarks/detector_combination.py --out docs/results/avdigits-comb
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from jacfusion_fed.evaluation.analysis import arguments, stamp, write_result
 from jacfusion_fed.evaluation.provenance import provenance
 from jacfusion_fed.evaluation.stats import cluster_bootstrap
 from jacfusion_fed.evaluation.unknown import SeedRun
@@ -84,23 +82,21 @@ def run(seeds: list[int]) -> dict[str, Any]:
         "summary": summary,
         "per_seed": per_seed,
         "environment": env,
-        "load_average": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
+        **stamp(start),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=3)
-    args = ap.parse_args()
-    res = run(list(range(args.seeds)))
-    args.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+def summary(res: dict[str, Any]) -> Iterator[str]:
     for key, v in res["summary"].items():
         d = v["minus_none"]
         diff = "" if d is None else f"  − none {d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
-        print(f"{key:12s} mean {v['mean']:.1f}{diff}")
-    print(f"wrote {args.out}")
+        yield f"{key:12s} mean {v['mean']:.1f}{diff}"
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    res = run(list(range(args.seeds)))
+    write_result(args.out, res, summary(res))
 
 
 if __name__ == "__main__":

@@ -37,16 +37,14 @@ Run:  python benchmarks/exchangeable_reference.py \
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from jacfusion_fed.evaluation.analysis import arguments, stamp, write_result
 from jacfusion_fed.evaluation.provenance import provenance
 from jacfusion_fed.evaluation.signals import Signals, robust_with
 from jacfusion_fed.evaluation.stats import cluster_bootstrap
@@ -226,35 +224,31 @@ def run(seeds: list[int], draws: int = DRAWS) -> dict[str, Any]:
         "references": refs,
         "ablations": ablations,
         "environment": {**per_seed[seeds[0]]["environment"], "threads": torch.get_num_threads()},
-        "load_average": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
+        **stamp(start),
     }
 
 
+def summary(res: dict[str, Any]) -> Iterator[str]:
+    yield f"clean AV-Digits, Stat-w/o {res['stat_clean']:.1f}"
+    rows = [
+        (f"reference {ref:12s}", row, d)
+        for ref, r in res["references"].items()
+        for row, d in r["rows"].items()
+    ] + [(f"{name:22s}", row, d) for name, r in res["ablations"].items() for row, d in r.items()]
+    for label, row, d in rows:
+        x = d["clean_minus_stat"]
+        yield (
+            f"  {label} {row:14s} {d['clean']:.1f}  - Stat-w/o "
+            f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
+        )
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=DRAWS)
     args = ap.parse_args()
     res = run(list(range(args.seeds)), args.draws)
-    args.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print(f"clean AV-Digits, Stat-w/o {res['stat_clean']:.1f}")
-    for ref, r in res["references"].items():
-        for row, d in r["rows"].items():
-            x = d["clean_minus_stat"]
-            print(
-                f"  reference {ref:12s} {row:14s} {d['clean']:.1f}  - Stat-w/o "
-                f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
-            )
-    for name, r in res["ablations"].items():
-        for row, d in r.items():
-            x = d["clean_minus_stat"]
-            print(
-                f"  {name:22s} {row:14s} {d['clean']:.1f}  - Stat-w/o "
-                f"{x['mean']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]"
-            )
-    print(f"wrote {args.out}")
+    write_result(args.out, res, summary(res))
 
 
 if __name__ == "__main__":
