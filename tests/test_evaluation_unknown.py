@@ -297,3 +297,15 @@ def test_robust_candidates_tie_the_jacobian_level_to_the_trust_level() -> None:
     pairs = [(c["jacobian_level"], c["gamma"]) for c in own[::combos]]
     assert pairs == list(JACOBIAN_GRID)
     assert all(c["jacobian_level"] in (0.0, 0.1, 0.3, 0.6) for c in own)
+
+
+def test_seed_run_trains_the_owners_nets_with_the_method_it_is_given() -> None:
+    """``SeedRun(method=)`` (benchmarks/robust_owners.py): the owners' nets come from that
+    training method; an unknown method is refused by name."""
+    from jacfusion_fed.evaluation.unknown import SeedRun
+
+    with pytest.raises(ValueError, match="unknown training method 'nope'"):
+        SeedRun("twomoon", 0, quick=True, method="nope")
+    run = SeedRun("twomoon", 0, quick=True, repeats=1, method="mixup")
+    assert {info["recipe"]["method"] for info in run.models.values()} == {"mixup"}
+    assert all(name.endswith("-mixT") for name in run.models), sorted(run.models)

@@ -187,6 +187,8 @@ class SeedRun:
         retains: the values of ``retain`` robust and robust + detectors select from.
         jacobian_grid: the (jacobian_level, gamma) pairs they select from
             (:data:`JACOBIAN_GRID`; a level of :data:`TRUST`: the candidate's trust level).
+        method: how the owners train their nets (``"regular"``, the tables'; or a robust
+            add-on of :data:`~jacfusion_fed.training.METHODS`, e.g. ``"adversarial"``).
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class SeedRun:
         lam: float = 1.0,
         retains: Sequence[float] = RETAINS,
         jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
+        method: str = "regular",
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
@@ -224,7 +227,7 @@ class SeedRun:
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(config.threads or 1)
         try:
-            self.nets: list[UnimodalNet] = [zoo.get(m, "regular") for m in self.modalities]
+            self.nets: list[UnimodalNet] = [zoo.get(m, method) for m in self.modalities]
         finally:
             torch.set_num_threads(prev_threads)
         self.models = zoo.info

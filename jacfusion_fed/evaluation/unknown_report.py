@@ -55,12 +55,14 @@ def run_unknown(
     threads: int = 1,
     retains: Sequence[float] = RETAINS,
     jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
+    method: str = "regular",
 ) -> dict[str, Any]:
     """Every seed's :meth:`SeedRun.evaluate`, per-seed means, their spread, and cluster
     bootstrap intervals over test samples (seeds kept together), Holm-corrected marks.
     ``threads``: torch threads for the whole run (pinned: training depends on it);
     ``retains``: the ``retain`` values robust selects from (:data:`~.unknown.RETAINS`);
-    ``jacobian_grid``: its (jacobian_level, gamma) pairs (:data:`~.unknown.JACOBIAN_GRID`)."""
+    ``jacobian_grid``: its (jacobian_level, gamma) pairs (:data:`~.unknown.JACOBIAN_GRID`);
+    ``method``: how the owners train their nets (``"regular"``: the tables')."""
     start = time.perf_counter()
     per_seed: dict[str, Any] = {}
     runs = []
@@ -76,6 +78,7 @@ def run_unknown(
                 alpha=alpha,
                 retains=retains,
                 jacobian_grid=jacobian_grid,
+                method=method,
             )
             params = run.select()
             per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
