@@ -33,7 +33,7 @@ not a ceiling either, a detector trained on one attack can see the other better)
 
 AUROC for "this input is attacked", mean over seeds, with the detection table's cluster
 bootstrap interval over test samples (seeds kept together; with 3 seeds the interval does not
-hold the training's randomness, ``seed_sd`` does).
+hold the training's randomness, ``seed_sd`` and ``auroc_per_seed`` do).
 
 The scores above are non-adaptive. The CNN, the one detector that is differentiable end to end
 from the input, also faces the detector-aware attack of the tables (``adaptive``): white-box
@@ -65,7 +65,7 @@ from sklearn.preprocessing import StandardScaler
 
 from jacfusion_fed.data import load_builtin
 from jacfusion_fed.evaluation.analysis import arguments, stamp, write_result
-from jacfusion_fed.evaluation.detection import auroc_interval
+from jacfusion_fed.evaluation.detection import auroc, auroc_interval
 from jacfusion_fed.evaluation.provenance import provenance
 from jacfusion_fed.evaluation.signals import layers
 from jacfusion_fed.evaluation.unknown import SeedRun, Setting, perturbation_type
@@ -284,6 +284,13 @@ def run(seeds: list[int], resamples: int) -> dict[str, Any]:
                 continue  # the sign-noise trainings: the audio CNN only
             cell["auroc_interval"][training] = intervals
             cell["auroc"][training] = {d: ci["mean"] for d, ci in intervals.items()}
+            cell.setdefault("auroc_per_seed", {})[training] = {
+                d: [
+                    auroc(p.ravel(), q)
+                    for p, q in zip(pos[key, d, training], neg[key, d, training], strict=True)
+                ]
+                for d in intervals
+            }
             if (key, training) in adaptive:
                 a = adaptive[key, training]
                 cell.setdefault("adaptive", {})[training] = {
