@@ -344,9 +344,7 @@ def summary(res: dict[str, Any]) -> Iterator[str]:
 
 
 def main() -> None:
-    ap = arguments(__doc__)
-    ap.add_argument("--resamples", type=int, default=2000)
-    args = ap.parse_args()
+    args = arguments(__doc__, resamples=2000).parse_args()
     res = run(list(range(args.seeds)), args.resamples)
     write_result(args.out, res, summary(res))
 

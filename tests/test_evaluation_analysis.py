@@ -76,3 +76,11 @@ def test_compare_variants_differences_and_choices() -> None:
     assert r["clean_minus_stat"]["wide"]["mean"] == pytest.approx(-25.0)
     assert r["chosen"] == {"base": {"0": 2}, "wide": {"0.25": 2}}
     assert out["best_clean_alone_mean"] == 100.0
+
+
+def test_arguments_add_resamples_only_when_asked() -> None:
+    """``--resamples`` (the interval benchmarks') exists only with a default given."""
+    assert arguments("Doc.", resamples=2000).parse_args(["--out", "x"]).resamples == 2000
+    ns = arguments("Doc.", resamples=2000).parse_args(["--out", "x", "--resamples", "7"])
+    assert ns.resamples == 7
+    assert not hasattr(arguments("Doc.").parse_args(["--out", "x"]), "resamples")

@@ -33,6 +33,16 @@ def _rows(text: str, marker: str) -> list[list[str]]:
     return table
 
 
+def _pct(x: float) -> str:
+    """A fraction as the docs print a percentage: ``0.918`` -> ``"91.8"``."""
+    return f"{100 * x:.1f}"
+
+
+def _pct_ci(ci: dict[str, float]) -> str:
+    """An AUROC interval (fractions) as the docs print it: ``91.8 [90.5, 93.1]``."""
+    return f"{_pct(ci['mean'])} [{_pct(ci['low'])}, {_pct(ci['high'])}]"
+
+
 def _prose(text: str, heading: str) -> str:
     return " ".join(text.split(heading, 1)[1].split("\n## ", 1)[0].split())
 
@@ -327,16 +337,13 @@ def test_calibration_quotes_the_supervised_detectors() -> None:
     want = [(k, tr) for k in ("audio:fgsm", "audio:pgd") for tr in ("other", "same")]
     assert len(rows) == len(want)
 
-    def pct(ci: dict[str, float]) -> str:
-        return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-
     for (key, training), (attack, trained_on, *cells) in zip(want, rows, strict=True):
         cell = t[key]
         assert cell["label"].startswith(attack), (key, attack)
         assert trained_on.startswith("the other attack" if training == "other" else "the same")
         ivs = cell["auroc_interval"][training]
-        assert cells == [pct(ivs[d]) for d in res["detectors"]] + [
-            pct(cell["adaptive"][training]["auroc"])
+        assert cells == [_pct_ci(ivs[d]) for d in res["detectors"]] + [
+            _pct_ci(cell["adaptive"][training]["auroc"])
         ]
     prose = _prose(text, "Detectors *trained* on the attacks")
     sds = [t[k]["auroc_interval"][tr]["cnn_input"]["seed_sd"] for k, tr in want]
@@ -369,19 +376,17 @@ def test_calibration_quotes_the_supervised_detectors() -> None:
         assert a["fooled_undetected_adaptive"] > a["fooled_undetected_attack"]
         assert a["accuracy_adaptive"] > a["accuracy_attack"]  # "hiding costs ... strength"
 
-    def p(x: float) -> str:
-        return f"{100 * x:.1f}"
-
-    assert f"falls to {p(fgsm['auroc']['mean'])} (audio FGSM, trained on FGSM) and " in prose
-    assert f"{p(pgd['auroc']['mean'])} (audio PGD, trained on FGSM)" in prose
+    assert f"falls to {_pct(fgsm['auroc']['mean'])} (audio FGSM, trained on FGSM) and " in prose
+    assert f"{_pct(pgd['auroc']['mean'])} (audio PGD, trained on FGSM)" in prose
     assert (
-        f"rises from {p(fgsm['fooled_undetected_attack'])} to "
-        f"{p(fgsm['fooled_undetected_adaptive'])} and from {p(pgd['fooled_undetected_attack'])} "
-        f"to {p(pgd['fooled_undetected_adaptive'])}:" in prose
+        f"rises from {_pct(fgsm['fooled_undetected_attack'])} to "
+        f"{_pct(fgsm['fooled_undetected_adaptive'])} and from "
+        f"{_pct(pgd['fooled_undetected_attack'])} to {_pct(pgd['fooled_undetected_adaptive'])}:"
+        in prose
     )
     assert (
-        f"{p(fgsm['accuracy_attack'])} → {p(fgsm['accuracy_adaptive'])} and "
-        f"{p(pgd['accuracy_attack'])} → {p(pgd['accuracy_adaptive'])})" in prose
+        f"{_pct(fgsm['accuracy_attack'])} → {_pct(fgsm['accuracy_adaptive'])} and "
+        f"{_pct(pgd['accuracy_attack'])} → {_pct(pgd['accuracy_adaptive'])})" in prose
     )
     lr = [f"{100 * t[k]['auroc']['other']['lr_layers']:.1f}" for k in ("image:fgsm", "image:pgd")]
     assert f"reaches {lr[0]} and {lr[1]}, the label-free" in prose
@@ -506,34 +511,30 @@ def test_calibration_quotes_the_sign_noise_detector() -> None:
     want = [(k, n) for k in ("audio:fgsm", "audio:pgd") for n in names]
     assert len(rows) == len(want)
 
-    def pct(ci: dict[str, float]) -> str:
-        return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-
-    def p(x: float) -> str:
-        return f"{100 * x:.1f}"
-
     for (key, n), (attack, trained, auc, adaptive, acc, passed) in zip(want, rows, strict=True):
         cell, a = t[key], t[key]["adaptive"][n]
         assert cell["label"].startswith(attack) and trained == names[n]
-        assert auc == pct(cell["auroc_interval"][n]["cnn_input"])
-        assert adaptive == pct(a["auroc"])
-        assert acc == f"{p(a['accuracy_attack'])} → {p(a['accuracy_adaptive'])}"
+        assert auc == _pct_ci(cell["auroc_interval"][n]["cnn_input"])
+        assert adaptive == _pct_ci(a["auroc"])
+        assert acc == f"{_pct(a['accuracy_attack'])} → {_pct(a['accuracy_adaptive'])}"
         assert (
-            passed == f"{p(a['fooled_undetected_attack'])} → {p(a['fooled_undetected_adaptive'])}"
+            passed
+            == f"{_pct(a['fooled_undetected_attack'])} → {_pct(a['fooled_undetected_adaptive'])}"
         )
     prose = _prose(text, "Trained on no attack at all")
     mix = "sign_noise_0.01_0.04"
     f, g = t["audio:fgsm"], t["audio:pgd"]
     fa, ga = f["adaptive"][mix], g["adaptive"][mix]
     assert (
-        f"target on both audio attacks, {p(f['auroc'][mix]['cnn_input'])} and "
-        f"{p(g['auroc'][mix]['cnn_input'])}" in prose
+        f"target on both audio attacks, {_pct(f['auroc'][mix]['cnn_input'])} and "
+        f"{_pct(g['auroc'][mix]['cnn_input'])}" in prose
     )
     assert min(f["auroc"][mix]["cnn_input"], g["auroc"][mix]["cnn_input"]) >= 0.9
     per_seed = [c["auroc_per_seed"][mix]["cnn_input"] for c in (f, g)]
     assert (
-        f"(per seed {', '.join(p(v) for v in per_seed[0])} and "
-        f"{', '.join(p(v) for v in per_seed[1])}: the third seed falls below 90 on both)" in prose
+        f"(per seed {', '.join(_pct(v) for v in per_seed[0])} and "
+        f"{', '.join(_pct(v) for v in per_seed[1])}: the third seed falls below 90 on both)"
+        in prose
     )
     assert all(
         abs(sum(v) / len(v) - c["auroc"][mix]["cnn_input"]) < 1e-12
@@ -541,13 +542,14 @@ def test_calibration_quotes_the_sign_noise_detector() -> None:
     )
     assert all(v[2] < 0.9 <= min(v[:2]) for v in per_seed)
     assert (
-        f"against PGD ({p(ga['auroc']['mean'])}; {p(ga['fooled_undetected_adaptive'])} % of the "
-        f"samples wrong and passed, where {p(1 - ga['accuracy_attack'])} % are wrong" in prose
+        f"against PGD ({_pct(ga['auroc']['mean'])}; {_pct(ga['fooled_undetected_adaptive'])} % "
+        f"of the samples wrong and passed, where {_pct(1 - ga['accuracy_attack'])} % are wrong"
+        in prose
     )
     assert (
-        f"FGSM ({p(fa['auroc']['mean'])}: one signed step cannot both fool the net and hide; "
-        f"{p(fa['fooled_undetected_adaptive'])} % wrong and passed, where "
-        f"{p(1 - fa['accuracy_attack'])} % are wrong" in prose
+        f"FGSM ({_pct(fa['auroc']['mean'])}: one signed step cannot both fool the net and hide; "
+        f"{_pct(fa['fooled_undetected_adaptive'])} % wrong and passed, where "
+        f"{_pct(1 - fa['accuracy_attack'])} % are wrong" in prose
     )
     assert ga["auroc"]["high"] < 0.5  # "evades it against PGD"
     assert 0.5 < fa["auroc"]["mean"] < 0.8  # "only in part", and the 0.8 target missed

@@ -20,12 +20,19 @@ from jacfusion_fed.atomicio import atomic_write_bytes
 __all__ = ["arguments", "stamp", "write_result"]
 
 
-def arguments(doc: str | None, seeds: int = 3) -> argparse.ArgumentParser:
+def arguments(
+    doc: str | None, seeds: int = 3, resamples: int | None = None
+) -> argparse.ArgumentParser:
     """A parser described by the first line of ``doc`` with ``--out`` (the JSON file, required)
-    and ``--seeds`` (how many training seeds, from 0; default ``seeds``)."""
+    and ``--seeds`` (how many training seeds, from 0; default ``seeds``); with ``resamples``,
+    also ``--resamples`` (bootstrap resamples of the intervals, that default)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--seeds", type=int, default=seeds, help="training seeds 0..N-1")
+    if resamples is not None:
+        ap.add_argument(
+            "--resamples", type=int, default=resamples, help="bootstrap resamples per interval"
+        )
     return ap
 
 
