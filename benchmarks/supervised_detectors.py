@@ -71,6 +71,7 @@ from jacfusion_fed.evaluation.signals import layers
 from jacfusion_fed.evaluation.unknown import SeedRun, Setting, perturbation_type
 from jacfusion_fed.robustness import AttackSpec
 from jacfusion_fed.training import predict_logits
+from jacfusion_fed.training.input_detector import detector_net, sign_noise
 
 DETECTORS = ("lr_layers", "hgb_layers", "hgb_layers_input", "cnn_input")
 INPUT_ONLY: dict[str, tuple[str, ...]] = {"cnn_input": ("audio",)}
@@ -103,15 +104,6 @@ def classifier(name: str) -> Any:
     return HistGradientBoostingClassifier(random_state=0)
 
 
-def sign_noise(x: torch.Tensor, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    """``x + a s`` clamped to [0, 1]: s a uniform random sign per entry, a ~ U[low, high] per
-    sample (no gradient, no label, no attack: what any owner can draw)."""
-    signs = torch.randint(0, 2, x.shape, generator=gen).to(x.dtype) * 2 - 1
-    shape = (len(x),) + (1,) * (x.ndim - 1)
-    a = low + (high - low) * torch.rand(shape, generator=gen, dtype=x.dtype)
-    return (x + a * signs).clamp(0.0, 1.0)
-
-
 def trainings(kind: str) -> tuple[tuple[str, str], ...]:
     """``(training, attack the detector is fitted on)`` for the test column's attack ``kind``."""
     return (("other", "pgd" if kind == "fgsm" else "fgsm"), ("same", kind))
@@ -120,18 +112,7 @@ def trainings(kind: str) -> tuple[tuple[str, str], ...]:
 def cnn_detector(x: torch.Tensor, attacked: torch.Tensor, seed: int) -> torch.nn.Module:
     """A small CNN fitted to tell ``attacked`` (label 1) from ``x`` (label 0), (N, 1, H, W)."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32, 1),
-    )
+    net = detector_net(1)  # the owner's input test's CNN (its own training loop below)
     xs = torch.cat([x, attacked]).float()
     ys = torch.cat([torch.zeros(len(x)), torch.ones(len(attacked))])
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)

@@ -147,6 +147,21 @@ def test_missing_tls_directory(world: World) -> None:
 # --- ports ---
 
 
+def test_input_test_needs_data_and_image_like_records(world: World, tmp_path: Path) -> None:
+    owner = [
+        *("owner", "serve", "--workspace", str(tmp_path / "ws"), "--modality", "y"),
+        *("--pseudonym-key", str(world.key), "--insecure", "--port", "0", "--input-test"),
+    ]
+    one_error(cli(*owner), 2, "--input-test", "needs --data")
+    run = cli(*owner, "--data", "builtin:twomoon?quick=1", "--train-if-missing", "--epochs", "1")
+    assert run.code == 2, run
+    line = run.stderr[-1]
+    assert line.startswith("error: --input-test:") and "(C, H, W) records" in line, run.stderr
+    assert "'y' records have shape (1,)" in line, line
+    assert "Traceback" not in "\n".join(run.stderr)
+    assert not any("accuracy" in ln for ln in run.stderr), "it trained before checking"
+
+
 def test_port_in_use_is_found_before_training(world: World, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -93,7 +93,7 @@ def test_consistency_is_differentiable_and_checks_m() -> None:
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.floats(min_value=1e-6, max_value=1.0), min_size=1, max_size=5),
-    st.sampled_from(["fisher", "cauchy"]),
+    st.sampled_from(["fisher", "cauchy", "bonferroni"]),
 )
 def test_combination_properties(us: list[float], method: str) -> None:
     u = torch.tensor(us, dtype=torch.float64)
@@ -109,6 +109,19 @@ def test_combination_properties(us: list[float], method: str) -> None:
     if method == "cauchy":
         same = torch.full((len(us),), us[0], dtype=torch.float64)
         assert float(combine_pvalues(same, method)) == pytest.approx(us[0], rel=1e-6)
+
+
+def test_bonferroni_is_valid_under_dependence_and_not_cancelled_by_a_large_pvalue() -> None:
+    rng = np.random.default_rng(1)
+    v = rng.uniform(size=20000)
+    dependent = torch.from_numpy(np.stack([v, v, rng.uniform(size=20000)], axis=1))
+    c = combine_pvalues(dependent, "bonferroni")
+    for a in (0.01, 0.05, 0.2):
+        assert float((c <= a).double().mean()) <= a + 0.01
+    # one atypical test, one that finds the sample more typical than its whole reference
+    u = torch.tensor([1 / 360, 1.0], dtype=torch.float64)
+    assert float(combine_pvalues(u, "bonferroni")) == pytest.approx(2 / 360)
+    assert float(combine_pvalues(u, "cauchy")) > 0.4  # Cauchy: the large one cancels it
 
 
 def test_fisher_matches_chi2_and_is_uniform_under_the_null() -> None:

@@ -165,3 +165,52 @@ def test_an_imported_torchscript_archive_publishes_pvalues(
     x = torch.from_numpy(ws.records["test"].modalities["y"][:30])
     want = feature_pvalues(det, predict_features(net, x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_input_test_joins_the_pvalues_of_every_path_and_is_refused_when_stale(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The opt-in input test (``owner serve --input-test``, tests/test_cli_serve_lines.py):
+    once fitted, detection_pvalues (the gRPC and Flower clean replies) and perturbed_logits
+    (the Flower perturbed replies) both publish min(1, 2 min(feature, input)); a stored one
+    fitted on other records is not used, and says so."""
+    from jacfusion_fed.owner.detector import INPUT_TEST_FILE, workspace_input_test
+    from jacfusion_fed.training.input_detector import input_pvalues
+
+    data = "builtin:avdigits?quick=1"
+    ws = OwnerWorkspace(tmp_path / "ws", "image", data, Pseudonymizer(b"k" * 32))
+    ws.train(epochs=1, seed=0)
+    version = ws.current_version()
+    ids = ws.pseudonyms("test")[:30]
+    feature = ws.detection_pvalues(ids, version)
+    noise = GaussianNoise(0.3)
+    gen = torch.Generator().manual_seed(0)
+    feature_perturbed = ws.perturbed_logits(ids, noise, version, generator=gen).pvalues
+    assert feature is not None and feature_perturbed is not None
+    assert workspace_input_test(ws) is None  # opt-in: nothing until it is fitted
+    assert ws.fit_input_test()[0] is True
+    assert ws.fit_input_test()[0] is False  # kept: the same records are not fitted twice
+    det = workspace_input_test(ws)
+    assert det is not None
+    x = torch.from_numpy(ws.records["test"].modalities["image"][:30])
+    both = combine_pvalues(
+        torch.stack([torch.from_numpy(feature), input_pvalues(det, x)], -1), "bonferroni"
+    )
+    assert np.allclose(ws.detection_pvalues(ids, version), both.numpy())  # memo dropped
+    gen = torch.Generator().manual_seed(0)
+    perturbed = ws.perturbed_logits(ids, noise, version, generator=gen).pvalues
+    x_p = noise(x, torch.Generator().manual_seed(0))
+    expect = combine_pvalues(
+        torch.stack([torch.from_numpy(feature_perturbed), input_pvalues(det, x_p)], -1),
+        "bonferroni",
+    )
+    assert np.allclose(perturbed, expect.numpy())
+    # the same file under records it was not fitted on: not used, and logged
+    other = OwnerWorkspace(tmp_path / "other", "audio", data, Pseudonymizer(b"k" * 32))
+    (tmp_path / "other").mkdir(exist_ok=True)
+    (tmp_path / "other" / INPUT_TEST_FILE).write_bytes(
+        (tmp_path / "ws" / INPUT_TEST_FILE).read_bytes()
+    )
+    with caplog.at_level("WARNING"):
+        assert workspace_input_test(other) is None
+    assert "fitted on other records" in caplog.text

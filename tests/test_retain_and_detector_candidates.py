@@ -554,3 +554,92 @@ def test_calibration_quotes_the_sign_noise_detector() -> None:
     assert ga["auroc"]["high"] < 0.5  # "evades it against PGD"
     assert 0.5 < fa["auroc"]["mean"] < 0.8  # "only in part", and the 0.8 target missed
     assert fa["fooled_undetected_adaptive"] < 1 - fa["accuracy_attack"]
+
+
+def test_calibration_quotes_the_input_test() -> None:
+    """The owner's opt-in input test (avdigits-input-test.json): the quoted detection table,
+    the prose's figures, each claim's direction, the targets as met or missed, and that the
+    run without it is the committed table."""
+    res = _load("avdigits-input-test.json")
+    det, committed = res["detection"]["table"], _load("avdigits-detection.json")["table"]
+    av = res["unknown"]["datasets"]["avdigits"]
+    table = _load("avdigits-unknown.json")
+    for row in ("robust", "robust_detect"):  # the baseline run is the committed table
+        assert abs(av["rows"][row]["mean"]["tables"] - table["mean"][row]) < 1e-9, row
+    text = (ROOT / "docs" / "calibration.md").read_text()
+    rows = _rows(text, "<!-- input-test-quote -->")
+    keys = {"Aud FGSM": "audio:fgsm", "Aud PGD": "audio:pgd"}
+    keys |= {"Img FGSM": "image:fgsm", "Img PGD": "image:pgd"}
+    assert [r[0] for r in rows] == list(keys)
+    for name, inp, feat, without, fisher, a_inp, a_feat, a_fisher in rows:
+        c, k = det[keys[name]], keys[name]
+        assert inp == _pct_ci(c["auroc_interval"]["input"]), name
+        assert feat == _pct_ci(c["auroc_interval"]["feature"]), name
+        assert without == _pct(committed[k]["auroc"]["feature"]), name
+        assert fisher == _pct(c["auroc"]["fisher"]), name
+        a = c["adaptive"]["auroc"]
+        assert [a_inp, a_feat, a_fisher] == [_pct(a[s]) for s in ("input", "feature", "fisher")]
+    prose = _prose(text, "### The input test in the owner's p-value")
+    au = [det[k]["auroc"] for k in ("audio:fgsm", "audio:pgd")]
+    assert f"alone sees the attacks ({_pct(au[0]['input'])} and {_pct(au[1]['input'])};" in prose
+    bench = _load("avdigits-supervised-detectors.json")["table"]
+    cnn = [
+        bench[k]["auroc"]["sign_noise_0.01_0.04"]["cnn_input"] for k in ("audio:fgsm", "audio:pgd")
+    ]
+    assert f"benchmark's {_pct(cnn[0])} and {_pct(cnn[1])}" in prose
+    assert f"dilute it ({_pct(au[0]['feature'])} and {_pct(au[1]['feature'])})" in prose
+    assert all(a["feature"] < a["input"] for a in au)  # "dilute"
+    pgd_a = det["audio:pgd"]["adaptive"]["auroc"]["feature"]
+    assert f"evades it ({_pct(pgd_a)} under PGD)" in prose and pgd_a < 0.5
+    img = det["image:pgd"]["adaptive"]["auroc"]["feature"]
+    was = committed["image:pgd"]["adaptive"]["auroc"]["feature"]
+    assert f"({_pct(img)} under PGD, where the feature p-value alone fell to {_pct(was)})" in prose
+    assert img >= 0.8 > 0.5 > was  # "holds", "fell"
+    w1, w0 = det["audio:w1"]["auroc"], det["image:w0"]["auroc"]
+    assert f"(AUROC {_pct(w1['input'])} on audio missing entries and {_pct(w0['input'])}" in prose
+    assert w1["input"] < 0.5 and w0["input"] < 0.5  # "cleaner than clean"
+    assert f"verdict there ({_pct(w1['feature'])} and {_pct(w0['feature'])})" in prose
+    r = av["rows"]["robust_detect"]
+    mean, diff = r["mean"], r["mean_input_test_minus_tables"]
+    assert f"from {mean['tables']:.1f} to {mean['input_test']:.1f} on average" in prose
+    assert f"{_ci(diff)} points per test sample" in prose and diff["low"] > 0
+    per = r["per_setting_input_test_minus_tables"]
+    assert f"image FGSM {_ci(per['image:fgsm'])} and image PGD {_ci(per['image:pgd'])}" in prose
+    assert f"audio Gaussian noise {_ci(per['audio:w0'])}" in prose
+    quoted = {"image:fgsm", "image:pgd", "audio:w0"}
+    assert (
+        all(per[k]["low"] > 0 for k in ("image:fgsm", "image:pgd")) and per["audio:w0"]["high"] < 0
+    )
+    assert all(per[k]["low"] <= 0 <= per[k]["high"] for k in per if k not in quoted)
+    assert (
+        f"(audio FGSM {per['audio:fgsm']['mean']:+.1f}, audio PGD {per['audio:pgd']['mean']:+.1f})"
+        in prose
+    )
+    clean = r["clean_minus_stat"]
+    assert f"from {_ci(clean['tables'])} to {_ci(clean['input_test'])}" in prose
+    t = av["targets"]["input_test"]
+    assert (
+        f"the mean ({t['detect']['mean']:.1f}) is still below the best clean modality alone"
+        in prose
+    )
+    bars = t["mean"]["best_clean_alone"], t["mean"]["jac_oracle"]
+    assert f"({bars[0]:.1f}) and the oracle Stat-w/ ({bars[1]:.1f})" in prose
+    assert not t["detect"]["mean_met"] and not t["detect"]["clean_met"]  # both "missed"
+    lo, hi = t["detect"]["clean_minus_stat"][1:]
+    assert lo <= 0 <= hi and t["detect"]["clean_minus_stat"][0] < -0.3  # "includes 0", "below -0.3"
+    assert all(det[k]["auroc"]["feature"] >= 0.9 for k in ("image:fgsm", "image:pgd"))
+    assert all(a["feature"] < 0.9 for a in au)
+    adaptive = {k: det[k]["adaptive"]["auroc"]["feature"] for k in keys.values()}
+    assert (
+        f"met on image ({_pct(adaptive['image:fgsm'])} and {_pct(adaptive['image:pgd'])})" in prose
+    )
+    assert f"on audio ({_pct(adaptive['audio:fgsm'])} and {_pct(adaptive['audio:pgd'])})" in prose
+    assert min(adaptive["image:fgsm"], adaptive["image:pgd"]) >= 0.8
+    assert max(adaptive["audio:fgsm"], adaptive["audio:pgd"]) < 0.8
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (
+        f"robust + detectors then goes from {mean['tables']:.1f} to {mean['input_test']:.1f} "
+        f"({_ci(diff)})" in readme
+    )
+    assert f"({_pct(img)}, from {_pct(was)}, which these 8x8" in readme
+    assert f"still evades it on audio ({_pct(pgd_a)})" in readme

@@ -83,6 +83,13 @@ def owner_serve(
             show_default=False,
         ),
     ] = None,
+    input_test: Annotated[
+        bool,
+        typer.Option(
+            help="Also publish the attack-free input test in each p-value (image-like records; "
+            "fitted once on the training records, kept in the workspace).",
+        ),
+    ] = False,
     max_workers: Annotated[int, typer.Option(help="Handler threads.", min=1)] = 8,
     max_streams_per_peer: MaxStreamsPerPeerOpt = None,
     metrics_port: MetricsPortOpt = None,
@@ -102,6 +109,8 @@ def owner_serve(
         owner_cn = check_own_certificate(sec, "owner", modality).name
     if train_if_missing and data is None:
         raise CliError("--train-if-missing needs --data (the records to train on)")
+    if input_test and data is None:
+        raise CliError("--input-test needs --data (the records it is fitted on)")
     pseudonymizer = Pseudonymizer.from_file(pseudonym_key)
     host = bind_host(host, "owner ModalityService")
     check_port_free(host, port)  # before training: a taken port must not cost a training run
@@ -125,6 +134,8 @@ def owner_serve(
         retention_s=retention,
     )
     version = check_can_serve(ws)  # a bad data source or model: one line now, not per call
+    if input_test:  # before training: it depends on the records only, and can fail on them
+        _fit_input_test(ws)
     if train_if_missing and version is None:
         _train(ws, epochs)
     elif version is None:
@@ -152,6 +163,17 @@ def owner_serve(
     err().print(f"owner {owner!r} serving {modality!r} on {running.target}")
     say_metrics_url(running)
     serve_until_signal(running, f"owner {owner!r}", port_file)
+
+
+def _fit_input_test(ws: Any) -> None:
+    """``--input-test``: fit it now unless the workspace holds one fitted on these records."""
+    err().print(f"input test for {ws.modality!r}: fitting, or reusing the workspace's ...")
+    try:
+        fitted, seconds = ws.fit_input_test()
+    except ValueError as exc:
+        raise CliError(f"--input-test: {exc}") from None
+    how = f"fitted in {seconds:.0f} s" if fitted else "reused (fitted on these records before)"
+    err().print(f"input test for {ws.modality!r}: {how}", highlight=False)
 
 
 def _train(ws: Any, epochs: int | None) -> None:

@@ -218,9 +218,12 @@ def run_detection(
     adaptive: bool = True,
     lam: float = 1.0,
     resamples: int = RESAMPLES,
+    input_test: bool = False,
 ) -> dict[str, Any]:
     """AUROC of every signal per setting, averaged over ``seeds``, with cluster bootstrap
-    intervals, and the synthetic-detector bound (module docstring)."""
+    intervals, and the synthetic-detector bound (module docstring); ``input_test``: the owners'
+    feature p-values include their input tests, and the input test alone is reported as the
+    signal ``input`` (:class:`~.unknown.SeedRun`)."""
     start = time.perf_counter()
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -234,11 +237,13 @@ def run_detection(
     correct: dict[str, dict[str, list[np.ndarray]]] = {}  # row -> per seed (N,)
     synth: dict[str, dict[tuple[float, float], list[np.ndarray]]] = {}
     best_alone: dict[str, list[list[np.ndarray]]] = {}  # per seed, the unperturbed modalities
+    names: tuple[str, ...] = SIGNALS  # the seeds' Signals.names (with input tests: + "input")
     try:
         for seed in seeds:
-            run = SeedRun(dataset, seed, quick=quick)
+            run = SeedRun(dataset, seed, quick=quick, input_test=input_test)
             environment = environment or {**provenance(run.data), "threads": 1}
             sig = run.signals()
+            names = sig.names
             clean_p = sig.pvalues(run.clean["test"], run.x["test"])
             cells: dict[str, Any] = {}
             rows = correct.setdefault("clean", {})
@@ -255,7 +260,7 @@ def run_detection(
                         name: float((clean_p[s][:, m] <= 0.05).double().mean())
                         for m, name in enumerate(run.modalities)
                     }
-                    for s in SIGNALS
+                    for s in names
                 },
             }
             labels["clean"] = {"label": "Clean", "type": None, "modality": None}
@@ -268,10 +273,10 @@ def run_detection(
                     continue
                 key = setting.key
                 m = run.position(setting)
-                aucs: dict[str, list[float]] = {s: [] for s in SIGNALS}
-                aucs_flipped: dict[str, list[float]] = {s: [] for s in SIGNALS}
+                aucs: dict[str, list[float]] = {s: [] for s in names}
+                aucs_flipped: dict[str, list[float]] = {s: [] for s in names}
                 flipped_frac: list[float] = []
-                draws_pos: dict[str, list[np.ndarray]] = {s: [] for s in SIGNALS}
+                draws_pos: dict[str, list[np.ndarray]] = {s: [] for s in names}
                 draws_correct: dict[str, list[np.ndarray]] = {"robust": [], "robust_detect": []}
                 draws_synth: dict[tuple[float, float], list[np.ndarray]] = {}
                 for draw in range(run.draws(setting)):
@@ -280,7 +285,7 @@ def run_detection(
                     # samples whose own-modality prediction the perturbation changed
                     flipped = (zs[m].argmax(1) != run.clean["test"][m].argmax(1)).numpy()
                     flipped_frac.append(float(flipped.mean()))
-                    for s in SIGNALS:
+                    for s in names:
                         p_s, n_s = 1 - pert_p[s][:, m].numpy(), 1 - clean_p[s][:, m].numpy()
                         aucs[s].append(auroc(p_s, n_s))
                         draws_pos[s].append(p_s)
@@ -290,7 +295,7 @@ def run_detection(
                     draws_correct["robust_detect"].append(_robust_right(run, zs, _extra(pert_p)))
                     for a, c in _synthetic(run, zs, m, key, draw).items():
                         draws_synth.setdefault(a, []).append(c)
-                for s in SIGNALS:
+                for s in names:
                     pos.setdefault(key, {}).setdefault(s, []).append(np.stack(draws_pos[s]))
                     neg_m.setdefault(key, {}).setdefault(s, []).append(1 - clean_p[s][:, m].numpy())
                 for r, v in draws_correct.items():
@@ -310,13 +315,13 @@ def run_detection(
                     xs[m] = x_m
                     adv_p = sig.pvalues(zs, xs)
                     adv_right = _robust_right(run, zs, _extra(adv_p))
-                    for s in SIGNALS:
+                    for s in names:
                         adv.setdefault(key, {}).setdefault(s, []).append(1 - adv_p[s][:, m].numpy())
                     worst = draws_correct["robust_detect"][-1] * adv_right
                     adaptive_cell = {
                         "auroc": {
                             s: auroc(1 - adv_p[s][:, m].numpy(), 1 - clean_p[s][:, m].numpy())
-                            for s in SIGNALS
+                            for s in names
                         },
                         "robust_acc_detect": float(adv_right.mean()),
                         # per sample the worse of this and the setting-1 attack (last draw)
@@ -349,19 +354,19 @@ def run_detection(
         cell: dict[str, Any] = dict(labels[key])
         if "auroc" in cols[0]:
             for field in ("auroc", "auroc_flipped"):
-                cell[field] = {s: float(np.mean([c[field][s] for c in cols])) for s in SIGNALS}
+                cell[field] = {s: float(np.mean([c[field][s] for c in cols])) for s in names}
             cell["flipped"] = float(np.mean([c["flipped"] for c in cols]))
             cell["auroc_interval"] = {
-                s: auroc_interval(pos[key][s], neg_m[key][s], resamples=resamples) for s in SIGNALS
+                s: auroc_interval(pos[key][s], neg_m[key][s], resamples=resamples) for s in names
             }
         if "adaptive" in cols[0]:
             cell["adaptive"] = {
                 "auroc": {
-                    s: float(np.mean([c["adaptive"]["auroc"][s] for c in cols])) for s in SIGNALS
+                    s: float(np.mean([c["adaptive"]["auroc"][s] for c in cols])) for s in names
                 },
                 "auroc_interval": {
                     s: auroc_interval(adv[key][s], neg_m[key][s], resamples=resamples)
-                    for s in SIGNALS
+                    for s in names
                 },
                 **{
                     k: float(np.mean([c["adaptive"][k] for c in cols]))
@@ -381,7 +386,8 @@ def run_detection(
         "dataset": dataset,
         "seeds": [int(s) for s in seeds],
         "quick": quick,
-        "signals": list(SIGNALS),
+        "signals": list(names),
+        **({"input_test": True} if input_test else {}),
         "settings": keys,
         "table": table,
         "per_seed": per_seed,

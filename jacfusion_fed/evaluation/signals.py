@@ -30,6 +30,7 @@ from jacfusion_fed.models import UnimodalNet
 from jacfusion_fed.robustness import AttackSpec
 from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
 from jacfusion_fed.training import predict_layers
+from jacfusion_fed.training.input_detector import InputDetector, input_pvalues
 
 __all__ = ["DEFAULT_HP", "SIGNALS", "SignalAwarePGD", "Signals", "layers", "robust_with"]
 
@@ -43,7 +44,9 @@ SIGNALS: tuple[str, ...] = (
 )
 """The detection table's signals: ``penultimate`` (the owner's detector on the penultimate
 features alone) is a diagnostic, not published; ``fisher`` / ``cauchy`` combine typicality,
-feature (every layer) and consistency."""
+feature (every layer; with input tests, Bonferroni with the owner's input p-value) and
+consistency. With input tests :attr:`Signals.names` adds ``input``, the input test alone (a
+diagnostic too: the owner publishes it combined into ``feature``)."""
 DEFAULT_HP: dict[str, Any] = {"floor": 0.05, "trust_level": 0.05}
 """robust's fixed hyperparameters in the detection table (not selected)."""
 
@@ -97,6 +100,10 @@ class Signals:
         x_test: the clean test inputs (per modality): the fixed modalities' own feature
             p-values in :meth:`smooth_pvalues`.
         calibrations, log_prior: robust's typicality calibration and ln freq (K,).
+        input_detectors: per modality, the owner's input test
+            (:mod:`~jacfusion_fed.training.input_detector`) or None; with one, modality m's
+            feature p-value is the Bonferroni combination of its layered p-value and its input
+            p-value (what the owner publishes). None: no input tests (the tables').
     """
 
     def __init__(
@@ -108,8 +115,18 @@ class Signals:
         x_test: Sequence[torch.Tensor],
         calibrations: Sequence[ModalityCalibration],
         log_prior: torch.Tensor,
+        input_detectors: Sequence[InputDetector | None] | None = None,
     ) -> None:
         self.nets, self.calibrations, self.log_prior = list(nets), list(calibrations), log_prior
+        self.inputs = list(input_detectors) if input_detectors else [None] * len(self.nets)
+        if len(self.inputs) != len(self.nets):
+            raise ValueError(
+                f"input_detectors must have one entry per modality ({len(self.nets)}), "
+                f"got {len(self.inputs)}"
+            )
+        self.names: tuple[str, ...] = SIGNALS + (
+            ("input",) if any(d is not None for d in self.inputs) else ()
+        )
         k = int(self.nets[0].head.out_features)
         self.detectors = [
             fit_layered_detector(layers(net, x), y_val, k)
@@ -118,21 +135,38 @@ class Signals:
         self.consistency = fit_consistency(list(z_val), y_val, log_prior)
         self.clean_feature = torch.stack(  # (N test, M): the fixed modalities' own p-values
             [
-                layered_pvalues(d, layers(net, x), smooth=True)
-                for d, net, x in zip(self.detectors, self.nets, x_test, strict=True)
+                self._owner(i, layers(net, x), x, smooth=True)
+                for i, (net, x) in enumerate(zip(self.nets, x_test, strict=True))
             ],
             dim=1,
         )
 
+    def _owner(
+        self, m: int, acts: Sequence[torch.Tensor], x: torch.Tensor, *, smooth: bool
+    ) -> torch.Tensor:
+        """Modality m's published p-value (N,): its layered feature p-value of activations
+        ``acts``, combined with its input test's p-value of inputs ``x`` if it has one
+        (Bonferroni: :mod:`jacfusion_fed.fusion.pvalues` says why not Cauchy)."""
+        feat = layered_pvalues(self.detectors[m], acts, smooth=smooth)
+        det = self.inputs[m]
+        if det is None:
+            return feat
+        both = torch.stack([feat, input_pvalues(det, x, smooth=smooth)], dim=-1)
+        return combine_pvalues(both, "bonferroni")
+
     def smooth_pvalues(
-        self, zs: Sequence[torch.Tensor], layers_m: Sequence[torch.Tensor], m: int
+        self,
+        zs: Sequence[torch.Tensor],
+        layers_m: Sequence[torch.Tensor],
+        m: int,
+        x_m: torch.Tensor,
     ) -> torch.Tensor:
         """Differentiable (feature, consistency) p-values (N, M, 2) of the test samples;
-        modality m's feature p-value from its activations ``layers_m``, the others' those of
-        their clean test inputs (fixed)."""
+        modality m's feature p-value from its activations ``layers_m`` (and inputs ``x_m``,
+        for its input test), the others' those of their clean test inputs (fixed)."""
         cons = consistency_pvalues(list(zs), self.consistency, smooth=True)
         feat = self.clean_feature
-        feat_m = layered_pvalues(self.detectors[m], layers_m, smooth=True)
+        feat_m = self._owner(m, layers_m, x_m, smooth=True)
         feat = torch.cat([feat[:, :m], feat_m[:, None], feat[:, m + 1 :]], dim=1)
         return torch.stack([feat, cons], dim=2)
 
@@ -157,7 +191,7 @@ class Signals:
         )
         cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
         three = torch.stack([typ, feat, cons], dim=2)
-        return {
+        out = {
             "typicality": typ,
             "penultimate": last,
             "feature": feat,
@@ -165,12 +199,24 @@ class Signals:
             "fisher": combine_pvalues(three, "fisher"),
             "cauchy": combine_pvalues(three, "cauchy"),
         }
+        if "input" in self.names:  # 1 (uninformative) where a modality has no input test
+            out["input"] = torch.stack(
+                [
+                    torch.ones(len(x), dtype=torch.float64) if d is None else input_pvalues(d, x)
+                    for d, x in zip(self.inputs, xs, strict=True)
+                ],
+                dim=1,
+            )
+        return out
 
     def _feature(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """The owners' feature p-values (N, M) of inputs ``xs``, and every modality's
+        """The owners' published p-values (N, M) of inputs ``xs``, and every modality's
         activations."""
         acts = [layers(net, x) for net, x in zip(self.nets, xs, strict=True)]
-        feat = [layered_pvalues(d, a) for d, a in zip(self.detectors, acts, strict=True)]
+        feat = [
+            self._owner(m, a, x, smooth=False)
+            for m, (a, x) in enumerate(zip(acts, xs, strict=True))
+        ]
         return torch.stack(feat, dim=1), acts
 
     def extra(self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -230,7 +276,7 @@ class SignalAwarePGD(DetectorAwarePGD):
         acts = self.unet.layers(x)
         logits = list(self.fixed)
         logits[m] = self.unet.head(acts[-1]).to(torch.float64)
-        pv = sig.smooth_pvalues(logits, [h.to(torch.float64) for h in acts], m)
+        pv = sig.smooth_pvalues(logits, [h.to(torch.float64) for h in acts], m, x)
         out = robust_with(logits, sig.calibrations, sig.log_prior, self.factors, pv, self.hp)
         ce = -torch.log(out.p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-300))
         if self.lam == 0:

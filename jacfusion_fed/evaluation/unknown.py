@@ -50,6 +50,7 @@ from jacfusion_fed.models import UnimodalNet
 from jacfusion_fed.robustness import AttackSpec, Corruption, attack_fused, worst_case_logits
 from jacfusion_fed.robustness.detector_aware import DetectorAwarePGD
 from jacfusion_fed.training import predict_logits
+from jacfusion_fed.training.input_detector import InputDetector, applies, fit_input_detector
 
 from .config import PRESETS, DatasetPreset, config_from_options
 from .emergency import EMERGENCY, make_emergency
@@ -189,6 +190,10 @@ class SeedRun:
             (:data:`JACOBIAN_GRID`; a level of :data:`TRUST`: the candidate's trust level).
         method: how the owners train their nets (``"regular"``, the tables'; or a robust
             add-on of :data:`~jacfusion_fed.training.METHODS`, e.g. ``"adversarial"``).
+        input_test: the owners' published p-values include their input tests
+            (:mod:`~jacfusion_fed.training.input_detector`, fitted on the training split's
+            inputs, the validation split's as the reference; modalities with (C, H, W) inputs
+            only). False: the tables'.
     """
 
     def __init__(
@@ -203,10 +208,12 @@ class SeedRun:
         retains: Sequence[float] = RETAINS,
         jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
         method: str = "regular",
+        input_test: bool = False,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
         self.seed, self.repeats, self.alpha, self.lam = seed, repeats, alpha, lam
+        self.input_test = input_test
         self.retains = tuple(float(r) for r in retains)
         self.jacobian_grid = tuple(jacobian_grid)
         splits = ("train", "val", "test")
@@ -290,6 +297,15 @@ class SeedRun:
         """The seed's detectors (:class:`~.signals.Signals`), fitted on the clean validation
         split once."""
         if self._signals is None:
+            inputs: list[InputDetector | None] | None = None
+            if self.input_test:
+                train = [
+                    torch.from_numpy(self.data["train"].modalities[m]) for m in self.modalities
+                ]
+                inputs = [
+                    fit_input_detector(x, x_val, seed=self.seed) if applies(x) else None
+                    for x, x_val in zip(train, self.x["val"], strict=True)
+                ]
             self._signals = Signals(
                 self.nets,
                 self.x["val"],
@@ -298,6 +314,7 @@ class SeedRun:
                 self.x["test"],
                 self.calibrations,
                 self.log_prior,
+                inputs,
             )
         return self._signals
 

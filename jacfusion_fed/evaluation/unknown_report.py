@@ -56,13 +56,15 @@ def run_unknown(
     retains: Sequence[float] = RETAINS,
     jacobian_grid: Sequence[tuple[float | None, float]] = JACOBIAN_GRID,
     method: str = "regular",
+    input_test: bool = False,
 ) -> dict[str, Any]:
     """Every seed's :meth:`SeedRun.evaluate`, per-seed means, their spread, and cluster
     bootstrap intervals over test samples (seeds kept together), Holm-corrected marks.
     ``threads``: torch threads for the whole run (pinned: training depends on it);
     ``retains``: the ``retain`` values robust selects from (:data:`~.unknown.RETAINS`);
     ``jacobian_grid``: its (jacobian_level, gamma) pairs (:data:`~.unknown.JACOBIAN_GRID`);
-    ``method``: how the owners train their nets (``"regular"``: the tables')."""
+    ``method``: how the owners train their nets (``"regular"``: the tables');
+    ``input_test``: the owners' p-values include their input tests (:class:`SeedRun`)."""
     start = time.perf_counter()
     per_seed: dict[str, Any] = {}
     runs = []
@@ -79,6 +81,7 @@ def run_unknown(
                 retains=retains,
                 jacobian_grid=jacobian_grid,
                 method=method,
+                input_test=input_test,
             )
             params = run.select()
             per_seed[str(seed)] = {"params": params, "models": run.models, "table": run.evaluate()}
@@ -155,6 +158,7 @@ def run_unknown(
         "repeats": repeats,
         "alpha": alpha,
         "threads": threads,
+        **({"input_test": True} if input_test else {}),
         "retains": [float(r) for r in retains],
         "jacobian_grid": [
             ["trust_level" if j is None else float(j), float(g)] for j, g in jacobian_grid

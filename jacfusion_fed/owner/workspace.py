@@ -38,7 +38,12 @@ from jacfusion_fed.store import ModelStore
 from jacfusion_fed.store.record_store import DB_NAME, PutResult
 from jacfusion_fed.training import predict_logits, train_epochs
 
-from .detector import pvalues_of_inputs, workspace_detector
+from .detector import (
+    fit_workspace_input_test,
+    pvalues_of_inputs,
+    workspace_detector,
+    workspace_input_test,
+)
 from .importing import IMPORT_FORMATS, ImportedModel, rebuild
 from .input_spec import InputSpec
 from .live import LiveRecords
@@ -485,12 +490,21 @@ class OwnerWorkspace:
 
     # --- detection (issue 20) -------------------------------------------------------------
 
+    def fit_input_test(self) -> tuple[bool, float]:
+        """Fit the opt-in input test on this owner's training records and keep it in the
+        workspace (:func:`~.detector.fit_workspace_input_test`: ``(fitted now, seconds)``;
+        ValueError naming what is missing); the p-values memoized so far are dropped."""
+        out = fit_workspace_input_test(self)
+        with self._lock:
+            self._source_pvalues.clear()
+        return out
+
     def detection_pvalues(self, sample_ids: list[str], version: str) -> np.ndarray | None:
         """The feature detector's conformal p-value (float64) of each of ``sample_ids`` (ids
         this owner holds, e.g. a :class:`LogitAnswer`'s), in order; None without a detector
         (no validation split, or a model that exposes no features). Data-source records are
         computed once per version; live records every time (they can be replaced)."""
-        if workspace_detector(self, version) is None:
+        if workspace_detector(self, version) is None and workspace_input_test(self) is None:
             return None
         index = self._pseudonym_index()
         with self._lock:
