@@ -86,11 +86,14 @@ def test_owner_serve_input_test_publishes_the_combined_pvalue(tmp_path: Path) ->
             batch = stub.GetLogits(modality_pb2.GetLogitsRequest(sample_ids=ids), timeout=60).batch
         assert procs.stop("owner", timeout=30) == 0, procs.log("owner")
         log = procs.log("owner")
-        assert re.search(r"input test for 'image': fitted in \d+ s", log), log
+        assert "fitting the input test for 'image' on 300 training records ..." in log, log
+        assert re.search(r"input test for 'image': fitted in \d+ s, kept in \S+", log), log
         procs.start_serving("again", owner, port_file)
         procs.wait_port("again", port_file, timeout=120)
         assert procs.stop("again", timeout=30) == 0, procs.log("again")
-        assert "input test for 'image': reused" in procs.log("again"), procs.log("again")
+        again = procs.log("again")
+        assert "input test for 'image': fitted on these records, reused from" in again, again
+        assert "fitting the input test" not in again, again
     served = np.array(batch.pvalues)
     assert list(batch.sample_ids) == ids and served.shape == (50,)
     # what the owner computes: its feature p-value and its stored input test, Bonferroni

@@ -167,13 +167,20 @@ def owner_serve(
 
 def _fit_input_test(ws: Any) -> None:
     """``--input-test``: fit it now unless the workspace holds one fitted on these records."""
-    err().print(f"input test for {ws.modality!r}: fitting, or reusing the workspace's ...")
+    from jacfusion_fed.owner.detector import INPUT_TEST_FILE
+
+    def fitting(n: int) -> None:
+        err().print(f"fitting the input test for {ws.modality!r} on {n} training records ...")
+
     try:
-        fitted, seconds = ws.fit_input_test()
+        fitted, seconds = ws.fit_input_test(fitting)
     except ValueError as exc:
         raise CliError(f"--input-test: {exc}") from None
-    how = f"fitted in {seconds:.0f} s" if fitted else "reused (fitted on these records before)"
-    err().print(f"input test for {ws.modality!r}: {how}", highlight=False)
+    where = ws.root / INPUT_TEST_FILE
+    how = "fitted on these records, reused from"
+    if fitted:
+        how = f"fitted in {seconds:.0f} s, kept in"
+    err().print(f"input test for {ws.modality!r}: {how} {where}", highlight=False)
 
 
 def _train(ws: Any, epochs: int | None) -> None:

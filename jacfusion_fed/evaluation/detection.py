@@ -19,6 +19,9 @@ sample is 1 - u, where u is one of the p-values of modality m:
   validation logits);
 * ``fisher`` / ``cauchy``: the three combined (:func:`~jacfusion_fed.fusion.combine_pvalues`),
   the reliability ``robust_fusion`` gets with ``pvalues=[feature, consistency]``.
+* ``input`` (only with ``input_test=True``, ``benchmarks/input_test.py``): the owner's opt-in
+  input test alone (:mod:`jacfusion_fed.training.input_detector`); ``feature`` is then the
+  Bonferroni combination of the layered p-value and it, what such an owner publishes.
 
 AUROC = P(score of a perturbed sample > score of a clean one) + 1/2 P(tie) (Mann-Whitney).
 Accuracy of ``robust`` at fixed default hyperparameters (not selected; floor 0.05,

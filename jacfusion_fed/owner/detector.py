@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,10 +159,13 @@ def _fingerprint(x_fit: torch.Tensor, x_ref: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def fit_workspace_input_test(ws: DetectorWorkspace) -> tuple[bool, float]:
+def fit_workspace_input_test(
+    ws: DetectorWorkspace, on_fit: Callable[[int], None] | None = None
+) -> tuple[bool, float]:
     """Fit the owner's input test and keep it in the workspace (:data:`INPUT_TEST_FILE`),
     unless the stored one was fitted on the same inputs. Returns ``(fitted, seconds)``:
-    whether it was fitted now. ValueError naming what is missing (no splits, vector
+    whether it was fitted now. ``on_fit(n)`` is called just before a fit on n training
+    records (it takes a while). ValueError naming what is missing (no splits, vector
     records)."""
     x_fit, x_ref = _input_splits(ws)
     fingerprint = _fingerprint(x_fit, x_ref)
@@ -171,6 +174,8 @@ def fit_workspace_input_test(ws: DetectorWorkspace) -> tuple[bool, float]:
         with _lock:
             _inputs.pop(ws, None)
         return False, 0.0
+    if on_fit is not None:
+        on_fit(len(x_fit))
     start = time.perf_counter()
     det = input_detector.fit_input_detector(x_fit, x_ref, seed=0)
     meta = {"fingerprint": fingerprint, "fit_samples": str(len(x_fit))}

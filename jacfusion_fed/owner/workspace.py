@@ -22,6 +22,7 @@ requested pseudonymous sample id. Raw inputs, features and local patient ids nev
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -490,11 +491,12 @@ class OwnerWorkspace:
 
     # --- detection (issue 20) -------------------------------------------------------------
 
-    def fit_input_test(self) -> tuple[bool, float]:
+    def fit_input_test(self, on_fit: Callable[[int], None] | None = None) -> tuple[bool, float]:
         """Fit the opt-in input test on this owner's training records and keep it in the
-        workspace (:func:`~.detector.fit_workspace_input_test`: ``(fitted now, seconds)``;
-        ValueError naming what is missing); the p-values memoized so far are dropped."""
-        out = fit_workspace_input_test(self)
+        workspace (:func:`~.detector.fit_workspace_input_test`: ``(fitted now, seconds)``,
+        ``on_fit(n)`` before a fit; ValueError naming what is missing); the p-values
+        memoized so far are dropped."""
+        out = fit_workspace_input_test(self, on_fit)
         with self._lock:
             self._source_pvalues.clear()
         return out
