@@ -214,3 +214,12 @@ def test_input_test_joins_the_pvalues_of_every_path_and_is_refused_when_stale(
     with caplog.at_level("WARNING"):
         assert workspace_input_test(other) is None
     assert "fitted on other records" in caplog.text
+    # a damaged file: not used, logged; fitting again replaces it
+    (tmp_path / "ws" / INPUT_TEST_FILE).write_bytes(b"not a safetensors file" * 4)
+    fresh = OwnerWorkspace(tmp_path / "ws", "image", data, Pseudonymizer(b"k" * 32))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert workspace_input_test(fresh) is None
+        assert fresh.detection_pvalues(ids, version) is not None  # the feature p-value alone
+    assert f"{INPUT_TEST_FILE} is not used" in caplog.text
+    assert fresh.fit_input_test()[0] is True and workspace_input_test(fresh) is not None

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
@@ -195,7 +195,7 @@ def _load_input_test(path: Path, fingerprint: str) -> InputDetector | None:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         det = input_detector.from_tensors(tensors)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         log.warning("%s is not used: %s", path, exc)
         return None
     if meta.get("fingerprint") != fingerprint:
