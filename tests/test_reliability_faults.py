@@ -312,8 +312,12 @@ def test_requester_link_faults(dep: Deployment) -> None:
         # through to the coordinator before the proxy starts refusing
         proxy.set(stalled=False, refuse=True)
         proxy.cut()
+        # Refused: the client retries UNAVAILABLE up to 5 attempts with backoff (about 0.75 s
+        # at most, rpc.channels.RetryPolicy) before it reports it; a 0.5 s deadline ran out
+        # first whenever the backoff's jitter or a loaded machine made the attempts slower
+        # (DEADLINE_EXCEEDED: the test failed on CI's 2 cores), so these calls give it 5 s.
         for _ in range(3):
-            call(0.5)
+            call(5.0)
         proxy.heal()
         with contextlib.suppress(TimeoutError):  # the count is asserted below
             wait_until(healed, "25 correct answers after the link healed", timeout=30, interval=0)
