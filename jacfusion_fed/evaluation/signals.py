@@ -135,24 +135,27 @@ class Signals:
         self.consistency = fit_consistency(list(z_val), y_val, log_prior)
         self.clean_feature = torch.stack(  # (N test, M): the fixed modalities' own p-values
             [
-                self._owner(i, layers(net, x), x, smooth=True)
+                self._owner(i, layers(net, x), self._input(i, x, smooth=True), smooth=True)
                 for i, (net, x) in enumerate(zip(self.nets, x_test, strict=True))
             ],
             dim=1,
         )
 
+    def _input(self, m: int, x: torch.Tensor, *, smooth: bool) -> torch.Tensor | None:
+        """Modality m's input-test p-values (N,) of inputs ``x``; None without an input test."""
+        det = self.inputs[m]
+        return None if det is None else input_pvalues(det, x, smooth=smooth)
+
     def _owner(
-        self, m: int, acts: Sequence[torch.Tensor], x: torch.Tensor, *, smooth: bool
+        self, m: int, acts: Sequence[torch.Tensor], u_input: torch.Tensor | None, *, smooth: bool
     ) -> torch.Tensor:
         """Modality m's published p-value (N,): its layered feature p-value of activations
-        ``acts``, combined with its input test's p-value of inputs ``x`` if it has one
+        ``acts``, combined with its input-test p-values ``u_input`` if it has them
         (Bonferroni: :mod:`jacfusion_fed.fusion.pvalues` says why not Cauchy)."""
         feat = layered_pvalues(self.detectors[m], acts, smooth=smooth)
-        det = self.inputs[m]
-        if det is None:
+        if u_input is None:
             return feat
-        both = torch.stack([feat, input_pvalues(det, x, smooth=smooth)], dim=-1)
-        return combine_pvalues(both, "bonferroni")
+        return combine_pvalues(torch.stack([feat, u_input], dim=-1), "bonferroni")
 
     def smooth_pvalues(
         self,
@@ -166,7 +169,7 @@ class Signals:
         for its input test), the others' those of their clean test inputs (fixed)."""
         cons = consistency_pvalues(list(zs), self.consistency, smooth=True)
         feat = self.clean_feature
-        feat_m = self._owner(m, layers_m, x_m, smooth=True)
+        feat_m = self._owner(m, layers_m, self._input(m, x_m, smooth=True), smooth=True)
         feat = torch.cat([feat[:, :m], feat_m[:, None], feat[:, m + 1 :]], dim=1)
         return torch.stack([feat, cons], dim=2)
 
@@ -181,7 +184,8 @@ class Signals:
             ],
             dim=1,
         )
-        feat, acts = self._feature(xs)
+        u_input = [self._input(m, x, smooth=False) for m, x in enumerate(xs)]
+        feat, acts = self._feature(xs, u_input)
         last = torch.stack(
             [
                 feature_pvalues(d.layers[-1], a[-1])
@@ -202,28 +206,29 @@ class Signals:
         if "input" in self.names:  # 1 (uninformative) where a modality has no input test
             out["input"] = torch.stack(
                 [
-                    torch.ones(len(x), dtype=torch.float64) if d is None else input_pvalues(d, x)
-                    for d, x in zip(self.inputs, xs, strict=True)
+                    torch.ones(len(x), dtype=torch.float64) if u is None else u
+                    for u, x in zip(u_input, xs, strict=True)
                 ],
                 dim=1,
             )
         return out
 
-    def _feature(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """The owners' published p-values (N, M) of inputs ``xs``, and every modality's
-        activations."""
+    def _feature(
+        self, xs: Sequence[torch.Tensor], u_input: Sequence[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """The owners' published p-values (N, M) of inputs ``xs`` (with their input-test
+        p-values ``u_input``), and every modality's activations."""
         acts = [layers(net, x) for net, x in zip(self.nets, xs, strict=True)]
-        feat = [
-            self._owner(m, a, x, smooth=False)
-            for m, (a, x) in enumerate(zip(acts, xs, strict=True))
-        ]
+        pairs = enumerate(zip(acts, u_input, strict=True))
+        feat = [self._owner(m, a, u, smooth=False) for m, (a, u) in pairs]
         return torch.stack(feat, dim=1), acts
 
     def extra(self, zs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The (feature, consistency) p-values (N, M, 2) ``robust_fusion`` takes as
         ``pvalues``."""
         cons = consistency_pvalues(list(zs), self.consistency, smooth=False)
-        return torch.stack([self._feature(xs)[0], cons], dim=2)
+        u_input = [self._input(m, x, smooth=False) for m, x in enumerate(xs)]
+        return torch.stack([self._feature(xs, u_input)[0], cons], dim=2)
 
 
 class SignalAwarePGD(DetectorAwarePGD):
